@@ -1,0 +1,99 @@
+"""Command line (design.md §5). The only module that prints or writes files."""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from sim import catalog
+from sim.errors import ScenarioError
+
+EXIT_OK, EXIT_OOM, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, as for every other user error
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m sim", description="GPU memory of LLM training, simulated op by op.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = sub.add_parser("run", help="simulate a scenario and print the verdict, peak and breakdown")
+    run.add_argument("scenario")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    run.add_argument("--json", dest="json_path", metavar="PATH")
+    run.add_argument("--plot", dest="plot_path", metavar="PATH")
+    run.add_argument("--fail-on-oom", action="store_true")
+    cat = sub.add_parser("catalog", help="list catalog models and hardware")
+    cat.add_argument("kind", nargs="?", choices=["models", "hardware"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "catalog":
+            return _catalog(args.kind)
+        return _run(args)
+    except ScenarioError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _run(args: argparse.Namespace) -> int:
+    from sim.report import format_summary, summarize
+    from sim.scenario import load_scenario
+    from sim.simulate import run_scenario
+
+    scenario = load_scenario(args.scenario, args.overrides)
+    for path in (args.json_path, args.plot_path):
+        if path and not Path(path).resolve().parent.is_dir():
+            raise ScenarioError(f"output directory does not exist: {str(Path(path).parent)!r}")
+    run = run_scenario(scenario)
+    result = summarize(run)
+    if args.json_path:
+        _write_atomic(Path(args.json_path), (json.dumps(result, indent=2) + "\n").encode())
+    if args.plot_path:
+        from sim.plot import render_memory_timeline
+
+        _write_atomic(Path(args.plot_path), render_memory_timeline(run, result))
+    print(format_summary(result))
+    if args.fail_on_oom and not result["fits"]:
+        return EXIT_OOM
+    return EXIT_OK
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: nothing half-written on failure."""
+    fd, tmp = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _catalog(kind: str | None) -> int:
+    from sim.scenario import ModelSpec
+
+    if kind in (None, "models"):
+        print("models (name: type, hidden x layers, heads/kv, vocab)")
+        for name in catalog.names("models"):
+            m = ModelSpec(**catalog.load_entry("models", name, "model"))
+            print(f"  {name:<16} {m.model_type.value:<8} {m.hidden_size}x{m.num_hidden_layers}  "
+                  f"{m.num_attention_heads}/{m.kv_heads}  {m.vocab_size}")
+    if kind in (None, "hardware"):
+        from sim.units import format_bytes
+
+        print("hardware (name: capacity as torch reports it, bf16 peak, HBM)")
+        for name in catalog.names("hardware"):
+            d = catalog.load_entry("hardware", name, "hardware.device")
+            print(f"  {name:<16} {format_bytes(d['capacity_bytes']):>10}  "
+                  f"{d['peak_flops'].get('bf16', 0) / 1e12:6.1f} TFLOP/s  {d['hbm_bytes_per_s'] / 1e12:.2f} TB/s")
+    return EXIT_OK

@@ -1,0 +1,151 @@
+"""The result of a run (design.md §4): JSON-ready dict, and the summary table printed by `sim run`."""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from sim.engine import EngineResult
+from sim.ops import Phase, Schedule
+from sim.scenario import Scenario
+from sim.schedule import BuiltSchedule
+from sim.units import format_bytes, format_count, us_to_seconds
+
+SCHEMA_VERSION = 1
+PHASE_GROUPS = {"forward": (Phase.FORWARD,), "backward": (Phase.BACKWARD, Phase.RECOMPUTE),
+                "optimizer": (Phase.OPTIMIZER,)}
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """Everything a run produced, for the report, the plot and tests."""
+
+    scenario: Scenario
+    built: BuiltSchedule
+    engine: EngineResult
+    non_pytorch_bytes: int
+
+    @property
+    def schedule(self) -> Schedule:
+        return self.built.schedule
+
+
+def _op_fields(run: Run, op_index: int) -> dict:
+    if op_index < 0:
+        return {"step": 0, "micro_batch": 0, "phase": "forward", "layer": None, "op": "model.init"}
+    op = run.schedule.ops[op_index]
+    return {"step": op.step, "micro_batch": op.micro_batch, "phase": op.phase.value, "layer": op.layer,
+            "op": op.name}
+
+
+def summarize(run: Run) -> dict:
+    """The result JSON of schema_version 1."""
+    sc, trace, states = run.scenario, run.engine.trace, run.built.model_states
+    capacity = sc.hardware.device.capacity_bytes
+    total = trace.reserved_bytes + run.non_pytorch_bytes
+    peak_index = int(np.argmax(total))
+    peak_total = int(total[peak_index])
+    op_index = int(trace.op_index[peak_index])
+    allocated = int(trace.allocated_bytes[peak_index])
+    reserved = int(trace.reserved_bytes[peak_index])
+    step_time_s = _step_time_s(run)
+    tokens_all = run.built.tokens_per_step * sc.hardware.gpus
+    peak_flops = run_peak_flops(run)
+    fits = peak_total <= capacity
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "scenario": sc.name,
+        "model": {"name": sc.model_name, "parameters": states.parameters,
+                  "trainable_parameters": states.trainable_parameters},
+        "hardware": {"device": sc.hardware.device_name, "gpus": sc.hardware.gpus, "capacity_bytes": capacity},
+        "fits": fits,
+        "peak": {"total_bytes": peak_total, "reserved_bytes": reserved, "allocated_bytes": allocated,
+                 "non_pytorch_bytes": run.non_pytorch_bytes,
+                 "time_s": us_to_seconds(int(trace.time_us[peak_index])), **_op_fields(run, op_index)},
+        "phase_peaks": _phase_peaks(run),
+        "breakdown_at_peak": trace.category_bytes_at(peak_index, np.zeros(6, dtype=np.int64)),
+        "model_states_bytes": {"parameters": states.parameters_bytes, "gradients": states.gradients_bytes,
+                               "optimizer_states": states.optimizer_states_bytes},
+        "fragmentation": {"reserved_minus_allocated_at_peak_bytes": reserved - allocated,
+                          "ratio_at_peak": (reserved - allocated) / reserved if reserved else 0.0},
+        "oom": _oom(run),
+        "deficit_bytes": max(0, peak_total - capacity),
+        "step_time_s": step_time_s,
+        "tokens_per_s": tokens_all / step_time_s if step_time_s else 0.0,
+        "mfu": (run.built.model_flops_per_step / step_time_s / peak_flops) if step_time_s else 0.0,
+        "events": len(trace),
+    }
+
+
+def run_peak_flops(run: Run) -> float:
+    flops = run.scenario.hardware.device.peak_flops
+    return flops.get("bf16") or max(flops.values())
+
+
+def _step_time_s(run: Run) -> float:
+    """Duration of the last simulated step (start of its first op to the end of the run)."""
+    ops, starts = run.schedule.ops, run.engine.op_start_us
+    last = ops[-1].step if ops else 0
+    first_index = next((i for i, op in enumerate(ops) if op.step == last), 0)
+    return us_to_seconds(run.engine.end_time_us - starts[first_index])
+
+
+def _phase_peaks(run: Run) -> dict:
+    trace, ops = run.engine.trace, run.schedule.ops
+    phase_of_op = np.array([op.phase.value for op in ops] + ["init"], dtype=object)
+    event_phase = phase_of_op[trace.op_index]  # op_index -1 picks "init"
+    out = {}
+    for group, phases in PHASE_GROUPS.items():
+        selected = np.isin(event_phase, [p.value for p in phases])
+        out[group] = {
+            "allocated_bytes": int(trace.allocated_bytes[selected].max()) if selected.any() else 0,
+            "reserved_bytes": int(trace.reserved_bytes[selected].max()) if selected.any() else 0,
+        }
+    return out
+
+
+def _oom(run: Run) -> dict | None:
+    oom = run.engine.oom
+    if oom is None:
+        return None
+    return {"time_s": us_to_seconds(oom.time_us), **_op_fields(run, oom.op_index),
+            "requested_bytes": oom.requested_bytes, "message": oom.message}
+
+
+def format_summary(result: dict) -> str:
+    """The table `sim run` prints."""
+    peak, cap = result["peak"], result["hardware"]["capacity_bytes"]
+    lines = [
+        f"scenario   {result['scenario']}",
+        f"model      {result['model']['name']}: {format_count(result['model']['parameters'])} parameters, "
+        f"{format_count(result['model']['trainable_parameters'])} trainable",
+        f"hardware   {result['hardware']['gpus']} x {result['hardware']['device']} "
+        f"({format_bytes(cap)} each)",
+        "",
+        f"verdict    {'FITS' if result['fits'] else 'OUT OF MEMORY'}: peak {format_bytes(peak['total_bytes'])} "
+        f"of {format_bytes(cap)} ({100 * peak['total_bytes'] / cap:.1f}%)"
+        + ("" if result["fits"] else f", short by {format_bytes(result['deficit_bytes'])}"),
+    ]
+    where = f"layer {peak['layer']}, " if peak["layer"] is not None else ""
+    lines.append(f"peak at    {peak['time_s']:.3f} s: step {peak['step']}, micro-batch {peak['micro_batch']}, "
+                 f"{peak['phase']}, {where}op {peak['op']}")
+    if result["oom"]:
+        oom = result["oom"]
+        where = f"layer {oom['layer']}, " if oom["layer"] is not None else ""
+        lines.append(f"first OOM  step {oom['step']}, micro-batch {oom['micro_batch']}, {oom['phase']}, {where}"
+                     f"op {oom['op']}: {oom['message']}")
+    lines += ["", f"{'at the peak':<22}{'bytes':>14}"]
+    lines += [f"  {name:<20}{format_bytes(value):>14}" for name, value in result["breakdown_at_peak"].items()]
+    lines += [f"  {'allocated':<20}{format_bytes(peak['allocated_bytes']):>14}",
+              f"  {'reserved':<20}{format_bytes(peak['reserved_bytes']):>14}",
+              f"  {'non-PyTorch':<20}{format_bytes(peak['non_pytorch_bytes']):>14}",
+              "", f"{'phase peaks':<22}{'allocated':>14}{'reserved':>14}"]
+    for phase, values in result["phase_peaks"].items():
+        lines.append(f"  {phase:<20}{format_bytes(values['allocated_bytes']):>14}"
+                     f"{format_bytes(values['reserved_bytes']):>14}")
+    states = result["model_states_bytes"]
+    lines += ["", "model states (per GPU, first optimizer step)"]
+    lines += [f"  {name:<20}{format_bytes(value):>14}" for name, value in states.items()]
+    lines += ["", f"step time  {result['step_time_s']:.3f} s (first-order roofline), "
+                  f"{result['tokens_per_s']:.0f} tokens/s, MFU {100 * result['mfu']:.1f}%",
+              f"events     {result['events']}"]
+    return "\n".join(lines)

@@ -1,0 +1,484 @@
+"""The scenario schema (design.md §3): loading, `--set` overrides, catalog references, HF and DeepSpeed ingestion.
+
+Raw YAML → references resolved (catalog names, config.json and DeepSpeed JSON paths) → overrides → pydantic
+validation → a frozen `Scenario`. Every user error becomes a `ScenarioError` naming the key path and the value.
+"""
+
+import copy
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from sim import catalog
+from sim.errors import ScenarioError
+from sim.versions import (
+    NEWEST_DEEPSPEED,
+    NEWEST_PEFT,
+    NEWEST_TORCH,
+    NEWEST_TRANSFORMERS,
+    parse_version,
+)
+
+
+def _whole_number(value: Any) -> Any:
+    """DeepSpeed and YAML users write 1e9 or 5e8: accept floats that are whole numbers as ints."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Count = Annotated[int, BeforeValidator(_whole_number)]
+PositiveCount = Annotated[int, BeforeValidator(_whole_number), Field(gt=0)]
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelType(Enum):
+    QWEN2 = "qwen2"
+    LLAMA = "llama"
+    MISTRAL = "mistral"
+    QWEN = "qwen"  # Qwen1's own remote code (modeling_qwen.py)
+
+
+class DType(Enum):
+    """Tensor element types with their sizes in bytes."""
+
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+    INT64 = "int64"
+    BOOL = "bool"
+
+    @property
+    def size_bytes(self) -> int:
+        return {"float32": 4, "bfloat16": 2, "float16": 2, "int64": 8, "bool": 1}[self.value]
+
+    @property
+    def is_floating(self) -> bool:
+        return self in (DType.FLOAT32, DType.BFLOAT16, DType.FLOAT16)
+
+
+class ModelSpec(BaseModel):
+    """A HF config.json. Known keys are typed; the many other keys a real config.json carries are kept as-is."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    model_type: ModelType
+    hidden_size: PositiveCount
+    intermediate_size: PositiveCount
+    num_hidden_layers: PositiveCount
+    num_attention_heads: PositiveCount
+    num_key_value_heads: PositiveCount | None = None
+    head_dim: PositiveCount | None = None
+    vocab_size: PositiveCount
+    max_position_embeddings: PositiveCount = 2048
+    tie_word_embeddings: bool = False
+    torch_dtype: DType | None = None
+    attention_bias: bool = False  # llama/mistral: bias on q/k/v/o (LlamaConfig default False)
+    mlp_bias: bool = False
+    hidden_act: Literal["silu"] = "silu"
+    attention_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    kv_channels: PositiveCount | None = None  # Qwen1
+    no_bias: bool = True  # Qwen1: no bias except c_attn
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> "ModelSpec":
+        if self.torch_dtype is not None and not self.torch_dtype.is_floating:
+            raise ValueError(f"torch_dtype must be a floating dtype, not {self.torch_dtype.value}")
+        heads, kv = self.num_attention_heads, self.kv_heads
+        if self.head_dim is None and self.kv_channels is None and self.hidden_size % heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {heads}"
+            )
+        if heads % kv:
+            raise ValueError(f"num_attention_heads {heads} is not divisible by num_key_value_heads {kv}")
+        if self.model_type is ModelType.QWEN and self.intermediate_size % 2:
+            raise ValueError(
+                f"intermediate_size {self.intermediate_size} must be even for model_type qwen (w1 and w2 each take half)"
+            )
+        return self
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def weights_dtype(self) -> DType:
+        """Dtype the weights are loaded in: config torch_dtype (from_pretrained(torch_dtype="auto") as trainers do)."""
+        return self.torch_dtype or DType.FLOAT32
+
+
+class DeviceSpec(Frozen):
+    """A device as hardware/*.yaml describes it; `cuda_context_bytes: 0` with the exact allocator is a plain host."""
+
+    name: str
+    description: str = ""
+    capacity_bytes: PositiveCount
+    compute_capability: str = ""
+    cuda_context_bytes: Count = Field(default=0, ge=0)
+    peak_flops: dict[Literal["bf16", "fp16", "tf32", "fp32"], Annotated[float, Field(gt=0)]]
+    hbm_bytes_per_s: Annotated[float, Field(gt=0)]
+    intra_node_bytes_per_s: Annotated[float, Field(gt=0)] = 1e11
+    inter_node_bytes_per_s: Annotated[float, Field(gt=0)] = 1e10
+    intra_node_latency_us: Annotated[float, Field(ge=0)] = 0.0
+    inter_node_latency_us: Annotated[float, Field(ge=0)] = 0.0
+
+
+class Hardware(Frozen):
+    device: DeviceSpec
+    device_name: str
+    gpus_per_node: PositiveCount = 1
+    nodes: PositiveCount = 1
+
+    @property
+    def gpus(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+
+class Software(Frozen):
+    torch: str = NEWEST_TORCH
+    transformers: str = NEWEST_TRANSFORMERS
+    deepspeed: str = NEWEST_DEEPSPEED
+    peft: str = NEWEST_PEFT
+
+    def version(self, package: str) -> tuple[int, int, int]:
+        return parse_version(getattr(self, package), f"software.{package}")
+
+
+class AttnImplementation(Enum):
+    EAGER = "eager"
+    SDPA = "sdpa"
+    FLASH_ATTENTION_2 = "flash_attention_2"
+
+
+class Optim(Enum):
+    """HF TrainingArguments.optim names that are modelled."""
+
+    ADAMW_TORCH = "adamw_torch"  # torch.optim.AdamW, default implementation (foreach on CUDA)
+    ADAMW_TORCH_FUSED = "adamw_torch_fused"
+    ADAMW_TORCH_FOREACH = "adamw_torch_foreach"  # not an HF name; forces foreach
+    SGD = "sgd"
+
+
+class CheckpointingKwargs(Frozen):
+    use_reentrant: bool = True
+
+
+class Training(Frozen):
+    per_device_train_batch_size: PositiveCount = 8  # HF TrainingArguments default
+    gradient_accumulation_steps: PositiveCount = 1
+    seq_len: PositiveCount
+    bf16: bool = False
+    fp16: bool = False
+    gradient_checkpointing: bool = False
+    gradient_checkpointing_kwargs: CheckpointingKwargs = CheckpointingKwargs()
+    attn_implementation: AttnImplementation = AttnImplementation.SDPA
+    optim: Optim = Optim.ADAMW_TORCH
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    max_grad_norm: float = Field(default=1.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _one_precision(self) -> "Training":
+        if self.bf16 and self.fp16:
+            raise ValueError("bf16 and fp16 cannot both be true")
+        return self
+
+
+SEQ_LEN_ALIASES = ("model_max_length", "cutoff_len", "max_seq_length")
+
+
+class Lora(Frozen):
+    """PEFT LoraConfig names."""
+
+    r: PositiveCount = 8
+    lora_alpha: float = 8
+    lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = ["q_proj", "v_proj"]
+    modules_to_save: list[str] = []
+    bias: Literal["none"] = "none"
+    use_rslora: bool = False
+
+
+class ZeroOptimization(Frozen):
+    """deepspeed/runtime/zero/config.py names and defaults (ZeRO config forbids unknown keys there too)."""
+
+    stage: Literal[0, 1, 2, 3] = 0
+    contiguous_gradients: bool = True
+    reduce_scatter: bool = True
+    reduce_bucket_size: Count = 500_000_000
+    allgather_partitions: bool = True
+    allgather_bucket_size: Count = 500_000_000
+    overlap_comm: bool | None = None
+    round_robin_gradients: bool = False
+    sub_group_size: Count = 1_000_000_000
+    stage3_prefetch_bucket_size: Count = 50_000_000
+    stage3_param_persistence_threshold: Count = 100_000
+    stage3_model_persistence_threshold: Count = 2**63 - 1
+    stage3_max_live_parameters: Count = 1_000_000_000
+    stage3_max_reuse_distance: Count = 1_000_000_000
+    stage3_gather_16bit_weights_on_model_save: bool = False
+    offload_param: dict[str, Any] | None = None
+    offload_optimizer: dict[str, Any] | None = None
+
+
+class DeepSpeed(BaseModel):
+    """A DeepSpeed JSON after HF Trainer's "auto" resolution; keys other than zero_optimization are kept as-is."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    zero_optimization: ZeroOptimization = ZeroOptimization()
+
+
+class AllocatorBackend(Enum):
+    CACHING = "caching"
+    EXACT = "exact"
+
+
+class Allocator(Frozen):
+    backend: AllocatorBackend = AllocatorBackend.EXACT
+    conf: str = ""
+
+
+class Simulation(Frozen):
+    steps: PositiveCount = 2
+
+
+class Strategy(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+    kind: str
+
+
+class Scenario(Frozen):
+    name: str
+    model: ModelSpec
+    model_name: str
+    hardware: Hardware
+    software: Software = Software()
+    training: Training
+    lora: Lora | None = None
+    deepspeed: DeepSpeed | None = None
+    allocator: Allocator = Allocator()
+    simulation: Simulation = Simulation()
+    strategies: list[Strategy] = []
+
+
+_TOP_KEYS = {
+    "name", "model", "hardware", "software", "training", "lora", "deepspeed", "allocator", "simulation", "strategies",
+}
+
+
+def load_scenario(path: str | Path, overrides: list[str] = ()) -> Scenario:
+    """Read a scenario file, resolve its references, apply `--set KEY=VALUE` overrides, validate."""
+    path = Path(path)
+    raw = catalog.load_yaml_mapping(path, "scenario")
+    return build_scenario(raw, base_dir=path.parent, overrides=overrides, default_name=path.stem)
+
+
+def build_scenario(
+    raw: dict, base_dir: Path = Path("."), overrides: list[str] = (), default_name: str = "scenario"
+) -> Scenario:
+    """Validate a raw scenario mapping (as loaded from YAML) into a frozen Scenario."""
+    data = copy.deepcopy(raw)
+    unknown = sorted(set(data) - _TOP_KEYS)
+    if unknown:
+        raise ScenarioError(f"{unknown[0]}: unknown key (allowed: {', '.join(sorted(_TOP_KEYS))})")
+    _resolve_model(data, base_dir)
+    _resolve_device(data)
+    _resolve_deepspeed(data, base_dir)
+    for override in overrides:
+        _apply_override(data, override, base_dir)
+    _resolve_seq_len_alias(data)
+    data.setdefault("name", default_name)
+    model_name = data.pop("_model_name", "inline")
+    device_name = data.get("hardware", {}).pop("_device_name", "inline") if isinstance(data.get("hardware"), dict) else ""
+    _resolve_deepspeed_auto(data)
+    try:
+        hardware = data.get("hardware")
+        if isinstance(hardware, dict):
+            hardware["device_name"] = device_name
+        return Scenario(**data, model_name=model_name)
+    except ValidationError as exc:
+        raise ScenarioError(_describe(exc)) from None
+    except TypeError as exc:
+        raise ScenarioError(f"scenario: {exc}") from None
+
+
+def _describe(exc: ValidationError) -> str:
+    """The first validation error as one line: key path, problem, value."""
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+    loc = loc.replace("hardware.device_name", "hardware.device")
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return f"{loc}: unknown key"
+    if err["type"] == "missing":
+        return f"{loc}: required key is missing"
+    value = err.get("input")
+    shown = repr(value) if not isinstance(value, dict) else "{...}"
+    return f"{loc or 'scenario'}: {msg} (got {shown})"
+
+
+def _resolve_model(data: dict, base_dir: Path) -> None:
+    """model: catalog name | path to a config.json | inline mapping → mapping, remembering the name."""
+    ref = data.get("model")
+    if ref is None:
+        raise ScenarioError("model: required key is missing")
+    data["model"], data["_model_name"] = _model_mapping(ref, base_dir)
+
+
+def _model_mapping(ref: Any, base_dir: Path) -> tuple[dict, str]:
+    if isinstance(ref, dict):
+        return ref, str(ref.get("_name_or_path", "inline"))
+    if not isinstance(ref, str):
+        raise ScenarioError(f"model: expected a catalog name, a path or a mapping (got {ref!r})")
+    if ref.endswith((".json", ".yaml", ".yml")) or "/" in ref:
+        file = _existing_path(ref, base_dir, "model")
+        if file.is_dir():
+            file = file / "config.json"
+        mapping = catalog.load_yaml_mapping(file, "model")
+        return mapping, str(mapping.get("_name_or_path", file.parent.name))
+    return catalog.load_entry("models", ref, "model"), ref.lower()
+
+
+def _existing_path(ref: str, base_dir: Path, key_path: str) -> Path:
+    for candidate in (Path(ref), base_dir / ref):
+        if candidate.exists():
+            return candidate
+    raise ScenarioError(f"{key_path}: file not found: {ref!r}")
+
+
+def _resolve_device(data: dict) -> None:
+    hardware = data.get("hardware")
+    if hardware is None:
+        raise ScenarioError("hardware: required key is missing")
+    if not isinstance(hardware, dict):
+        raise ScenarioError(f"hardware: expected a mapping (got {hardware!r})")
+    hardware["device"], hardware["_device_name"] = _device_mapping(hardware.get("device"))
+
+
+def _device_mapping(ref: Any) -> tuple[dict, str]:
+    if isinstance(ref, dict):
+        return ref, str(ref.get("name", "inline"))
+    if not isinstance(ref, str):
+        raise ScenarioError(f"hardware.device: expected a catalog name or a mapping (got {ref!r})")
+    return catalog.load_entry("hardware", ref, "hardware.device"), ref.lower()
+
+
+def _resolve_deepspeed(data: dict, base_dir: Path) -> None:
+    ref = data.get("deepspeed")
+    if isinstance(ref, str):
+        data["deepspeed"] = catalog.load_yaml_mapping(_existing_path(ref, base_dir, "deepspeed"), "deepspeed")
+    elif ref is not None and not isinstance(ref, dict):
+        raise ScenarioError(f"deepspeed: expected a path or a mapping (got {ref!r})")
+
+
+def _resolve_seq_len_alias(data: dict) -> None:
+    training = data.get("training")
+    if not isinstance(training, dict):
+        return
+    for alias in SEQ_LEN_ALIASES:
+        if alias in training:
+            if "seq_len" in training and training["seq_len"] != training[alias]:
+                raise ScenarioError(
+                    f"training.{alias}: conflicts with training.seq_len ({training[alias]!r} vs {training['seq_len']!r})"
+                )
+            training["seq_len"] = training.pop(alias)
+
+
+def _apply_override(data: dict, override: str, base_dir: Path) -> None:
+    """KEY=VALUE with VALUE parsed as a YAML scalar; a name replaces the entry, a key below it edits the entry."""
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise ScenarioError(f"--set: expected KEY=VALUE (got {override!r})")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        raise ScenarioError(f"--set {key}: value is not a YAML scalar: {text!r}") from None
+    parts = key.split(".")
+    if parts[0] not in _TOP_KEYS:
+        raise ScenarioError(f"--set {key}: unknown key {parts[0]!r}")
+    if parts == ["model"]:
+        data["model"], data["_model_name"] = _model_mapping(value, base_dir)
+        return
+    if parts == ["hardware", "device"]:
+        data.setdefault("hardware", {})
+        data["hardware"]["device"], data["hardware"]["_device_name"] = _device_mapping(value)
+        return
+    if parts == ["deepspeed"]:
+        data["deepspeed"] = value
+        _resolve_deepspeed(data, base_dir)
+        return
+    if parts[0] == "model" and parts[1] not in data["model"] and parts[1] not in ModelSpec.model_fields:
+        raise ScenarioError(f"--set {key}: unknown model key {parts[1]!r}")
+    node = data
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            where = ".".join(parts[: depth + 1])
+            raise ScenarioError(f"--set {key}: {where} is {child!r}, not a mapping")
+        node = child
+    node[parts[-1]] = value
+
+
+def _resolve_deepspeed_auto(data: dict) -> None:
+    """Replace "auto" the way transformers' HfTrainerDeepSpeedConfig does (integrations/deepspeed.py).
+
+    trainer_config_process fills batch sizes, clipping, optimizer params and precision from TrainingArguments;
+    trainer_config_finalize fills the ZeRO bucket sizes from the model's hidden_size.
+    """
+    ds = data.get("deepspeed")
+    if not isinstance(ds, dict):
+        return
+    training = data.get("training") if isinstance(data.get("training"), dict) else {}
+    hardware = data.get("hardware") if isinstance(data.get("hardware"), dict) else {}
+    model = data.get("model") if isinstance(data.get("model"), dict) else {}
+    gpus = _as_int(hardware.get("gpus_per_node", 1)) * _as_int(hardware.get("nodes", 1))
+    micro = training.get("per_device_train_batch_size", Training.model_fields["per_device_train_batch_size"].default)
+    accumulation = training.get("gradient_accumulation_steps", 1)
+    hidden = model.get("hidden_size")
+    filled = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": _as_int(micro) * _as_int(accumulation) * gpus,
+        "gradient_clipping": training.get("max_grad_norm", 1.0),
+    }
+    for key, value in filled.items():
+        if ds.get(key) == "auto":
+            ds[key] = value
+    for section, flag in (("bf16", "bf16"), ("fp16", "fp16")):
+        if isinstance(ds.get(section), dict) and ds[section].get("enabled") == "auto":
+            ds[section]["enabled"] = bool(training.get(flag, False))
+    zero = ds.get("zero_optimization")
+    if not isinstance(zero, dict):
+        return
+    hidden_auto = {
+        "reduce_bucket_size": lambda h: h * h,
+        "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
+        "stage3_param_persistence_threshold": lambda h: 10 * h,
+    }
+    for key, rule in hidden_auto.items():
+        if zero.get(key) == "auto":
+            if not isinstance(hidden, int):
+                raise ScenarioError(f"deepspeed.zero_optimization.{key}: 'auto' needs model.hidden_size")
+            zero[key] = rule(hidden)
+
+
+def _as_int(value: Any) -> int:
+    return value if isinstance(value, int) and value > 0 else 1
+
+
+def dump_json(scenario: Scenario) -> str:
+    """The validated scenario as JSON (for reports and debugging)."""
+    return json.dumps(scenario.model_dump(mode="json"), sort_keys=True)

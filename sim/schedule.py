@@ -1,0 +1,164 @@
+"""The ops one rank runs: micro-batches × gradient accumulation, HF gradient checkpointing, the optimizer step,
+for `simulation.steps` steps, on a symbolic autograd tape (sim/workload)."""
+
+from dataclasses import dataclass
+
+from sim.ops import Phase, Schedule
+from sim.scenario import DType, ModelType, Scenario
+from sim.workload import hf_decoder
+from sim.workload import primitives as P
+from sim.workload.behaviour import behaviour_for
+from sim.workload.checkpoint import checkpoint
+from sim.workload.context import RunContext
+from sim.workload.loss import lm_head_loss
+from sim.workload.optimizer import Optimizer
+from sim.workload.tape import Param, Tape, Tensor
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStates:
+    """Persistent per-rank state after the first optimizer step."""
+
+    parameters: int
+    trainable_parameters: int
+    parameters_bytes: int
+    gradients_bytes: int
+    optimizer_states_bytes: int
+
+
+@dataclass(slots=True)
+class BuiltSchedule:
+    schedule: Schedule
+    model_states: ModelStates
+    tokens_per_step: int  # this rank's tokens per optimizer step
+    model_flops_per_step: float  # 6·N·tokens + attention, this rank
+
+
+def compute_dtype(scenario: Scenario) -> DType | None:
+    """torch.autocast dtype when the Trainer's bf16/fp16 flag meets weights of another dtype (fp32 weights)."""
+    weights = weights_dtype(scenario)
+    wanted = DType.BFLOAT16 if scenario.training.bf16 else DType.FLOAT16 if scenario.training.fp16 else None
+    return wanted if wanted is not None and wanted is not weights else None
+
+
+def weights_dtype(scenario: Scenario) -> DType:
+    """Config torch_dtype; Qwen1's remote code with no bf16/fp16/fp32 flag set autoselects bf16
+    (modeling_qwen.py QWenLMHeadModel.__init__ autoset_precision) on bf16-capable GPUs."""
+    model = scenario.model
+    if model.torch_dtype is None and model.model_type is ModelType.QWEN:
+        extra = model.model_extra or {}
+        if extra.get("fp16"):
+            return DType.FLOAT16
+        if extra.get("fp32"):
+            return DType.FLOAT32
+        return DType.BFLOAT16
+    return model.weights_dtype
+
+
+def on_host(scenario: Scenario) -> bool:
+    """An inline device with no CUDA context and the exact allocator stands for a plain CPU host (design.md §3)."""
+    from sim.scenario import AllocatorBackend
+
+    return scenario.hardware.device.cuda_context_bytes == 0 and scenario.allocator.backend is AllocatorBackend.EXACT
+
+
+def build_schedule(scenario: Scenario) -> BuiltSchedule:
+    tape = Tape()
+    training = scenario.training
+    behaviour = behaviour_for(scenario.software, scenario.model.model_type)
+    dtype = weights_dtype(scenario)
+    model_spec = scenario.model.model_copy(update={"torch_dtype": dtype})
+    adapter_dtype = None
+    if scenario.lora is not None:
+        low_precision = dtype in (DType.BFLOAT16, DType.FLOAT16)
+        adapter_dtype = DType.FLOAT32 if behaviour.peft_adapters_fp32 and low_precision else dtype
+    ctx = RunContext(tape, model_spec, training.per_device_train_batch_size, training.seq_len,
+                     training.attn_implementation, behaviour, compute_dtype(scenario), adapter_dtype)
+    tape.op("model.init")
+    model = hf_decoder.build_model(ctx, scenario.lora)
+    params = model.params()
+    trainable = [p for p in params if p.tensor.requires_grad]
+    optimizer = Optimizer(training.optim, trainable, on_host(scenario), training.weight_decay)
+    states_after_first_step = None
+    for step in range(scenario.simulation.steps):
+        tape.step = step
+        for micro in range(training.gradient_accumulation_steps):
+            tape.micro_batch = micro
+            _micro_batch(ctx, scenario, model)
+        tape.phase, tape.layer = Phase.OPTIMIZER, None
+        grads_bytes = sum(p.grad.size_bytes for p in trainable if p.grad is not None)
+        if training.max_grad_norm > 0:
+            optimizer.clip_grad_norm(tape)
+        optimizer.step(tape)
+        optimizer.zero_grad(tape, trainable)
+        if states_after_first_step is None:
+            states_after_first_step = ModelStates(
+                parameters=sum(p.tensor.numel for p in params),
+                trainable_parameters=sum(p.tensor.numel for p in trainable),
+                parameters_bytes=sum(p.tensor.size_bytes for p in params),
+                gradients_bytes=grads_bytes,
+                optimizer_states_bytes=optimizer.state_bytes(),
+            )
+    tokens = training.per_device_train_batch_size * training.seq_len * training.gradient_accumulation_steps
+    return BuiltSchedule(tape.schedule(), states_after_first_step, tokens, _model_flops(scenario, params, tokens))
+
+
+def _micro_batch(ctx: RunContext, scenario: Scenario, model: hf_decoder.CausalLM) -> None:
+    """Trainer.training_step: inputs to the device, forward with labels, loss / accumulation, backward."""
+    tp = ctx.tape
+    tp.phase, tp.layer = Phase.FORWARD, None
+    ids = P.input_tensor(tp, "input_ids", ctx.tokens)
+    labels = P.input_tensor(tp, "labels", ctx.tokens)
+    mask_2d = P.input_tensor(tp, "attention_mask", ctx.tokens)
+    loss = forward(ctx, scenario, model, ids, labels)
+    if scenario.training.gradient_accumulation_steps > 1:  # accelerate's backward divides the loss
+        scaled = P.mul_scalar(tp, "loss.div_accumulation", loss)
+        tp.drop(loss)
+        loss = scaled
+    tp.phase = Phase.BACKWARD
+    tp.op("loss.backward.ones_like")
+    seed = tp.empty("loss.grad_seed", 1, loss.dtype)
+    tp.backward(loss, seed)
+    tp.layer = None
+    tp.op("training_step.end")
+    tp.drop(loss, ids, labels, mask_2d)
+
+
+def forward(ctx: RunContext, scenario: Scenario, model: hf_decoder.CausalLM, ids: Tensor, labels: Tensor) -> Tensor:
+    """CausalLM forward with labels inside Trainer.compute_loss (autocast region when mixed precision casts)."""
+    tp, m = ctx.tape, ctx.model
+    checkpointing = scenario.training.gradient_checkpointing
+    embeds = P.embedding(tp, "model.embed_tokens", ids, model.embed_tokens, m.vocab_size, m.hidden_size)
+    if checkpointing and not embeds.requires_grad:
+        # enable_input_require_grads (PEFT/trainers with reentrant checkpointing): the embedding output
+        # requires grad so that checkpointed layers produce grads; its own .grad is dropped at once here.
+        embeds.requires_grad = True
+    hidden_dtype = embeds.dtype
+    mask = hf_decoder.causal_mask(ctx, hidden_dtype)
+    rotary = None if ctx.behaviour.rotary_cache_per_layer else hf_decoder.rotary_once(ctx, hidden_dtype)
+    extra = [t for t in (mask, *(rotary or ())) if t is not None]
+    hidden = embeds
+    for layer in model.layers:
+        tp.layer = layer.index
+
+        def run_layer(x: Tensor, layer: hf_decoder.DecoderLayer = layer) -> Tensor:
+            return hf_decoder.decoder_layer(ctx, layer, x, mask, rotary)
+
+        out = checkpoint(ctx, run_layer, hidden, extra) if checkpointing else run_layer(hidden)
+        tp.drop(hidden)
+        hidden = out
+    tp.layer = None
+    normed = hf_decoder.rms_norm(ctx, "model.norm", hidden, model.norm)
+    tp.drop(hidden)
+    loss = lm_head_loss(ctx, model.lm_head, normed, labels)
+    tp.drop(normed, mask, *(rotary or ()))
+    ctx.clear_cast_cache()
+    return loss
+
+
+def _model_flops(scenario: Scenario, params: list[Param], tokens: int) -> float:
+    """6·N·tokens (Kaplan et al. 2020) plus causal attention 6·2·b·s²·h·L/2 per micro-batch, forward+backward."""
+    m, t = scenario.model, scenario.training
+    dense = 6.0 * sum(p.tensor.numel for p in params if "embed_tokens" not in p.name) * tokens
+    attention = 6.0 * t.seq_len * t.seq_len * m.num_attention_heads * m.head_size * m.num_hidden_layers
+    return dense + attention * t.per_device_train_batch_size * t.gradient_accumulation_steps

@@ -1,0 +1,41 @@
+"""Scenario in, Run out: schedule → engine ⇄ allocator → trace. No printing, no files."""
+
+from sim.allocator import make_allocator
+from sim.cost import CostModel
+from sim.engine import Engine
+from sim.errors import ScenarioError
+from sim.report import Run
+from sim.scenario import DType, Scenario
+from sim.schedule import build_schedule, compute_dtype, weights_dtype
+
+
+def check_supported(scenario: Scenario) -> None:
+    """Refuse, with a clear message, what is not modelled yet rather than simulate it wrongly."""
+    if scenario.hardware.gpus > 1:
+        raise ScenarioError(
+            f"hardware: {scenario.hardware.gpus} GPUs need data parallelism (DDP/ZeRO), which is not modelled yet; "
+            "set gpus_per_node: 1 and nodes: 1"
+        )
+    if scenario.deepspeed is not None and scenario.deepspeed.zero_optimization.stage > 0:
+        raise ScenarioError(
+            f"deepspeed.zero_optimization.stage: ZeRO stage {scenario.deepspeed.zero_optimization.stage} "
+            "is not modelled yet (data parallelism comes next); remove the deepspeed section"
+        )
+    if scenario.strategies:
+        raise ScenarioError(f"strategies: unknown strategy kind {scenario.strategies[0].kind!r} (none are defined yet)")
+    if scenario.training.seq_len > scenario.model.max_position_embeddings:
+        raise ScenarioError(
+            f"training.seq_len: {scenario.training.seq_len} exceeds model.max_position_embeddings "
+            f"{scenario.model.max_position_embeddings}"
+        )
+
+
+def run_scenario(scenario: Scenario) -> Run:
+    check_supported(scenario)
+    built = build_schedule(scenario)
+    device = scenario.hardware.device
+    non_pytorch = device.cuda_context_bytes
+    allocator = make_allocator(scenario.allocator, max(device.capacity_bytes - non_pytorch, 0))
+    cost = CostModel(device, compute_dtype(scenario) or weights_dtype(scenario) or DType.FLOAT32)
+    result = Engine(built.schedule, allocator, cost).run()
+    return Run(scenario, built, result, non_pytorch)

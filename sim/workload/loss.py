@@ -1,0 +1,43 @@
+"""The LM head and the causal-LM loss, as each transformers version computes them."""
+
+from sim.scenario import DType
+from sim.workload import primitives as P
+from sim.workload.context import RunContext
+from sim.workload.modules import plain_linear
+from sim.workload.tape import Param, Tensor
+
+
+def lm_head_loss(ctx: RunContext, lm_head: Param, hidden: Tensor, labels: Tensor) -> Tensor:
+    """logits = lm_head(hidden); then the version's upcast / shift / cross-entropy. Returns the loss tensor.
+
+    Everything the forward binds to a local (logits, shift_logits) lives until ForCausalLM.forward returns;
+    the returned output object (holding `logits`) is dropped by Trainer.compute_loss, i.e. before backward.
+    """
+    tp, m, beh = ctx.tape, ctx.model, ctx.behaviour
+    logits = plain_linear(ctx, "lm_head", hidden, lm_head, m.hidden_size, m.vocab_size)
+    if beh.logits_upcast_in_model:  # logits = logits.float(): the half-precision logits are released
+        upcast = P.to_dtype(tp, "logits.float", logits, DType.FLOAT32)
+        tp.drop(logits)
+        logits = upcast
+    held = [logits]
+    source = logits
+    if beh.loss_upcasts_logits:  # ForCausalLMLoss: logits = logits.float() inside the loss function
+        source = P.to_dtype(tp, "loss.logits.float", logits, DType.FLOAT32)
+        held.append(source)
+    if beh.loss_shifts_logits:  # shift_logits = logits[..., :-1, :].contiguous()
+        shifted_numel = ctx.batch * (ctx.seq - 1) * m.vocab_size
+        sliced = P.slice_view(tp, source, shifted_numel)
+        shift_logits = P.contiguous_copy(tp, "loss.shift_logits", sliced)
+        tp.drop(sliced)
+        label_count = ctx.batch * (ctx.seq - 1)
+    else:  # labels padded with ignore_index and shifted; logits used as they are
+        shift_logits = tp.alias(source)
+        label_count = ctx.tokens
+    held.append(shift_logits)
+    tp.op("loss.shift_labels", bytes_moved=2 * label_count * 8)
+    shift_labels = tp.empty("shift_labels", label_count, DType.INT64)
+    log_probs = P.log_softmax(tp, "loss.log_softmax", shift_logits)
+    loss = P.nll_loss(tp, "loss.nll_loss", log_probs, shift_labels)
+    tp.drop(log_probs, shift_labels)
+    tp.drop(*held)
+    return loss

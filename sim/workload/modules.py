@@ -1,0 +1,91 @@
+"""Parameters of the modelled modules, and Linear as nn.Linear, PEFT LoRA and torch.autocast run it."""
+
+from dataclasses import dataclass
+
+from sim.ops import Category
+from sim.scenario import DType
+from sim.workload import primitives as P
+from sim.workload.context import RunContext
+from sim.workload.tape import Param, Tensor
+
+
+@dataclass(slots=True)
+class Linear:
+    """An nn.Linear (weight out×in), optionally wrapped by a PEFT LoRA layer (A: r×in, B: out×r)."""
+
+    name: str
+    in_features: int
+    out_features: int
+    weight: Param
+    bias: Param | None = None
+    lora_a: Param | None = None
+    lora_b: Param | None = None
+    lora_dropout: float = 0.0
+
+    def params(self) -> list[Param]:
+        return [p for p in (self.weight, self.bias, self.lora_a, self.lora_b) if p is not None]
+
+
+def make_param(ctx: RunContext, name: str, numel: int, dtype: DType, trainable: bool) -> Param:
+    return ctx.tape.parameter(name, numel, dtype, trainable, Category.PARAMETERS)
+
+
+def autocast_input(ctx: RunContext, name: str, x: Tensor) -> Tensor:
+    """Autocast casts a floating input of a lower-precision op to the autocast dtype (not cached)."""
+    if ctx.autocast is None or x.dtype is ctx.autocast:
+        return ctx.tape.alias(x)
+    return P.to_dtype(ctx.tape, f"{name}.autocast_input", x, ctx.autocast)
+
+
+def autocast_param(ctx: RunContext, param: Param) -> Tensor:
+    """Autocast's weight cast. Leaf params that require grad are cast once per autocast region and cached
+    (aten/src/ATen/autocast_mode.cpp cached_cast: fp32 leaf, requires_grad, cache enabled); frozen ones are
+    cast at every use."""
+    tensor = param.tensor
+    if ctx.autocast is None or tensor.dtype is ctx.autocast:
+        return ctx.tape.alias(tensor)
+    if not tensor.requires_grad:
+        return P.to_dtype(ctx.tape, f"{param.name}.autocast", tensor, ctx.autocast)
+    cached = ctx.cast_cache.get(param.name)
+    if cached is None:
+        cached = P.to_dtype(ctx.tape, f"{param.name}.autocast", tensor, ctx.autocast)
+        cached.storage.category = Category.PARAMETERS
+        ctx.cast_cache[param.name] = cached
+    return ctx.tape.alias(cached)
+
+
+def plain_linear(ctx: RunContext, name: str, x: Tensor, weight: Param, in_features: int, out_features: int,
+                 bias: Param | None = None) -> Tensor:
+    """F.linear, through autocast's casts when it is active."""
+    tp = ctx.tape
+    x_cast = autocast_input(ctx, name, x)
+    w_cast = autocast_param(ctx, weight)
+    b_cast = autocast_param(ctx, bias) if bias is not None else None
+    out = P.linear(tp, name, x_cast, w_cast, in_features, out_features, b_cast)
+    tp.drop(x_cast, w_cast, b_cast)
+    return out
+
+
+def apply_linear(ctx: RunContext, lin: Linear, x: Tensor) -> Tensor:
+    """nn.Linear, or PEFT's lora.Linear.forward: base(x) + lora_B(lora_A(dropout(x.to(A.dtype)))) * scaling,
+    cast back to the base result's dtype (peft/tuners/lora/layer.py)."""
+    tp = ctx.tape
+    result = plain_linear(ctx, lin.name, x, lin.weight, lin.in_features, lin.out_features, lin.bias)
+    if lin.lora_a is None or lin.lora_b is None:
+        return result
+    result_dtype = result.dtype
+    rank = lin.lora_a.tensor.numel // lin.in_features
+    x_adapter = P.to_dtype(tp, f"{lin.name}.lora_input_cast", x, lin.lora_a.tensor.dtype)
+    dropped = P.dropout(tp, f"{lin.name}.lora_dropout", x_adapter, lin.lora_dropout)
+    tp.drop(x_adapter)
+    a_out = plain_linear(ctx, f"{lin.name}.lora_A", dropped, lin.lora_a, lin.in_features, rank)
+    tp.drop(dropped)
+    b_out = plain_linear(ctx, f"{lin.name}.lora_B", a_out, lin.lora_b, rank, lin.out_features)
+    tp.drop(a_out)
+    scaled = P.mul_scalar(tp, f"{lin.name}.lora_scaling", b_out)
+    tp.drop(b_out)
+    summed = P.add(tp, f"{lin.name}.lora_add", result, scaled)
+    tp.drop(result, scaled)
+    out = P.to_dtype(tp, f"{lin.name}.lora_result_cast", summed, result_dtype)
+    tp.drop(summed)
+    return out

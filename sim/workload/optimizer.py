@@ -1,0 +1,134 @@
+"""The optimizer step as HF Trainer runs it: gradient clipping, torch AdamW (for-loop, foreach, fused) or SGD,
+with states created lazily at the first step, then zero_grad(set_to_none=True)."""
+
+from enum import Enum
+
+from sim.ops import Category
+from sim.scenario import DType, Optim
+from sim.workload.tape import Param, Tape, Tensor
+
+
+class AdamImpl(Enum):
+    FOR_LOOP = "for-loop"
+    FOREACH = "foreach"
+    FUSED = "fused"
+
+
+def adam_impl(optim: Optim, on_host: bool) -> AdamImpl:
+    """torch.optim.AdamW with foreach=None picks foreach for CUDA tensors and the for-loop elsewhere
+    (torch/optim/optimizer.py _default_to_fused_or_foreach)."""
+    if optim is Optim.ADAMW_TORCH_FUSED:
+        return AdamImpl.FUSED
+    if optim is Optim.ADAMW_TORCH_FOREACH:
+        return AdamImpl.FOREACH
+    return AdamImpl.FOR_LOOP if on_host else AdamImpl.FOREACH
+
+
+def param_groups(params: list[Param]) -> list[list[Param]]:
+    """Trainer.create_optimizer: weights with weight decay, then biases and norm weights without."""
+    decay = [p for p in params if not _no_decay(p.name)]
+    no_decay = [p for p in params if _no_decay(p.name)]
+    return [g for g in (decay, no_decay) if g]
+
+
+def _no_decay(name: str) -> bool:
+    return name.endswith(".bias") or "norm" in name.rsplit(".", 2)[-2]
+
+
+class Optimizer:
+    """Holds the lazily created state of one rank's optimizer over its trainable parameters."""
+
+    def __init__(self, optim: Optim, params: list[Param], on_host: bool, weight_decay: float) -> None:
+        self.optim = optim
+        self.groups = param_groups(params)
+        self.impl = adam_impl(optim, on_host)
+        self.weight_decay = weight_decay
+        self.state: dict[str, list[Tensor]] = {}
+
+    def clip_grad_norm(self, tp: Tape) -> None:
+        """clip_grad_norm_: torch._foreach_norm makes one scalar per grad, stacked into a total norm;
+        the grads are then scaled in place."""
+        grads = [p.grad for group in self.groups for p in group if p.grad is not None]
+        if not grads:
+            return
+        tp.op("clip_grad_norm.foreach_norm", bytes_moved=sum(g.size_bytes for g in grads))
+        norms = [tp.empty("grad_norm", 1, DType.FLOAT32) for _ in grads]
+        tp.op("clip_grad_norm.stack_norm", bytes_moved=8 * len(grads))
+        total = tp.empty("total_norm", 1, DType.FLOAT32)
+        tp.drop(*norms)
+        tp.op("clip_grad_norm.foreach_mul_", bytes_moved=2 * sum(g.size_bytes for g in grads))
+        tp.drop(total)
+
+    def step(self, tp: Tape) -> None:
+        for index, group in enumerate(self.groups):
+            live = [p for p in group if p.grad is not None]
+            if self.optim is Optim.SGD:
+                self._sgd(tp, index, live)
+            else:
+                self._adamw(tp, index, live)
+
+    def _init_state(self, tp: Tape, index: int, params: list[Param]) -> None:
+        """_init_group: exp_avg and exp_avg_sq = zeros_like(param); the step count is a host scalar unless fused."""
+        fresh = [p for p in params if p.name not in self.state]
+        if not fresh:
+            return
+        tp.op(f"optimizer.group{index}.init_state", bytes_moved=2 * sum(p.tensor.size_bytes for p in fresh))
+        for p in fresh:
+            numel, dtype = p.tensor.numel, p.tensor.dtype
+            state = [tp.persistent_buffer(f"{p.name}.exp_avg", numel, dtype, Category.OPTIMIZER_STATES),
+                     tp.persistent_buffer(f"{p.name}.exp_avg_sq", numel, dtype, Category.OPTIMIZER_STATES)]
+            if self.impl is AdamImpl.FUSED:  # fused keeps `step` as an fp32 device scalar per param
+                state.append(tp.persistent_buffer(f"{p.name}.step", 1, DType.FLOAT32, Category.OPTIMIZER_STATES))
+            tp.allocate_existing(*state)
+            self.state[p.name] = state
+
+    def _adamw(self, tp: Tape, index: int, params: list[Param]) -> None:
+        self._init_state(tp, index, params)
+        total = sum(p.tensor.size_bytes for p in params)
+        name = f"optimizer.group{index}.adamw"
+        if self.impl is AdamImpl.FUSED:  # torch._fused_adamw_: one kernel, no temporaries
+            tp.op(f"{name}.fused", flops=12.0 * total, bytes_moved=7 * total)
+        elif self.impl is AdamImpl.FOREACH:
+            # _multi_tensor_adamw: in-place lerp/mul/addcmul, then exp_avg_sq_sqrt = _foreach_sqrt(exp_avg_sqs)
+            # (new tensors for the whole group), in-place div/add, addcdiv into the params.
+            tp.op(f"{name}.foreach_update_moments", flops=5.0 * total, bytes_moved=5 * total)
+            tp.op(f"{name}.foreach_sqrt", bytes_moved=2 * total)
+            denoms = [tp.empty(f"{p.name}.exp_avg_sq_sqrt", p.tensor.numel, p.tensor.dtype) for p in params]
+            tp.op(f"{name}.foreach_addcdiv_", flops=4.0 * total, bytes_moved=6 * total)
+            tp.drop(*denoms)
+        else:
+            # _single_tensor_adamw, per param: denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+            for p in params:
+                size = p.tensor.size_bytes
+                tp.op(f"{p.name}.adamw.update_moments", flops=5.0 * size, bytes_moved=5 * size)
+                tp.op(f"{p.name}.adamw.sqrt", bytes_moved=2 * size)
+                root = tp.empty(f"{p.name}.exp_avg_sq.sqrt", p.tensor.numel, p.tensor.dtype)
+                tp.op(f"{p.name}.adamw.div", bytes_moved=2 * size)
+                denom = tp.empty(f"{p.name}.denom", p.tensor.numel, p.tensor.dtype)
+                tp.drop(root)
+                tp.op(f"{p.name}.adamw.addcdiv_", flops=3.0 * size, bytes_moved=4 * size)
+                tp.drop(denom)
+
+    def _sgd(self, tp: Tape, index: int, params: list[Param]) -> None:
+        """torch.optim.SGD with momentum 0 keeps no state; with weight decay the foreach path builds
+        grads + wd·params as new tensors (_multi_tensor_sgd)."""
+        total = sum(p.tensor.size_bytes for p in params)
+        name = f"optimizer.group{index}.sgd"
+        if self.weight_decay and index == 0:
+            tp.op(f"{name}.weight_decay", bytes_moved=3 * total)
+            decayed = [tp.empty(f"{p.name}.grad_wd", p.tensor.numel, p.tensor.dtype) for p in params]
+            tp.op(f"{name}.foreach_add_", bytes_moved=3 * total)
+            tp.drop(*decayed)
+        else:
+            tp.op(f"{name}.foreach_add_", bytes_moved=3 * total)
+
+    def zero_grad(self, tp: Tape, params: list[Param]) -> None:
+        """model.zero_grad(): set_to_none=True releases every .grad."""
+        tp.op("zero_grad")
+        for p in params:
+            if p.grad is not None:
+                tp.drop(p.grad)
+                p.grad = None
+
+    def state_bytes(self) -> int:
+        return sum(t.size_bytes for tensors in self.state.values() for t in tensors)

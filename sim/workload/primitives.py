@@ -1,0 +1,450 @@
+"""Primitive tensor ops with the memory behaviour of their PyTorch kernels and autograd formulas.
+
+Each primitive emits one op that allocates its output, records the autograd node with exactly the tensors
+PyTorch saves (tools/autograd/derivatives.yaml: a tensor is saved only when a formula of an input that
+requires grad uses it), and gives the node a backward that allocates what the backward kernels allocate.
+Shapes are reduced to element counts; the arithmetic per kernel is given where it is not obvious.
+"""
+
+from sim.ops import Category
+from sim.scenario import DType
+from sim.workload.tape import Node, Param, Tape, Tensor
+
+F32 = DType.FLOAT32
+I64 = DType.INT64
+
+
+def promote(a: DType, b: DType) -> DType:
+    """Type promotion between floating dtypes: the wider wins (fp32 over bf16/fp16)."""
+    if a is b:
+        return a
+    if F32 in (a, b):
+        return F32
+    return F32  # bf16 with fp16 promotes to fp32
+
+
+def _grad_for(tp: Tape, name: str, numel: int, dtype: DType, target: Tensor, flops: float = 0.0) -> Tensor:
+    """Allocate a gradient of `numel` elements; reduce it to `target`'s size when `target` was broadcast."""
+    tp.op(name, flops=flops, bytes_moved=2 * numel * dtype.size_bytes)
+    grad = tp.empty(f"{name}.out", numel, dtype)
+    if target.numel < numel:  # engine.cpp validate_outputs: at::sum_to the input's shape
+        tp.op(f"{name}.sum_to", bytes_moved=numel * dtype.size_bytes)
+        reduced = tp.empty(f"{name}.sum_to.out", target.numel, dtype)
+        tp.drop(grad)
+        grad = reduced
+    return grad
+
+
+# ---- leaf-level helpers ---------------------------------------------------------------------------------------
+def input_tensor(tp: Tape, name: str, numel: int, dtype: DType = I64) -> Tensor:
+    """A batch tensor copied to the device (input_ids, labels, attention_mask)."""
+    tp.op(f"{name}.to_device", bytes_moved=numel * dtype.size_bytes)
+    return tp.empty(name, numel, dtype, Category.ACTIVATIONS)
+
+
+def weight(p: Param | Tensor) -> Tensor:
+    return p.tensor if isinstance(p, Param) else p
+
+
+# ---- casts, views, copies -------------------------------------------------------------------------------------
+def to_dtype(tp: Tape, name: str, x: Tensor, dtype: DType) -> Tensor:
+    """x.to(dtype): the same tensor when the dtype already matches, else a copy (ToCopyBackward saves nothing)."""
+    if x.dtype is dtype:
+        return tp.alias(x)
+    tp.op(name, bytes_moved=x.numel * (x.dtype.size_bytes + dtype.size_bytes))
+    out = tp.empty(f"{name}.out", x.numel, dtype)
+    node = tp.record(name, [x], [], _to_dtype_backward, numel=x.numel, dtype=x.dtype)
+    return tp.output(out, node)
+
+
+def _to_dtype_backward(tp: Tape, node: Node, grad: Tensor) -> list:
+    return [_grad_for(tp, f"{node.name}.backward", node.ctx["numel"], node.ctx["dtype"], node.inputs[0])]
+
+
+def view(tp: Tape, x: Tensor, numel: int | None = None, backward_copies: bool = False) -> Tensor:
+    """view/transpose/unsqueeze: no memory. Its backward is a view too, unless the grad arrives in another
+    layout and the inverse reshape must copy (`backward_copies`: e.g. q.view(b,s,a,d).transpose(1,2) whose
+    grad comes back contiguous in (b,a,s,d) from eager attention's bmm)."""
+    out = tp.alias(x, numel)
+    if x.requires_grad and tp.grad_enabled:
+        node = tp.record("view", [x], [], _view_backward, numel=x.numel, copies=backward_copies)
+        out = tp.output(out, node)
+    return out
+
+
+def _view_backward(tp: Tape, node: Node, grad: Tensor) -> list:
+    if node.ctx["copies"]:
+        tp.op("view.backward.reshape_copy", bytes_moved=2 * grad.size_bytes)
+        return [tp.empty("view_backward.copy", node.ctx["numel"], grad.dtype)]
+    return [tp.alias(grad, node.ctx["numel"])]
+
+
+def contiguous_copy(tp: Tape, name: str, x: Tensor, numel: int | None = None) -> Tensor:
+    """.contiguous()/.clone()/reshape of a non-contiguous view: a copy whose backward passes the grad through."""
+    numel = x.numel if numel is None else numel
+    tp.op(name, bytes_moved=2 * numel * x.dtype.size_bytes)
+    out = tp.empty(f"{name}.out", numel, x.dtype)
+    node = tp.record(name, [x], [], _passthrough_backward)
+    return tp.output(out, node)
+
+
+def _passthrough_backward(tp: Tape, node: Node, grad: Tensor) -> list:
+    return [tp.alias(grad)]
+
+
+def slice_view(tp: Tape, x: Tensor, numel: int) -> Tensor:
+    """A narrow/slice view; SliceBackward (slice_backward) allocates zeros of the full size and copies into it."""
+    out = tp.alias(x, numel)
+    if x.requires_grad and tp.grad_enabled:
+        node = tp.record("slice", [x], [], _slice_backward, full=x.numel)
+        out = tp.output(out, node)
+    return out
+
+
+def _slice_backward(tp: Tape, node: Node, grad: Tensor) -> list:
+    tp.op("slice.backward", bytes_moved=node.ctx["full"] * grad.dtype.size_bytes)
+    return [tp.empty("slice_backward.out", node.ctx["full"], grad.dtype)]
+
+
+def expand_copy(tp: Tape, name: str, x: Tensor, factor: int) -> Tensor:
+    """x[:, :, None].expand(..., n_rep, ...).reshape(...): a copy n_rep times larger; ExpandBackward sums back."""
+    if factor == 1:
+        return tp.alias(x)
+    tp.op(name, bytes_moved=(1 + factor) * x.size_bytes)
+    out = tp.empty(f"{name}.out", x.numel * factor, x.dtype)
+    node = tp.record(name, [x], [], _expand_backward, numel=x.numel)
+    return tp.output(out, node)
+
+
+def _expand_backward(tp: Tape, node: Node, grad: Tensor) -> list:
+    tp.op(f"{node.name}.backward", bytes_moved=grad.size_bytes)
+    return [tp.empty(f"{node.name}.backward.out", node.ctx["numel"], grad.dtype)]
+
+
+def cat(tp: Tape, name: str, parts: list[Tensor]) -> Tensor:
+    """torch.cat: a new tensor; CatBackward hands each input a narrow view of the grad."""
+    numel = sum(p.numel for p in parts)
+    dtype = parts[0].dtype
+    tp.op(name, bytes_moved=2 * numel * dtype.size_bytes)
+    out = tp.empty(f"{name}.out", numel, dtype)
+    node = tp.record(name, parts, [], _cat_backward, numels=[p.numel for p in parts])
+    return tp.output(out, node)
+
+
+def _cat_backward(tp: Tape, node: Node, grad: Tensor) -> list:
+    return [tp.alias(grad, n) if inp is not None else None for inp, n in zip(node.inputs, node.ctx["numels"])]
+
+
+# ---- pointwise --------------------------------------------------------------------------------------------------
+def mul(tp: Tape, name: str, a: Tensor, b: Tensor) -> Tensor:
+    """a * b with broadcasting; MulBackward0 saves `b` if a needs grad and `a` if b needs grad."""
+    numel = max(a.numel, b.numel)
+    dtype = promote(a.dtype, b.dtype)
+    tp.op(name, flops=numel, bytes_moved=(a.numel + b.numel + numel) * dtype.size_bytes)
+    out = tp.empty(f"{name}.out", numel, dtype)
+    saved = ([b] if a.requires_grad else []) + ([a] if b.requires_grad else [])
+    node = tp.record(name, [a, b], saved, _mul_backward, numel=numel, a=a, b=b)
+    return tp.output(out, node)
+
+
+def _mul_backward(tp: Tape, node: Node, grad: Tensor) -> list:
+    # mul_tensor_backward: (grad * other).to(self dtype), then sum_to the input's shape when it was broadcast.
+    grads: list = []
+    for target, other in ((node.ctx["a"], node.ctx["b"]), (node.ctx["b"], node.ctx["a"])):
+        if not target.requires_grad:
+            grads.append(None)
+            continue
+        dtype = promote(grad.dtype, other.dtype)
+        g = _grad_for(tp, f"{node.name}.backward", node.ctx["numel"], dtype, target, flops=node.ctx["numel"])
+        if g.dtype is not target.dtype and g.numel == node.ctx["numel"]:
+            cast = _grad_for(tp, f"{node.name}.backward.to", g.numel, target.dtype, target)
+            tp.drop(g)
+            g = cast
+        grads.append(g)
+    return grads
+
+
+def mul_scalar(tp: Tape, name: str, x: Tensor) -> Tensor:
+    """x * python_scalar: saves nothing; backward is grad * scalar (a new tensor)."""
+    tp.op(name, flops=x.numel, bytes_moved=2 * x.size_bytes)
+    out = tp.empty(f"{name}.out", x.numel, x.dtype)
+    node = tp.record(name, [x], [], _scale_backward, numel=x.numel)
+    return tp.output(out, node)
+
+
+def _scale_backward(tp: Tape, node: Node, grad: Tensor) -> list:
+    return [_grad_for(tp, f"{node.name}.backward", node.ctx["numel"], grad.dtype, node.inputs[0])]
+
+
+def add(tp: Tape, name: str, a: Tensor, b: Tensor) -> Tensor:
+    """a + b: saves nothing; AddBackward0 hands the same grad to both inputs."""
+    numel = max(a.numel, b.numel)
+    dtype = promote(a.dtype, b.dtype)
+    tp.op(name, flops=numel, bytes_moved=(a.numel + b.numel + numel) * dtype.size_bytes)
+    out = tp.empty(f"{name}.out", numel, dtype)
+    node = tp.record(name, [a, b], [], _add_backward, numel=numel)
+    return tp.output(out, node)
+
+
+def _add_backward(tp: Tape, node: Node, grad: Tensor) -> list:
+    grads: list = []
+    for target in node.inputs:
+        if target is None:
+            grads.append(None)
+        elif target.numel < grad.numel:
+            tp.op(f"{node.name}.backward.sum_to", bytes_moved=grad.size_bytes)
+            grads.append(tp.empty(f"{node.name}.sum_to.out", target.numel, grad.dtype))
+        else:
+            grads.append(tp.alias(grad))
+    return grads
+
+
+def add_scalar(tp: Tape, name: str, x: Tensor) -> Tensor:
+    """x + python_scalar: a new tensor; the grad passes through."""
+    tp.op(name, flops=x.numel, bytes_moved=2 * x.size_bytes)
+    out = tp.empty(f"{name}.out", x.numel, x.dtype)
+    node = tp.record(name, [x], [], _passthrough_backward)
+    return tp.output(out, node)
+
+
+def neg(tp: Tape, name: str, x: Tensor) -> Tensor:
+    tp.op(name, flops=x.numel, bytes_moved=2 * x.size_bytes)
+    out = tp.empty(f"{name}.out", x.numel, x.dtype)
+    node = tp.record(name, [x], [], _scale_backward, numel=x.numel)
+    return tp.output(out, node)
+
+
+def silu(tp: Tape, name: str, x: Tensor) -> Tensor:
+    """F.silu: saves its input; silu_backward allocates the grad input."""
+    tp.op(name, flops=4 * x.numel, bytes_moved=2 * x.size_bytes)
+    out = tp.empty(f"{name}.out", x.numel, x.dtype)
+    node = tp.record(name, [x], [x], _same_size_backward, numel=x.numel)
+    return tp.output(out, node)
+
+
+def _same_size_backward(tp: Tape, node: Node, grad: Tensor) -> list:
+    target = node.inputs[0]
+    return [_grad_for(tp, f"{node.name}.backward", node.ctx["numel"], target.dtype, target, flops=node.ctx["numel"])]
+
+
+def pow2(tp: Tape, name: str, x: Tensor) -> Tensor:
+    """x.pow(2): saves x. pow_backward computes grad * (2 * x.pow(1)): three tensors of x's size."""
+    tp.op(name, flops=x.numel, bytes_moved=2 * x.size_bytes)
+    out = tp.empty(f"{name}.out", x.numel, x.dtype)
+    node = tp.record(name, [x], [x], _pow2_backward, numel=x.numel)
+    return tp.output(out, node)
+
+
+def _pow2_backward(tp: Tape, node: Node, grad: Tensor) -> list:
+    numel, dtype = node.ctx["numel"], node.inputs[0].dtype
+    tp.op(f"{node.name}.backward.pow1", bytes_moved=2 * numel * dtype.size_bytes)
+    pow1 = tp.empty("pow1", numel, dtype)
+    tp.op(f"{node.name}.backward.scale", bytes_moved=2 * numel * dtype.size_bytes)
+    scaled = tp.empty("pow_scaled", numel, dtype)
+    tp.drop(pow1)
+    out = _grad_for(tp, f"{node.name}.backward", numel, dtype, node.inputs[0], flops=numel)
+    tp.drop(scaled)
+    return [out]
+
+
+def rsqrt(tp: Tape, name: str, x: Tensor) -> Tensor:
+    """torch.rsqrt: saves its result; backward -0.5 * grad * result.pow(3) makes three tensors of its size."""
+    tp.op(name, flops=x.numel, bytes_moved=2 * x.size_bytes)
+    out = tp.empty(f"{name}.out", x.numel, x.dtype)
+    node = tp.record(name, [x], [out], _rsqrt_backward, numel=x.numel)
+    return tp.output(out, node)
+
+
+def _rsqrt_backward(tp: Tape, node: Node, grad: Tensor) -> list:
+    numel, dtype = node.ctx["numel"], node.inputs[0].dtype
+    tp.op(f"{node.name}.backward.scale", bytes_moved=2 * numel * dtype.size_bytes)
+    scaled = tp.empty("rsqrt_grad_scaled", numel, dtype)
+    tp.op(f"{node.name}.backward.pow3", bytes_moved=2 * numel * dtype.size_bytes)
+    cube = tp.empty("rsqrt_pow3", numel, dtype)
+    out = _grad_for(tp, f"{node.name}.backward", numel, dtype, node.inputs[0], flops=numel)
+    tp.drop(scaled, cube)
+    return [out]
+
+
+def mean_last(tp: Tape, name: str, x: Tensor, last: int) -> Tensor:
+    """x.mean(-1, keepdim=True): saves nothing but sizes; backward grad.expand(shape) / n allocates x's size."""
+    tp.op(name, flops=x.numel, bytes_moved=x.size_bytes)
+    out = tp.empty(f"{name}.out", x.numel // last, x.dtype)
+    node = tp.record(name, [x], [], _mean_backward, numel=x.numel)
+    return tp.output(out, node)
+
+
+def _mean_backward(tp: Tape, node: Node, grad: Tensor) -> list:
+    return [_grad_for(tp, f"{node.name}.backward", node.ctx["numel"], grad.dtype, node.inputs[0])]
+
+
+def dropout(tp: Tape, name: str, x: Tensor, p: float) -> Tensor:
+    """F.dropout in training: p == 0 returns the input itself (ATen Dropout.cpp); else output + bool mask saved."""
+    if p == 0.0:
+        return tp.alias(x)
+    tp.op(name, bytes_moved=3 * x.size_bytes)
+    out = tp.empty(f"{name}.out", x.numel, x.dtype)
+    mask = tp.empty(f"{name}.mask", x.numel, DType.BOOL)  # native_dropout keeps a bool mask
+    node = tp.record(name, [x], [mask], _scale_backward, numel=x.numel)
+    tp.drop(mask)
+    return tp.output(out, node)
+
+
+def softmax(tp: Tape, name: str, x: Tensor, dtype: DType | None = None) -> Tensor:
+    """F.softmax(x, -1, dtype): ATen converts a bf16 input to `dtype` first (a copy; only Half→Float has a fused
+    half_to_float kernel, aten/src/ATen/native/SoftMax.cpp), then _softmax saves its output."""
+    source = x
+    if dtype is not None and dtype is not x.dtype and x.dtype is not DType.FLOAT16:
+        x = to_dtype(tp, f"{name}.to", x, dtype)
+    out_dtype = dtype or x.dtype
+    tp.op(name, flops=5 * x.numel, bytes_moved=x.numel * (x.dtype.size_bytes + out_dtype.size_bytes))
+    out = tp.empty(f"{name}.out", x.numel, out_dtype)
+    node = tp.record(name, [x], [out], _softmax_backward, numel=x.numel, dtype=x.dtype)
+    if x is not source:
+        tp.drop(x)
+    return tp.output(out, node)
+
+
+def _softmax_backward(tp: Tape, node: Node, grad: Tensor) -> list:
+    # _softmax_backward_data(grad, output, dim, input_dtype) returns the grad in the input's dtype.
+    numel = node.ctx["numel"]
+    return [_grad_for(tp, f"{node.name}.backward", numel, node.ctx["dtype"], node.inputs[0], flops=3 * numel)]
+
+
+def log_softmax(tp: Tape, name: str, x: Tensor) -> Tensor:
+    """F.log_softmax(x, -1): saves its output; _log_softmax_backward_data allocates the grad input."""
+    tp.op(name, flops=5 * x.numel, bytes_moved=2 * x.size_bytes)
+    out = tp.empty(f"{name}.out", x.numel, x.dtype)
+    node = tp.record(name, [x], [out], _softmax_backward, numel=x.numel, dtype=x.dtype)
+    return tp.output(out, node)
+
+
+def nll_loss(tp: Tape, name: str, log_probs: Tensor, target: Tensor) -> Tensor:
+    """F.nll_loss (mean): a scalar plus total_weight; saves self and target; backward: zeros_like(self) + scatter."""
+    tp.op(name, flops=target.numel, bytes_moved=target.size_bytes)
+    out = tp.empty(f"{name}.out", 1, log_probs.dtype)
+    total_weight = tp.empty(f"{name}.total_weight", 1, log_probs.dtype)
+    node = tp.record(name, [log_probs], [log_probs, target, total_weight], _nll_backward, numel=log_probs.numel)
+    tp.drop(total_weight)
+    return tp.output(out, node)
+
+
+def _nll_backward(tp: Tape, node: Node, grad: Tensor) -> list:
+    return [_grad_for(tp, f"{node.name}.backward", node.ctx["numel"], node.inputs[0].dtype, node.inputs[0])]
+
+
+# ---- matmuls ----------------------------------------------------------------------------------------------------
+def linear(tp: Tape, name: str, x: Tensor, w: Param | Tensor, in_features: int, out_features: int,
+           bias: Tensor | None = None) -> Tensor:
+    """F.linear on (tokens, in): addmm/mm. Saves x if the weight needs grad, the weight if x needs grad."""
+    w_t = weight(w)
+    tokens = x.numel // in_features
+    tp.op(name, flops=2.0 * tokens * in_features * out_features,
+          bytes_moved=(x.numel + w_t.numel + tokens * out_features) * x.dtype.size_bytes)
+    out = tp.empty(f"{name}.out", tokens * out_features, x.dtype)
+    b_t = bias
+    saved = ([x] if w_t.requires_grad else []) + ([w_t] if x.requires_grad else [])
+    node = tp.record(name, [x, w_t, b_t], saved, _linear_backward, tokens=tokens, inf=in_features,
+                     outf=out_features)
+    return tp.output(out, node)
+
+
+def _linear_backward(tp: Tape, node: Node, grad: Tensor) -> list:
+    x, w, b = node.inputs
+    tokens, inf, outf = node.ctx["tokens"], node.ctx["inf"], node.ctx["outf"]
+    flops = 2.0 * tokens * inf * outf
+    grads: list = [None, None, None]
+    if x is not None:  # mm(grad, weight)
+        grads[0] = _grad_for(tp, f"{node.name}.backward.input", tokens * inf, x.dtype, x, flops=flops)
+    if w is not None:  # mm(grad.t(), input), laid out like the weight so AccumulateGrad can steal it
+        grads[1] = _grad_for(tp, f"{node.name}.backward.weight", inf * outf, w.dtype, w, flops=flops)
+    if b is not None:  # grad.sum(0)
+        grads[2] = _grad_for(tp, f"{node.name}.backward.bias", outf, b.dtype, b, flops=tokens * outf)
+    return grads
+
+
+def bmm(tp: Tape, name: str, a: Tensor, b: Tensor, out_numel: int, flops: float) -> Tensor:
+    """torch.matmul of batched 4-D tensors (bmm on merged batch dims, views only for contiguous operands)."""
+    tp.op(name, flops=flops, bytes_moved=(a.numel + b.numel + out_numel) * a.dtype.size_bytes)
+    out = tp.empty(f"{name}.out", out_numel, a.dtype)
+    saved = ([b] if a.requires_grad else []) + ([a] if b.requires_grad else [])
+    node = tp.record(name, [a, b], saved, _bmm_backward, flops=flops)
+    return tp.output(out, node)
+
+
+def _bmm_backward(tp: Tape, node: Node, grad: Tensor) -> list:
+    grads: list = []
+    for target in node.inputs:
+        if target is None:
+            grads.append(None)
+        else:
+            grads.append(_grad_for(tp, f"{node.name}.backward", target.numel, target.dtype, target,
+                                   flops=node.ctx["flops"]))
+    return grads
+
+
+def embedding(tp: Tape, name: str, ids: Tensor, w: Param, vocab: int, hidden: int) -> Tensor:
+    """F.embedding: saves the indices. embedding_dense_backward_cuda allocates zeros (vocab, hidden) in the grad's
+    dtype plus sorted/original index copies and a per-token fp32 partial-sum buffer
+    (aten/src/ATen/native/cuda/Embedding.cu, EmbeddingBackwardKernel.cu)."""
+    tokens = ids.numel
+    tp.op(name, bytes_moved=2 * tokens * hidden * w.tensor.dtype.size_bytes)
+    out = tp.empty(f"{name}.out", tokens * hidden, w.tensor.dtype)
+    node = tp.record(name, [w.tensor], [ids], _embedding_backward, tokens=tokens, vocab=vocab, hidden=hidden)
+    return tp.output(out, node)
+
+
+def _embedding_backward(tp: Tape, node: Node, grad: Tensor) -> list:
+    tokens, vocab, hidden = node.ctx["tokens"], node.ctx["vocab"], node.ctx["hidden"]
+    tp.op(f"{node.name}.backward.sort", bytes_moved=4 * tokens * I64.size_bytes)
+    indices = tp.empty("embedding_backward.sorted_indices", 2 * tokens, I64)
+    tp.op(f"{node.name}.backward.partials", bytes_moved=tokens * hidden * 4)
+    partials = tp.empty("embedding_backward.partial_segments", tokens * hidden, F32)
+    tp.op(f"{node.name}.backward", bytes_moved=vocab * hidden * grad.dtype.size_bytes)
+    out = tp.empty(f"{node.name}.backward.out", vocab * hidden, node.inputs[0].dtype)
+    tp.drop(indices, partials)
+    return [out]
+
+
+# ---- attention kernels ---------------------------------------------------------------------------------------------
+def flash_attention(tp: Tape, name: str, q: Tensor, k: Tensor, v: Tensor, batch: int, heads: int, kv_heads: int,
+                    seq: int, head_dim: int, flops: float, rounded_workspace: bool = True) -> Tensor:
+    """A FlashAttention-2 kernel (flash_attn_func, or torch SDPA's flash backend): output + fp32 logsumexp
+    (b, heads, seq) + rng state saved with q, k, v.  Backward (flash_api.cpp mha_bwd) allocates dq, dk, dv,
+    dq_accum fp32 (b, round128(s), h, round32(d)), softmax_d fp32 (b, h, round128(s)) and, for GQA,
+    dk/dv expanded to all heads before summing to the kv heads."""
+    out_numel = batch * seq * heads * head_dim
+    tp.op(name, flops=flops, bytes_moved=(q.numel + k.numel + v.numel + out_numel) * q.dtype.size_bytes)
+    out = tp.empty(f"{name}.out", out_numel, q.dtype)
+    lse = tp.empty(f"{name}.softmax_lse", batch * heads * seq, F32)
+    rng = tp.empty(f"{name}.rng_state", 2, I64)
+    node = tp.record(name, [q, k, v], [q, k, v, out, lse, rng], _flash_backward, batch=batch, heads=heads,
+                     kv_heads=kv_heads, seq=seq, head_dim=head_dim, flops=2.5 * flops)
+    tp.drop(lse, rng)
+    return tp.output(out, node)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _flash_backward(tp: Tape, node: Node, grad: Tensor) -> list:
+    c = node.ctx
+    b, h, kvh, s, d = c["batch"], c["heads"], c["kv_heads"], c["seq"], c["head_dim"]
+    q, k, v = node.inputs
+    dtype = grad.dtype
+    tp.op(f"{node.name}.backward", flops=c["flops"], bytes_moved=6 * b * s * h * d * dtype.size_bytes)
+    dq = tp.empty(f"{node.name}.dq", b * s * h * d, dtype)
+    dk = tp.empty(f"{node.name}.dk", b * s * kvh * d, dtype)
+    dv = tp.empty(f"{node.name}.dv", b * s * kvh * d, dtype)
+    workspace = [
+        tp.empty(f"{node.name}.softmax_d", b * h * _round_up(s, 128), F32),
+        tp.empty(f"{node.name}.dq_accum", b * _round_up(s, 128) * h * _round_up(d, 32), F32),
+    ]
+    if kvh != h:
+        workspace += [tp.empty(f"{node.name}.dk_expanded", b * s * h * d, dtype),
+                      tp.empty(f"{node.name}.dv_expanded", b * s * h * d, dtype)]
+    tp.drop(*workspace)
+    grads = [dq if q is not None else None, dk if k is not None else None, dv if v is not None else None]
+    tp.drop(*[g for g, t in zip((dq, dk, dv), (q, k, v)) if t is None])
+    return grads

@@ -1,0 +1,286 @@
+"""A symbolic autograd tape: tensors with byte sizes, the nodes autograd would record, and the ops they emit.
+
+Modelling code (hf_decoder.py, loss.py, ...) calls the primitives in `sim.workload.primitives` in the order the
+real Python code runs. The tape tracks who holds each storage (Python variables, autograd's saved tensors, grad
+buffers, param.grad) and frees it when the last holder lets go, exactly as reference counting does in PyTorch.
+`backward()` replays the recorded nodes in reverse creation order, as torch/csrc/autograd/engine.cpp does
+(its ready queue is ordered by sequence number), accumulating gradients as input_buffer.cpp and
+AccumulateGrad do.
+"""
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from sim.ops import Buffer, Category, Op, Phase, Schedule, Stream
+from sim.scenario import DType
+
+
+@dataclass(slots=True, eq=False)
+class Storage:
+    """One allocation. `refs` counts holders; the storage is freed when it drops to zero."""
+
+    buffer_id: int
+    name: str
+    size_bytes: int
+    category: Category
+    refs: int = 0
+    persistent: bool = False  # never freed: parameters, optimizer states, model buffers
+    lazy: bool = False  # persistent but first allocated by an op (optimizer state at the first step)
+
+
+@dataclass(slots=True, eq=False)
+class Param:
+    """A leaf parameter: its storage is persistent; `grad` is param.grad."""
+
+    name: str
+    tensor: "Tensor"
+    grad: "Tensor | None" = None
+
+
+@dataclass(slots=True, eq=False)
+class Tensor:
+    """A tensor (or a view: views share their base's storage)."""
+
+    storage: Storage
+    numel: int
+    dtype: DType
+    requires_grad: bool = False
+    node: "Node | None" = None  # grad_fn; None for leaves
+    param: Param | None = None  # set for parameters (AccumulateGrad target)
+    leaf_grad: "list[Tensor] | None" = None  # detached checkpoint inputs collect their .grad here
+
+    @property
+    def size_bytes(self) -> int:
+        return self.numel * self.dtype.size_bytes
+
+
+BackwardFn = Callable[["Tape", "Node", Tensor], list["Tensor | None"]]
+
+
+@dataclass(slots=True, eq=False)
+class Node:
+    """An autograd Node: where gradients of its output go (`inputs`), what it saved, how its backward allocates."""
+
+    seq: int
+    name: str
+    inputs: list[Tensor | None]  # the forward inputs that require grad (None: no grad flows there)
+    saved: list[Storage]
+    backward: BackwardFn
+    layer: int | None
+    ctx: dict = field(default_factory=dict)
+    grad: Tensor | None = None  # the input buffer: accumulated gradient of this node's output
+
+
+@dataclass(slots=True)
+class _OpDraft:
+    name: str
+    phase: Phase
+    layer: int | None
+    allocs: list[int]
+    frees: list[int]
+    flops: float
+    bytes_moved: int
+
+
+class Tape:
+    """Builds the schedule of one rank while modelling code runs on it."""
+
+    def __init__(self) -> None:
+        self.storages: list[Storage] = []
+        self._ops: list[_OpDraft] = []
+        self._ops_meta: list[tuple[int, int]] = []  # (step, micro_batch) per op
+        self.grad_enabled = True
+        self.phase = Phase.FORWARD
+        self.layer: int | None = None
+        self.step = 0
+        self.micro_batch = 0
+        self._seq = 0
+        self._nodes: list[Node] = []  # nodes recorded since the last backward, in creation order
+
+    # ---- storages ---------------------------------------------------------------------------------------
+    def new_storage(self, name: str, size_bytes: int, category: Category, persistent: bool = False) -> Storage:
+        storage = Storage(len(self.storages), name, size_bytes, category, persistent=persistent)
+        self.storages.append(storage)
+        return storage
+
+    def hold(self, storage: Storage) -> None:
+        storage.refs += 1
+
+    def release(self, storage: Storage) -> None:
+        """Drop one holder; free at the end of the current op when none is left."""
+        storage.refs -= 1
+        assert storage.refs >= 0, storage.name
+        if storage.refs == 0 and not storage.persistent:
+            self._ops[-1].frees.append(storage.buffer_id)
+
+    # ---- tensors ------------------------------------------------------------------------------------------
+    def empty(self, name: str, numel: int, dtype: DType, category: Category = Category.TEMPORARIES) -> Tensor:
+        """A new tensor allocated by the current op, held by the caller (one Python reference)."""
+        storage = self.new_storage(name, numel * dtype.size_bytes, category)
+        self._ops[-1].allocs.append(storage.buffer_id)
+        storage.refs = 1
+        return Tensor(storage, numel, dtype)
+
+    def alias(self, tensor: Tensor, numel: int | None = None) -> Tensor:
+        """A view (or the same tensor under another name): shares the storage, adds a holder."""
+        self.hold(tensor.storage)
+        return Tensor(tensor.storage, tensor.numel if numel is None else numel, tensor.dtype,
+                      tensor.requires_grad, tensor.node, tensor.param, tensor.leaf_grad)
+
+    def drop(self, *tensors: Tensor | None) -> None:
+        """The Python variable goes away (rebinding or end of scope)."""
+        for tensor in tensors:
+            if tensor is not None:
+                self.release(tensor.storage)
+
+    def parameter(self, name: str, numel: int, dtype: DType, requires_grad: bool,
+                  category: Category = Category.PARAMETERS) -> Param:
+        storage = self.new_storage(name, numel * dtype.size_bytes, category, persistent=True)
+        storage.refs = 1
+        param = Param(name, Tensor(storage, numel, dtype, requires_grad))
+        param.tensor.param = param
+        return param
+
+    def persistent_buffer(self, name: str, numel: int, dtype: DType, category: Category) -> Tensor:
+        """A buffer that lives for the whole run; alive from t=0 unless `allocate_existing` is called on it."""
+        storage = self.new_storage(name, numel * dtype.size_bytes, category, persistent=True)
+        storage.refs = 1
+        return Tensor(storage, numel, dtype)
+
+    def allocate_existing(self, *tensors: Tensor) -> None:
+        """Mark persistent buffers as allocated by the current op instead of before t=0 (lazy optimizer state)."""
+        for tensor in tensors:
+            tensor.storage.lazy = True
+            self._ops[-1].allocs.append(tensor.storage.buffer_id)
+
+    # ---- ops ----------------------------------------------------------------------------------------------
+    def op(self, name: str, flops: float = 0.0, bytes_moved: int = 0) -> None:
+        """Start a new op: following allocations happen when it starts, following frees when it ends."""
+        self._ops.append(_OpDraft(name, self.phase, self.layer, [], [], flops, bytes_moved))
+        self._ops_meta.append((self.step, self.micro_batch))
+
+    def record(self, name: str, inputs: Sequence[Tensor | None], saved: Sequence[Tensor],
+               backward: BackwardFn, **ctx) -> Node | None:
+        """Record an autograd node if grad mode is on and an input requires grad; hold its saved tensors."""
+        if not self.grad_enabled or not any(t is not None and t.requires_grad for t in inputs):
+            return None
+        self._seq += 1
+        grad_inputs = [t if t is not None and t.requires_grad else None for t in inputs]
+        for tensor in saved:
+            self.hold(tensor.storage)
+            if tensor.storage.category is Category.TEMPORARIES:
+                tensor.storage.category = Category.ACTIVATIONS
+        node = Node(self._seq, name, grad_inputs, [t.storage for t in saved], backward, self.layer, ctx)
+        self._nodes.append(node)
+        return node
+
+    def output(self, tensor: Tensor, node: Node | None) -> Tensor:
+        """Attach the producing node to a freshly computed tensor."""
+        if node is not None:
+            tensor.node = node
+            tensor.requires_grad = True
+        return tensor
+
+    # ---- backward -----------------------------------------------------------------------------------------
+    def backward(self, root: Tensor, grad: Tensor) -> None:
+        """Run autograd from `root` with `grad` (held by the caller, released here)."""
+        nodes, self._nodes = self._nodes, []
+        grad_enabled, self.grad_enabled = self.grad_enabled, False
+        pending: dict[int, Node] = {}
+        self._route(root, grad, pending)
+        while pending:
+            seq = max(pending)
+            node = pending.pop(seq)
+            self._run_node(node, pending)
+        self.grad_enabled = grad_enabled
+        del nodes
+
+    def _run_node(self, node: Node, pending: dict[int, "Node"]) -> None:
+        grad, node.grad = node.grad, None
+        layer, self.layer = self.layer, node.layer
+        grads = node.backward(self, node, grad)
+        for storage in node.saved:
+            self.release(storage)
+        node.saved = []
+        for tensor, grad_in in zip(node.inputs, grads, strict=True):
+            if grad_in is None or tensor is None:
+                continue
+            self._route(tensor, grad_in, pending)
+        self.release(grad.storage)
+        self.layer = layer
+
+    def _route(self, target: Tensor, grad: Tensor, pending: dict[int, Node]) -> None:
+        """Deliver `grad` (a tensor the caller holds one reference to, which passes to this call)."""
+        if grad.dtype is not target.dtype:  # engine.cpp validate_outputs casts to the input's dtype
+            self.op(f"{self._name(target)}.grad_to_{target.dtype.value}", bytes_moved=grad.size_bytes)
+            cast = self.empty("grad_cast", grad.numel, target.dtype)
+            self.release(grad.storage)
+            grad = cast
+        if target.param is not None:
+            self._accumulate_param(target.param, grad)
+        elif target.leaf_grad is not None:  # a detached checkpoint input: AccumulateGrad into its .grad
+            if target.leaf_grad:
+                self.op("leaf.grad_add_", bytes_moved=3 * grad.size_bytes)
+                self.release(grad.storage)
+            else:
+                target.leaf_grad.append(grad)
+        elif target.node is not None:
+            node = target.node
+            if node.grad is None:
+                node.grad = grad
+                pending[node.seq] = node
+            else:
+                node.grad = self._accumulate(node.grad, grad)
+        else:
+            self.release(grad.storage)
+
+    def _accumulate(self, old: Tensor, new: Tensor) -> Tensor:
+        """input_buffer.cpp accumulate: in place into whichever buffer nobody else holds, else out of place."""
+        self.op("autograd.accumulate", bytes_moved=3 * old.size_bytes)
+        if old.storage.refs == 1:
+            self.release(new.storage)
+            return old
+        if new.storage.refs == 1:
+            self.release(old.storage)
+            return new
+        out = self.empty("grad_sum", old.numel, old.dtype)
+        self.release(old.storage)
+        self.release(new.storage)
+        return out
+
+    def _accumulate_param(self, param: Param, grad: Tensor) -> None:
+        """AccumulateGrad (accumulate_grad.h): steal a fresh grad, else clone it; later grads add in place."""
+        if param.grad is None:
+            if grad.storage.refs == 1:
+                grad.storage.category = Category.GRADIENTS
+                param.grad = grad
+                return
+            self.op(f"{param.name}.grad_clone", bytes_moved=2 * grad.size_bytes)
+            param.grad = self.empty(f"{param.name}.grad", param.tensor.numel, param.tensor.dtype, Category.GRADIENTS)
+            self.release(grad.storage)
+            return
+        self.op(f"{param.name}.grad_add_", bytes_moved=3 * grad.size_bytes)
+        self.release(grad.storage)
+
+    @staticmethod
+    def _name(tensor: Tensor) -> str:
+        return tensor.param.name if tensor.param else (tensor.node.name if tensor.node else tensor.storage.name)
+
+    def clear_graph(self) -> None:
+        """Forget nodes recorded without a backward (e.g. a forward under no_grad leaves none)."""
+        for node in self._nodes:
+            for storage in node.saved:
+                self.release(storage)
+        self._nodes = []
+
+    # ---- result -------------------------------------------------------------------------------------------
+    def schedule(self) -> Schedule:
+        """Freeze what was recorded into a Schedule of ops on the compute stream."""
+        buffers = [Buffer(s.buffer_id, s.name, s.size_bytes, s.category) for s in self.storages]
+        persistent = [s.buffer_id for s in self.storages if s.persistent and not s.lazy]
+        ops = [
+            Op(d.name, Stream.COMPUTE, d.phase, step, micro, d.layer, tuple(d.allocs), tuple(d.frees),
+               d.flops, d.bytes_moved)
+            for d, (step, micro) in zip(self._ops, self._ops_meta, strict=True)
+        ]
+        return Schedule(buffers, persistent, ops)
