@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import NamedTuple
 
 
 class Category(Enum):
@@ -35,8 +36,7 @@ class Stream(Enum):
     REDUCE = "reduce"
 
 
-@dataclass(frozen=True, slots=True)
-class Buffer:
+class Buffer(NamedTuple):
     """One allocation: a tensor's storage as the caching allocator would see it."""
 
     buffer_id: int
@@ -45,8 +45,7 @@ class Buffer:
     category: Category
 
 
-@dataclass(frozen=True, slots=True)
-class Op:
+class Op(NamedTuple):
     """One kernel (or host action) on one stream: allocates `allocs` when it starts, frees `frees` when it ends."""
 
     name: str

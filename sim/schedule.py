@@ -4,10 +4,10 @@ for `simulation.steps` steps, on a symbolic autograd tape (sim/workload)."""
 from dataclasses import dataclass
 
 from sim.ops import Phase, Schedule
-from sim.scenario import DType, ModelType, Scenario
+from sim.scenario import AttnImplementation, DType, ModelType, Scenario
 from sim.workload import hf_decoder
 from sim.workload import primitives as P
-from sim.workload.behaviour import behaviour_for
+from sim.workload.behaviour import Rotary, behaviour_for
 from sim.workload.checkpoint import checkpoint
 from sim.workload.context import RunContext
 from sim.workload.loss import lm_head_loss
@@ -65,7 +65,7 @@ def on_host(scenario: Scenario) -> bool:
 def build_schedule(scenario: Scenario) -> BuiltSchedule:
     tape = Tape()
     training = scenario.training
-    behaviour = behaviour_for(scenario.software, scenario.model.model_type)
+    behaviour = behaviour_for(scenario.software, scenario.model.model_type, training.gradient_checkpointing)
     dtype = weights_dtype(scenario)
     model_spec = scenario.model.model_copy(update={"torch_dtype": dtype})
     adapter_dtype = None
@@ -73,18 +73,27 @@ def build_schedule(scenario: Scenario) -> BuiltSchedule:
         low_precision = dtype in (DType.BFLOAT16, DType.FLOAT16)
         adapter_dtype = DType.FLOAT32 if behaviour.peft_adapters_fp32 and low_precision else dtype
     ctx = RunContext(tape, model_spec, training.per_device_train_batch_size, training.seq_len,
-                     training.attn_implementation, behaviour, compute_dtype(scenario), adapter_dtype)
+                     training.attn_implementation, behaviour, compute_dtype(scenario), adapter_dtype,
+                     on_host(scenario))
     tape.op("model.init")
     model = hf_decoder.build_model(ctx, scenario.lora)
     params = model.params()
     trainable = [p for p in params if p.tensor.requires_grad]
-    optimizer = Optimizer(training.optim, trainable, on_host(scenario), training.weight_decay)
+    optimizer = Optimizer(training.optim or behaviour.default_optim, trainable, on_host(scenario),
+                          training.weight_decay)
     states_after_first_step = None
     for step in range(scenario.simulation.steps):
         tape.step = step
+        template = None
         for micro in range(training.gradient_accumulation_steps):
             tape.micro_batch = micro
+            if template is not None:  # micro-batches after the second repeat it exactly (grads already exist)
+                tape.replicate(*template, step, micro)
+                continue
+            start = tape.op_count()
             _micro_batch(ctx, scenario, model)
+            if micro == 1:
+                template = (start, tape.op_count())
         tape.phase, tape.layer = Phase.OPTIMIZER, None
         grads_bytes = sum(p.grad.size_bytes for p in trainable if p.grad is not None)
         if training.max_grad_norm > 0:
@@ -134,8 +143,13 @@ def forward(ctx: RunContext, scenario: Scenario, model: hf_decoder.CausalLM, ids
         # requires grad so that checkpointed layers produce grads; its own .grad is dropped at once here.
         embeds.requires_grad = True
     hidden_dtype = embeds.dtype
-    mask = hf_decoder.causal_mask(ctx, hidden_dtype)
-    rotary = None if ctx.behaviour.rotary_cache_per_layer else hf_decoder.rotary_once(ctx, hidden_dtype)
+    if model.mask_buffer is not None and ctx.attn is not AttnImplementation.FLASH_ATTENTION_2:
+        mask = hf_decoder.llama_full_mask(ctx, model.mask_buffer, hidden_dtype)
+    else:
+        mask = hf_decoder.causal_mask(ctx, hidden_dtype)
+    rotary = None
+    if ctx.behaviour.rotary is Rotary.MODEL_LEVEL:
+        rotary = hf_decoder.rotary_computed(ctx, "model.rotary_emb", hidden_dtype, scaled=True)
     extra = [t for t in (mask, *(rotary or ())) if t is not None]
     hidden = embeds
     for layer in model.layers:
@@ -152,6 +166,7 @@ def forward(ctx: RunContext, scenario: Scenario, model: hf_decoder.CausalLM, ids
     tp.drop(hidden)
     loss = lm_head_loss(ctx, model.lm_head, normed, labels)
     tp.drop(normed, mask, *(rotary or ()))
+    ctx.release_kv_cache()
     ctx.clear_cast_cache()
     return loss
 

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sim.ops import CATEGORIES
+from sim.ops import CATEGORIES, Buffer
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,21 +31,27 @@ class Trace:
 
 
 class TraceBuilder:
-    """Appends rows in plain lists (fast in the engine loop) and freezes them into numpy arrays."""
+    """Appends rows in plain lists (fast in the engine loop) and freezes them into numpy arrays.
+
+    `buffer_id` holds the id for an allocation and its bitwise complement (~id, negative) for a free.
+    """
 
     def __init__(self) -> None:
         self.time_us: list[int] = []
         self.op_index: list[int] = []
         self.buffer_id: list[int] = []
-        self.delta_bytes: list[int] = []
-        self.category: list[int] = []
         self.allocated_bytes: list[int] = []
         self.reserved_bytes: list[int] = []
 
-    def freeze(self) -> Trace:
-        def arr(values: list[int], dtype: type) -> np.ndarray:
-            return np.asarray(values, dtype=dtype)
-
-        return Trace(arr(self.time_us, np.int64), arr(self.op_index, np.int64), arr(self.buffer_id, np.int64),
-                     arr(self.delta_bytes, np.int64), arr(self.category, np.int8),
-                     arr(self.allocated_bytes, np.int64), arr(self.reserved_bytes, np.int64))
+    def freeze(self, buffers: list[Buffer]) -> Trace:
+        signed = np.asarray(self.buffer_id, dtype=np.int64)
+        is_free = signed < 0
+        ids = np.where(is_free, ~signed, signed)
+        sizes = np.fromiter((b.size_bytes for b in buffers), dtype=np.int64, count=len(buffers))
+        index = {c: i for i, c in enumerate(CATEGORIES)}
+        categories = np.fromiter((index[b.category] for b in buffers), dtype=np.int8, count=len(buffers))
+        delta = np.where(is_free, -sizes[ids], sizes[ids]) if len(ids) else np.zeros(0, dtype=np.int64)
+        return Trace(np.asarray(self.time_us, dtype=np.int64), np.asarray(self.op_index, dtype=np.int64), ids,
+                     delta, categories[ids] if len(ids) else np.zeros(0, dtype=np.int8),
+                     np.asarray(self.allocated_bytes, dtype=np.int64),
+                     np.asarray(self.reserved_bytes, dtype=np.int64))

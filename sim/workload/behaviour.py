@@ -1,31 +1,91 @@
-"""Version-dependent behaviour of the modelling code, from the transformers and PEFT versions a scenario names.
+"""Version-dependent behaviour of the modelling code, decided once from the transformers and PEFT versions.
 
-Boundaries are the first release with the new behaviour, read from the released wheels' source.
+Boundaries are the first release with the new behaviour, read from the released wheels of transformers
+4.36.2 … 5.24.0 (models/{llama,qwen2,mistral}/modeling_*.py, loss/loss_utils.py, integrations/
+sdpa_attention.py and flash_attention.py, masking_utils.py, cache_utils.py, training_args.py); see
+docs/transformers-versions.md for the table with the code each row rests on.
 """
 
-from sim.scenario import ModelType, Software
+from enum import Enum
+
+from sim.errors import ScenarioError
+from sim.scenario import ModelType, Optim, Software
 from sim.workload.context import Behaviour
 
 
-def behaviour_for(software: Software, model_type: ModelType) -> Behaviour:
+class Rotary(Enum):
+    CACHED_PER_LAYER = "cached-per-layer"  # (M, d) cos/sin buffers per layer; cos[position_ids] copies per forward
+    COMPUTED_PER_LAYER = "computed-per-layer"  # each layer computes (b, s, d) cos/sin from position_ids
+    MODEL_LEVEL = "model-level"  # computed once per forward, shared by every layer
+
+
+class SdpaContiguous(Enum):
+    WITH_MASK_ON_CUDA = "with-mask"  # q/k/v.contiguous() only when a mask is passed (torch 2.1.2 workaround)
+    ALWAYS = "always"
+    NEVER = "never"
+
+
+class KvCache(Enum):
+    """What the DynamicCache created by use_cache=True does with k/v during a training forward."""
+
+    NONE = "none"  # no cache: use_cache off (gradient checkpointing, or Trainer 5.x default)
+    REFERENCES = "references"  # keeps the post-RoPE k and the v of every layer alive until the output is dropped
+    COPIES = "copies"  # 4.56+: lazy_initialization + torch.cat copy k and v into the cache
+
+
+def behaviour_for(software: Software, model_type: ModelType, checkpointing: bool) -> Behaviour:
     tf = software.version("transformers")
+    torch = software.version("torch")
     peft = software.version("peft")
-    # <=4.45: Qwen2/Llama/MistralForCausalLM.forward did `logits = logits.float()` and shifted in the model.
-    # 4.46-4.47: ForCausalLMLoss (loss/loss_utils.py) upcasts and shifts inside the loss.
-    # >=4.48: labels are padded and shifted instead of slicing the logits (no shifted copy).
-    old_loss = tf < (4, 46, 0)
+    llama, qwen2, mistral = (model_type is t for t in (ModelType.LLAMA, ModelType.QWEN2, ModelType.MISTRAL))
+    if qwen2 and tf < (4, 37, 0):
+        raise ScenarioError(f"software.transformers: model_type qwen2 needs transformers >= 4.37 (got {software.transformers})")
+    # Loss: <=4.45 the model upcasts the full logits and shifts them; mistral kept that through 4.47.
+    # ForCausalLMLoss (4.46+, mistral 4.48+) upcasts inside the loss; from 4.49 it pads the labels instead
+    # of slicing the logits, so there is no shifted copy.
+    model_upcasts = tf < (4, 46, 0) or (mistral and tf < (4, 48, 0))
+    if llama:
+        rotary = (Rotary.CACHED_PER_LAYER if tf < (4, 38, 0) else Rotary.COMPUTED_PER_LAYER if tf < (4, 43, 0)
+                  else Rotary.MODEL_LEVEL)
+    elif qwen2:
+        rotary = Rotary.CACHED_PER_LAYER if tf < (4, 45, 0) else Rotary.MODEL_LEVEL
+    else:
+        rotary = (Rotary.CACHED_PER_LAYER if tf < (4, 42, 0) else Rotary.COMPUTED_PER_LAYER if tf < (4, 48, 0)
+                  else Rotary.MODEL_LEVEL)
+    if checkpointing or tf >= (5, 0, 0):  # HF forces use_cache=False under checkpointing; Trainer 5.x by default
+        kv_cache = KvCache.NONE
+    else:
+        kv_cache = KvCache.REFERENCES if tf < (4, 56, 0) else KvCache.COPIES
+    if tf < (4, 48, 0):
+        contiguous = SdpaContiguous.WITH_MASK_ON_CUDA
+    else:
+        contiguous = SdpaContiguous.ALWAYS if tf < (4, 56, 0) else SdpaContiguous.NEVER
+    fused_default = tf >= (4, 53, 1) and torch >= (2, 8, 0)
     return Behaviour(
         model_type=model_type,
-        logits_upcast_in_model=old_loss,
-        loss_shifts_logits=tf < (4, 48, 0),
-        loss_upcasts_logits=not old_loss,
-        # Per-layer rotary modules with cos_cached/sin_cached of max_position_embeddings rows until the
-        # model-level rotary embedding (4.45 for qwen2/llama/mistral).
-        rotary_cache_per_layer=tf < (4, 45, 0),
-        rotary_cache_dtype_default=True,
-        eager_mask_materialized=True,
-        sdpa_repeats_kv=True,
-        fa2_repeats_kv=model_type in (ModelType.QWEN2, ModelType.MISTRAL) and tf < (4, 48, 0),
+        logits_upcast_in_model=model_upcasts,
+        loss_upcasts_logits=not model_upcasts,
+        loss_shifts_logits=tf < (4, 49, 0),
+        rotary=rotary,
+        # llama 4.38.2-4.40 registers (M, d) _cos_cached/_sin_cached buffers per layer that forward never reads.
+        unused_rotary_buffers=llama and (4, 38, 2) <= tf < (4, 41, 0),
+        # llama 4.38.x: a persistent (M, M) causal_mask buffer (int64, bool from 4.38.2) expanded to
+        # (b, 1, M, M) per forward, then gathered to (b, 1, s, s) per layer, for eager and sdpa alike.
+        llama_full_mask_buffer=llama and (4, 38, 0) <= tf < (4, 39, 0),
+        llama_full_mask_bool=tf >= (4, 38, 2),
+        # llama 4.38-4.39 always hands SDPA a materialised mask; otherwise an all-ones mask becomes None.
+        sdpa_mask_always=llama and tf < (4, 40, 0),
+        # mistral 4.40-4.52 (and qwen2 4.46-4.47, 4.49-4.52) skip the SDPA mask only when s < sliding_window.
+        sdpa_sliding_window_check=(mistral and (4, 40, 0) <= tf < (4, 53, 0))
+        or (qwen2 and ((4, 46, 0) <= tf < (4, 48, 0) or (4, 49, 0) <= tf < (4, 53, 0))),
+        eager_mask_via_bool=tf >= (4, 53, 0),
+        # repeat_kv before SDPA through 4.53; 4.54+ passes enable_gqa=True on torch >= 2.5 when there is no mask.
+        sdpa_repeats_kv=tf < (4, 54, 0) or torch < (2, 5, 0),
+        sdpa_contiguous=contiguous,
+        fa2_repeats_kv=(qwen2 or mistral) and tf < (4, 48, 0),
+        kv_cache=kv_cache,
         # PEFT >= 0.12 LoraConfig(autocast_adapter_dtype=True) keeps bf16/fp16 adapters in fp32.
         peft_adapters_fp32=peft >= (0, 12, 0),
+        # TrainingArguments.optim default: adamw_torch_fused from 4.53.1 when torch >= 2.8.
+        default_optim=Optim.ADAMW_TORCH_FUSED if fused_default else Optim.ADAMW_TORCH,
     )

@@ -1,6 +1,7 @@
 """What a modelling-code run needs besides the tape: shapes, dtypes, autocast state and version behaviour."""
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from sim.scenario import AttnImplementation, DType, ModelSpec, ModelType
 from sim.workload.tape import Param, Tape, Tensor
@@ -18,11 +19,18 @@ class RunContext:
     behaviour: "Behaviour"
     autocast: DType | None  # torch.autocast dtype when mixed precision casts fp32 weights, else None
     adapter_dtype: DType | None = None
+    on_host: bool = False  # a CPU host (calibration) rather than a CUDA device
     cast_cache: dict[str, Tensor] = field(default_factory=dict)
+    kv_cache: list[Tensor] = field(default_factory=list)  # what a training-time DynamicCache keeps alive
 
     @property
     def tokens(self) -> int:
         return self.batch * self.seq
+
+    def release_kv_cache(self) -> None:
+        """The model output (and its past_key_values) is dropped when Trainer.compute_loss returns."""
+        self.tape.drop(*self.kv_cache)
+        self.kv_cache.clear()
 
     def clear_cast_cache(self) -> None:
         """Leaving the outermost autocast region clears its weight-cast cache (torch/amp/autocast_mode.py)."""
@@ -36,15 +44,22 @@ class Behaviour:
     """Version-dependent choices of the modelling code, decided once from `software` (see behaviour.py)."""
 
     model_type: ModelType
-    logits_upcast_in_model: bool  # ForCausalLM.forward does logits.float() on the full logits
-    loss_shifts_logits: bool  # logits[..., :-1, :].contiguous() before cross-entropy (else labels are shifted)
+    logits_upcast_in_model: bool  # ForCausalLM.forward does logits = logits.float() on the full logits
     loss_upcasts_logits: bool  # the loss function does logits.float() itself
-    rotary_cache_per_layer: bool  # each attention module keeps cos/sin caches of max_position_embeddings rows
-    rotary_cache_dtype_default: bool  # the per-layer caches are built in the default dtype (fp32)
-    eager_mask_materialized: bool  # eager attention gets a (b, 1, s, s) additive mask in the model dtype
-    sdpa_repeats_kv: bool  # the SDPA path materialises repeat_kv copies of k and v
-    fa2_repeats_kv: bool  # the FlashAttention-2 path materialises repeat_kv copies of k and v
-    peft_adapters_fp32: bool  # PEFT autocast_adapter_dtype: bf16/fp16 adapters are created in fp32
+    loss_shifts_logits: bool  # logits[..., :-1, :].contiguous() before cross-entropy (else labels are shifted)
+    rotary: Any  # behaviour.Rotary
+    unused_rotary_buffers: bool
+    llama_full_mask_buffer: bool
+    llama_full_mask_bool: bool
+    sdpa_mask_always: bool
+    sdpa_sliding_window_check: bool
+    eager_mask_via_bool: bool
+    sdpa_repeats_kv: bool
+    sdpa_contiguous: Any  # behaviour.SdpaContiguous
+    fa2_repeats_kv: bool
+    kv_cache: Any  # behaviour.KvCache
+    peft_adapters_fp32: bool
+    default_optim: Any  # scenario.Optim
 
 
 def param_tensor(p: Param | Tensor) -> Tensor:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from sim.ops import Category
 from sim.scenario import AttnImplementation, DType, Lora, ModelType
 from sim.workload import primitives as P
+from sim.workload.behaviour import KvCache, Rotary, SdpaContiguous
 from sim.workload.context import RunContext
 from sim.workload.modules import Linear, apply_linear, make_param
 from sim.workload.tape import Param, Tensor
@@ -32,6 +33,7 @@ class CausalLM:
     layers: list[DecoderLayer]
     norm: Param
     lm_head: Param
+    mask_buffer: Tensor | None = None  # llama 4.38.x persistent (M, M) causal_mask buffer
 
     def params(self) -> list[Param]:
         out = [self.embed_tokens]
@@ -77,7 +79,9 @@ def build_model(ctx: RunContext, lora: Lora | None) -> CausalLM:
                                         dtype, full, lora, name)
         norm2 = make_param(ctx, f"{prefix}.post_attention_layernorm.weight", h, dtype, full)
         layer = DecoderLayer(index, norm1, norm2, linears)
-        if ctx.behaviour.rotary_cache_per_layer:
+        beh = ctx.behaviour
+        if beh.rotary is Rotary.CACHED_PER_LAYER or beh.unused_rotary_buffers:
+            # register_buffer(cos_cached/sin_cached, (max_position_embeddings, d)) in the load dtype, per layer
             rows = m.max_position_embeddings * d
             layer.rotary_cache = [
                 ctx.tape.persistent_buffer(f"{prefix}.self_attn.rotary_emb.{n}_cached", rows, dtype, Category.PARAMETERS)
@@ -89,7 +93,12 @@ def build_model(ctx: RunContext, lora: Lora | None) -> CausalLM:
         lm_head = embed
     else:
         lm_head = _maybe_saved_copy(ctx, "lm_head.weight", m.vocab_size * h, dtype, full, lora, "lm_head")
-    return CausalLM(embed, layers, norm, lm_head)
+    mask_buffer = None
+    if ctx.behaviour.llama_full_mask_buffer:
+        flag = DType.BOOL if ctx.behaviour.llama_full_mask_bool else DType.INT64
+        mask_buffer = ctx.tape.persistent_buffer("model.causal_mask", m.max_position_embeddings ** 2, flag,
+                                                 Category.ACTIVATIONS)
+    return CausalLM(embed, layers, norm, lm_head, mask_buffer)
 
 
 def make_linear(ctx: RunContext, name: str, fan_in: int, fan_out: int, has_bias: bool, dtype: DType, full: bool,
@@ -149,28 +158,35 @@ def mlp(ctx: RunContext, layer: DecoderLayer, x: Tensor) -> Tensor:
 
 
 # ---- rotary -----------------------------------------------------------------------------------------------------------
-def rotary_once(ctx: RunContext, x_dtype: DType) -> tuple[Tensor, Tensor]:
-    """Model-level rotary (newer code): inv_freq @ position_ids in fp32, cat(freqs, freqs), cos/sin, cast to x dtype;
-    one (b, s, d) cos and sin shared by every layer."""
+def rotary_computed(ctx: RunContext, name: str, x_dtype: DType, scaled: bool) -> tuple[Tensor, Tensor]:
+    """RotaryEmbedding.forward(x, position_ids): inv_freq @ position_ids in fp32 → freqs (b, s, d/2),
+    emb = cat(freqs, freqs), cos/sin (times attention_scaling from 4.43: another fp32 tensor), cast to x's dtype.
+    Runs under no_grad: nothing is saved."""
     tp, n = ctx.tape, ctx.tokens * ctx.model.head_size
-    tp.op("model.rotary_emb.freqs", bytes_moved=2 * n)
+    tp.op(f"{name}.freqs", bytes_moved=2 * n)
     freqs = tp.empty("rotary.freqs", n // 2, DType.FLOAT32)
-    tp.op("model.rotary_emb.cat", bytes_moved=4 * n)
+    tp.op(f"{name}.cat", bytes_moved=4 * n)
     emb = tp.empty("rotary.emb", n, DType.FLOAT32)
     tp.drop(freqs)
     out = []
     for which in ("cos", "sin"):
-        tp.op(f"model.rotary_emb.{which}", bytes_moved=8 * n)
+        tp.op(f"{name}.{which}", bytes_moved=8 * n)
         value = tp.empty(f"rotary.{which}32", n, DType.FLOAT32)
-        cast = P.to_dtype(tp, f"model.rotary_emb.{which}.to", value, x_dtype)
+        if scaled:
+            tp.op(f"{name}.{which}.attention_scaling", bytes_moved=8 * n)
+            scaled_value = tp.empty(f"rotary.{which}32.scaled", n, DType.FLOAT32)
+            tp.drop(value)
+            value = scaled_value
+        cast = P.to_dtype(tp, f"{name}.{which}.to", value, x_dtype)
         tp.drop(value)
         out.append(cast)
     tp.drop(emb)
     return out[0], out[1]
 
 
-def rotary_per_layer(ctx: RunContext, layer: DecoderLayer, x_dtype: DType) -> tuple[Tensor, Tensor]:
-    """Older code: cos_cached[:s].to(x.dtype) then cos[position_ids] (an index: a new (b, s, d) tensor)."""
+def rotary_cached(ctx: RunContext, layer: DecoderLayer, x_dtype: DType) -> tuple[Tensor, Tensor]:
+    """Oldest code: cos_cached[:s].to(x.dtype) (a view when the dtype matches), then cos[position_ids]: an
+    advanced-index gather, a new (b, s, d) tensor per layer per forward."""
     tp, n = ctx.tape, ctx.tokens * ctx.model.head_size
     out = []
     for which, cache in zip(("cos", "sin"), layer.rotary_cache, strict=True):
@@ -210,20 +226,28 @@ def attention(ctx: RunContext, layer: DecoderLayer, x: Tensor, mask: Tensor | No
     v = P.view(tp, apply_linear(ctx, lin["v_proj"], x), backward_copies=eager)
     for t in (q, k, v):  # the view holds the projection output; drop the projection's own reference
         tp.release(t.storage)
-    if rotary is None:
-        cos, sin = rotary_per_layer(ctx, layer, q.dtype)
-    else:
+    beh = ctx.behaviour
+    if rotary is not None:
         cos, sin = tp.alias(rotary[0]), tp.alias(rotary[1])
+    elif beh.rotary is Rotary.CACHED_PER_LAYER:
+        cos, sin = rotary_cached(ctx, layer, v.dtype)
+    else:  # self.rotary_emb(value_states, position_ids)
+        cos, sin = rotary_computed(ctx, f"{prefix}.rotary_emb", v.dtype, scaled=False)
     q_rot = apply_rotary(ctx, f"{prefix}.q_rotary", q, cos, sin)
     k_rot = apply_rotary(ctx, f"{prefix}.k_rotary", k, cos, sin)
     tp.drop(cos, sin)
+    if beh.kv_cache is KvCache.REFERENCES:
+        ctx.kv_cache += [tp.alias(k_rot), tp.alias(v)]
+    elif beh.kv_cache is KvCache.COPIES:
+        ctx.kv_cache += [P.contiguous_copy(tp, f"{prefix}.cache.keys", k_rot),
+                         P.contiguous_copy(tp, f"{prefix}.cache.values", v)]
     groups = m.num_attention_heads // m.kv_heads
     if eager:
         out = _eager(ctx, prefix, q_rot, k_rot, v, mask, groups)
     elif ctx.attn is AttnImplementation.SDPA:
-        out = _flash_kernel(ctx, prefix, q_rot, k_rot, v, groups, ctx.behaviour.sdpa_repeats_kv, "sdpa")
+        out = _sdpa(ctx, prefix, q_rot, k_rot, v, mask, groups)
     else:
-        out = _flash_kernel(ctx, prefix, q_rot, k_rot, v, groups, ctx.behaviour.fa2_repeats_kv, "flash_attn_func")
+        out = _flash_kernel(ctx, prefix, q_rot, k_rot, v, groups, beh.fa2_repeats_kv, "flash_attn_func")
     tp.drop(q, k, v, q_rot, k_rot)
     result = apply_linear(ctx, lin["o_proj"], out)
     tp.drop(out)
@@ -262,6 +286,41 @@ def _eager(ctx: RunContext, prefix: str, q: Tensor, k: Tensor, v: Tensor, mask: 
     return out
 
 
+def _sdpa(ctx: RunContext, prefix: str, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, groups: int) -> Tensor:
+    """F.scaled_dot_product_attention. Without a mask (is_causal) torch picks the flash kernel; with a
+    materialised mask it picks the memory-efficient kernel, which saves the mask too. Some versions call
+    .contiguous() on q/k/v first, which copies the transposed (b, s, heads, d) projections."""
+    tp, beh = ctx.tape, ctx.behaviour
+    contiguous = beh.sdpa_contiguous is SdpaContiguous.ALWAYS or (
+        beh.sdpa_contiguous is SdpaContiguous.WITH_MASK_ON_CUDA and mask is not None and not ctx.on_host)
+    if mask is None and not contiguous:
+        return _flash_kernel(ctx, prefix, q, k, v, groups, beh.sdpa_repeats_kv, "sdpa")
+    m = ctx.model
+    b, s, a, d = ctx.batch, ctx.seq, m.num_attention_heads, m.head_size
+    if beh.sdpa_repeats_kv and groups > 1:
+        k_in = P.expand_copy(tp, f"{prefix}.repeat_kv.k", k, groups)
+        v_in = P.expand_copy(tp, f"{prefix}.repeat_kv.v", v, groups)
+        kv_heads = a
+    else:
+        k_in, v_in, kv_heads = tp.alias(k), tp.alias(v), m.kv_heads
+    if contiguous:  # repeat_kv output is already contiguous; the projections' transposed views are not
+        q_in = P.contiguous_copy(tp, f"{prefix}.q.contiguous", q)
+        if not (beh.sdpa_repeats_kv and groups > 1):
+            k_c = P.contiguous_copy(tp, f"{prefix}.k.contiguous", k_in)
+            v_c = P.contiguous_copy(tp, f"{prefix}.v.contiguous", v_in)
+            tp.drop(k_in, v_in)
+            k_in, v_in = k_c, v_c
+    else:
+        q_in = tp.alias(q)
+    flops = 2.0 * b * a * s * s * d
+    if mask is None:
+        out = P.flash_attention(tp, f"{prefix}.sdpa", q_in, k_in, v_in, b, a, kv_heads, s, d, flops)
+    else:
+        out = P.efficient_attention(tp, f"{prefix}.sdpa", q_in, k_in, v_in, mask, b, a, s, d, flops)
+    tp.drop(q_in, k_in, v_in)
+    return out
+
+
 def _flash_kernel(ctx: RunContext, prefix: str, q: Tensor, k: Tensor, v: Tensor, groups: int, repeats_kv: bool,
                   kernel: str) -> Tensor:
     """torch SDPA (flash backend, attn_mask None, is_causal) or flash_attn_func: the kernel reads the
@@ -287,8 +346,12 @@ def decoder_layer(ctx: RunContext, layer: DecoderLayer, x: Tensor, mask: Tensor 
     """residual + self_attn(input_layernorm(x)), then residual + mlp(post_attention_layernorm(·))."""
     tp, prefix = ctx.tape, f"model.layers.{layer.index}"
     normed = rms_norm(ctx, f"{prefix}.input_layernorm", x, layer.input_layernorm)
-    attn_out = attention(ctx, layer, normed, mask, rotary)
-    tp.drop(normed)
+    layer_mask = tp.alias(mask) if mask is not None else None
+    if mask is not None and ctx.behaviour.llama_full_mask_buffer:
+        tp.drop(layer_mask)
+        layer_mask = llama_layer_mask(ctx, mask, layer.index)
+    attn_out = attention(ctx, layer, normed, layer_mask, rotary)
+    tp.drop(normed, layer_mask)
     hidden = P.add(tp, f"{prefix}.residual_attn", x, attn_out)
     tp.drop(attn_out)
     normed = rms_norm(ctx, f"{prefix}.post_attention_layernorm", hidden, layer.post_attention_layernorm)
@@ -300,17 +363,57 @@ def decoder_layer(ctx: RunContext, layer: DecoderLayer, x: Tensor, mask: Tensor 
 
 
 def causal_mask(ctx: RunContext, dtype: DType) -> Tensor | None:
-    """Eager attention gets an additive (b, 1, s, s) mask in the model dtype, built once per forward from a
-    full (s, s) min-value matrix and triu; SDPA (all-ones attention_mask) and FlashAttention-2 get None."""
-    if ctx.attn is not AttnImplementation.EAGER or not ctx.behaviour.eager_mask_materialized:
+    """The 4-D additive mask built once per forward for an all-ones attention_mask, or None.
+
+    Eager always gets a (b, 1, s, s) mask in the embeddings' dtype: full((s, s), min) + triu, expanded and
+    cloned to (b, 1, s, s) (4.53+: a bool (b, 1, s, s) mask turned into it by torch.where). SDPA gets None
+    (is_causal) unless the version always builds one or s reaches the sliding window; FA2 always gets None.
+    """
+    beh, m = ctx.behaviour, ctx.model
+    if ctx.attn is AttnImplementation.FLASH_ATTENTION_2:
         return None
-    tp, s = ctx.tape, ctx.seq
+    if ctx.attn is AttnImplementation.SDPA and not beh.sdpa_mask_always:
+        window = (m.model_extra or {}).get("sliding_window")
+        uses_window = m.model_type is not ModelType.QWEN2 or (m.model_extra or {}).get("use_sliding_window")
+        if not (beh.sdpa_sliding_window_check and window and uses_window and ctx.seq >= window):
+            return None
+    tp, s, b = ctx.tape, ctx.seq, ctx.batch
+    if beh.eager_mask_via_bool:
+        tp.op("model.causal_mask.bool", bytes_moved=b * s * s)
+        flags = tp.empty("causal_mask.bool", b * s * s, DType.BOOL)
+        tp.op("model.causal_mask.where", bytes_moved=b * s * s * (1 + dtype.size_bytes))
+        mask = tp.empty("causal_mask", b * s * s, dtype, Category.ACTIVATIONS)
+        tp.drop(flags)
+        return mask
     tp.op("model.causal_mask.full", bytes_moved=s * s * dtype.size_bytes)
     full = tp.empty("causal_mask.full", s * s, dtype)
     tp.op("model.causal_mask.triu", bytes_moved=2 * s * s * dtype.size_bytes)
     triu = tp.empty("causal_mask.triu", s * s, dtype)
     tp.drop(full)
-    tp.op("model.causal_mask.expand_clone", bytes_moved=2 * ctx.batch * s * s * dtype.size_bytes)
-    mask = tp.empty("causal_mask", ctx.batch * s * s, dtype, Category.ACTIVATIONS)
+    tp.op("model.causal_mask.expand_clone", bytes_moved=2 * b * s * s * dtype.size_bytes)
+    mask = tp.empty("causal_mask", b * s * s, dtype, Category.ACTIVATIONS)
     tp.drop(triu)
     return mask
+
+
+def llama_full_mask(ctx: RunContext, buffer: Tensor, dtype: DType) -> Tensor:
+    """Llama 4.38.x _update_causal_mask: causal_mask buffer (M, M) → repeat(b) → .to(dtype) * min, a
+    (b, 1, M, M) tensor per forward (eager and sdpa alike)."""
+    tp, b = ctx.tape, ctx.batch
+    cells = ctx.model.max_position_embeddings ** 2
+    tp.op("model.causal_mask.repeat", bytes_moved=2 * b * buffer.size_bytes)
+    repeated = tp.empty("causal_mask.repeat", b * cells, buffer.dtype)
+    tp.op("model.causal_mask.to", bytes_moved=b * cells * (buffer.dtype.size_bytes + dtype.size_bytes))
+    converted = tp.empty("causal_mask.to", b * cells, dtype)
+    tp.drop(repeated)
+    tp.op("model.causal_mask.mul_min", bytes_moved=2 * b * cells * dtype.size_bytes)
+    mask = tp.empty("causal_mask.full_positions", b * cells, dtype, Category.ACTIVATIONS)
+    tp.drop(converted)
+    return mask
+
+
+def llama_layer_mask(ctx: RunContext, full: Tensor, layer: int) -> Tensor:
+    """attention_mask[:, :, cache_position, :kv_len]: an advanced-index gather, a (b, 1, s, s) copy per layer."""
+    tp, cells = ctx.tape, ctx.batch * ctx.seq * ctx.seq
+    tp.op(f"model.layers.{layer}.self_attn.causal_mask[cache_position]", bytes_moved=2 * cells * full.dtype.size_bytes)
+    return tp.empty("causal_mask.layer", cells, full.dtype)

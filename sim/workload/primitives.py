@@ -448,3 +448,29 @@ def _flash_backward(tp: Tape, node: Node, grad: Tensor) -> list:
     grads = [dq if q is not None else None, dk if k is not None else None, dv if v is not None else None]
     tp.drop(*[g for g, t in zip((dq, dk, dv), (q, k, v)) if t is None])
     return grads
+
+
+def efficient_attention(tp: Tape, name: str, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, batch: int, heads: int,
+                        seq: int, head_dim: int, flops: float) -> Tensor:
+    """torch SDPA's memory-efficient kernel, chosen when an explicit attn_mask is given: output + fp32
+    logsumexp (b, heads, round32(s)) + philox seed/offset, saving q, k, v, the mask (attn_bias), out and lse.
+    Backward (_efficient_attention_backward) allocates grad q, k, v and an fp32 delta (b, heads, s)."""
+    out_numel = batch * seq * heads * head_dim
+    tp.op(name, flops=flops, bytes_moved=(q.numel + k.numel + v.numel + out_numel) * q.dtype.size_bytes
+          + mask.size_bytes)
+    out = tp.empty(f"{name}.out", out_numel, q.dtype)
+    lse = tp.empty(f"{name}.logsumexp", batch * heads * _round_up(seq, 32), F32)
+    rng = tp.empty(f"{name}.philox", 2, I64)
+    node = tp.record(name, [q, k, v], [q, k, v, mask, out, lse, rng], _efficient_backward, batch=batch,
+                     heads=heads, seq=seq, flops=2.5 * flops)
+    tp.drop(lse, rng)
+    return tp.output(out, node)
+
+
+def _efficient_backward(tp: Tape, node: Node, grad: Tensor) -> list:
+    c = node.ctx
+    tp.op(f"{node.name}.backward", flops=c["flops"], bytes_moved=4 * grad.size_bytes)
+    delta = tp.empty(f"{node.name}.delta", c["batch"] * c["heads"] * c["seq"], F32)
+    grads = [tp.empty(f"{node.name}.grad", t.numel, t.dtype) if t is not None else None for t in node.inputs]
+    tp.drop(delta)
+    return grads

@@ -273,6 +273,30 @@ class Tape:
                 self.release(storage)
         self._nodes = []
 
+    # ---- repetition -----------------------------------------------------------------------------------------
+    def op_count(self) -> int:
+        return len(self._ops)
+
+    def replicate(self, start: int, end: int, step: int, micro_batch: int) -> None:
+        """Append a copy of ops[start:end] with fresh buffers, as the next micro-batch.
+
+        Only for a self-contained span (every buffer it allocates it also frees, and it frees nothing else),
+        which is what a micro-batch after the first of a step is: same ops, same sizes, same order.
+        """
+        fresh: dict[int, int] = {}
+        for draft in self._ops[start:end]:
+            allocs = []
+            for old in draft.allocs:
+                source = self.storages[old]
+                copy = self.new_storage(source.name, source.size_bytes, source.category)
+                fresh[old] = copy.buffer_id
+                allocs.append(copy.buffer_id)
+            frees = [fresh.pop(old) for old in draft.frees]
+            self._ops.append(_OpDraft(draft.name, draft.phase, draft.layer, allocs, frees, draft.flops,
+                                      draft.bytes_moved))
+            self._ops_meta.append((step, micro_batch))
+        assert not fresh, "replicated span leaves buffers alive"
+
     # ---- result -------------------------------------------------------------------------------------------
     def schedule(self) -> Schedule:
         """Freeze what was recorded into a Schedule of ops on the compute stream."""
