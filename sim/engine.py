@@ -45,6 +45,7 @@ class Engine:
         self.busy_us: dict[Stream, int] = {}
         self.op_start_us = [0] * len(schedule.ops)
         self._sizes = [b.size_bytes for b in schedule.buffers]
+        self._durations = cost.durations_us(schedule.ops)
         self._streams = sorted({op.stream for op in schedule.ops}, key=list(Stream).index)
 
     def run(self) -> EngineResult:
@@ -59,33 +60,68 @@ class Engine:
         return EngineResult(trace, self.op_start_us, int(self.env.now), self.oom, self.busy_us)
 
     def _stream(self, stream: Stream, indices: list[int]):
-        """Run one stream's ops in order. While it is the only stream, nothing can interleave with it, so the
-        clock advances in one timeout per wait instead of one per op (same times, same order of events)."""
-        ops, env, cost = self.schedule.ops, self.env, self.cost
-        alone = self.done is None and len(self._streams) == 1
+        """Run one stream's ops in order: allocate at the op's start, take its duration, free at its end."""
+        if self.done is None and len(self._streams) == 1:
+            now = self._run_alone(stream, indices)
+            yield self.env.timeout(now - self.env.now)
+            return
+        ops, env, durations = self.schedule.ops, self.env, self._durations
         busy = 0
-        now = int(env.now)
         for index in indices:
             op = ops[index]
             if op.deps:
-                yield env.timeout(now - env.now)
                 yield simpy.AllOf(env, [self.done[d] for d in op.deps])
-                now = int(env.now)
+            now = int(env.now)
             self.op_start_us[index] = now
             for buffer_id in op.allocs:
                 self._malloc(buffer_id, index, stream, now)
-            duration = cost.duration_us(op)
+            duration = durations[index]
             busy += duration
-            now += duration
-            if not alone and duration:
+            if duration:
                 yield env.timeout(duration)
+            now = int(env.now)
             for buffer_id in op.frees:
                 self._free(buffer_id, index, now)
             if self.done is not None:
                 self.done[index].succeed()
-        if alone:
-            yield env.timeout(now - env.now)
         self.busy_us[stream] = busy
+
+    def _run_alone(self, stream: Stream, indices: list[int]) -> int:
+        """The same loop for a stream nothing can interleave with: the clock is advanced arithmetically and
+        handed back to simpy once at the end (same times, same event order, far fewer scheduler round trips)."""
+        ops, durations, sizes, starts = self.schedule.ops, self._durations, self._sizes, self.op_start_us
+        malloc, free = self.allocator.malloc, self.allocator.free
+        allocator, t = self.allocator, self.trace
+        times, op_ids, buffer_ids = t.time_us.append, t.op_index.append, t.buffer_id.append
+        allocated, reserved = t.allocated_bytes.append, t.reserved_bytes.append
+        now = int(self.env.now)
+        busy = 0
+        for index in indices:
+            op = ops[index]
+            starts[index] = now
+            for buffer_id in op.allocs:
+                try:
+                    malloc(buffer_id, sizes[buffer_id], stream)
+                except OutOfMemory as exc:
+                    if self.oom is None:
+                        self.oom = OomEvent(now, index, exc.requested_bytes, str(exc))
+                times(now)
+                op_ids(index)
+                buffer_ids(buffer_id)
+                allocated(allocator.allocated_bytes)
+                reserved(allocator.reserved_bytes)
+            duration = durations[index]
+            busy += duration
+            now += duration
+            for buffer_id in op.frees:
+                free(buffer_id)
+                times(now)
+                op_ids(index)
+                buffer_ids(~buffer_id)
+                allocated(allocator.allocated_bytes)
+                reserved(allocator.reserved_bytes)
+        self.busy_us[stream] = busy
+        return now
 
     def _malloc(self, buffer_id: int, op_index: int, stream: Stream, now: int) -> None:
         size = self._sizes[buffer_id]

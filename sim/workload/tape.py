@@ -76,10 +76,23 @@ class _OpDraft:
     name: str
     phase: Phase
     layer: int | None
+    step: int
+    micro_batch: int
     allocs: list[int]
     frees: list[int]
     flops: float
     bytes_moved: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Replica:
+    """ops[start:end] again, with every buffer id shifted by `shift` (see Tape.replicate)."""
+
+    start: int
+    end: int
+    shift: int
+    step: int
+    micro_batch: int
 
 
 class Tape:
@@ -87,8 +100,8 @@ class Tape:
 
     def __init__(self) -> None:
         self.storages: list[Storage] = []
-        self._ops: list[_OpDraft] = []
-        self._ops_meta: list[tuple[int, int]] = []  # (step, micro_batch) per op
+        self._buffer_sources: list[int] = []  # per buffer id: index of the storage it was made from
+        self._ops: list[_OpDraft | _Replica] = []
         self.grad_enabled = True
         self.phase = Phase.FORWARD
         self.layer: int | None = None
@@ -99,7 +112,8 @@ class Tape:
 
     # ---- storages ---------------------------------------------------------------------------------------
     def new_storage(self, name: str, size_bytes: int, category: Category, persistent: bool = False) -> Storage:
-        storage = Storage(len(self.storages), name, size_bytes, category, persistent=persistent)
+        storage = Storage(len(self._buffer_sources), name, size_bytes, category, persistent=persistent)
+        self._buffer_sources.append(len(self.storages))
         self.storages.append(storage)
         return storage
 
@@ -156,8 +170,8 @@ class Tape:
     # ---- ops ----------------------------------------------------------------------------------------------
     def op(self, name: str, flops: float = 0.0, bytes_moved: int = 0) -> None:
         """Start a new op: following allocations happen when it starts, following frees when it ends."""
-        self._ops.append(_OpDraft(name, self.phase, self.layer, [], [], flops, bytes_moved))
-        self._ops_meta.append((self.step, self.micro_batch))
+        self._ops.append(_OpDraft(name, self.phase, self.layer, self.step, self.micro_batch, [], [], flops,
+                                  bytes_moved))
 
     def record(self, name: str, inputs: Sequence[Tensor | None], saved: Sequence[Tensor],
                backward: BackwardFn, **ctx) -> Node | None:
@@ -278,33 +292,40 @@ class Tape:
         return len(self._ops)
 
     def replicate(self, start: int, end: int, step: int, micro_batch: int) -> None:
-        """Append a copy of ops[start:end] with fresh buffers, as the next micro-batch.
+        """Append ops[start:end] again as the next micro-batch, with fresh buffers.
 
-        Only for a self-contained span (every buffer it allocates it also frees, and it frees nothing else),
-        which is what a micro-batch after the first of a step is: same ops, same sizes, same order.
+        Only for a self-contained span: every buffer it allocates it also frees, it frees nothing else, and
+        its buffers were created in it (a contiguous id range). That is what a micro-batch after the first of
+        a step is: same ops, same sizes, same order.
         """
-        fresh: dict[int, int] = {}
-        for draft in self._ops[start:end]:
-            allocs = []
-            for old in draft.allocs:
-                source = self.storages[old]
-                copy = self.new_storage(source.name, source.size_bytes, source.category)
-                fresh[old] = copy.buffer_id
-                allocs.append(copy.buffer_id)
-            frees = [fresh.pop(old) for old in draft.frees]
-            self._ops.append(_OpDraft(draft.name, draft.phase, draft.layer, allocs, frees, draft.flops,
-                                      draft.bytes_moved))
-            self._ops_meta.append((step, micro_batch))
-        assert not fresh, "replicated span leaves buffers alive"
+        drafts = self._ops[start:end]
+        assert all(isinstance(d, _OpDraft) for d in drafts)
+        ids = [b for d in drafts for b in d.allocs]
+        low, high = min(ids), max(ids) + 1
+        assert len(ids) == high - low and sorted(b for d in drafts for b in d.frees) == list(range(low, high)), \
+            "replicated span is not self-contained"
+        shift = len(self._buffer_sources) - low
+        self._buffer_sources.extend(self._buffer_sources[low:high])
+        self._ops.append(_Replica(start, end, shift, step, micro_batch))
 
     # ---- result -------------------------------------------------------------------------------------------
     def schedule(self) -> Schedule:
         """Freeze what was recorded into a Schedule of ops on the compute stream."""
-        buffers = [Buffer(s.buffer_id, s.name, s.size_bytes, s.category) for s in self.storages]
-        persistent = [s.buffer_id for s in self.storages if s.persistent and not s.lazy]
-        ops = [
-            Op(d.name, Stream.COMPUTE, d.phase, step, micro, d.layer, tuple(d.allocs), tuple(d.frees),
-               d.flops, d.bytes_moved)
-            for d, (step, micro) in zip(self._ops, self._ops_meta, strict=True)
-        ]
+        storages = self.storages
+        frozen = [tuple.__new__(Buffer, (s.buffer_id, s.name, s.size_bytes, s.category)) for s in storages]
+        buffers = [frozen[source] if frozen[source].buffer_id == buffer_id
+                   else tuple.__new__(Buffer, (buffer_id, *frozen[source][1:]))
+                   for buffer_id, source in enumerate(self._buffer_sources)]
+        persistent = [s.buffer_id for s in storages if s.persistent and not s.lazy]
+        ops: list[Op] = []
+        append, compute, make = ops.append, Stream.COMPUTE, tuple.__new__  # tuple.__new__: Op without its __new__
+        for entry in self._ops:
+            if isinstance(entry, _OpDraft):
+                append(make(Op, (entry.name, compute, entry.phase, entry.step, entry.micro_batch, entry.layer,
+                                 tuple(entry.allocs), tuple(entry.frees), entry.flops, entry.bytes_moved, ())))
+                continue
+            step, micro, add = entry.step, entry.micro_batch, entry.shift.__add__
+            for d in self._ops[entry.start:entry.end]:
+                append(make(Op, (d.name, compute, d.phase, step, micro, d.layer, tuple(map(add, d.allocs)),
+                                 tuple(map(add, d.frees)), d.flops, d.bytes_moved, ())))
         return Schedule(buffers, persistent, ops)
