@@ -392,12 +392,8 @@ def test_json_path_is_a_directory(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.yaml", "out"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: sim/cli.py imports sim.plot.render_memory_timeline, which does not exist: --plot of a valid run "
-    "ends in ModuleNotFoundError (traceback, exit 1) after --json was already written",
-)
 def test_plot_of_valid_run(tmp_path):
+    """Control: --json and --plot of a run that fits both get written, no traceback."""
     scenario = write_yaml(tmp_path / "ok.yaml", tiny_scenario())
     proc = run_cli("run", str(scenario), "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "p.png"))
     assert "Traceback" not in proc.stderr, proc.stderr

@@ -235,7 +235,7 @@ def attention(ctx: RunContext, layer: DecoderLayer, x: Tensor, mask: Tensor | No
         cos, sin = rotary_computed(ctx, f"{prefix}.rotary_emb", v.dtype, scaled=False)
     q_rot = apply_rotary(ctx, f"{prefix}.q_rotary", q, cos, sin)
     k_rot = apply_rotary(ctx, f"{prefix}.k_rotary", k, cos, sin)
-    tp.drop(cos, sin)
+    tp.drop(cos, sin, q, k)  # query_states, key_states = apply_rotary_pos_emb(...) rebinds both
     if beh.kv_cache is KvCache.REFERENCES:
         ctx.kv_cache += [tp.alias(k_rot), tp.alias(v)]
     elif beh.kv_cache is KvCache.COPIES:
@@ -248,7 +248,7 @@ def attention(ctx: RunContext, layer: DecoderLayer, x: Tensor, mask: Tensor | No
         out = _sdpa(ctx, prefix, q_rot, k_rot, v, mask, groups)
     else:
         out = _flash_kernel(ctx, prefix, q_rot, k_rot, v, groups, beh.fa2_repeats_kv, "flash_attn_func")
-    tp.drop(q, k, v, q_rot, k_rot)
+    tp.drop(v, q_rot, k_rot)
     result = apply_linear(ctx, lin["o_proj"], out)
     tp.drop(out)
     return result

@@ -37,9 +37,9 @@ def _grad_for(tp: Tape, name: str, numel: int, dtype: DType, target: Tensor, flo
 
 # ---- leaf-level helpers ---------------------------------------------------------------------------------------
 def input_tensor(tp: Tape, name: str, numel: int, dtype: DType = I64) -> Tensor:
-    """A batch tensor copied to the device (input_ids, labels, attention_mask)."""
+    """A batch tensor copied to the device (input_ids, labels, attention_mask); an activation once saved."""
     tp.op(f"{name}.to_device", bytes_moved=numel * dtype.size_bytes)
-    return tp.empty(name, numel, dtype, Category.ACTIVATIONS)
+    return tp.empty(name, numel, dtype)
 
 
 def weight(p: Param | Tensor) -> Tensor:
@@ -225,6 +225,33 @@ def silu(tp: Tape, name: str, x: Tensor) -> Tensor:
 def _same_size_backward(tp: Tape, node: Node, grad: Tensor) -> list:
     target = node.inputs[0]
     return [_grad_for(tp, f"{node.name}.backward", node.ctx["numel"], target.dtype, target, flops=node.ctx["numel"])]
+
+
+def gelu(tp: Tape, name: str, x: Tensor) -> Tensor:
+    """F.gelu: saves its input; gelu_backward allocates the grad input."""
+    tp.op(name, flops=8 * x.numel, bytes_moved=2 * x.size_bytes)
+    out = tp.empty(f"{name}.out", x.numel, x.dtype)
+    node = tp.record(name, [x], [x], _same_size_backward, numel=x.numel)
+    return tp.output(out, node)
+
+
+def layer_norm(tp: Tape, name: str, x: Tensor, w: Tensor, b: Tensor, last: int) -> Tensor:
+    """F.layer_norm (native_layer_norm): output plus fp32 mean and rstd per row, saving input, mean, rstd,
+    weight and bias; backward allocates grad input, grad weight and grad bias."""
+    rows = x.numel // last
+    tp.op(name, flops=8 * x.numel, bytes_moved=2 * x.size_bytes)
+    out = tp.empty(f"{name}.out", x.numel, x.dtype)
+    mean = tp.empty(f"{name}.mean", rows, F32)
+    rstd = tp.empty(f"{name}.rstd", rows, F32)
+    node = tp.record(name, [x, w, b], [x, mean, rstd, w, b], _layer_norm_backward, numel=x.numel)
+    tp.drop(mean, rstd)
+    return tp.output(out, node)
+
+
+def _layer_norm_backward(tp: Tape, node: Node, grad: Tensor) -> list:
+    tp.op(f"{node.name}.backward", flops=10 * grad.numel, bytes_moved=3 * grad.size_bytes)
+    return [tp.empty(f"{node.name}.backward.{part}", t.numel, t.dtype) if t is not None else None
+            for part, t in zip(("input", "weight", "bias"), node.inputs, strict=True)]
 
 
 def pow2(tp: Tape, name: str, x: Tensor) -> Tensor:

@@ -1,0 +1,80 @@
+"""Memory over time as a stacked area chart by category, with the capacity line, phase bands and the peak.
+matplotlib is imported lazily (only `--plot` needs it)."""
+
+import io
+
+import numpy as np
+
+from sim.ops import CATEGORIES, Phase
+from sim.report import Run
+from sim.units import GIB
+
+_PHASE_COLOURS = {Phase.FORWARD: "#e8f0fe", Phase.BACKWARD: "#fdecea", Phase.RECOMPUTE: "#fff4e0",
+                  Phase.OPTIMIZER: "#e6f4ea"}
+_MAX_POINTS = 20_000
+
+
+def render_memory_timeline(run: Run, result: dict) -> bytes:
+    """PNG bytes of the allocated memory by category over simulated time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trace = run.engine.trace
+    deltas = np.zeros((len(CATEGORIES), len(trace)), dtype=np.int64)
+    deltas[trace.category.astype(np.int64), np.arange(len(trace))] = trace.delta_bytes
+    stacked = np.cumsum(deltas, axis=1)
+    keep = _sample(trace.allocated_bytes)
+    seconds = trace.time_us[keep] / 1e6
+    fig, ax = plt.subplots(figsize=(12, 5), dpi=100)
+    _phase_bands(ax, run)
+    ax.stackplot(seconds, stacked[:, keep] / GIB, labels=[c.value for c in CATEGORIES], step="post", alpha=0.85)
+    non_pytorch = run.non_pytorch_bytes / GIB
+    if non_pytorch:
+        ax.plot(seconds, (trace.reserved_bytes[keep] + run.non_pytorch_bytes) / GIB, color="black", lw=0.8,
+                label="total incl. non-PyTorch")
+    capacity = result["hardware"]["capacity_bytes"] / GIB
+    ax.axhline(capacity, color="red", ls="--", lw=1, label=f"capacity {capacity:.1f} GiB")
+    peak = result["peak"]
+    ax.plot([peak["time_s"]], [peak["total_bytes"] / GIB], "v", color="red", ms=9)
+    where = f" L{peak['layer']}" if peak["layer"] is not None else ""
+    ax.annotate(f"peak {peak['total_bytes'] / GIB:.2f} GiB\n{peak['phase']}{where} {peak['op']}",
+                (peak["time_s"], peak["total_bytes"] / GIB), textcoords="offset points", xytext=(8, 8), fontsize=8)
+    ax.set_xlabel("simulated time (s)")
+    ax.set_ylabel("GiB")
+    ax.set_title(result["scenario"])
+    ax.set_ylim(0, max(capacity, peak["total_bytes"] / GIB) * 1.08)
+    ax.legend(loc="upper left", fontsize=8, ncol=3)
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _sample(allocated: np.ndarray) -> np.ndarray:
+    """Indices of about _MAX_POINTS events: in each window, its first and its highest-memory event."""
+    count = len(allocated)
+    if count <= _MAX_POINTS:
+        return np.arange(count)
+    window = -(-count // (_MAX_POINTS // 2))
+    padded = np.full(window * -(-count // window), -1, dtype=np.int64)
+    padded[:count] = allocated
+    starts = np.arange(0, count, window)
+    highs = starts + padded.reshape(-1, window).argmax(axis=1)
+    return np.unique(np.concatenate([starts, highs, [count - 1]]))
+
+
+def _phase_bands(ax, run: Run) -> None:
+    ops, starts = run.schedule.ops, run.engine.op_start_us
+    if not ops:
+        return
+    begin, phase = starts[0], ops[0].phase
+    for index in range(1, len(ops) + 1):
+        current = ops[index].phase if index < len(ops) else None
+        if current is not phase:
+            end = starts[index] if index < len(ops) else run.engine.end_time_us
+            ax.axvspan(begin / 1e6, end / 1e6, color=_PHASE_COLOURS[phase], lw=0)
+            if index < len(ops):
+                begin, phase = starts[index], current
