@@ -1,5 +1,6 @@
 """Finds the data directories models/, hardware/ and scenarios/ (checkout or installed wheel) and their entries."""
 
+import json
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -43,6 +44,16 @@ def load_yaml_mapping(path: Path, key_path: str) -> dict:
         text = path.read_text()
     except OSError as exc:
         raise ScenarioError(f"{key_path}: cannot read {str(path)!r}: {exc.strerror}") from None
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ScenarioError(
+                f"{key_path}: {str(path)!r} is not valid JSON: line {exc.lineno} column {exc.colno}: {exc.msg}"
+            ) from None
+        if not isinstance(data, dict):
+            raise ScenarioError(f"{key_path}: {str(path)!r} must hold a mapping, got {type(data).__name__}")
+        return data
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -50,9 +50,11 @@ def _run(args: argparse.Namespace) -> int:
     from sim.simulate import run_scenario
 
     scenario = load_scenario(args.scenario, args.overrides)
-    for path in (args.json_path, args.plot_path):
+    for flag, path in (("--json", args.json_path), ("--plot", args.plot_path)):
         if path and not Path(path).resolve().parent.is_dir():
-            raise ScenarioError(f"output directory does not exist: {str(Path(path).parent)!r}")
+            raise ScenarioError(f"{flag}: output directory does not exist: {str(Path(path).parent)!r}")
+        if path and Path(path).is_dir():
+            raise ScenarioError(f"{flag}: {path!r} is a directory, not a file path")
     run = run_scenario(scenario)
     result = summarize(run)
     if args.json_path:

@@ -25,7 +25,15 @@ from sim.versions import (
 
 
 def _whole_number(value: Any) -> Any:
-    """DeepSpeed and YAML users write 1e9 or 5e8: accept floats that are whole numbers as ints."""
+    """DeepSpeed and YAML users write 1e9 or 5e8 (which YAML 1.1 reads as a string): accept whole numbers
+    written that way as ints. Booleans are not sizes."""
+    if isinstance(value, bool):
+        raise ValueError("expected an integer, not a boolean")
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return value
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return value
@@ -293,11 +301,16 @@ def build_scenario(
     unknown = sorted(set(data) - _TOP_KEYS)
     if unknown:
         raise ScenarioError(f"{unknown[0]}: unknown key (allowed: {', '.join(sorted(_TOP_KEYS))})")
-    _resolve_model(data, base_dir)
-    _resolve_device(data)
+    if "model" in data:
+        _resolve_model(data, base_dir)
+    if "hardware" in data:
+        _resolve_device(data)
     _resolve_deepspeed(data, base_dir)
     for override in overrides:
         _apply_override(data, override, base_dir)
+    for key in ("model", "hardware"):
+        if key not in data:
+            raise ScenarioError(f"{key}: required key is missing")
     _resolve_seq_len_alias(data)
     data.setdefault("name", default_name)
     model_name = data.pop("_model_name", "inline")
@@ -331,10 +344,7 @@ def _describe(exc: ValidationError) -> str:
 
 def _resolve_model(data: dict, base_dir: Path) -> None:
     """model: catalog name | path to a config.json | inline mapping → mapping, remembering the name."""
-    ref = data.get("model")
-    if ref is None:
-        raise ScenarioError("model: required key is missing")
-    data["model"], data["_model_name"] = _model_mapping(ref, base_dir)
+    data["model"], data["_model_name"] = _model_mapping(data["model"], base_dir)
 
 
 def _model_mapping(ref: Any, base_dir: Path) -> tuple[dict, str]:
@@ -360,8 +370,6 @@ def _existing_path(ref: str, base_dir: Path, key_path: str) -> Path:
 
 def _resolve_device(data: dict) -> None:
     hardware = data.get("hardware")
-    if hardware is None:
-        raise ScenarioError("hardware: required key is missing")
     if not isinstance(hardware, dict):
         raise ScenarioError(f"hardware: expected a mapping (got {hardware!r})")
     hardware["device"], hardware["_device_name"] = _device_mapping(hardware.get("device"))
@@ -406,6 +414,8 @@ def _apply_override(data: dict, override: str, base_dir: Path) -> None:
     except yaml.YAMLError:
         raise ScenarioError(f"--set {key}: value is not a YAML scalar: {text!r}") from None
     parts = key.split(".")
+    if len(parts) == 2 and parts[0] == "training" and parts[1] in SEQ_LEN_ALIASES:
+        parts[1] = "seq_len"  # an alias on the command line overrides whatever the file says
     if parts[0] not in _TOP_KEYS:
         raise ScenarioError(f"--set {key}: unknown key {parts[0]!r}")
     if parts == ["model"]:
@@ -419,7 +429,7 @@ def _apply_override(data: dict, override: str, base_dir: Path) -> None:
         data["deepspeed"] = value
         _resolve_deepspeed(data, base_dir)
         return
-    if parts[0] == "model" and parts[1] not in data["model"] and parts[1] not in ModelSpec.model_fields:
+    if parts[0] == "model" and isinstance(data.get("model"), dict) and parts[1] not in data["model"] and parts[1] not in ModelSpec.model_fields:
         raise ScenarioError(f"--set {key}: unknown model key {parts[1]!r}")
     node = data
     for depth, part in enumerate(parts[:-1]):

@@ -174,10 +174,6 @@ def test_bad_scenario_is_one_line_error(tmp_path, capsys, data, needles):
     assert_mentions(message, *needles)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: pydantic lax mode turns YAML `true` into the integer 1, so `seq_len: true` loads as seq_len 1",
-)
 def test_bool_is_not_a_size(tmp_path, capsys):
     scenario = write_yaml(tmp_path / "bad.yaml", with_training(seq_len=True))
     message = assert_one_line_error(*run_main(capsys, ["run", str(scenario)]))
@@ -378,10 +374,6 @@ def test_json_written_on_success(tmp_path, capsys):
     assert json.loads((out / "result.json").read_text())["schema_version"] == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: --json naming an existing directory simulates, then os.replace raises IsADirectoryError (traceback)",
-)
 def test_json_path_is_a_directory(tmp_path, capsys):
     scenario = write_yaml(tmp_path / "ok.yaml", tiny_scenario())
     target = tmp_path / "out"

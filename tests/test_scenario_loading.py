@@ -68,11 +68,6 @@ def test_shipped_scenario_values():
     assert scenario.deepspeed is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: `1e9` (no dot, as design.md §3 writes stage3_max_live_parameters) is a *string* to PyYAML's "
-    "YAML 1.1 resolver, and Count rejects the string '1e9'",
-)
 def test_design_section3_example_loads():
     scenario = load_scenario(DATA_OK / "design_section3_example.yaml")
     zero = scenario.deepspeed.zero_optimization
@@ -380,10 +375,6 @@ def test_yaml_float_with_dot_is_int(tmp_path):
     assert zero.sub_group_size == 10**9 and type(zero.sub_group_size) is int
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: PyYAML (YAML 1.1) reads `1e9` as the string '1e9'; Count only converts floats, so it is rejected",
-)
 def test_yaml_1e9_is_int(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text(
@@ -395,11 +386,6 @@ def test_yaml_1e9_is_int(tmp_path):
     assert zero.reduce_bucket_size == 5 * 10**8
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: DeepSpeed JSON files are parsed with yaml.safe_load, so the JSON number 1e9 becomes the string "
-    "'1e9' and is rejected",
-)
 def test_json_1e9_is_int(tmp_path):
     ds = tmp_path / "ds.json"
     ds.write_text('{"zero_optimization": {"stage": 3, "stage3_max_live_parameters": 1e9, "sub_group_size": 5e8}}')
