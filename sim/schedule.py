@@ -62,8 +62,15 @@ def on_host(scenario: Scenario) -> bool:
     return scenario.hardware.device.cuda_context_bytes == 0 and scenario.allocator.backend is AllocatorBackend.EXACT
 
 
-def build_schedule(scenario: Scenario) -> BuiltSchedule:
-    tape = Tape()
+def parameter_counts(scenario: Scenario) -> tuple[int, int]:
+    """(all, trainable) parameter elements of the modelled model, adapters included, without running it."""
+    ctx = _context(scenario, Tape())
+    ctx.tape.op("model.init")
+    params = hf_decoder.build_model(ctx, scenario.lora).params()
+    return sum(p.tensor.numel for p in params), sum(p.tensor.numel for p in params if p.tensor.requires_grad)
+
+
+def _context(scenario: Scenario, tape: Tape) -> RunContext:
     training = scenario.training
     behaviour = behaviour_for(scenario.software, scenario.model.model_type, training.gradient_checkpointing)
     dtype = weights_dtype(scenario)
@@ -72,9 +79,16 @@ def build_schedule(scenario: Scenario) -> BuiltSchedule:
     if scenario.lora is not None:
         low_precision = dtype in (DType.BFLOAT16, DType.FLOAT16)
         adapter_dtype = DType.FLOAT32 if behaviour.peft_adapters_fp32 and low_precision else dtype
-    ctx = RunContext(tape, model_spec, training.per_device_train_batch_size, training.seq_len,
-                     training.attn_implementation, behaviour, compute_dtype(scenario), adapter_dtype,
-                     on_host(scenario))
+    return RunContext(tape, model_spec, training.per_device_train_batch_size, training.seq_len,
+                      training.attn_implementation, behaviour, compute_dtype(scenario), adapter_dtype,
+                      on_host(scenario))
+
+
+def build_schedule(scenario: Scenario) -> BuiltSchedule:
+    tape = Tape()
+    training = scenario.training
+    ctx = _context(scenario, tape)
+    behaviour = ctx.behaviour
     tape.op("model.init")
     model = hf_decoder.build_model(ctx, scenario.lora)
     params = model.params()
@@ -163,9 +177,9 @@ def forward(ctx: RunContext, scenario: Scenario, model: hf_decoder.CausalLM, ids
         hidden = out
     tp.layer = None
     normed = hf_decoder.rms_norm(ctx, "model.norm", hidden, model.norm)
-    tp.drop(hidden)
+    tp.drop(hidden, mask, *(rotary or ()))  # locals of XModel.forward, released when it returns
     loss = lm_head_loss(ctx, model.lm_head, normed, labels)
-    tp.drop(normed, mask, *(rotary or ()))
+    tp.drop(normed)
     ctx.release_kv_cache()
     ctx.clear_cast_cache()
     return loss

@@ -1,0 +1,61 @@
+"""Parameter counts of catalog models against their published counts (model cards' safetensors totals)."""
+
+import pytest
+
+from sim.scenario import build_scenario
+from sim.schedule import parameter_counts
+
+# Published totals: the HF model pages' "Model size" from safetensors metadata, exact where the page gives
+# the full count (Llama/Mistral), else the rounded figure the vendor prints (Qwen, Yi).
+EXACT = {
+    "llama-2-7b": 6_738_415_616,
+    "llama-2-13b": 13_015_864_320,
+    "llama-2-70b": 68_976_648_192,
+    "llama-3-8b": 8_030_261_248,
+    "llama-3-70b": 70_553_706_496,
+    "mistral-7b": 7_241_732_096,
+    "codellama-34b": 33_743_970_304,
+}
+ROUNDED_BILLIONS = {  # (model, published count in billions, digits printed)
+    "qwen1.5-0.5b": (0.46, 2), "qwen1.5-7b": (7.72, 2), "qwen1.5-14b": (14.17, 2), "qwen1.5-32b": (32.51, 2),
+    "qwen1.5-72b": (72.29, 2), "qwen1.5-110b": (111.21, 2), "yi-34b": (34.39, 2), "yi-6b": (6.06, 2),
+}
+
+
+def _count(name: str, overrides: tuple[str, ...] = (), **extra) -> tuple[int, int]:
+    raw = {"model": name, "hardware": {"device": "a100-sxm4-80gb"}, "training": {"seq_len": 16}, **extra}
+    return parameter_counts(build_scenario(raw, overrides=list(overrides)))
+
+
+@pytest.mark.parametrize("name", sorted(EXACT))
+def test_exact_counts(name: str) -> None:
+    assert _count(name) == (EXACT[name], EXACT[name])
+
+
+@pytest.mark.parametrize("name", sorted(ROUNDED_BILLIONS))
+def test_rounded_counts(name: str) -> None:
+    billions, digits = ROUNDED_BILLIONS[name]
+    assert round(_count(name)[0] / 1e9, digits) == billions
+
+
+def test_llama2_7b_by_hand() -> None:
+    # embed 32000·4096 + lm_head 32000·4096 + norm 4096
+    # + 32 × (4·4096² attention + 3·4096·11008 MLP + 2·4096 norms)
+    expected = 2 * 32000 * 4096 + 4096 + 32 * (4 * 4096**2 + 3 * 4096 * 11008 + 2 * 4096)
+    assert _count("llama-2-7b")[0] == expected == 6_738_415_616
+
+
+def test_tied_embeddings_count_once() -> None:
+    # qwen1.5-0.5b ties lm_head to embed_tokens: untying adds one more 151936 × 1024 matrix.
+    tied, _ = _count("qwen1.5-0.5b")
+    untied, _ = _count("qwen1.5-0.5b", ("model.tie_word_embeddings=false",))
+    assert tied == 463_987_712
+    assert untied - tied == 151936 * 1024
+
+
+def test_lora_adds_adapters_and_freezes_the_base() -> None:
+    # r=8 on q_proj and v_proj of Llama-2-7B: per layer A (8·4096) + B (4096·8) for each of the 2 modules.
+    total, trainable = _count("llama-2-7b", lora={"r": 8, "target_modules": ["q_proj", "v_proj"]})
+    adapters = 32 * 2 * (8 * 4096 + 4096 * 8)
+    assert trainable == adapters == 4_194_304
+    assert total == EXACT["llama-2-7b"] + adapters

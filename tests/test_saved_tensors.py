@@ -1,0 +1,82 @@
+"""Hand-derived activation bytes: what a tiny model keeps for backward at the end of its forward.
+
+Tiny qwen2 (transformers 4.39.3, bf16 weights): h=64, a=4 heads of d=16, MHA (4 kv heads), i=128, 2 layers,
+V=1000; batch b=2, seq s=16, so N = b·s = 32 tokens. Sizes in bytes.
+"""
+
+import numpy as np
+import pytest
+
+from sim.ops import Phase
+from sim.scenario import build_scenario
+from sim.simulate import run_scenario
+from tests.conftest import tiny_raw
+
+N, H, I, B, S, A, D, V = 32, 64, 128, 2, 16, 4, 16, 1000
+
+# One RMSNorm: fp32 copy of x (4Nh, saved by pow and mul) + rsqrt (4N) + bf16 normalised (2Nh, saved by the
+# weight mul) + its output (2Nh, saved by the following linears).
+NORM = 4 * N * H + 4 * N + 2 * N * H + 2 * N * H
+# SwiGLU: gate out (by SiLU), act out and up out (by the mul), product (by down_proj): 4 × 2Ni.
+MLP = 4 * 2 * N * I
+# Rotary cos[position_ids], sin[position_ids]: (b, s, d) bf16 each, saved by q*cos and rotate_half(q)*sin.
+ROTARY = 2 * 2 * B * S * D
+# Loss (<=4.45): log_softmax output fp32 over the shifted b·(s-1) rows, nll_loss's target (int64) and
+# total_weight (fp32 scalar); the embedding keeps input_ids (int64).
+LOSS = 4 * B * (S - 1) * V + 8 * B * (S - 1) + 4
+IDS = 8 * N
+
+
+def activation_bytes_after_forward(raw: dict) -> int:
+    run = run_scenario(build_scenario(raw))
+    ops, trace = run.schedule.ops, run.engine.trace
+    last_forward_op = max(i for i, op in enumerate(ops) if op.phase is Phase.FORWARD and op.step == 0
+                          and op.micro_batch == 0)
+    last_event = int(np.nonzero(trace.op_index <= last_forward_op)[0].max())
+    return trace.category_bytes_at(last_event, np.zeros(6, dtype=np.int64))["activations"]
+
+
+def test_sdpa_flash_layer() -> None:
+    # SDPA with no mask runs the flash kernel, which saves post-rotary q and k, v, its output, fp32 logsumexp
+    # (b, a, s) and a 16-byte rng state. The output is what o_proj saves too (same storage).
+    attention = 2 * N * H * 3 + 2 * N * H + 4 * B * A * S + 16
+    layer = NORM + attention + ROTARY + NORM + MLP
+    assert layer == 84_752
+    assert activation_bytes_after_forward(tiny_raw()) == 2 * layer + IDS + NORM + LOSS == 306_516
+
+
+def test_eager_layer() -> None:
+    # Eager: matmul's reshape copies of q and k (2Nh each), softmax's fp32 output (4·b·a·s²), its bf16 cast
+    # (2·b·a·s², saved by the second matmul with the copy of v, 2Nh), the transpose(1,2).contiguous() copy
+    # saved by o_proj (2Nh). The (b, 1, s, s) additive mask is not saved (the add keeps nothing) and is
+    # released when Qwen2Model.forward returns.
+    attention = 2 * N * H * 2 + 4 * B * A * S * S + 2 * B * A * S * S + 2 * N * H + 2 * N * H
+    layer = NORM + attention + ROTARY + NORM + MLP
+    assert layer == 96_512
+    assert activation_bytes_after_forward(tiny_raw(attn_implementation="eager")) == \
+        2 * layer + IDS + NORM + LOSS == 330_036
+
+
+def test_eager_mask_is_kept_by_checkpoints() -> None:
+    # With checkpointing the mask is a tensor argument of every checkpointed layer: saved until backward.
+    raw = tiny_raw(attn_implementation="eager", gradient_checkpointing=True)
+    assert activation_bytes_after_forward(raw) == 2 * (2 * N * H) + 2 * B * S * S + IDS + NORM + LOSS
+
+
+def test_checkpointing_keeps_only_layer_inputs() -> None:
+    # Reentrant checkpointing saves each layer's input hidden state (2Nh bf16) and nothing inside the layers.
+    kept = tiny_raw(gradient_checkpointing=True)
+    assert activation_bytes_after_forward(kept) == 2 * (2 * N * H) + IDS + NORM + LOSS == 145_204
+
+
+@pytest.mark.parametrize("version, loss", [
+    ("4.39.3", LOSS),  # fp32 log_softmax over b·(s-1) rows
+    ("4.49.0", 4 * N * V + 8 * N + 4),  # labels padded instead: all b·s rows, no shifted copy
+])
+def test_loss_versions(version: str, loss: int) -> None:
+    raw = tiny_raw(gradient_checkpointing=True)
+    raw["software"]["transformers"] = version
+    # 4.49 computes rotary once per forward, (b, s, d) cos and sin shared by all layers and kept by the
+    # checkpoints: 2 × 2·b·s·d.
+    rotary = 0 if version == "4.39.3" else 2 * 2 * B * S * D
+    assert activation_bytes_after_forward(raw) == 2 * (2 * N * H) + IDS + NORM + loss + rotary
