@@ -1,0 +1,73 @@
+"""`python -m sim run` end to end: every scenario file, the JSON contract, the plot, exit codes."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sim.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENARIOS = sorted((ROOT / "scenarios").glob("*.yaml"))
+RESULT_KEYS = {"schema_version", "scenario", "model", "hardware", "fits", "peak", "phase_peaks", "breakdown_at_peak",
+               "model_states_bytes", "fragmentation", "oom", "deficit_bytes", "step_time_s", "tokens_per_s", "mfu",
+               "events"}
+PEAK_KEYS = {"total_bytes", "reserved_bytes", "allocated_bytes", "non_pytorch_bytes", "time_s", "step",
+             "micro_batch", "phase", "layer", "op"}
+SMALL = ["--set", "model.num_hidden_layers=2", "--set", "training.gradient_accumulation_steps=2"]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda p: p.name)
+def test_every_scenario_runs(scenario: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "result.json"
+    assert main(["run", str(scenario), "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "verdict" in printed and "peak at" in printed
+    result = json.loads(out.read_text())
+    assert set(result) == RESULT_KEYS
+    assert set(result["peak"]) == PEAK_KEYS
+    assert set(result["phase_peaks"]) == {"forward", "backward", "optimizer"}
+    assert sum(result["breakdown_at_peak"].values()) == result["peak"]["allocated_bytes"]
+    assert result["fits"] == (result["peak"]["total_bytes"] <= result["hardware"]["capacity_bytes"])
+
+
+def test_lora_scenario_parameters(tmp_path: Path, capsys) -> None:
+    # Qwen1.5-7B LoRA r=64 on all seven linear layers: per layer r·(in + out) for q, k, v, o (4096 + 4096 each)
+    # and gate, up, down (4096 + 11008 each): 64·(4·8192 + 3·15104) = 4,997,120; × 32 layers.
+    out = tmp_path / "r.json"
+    assert main(["run", str(ROOT / "scenarios/qwen7b_lora_1xa100.yaml"), *SMALL[2:], "--json", str(out)]) == 0
+    model = json.loads(out.read_text())["model"]
+    assert model["trainable_parameters"] == 32 * 4_997_120 == 159_907_840
+    assert model["parameters"] == 7_721_324_544 + 159_907_840
+
+
+def test_plot_is_a_png(tmp_path: Path, capsys) -> None:
+    png = tmp_path / "memory.png"
+    assert main(["run", str(ROOT / "scenarios/qwen7b_lora_1xa100.yaml"), *SMALL, "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fail_on_oom_exit_code(capsys) -> None:
+    args = ["run", str(ROOT / "scenarios/qwen7b_lora_1xa100.yaml"), *SMALL, "--set",
+            "hardware.device=a100-sxm4-40gb", "--set", "hardware.device.capacity_bytes=2000000000"]
+    assert main(args) == 0
+    assert "OUT OF MEMORY" in capsys.readouterr().out
+    assert main([*args, "--fail-on-oom"]) == 1
+
+
+def test_oom_names_the_failing_op(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "r.json"
+    main(["run", str(ROOT / "scenarios/qwen7b_lora_1xa100.yaml"), *SMALL, "--set",
+          "hardware.device.capacity_bytes=4000000000", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["fits"] is False and result["oom"] is not None
+    assert result["deficit_bytes"] == result["peak"]["total_bytes"] - 4_000_000_000
+    assert result["oom"]["op"] and result["oom"]["phase"] in {"forward", "backward", "recompute", "optimizer"}
+
+
+def test_catalog_lists_models_and_hardware() -> None:
+    done = subprocess.run([sys.executable, "-m", "sim", "catalog"], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0
+    assert "qwen1.5-32b" in done.stdout and "a800-sxm4-80gb" in done.stdout

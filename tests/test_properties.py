@@ -1,0 +1,119 @@
+"""hypothesis properties of whole simulated runs on tiny models."""
+
+import json
+
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sim.ops import CATEGORIES, Category
+from sim.report import summarize
+from sim.scenario import build_scenario
+from sim.simulate import run_scenario
+from tests.conftest import tiny_raw
+
+VERSIONS = ["4.37.2", "4.38.2", "4.39.3", "4.44.2", "4.46.3", "4.48.3", "4.53.1", "4.56.2", "5.24.0"]
+
+
+@st.composite
+def scenarios(draw) -> dict:
+    heads = draw(st.sampled_from([2, 4]))
+    kv = draw(st.sampled_from([h for h in (1, 2, 4) if heads % h == 0]))
+    raw = tiny_raw(
+        per_device_train_batch_size=draw(st.integers(1, 2)),
+        gradient_accumulation_steps=draw(st.integers(1, 3)),
+        seq_len=draw(st.integers(4, 24)),
+        attn_implementation=draw(st.sampled_from(["eager", "sdpa", "flash_attention_2"])),
+        gradient_checkpointing=draw(st.booleans()),
+        optim=draw(st.sampled_from(["adamw_torch", "adamw_torch_fused", "adamw_torch_foreach", "sgd"])),
+    )
+    raw["model"].update(
+        model_type=draw(st.sampled_from(["qwen2", "llama", "mistral"])), num_attention_heads=heads,
+        num_key_value_heads=kv, hidden_size=16 * heads, num_hidden_layers=draw(st.integers(1, 2)),
+        tie_word_embeddings=draw(st.booleans()),
+        torch_dtype=draw(st.sampled_from(["bfloat16", "float32"])),
+    )
+    raw["software"]["transformers"] = draw(st.sampled_from(VERSIONS))
+    raw["simulation"]["steps"] = draw(st.integers(1, 2))
+    if draw(st.booleans()):
+        raw["lora"] = {"r": 4, "target_modules": draw(st.sampled_from([["q_proj", "v_proj"], "all-linear"]))}
+    return raw
+
+
+def run(raw: dict):
+    return run_scenario(build_scenario(raw))
+
+
+@given(scenarios())
+def test_buffers_freed_exactly_once_unless_persistent(raw: dict) -> None:
+    result = run(raw)
+    trace, schedule = result.engine.trace, result.schedule
+    allocations = trace.buffer_id[trace.delta_bytes > 0]
+    frees = trace.buffer_id[trace.delta_bytes < 0]
+    assert len(np.unique(allocations)) == len(allocations), "a buffer was allocated twice"
+    assert len(np.unique(frees)) == len(frees), "a buffer was freed twice"
+    assert set(frees.tolist()) <= set(allocations.tolist()), "a free without an allocation"
+    alive = set(allocations.tolist()) - set(frees.tolist())
+    persistent = set(schedule.persistent)
+    # What survives the run: parameters and model buffers, and the optimizer state created at the first step.
+    assert persistent <= alive
+    names = {schedule.buffers[b].name for b in alive - persistent}
+    assert all(name.endswith((".exp_avg", ".exp_avg_sq", ".step")) for name in names), names
+
+
+@given(scenarios())
+def test_allocated_never_negative_and_ends_at_model_states(raw: dict) -> None:
+    result = run(raw)
+    allocated = result.engine.trace.allocated_bytes
+    assert allocated.min() >= 0
+    states = result.built.model_states
+    assert allocated[-1] >= states.parameters_bytes + states.optimizer_states_bytes
+
+
+@given(scenarios(), st.sampled_from(["seq_len", "per_device_train_batch_size"]))
+def test_peak_does_not_decrease_as_work_grows(raw: dict, key: str) -> None:
+    small = summarize(run(raw))["peak"]["total_bytes"]
+    raw["training"][key] += raw["training"][key] // 2 + 1
+    assert summarize(run(raw))["peak"]["total_bytes"] >= small
+
+
+def activation_peak(raw: dict) -> int:
+    trace = run(raw).engine.trace
+    is_activation = trace.category == CATEGORIES.index(Category.ACTIVATIONS)
+    return int(np.cumsum(np.where(is_activation, trace.delta_bytes, 0)).max())
+
+
+@given(scenarios(), st.integers(2, 4))
+def test_checkpointing_never_raises_the_activation_peak(raw: dict, layers: int) -> None:
+    # With a single layer checkpointing only adds (it keeps the layer input besides the recomputed layer):
+    # hypothesis found it, and real checkpointing behaves the same; from two layers on it saves. The total
+    # peak can still rise by the recompute's small extras when activations are negligible (tiny h, s).
+    raw["model"]["num_hidden_layers"] = layers
+    raw["training"]["gradient_checkpointing"] = False
+    plain = activation_peak(raw)
+    raw["training"]["gradient_checkpointing"] = True
+    assert activation_peak(raw) <= plain
+
+
+@given(scenarios(), st.integers(128, 256))
+def test_eager_never_peaks_below_sdpa(raw: dict, seq_len: int) -> None:
+    # Below 128 tokens the flash backward's workspace, padded to 128 rows (dq_accum, softmax_d), can exceed
+    # eager's s² tensors: hypothesis found it at s=4 (a finding, not a bug), so the property starts at 128.
+    raw["training"]["seq_len"] = seq_len
+    raw["training"]["attn_implementation"] = "sdpa"
+    sdpa = summarize(run(raw))["peak"]["total_bytes"]
+    raw["training"]["attn_implementation"] = "eager"
+    assert summarize(run(raw))["peak"]["total_bytes"] >= sdpa
+
+
+@given(scenarios())
+def test_output_is_byte_identical_across_runs(raw: dict) -> None:
+    first = json.dumps(summarize(run(raw)), sort_keys=True)
+    assert json.dumps(summarize(run(raw)), sort_keys=True) == first
+
+
+@given(scenarios())
+def test_breakdown_sums_to_allocated_at_peak(raw: dict) -> None:
+    result = summarize(run(raw))
+    assert sum(result["breakdown_at_peak"].values()) == result["peak"]["allocated_bytes"]
+    assert result["peak"]["total_bytes"] == result["peak"]["reserved_bytes"] + result["peak"]["non_pytorch_bytes"]
