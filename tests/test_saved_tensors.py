@@ -19,8 +19,9 @@ N, H, I, B, S, A, D, V = 32, 64, 128, 2, 16, 4, 16, 1000
 NORM = 4 * N * H + 4 * N + 2 * N * H + 2 * N * H
 # SwiGLU: gate out (by SiLU), act out and up out (by the mul), product (by down_proj): 4 × 2Ni.
 MLP = 4 * 2 * N * I
-# Rotary cos[position_ids], sin[position_ids]: (b, s, d) bf16 each, saved by q*cos and rotate_half(q)*sin.
-ROTARY = 2 * 2 * B * S * D
+# Rotary cos[position_ids], sin[position_ids]: (1, s, d) bf16 each (position_ids default to arange(s)[None]),
+# saved by q*cos and rotate_half(q)*sin.
+ROTARY = 2 * 2 * S * D
 # Loss (<=4.45): log_softmax output fp32 over the shifted b·(s-1) rows, nll_loss's target (int64) and
 # total_weight (fp32 scalar); the embedding keeps input_ids (int64).
 LOSS = 4 * B * (S - 1) * V + 8 * B * (S - 1) + 4
@@ -41,8 +42,8 @@ def test_sdpa_flash_layer() -> None:
     # (b, a, s) and a 16-byte rng state. The output is what o_proj saves too (same storage).
     attention = 2 * N * H * 3 + 2 * N * H + 4 * B * A * S + 16
     layer = NORM + attention + ROTARY + NORM + MLP
-    assert layer == 84_752
-    assert activation_bytes_after_forward(tiny_raw()) == 2 * layer + IDS + NORM + LOSS == 306_516
+    assert layer == 83_728
+    assert activation_bytes_after_forward(tiny_raw()) == 2 * layer + IDS + NORM + LOSS == 304_468
 
 
 def test_eager_layer() -> None:
@@ -52,9 +53,9 @@ def test_eager_layer() -> None:
     # released when Qwen2Model.forward returns.
     attention = 2 * N * H * 2 + 4 * B * A * S * S + 2 * B * A * S * S + 2 * N * H + 2 * N * H
     layer = NORM + attention + ROTARY + NORM + MLP
-    assert layer == 96_512
+    assert layer == 95_488
     assert activation_bytes_after_forward(tiny_raw(attn_implementation="eager")) == \
-        2 * layer + IDS + NORM + LOSS == 330_036
+        2 * layer + IDS + NORM + LOSS == 327_988
 
 
 def test_eager_mask_is_kept_by_checkpoints() -> None:
@@ -76,7 +77,7 @@ def test_checkpointing_keeps_only_layer_inputs() -> None:
 def test_loss_versions(version: str, loss: int) -> None:
     raw = tiny_raw(gradient_checkpointing=True)
     raw["software"]["transformers"] = version
-    # 4.49 computes rotary once per forward, (b, s, d) cos and sin shared by all layers and kept by the
-    # checkpoints: 2 × 2·b·s·d.
-    rotary = 0 if version == "4.39.3" else 2 * 2 * B * S * D
+    # 4.49 computes rotary once per forward, (1, s, d) cos and sin shared by all layers and kept by the
+    # checkpoints: 2 × 2·s·d.
+    rotary = 0 if version == "4.39.3" else 2 * 2 * S * D
     assert activation_bytes_after_forward(raw) == 2 * (2 * N * H) + IDS + NORM + loss + rotary

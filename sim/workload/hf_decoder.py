@@ -80,6 +80,8 @@ def build_model(ctx: RunContext, lora: Lora | None) -> CausalLM:
         norm2 = make_param(ctx, f"{prefix}.post_attention_layernorm.weight", h, dtype, full)
         layer = DecoderLayer(index, norm1, norm2, linears)
         beh = ctx.behaviour
+        if beh.rotary is not Rotary.MODEL_LEVEL:  # each attention layer owns a rotary module and its inv_freq
+            _inv_freq(ctx, f"{prefix}.self_attn.rotary_emb")
         if beh.rotary is Rotary.CACHED_PER_LAYER or beh.unused_rotary_buffers:
             # register_buffer(cos_cached/sin_cached, (max_position_embeddings, d)) in the load dtype, per layer
             rows = m.max_position_embeddings * d
@@ -89,6 +91,8 @@ def build_model(ctx: RunContext, lora: Lora | None) -> CausalLM:
             ]
         layers.append(layer)
     norm = make_param(ctx, "model.norm.weight", h, dtype, full)
+    if ctx.behaviour.rotary is Rotary.MODEL_LEVEL:
+        _inv_freq(ctx, "model.rotary_emb")
     if m.tie_word_embeddings:
         lm_head = embed
     else:
@@ -99,6 +103,11 @@ def build_model(ctx: RunContext, lora: Lora | None) -> CausalLM:
         mask_buffer = ctx.tape.persistent_buffer("model.causal_mask", m.max_position_embeddings ** 2, flag,
                                                  Category.ACTIVATIONS)
     return CausalLM(embed, layers, norm, lm_head, mask_buffer)
+
+
+def _inv_freq(ctx: RunContext, module: str) -> None:
+    """register_buffer("inv_freq", 1 / base**(arange(0, d, 2).float() / d)): d/2 fp32 values per rotary module."""
+    ctx.tape.persistent_buffer(f"{module}.inv_freq", ctx.model.head_size // 2, DType.FLOAT32, Category.PARAMETERS)
 
 
 def make_linear(ctx: RunContext, name: str, fan_in: int, fan_out: int, has_bias: bool, dtype: DType, full: bool,
@@ -161,8 +170,9 @@ def mlp(ctx: RunContext, layer: DecoderLayer, x: Tensor) -> Tensor:
 def rotary_computed(ctx: RunContext, name: str, x_dtype: DType, scaled: bool) -> tuple[Tensor, Tensor]:
     """RotaryEmbedding.forward(x, position_ids): inv_freq @ position_ids in fp32 → freqs (b, s, d/2),
     emb = cat(freqs, freqs), cos/sin (times attention_scaling from 4.43: another fp32 tensor), cast to x's dtype.
-    Runs under no_grad: nothing is saved."""
-    tp, n = ctx.tape, ctx.tokens * ctx.model.head_size
+    Runs under no_grad: nothing is saved. position_ids default to arange(s)[None] (shape (1, s)), so cos/sin
+    are (1, s, d) and broadcast over the batch."""
+    tp, n = ctx.tape, ctx.seq * ctx.model.head_size
     tp.op(f"{name}.freqs", bytes_moved=2 * n)
     freqs = tp.empty("rotary.freqs", n // 2, DType.FLOAT32)
     tp.op(f"{name}.cat", bytes_moved=4 * n)
@@ -186,8 +196,8 @@ def rotary_computed(ctx: RunContext, name: str, x_dtype: DType, scaled: bool) ->
 
 def rotary_cached(ctx: RunContext, layer: DecoderLayer, x_dtype: DType) -> tuple[Tensor, Tensor]:
     """Oldest code: cos_cached[:s].to(x.dtype) (a view when the dtype matches), then cos[position_ids]: an
-    advanced-index gather, a new (b, s, d) tensor per layer per forward."""
-    tp, n = ctx.tape, ctx.tokens * ctx.model.head_size
+    advanced-index gather, a new (1, s, d) tensor (default position_ids (1, s)) per layer per forward."""
+    tp, n = ctx.tape, ctx.seq * ctx.model.head_size
     out = []
     for which, cache in zip(("cos", "sin"), layer.rotary_cache, strict=True):
         sliced = P.to_dtype(tp, f"model.layers.{layer.index}.rotary.{which}.to", cache, x_dtype)
@@ -248,9 +258,8 @@ def attention(ctx: RunContext, layer: DecoderLayer, x: Tensor, mask: Tensor | No
         out = _sdpa(ctx, prefix, q_rot, k_rot, v, mask, groups)
     else:
         out = _flash_kernel(ctx, prefix, q_rot, k_rot, v, groups, beh.fa2_repeats_kv, "flash_attn_func")
-    tp.drop(v, q_rot, k_rot)
     result = apply_linear(ctx, lin["o_proj"], out)
-    tp.drop(out)
+    tp.drop(out, v, q_rot, k_rot)  # locals of the attention forward, released when it returns
     return result
 
 
@@ -281,7 +290,7 @@ def _eager(ctx: RunContext, prefix: str, q: Tensor, k: Tensor, v: Tensor, mask: 
     v_mat = P.contiguous_copy(tp, f"{prefix}.matmul_pv.reshape_v", v_rep) if groups == 1 else tp.alias(v_rep)
     context = P.bmm(tp, f"{prefix}.matmul_pv", dropped, v_mat, b * a * s * d, 2.0 * b * a * s * s * d)
     tp.drop(dropped, v_mat, v_rep)
-    out = P.contiguous_copy(tp, f"{prefix}.transpose_contiguous", context)
+    out = P.contiguous_copy(tp, f"{prefix}.transpose_contiguous", context, backward_copies=True)
     tp.drop(context)
     return out
 

@@ -30,9 +30,11 @@ def lm_head_loss(ctx: RunContext, lm_head: Param, hidden: Tensor, labels: Tensor
         shift_logits = P.contiguous_copy(tp, "loss.shift_logits", sliced)
         tp.drop(sliced)
         label_count = ctx.batch * (ctx.seq - 1)
-    else:  # labels padded with ignore_index and shifted; logits used as they are
+    else:  # labels = pad(labels, (0, 1), value=-100); shift_labels = labels[..., 1:]; logits used as they are
         shift_logits = tp.alias(source)
         label_count = ctx.tokens
+        tp.op("loss.pad_labels", bytes_moved=2 * ctx.batch * (ctx.seq + 1) * 8)
+        held.append(tp.empty("padded_labels", ctx.batch * (ctx.seq + 1), DType.INT64))
     held.append(shift_logits)
     tp.op("loss.shift_labels", bytes_moved=2 * label_count * 8)
     shift_labels = tp.empty("shift_labels", label_count, DType.INT64)

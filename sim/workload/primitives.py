@@ -76,15 +76,20 @@ def _view_backward(tp: Tape, node: Node, grad: Tensor) -> list:
     if node.ctx["copies"]:
         tp.op("view.backward.reshape_copy", bytes_moved=2 * grad.size_bytes)
         return [tp.empty("view_backward.copy", node.ctx["numel"], grad.dtype)]
-    return [tp.alias(grad, node.ctx["numel"])]
+    return [tp.alias(grad, node.ctx["numel"], view=True)]
 
 
-def contiguous_copy(tp: Tape, name: str, x: Tensor, numel: int | None = None) -> Tensor:
-    """.contiguous()/.clone()/reshape of a non-contiguous view: a copy whose backward passes the grad through."""
+def contiguous_copy(tp: Tape, name: str, x: Tensor, numel: int | None = None, backward_copies: bool = False) -> Tensor:
+    """.contiguous()/.clone()/reshape of a non-contiguous view: a copy whose backward passes the grad through,
+    or (`backward_copies`) copies it back when the consumer of that grad needs the original layout
+    (eager's transpose(1, 2).contiguous(): UnsafeViewBackward's clone before the second bmm's backward)."""
     numel = x.numel if numel is None else numel
     tp.op(name, bytes_moved=2 * numel * x.dtype.size_bytes)
     out = tp.empty(f"{name}.out", numel, x.dtype)
-    node = tp.record(name, [x], [], _passthrough_backward)
+    if backward_copies:
+        node = tp.record(name, [x], [], _view_backward, numel=numel, copies=True)
+    else:
+        node = tp.record(name, [x], [], _passthrough_backward)
     return tp.output(out, node)
 
 
@@ -132,7 +137,8 @@ def cat(tp: Tape, name: str, parts: list[Tensor]) -> Tensor:
 
 
 def _cat_backward(tp: Tape, node: Node, grad: Tensor) -> list:
-    return [tp.alias(grad, n) if inp is not None else None for inp, n in zip(node.inputs, node.ctx["numels"])]
+    return [tp.alias(grad, n, view=True) if inp is not None else None
+            for inp, n in zip(node.inputs, node.ctx["numels"], strict=True)]
 
 
 # ---- pointwise --------------------------------------------------------------------------------------------------
@@ -381,8 +387,9 @@ def _linear_backward(tp: Tape, node: Node, grad: Tensor) -> list:
     tokens, inf, outf = node.ctx["tokens"], node.ctx["inf"], node.ctx["outf"]
     flops = 2.0 * tokens * inf * outf
     grads: list = [None, None, None]
-    if x is not None:  # mm(grad, weight)
+    if x is not None:  # mm(grad, weight), reshaped back to (b, s, in): a view of the mm result
         grads[0] = _grad_for(tp, f"{node.name}.backward.input", tokens * inf, x.dtype, x, flops=flops)
+        grads[0].is_view = True
     if w is not None:  # mm(grad.t(), input), laid out like the weight so AccumulateGrad can steal it
         grads[1] = _grad_for(tp, f"{node.name}.backward.weight", inf * outf, w.dtype, w, flops=flops)
     if b is not None:  # grad.sum(0)

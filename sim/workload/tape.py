@@ -48,6 +48,7 @@ class Tensor:
     node: "Node | None" = None  # grad_fn; None for leaves
     param: Param | None = None  # set for parameters (AccumulateGrad target)
     leaf_grad: "list[Tensor] | None" = None  # detached checkpoint inputs collect their .grad here
+    is_view: bool = False  # a view of another tensor's storage (autograd never accumulates into it in place)
 
     @property
     def size_bytes(self) -> int:
@@ -135,11 +136,11 @@ class Tape:
         storage.refs = 1
         return Tensor(storage, numel, dtype)
 
-    def alias(self, tensor: Tensor, numel: int | None = None) -> Tensor:
-        """A view (or the same tensor under another name): shares the storage, adds a holder."""
+    def alias(self, tensor: Tensor, numel: int | None = None, view: bool = False) -> Tensor:
+        """The same tensor under another name, or (view=True) a view of it: shares the storage, adds a holder."""
         self.hold(tensor.storage)
         return Tensor(tensor.storage, tensor.numel if numel is None else numel, tensor.dtype,
-                      tensor.requires_grad, tensor.node, tensor.param, tensor.leaf_grad)
+                      tensor.requires_grad, tensor.node, tensor.param, tensor.leaf_grad, tensor.is_view or view)
 
     def drop(self, *tensors: Tensor | None) -> None:
         """The Python variable goes away (rebinding or end of scope)."""
@@ -237,7 +238,7 @@ class Tape:
                 self.op("leaf.grad_add_", bytes_moved=3 * grad.size_bytes)
                 self.release(grad.storage)
             else:
-                target.leaf_grad.append(grad)
+                target.leaf_grad.append(self._stolen_or_cloned(grad, "leaf.grad_clone"))
         elif target.node is not None:
             node = target.node
             if node.grad is None:
@@ -249,29 +250,32 @@ class Tape:
             self.release(grad.storage)
 
     def _accumulate(self, old: Tensor, new: Tensor) -> Tensor:
-        """input_buffer.cpp accumulate: in place into whichever buffer nobody else holds, else out of place."""
+        """input_buffer.cpp accumulate: add in place into the buffered grad when nobody else holds it and it is
+        not a view; otherwise out of place into a new tensor (the incoming grad is never reused)."""
         self.op("autograd.accumulate", bytes_moved=3 * old.size_bytes)
-        if old.storage.refs == 1:
+        if old.storage.refs == 1 and not old.is_view:
             self.release(new.storage)
             return old
-        if new.storage.refs == 1:
-            self.release(old.storage)
-            return new
         out = self.empty("grad_sum", old.numel, old.dtype)
         self.release(old.storage)
         self.release(new.storage)
         return out
 
+    def _stolen_or_cloned(self, grad: Tensor, clone_name: str, category: Category = Category.TEMPORARIES) -> Tensor:
+        """AccumulateGrad's first grad: stolen when nobody else holds it and it is not a view, else cloned."""
+        if grad.storage.refs == 1 and not grad.is_view:
+            if category is not Category.TEMPORARIES:
+                grad.storage.category = category
+            return grad
+        self.op(clone_name, bytes_moved=2 * grad.size_bytes)
+        clone = self.empty(clone_name, grad.numel, grad.dtype, category)
+        self.release(grad.storage)
+        return clone
+
     def _accumulate_param(self, param: Param, grad: Tensor) -> None:
-        """AccumulateGrad (accumulate_grad.h): steal a fresh grad, else clone it; later grads add in place."""
+        """AccumulateGrad (accumulate_grad.h): the first grad becomes param.grad; later ones add in place."""
         if param.grad is None:
-            if grad.storage.refs == 1:
-                grad.storage.category = Category.GRADIENTS
-                param.grad = grad
-                return
-            self.op(f"{param.name}.grad_clone", bytes_moved=2 * grad.size_bytes)
-            param.grad = self.empty(f"{param.name}.grad", param.tensor.numel, param.tensor.dtype, Category.GRADIENTS)
-            self.release(grad.storage)
+            param.grad = self._stolen_or_cloned(grad, f"{param.name}.grad_clone", Category.GRADIENTS)
             return
         self.op(f"{param.name}.grad_add_", bytes_moved=3 * grad.size_bytes)
         self.release(grad.storage)
