@@ -107,6 +107,9 @@ class ModelSpec(BaseModel):
             )
         if heads % kv:
             raise ValueError(f"num_attention_heads {heads} is not divisible by num_key_value_heads {kv}")
+        if self.model_type is ModelType.QWEN and kv != heads:
+            raise ValueError(f"model_type qwen is multi-head attention: num_key_value_heads {kv} must equal "
+                             f"num_attention_heads {heads}")
         if self.model_type is ModelType.QWEN and self.intermediate_size % 2:
             raise ValueError(
                 f"intermediate_size {self.intermediate_size} must be even for model_type qwen (w1 and w2 each take half)"

@@ -4,15 +4,16 @@ for `simulation.steps` steps, on a symbolic autograd tape (sim/workload)."""
 from dataclasses import dataclass
 
 from sim.ops import Phase, Schedule
-from sim.scenario import AttnImplementation, DType, ModelType, Scenario
-from sim.workload import hf_decoder
+from sim.errors import ScenarioError
+from sim.scenario import DType, ModelType, Scenario
+from sim.workload import hf_decoder, qwen1
 from sim.workload import primitives as P
-from sim.workload.behaviour import Rotary, behaviour_for
-from sim.workload.checkpoint import checkpoint
+from sim.workload.behaviour import behaviour_for
 from sim.workload.context import RunContext
-from sim.workload.loss import lm_head_loss
 from sim.workload.optimizer import Optimizer
-from sim.workload.tape import Param, Tape, Tensor
+from sim.workload.tape import Param, Tape
+
+EMBEDDING_NAMES = ("embed_tokens.weight", "wte.weight")  # lookups, not matmuls: no 6·N FLOPs
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +67,7 @@ def parameter_counts(scenario: Scenario) -> tuple[int, int]:
     """(all, trainable) parameter elements of the modelled model, adapters included, without running it."""
     ctx = _context(scenario, Tape())
     ctx.tape.op("model.init")
-    params = hf_decoder.build_model(ctx, scenario.lora).params()
+    params = modelling_code(scenario).build_model(ctx, scenario.lora).params()
     return sum(p.tensor.numel for p in params), sum(p.tensor.numel for p in params if p.tensor.requires_grad)
 
 
@@ -90,7 +91,7 @@ def build_schedule(scenario: Scenario) -> BuiltSchedule:
     ctx = _context(scenario, tape)
     behaviour = ctx.behaviour
     tape.op("model.init")
-    model = hf_decoder.build_model(ctx, scenario.lora)
+    model = modelling_code(scenario).build_model(ctx, scenario.lora)
     params = model.params()
     trainable = [p for p in params if p.tensor.requires_grad]
     optimizer = Optimizer(training.optim or behaviour.default_optim, trainable, on_host(scenario),
@@ -126,14 +127,33 @@ def build_schedule(scenario: Scenario) -> BuiltSchedule:
     return BuiltSchedule(tape.schedule(), states_after_first_step, tokens, _model_flops(scenario, params, tokens))
 
 
-def _micro_batch(ctx: RunContext, scenario: Scenario, model: hf_decoder.CausalLM) -> None:
+def modelling_code(scenario: Scenario):
+    """The module that models the scenario's model_type: HF's qwen2/llama/mistral code, or Qwen1's remote code.
+    LoRA module names are checked against it, as PEFT does ("Target modules ... not found in the base model")."""
+    code = qwen1 if scenario.model.model_type is ModelType.QWEN else hf_decoder
+    lora = scenario.lora
+    if lora is not None:
+        kind = scenario.model.model_type.value
+        if lora.target_modules != "all-linear":
+            unknown = [t for t in lora.target_modules if t not in code.LINEAR_MODULES]
+            if unknown:
+                raise ScenarioError(f"lora.target_modules: {unknown[0]!r} is not a linear module of model_type "
+                                    f"{kind} (it has: {', '.join(code.LINEAR_MODULES)})")
+        unknown = [t for t in lora.modules_to_save if t not in code.SAVABLE_MODULES]
+        if unknown:
+            raise ScenarioError(f"lora.modules_to_save: {unknown[0]!r} is not modelled for model_type {kind} "
+                                f"(modelled: {', '.join(code.SAVABLE_MODULES)})")
+    return code
+
+
+def _micro_batch(ctx: RunContext, scenario: Scenario, model) -> None:
     """Trainer.training_step: inputs to the device, forward with labels, loss / accumulation, backward."""
     tp = ctx.tape
     tp.phase, tp.layer = Phase.FORWARD, None
     ids = P.input_tensor(tp, "input_ids", ctx.tokens)
     labels = P.input_tensor(tp, "labels", ctx.tokens)
     mask_2d = P.input_tensor(tp, "attention_mask", ctx.tokens)
-    loss = forward(ctx, scenario, model, ids, labels)
+    loss = modelling_code(scenario).forward_loss(ctx, model, ids, labels, scenario.training.gradient_checkpointing)
     if scenario.training.gradient_accumulation_steps > 1:  # accelerate's backward divides the loss
         scaled = P.mul_scalar(tp, "loss.div_accumulation", loss)
         tp.drop(loss)
@@ -147,47 +167,9 @@ def _micro_batch(ctx: RunContext, scenario: Scenario, model: hf_decoder.CausalLM
     tp.drop(loss, ids, labels, mask_2d)
 
 
-def forward(ctx: RunContext, scenario: Scenario, model: hf_decoder.CausalLM, ids: Tensor, labels: Tensor) -> Tensor:
-    """CausalLM forward with labels inside Trainer.compute_loss (autocast region when mixed precision casts)."""
-    tp, m = ctx.tape, ctx.model
-    checkpointing = scenario.training.gradient_checkpointing
-    embeds = P.embedding(tp, "model.embed_tokens", ids, model.embed_tokens, m.vocab_size, m.hidden_size)
-    if checkpointing and not embeds.requires_grad:
-        # enable_input_require_grads (PEFT/trainers with reentrant checkpointing): the embedding output
-        # requires grad so that checkpointed layers produce grads; its own .grad is dropped at once here.
-        embeds.requires_grad = True
-    hidden_dtype = embeds.dtype
-    if model.mask_buffer is not None and ctx.attn is not AttnImplementation.FLASH_ATTENTION_2:
-        mask = hf_decoder.llama_full_mask(ctx, model.mask_buffer, hidden_dtype)
-    else:
-        mask = hf_decoder.causal_mask(ctx, hidden_dtype)
-    rotary = None
-    if ctx.behaviour.rotary is Rotary.MODEL_LEVEL:
-        rotary = hf_decoder.rotary_computed(ctx, "model.rotary_emb", hidden_dtype, scaled=True)
-    extra = [t for t in (mask, *(rotary or ())) if t is not None]
-    hidden = embeds
-    for layer in model.layers:
-        tp.layer = layer.index
-
-        def run_layer(x: Tensor, layer: hf_decoder.DecoderLayer = layer) -> Tensor:
-            return hf_decoder.decoder_layer(ctx, layer, x, mask, rotary)
-
-        out = checkpoint(ctx, run_layer, hidden, extra) if checkpointing else run_layer(hidden)
-        tp.drop(hidden)
-        hidden = out
-    tp.layer = None
-    normed = hf_decoder.rms_norm(ctx, "model.norm", hidden, model.norm)
-    tp.drop(hidden, mask, *(rotary or ()))  # locals of XModel.forward, released when it returns
-    loss = lm_head_loss(ctx, model.lm_head, normed, labels)
-    tp.drop(normed)
-    ctx.release_kv_cache()
-    ctx.clear_cast_cache()
-    return loss
-
-
 def _model_flops(scenario: Scenario, params: list[Param], tokens: int) -> float:
     """6·N·tokens (Kaplan et al. 2020) plus causal attention 6·2·b·s²·h·L/2 per micro-batch, forward+backward."""
     m, t = scenario.model, scenario.training
-    dense = 6.0 * sum(p.tensor.numel for p in params if "embed_tokens" not in p.name) * tokens
+    dense = 6.0 * sum(p.tensor.numel for p in params if not p.name.endswith(EMBEDDING_NAMES)) * tokens
     attention = 6.0 * t.seq_len * t.seq_len * m.num_attention_heads * m.head_size * m.num_hidden_layers
     return dense + attention * t.per_device_train_batch_size * t.gradient_accumulation_steps

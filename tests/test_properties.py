@@ -28,15 +28,18 @@ def scenarios(draw) -> dict:
         optim=draw(st.sampled_from(["adamw_torch", "adamw_torch_fused", "adamw_torch_foreach", "sgd"])),
     )
     raw["model"].update(
-        model_type=draw(st.sampled_from(["qwen2", "llama", "mistral"])), num_attention_heads=heads,
+        model_type=draw(st.sampled_from(["qwen2", "llama", "mistral", "qwen"])), num_attention_heads=heads,
         num_key_value_heads=kv, hidden_size=16 * heads, num_hidden_layers=draw(st.integers(1, 2)),
         tie_word_embeddings=draw(st.booleans()),
         torch_dtype=draw(st.sampled_from(["bfloat16", "float32"])),
     )
     raw["software"]["transformers"] = draw(st.sampled_from(VERSIONS))
     raw["simulation"]["steps"] = draw(st.integers(1, 2))
+    if raw["model"]["model_type"] == "qwen":
+        raw["model"]["num_key_value_heads"] = heads  # Qwen1 is multi-head only
     if draw(st.booleans()):
-        raw["lora"] = {"r": 4, "target_modules": draw(st.sampled_from([["q_proj", "v_proj"], "all-linear"]))}
+        targets = ["c_attn", "w2"] if raw["model"]["model_type"] == "qwen" else ["q_proj", "v_proj"]
+        raw["lora"] = {"r": 4, "target_modules": draw(st.sampled_from([targets, "all-linear"]))}
     return raw
 
 
@@ -55,10 +58,11 @@ def test_buffers_freed_exactly_once_unless_persistent(raw: dict) -> None:
     assert set(frees.tolist()) <= set(allocations.tolist()), "a free without an allocation"
     alive = set(allocations.tolist()) - set(frees.tolist())
     persistent = set(schedule.persistent)
-    # What survives the run: parameters and model buffers, and the optimizer state created at the first step.
+    # What survives the run: parameters and model buffers, the optimizer state created at the first step, and
+    # Qwen1's rotary cos/sin cache built at the first forward.
     assert persistent <= alive
     names = {schedule.buffers[b].name for b in alive - persistent}
-    assert all(name.endswith((".exp_avg", ".exp_avg_sq", ".step")) for name in names), names
+    assert all(name.endswith((".exp_avg", ".exp_avg_sq", ".step", "_cache")) for name in names), names
 
 
 @given(scenarios())

@@ -81,3 +81,15 @@ def test_loss_versions(version: str, loss: int) -> None:
     # checkpoints: 2 × 2·s·d.
     rotary = 0 if version == "4.39.3" else 2 * 2 * S * D
     assert activation_bytes_after_forward(raw) == 2 * (2 * N * H) + IDS + NORM + loss + rotary
+
+
+def test_qwen1_keeps_bf16_log_probs() -> None:
+    # Qwen1's remote code: no fp32 upcast; log_softmax over the shifted bf16 logits keeps 2 bytes per value,
+    # and nll_loss's total_weight is a bf16 scalar. Checkpointing keeps each block's input (2Nh) and the
+    # (b, 1, 1, s) bf16 additive mask passed to every checkpoint (2N).
+    raw = tiny_raw(gradient_checkpointing=True)
+    raw["model"] = {"model_type": "qwen", "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
+                    "num_attention_heads": 4, "vocab_size": 1000, "max_position_embeddings": 256,
+                    "kv_channels": 16, "no_bias": True}
+    loss = 2 * B * (S - 1) * V + 8 * B * (S - 1) + 2
+    assert activation_bytes_after_forward(raw) == 2 * (2 * N * H) + 2 * N + IDS + NORM + loss

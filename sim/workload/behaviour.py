@@ -37,6 +37,8 @@ def behaviour_for(software: Software, model_type: ModelType, checkpointing: bool
     tf = software.version("transformers")
     torch = software.version("torch")
     peft = software.version("peft")
+    if model_type is ModelType.QWEN:
+        return _qwen1(torch, peft, tf)
     llama, qwen2, mistral = (model_type is t for t in (ModelType.LLAMA, ModelType.QWEN2, ModelType.MISTRAL))
     if qwen2 and tf < (4, 37, 0):
         raise ScenarioError(f"software.transformers: model_type qwen2 needs transformers >= 4.37 (got {software.transformers})")
@@ -88,4 +90,18 @@ def behaviour_for(software: Software, model_type: ModelType, checkpointing: bool
         peft_adapters_fp32=peft >= (0, 12, 0),
         # TrainingArguments.optim default: adamw_torch_fused from 4.53.1 when torch >= 2.8.
         default_optim=Optim.ADAMW_TORCH_FUSED if fused_default else Optim.ADAMW_TORCH,
+    )
+
+
+def _qwen1(torch: tuple, peft: tuple, tf: tuple) -> Behaviour:
+    """Qwen1's remote code does not change with transformers: bf16 logits, shifted copy, no fp32 upcast."""
+    if torch < (2, 1, 0):
+        raise ScenarioError("software.torch: model_type qwen is modelled for torch >= 2.1 (SDPA with a mask)")
+    return Behaviour(
+        model_type=ModelType.QWEN, logits_upcast_in_model=False, loss_upcasts_logits=False, loss_shifts_logits=True,
+        rotary=Rotary.MODEL_LEVEL, unused_rotary_buffers=False, llama_full_mask_buffer=False,
+        llama_full_mask_bool=False, sdpa_mask_always=True, sdpa_sliding_window_check=False,
+        eager_mask_via_bool=False, sdpa_repeats_kv=False, sdpa_contiguous=SdpaContiguous.NEVER,
+        fa2_repeats_kv=False, kv_cache=KvCache.NONE, peft_adapters_fp32=peft >= (0, 12, 0),
+        default_optim=Optim.ADAMW_TORCH_FUSED if tf >= (4, 53, 1) and torch >= (2, 8, 0) else Optim.ADAMW_TORCH,
     )

@@ -10,10 +10,14 @@ from sim.ops import Category
 from sim.scenario import AttnImplementation, DType, Lora, ModelType
 from sim.workload import primitives as P
 from sim.workload.behaviour import KvCache, Rotary, SdpaContiguous
+from sim.workload.checkpoint import checkpoint
 from sim.workload.context import RunContext
+from sim.workload.loss import lm_head_loss
 from sim.workload.modules import Linear, apply_linear, make_param
 from sim.workload.tape import Param, Tensor
 
+LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+SAVABLE_MODULES = ("embed_tokens", "lm_head")
 LINEAR_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
                  "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 
@@ -426,3 +430,41 @@ def llama_layer_mask(ctx: RunContext, full: Tensor, layer: int) -> Tensor:
     tp, cells = ctx.tape, ctx.batch * ctx.seq * ctx.seq
     tp.op(f"model.layers.{layer}.self_attn.causal_mask[cache_position]", bytes_moved=2 * cells * full.dtype.size_bytes)
     return tp.empty("causal_mask.layer", cells, full.dtype)
+
+
+def forward_loss(ctx: RunContext, model: CausalLM, ids: Tensor, labels: Tensor, checkpointing: bool) -> Tensor:
+    """XForCausalLM.forward with labels inside Trainer.compute_loss; returns the loss. The model output (logits,
+    past_key_values) is dropped when compute_loss returns, before backward."""
+    tp, m = ctx.tape, ctx.model
+    embeds = P.embedding(tp, "model.embed_tokens", ids, model.embed_tokens, m.vocab_size, m.hidden_size)
+    if checkpointing and not embeds.requires_grad:
+        # enable_input_require_grads (PEFT/trainers with reentrant checkpointing): the embedding output
+        # requires grad so that checkpointed layers produce grads.
+        embeds.requires_grad = True
+    hidden_dtype = embeds.dtype
+    if model.mask_buffer is not None and ctx.attn is not AttnImplementation.FLASH_ATTENTION_2:
+        mask = llama_full_mask(ctx, model.mask_buffer, hidden_dtype)
+    else:
+        mask = causal_mask(ctx, hidden_dtype)
+    rotary = None
+    if ctx.behaviour.rotary is Rotary.MODEL_LEVEL:
+        rotary = rotary_computed(ctx, "model.rotary_emb", hidden_dtype, scaled=True)
+    extra = [t for t in (mask, *(rotary or ())) if t is not None]
+    hidden = embeds
+    for layer in model.layers:
+        tp.layer = layer.index
+
+        def run_layer(x: Tensor, layer: DecoderLayer = layer) -> Tensor:
+            return decoder_layer(ctx, layer, x, mask, rotary)
+
+        out = checkpoint(ctx, run_layer, hidden, extra) if checkpointing else run_layer(hidden)
+        tp.drop(hidden)
+        hidden = out
+    tp.layer = None
+    normed = rms_norm(ctx, "model.norm", hidden, model.norm)
+    tp.drop(hidden, mask, *(rotary or ()))  # locals of XModel.forward, released when it returns
+    loss = lm_head_loss(ctx, model.lm_head, normed, labels)
+    tp.drop(normed)
+    ctx.release_kv_cache()
+    ctx.clear_cast_cache()
+    return loss

@@ -97,6 +97,31 @@ def _passthrough_backward(tp: Tape, node: Node, grad: Tensor) -> list:
     return [tp.alias(grad)]
 
 
+def split(tp: Tape, name: str, x: Tensor, parts: int) -> list[Tensor]:
+    """tensor.split(size, dim=-1) into equal views. SplitBackward waits for the grads of all parts, then
+    concatenates them into one new tensor of x's size (missing grads as zeros)."""
+    numel = x.numel // parts
+    node = tp.record(name, [x], [], _split_backward, numel=x.numel)
+    outs = []
+    for index in range(parts):
+        out = tp.alias(x, numel, view=True)
+        if node is not None:
+            out.node, out.requires_grad, out.output_index = node, True, index
+        outs.append(out)
+    if node is not None:
+        node.output_grads = [None] * parts
+    return outs
+
+
+def _split_backward(tp: Tape, node: Node, grad: Tensor | None) -> list:
+    grads = [g for g in node.output_grads if g is not None]
+    tp.op(f"{node.name}.backward", bytes_moved=2 * node.ctx["numel"] * grads[0].dtype.size_bytes)
+    out = tp.empty(f"{node.name}.backward.out", node.ctx["numel"], grads[0].dtype)
+    tp.drop(*grads)
+    node.output_grads = [None] * len(node.output_grads)
+    return [out]
+
+
 def slice_view(tp: Tape, x: Tensor, numel: int) -> Tensor:
     """A narrow/slice view; SliceBackward (slice_backward) allocates zeros of the full size and copies into it."""
     out = tp.alias(x, numel)

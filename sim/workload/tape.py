@@ -49,6 +49,7 @@ class Tensor:
     param: Param | None = None  # set for parameters (AccumulateGrad target)
     leaf_grad: "list[Tensor] | None" = None  # detached checkpoint inputs collect their .grad here
     is_view: bool = False  # a view of another tensor's storage (autograd never accumulates into it in place)
+    output_index: int = 0  # which output of a multi-output node (split) this tensor is
 
     @property
     def size_bytes(self) -> int:
@@ -70,6 +71,7 @@ class Node:
     layer: int | None
     ctx: dict = field(default_factory=dict)
     grad: Tensor | None = None  # the input buffer: accumulated gradient of this node's output
+    output_grads: "list[Tensor | None] | None" = None  # input buffers of a multi-output node, one per output
 
 
 @dataclass(slots=True)
@@ -213,7 +215,7 @@ class Tape:
     def _run_node(self, node: Node, pending: dict[int, "Node"]) -> None:
         grad, node.grad = node.grad, None
         layer, self.layer = self.layer, node.layer
-        grads = node.backward(self, node, grad)
+        grads = node.backward(self, node, grad)  # a multi-output node reads and releases node.output_grads
         for storage in node.saved:
             self.release(storage)
         node.saved = []
@@ -221,7 +223,8 @@ class Tape:
             if grad_in is None or tensor is None:
                 continue
             self._route(tensor, grad_in, pending)
-        self.release(grad.storage)
+        if grad is not None:
+            self.release(grad.storage)
         self.layer = layer
 
     def _route(self, target: Tensor, grad: Tensor, pending: dict[int, Node]) -> None:
@@ -239,6 +242,11 @@ class Tape:
                 self.release(grad.storage)
             else:
                 target.leaf_grad.append(self._stolen_or_cloned(grad, "leaf.grad_clone"))
+        elif target.node is not None and target.node.output_grads is not None:
+            node, index = target.node, target.output_index
+            slot = node.output_grads[index]
+            node.output_grads[index] = grad if slot is None else self._accumulate(slot, grad)
+            pending[node.seq] = node
         elif target.node is not None:
             node = target.node
             if node.grad is None:

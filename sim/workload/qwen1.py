@@ -1,0 +1,258 @@
+"""Qwen1's own remote code (modeling_qwen.py, final revision of 2023-12, Qwen/Qwen-7B … Qwen-72B) as the tensor
+ops its training forward runs: fused c_attn, fp32 rotary, SDPA with a materialised (b, 1, s, s) mask on
+torch >= 2 without flash-attn, flash-attn (direct for batch 1, unpadded varlen otherwise), w1 * silu(w2),
+and the loss on bf16 logits (no fp32 upcast).
+"""
+
+from dataclasses import dataclass
+
+from sim.ops import Category
+from sim.scenario import AttnImplementation, DType, Lora
+from sim.workload import primitives as P
+from sim.workload.checkpoint import checkpoint
+from sim.workload.context import RunContext
+from sim.workload.hf_decoder import rms_norm
+from sim.workload.loss import lm_head_loss
+from sim.workload.modules import Linear, apply_linear, make_param
+from sim.workload.tape import Param, Tensor
+
+LOGN_POSITIONS = 32767  # logn_list over range(1, 32768) (QWenAttention.__init__)
+LINEAR_MODULES = ("c_attn", "c_proj", "w1", "w2", "lm_head")
+SAVABLE_MODULES = ("wte", "lm_head")
+
+
+@dataclass(slots=True)
+class QWenBlock:
+    index: int
+    ln_1: Param
+    ln_2: Param
+    linears: dict[str, Linear]
+
+
+@dataclass(slots=True)
+class QWenLMHeadModel:
+    wte: Param
+    blocks: list[QWenBlock]
+    ln_f: Param
+    lm_head: Param
+    rotary_cache: list[Tensor]  # fp32 cos/sin cache of QWenModel.rotary_emb, built at the first forward
+
+    def params(self) -> list[Param]:
+        out = [self.wte]
+        for block in self.blocks:
+            out.append(block.ln_1)
+            for lin in block.linears.values():
+                out += lin.params()
+            out.append(block.ln_2)
+        return out + [self.ln_f, self.lm_head]
+
+
+def _targets(lora: Lora | None, module: str) -> bool:
+    if lora is None:
+        return False
+    return module != "lm_head" if lora.target_modules == "all-linear" else module in lora.target_modules
+
+
+def build_model(ctx: RunContext, lora: Lora | None) -> QWenLMHeadModel:
+    """Parameters in the autoselected dtype (bf16 on bf16-capable GPUs); c_attn always has a bias."""
+    from sim.workload.hf_decoder import make_linear
+
+    m = ctx.model
+    dtype, full, h = m.weights_dtype, lora is None, m.hidden_size
+    ffn = m.intermediate_size // 2  # w1 and w2 are Linear(h, intermediate_size // 2)
+    wte = make_param(ctx, "transformer.wte.weight", m.vocab_size * h, dtype, full or _saved(lora, "wte"))
+    blocks = []
+    for index in range(m.num_hidden_layers):
+        prefix = f"transformer.h.{index}"
+        ln_1 = make_param(ctx, f"{prefix}.ln_1.weight", h, dtype, full)
+        shapes = {"c_attn": (h, 3 * h, True, "attn"), "c_proj": (h, h, not m.no_bias, "attn"),
+                  "w1": (h, ffn, not m.no_bias, "mlp"), "w2": (h, ffn, not m.no_bias, "mlp"),
+                  "mlp.c_proj": (ffn, h, not m.no_bias, "mlp")}
+        linears = {}
+        for key, (fan_in, fan_out, bias, parent) in shapes.items():
+            module = key.split(".")[-1]
+            linears[key] = make_linear(ctx, f"{prefix}.{parent}.{module}", fan_in, fan_out, bias, dtype, full,
+                                       lora if _targets(lora, module) else None, module)
+        ln_2 = make_param(ctx, f"{prefix}.ln_2.weight", h, dtype, full)
+        ctx.tape.persistent_buffer(f"{prefix}.attn.logn_tensor", LOGN_POSITIONS, dtype, Category.PARAMETERS)
+        ctx.tape.persistent_buffer(f"{prefix}.attn.masked_bias", 1, dtype, Category.PARAMETERS)
+        blocks.append(QWenBlock(index, ln_1, ln_2, linears))
+    ctx.tape.persistent_buffer("transformer.rotary_emb.inv_freq", m.head_size // 2, DType.FLOAT32,
+                               Category.PARAMETERS)
+    ln_f = make_param(ctx, "transformer.ln_f.weight", h, dtype, full)
+    lm_head = make_param(ctx, "lm_head.weight", m.vocab_size * h, dtype, full or _saved(lora, "lm_head"))
+    return QWenLMHeadModel(wte, blocks, ln_f, lm_head, [])
+
+
+def _saved(lora: Lora | None, module: str) -> bool:
+    return lora is not None and module in lora.modules_to_save
+
+
+def _rotary_cache(ctx: RunContext, model: QWenLMHeadModel) -> list[Tensor]:
+    """RotaryEmbedding.update_rotary_pos_emb_cache: built once for max(2s, 16) positions in fp32
+    (outer(seq, inv_freq), cat(freqs, freqs), cos, sin) and kept on the module for later forwards."""
+    if model.rotary_cache:
+        return model.rotary_cache
+    tp, d = ctx.tape, ctx.model.head_size
+    rows = max(2 * ctx.seq, 16)
+    tp.op("transformer.rotary_emb.freqs", bytes_moved=rows * d * 2)
+    freqs = tp.empty("rotary.freqs", rows * d // 2, DType.FLOAT32)
+    tp.op("transformer.rotary_emb.cat", bytes_moved=rows * d * 6)
+    emb = tp.empty("rotary.emb", rows * d, DType.FLOAT32)
+    tp.drop(freqs)
+    cache = []
+    for which in ("cos", "sin"):
+        cache.append(tp.persistent_buffer(f"transformer.rotary_emb.{which}_cache", rows * d, DType.FLOAT32,
+                                          Category.PARAMETERS))
+        tp.op(f"transformer.rotary_emb.{which}", bytes_moved=rows * d * 8)
+        tp.allocate_existing(cache[-1])
+    tp.drop(emb)
+    model.rotary_cache = cache
+    return cache
+
+
+def _rotary(ctx: RunContext, name: str, t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """apply_rotary_pos_emb (PyTorch path): t_float = t.float(); t_rot*cos + rotate_half(t_rot)*sin in fp32;
+    cat((t_rot, t_pass)) with an empty t_pass (rotary_pct 1.0) copies; .type_as(t) back to bf16."""
+    tp = ctx.tape
+    t_float = P.to_dtype(tp, f"{name}.float", t, DType.FLOAT32)
+    first = P.mul(tp, f"{name}.mul_cos", t_float, cos)
+    half = t_float.numel // 2
+    x1, x2 = P.slice_view(tp, t_float, half), P.slice_view(tp, t_float, half)
+    negated = P.neg(tp, f"{name}.neg", x2)
+    rotated = P.cat(tp, f"{name}.rotate_half", [negated, x1])
+    tp.drop(x1, x2, negated)
+    second = P.mul(tp, f"{name}.mul_sin", rotated, sin)
+    tp.drop(rotated)
+    summed = P.add(tp, f"{name}.add", first, second)
+    tp.drop(first, second, t_float)
+    joined = P.cat(tp, f"{name}.cat_pass", [summed])
+    tp.drop(summed)
+    out = P.to_dtype(tp, f"{name}.type_as", joined, t.dtype)
+    tp.drop(joined)
+    return out
+
+
+def _attention(ctx: RunContext, block: QWenBlock, x: Tensor, mask: Tensor, rotary: list[Tensor]) -> Tensor:
+    tp, m = ctx.tape, ctx.model
+    b, s, a, d = ctx.batch, ctx.seq, m.num_attention_heads, m.head_size
+    prefix = f"transformer.h.{block.index}.attn"
+    mixed = apply_linear(ctx, block.linears["c_attn"], x)
+    q, k, v = P.split(tp, f"{prefix}.split", mixed, 3)
+    tp.drop(mixed)
+    cos, sin = (tp.alias(c, s * d, view=True) for c in rotary)  # cos[:, :s] views of the fp32 cache
+    q_rot = _rotary(ctx, f"{prefix}.q_rotary", q, cos, sin)
+    k_rot = _rotary(ctx, f"{prefix}.k_rotary", k, cos, sin)
+    tp.drop(q, k, cos, sin)
+    flops = 2.0 * b * a * s * s * d
+    if ctx.attn is AttnImplementation.FLASH_ATTENTION_2:
+        out = _flash(ctx, prefix, q_rot, k_rot, v, flops)
+    else:
+        out = _sdpa_with_mask(ctx, prefix, q_rot, k_rot, v, mask, flops)
+    result = apply_linear(ctx, block.linears["c_proj"], out)
+    tp.drop(out, q_rot, k_rot, v)
+    return result
+
+
+def _sdpa_with_mask(ctx: RunContext, prefix: str, q: Tensor, k: Tensor, v: Tensor, mask: Tensor,
+                    flops: float) -> Tensor:
+    """torch >= 2 without flash-attn: causal = tril(ones((s, s), bool)); the (b, 1, 1, s) attention mask is
+    expanded and masked_fill(~causal, min) into a new (b, 1, s, s) mask; SDPA with that attn_mask runs the
+    memory-efficient kernel, which saves it. Its output is already (b, s, heads, d): _merge_heads copies nothing."""
+    tp, m = ctx.tape, ctx.model
+    b, s, a, d = ctx.batch, ctx.seq, m.num_attention_heads, m.head_size
+    tp.op(f"{prefix}.causal_mask.ones", bytes_moved=s * s)
+    ones = tp.empty("qwen.causal.ones", s * s, DType.BOOL)
+    tp.op(f"{prefix}.causal_mask.tril", bytes_moved=2 * s * s)
+    causal = tp.empty("qwen.causal.tril", s * s, DType.BOOL)
+    tp.drop(ones)
+    tp.op(f"{prefix}.causal_mask.invert", bytes_moved=2 * s * s)
+    inverted = tp.empty("qwen.causal.inverted", s * s, DType.BOOL)
+    tp.op(f"{prefix}.attention_mask.masked_fill", bytes_moved=b * s * s * 3)
+    full_mask = tp.empty("qwen.attention_mask", b * s * s, mask.dtype)
+    tp.drop(inverted)
+    out = P.efficient_attention(tp, f"{prefix}.sdpa", q, k, v, full_mask, b, a, s, d, flops)
+    tp.drop(full_mask, causal)
+    return out
+
+
+def _flash(ctx: RunContext, prefix: str, q: Tensor, k: Tensor, v: Tensor, flops: float) -> Tensor:
+    """FlashSelfAttention: batch 1 calls flash_attn_func on the (b, s, h, d) tensors as they are; a larger
+    batch with an attention_mask is unpadded even when it is all ones (gather copies of q, k, v for the varlen
+    kernel, then pad_input: zeros (b·s, h, d) and an index_put)."""
+    tp, m = ctx.tape, ctx.model
+    b, s, a, d = ctx.batch, ctx.seq, m.num_attention_heads, m.head_size
+    if b == 1:
+        return P.flash_attention(tp, f"{prefix}.flash_attn_func", q, k, v, b, a, a, s, d, flops)
+    tp.op(f"{prefix}.unpad_input.indices", bytes_moved=ctx.tokens * 16)
+    indices = tp.empty("qwen.unpad.indices", ctx.tokens, DType.INT64)
+    gathered = [P.contiguous_copy(tp, f"{prefix}.unpad_input.{n}", t) for n, t in zip("qkv", (q, k, v), strict=True)]
+    unpadded = P.flash_attention(tp, f"{prefix}.flash_attn_varlen_func", *gathered, b, a, a, s, d, flops)
+    tp.drop(*gathered)
+    padded = P.contiguous_copy(tp, f"{prefix}.pad_input", unpadded)
+    tp.drop(unpadded, indices)
+    return padded
+
+
+def _mlp(ctx: RunContext, block: QWenBlock, x: Tensor) -> Tensor:
+    """a1 = w1(x); a2 = w2(x); c_proj(a1 * F.silu(a2))."""
+    tp, lin, prefix = ctx.tape, block.linears, f"transformer.h.{block.index}.mlp"
+    a1 = apply_linear(ctx, lin["w1"], x)
+    a2 = apply_linear(ctx, lin["w2"], x)
+    act = P.silu(tp, f"{prefix}.silu", a2)
+    product = P.mul(tp, f"{prefix}.mul", a1, act)
+    tp.drop(act, a1, a2)
+    out = apply_linear(ctx, lin["mlp.c_proj"], product)
+    tp.drop(product)
+    return out
+
+
+def _block(ctx: RunContext, block: QWenBlock, x: Tensor, mask: Tensor, rotary: list[Tensor]) -> Tensor:
+    """ln_1 → attn → + x → ln_2 → mlp → + residual (QWenBlock.forward)."""
+    tp, prefix = ctx.tape, f"transformer.h.{block.index}"
+    normed = rms_norm(ctx, f"{prefix}.ln_1", x, block.ln_1)
+    attn = _attention(ctx, block, normed, mask, rotary)
+    tp.drop(normed)
+    hidden = P.add(tp, f"{prefix}.residual_attn", attn, x)
+    tp.drop(attn)
+    normed = rms_norm(ctx, f"{prefix}.ln_2", hidden, block.ln_2)
+    out_mlp = _mlp(ctx, block, normed)
+    tp.drop(normed)
+    out = P.add(tp, f"{prefix}.residual_mlp", hidden, out_mlp)
+    tp.drop(hidden, out_mlp)
+    return out
+
+
+def forward_loss(ctx: RunContext, model: QWenLMHeadModel, ids: Tensor, labels: Tensor, checkpointing: bool) -> Tensor:
+    """QWenLMHeadModel.forward with labels; the (b, 1, 1, s) additive mask is built once per forward."""
+    tp, m = ctx.tape, ctx.model
+    rotary = _rotary_cache(ctx, model)
+    embeds = P.embedding(tp, "transformer.wte", ids, model.wte, m.vocab_size, m.hidden_size)
+    if checkpointing and not embeds.requires_grad:
+        embeds.requires_grad = True  # enable_input_require_grads, as trainers do for LoRA with checkpointing
+    tp.op("transformer.attention_mask.to_dtype", bytes_moved=ctx.tokens * 10)
+    converted = tp.empty("attention_mask.to", ctx.tokens, embeds.dtype)
+    tp.op("transformer.attention_mask.one_minus", bytes_moved=ctx.tokens * 4)
+    inverted = tp.empty("attention_mask.one_minus", ctx.tokens, embeds.dtype)
+    tp.drop(converted)
+    tp.op("transformer.attention_mask.times_min", bytes_moved=ctx.tokens * 4)
+    mask = tp.empty("attention_mask.additive", ctx.tokens, embeds.dtype)
+    tp.drop(inverted)
+    hidden = embeds
+    for block in model.blocks:
+        tp.layer = block.index
+
+        def run_block(x: Tensor, block: QWenBlock = block) -> Tensor:
+            return _block(ctx, block, x, mask, rotary)
+
+        out = checkpoint(ctx, run_block, hidden, [mask]) if checkpointing else run_block(hidden)
+        tp.drop(hidden)
+        hidden = out
+    tp.layer = None
+    normed = rms_norm(ctx, "transformer.ln_f", hidden, model.ln_f)
+    tp.drop(hidden, mask)
+    loss = lm_head_loss(ctx, model.lm_head, normed, labels)
+    tp.drop(normed)
+    ctx.release_kv_cache()
+    ctx.clear_cast_cache()
+    return loss
