@@ -45,8 +45,10 @@ class Engine:
         self.busy_us: dict[Stream, int] = {}
         self.op_start_us = [0] * len(schedule.ops)
         self._sizes = [b.size_bytes for b in schedule.buffers]
-        self._durations = cost.durations_us(schedule.ops)
-        self._streams = sorted({op.stream for op in schedule.ops}, key=list(Stream).index)
+        distinct, positions = schedule.distinct_ops()
+        distinct_durations = cost.durations_us(distinct)
+        self._durations = [distinct_durations[i] for i in positions]
+        self._streams = sorted({op.stream for op in distinct}, key=list(Stream).index)
 
     def run(self) -> EngineResult:
         """Allocate persistent buffers at t=0, start one process per stream, run to the end."""

@@ -51,8 +51,6 @@ class Op(NamedTuple):
     name: str
     stream: Stream
     phase: Phase
-    step: int
-    micro_batch: int
     layer: int | None
     allocs: tuple[int, ...] = ()
     frees: tuple[int, ...] = ()
@@ -63,8 +61,28 @@ class Op(NamedTuple):
 
 @dataclass(slots=True)
 class Schedule:
-    """Everything one simulated rank does: its buffers, the ones alive before t=0, and its ops in issue order."""
+    """Everything one simulated rank does: its buffers, the ones alive before t=0, and its ops in issue order.
+
+    Repeated micro-batches share their Op objects (and buffer ids: each buffer is freed before the span repeats),
+    so an op's step and micro-batch live beside it in `op_step` and `op_micro_batch`.
+    """
 
     buffers: list[Buffer] = field(default_factory=list)
     persistent: list[int] = field(default_factory=list)
     ops: list[Op] = field(default_factory=list)
+    op_step: list[int] = field(default_factory=list)
+    op_micro_batch: list[int] = field(default_factory=list)
+
+    def distinct_ops(self) -> tuple[list[Op], list[int]]:
+        """The distinct Op objects, and for each op position the index of its distinct op (replicas share)."""
+        index_of: dict[int, int] = {}
+        distinct: list[Op] = []
+        positions = []
+        for op in self.ops:
+            key = id(op)
+            found = index_of.get(key)
+            if found is None:
+                found = index_of[key] = len(distinct)
+                distinct.append(op)
+            positions.append(found)
+        return distinct, positions

@@ -32,9 +32,10 @@ class Run:
 def _op_fields(run: Run, op_index: int) -> dict:
     if op_index < 0:
         return {"step": 0, "micro_batch": 0, "phase": "forward", "layer": None, "op": "model.init"}
-    op = run.schedule.ops[op_index]
-    return {"step": op.step, "micro_batch": op.micro_batch, "phase": op.phase.value, "layer": op.layer,
-            "op": op.name}
+    schedule = run.schedule
+    op = schedule.ops[op_index]
+    return {"step": schedule.op_step[op_index], "micro_batch": schedule.op_micro_batch[op_index],
+            "phase": op.phase.value, "layer": op.layer, "op": op.name}
 
 
 def summarize(run: Run) -> dict:
@@ -83,15 +84,17 @@ def run_peak_flops(run: Run) -> float:
 
 def _step_time_s(run: Run) -> float:
     """Duration of the last simulated step (start of its first op to the end of the run)."""
-    ops, starts = run.schedule.ops, run.engine.op_start_us
-    last = ops[-1].step if ops else 0
-    first_index = next((i for i, op in enumerate(ops) if op.step == last), 0)
+    steps, starts = run.schedule.op_step, run.engine.op_start_us
+    last = steps[-1] if steps else 0
+    first_index = steps.index(last) if steps else 0
     return us_to_seconds(run.engine.end_time_us - starts[first_index])
 
 
 def _phase_peaks(run: Run) -> dict:
-    trace, ops = run.engine.trace, run.schedule.ops
-    phase_of_op = np.array([op.phase.value for op in ops] + ["init"], dtype=object)
+    trace = run.engine.trace
+    distinct, positions = run.schedule.distinct_ops()
+    distinct_phase = [op.phase.value for op in distinct]
+    phase_of_op = np.array([distinct_phase[i] for i in positions] + ["init"], dtype=object)
     event_phase = phase_of_op[trace.op_index]  # op_index -1 picks "init"
     out = {}
     for group, phases in PHASE_GROUPS.items():

@@ -11,7 +11,7 @@ DEVICE = DeviceSpec(name="toy", capacity_bytes=1000, peak_flops={"bf16": 1e6}, h
 
 
 def op(name: str, allocs=(), frees=(), flops=0.0, deps=(), stream=Stream.COMPUTE) -> Op:
-    return Op(name, stream, Phase.FORWARD, 0, 0, None, tuple(allocs), tuple(frees), flops, 0, tuple(deps))
+    return Op(name, stream, Phase.FORWARD, None, tuple(allocs), tuple(frees), flops, 0, tuple(deps))
 
 
 def log(schedule: Schedule, capacity: int = 1000) -> list[tuple]:

@@ -30,9 +30,9 @@ IDS = 8 * N
 
 def activation_bytes_after_forward(raw: dict) -> int:
     run = run_scenario(build_scenario(raw))
-    ops, trace = run.schedule.ops, run.engine.trace
-    last_forward_op = max(i for i, op in enumerate(ops) if op.phase is Phase.FORWARD and op.step == 0
-                          and op.micro_batch == 0)
+    schedule, trace = run.schedule, run.engine.trace
+    last_forward_op = max(i for i, op in enumerate(schedule.ops) if op.phase is Phase.FORWARD
+                          and schedule.op_step[i] == 0 and schedule.op_micro_batch[i] == 0)
     last_event = int(np.nonzero(trace.op_index <= last_forward_op)[0].max())
     return trace.category_bytes_at(last_event, np.zeros(6, dtype=np.int64))["activations"]
 

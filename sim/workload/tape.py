@@ -89,11 +89,10 @@ class _OpDraft:
 
 @dataclass(frozen=True, slots=True)
 class _Replica:
-    """ops[start:end] again, with every buffer id shifted by `shift` (see Tape.replicate)."""
+    """ops[start:end] again, same buffers (see Tape.replicate)."""
 
     start: int
     end: int
-    shift: int
     step: int
     micro_batch: int
 
@@ -103,7 +102,6 @@ class Tape:
 
     def __init__(self) -> None:
         self.storages: list[Storage] = []
-        self._buffer_sources: list[int] = []  # per buffer id: index of the storage it was made from
         self._ops: list[_OpDraft | _Replica] = []
         self.grad_enabled = True
         self.phase = Phase.FORWARD
@@ -115,8 +113,7 @@ class Tape:
 
     # ---- storages ---------------------------------------------------------------------------------------
     def new_storage(self, name: str, size_bytes: int, category: Category, persistent: bool = False) -> Storage:
-        storage = Storage(len(self._buffer_sources), name, size_bytes, category, persistent=persistent)
-        self._buffer_sources.append(len(self.storages))
+        storage = Storage(len(self.storages), name, size_bytes, category, persistent=persistent)
         self.storages.append(storage)
         return storage
 
@@ -304,40 +301,39 @@ class Tape:
         return len(self._ops)
 
     def replicate(self, start: int, end: int, step: int, micro_batch: int) -> None:
-        """Append ops[start:end] again as the next micro-batch, with fresh buffers.
+        """Run ops[start:end] again as the next micro-batch, reusing its ops and buffer ids.
 
-        Only for a self-contained span: every buffer it allocates it also frees, it frees nothing else, and
-        its buffers were created in it (a contiguous id range). That is what a micro-batch after the first of
-        a step is: same ops, same sizes, same order.
+        Only for a self-contained span: every buffer it allocates it also frees, and it frees nothing else.
+        That is what a micro-batch after the first of a step is: same ops, same sizes, same order; and since
+        each of its buffers is freed before the span starts again, the ids can be reused.
         """
         drafts = self._ops[start:end]
         assert all(isinstance(d, _OpDraft) for d in drafts)
-        ids = [b for d in drafts for b in d.allocs]
-        low, high = min(ids), max(ids) + 1
-        assert len(ids) == high - low and sorted(b for d in drafts for b in d.frees) == list(range(low, high)), \
-            "replicated span is not self-contained"
-        shift = len(self._buffer_sources) - low
-        self._buffer_sources.extend(self._buffer_sources[low:high])
-        self._ops.append(_Replica(start, end, shift, step, micro_batch))
+        allocated = sorted(b for d in drafts for b in d.allocs)
+        assert allocated == sorted(b for d in drafts for b in d.frees), "replicated span is not self-contained"
+        self._ops.append(_Replica(start, end, step, micro_batch))
 
     # ---- result -------------------------------------------------------------------------------------------
     def schedule(self) -> Schedule:
         """Freeze what was recorded into a Schedule of ops on the compute stream."""
-        storages = self.storages
-        frozen = [tuple.__new__(Buffer, (s.buffer_id, s.name, s.size_bytes, s.category)) for s in storages]
-        buffers = [frozen[source] if frozen[source].buffer_id == buffer_id
-                   else tuple.__new__(Buffer, (buffer_id, *frozen[source][1:]))
-                   for buffer_id, source in enumerate(self._buffer_sources)]
-        persistent = [s.buffer_id for s in storages if s.persistent and not s.lazy]
+        buffers = [Buffer(s.buffer_id, s.name, s.size_bytes, s.category) for s in self.storages]
+        persistent = [s.buffer_id for s in self.storages if s.persistent and not s.lazy]
+        frozen: dict[int, Op] = {}
         ops: list[Op] = []
-        append, compute, make = ops.append, Stream.COMPUTE, tuple.__new__  # tuple.__new__: Op without its __new__
-        for entry in self._ops:
+        steps: list[int] = []
+        micros: list[int] = []
+        compute = Stream.COMPUTE
+        for index, entry in enumerate(self._ops):
             if isinstance(entry, _OpDraft):
-                append(make(Op, (entry.name, compute, entry.phase, entry.step, entry.micro_batch, entry.layer,
-                                 tuple(entry.allocs), tuple(entry.frees), entry.flops, entry.bytes_moved, ())))
+                op = Op(entry.name, compute, entry.phase, entry.layer, tuple(entry.allocs), tuple(entry.frees),
+                        entry.flops, entry.bytes_moved)
+                frozen[index] = op
+                ops.append(op)
+                steps.append(entry.step)
+                micros.append(entry.micro_batch)
                 continue
-            step, micro, add = entry.step, entry.micro_batch, entry.shift.__add__
-            for d in self._ops[entry.start:entry.end]:
-                append(make(Op, (d.name, compute, d.phase, step, micro, d.layer, tuple(map(add, d.allocs)),
-                                 tuple(map(add, d.frees)), d.flops, d.bytes_moved, ())))
-        return Schedule(buffers, persistent, ops)
+            count = entry.end - entry.start
+            ops.extend(frozen[i] for i in range(entry.start, entry.end))
+            steps.extend([entry.step] * count)
+            micros.extend([entry.micro_batch] * count)
+        return Schedule(buffers, persistent, ops, steps, micros)

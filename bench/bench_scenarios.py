@@ -1,0 +1,43 @@
+"""Wall time of whole runs (load, schedule, engine, summary) for the shipped scenarios; prints figures.
+
+Usage: python bench/bench_scenarios.py [SCENARIO ...] [--repeat N]
+Reports the best and median of N in-process runs and one cold `python -m sim run` (imports included).
+"""
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from sim.report import summarize  # noqa: E402
+from sim.scenario import load_scenario  # noqa: E402
+from sim.simulate import run_scenario  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("scenarios", nargs="*", default=sorted(str(p) for p in (ROOT / "scenarios").glob("*.yaml")))
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    print(f"{'scenario':<40}{'events':>9}{'best s':>9}{'median s':>10}{'cold CLI s':>12}")
+    for path in args.scenarios:
+        scenario = load_scenario(path)
+        times = []
+        for _ in range(args.repeat):
+            start = time.perf_counter()
+            result = summarize(run_scenario(scenario))
+            times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "sim", "run", path], cwd=ROOT, check=True, capture_output=True)
+        cold = time.perf_counter() - start
+        print(f"{Path(path).name:<40}{result['events']:>9}{min(times):>9.3f}{statistics.median(times):>10.3f}"
+              f"{cold:>12.3f}")
+
+
+if __name__ == "__main__":
+    main()
