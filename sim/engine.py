@@ -41,7 +41,8 @@ class Engine:
         self.trace = TraceBuilder()
         self.oom: OomEvent | None = None
         self.env = simpy.Environment()
-        self.done = [self.env.event() for _ in schedule.ops] if any(op.deps for op in schedule.ops) else None
+        targets = {i + d for i, op in enumerate(schedule.ops) if op.deps for d in op.deps}
+        self.done = {i: self.env.event() for i in targets} if targets else None
         self.busy_us: dict[Stream, int] = {}
         self.op_start_us = [0] * len(schedule.ops)
         self._sizes = [b.size_bytes for b in schedule.buffers]
@@ -72,7 +73,7 @@ class Engine:
         for index in indices:
             op = ops[index]
             if op.deps:
-                yield simpy.AllOf(env, [self.done[d] for d in op.deps])
+                yield simpy.AllOf(env, [self.done[index + d] for d in op.deps])
             now = int(env.now)
             self.op_start_us[index] = now
             for buffer_id in op.allocs:
@@ -84,7 +85,7 @@ class Engine:
             now = int(env.now)
             for buffer_id in op.frees:
                 self._free(buffer_id, index, now)
-            if self.done is not None:
+            if self.done is not None and index in self.done:
                 self.done[index].succeed()
         self.busy_us[stream] = busy
 

@@ -56,7 +56,8 @@ class Op(NamedTuple):
     frees: tuple[int, ...] = ()
     flops: float = 0.0
     bytes_moved: int = 0
-    deps: tuple[int, ...] = ()  # op indices (any stream) that must finish before this op starts
+    deps: tuple[int, ...] = ()  # relative offsets (negative) of ops, any stream, that must finish first
+    wire_bytes: int = 0  # a collective: bytes each rank sends over the links
 
 
 @dataclass(slots=True)

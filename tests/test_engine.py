@@ -45,7 +45,7 @@ def test_cross_stream_dependency_delays_consumer() -> None:
     schedule = Schedule(buffers(8, 4), [], [
         op("gather", [0], flops=10, stream=Stream.ALLGATHER),
         op("short", flops=2),
-        op("use", [1], [0, 1], flops=1, deps=[0]),
+        op("use", [1], [0, 1], flops=1, deps=[-2]),  # relative: the op two before
     ])
     events, result = log(schedule)
     assert events == [(0, 0, 0, 8, 8), (10, 2, 1, 4, 12), (11, 2, 0, -8, 4), (11, 2, 1, -4, 0)]

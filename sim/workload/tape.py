@@ -85,6 +85,9 @@ class _OpDraft:
     frees: list[int]
     flops: float
     bytes_moved: int
+    stream: Stream = Stream.COMPUTE
+    deps: tuple[int, ...] = ()  # absolute indices of ops this one waits for
+    wire_bytes: int = 0  # bytes a collective moves per rank over the links
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +113,9 @@ class Tape:
         self.micro_batch = 0
         self._seq = 0
         self._nodes: list[Node] = []  # nodes recorded since the last backward, in creation order
+        self._compute: int | None = None  # index of the current compute op (frees attach to it)
+        self._waits: list[int] = []  # side ops the next compute op waits for
+        self.grad_hook: Callable[[Param, Tensor], None] | None = None  # ZeRO/DDP take param grads over
 
     # ---- storages ---------------------------------------------------------------------------------------
     def new_storage(self, name: str, size_bytes: int, category: Category, persistent: bool = False) -> Storage:
@@ -125,13 +131,13 @@ class Tape:
         storage.refs -= 1
         assert storage.refs >= 0, storage.name
         if storage.refs == 0 and not storage.persistent:
-            self._ops[-1].frees.append(storage.buffer_id)
+            self._ops[self._compute].frees.append(storage.buffer_id)
 
     # ---- tensors ------------------------------------------------------------------------------------------
     def empty(self, name: str, numel: int, dtype: DType, category: Category = Category.TEMPORARIES) -> Tensor:
         """A new tensor allocated by the current op, held by the caller (one Python reference)."""
         storage = self.new_storage(name, numel * dtype.size_bytes, category)
-        self._ops[-1].allocs.append(storage.buffer_id)
+        self._ops[self._compute].allocs.append(storage.buffer_id)
         storage.refs = 1
         return Tensor(storage, numel, dtype)
 
@@ -165,13 +171,44 @@ class Tape:
         """Mark persistent buffers as allocated by the current op instead of before t=0 (lazy optimizer state)."""
         for tensor in tensors:
             tensor.storage.lazy = True
-            self._ops[-1].allocs.append(tensor.storage.buffer_id)
+            self._ops[self._compute].allocs.append(tensor.storage.buffer_id)
 
     # ---- ops ----------------------------------------------------------------------------------------------
     def op(self, name: str, flops: float = 0.0, bytes_moved: int = 0) -> None:
-        """Start a new op: following allocations happen when it starts, following frees when it ends."""
+        """Start a new compute op: following allocations happen when it starts, following frees when it ends.
+        It waits for the side-stream ops registered with `wait_for` since the last compute op."""
+        deps, self._waits = tuple(self._waits), []
         self._ops.append(_OpDraft(name, self.phase, self.layer, self.step, self.micro_batch, [], [], flops,
-                                  bytes_moved))
+                                  bytes_moved, Stream.COMPUTE, deps))
+        self._compute = len(self._ops) - 1
+
+    def side_op(self, name: str, stream: Stream, bytes_moved: int = 0, wire_bytes: int = 0,
+                deps: tuple[int, ...] = ()) -> int:
+        """An op on another stream (a collective). Returns its index for `empty_in`, `release_in`, `wait_for`.
+        It is issued after the current compute op, which it waits for as CUDA stream semantics imply
+        (wait_stream before the collective), plus any `deps`."""
+        after = (self._compute,) if self._compute is not None else ()
+        self._ops.append(_OpDraft(name, self.phase, self.layer, self.step, self.micro_batch, [], [], 0.0,
+                                  bytes_moved, stream, after + deps, wire_bytes))
+        return len(self._ops) - 1
+
+    def wait_for(self, op_index: int) -> None:
+        """The next compute op waits until side op `op_index` has finished (wait_stream / event wait)."""
+        self._waits.append(op_index)
+
+    def empty_in(self, op_index: int, name: str, numel: int, dtype: DType, category: Category) -> Tensor:
+        """A new tensor allocated by side op `op_index`, held by the caller."""
+        storage = self.new_storage(name, numel * dtype.size_bytes, category)
+        self._ops[op_index].allocs.append(storage.buffer_id)
+        storage.refs = 1
+        return Tensor(storage, numel, dtype)
+
+    def release_in(self, op_index: int, storage: Storage) -> None:
+        """Drop one holder; when none is left, the storage is freed at the end of side op `op_index`."""
+        storage.refs -= 1
+        assert storage.refs >= 0, storage.name
+        if storage.refs == 0 and not storage.persistent:
+            self._ops[op_index].frees.append(storage.buffer_id)
 
     def record(self, name: str, inputs: Sequence[Tensor | None], saved: Sequence[Tensor],
                backward: BackwardFn, **ctx) -> Node | None:
@@ -278,7 +315,11 @@ class Tape:
         return clone
 
     def _accumulate_param(self, param: Param, grad: Tensor) -> None:
-        """AccumulateGrad (accumulate_grad.h): the first grad becomes param.grad; later ones add in place."""
+        """AccumulateGrad (accumulate_grad.h): the first grad becomes param.grad; later ones add in place.
+        Under ZeRO the grad-accumulation hook takes the grad over instead (`grad_hook`)."""
+        if self.grad_hook is not None:
+            self.grad_hook(param, grad)
+            return
         if param.grad is None:
             param.grad = self._stolen_or_cloned(grad, f"{param.name}.grad_clone", Category.GRADIENTS)
             return
@@ -322,11 +363,12 @@ class Tape:
         ops: list[Op] = []
         steps: list[int] = []
         micros: list[int] = []
-        compute = Stream.COMPUTE
         for index, entry in enumerate(self._ops):
             if isinstance(entry, _OpDraft):
-                op = Op(entry.name, compute, entry.phase, entry.layer, tuple(entry.allocs), tuple(entry.frees),
-                        entry.flops, entry.bytes_moved)
+                op = Op(entry.name, entry.stream, entry.phase, entry.layer, tuple(entry.allocs),
+                        tuple(entry.frees), entry.flops, entry.bytes_moved,
+                        tuple(d - index for d in entry.deps),  # relative: replicas keep their meaning
+                        entry.wire_bytes)
                 frozen[index] = op
                 ops.append(op)
                 steps.append(entry.step)
