@@ -187,6 +187,8 @@ def _parse_divisions(r: _Reader) -> tuple[int, ...]:
         nxt = r.peek()
         if nxt == ",":
             r.i += 1
+        elif nxt is None:
+            raise _fail("expected ']' closing roundup_power2_divisions at the end")
         elif nxt != "]":
             raise _fail(f"roundup_power2_divisions: expected ',' or ']' (got {nxt!r})")
     return tuple(div)
