@@ -49,6 +49,7 @@ class Engine:
         distinct, positions = schedule.distinct_ops()
         distinct_durations = cost.durations_us(distinct)
         self._durations = [distinct_durations[i] for i in positions]
+        self._side_ends: list[int] = []  # end times of running side-stream (collective) ops
         self._streams = sorted({op.stream for op in distinct}, key=list(Stream).index)
 
     def run(self) -> EngineResult:
@@ -68,6 +69,9 @@ class Engine:
             now = self._run_alone(stream, indices)
             yield self.env.timeout(now - self.env.now)
             return
+        if stream is Stream.COMPUTE:
+            yield from self._compute_with_lookahead(indices)
+            return
         ops, env, durations = self.schedule.ops, self.env, self._durations
         busy = 0
         for index in indices:
@@ -80,14 +84,54 @@ class Engine:
                 self._malloc(buffer_id, index, stream, now)
             duration = durations[index]
             busy += duration
+            end = now + duration
+            self._side_ends.append(end)
             if duration:
                 yield env.timeout(duration)
-            now = int(env.now)
+            self._side_ends.remove(end)
             for buffer_id in op.frees:
-                self._free(buffer_id, index, now)
+                self._free(buffer_id, index, end)
             if self.done is not None and index in self.done:
                 self.done[index].succeed()
         self.busy_us[stream] = busy
+
+    def _compute_with_lookahead(self, indices: list[int]):
+        """The compute stream beside side streams. It advances its clock arithmetically while no side-stream
+        event can fall in between (conservative lookahead: up to the earliest end of a running collective),
+        and hands control to simpy where it must: waits on other streams, ops others wait for, and any op
+        that would cross the end of a running collective. Event times and order are those of one yield per op."""
+        ops, env, durations, done = self.schedule.ops, self.env, self._durations, self.done or {}
+        ends = self._side_ends
+        busy = 0
+        now = int(env.now)
+        for index in indices:
+            op = ops[index]
+            if op.deps:
+                if now > env.now:
+                    yield env.timeout(now - env.now)
+                yield simpy.AllOf(env, [done[index + d] for d in op.deps])
+                now = int(env.now)
+            elif ends and now >= min(ends):
+                yield env.timeout(now - env.now)
+            self.op_start_us[index] = now
+            for buffer_id in op.allocs:
+                self._malloc(buffer_id, index, Stream.COMPUTE, now)
+            duration = durations[index]
+            busy += duration
+            end = now + duration
+            if ends and end > min(ends):
+                yield env.timeout(end - env.now)
+            now = end
+            for buffer_id in op.frees:
+                self._free(buffer_id, index, now)
+            if index in done:
+                if now > env.now:
+                    yield env.timeout(now - env.now)
+                done[index].succeed()
+                yield env.timeout(0)  # let the streams waiting on it start at this instant, before going on
+        if now > env.now:
+            yield env.timeout(now - env.now)
+        self.busy_us[Stream.COMPUTE] = busy
 
     def _run_alone(self, stream: Stream, indices: list[int]) -> int:
         """The same loop for a stream nothing can interleave with: the clock is advanced arithmetically and

@@ -5,11 +5,12 @@ from dataclasses import dataclass
 
 from sim.ops import Phase, Schedule
 from sim.errors import ScenarioError
-from sim.scenario import DType, ModelType, Scenario
+from sim.scenario import DType, ModelType, Optim, Scenario
 from sim.workload import hf_decoder, qwen1
 from sim.workload import primitives as P
 from sim.workload.behaviour import behaviour_for
 from sim.workload.context import RunContext
+from sim.parallel.zero3 import Zero3, Zero3Optimizer
 from sim.workload.optimizer import Optimizer
 from sim.workload.tape import Param, Tape
 
@@ -36,7 +37,10 @@ class BuiltSchedule:
 
 
 def compute_dtype(scenario: Scenario) -> DType | None:
-    """torch.autocast dtype when the Trainer's bf16/fp16 flag meets weights of another dtype (fp32 weights)."""
+    """torch.autocast dtype when the Trainer's bf16/fp16 flag meets weights of another dtype (fp32 weights).
+    Under DeepSpeed the engine converts the model itself and the Trainer runs no autocast."""
+    if scenario.deepspeed is not None:
+        return None
     weights = weights_dtype(scenario)
     wanted = DType.BFLOAT16 if scenario.training.bf16 else DType.FLOAT16 if scenario.training.fp16 else None
     return wanted if wanted is not None and wanted is not weights else None
@@ -44,7 +48,18 @@ def compute_dtype(scenario: Scenario) -> DType | None:
 
 def weights_dtype(scenario: Scenario) -> DType:
     """Config torch_dtype; Qwen1's remote code with no bf16/fp16/fp32 flag set autoselects bf16
-    (modeling_qwen.py QWenLMHeadModel.__init__ autoset_precision) on bf16-capable GPUs."""
+    (modeling_qwen.py QWenLMHeadModel.__init__ autoset_precision) on bf16-capable GPUs. DeepSpeed converts the
+    module to bf16/fp16 when its config enables them (engine.py _configure_distributed_model); a config without
+    the section gets it from the Trainer's flag (accelerate DeepSpeedPlugin.set_mixed_precision adds
+    {"bf16": {"enabled": true}} when the config has no bf16 key)."""
+    if scenario.deepspeed is not None:
+        extra = scenario.deepspeed.model_extra or {}
+        for section, dtype in (("bf16", DType.BFLOAT16), ("fp16", DType.FLOAT16)):
+            node = extra.get(section)
+            flag = node.get("enabled", False) if isinstance(node, dict) else None
+            if flag is True or (flag in ("auto", None) and getattr(scenario.training, section)):
+                return dtype
+        return DType.FLOAT32
     model = scenario.model
     if model.torch_dtype is None and model.model_type is ModelType.QWEN:
         extra = model.model_extra or {}
@@ -89,42 +104,95 @@ def build_schedule(scenario: Scenario) -> BuiltSchedule:
     tape = Tape()
     training = scenario.training
     ctx = _context(scenario, tape)
-    behaviour = ctx.behaviour
+    zero = scenario.deepspeed.zero_optimization if scenario.deepspeed is not None else None
+    if zero is not None and zero.stage == 3:
+        ctx.zero3 = Zero3(tape, zero, scenario.hardware.gpus, weights_dtype(scenario), weights_dtype(scenario))
     tape.op("model.init")
     model = modelling_code(scenario).build_model(ctx, scenario.lora)
     params = model.params()
     trainable = [p for p in params if p.tensor.requires_grad]
-    optimizer = Optimizer(training.optim or behaviour.default_optim, trainable, on_host(scenario),
-                          training.weight_decay)
+    placement = _Zero3Placement(ctx, scenario, params, trainable) if ctx.zero3 else \
+        _LocalPlacement(ctx, scenario, params, trainable)
     states_after_first_step = None
     for step in range(scenario.simulation.steps):
         tape.step = step
         template = None
         for micro in range(training.gradient_accumulation_steps):
             tape.micro_batch = micro
-            if template is not None:  # micro-batches after the second repeat it exactly (grads already exist)
-                tape.replicate(*template, step, micro)
+            # micro-batches after the second repeat it exactly (grads exist) when nothing crosses its ends
+            if template is not None and tape.replicate(*template, step, micro):
                 continue
             start = tape.op_count()
             _micro_batch(ctx, scenario, model)
+            placement.after_micro_batch()
             if micro == 1:
                 template = (start, tape.op_count())
         tape.phase, tape.layer = Phase.OPTIMIZER, None
-        grads_bytes = sum(p.grad.size_bytes for p in trainable if p.grad is not None)
-        if training.max_grad_norm > 0:
-            optimizer.clip_grad_norm(tape)
-        optimizer.step(tape)
-        optimizer.zero_grad(tape, trainable)
-        if states_after_first_step is None:
-            states_after_first_step = ModelStates(
-                parameters=sum(p.tensor.numel for p in params),
-                trainable_parameters=sum(p.tensor.numel for p in trainable),
-                parameters_bytes=sum(p.tensor.size_bytes for p in params),
-                gradients_bytes=grads_bytes,
-                optimizer_states_bytes=optimizer.state_bytes(),
-            )
+        states = placement.step()
+        states_after_first_step = states_after_first_step or states
     tokens = training.per_device_train_batch_size * training.seq_len * training.gradient_accumulation_steps
     return BuiltSchedule(tape.schedule(), states_after_first_step, tokens, _model_flops(scenario, params, tokens))
+
+
+class _LocalPlacement:
+    """Every parameter, gradient and optimizer state whole on this device (one GPU)."""
+
+    def __init__(self, ctx: RunContext, scenario: Scenario, params: list[Param], trainable: list[Param]) -> None:
+        self.tape, self.params, self.trainable = ctx.tape, params, trainable
+        training = scenario.training
+        self.clip = training.max_grad_norm > 0
+        self.optimizer = Optimizer(training.optim or ctx.behaviour.default_optim, trainable, on_host(scenario),
+                                   training.weight_decay)
+
+    def after_micro_batch(self) -> None:
+        pass
+
+    def step(self) -> ModelStates:
+        """clip_grad_norm_, optimizer.step(), model.zero_grad(); returns the model states at the step."""
+        grads_bytes = sum(p.grad.size_bytes for p in self.trainable if p.grad is not None)
+        if self.clip:
+            self.optimizer.clip_grad_norm(self.tape)
+        self.optimizer.step(self.tape)
+        self.optimizer.zero_grad(self.tape, self.trainable)
+        return ModelStates(sum(p.tensor.numel for p in self.params), sum(p.tensor.numel for p in self.trainable),
+                           sum(p.tensor.size_bytes for p in self.params), grads_bytes, self.optimizer.state_bytes())
+
+
+class _Zero3Placement:
+    """DeepSpeed ZeRO-3: partitions, gathers and reduce-scatters (sim/parallel/zero3.py)."""
+
+    def __init__(self, ctx: RunContext, scenario: Scenario, params: list[Param], trainable: list[Param]) -> None:
+        self.tape, self.zero, self.params, self.trainable = ctx.tape, ctx.zero3, params, trainable
+        self.zero.register(params)
+        self.zero.init_buffers(trainable)
+        self.optimizer = Zero3Optimizer(self.zero, trainable, _inner_optimizer_temporaries(ctx, scenario))
+        self.tape.grad_hook = self.zero.on_grad
+
+    def after_micro_batch(self) -> None:
+        self.tape.op("zero3.backward_epilogue")
+        self.zero.end_of_backward()
+        self.zero.end_of_forward_backward()
+
+    def step(self) -> ModelStates:
+        zero = self.zero
+        self.tape.op("zero3.partition_all_parameters")
+        zero.release_and_reset_all()
+        self.optimizer.step()
+        persistent = sum(z.param.tensor.size_bytes for z in zero.states.values() if z.persist)
+        lp = zero.partition_numel(self.params) * zero.dtype.size_bytes
+        grads = zero.partition_numel(self.trainable) * zero.grad_dtype.size_bytes
+        return ModelStates(sum(p.tensor.numel for p in self.params), sum(p.tensor.numel for p in self.trainable),
+                           lp + persistent, grads, self.optimizer.state_bytes())
+
+
+def _inner_optimizer_temporaries(ctx: RunContext, scenario: Scenario) -> int:
+    """fp32 temporaries of the sub-group size in the inner optimizer's step: DeepSpeed's own optimizer (config
+    "optimizer" section → FusedAdam) and torch's fused AdamW make none; torch AdamW foreach makes
+    exp_avg_sq_sqrt (_multi_tensor_adamw)."""
+    if (scenario.deepspeed.model_extra or {}).get("optimizer"):
+        return 0
+    optim = scenario.training.optim or ctx.behaviour.default_optim
+    return 0 if optim in (Optim.ADAMW_TORCH_FUSED, Optim.SGD) else 1
 
 
 def modelling_code(scenario: Scenario):

@@ -11,16 +11,20 @@ from sim.schedule import build_schedule, compute_dtype, weights_dtype
 
 def check_supported(scenario: Scenario) -> None:
     """Refuse, with a clear message, what is not modelled yet rather than simulate it wrongly."""
-    if scenario.hardware.gpus > 1:
+    stage = scenario.deepspeed.zero_optimization.stage if scenario.deepspeed is not None else None
+    if stage in (1, 2):
+        raise ScenarioError(f"deepspeed.zero_optimization.stage: ZeRO stage {stage} is not modelled yet "
+                            "(stage 3 is); use stage 3")
+    if scenario.hardware.gpus > 1 and stage in (None, 0):
         raise ScenarioError(
-            f"hardware: {scenario.hardware.gpus} GPUs need data parallelism (DDP/ZeRO), which is not modelled yet; "
-            "set gpus_per_node: 1 and nodes: 1"
+            f"hardware: {scenario.hardware.gpus} GPUs without ZeRO-3 need DDP, which is not modelled yet; "
+            "use a deepspeed section with zero_optimization.stage 3, or one GPU"
         )
-    if scenario.deepspeed is not None and scenario.deepspeed.zero_optimization.stage > 0:
-        raise ScenarioError(
-            f"deepspeed.zero_optimization.stage: ZeRO stage {scenario.deepspeed.zero_optimization.stage} "
-            "is not modelled yet (data parallelism comes next); remove the deepspeed section"
-        )
+    if scenario.deepspeed is not None:
+        offload = [k for k in ("offload_param", "offload_optimizer")
+                   if (getattr(scenario.deepspeed.zero_optimization, k) or {}).get("device", "none") != "none"]
+        if offload:
+            raise ScenarioError(f"deepspeed.zero_optimization.{offload[0]}: offload is not modelled yet")
     if scenario.strategies:
         raise ScenarioError(f"strategies: unknown strategy kind {scenario.strategies[0].kind!r} (none are defined yet)")
     if scenario.training.seq_len > scenario.model.max_position_embeddings:
@@ -36,6 +40,7 @@ def run_scenario(scenario: Scenario) -> Run:
     device = scenario.hardware.device
     non_pytorch = device.cuda_context_bytes
     allocator = make_allocator(scenario.allocator, max(device.capacity_bytes - non_pytorch, 0))
-    cost = CostModel(device, compute_dtype(scenario) or weights_dtype(scenario) or DType.FLOAT32)
+    cost = CostModel(device, compute_dtype(scenario) or weights_dtype(scenario) or DType.FLOAT32,
+                     scenario.hardware.gpus_per_node, scenario.hardware.nodes)
     result = Engine(built.schedule, allocator, cost).run()
     return Run(scenario, built, result, non_pytorch)

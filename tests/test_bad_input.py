@@ -200,10 +200,19 @@ def test_multi_node_is_refused(tmp_path, capsys):
     assert NOT_MODELLED.search(message), message
 
 
-def test_zero3_is_refused(tmp_path, capsys):
-    scenario = write_yaml(tmp_path / "zero3.yaml", tiny_scenario(deepspeed={"zero_optimization": {"stage": 3}}))
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero12_is_refused(tmp_path, capsys, stage):
+    scenario = write_yaml(tmp_path / "zero.yaml", tiny_scenario(deepspeed={"zero_optimization": {"stage": stage}}))
     message = assert_one_line_error(*run_main(capsys, ["run", str(scenario)]))
-    assert_mentions(message, "deepspeed.zero_optimization.stage", "3")
+    assert_mentions(message, "deepspeed.zero_optimization.stage", str(stage))
+    assert NOT_MODELLED.search(message), message
+
+
+def test_zero3_offload_is_refused(tmp_path, capsys):
+    zero = {"stage": 3, "offload_optimizer": {"device": "cpu"}}
+    scenario = write_yaml(tmp_path / "zero.yaml", tiny_scenario(deepspeed={"zero_optimization": zero}))
+    message = assert_one_line_error(*run_main(capsys, ["run", str(scenario)]))
+    assert_mentions(message, "deepspeed.zero_optimization.offload_optimizer")
     assert NOT_MODELLED.search(message), message
 
 
@@ -349,10 +358,10 @@ def test_plot_into_missing_directory_writes_no_json(tmp_path, capsys):
     [
         with_training(seq_len="long"),  # fails while loading
         with_hardware(gpus_per_node=8),  # loads, refused before simulating
-        tiny_scenario(deepspeed={"zero_optimization": {"stage": 3}}),
+        tiny_scenario(deepspeed={"zero_optimization": {"stage": 2}}),
         with_training(seq_len=4096),  # beyond max_position_embeddings
     ],
-    ids=["load-error", "multi-gpu", "zero3", "seq-too-long"],
+    ids=["load-error", "multi-gpu", "zero2", "seq-too-long"],
 )
 def test_error_leaves_output_directory_empty(tmp_path, capsys, data):
     scenario = write_yaml(tmp_path / "s.yaml", data)

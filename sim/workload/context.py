@@ -20,6 +20,7 @@ class RunContext:
     autocast: DType | None  # torch.autocast dtype when mixed precision casts fp32 weights, else None
     adapter_dtype: DType | None = None
     on_host: bool = False  # a CPU host (calibration) rather than a CUDA device
+    zero3: Any = None  # sim.parallel.zero3.Zero3 when DeepSpeed ZeRO-3 partitions the parameters
     cast_cache: dict[str, Tensor] = field(default_factory=dict)
     kv_cache: list[Tensor] = field(default_factory=list)  # what a training-time DynamicCache keeps alive
 

@@ -13,7 +13,7 @@ from sim.workload.behaviour import KvCache, Rotary, SdpaContiguous
 from sim.workload.checkpoint import checkpoint
 from sim.workload.context import RunContext
 from sim.workload.loss import lm_head_loss
-from sim.workload.modules import Linear, apply_linear, make_param
+from sim.workload.modules import Linear, apply_linear, in_module, make_param
 from sim.workload.tape import Param, Tensor
 
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
@@ -140,6 +140,10 @@ def _maybe_saved_copy(ctx: RunContext, name: str, numel: int, dtype: DType, full
 def rms_norm(ctx: RunContext, name: str, x: Tensor, w: Param) -> Tensor:
     """Qwen2RMSNorm/LlamaRMSNorm: x.to(fp32); var = x.pow(2).mean(-1, keepdim=True);
     x = x * rsqrt(var + eps); return weight * x.to(input_dtype)."""
+    return in_module(ctx, name, [w], x, lambda x: _rms_norm(ctx, name, x, w))
+
+
+def _rms_norm(ctx: RunContext, name: str, x: Tensor, w: Param) -> Tensor:
     tp, h = ctx.tape, ctx.model.hidden_size
     x32 = P.to_dtype(tp, f"{name}.to_fp32", x, DType.FLOAT32)
     squared = P.pow2(tp, f"{name}.pow", x32)
@@ -436,7 +440,9 @@ def forward_loss(ctx: RunContext, model: CausalLM, ids: Tensor, labels: Tensor, 
     """XForCausalLM.forward with labels inside Trainer.compute_loss; returns the loss. The model output (logits,
     past_key_values) is dropped when compute_loss returns, before backward."""
     tp, m = ctx.tape, ctx.model
-    embeds = P.embedding(tp, "model.embed_tokens", ids, model.embed_tokens, m.vocab_size, m.hidden_size)
+    embeds = in_module(ctx, "model.embed_tokens", [model.embed_tokens], ids,
+                       lambda ids: P.embedding(tp, "model.embed_tokens", ids, model.embed_tokens, m.vocab_size,
+                                               m.hidden_size))
     if checkpointing and not embeds.requires_grad:
         # enable_input_require_grads (PEFT/trainers with reentrant checkpointing): the embedding output
         # requires grad so that checkpointed layers produce grads.

@@ -27,7 +27,24 @@ class Linear:
 
 
 def make_param(ctx: RunContext, name: str, numel: int, dtype: DType, trainable: bool) -> Param:
-    return ctx.tape.parameter(name, numel, dtype, trainable, Category.PARAMETERS)
+    """A parameter, resident on the device unless ZeRO-3 partitions it."""
+    return ctx.tape.parameter(name, numel, dtype, trainable, Category.PARAMETERS, resident=ctx.zero3 is None)
+
+
+def in_module(ctx: RunContext, module: str, params: list[Param], x: Tensor, compute) -> Tensor:
+    """Run `compute(x)` as the forward of module `module` owning `params`: under ZeRO-3 with its pre- and
+    post-forward hooks (gather before, release after, and the matching backward hooks)."""
+    zero = ctx.zero3
+    if zero is None:
+        return compute(x)
+    hooked = zero.pre_forward(module, params, x)
+    out = compute(hooked if hooked is not None else x)
+    ctx.tape.drop(hooked)
+    wrapped = zero.post_forward(module, out)
+    if wrapped is None:
+        return out
+    ctx.tape.drop(out)
+    return wrapped
 
 
 def autocast_input(ctx: RunContext, name: str, x: Tensor) -> Tensor:
@@ -58,12 +75,16 @@ def plain_linear(ctx: RunContext, name: str, x: Tensor, weight: Param, in_featur
                  bias: Param | None = None) -> Tensor:
     """F.linear, through autocast's casts when it is active."""
     tp = ctx.tape
-    x_cast = autocast_input(ctx, name, x)
-    w_cast = autocast_param(ctx, weight)
-    b_cast = autocast_param(ctx, bias) if bias is not None else None
-    out = P.linear(tp, name, x_cast, w_cast, in_features, out_features, b_cast)
-    tp.drop(x_cast, w_cast, b_cast)
-    return out
+
+    def compute(x: Tensor) -> Tensor:
+        x_cast = autocast_input(ctx, name, x)
+        w_cast = autocast_param(ctx, weight)
+        b_cast = autocast_param(ctx, bias) if bias is not None else None
+        out = P.linear(tp, name, x_cast, w_cast, in_features, out_features, b_cast)
+        tp.drop(x_cast, w_cast, b_cast)
+        return out
+
+    return in_module(ctx, name, [weight] + ([bias] if bias is not None else []), x, compute)
 
 
 def apply_linear(ctx: RunContext, lin: Linear, x: Tensor) -> Tensor:

@@ -13,7 +13,7 @@ from sim.workload.checkpoint import checkpoint
 from sim.workload.context import RunContext
 from sim.workload.hf_decoder import rms_norm
 from sim.workload.loss import lm_head_loss
-from sim.workload.modules import Linear, apply_linear, make_param
+from sim.workload.modules import Linear, apply_linear, in_module, make_param
 from sim.workload.tape import Param, Tensor
 
 LOGN_POSITIONS = 32767  # logn_list over range(1, 32768) (QWenAttention.__init__)
@@ -227,7 +227,8 @@ def forward_loss(ctx: RunContext, model: QWenLMHeadModel, ids: Tensor, labels: T
     """QWenLMHeadModel.forward with labels; the (b, 1, 1, s) additive mask is built once per forward."""
     tp, m = ctx.tape, ctx.model
     rotary = _rotary_cache(ctx, model)
-    embeds = P.embedding(tp, "transformer.wte", ids, model.wte, m.vocab_size, m.hidden_size)
+    embeds = in_module(ctx, "transformer.wte", [model.wte], ids,
+                       lambda ids: P.embedding(tp, "transformer.wte", ids, model.wte, m.vocab_size, m.hidden_size))
     if checkpointing and not embeds.requires_grad:
         embeds.requires_grad = True  # enable_input_require_grads, as trainers do for LoRA with checkpointing
     tp.op("transformer.attention_mask.to_dtype", bytes_moved=ctx.tokens * 10)

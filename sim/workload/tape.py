@@ -105,7 +105,9 @@ class Tape:
 
     def __init__(self) -> None:
         self.storages: list[Storage] = []
+        self._buffer_source: list[Storage] = []  # per buffer id: the storage it is (or copies, for replicas)
         self._ops: list[_OpDraft | _Replica] = []
+        self._carry: dict[int, Storage] = {}  # replicated spans: template outbound id → its live storage
         self.grad_enabled = True
         self.phase = Phase.FORWARD
         self.layer: int | None = None
@@ -119,8 +121,9 @@ class Tape:
 
     # ---- storages ---------------------------------------------------------------------------------------
     def new_storage(self, name: str, size_bytes: int, category: Category, persistent: bool = False) -> Storage:
-        storage = Storage(len(self.storages), name, size_bytes, category, persistent=persistent)
+        storage = Storage(len(self._buffer_source), name, size_bytes, category, persistent=persistent)
         self.storages.append(storage)
+        self._buffer_source.append(storage)
         return storage
 
     def hold(self, storage: Storage) -> None:
@@ -154,9 +157,12 @@ class Tape:
                 self.release(tensor.storage)
 
     def parameter(self, name: str, numel: int, dtype: DType, requires_grad: bool,
-                  category: Category = Category.PARAMETERS) -> Param:
+                  category: Category = Category.PARAMETERS, resident: bool = True) -> Param:
+        """A parameter. `resident=False`: its full tensor is not kept on the device (ZeRO-3 partitions it);
+        the storage only stands for the param in autograd and is never allocated."""
         storage = self.new_storage(name, numel * dtype.size_bytes, category, persistent=True)
         storage.refs = 1
+        storage.lazy = not resident  # never allocated at t=0 (and no op allocates it)
         param = Param(name, Tensor(storage, numel, dtype, requires_grad))
         param.tensor.param = param
         return param
@@ -341,24 +347,63 @@ class Tape:
     def op_count(self) -> int:
         return len(self._ops)
 
-    def replicate(self, start: int, end: int, step: int, micro_batch: int) -> None:
-        """Run ops[start:end] again as the next micro-batch, reusing its ops and buffer ids.
+    def replicate(self, start: int, end: int, step: int, micro_batch: int) -> bool:
+        """Run ops[start:end] again as the next micro-batch; False if the span does not repeat.
 
-        Only for a self-contained span: every buffer it allocates it also frees, and it frees nothing else.
-        That is what a micro-batch after the first of a step is: same ops, same sizes, same order; and since
-        each of its buffers is freed before the span starts again, the ids can be reused.
+        A self-contained span (every buffer it allocates it frees, and nothing else) is what a micro-batch
+        after the first of a step usually is: it is repeated with the same ops and buffer ids, since each of
+        its buffers is freed before it starts again. A periodic span (ZeRO-3 keeps parameters gathered across
+        micro-batches) frees, on entry, buffers that its previous instance left alive under the same names:
+        it is repeated with fresh ids, the entry frees pointing at the previous instance's buffers.
         """
         drafts = self._ops[start:end]
-        assert all(isinstance(d, _OpDraft) for d in drafts)
-        allocated = sorted(b for d in drafts for b in d.allocs)
-        assert allocated == sorted(b for d in drafts for b in d.frees), "replicated span is not self-contained"
-        self._ops.append(_Replica(start, end, step, micro_batch))
+        if not all(isinstance(d, _OpDraft) for d in drafts):
+            return False
+        allocated = {b for d in drafts for b in d.allocs}
+        freed = {b for d in drafts for b in d.frees}
+        if allocated == freed:
+            self._ops.append(_Replica(start, end, step, micro_batch))
+            return True
+        return self._replicate_periodic(drafts, start, allocated, freed, step, micro_batch)
+
+    def _replicate_periodic(self, drafts: list, start: int, allocated: set, freed: set, step: int,
+                            micro_batch: int) -> bool:
+        source = self._buffer_source
+        outbound = {(source[b].name, source[b].size_bytes): b for b in allocated - freed}
+        inbound = {(source[b].name, source[b].size_bytes): b for b in freed - allocated}
+        if len(outbound) != len(allocated - freed) or outbound.keys() != inbound.keys():
+            return False
+        entry = {inbound[key]: outbound[key] for key in inbound}  # entry-freed id → the template's outbound id
+        mapping: dict[int, int] = {}
+        for b in sorted(allocated):
+            mapping[b] = len(source)
+            source.append(source[b])
+        for old, template_out in entry.items():
+            live = self._carry.get(template_out)
+            mapping[old] = live.buffer_id if live is not None else template_out
+        shift = len(self._ops) - start
+        for d in drafts:
+            self._ops.append(_OpDraft(d.name, d.phase, d.layer, step, micro_batch,
+                                      [mapping[b] for b in d.allocs], [mapping[b] for b in d.frees], d.flops,
+                                      d.bytes_moved, d.stream, tuple(x + shift for x in d.deps), d.wire_bytes))
+        self._waits = [w + shift if w >= start else w for w in self._waits]
+        self._compute = None
+        for template_out in outbound.values():  # what the template left alive now lives under the new ids
+            storage = self._carry.get(template_out) or self._storage_with_id(template_out)
+            storage.buffer_id = mapping[template_out]
+            self._carry[template_out] = storage
+        return True
+
+    def _storage_with_id(self, buffer_id: int) -> Storage:
+        storage = self._buffer_source[buffer_id]
+        assert storage.buffer_id == buffer_id
+        return storage
 
     # ---- result -------------------------------------------------------------------------------------------
     def schedule(self) -> Schedule:
         """Freeze what was recorded into a Schedule of ops on the compute stream."""
-        buffers = [Buffer(s.buffer_id, s.name, s.size_bytes, s.category) for s in self.storages]
-        persistent = [s.buffer_id for s in self.storages if s.persistent and not s.lazy]
+        buffers = [Buffer(i, s.name, s.size_bytes, s.category) for i, s in enumerate(self._buffer_source)]
+        persistent = [i for i, s in enumerate(self._buffer_source) if s.persistent and not s.lazy]
         frozen: dict[int, Op] = {}
         ops: list[Op] = []
         steps: list[int] = []

@@ -1,0 +1,307 @@
+"""DeepSpeed ZeRO-3 as events (deepspeed/runtime/zero/{partition_parameters,partitioned_param_coordinator,
+parameter_offload,stage3}.py): partitioned parameters gathered before each module and released after it,
+with persistence, prefetch from the recorded module trace and the reuse distance; gradients copied into the
+IPG bucket and reduce-scattered into the persistent gradient partition; the optimizer step per sub-group.
+
+One rank is simulated; collectives run on the allgather and reduce streams.
+"""
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from sim.ops import Category, Phase, Stream
+from sim.parallel.partition import padded_partition_numel
+from sim.scenario import DType, ZeroOptimization
+from sim.workload.tape import Node, Param, Tape, Tensor
+
+
+@dataclass(slots=True, eq=False)
+class _Zp:
+    """ZeRO-3 state of one parameter."""
+
+    param: Param
+    partition_numel: int
+    persist: bool
+    gathered: Tensor | None = None  # the full tensor while AVAILABLE (or INFLIGHT)
+    ready_op: int | None = None  # side op after which `gathered` holds the data
+    fetched_for_step: int = -(10**10)  # __most_recent_step_id_param_fetched_for
+
+
+@dataclass(slots=True)
+class Zero3:
+    tape: Tape
+    config: ZeroOptimization
+    world: int
+    dtype: DType  # parameter / communication dtype
+    grad_dtype: DType  # gradient accumulation dtype (data_types.grad_accum_dtype, default the model dtype)
+    states: dict[str, _Zp] = field(default_factory=dict)
+    modules: dict[str, list[Param]] = field(default_factory=dict)
+    trace: list[str] = field(default_factory=list)  # module order of the first micro-batch (fwd + bwd)
+    trace_complete: bool = False
+    step_id: int = 0
+    available_numel: int = 0
+    queue: deque = field(default_factory=deque)
+    ipg: list[tuple[Param, int]] = field(default_factory=list)  # params in the bucket and their numel
+    ipg_numel: int = 0
+    ipg_buffer: Tensor | None = None
+    outstanding_reduces: deque = field(default_factory=deque)
+    micro_step: int = 0
+
+    # ---- set-up -------------------------------------------------------------------------------------------------
+    def register(self, params: list[Param]) -> None:
+        """_convert_to_deepspeed_param + persistence (numel <= param_persistence_threshold, within
+        model_persistence_threshold in total)."""
+        persisted = 0
+        for p in params:
+            numel = p.tensor.numel
+            persist = numel <= self.config.stage3_param_persistence_threshold and \
+                persisted + numel <= self.config.stage3_model_persistence_threshold
+            persisted += numel if persist else 0
+            self.states[p.name] = _Zp(p, padded_partition_numel(numel, self.world), persist)
+
+    def partition_numel(self, params: list[Param]) -> int:
+        return sum(self.states[p.name].partition_numel for p in params)
+
+    def init_buffers(self, trainable: list[Param]) -> None:
+        """What stays on the GPU from engine init: the bf16 partitions (lp_param_buffer), the persistent
+        gradient partitions (grad_partitions_flat_buffer, zeros), the IPG bucket when contiguous_gradients.
+        fp32 master partitions are created by the optimizer set-up (zero3_optimizer_states)."""
+        tp = self.tape
+        tp.persistent_buffer("zero3.lp_param_buffer", self.partition_numel([z.param for z in self.states.values()]),
+                             self.dtype, Category.PARAMETERS)
+        tp.persistent_buffer("zero3.grad_partitions_flat_buffer", self.partition_numel(trainable), self.grad_dtype,
+                             Category.GRADIENTS)
+        if self.config.contiguous_gradients:
+            self.ipg_buffer = tp.persistent_buffer("zero3.ipg_bucket", self.config.reduce_bucket_size, self.dtype,
+                                                   Category.COMMUNICATION)
+
+    # ---- module hooks -----------------------------------------------------------------------------------------
+    def pre_forward(self, module: str, params: list[Param], x: Tensor | None) -> Tensor | None:
+        """_pre_forward_module_hook: fetch, and wrap the input so its backward runs the post-backward release."""
+        self.modules.setdefault(module, params)
+        self.fetch(module)
+        if x is None or not x.requires_grad or not self.tape.grad_enabled:
+            return None
+        return self._hook_node(f"{module}.post_backward_hook", x, lambda: self.release(module))
+
+    def post_forward(self, module: str, out: Tensor) -> Tensor | None:
+        """_post_forward_module_hook: release, and wrap the output so its backward fetches first."""
+        self.release(module)
+        if not out.requires_grad or not self.tape.grad_enabled:
+            return None
+        return self._hook_node(f"{module}.pre_backward_hook", out, lambda: self.fetch(module))
+
+    def _hook_node(self, name: str, x: Tensor, action) -> Tensor:
+        tp = self.tape
+        out = tp.alias(x)
+
+        def backward(tape: Tape, node: Node, grad: Tensor) -> list:
+            action()
+            return [tape.alias(grad)]
+
+        node = tp.record(name, [x], [], backward)
+        return tp.output(out, node)
+
+    # ---- fetch / release (PartitionedParameterCoordinator) ----------------------------------------------------
+    def fetch(self, module: str) -> None:
+        params = self.modules[module]
+        if not self.trace_complete:
+            self.trace.append(module)
+        missing = [p for p in params if self.states[p.name].gathered is None]
+        if missing:
+            self._all_gather(missing)
+        for p in params:
+            zp = self.states[p.name]
+            if zp.ready_op is not None:
+                self.tape.wait_for(zp.ready_op)
+        self.step_id += 1
+        if self.trace_complete:
+            self._prefetch(params)
+
+    def _prefetch(self, params: list[Param]) -> None:
+        """Pop this module's params off the queue, then gather the next ones in trace order up to
+        min(max_live_parameters - available, prefetch_bucket_size) elements."""
+        fetched = {p.name for p in params if self.states[p.name].fetched_for_step < self.step_id}
+        popped = 0
+        while self.queue and popped < len(fetched):
+            name, used_at = self.queue.popleft()
+            self.states[name].fetched_for_step = max(self.states[name].fetched_for_step, used_at)
+            popped += 1
+        budget = min(self.config.stage3_max_live_parameters - self.available_numel,
+                     self.config.stage3_prefetch_bucket_size)
+        chosen, numel = [], 0
+        while self.queue and numel < budget:
+            name, used_at = self.queue.popleft()
+            zp = self.states[name]
+            if zp.gathered is None and zp.param not in chosen:
+                chosen.append(zp.param)
+                numel += zp.param.tensor.numel
+            zp.fetched_for_step = max(zp.fetched_for_step, used_at)
+        if chosen:
+            self._all_gather(chosen)
+
+    def _all_gather(self, params: list[Param]) -> None:
+        """all_gather_coalesced on the allgather stream. One param: a buffer of ceil(numel/P)·P and the param is
+        a view of it. Several: a flat buffer Σ partition·P, then at wait() torch.cat of each param's slices (new
+        full tensors) and the flat buffer is released (partition_parameters.py AllGatherCoalescedHandle)."""
+        tp, P = self.tape, self.world
+        size = self.dtype.size_bytes
+        total = sum(self.states[p.name].partition_numel for p in params)
+        wire = (P - 1) * total * size  # ring all-gather: each rank sends and receives (P-1)/P of the result
+        label = params[0].name if len(params) == 1 else f"{params[0].name}+{len(params) - 1}"
+        gather = tp.side_op(f"zero3.allgather[{label}]", Stream.ALLGATHER, bytes_moved=2 * total * P * size,
+                            wire_bytes=wire)
+        if len(params) == 1:
+            zp = self.states[params[0].name]
+            zp.gathered = tp.empty_in(gather, f"{params[0].name}.gathered", total * P, self.dtype,
+                                      Category.PARAMETERS)
+            zp.ready_op = gather
+        else:
+            flat = tp.empty_in(gather, "zero3.allgather_flat", total * P, self.dtype, Category.COMMUNICATION)
+            wait = tp.side_op(f"zero3.allgather_wait[{label}]", Stream.ALLGATHER, bytes_moved=2 * total * P * size,
+                              deps=(gather,))
+            for p in params:
+                zp = self.states[p.name]
+                zp.gathered = tp.empty_in(wait, f"{p.name}.gathered", p.tensor.numel, self.dtype,
+                                          Category.PARAMETERS)
+                zp.ready_op = wait
+            tp.release_in(wait, flat.storage)
+        for p in params:
+            self.available_numel += p.tensor.numel
+
+    def release(self, module: str) -> None:
+        """release_sub_module: partition the module's params unless persistent, prefetched past, or used again
+        within max_reuse_distance elements of the trace."""
+        params = self.modules[module]
+        keep = {p.name for p in params if self.states[p.name].persist}
+        if self.trace_complete:
+            keep |= {p.name for p in params if self.states[p.name].fetched_for_step > self.step_id}
+            traversed = 0
+            for upcoming in self.trace[self.step_id:]:
+                if traversed >= self.config.stage3_max_reuse_distance:
+                    break
+                for p in self.modules[upcoming]:
+                    keep.add(p.name)
+                    traversed += p.tensor.numel
+        for p in params:
+            if p.name not in keep:
+                self._partition(self.states[p.name])
+
+    def _partition(self, zp: _Zp) -> None:
+        if zp.gathered is None:
+            return
+        self.tape.drop(zp.gathered)  # param.data = empty (record_stream on the compute stream)
+        zp.gathered, zp.ready_op = None, None
+        self.available_numel -= zp.param.tensor.numel
+
+    def end_of_forward_backward(self) -> None:
+        """After a micro-batch: the trace of the first one is complete; the fetch queue and step id restart."""
+        self.trace_complete = True
+        self.step_id = 0
+        self.queue = deque()
+        for step_id, module in enumerate(self.trace):
+            for p in self.modules[module]:
+                self.queue.append((p.name, step_id))
+        for zp in self.states.values():
+            zp.fetched_for_step = -(10**10)
+            zp.ready_op = None  # gathers of kept params completed before their use in this micro-batch
+
+    def release_and_reset_all(self) -> None:
+        """stage3 step(): every non-persistent parameter back to its partition."""
+        for zp in self.states.values():
+            if not zp.persist:
+                self._partition(zp)
+
+    # ---- gradients --------------------------------------------------------------------------------------------
+    def on_grad(self, param: Param, grad: Tensor) -> None:
+        """reduce_ready_partitions_and_remove_grads: flush the bucket when this grad would overflow it, then copy
+        the grad into the IPG bucket on the reduce stream (the original is freed after the copy); a param larger
+        than the bucket keeps its own grad until its reduce."""
+        tp = self.tape
+        numel = param.tensor.numel
+        if self.ipg_numel + numel > self.config.reduce_bucket_size and self.ipg:
+            self._reduce_ipg()
+        if self.ipg_buffer is not None and self.ipg_numel + numel <= self.config.reduce_bucket_size:
+            copy = tp.side_op(f"zero3.ipg_copy[{param.name}]", Stream.REDUCE, bytes_moved=2 * grad.size_bytes)
+            tp.release_in(copy, grad.storage)
+            self.ipg.append((param, numel, None))
+        else:
+            self.ipg.append((param, numel, grad))
+        self.ipg_numel += numel
+
+    def _reduce_ipg(self) -> None:
+        """__reduce_and_partition_ipg_grads on the reduce stream: reduce_scatter_coalesced concatenates the padded
+        per-rank chunks into a new flat buffer (bucket size), reduce-scatters in place, and the rank's slices are
+        copied (first micro-step) or added into grad_partitions_flat_buffer; at most 2 reduces in flight."""
+        tp, P, size = self.tape, self.world, self.dtype.size_bytes
+        padded = sum(padded_partition_numel(n, P) * P for _, n, _ in self.ipg)
+        deps = (self.outstanding_reduces.popleft(),) if len(self.outstanding_reduces) >= 2 else ()
+        reduce = tp.side_op(f"zero3.reduce_scatter[{self.ipg[0][0].name}+{len(self.ipg) - 1}]", Stream.REDUCE,
+                            bytes_moved=3 * padded * size, wire_bytes=(P - 1) * padded // P * size, deps=deps)
+        flat = tp.empty_in(reduce, "zero3.reduce_scatter_flat", padded, self.dtype, Category.COMMUNICATION)
+        tp.release_in(reduce, flat.storage)
+        for _, _, own_grad in self.ipg:
+            if own_grad is not None:
+                tp.release_in(reduce, own_grad.storage)
+        self.outstanding_reduces.append(reduce)
+        self.ipg, self.ipg_numel = [], 0
+
+    def end_of_backward(self) -> None:
+        """independent_gradient_partition_epilogue: flush the last bucket and synchronise the reduce stream."""
+        if self.ipg:
+            self._reduce_ipg()
+        for reduce in self.outstanding_reduces:
+            self.tape.wait_for(reduce)
+        self.outstanding_reduces.clear()
+        self.micro_step += 1
+
+
+def sub_groups(zero: Zero3, trainable: list[Param]) -> list[int]:
+    """Elements per optimizer sub-group: params are appended until a group reaches sub_group_size
+    (stage3.py _create_fp16_sub_groups)."""
+    groups, current = [], 0
+    for p in trainable:
+        current += zero.states[p.name].partition_numel
+        if current >= zero.config.sub_group_size:
+            groups.append(current)
+            current = 0
+    if current:
+        groups.append(current)
+    return groups
+
+
+class Zero3Optimizer:
+    """The ZeRO-3 optimizer side: fp32 master partitions and Adam states per sub-group, created at engine init
+    (initialize_optimizer_states runs one step on zero grads), and the per-sub-group step: flatten the bf16
+    gradient partitions, cast them to fp32, step, copy back into the bf16 partitions."""
+
+    def __init__(self, zero: Zero3, trainable: list[Param], temporaries_per_step: int) -> None:
+        """`temporaries_per_step`: fp32 tensors of the sub-group size the inner optimizer makes in its step
+        (torch AdamW foreach: exp_avg_sq_sqrt = 1; DeepSpeed FusedAdam, torch fused: 0)."""
+        self.zero = zero
+        self.groups = sub_groups(zero, trainable)
+        self.temporaries = temporaries_per_step
+        tp = zero.tape
+        for index, numel in enumerate(self.groups):
+            tp.persistent_buffer(f"zero3.fp32_partitioned_groups_flat[{index}]", numel, DType.FLOAT32,
+                                 Category.OPTIMIZER_STATES)
+            for state in ("exp_avg", "exp_avg_sq"):
+                tp.persistent_buffer(f"zero3.group{index}.{state}", numel, DType.FLOAT32, Category.OPTIMIZER_STATES)
+
+    def state_bytes(self) -> int:
+        return 12 * sum(self.groups)
+
+    def step(self) -> None:
+        tp, zero = self.zero.tape, self.zero
+        for index, numel in enumerate(self.groups):
+            tp.op(f"zero3.step.group{index}.flatten_grads", bytes_moved=4 * numel * zero.grad_dtype.size_bytes)
+            flat = tp.empty(f"zero3.group{index}.flat_grad", numel, zero.grad_dtype, Category.TEMPORARIES)
+            tp.op(f"zero3.step.group{index}.grad_to_fp32", bytes_moved=6 * numel)
+            grad32 = tp.empty(f"zero3.group{index}.fp32_grad", numel, DType.FLOAT32, Category.TEMPORARIES)
+            tp.drop(flat)
+            tp.op(f"zero3.step.group{index}.optimizer_step", flops=12.0 * numel, bytes_moved=28 * numel)
+            temps = [tp.empty(f"zero3.group{index}.optimizer_temp", numel, DType.FLOAT32)
+                     for _ in range(self.temporaries)]
+            tp.drop(*temps)
+            tp.op(f"zero3.step.group{index}.copy_to_bf16", bytes_moved=6 * numel)
+            tp.drop(grad32)
