@@ -46,11 +46,10 @@ class Engine:
         self.busy_us: dict[Stream, int] = {}
         self.op_start_us = [0] * len(schedule.ops)
         self._sizes = [b.size_bytes for b in schedule.buffers]
-        distinct, positions = schedule.distinct_ops()
-        distinct_durations = cost.durations_us(distinct)
-        self._durations = [distinct_durations[i] for i in positions]
+        self._durations = cost.durations_us(schedule.ops)
         self._side_ends: list[int] = []  # end times of running side-stream (collective) ops
-        self._streams = sorted({op.stream for op in distinct}, key=list(Stream).index)
+        used = {op.stream._value_ for op in schedule.ops}
+        self._streams = [stream for stream in Stream if stream.value in used]
 
     def run(self) -> EngineResult:
         """Allocate persistent buffers at t=0, start one process per stream, run to the end."""

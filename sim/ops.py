@@ -73,17 +73,3 @@ class Schedule:
     ops: list[Op] = field(default_factory=list)
     op_step: list[int] = field(default_factory=list)
     op_micro_batch: list[int] = field(default_factory=list)
-
-    def distinct_ops(self) -> tuple[list[Op], list[int]]:
-        """The distinct Op objects, and for each op position the index of its distinct op (replicas share)."""
-        index_of: dict[int, int] = {}
-        distinct: list[Op] = []
-        positions = []
-        for op in self.ops:
-            key = id(op)
-            found = index_of.get(key)
-            if found is None:
-                found = index_of[key] = len(distinct)
-                distinct.append(op)
-            positions.append(found)
-        return distinct, positions

@@ -92,9 +92,7 @@ def _step_time_s(run: Run) -> float:
 
 def _phase_peaks(run: Run) -> dict:
     trace = run.engine.trace
-    distinct, positions = run.schedule.distinct_ops()
-    distinct_phase = [op.phase.value for op in distinct]
-    phase_of_op = np.array([distinct_phase[i] for i in positions] + ["init"], dtype=object)
+    phase_of_op = np.array([op.phase._value_ for op in run.schedule.ops] + ["init"], dtype=object)
     event_phase = phase_of_op[trace.op_index]  # op_index -1 picks "init"
     out = {}
     for group, phases in PHASE_GROUPS.items():

@@ -6,7 +6,7 @@ Shapes: b batch, s sequence, h hidden, a heads, k kv heads, d head dim, i interm
 
 from dataclasses import dataclass, field
 
-from sim.ops import Category
+from sim.ops import Category, Phase
 from sim.scenario import AttnImplementation, DType, Lora, ModelType
 from sim.workload import primitives as P
 from sim.workload.behaviour import KvCache, Rotary, SdpaContiguous
@@ -18,6 +18,7 @@ from sim.workload.tape import Param, Tensor
 
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 SAVABLE_MODULES = ("embed_tokens", "lm_head")
+CPU_RNG_STATE_BYTES = 5056  # torch.get_rng_state().numel() for the CPU generator (torch 2.x)
 LINEAR_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
                  "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 
@@ -239,8 +240,11 @@ def attention(ctx: RunContext, layer: DecoderLayer, x: Tensor, mask: Tensor | No
     lin = layer.linears
     eager = ctx.attn is AttnImplementation.EAGER
     # q/k/v: linear, then .view(b, s, heads, d).transpose(1, 2): views whose grads come back through a copy in eager.
-    q = P.view(tp, apply_linear(ctx, lin["q_proj"], x), backward_copies=eager)
-    k = P.view(tp, apply_linear(ctx, lin["k_proj"], x), backward_copies=eager)
+    # On a CPU host the q and k grads also reach these views in (b, heads, s, d) layout after the rotary
+    # backward with sdpa (measured: ViewBackward0 clone of b·s·a·d and b·s·k·d per layer, docs/validation.md).
+    rotary_copies = eager or ctx.on_host
+    q = P.view(tp, apply_linear(ctx, lin["q_proj"], x), backward_copies=rotary_copies)
+    k = P.view(tp, apply_linear(ctx, lin["k_proj"], x), backward_copies=rotary_copies)
     v = P.view(tp, apply_linear(ctx, lin["v_proj"], x), backward_copies=eager)
     for t in (q, k, v):  # the view holds the projection output; drop the projection's own reference
         tp.release(t.storage)
@@ -331,7 +335,8 @@ def _sdpa(ctx: RunContext, prefix: str, q: Tensor, k: Tensor, v: Tensor, mask: T
         q_in = tp.alias(q)
     flops = 2.0 * b * a * s * s * d
     if mask is None:
-        out = P.flash_attention(tp, f"{prefix}.sdpa", q_in, k_in, v_in, b, a, kv_heads, s, d, flops)
+        out = P.flash_attention(tp, f"{prefix}.sdpa", q_in, k_in, v_in, b, a, kv_heads, s, d, flops,
+                                on_host=ctx.on_host)
     else:
         out = P.efficient_attention(tp, f"{prefix}.sdpa", q_in, k_in, v_in, mask, b, a, s, d, flops)
     tp.drop(q_in, k_in, v_in)
@@ -352,7 +357,9 @@ def _flash_kernel(ctx: RunContext, prefix: str, q: Tensor, k: Tensor, v: Tensor,
     else:
         k_in, v_in, kv_heads = tp.alias(k), tp.alias(v), m.kv_heads
     flops = 2.0 * b * a * s * s * d  # causal: half of 4·b·a·s²·d
-    out = P.flash_attention(tp, f"{prefix}.{kernel}", q, k_in, v_in, b, a, kv_heads, s, d, flops)
+    # on a host torch SDPA runs _scaled_dot_product_flash_attention_for_cpu (flash_attn_func needs CUDA)
+    out = P.flash_attention(tp, f"{prefix}.{kernel}", q, k_in, v_in, b, a, kv_heads, s, d, flops,
+                            on_host=ctx.on_host and kernel == "sdpa")
     tp.drop(k_in, v_in)
     return out
 
@@ -436,13 +443,26 @@ def llama_layer_mask(ctx: RunContext, full: Tensor, layer: int) -> Tensor:
     return tp.empty("causal_mask.layer", cells, full.dtype)
 
 
+def _host_rng_stash(ctx: RunContext) -> Tensor | None:
+    """torch.get_rng_state() on a CPU host: a 5,056-byte uint8 tensor (the mt19937 state plus the normal-sampling
+    cache, aten/src/ATen/CPUGeneratorImpl.cpp CPUGeneratorImplState). Reentrant checkpointing
+    (torch/utils/checkpoint.py, preserve_rng_state=True) takes one in CheckpointFunction.forward
+    (ctx.fwd_cpu_state, kept until the graph is freed) and one in backward, where torch.random.fork_rng holds the
+    current state while the layer is recomputed. On a GPU run both are host memory, so only a host counts them."""
+    if not ctx.on_host:
+        return None
+    tp = ctx.tape
+    tp.op("checkpoint.get_rng_state", bytes_moved=CPU_RNG_STATE_BYTES)
+    return tp.empty("cpu_rng_state", CPU_RNG_STATE_BYTES, DType.BOOL)  # uint8: one byte each, as bool
+
+
 def forward_loss(ctx: RunContext, model: CausalLM, ids: Tensor, labels: Tensor, checkpointing: bool) -> Tensor:
     """XForCausalLM.forward with labels inside Trainer.compute_loss; returns the loss. The model output (logits,
     past_key_values) is dropped when compute_loss returns, before backward."""
     tp, m = ctx.tape, ctx.model
     embeds = in_module(ctx, "model.embed_tokens", [model.embed_tokens], ids,
                        lambda ids: P.embedding(tp, "model.embed_tokens", ids, model.embed_tokens, m.vocab_size,
-                                               m.hidden_size))
+                                               m.hidden_size, on_host=ctx.on_host))
     if checkpointing and not embeds.requires_grad:
         # enable_input_require_grads (PEFT/trainers with reentrant checkpointing): the embedding output
         # requires grad so that checkpointed layers produce grads.
@@ -456,14 +476,27 @@ def forward_loss(ctx: RunContext, model: CausalLM, ids: Tensor, labels: Tensor, 
     if ctx.behaviour.rotary is Rotary.MODEL_LEVEL:
         rotary = rotary_computed(ctx, "model.rotary_emb", hidden_dtype, scaled=True)
     extra = [t for t in (mask, *(rotary or ())) if t is not None]
+    stashes: list[Tensor] = []
+    graph_end = None
     hidden = embeds
     for layer in model.layers:
         tp.layer = layer.index
 
         def run_layer(x: Tensor, layer: DecoderLayer = layer) -> Tensor:
-            return decoder_layer(ctx, layer, x, mask, rotary)
+            stash = _host_rng_stash(ctx) if checkpointing else None
+            out = decoder_layer(ctx, layer, x, mask, rotary)
+            if stash is not None and tp.phase is Phase.FORWARD:
+                stashes.append(stash)
+            else:
+                tp.drop(stash)  # fork_rng's copy goes when the recompute's forward returns
+            return out
 
         out = checkpoint(ctx, run_layer, hidden, extra) if checkpointing else run_layer(hidden)
+        if stashes and graph_end is None:
+            graph_end = embeds.node or out.node  # the node autograd runs last
+        if graph_end is not None:
+            graph_end.saved += [t.storage for t in stashes]  # ctx.fwd_cpu_state: alive until the graph is freed
+            stashes.clear()
         tp.drop(hidden)
         hidden = out
     tp.layer = None

@@ -442,19 +442,25 @@ def _bmm_backward(tp: Tape, node: Node, grad: Tensor) -> list:
     return grads
 
 
-def embedding(tp: Tape, name: str, ids: Tensor, w: Param, vocab: int, hidden: int) -> Tensor:
+def embedding(tp: Tape, name: str, ids: Tensor, w: Param, vocab: int, hidden: int, on_host: bool = False) -> Tensor:
     """F.embedding: saves the indices. embedding_dense_backward_cuda allocates zeros (vocab, hidden) in the grad's
     dtype plus sorted/original index copies and a per-token fp32 partial-sum buffer
-    (aten/src/ATen/native/cuda/Embedding.cu, EmbeddingBackwardKernel.cu)."""
+    (aten/src/ATen/native/cuda/Embedding.cu, EmbeddingBackwardKernel.cu). On a CPU host (`on_host`)
+    embedding_dense_backward_cpu (aten/src/ATen/native/Embedding.cpp) allocates only the zeros (vocab, hidden)
+    and index_add's the (already contiguous) grad rows into it."""
     tokens = ids.numel
     tp.op(name, bytes_moved=2 * tokens * hidden * w.tensor.dtype.size_bytes)
     out = tp.empty(f"{name}.out", tokens * hidden, w.tensor.dtype)
-    node = tp.record(name, [w.tensor], [ids], _embedding_backward, tokens=tokens, vocab=vocab, hidden=hidden)
+    node = tp.record(name, [w.tensor], [ids], _embedding_backward, tokens=tokens, vocab=vocab, hidden=hidden,
+                     on_host=on_host)
     return tp.output(out, node)
 
 
 def _embedding_backward(tp: Tape, node: Node, grad: Tensor) -> list:
     tokens, vocab, hidden = node.ctx["tokens"], node.ctx["vocab"], node.ctx["hidden"]
+    if node.ctx["on_host"]:  # embedding_dense_backward_cpu: grad_weight = at::zeros({num_weights, h}) only
+        tp.op(f"{node.name}.backward", bytes_moved=vocab * hidden * grad.dtype.size_bytes)
+        return [tp.empty(f"{node.name}.backward.out", vocab * hidden, node.inputs[0].dtype)]
     tp.op(f"{node.name}.backward.sort", bytes_moved=4 * tokens * I64.size_bytes)
     indices = tp.empty("embedding_backward.sorted_indices", 2 * tokens, I64)
     tp.op(f"{node.name}.backward.partials", bytes_moved=tokens * hidden * 4)
@@ -467,11 +473,16 @@ def _embedding_backward(tp: Tape, node: Node, grad: Tensor) -> list:
 
 # ---- attention kernels ---------------------------------------------------------------------------------------------
 def flash_attention(tp: Tape, name: str, q: Tensor, k: Tensor, v: Tensor, batch: int, heads: int, kv_heads: int,
-                    seq: int, head_dim: int, flops: float, rounded_workspace: bool = True) -> Tensor:
+                    seq: int, head_dim: int, flops: float, rounded_workspace: bool = True,
+                    on_host: bool = False) -> Tensor:
     """A FlashAttention-2 kernel (flash_attn_func, or torch SDPA's flash backend): output + fp32 logsumexp
     (b, heads, seq) + rng state saved with q, k, v.  Backward (flash_api.cpp mha_bwd) allocates dq, dk, dv,
     dq_accum fp32 (b, round128(s), h, round32(d)), softmax_d fp32 (b, h, round128(s)) and, for GQA,
-    dk/dv expanded to all heads before summing to the kv heads."""
+    dk/dv expanded to all heads before summing to the kv heads.
+    On a CPU host (`on_host`) torch SDPA's flash backend is _scaled_dot_product_flash_attention_for_cpu instead:
+    see `_cpu_flash_attention`."""
+    if on_host:
+        return _cpu_flash_attention(tp, name, q, k, v, batch, heads, kv_heads, seq, head_dim, flops)
     out_numel = batch * seq * heads * head_dim
     tp.op(name, flops=flops, bytes_moved=(q.numel + k.numel + v.numel + out_numel) * q.dtype.size_bytes)
     out = tp.empty(f"{name}.out", out_numel, q.dtype)
@@ -504,6 +515,61 @@ def _flash_backward(tp: Tape, node: Node, grad: Tensor) -> list:
         workspace += [tp.empty(f"{node.name}.dk_expanded", b * s * h * d, dtype),
                       tp.empty(f"{node.name}.dv_expanded", b * s * h * d, dtype)]
     tp.drop(*workspace)
+    grads = [dq if q is not None else None, dk if k is not None else None, dv if v is not None else None]
+    tp.drop(*[g for g, t in zip((dq, dk, dv), (q, k, v)) if t is None])
+    return grads
+
+
+def _cpu_flash_splits(seq: int) -> tuple[int, int]:
+    """(qSplitSize, kvSplitSize) of aten/src/ATen/native/cpu/FlashAttentionKernel.cpp: the kernel is instantiated
+    with q_split 256 (s >= 768), 64 (s >= 192) or 32, kv_split 512, each capped at the sequence length."""
+    q_split = 256 if seq >= 768 else 64 if seq >= 192 else 32
+    return min(q_split, seq), min(512, seq)
+
+
+def _cpu_flash_attention(tp: Tape, name: str, q: Tensor, k: Tensor, v: Tensor, batch: int, heads: int,
+                         kv_heads: int, seq: int, head_dim: int, flops: float) -> Tensor:
+    """_scaled_dot_product_flash_attention_for_cpu (aten/src/ATen/native/transformers/attention.cpp and
+    native/cpu/FlashAttentionKernel.cpp cpu_flash_attention): output (b, s, heads, d) and an fp32 logsumexp
+    (b, s, heads), both saved with q, k, v (no rng state); inside the kernel a per-thread fp32 buffer
+    qSplit·kvSplit (qk) + 2·qSplit (max, sum) + qSplit·d (dst), and for bf16/fp16 a qSplit·kvSplit buffer in the
+    input dtype, freed on return. GQA is native: k and v keep their kv heads. One thread (the calibration runs
+    torch.set_num_threads(1)); each further thread adds one more of each buffer."""
+    out_numel = batch * seq * heads * head_dim
+    dtype = q.dtype
+    q_split, kv_split = _cpu_flash_splits(seq)
+    tp.op(name, flops=flops, bytes_moved=(q.numel + k.numel + v.numel + out_numel) * dtype.size_bytes)
+    out = tp.empty(f"{name}.out", out_numel, dtype)
+    lse = tp.empty(f"{name}.logsumexp", batch * heads * seq, F32)
+    scratch = [tp.empty(f"{name}.buf", q_split * kv_split + 2 * q_split + q_split * head_dim, F32)]
+    if dtype is not F32:
+        scratch.append(tp.empty(f"{name}.buf_reduced", q_split * kv_split, dtype))
+    tp.drop(*scratch)
+    node = tp.record(name, [q, k, v], [q, k, v, out, lse], _cpu_flash_backward, batch=batch, heads=heads,
+                     kv_heads=kv_heads, seq=seq, head_dim=head_dim, flops=2.5 * flops)
+    tp.drop(lse)
+    return tp.output(out, node)
+
+
+def _cpu_flash_backward(tp: Tape, node: Node, grad: Tensor) -> list:
+    """_scaled_dot_product_flash_attention_cpu_backward: grad_q/k/v = at::zeros of q/k/v's (b, s, heads, d)
+    sizes (kv heads for k and v), then cpu_flash_attention_backward's per-thread fp32 buffer 2·qSplit·kvSplit
+    (attn, grad_attn), a reduced-dtype one of the same size for bf16/fp16, and an fp32 dsum of qSplit per
+    parallel chunk; the scratch is freed on return."""
+    c = node.ctx
+    b, h, kvh, s, d = c["batch"], c["heads"], c["kv_heads"], c["seq"], c["head_dim"]
+    q, k, v = node.inputs
+    dtype = grad.dtype
+    q_split, kv_split = _cpu_flash_splits(s)
+    tp.op(f"{node.name}.backward", flops=c["flops"], bytes_moved=6 * b * s * h * d * dtype.size_bytes)
+    dq = tp.empty(f"{node.name}.grad_q", b * s * h * d, dtype)
+    dk = tp.empty(f"{node.name}.grad_k", b * s * kvh * d, dtype)
+    dv = tp.empty(f"{node.name}.grad_v", b * s * kvh * d, dtype)
+    scratch = [tp.empty(f"{node.name}.buf", 2 * q_split * kv_split, F32)]
+    if dtype is not F32:
+        scratch.append(tp.empty(f"{node.name}.buf_reduced", 2 * q_split * kv_split, dtype))
+    scratch.append(tp.empty(f"{node.name}.dsum", q_split, F32))
+    tp.drop(*reversed(scratch))
     grads = [dq if q is not None else None, dk if k is not None else None, dv if v is not None else None]
     tp.drop(*[g for g, t in zip((dq, dk, dv), (q, k, v)) if t is None])
     return grads

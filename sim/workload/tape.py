@@ -100,6 +100,21 @@ class _Replica:
     micro_batch: int
 
 
+@dataclass(frozen=True, slots=True)
+class _Remapped:
+    """ops[start:end] again with the span's own buffers moved to fresh ids (+moved) and the buffers it frees on
+    entry mapped to the ones its previous instance left alive (see Tape.replicate)."""
+
+    start: int
+    end: int
+    moved: int
+    low: int  # the span's own buffer ids are [low, high)
+    high: int
+    entry: dict  # buffer id freed on entry → id to free instead
+    step: int
+    micro_batch: int
+
+
 class Tape:
     """Builds the schedule of one rank while modelling code runs on it."""
 
@@ -116,6 +131,8 @@ class Tape:
         self._seq = 0
         self._nodes: list[Node] = []  # nodes recorded since the last backward, in creation order
         self._compute: int | None = None  # index of the current compute op (frees attach to it)
+        self._final_of: list[int] = []  # per entry of _ops: the position of its (first) op in the schedule
+        self._final_total = 0
         self._waits: list[int] = []  # side ops the next compute op waits for
         self.grad_hook: Callable[[Param, Tensor], None] | None = None  # ZeRO/DDP take param grads over
 
@@ -186,6 +203,8 @@ class Tape:
         deps, self._waits = tuple(self._waits), []
         self._ops.append(_OpDraft(name, self.phase, self.layer, self.step, self.micro_batch, [], [], flops,
                                   bytes_moved, Stream.COMPUTE, deps))
+        self._final_of.append(self._final_total)
+        self._final_total += 1
         self._compute = len(self._ops) - 1
 
     def side_op(self, name: str, stream: Stream, bytes_moved: int = 0, wire_bytes: int = 0,
@@ -193,14 +212,17 @@ class Tape:
         """An op on another stream (a collective). Returns its index for `empty_in`, `release_in`, `wait_for`.
         It is issued after the current compute op, which it waits for as CUDA stream semantics imply
         (wait_stream before the collective), plus any `deps`."""
-        after = (self._compute,) if self._compute is not None else ()
+        final = self._final_of
+        after = (final[self._compute],) if self._compute is not None else ()
         self._ops.append(_OpDraft(name, self.phase, self.layer, self.step, self.micro_batch, [], [], 0.0,
-                                  bytes_moved, stream, after + deps, wire_bytes))
+                                  bytes_moved, stream, after + tuple(final[d] for d in deps), wire_bytes))
+        self._final_of.append(self._final_total)
+        self._final_total += 1
         return len(self._ops) - 1
 
     def wait_for(self, op_index: int) -> None:
         """The next compute op waits until side op `op_index` has finished (wait_stream / event wait)."""
-        self._waits.append(op_index)
+        self._waits.append(self._final_of[op_index])
 
     def empty_in(self, op_index: int, name: str, numel: int, dtype: DType, category: Category) -> Tensor:
         """A new tensor allocated by side op `op_index`, held by the caller."""
@@ -362,35 +384,36 @@ class Tape:
         allocated = {b for d in drafts for b in d.allocs}
         freed = {b for d in drafts for b in d.frees}
         if allocated == freed:
-            self._ops.append(_Replica(start, end, step, micro_batch))
+            self._append_replica(_Replica(start, end, step, micro_batch), end - start)
             return True
-        return self._replicate_periodic(drafts, start, allocated, freed, step, micro_batch)
+        return self._replicate_periodic(start, end, allocated, freed, step, micro_batch)
 
-    def _replicate_periodic(self, drafts: list, start: int, allocated: set, freed: set, step: int,
+    def _append_replica(self, entry: "_Replica | _Remapped", count: int) -> None:
+        self._ops.append(entry)
+        self._final_of.append(self._final_total)
+        self._final_total += count
+        self._compute = None  # the next op starts a new compute op before anything is freed
+
+    def _replicate_periodic(self, start: int, end: int, allocated: set, freed: set, step: int,
                             micro_batch: int) -> bool:
         source = self._buffer_source
         outbound = {(source[b].name, source[b].size_bytes): b for b in allocated - freed}
         inbound = {(source[b].name, source[b].size_bytes): b for b in freed - allocated}
-        if len(outbound) != len(allocated - freed) or outbound.keys() != inbound.keys():
+        low, high = min(allocated), max(allocated) + 1
+        if len(outbound) != len(allocated - freed) or outbound.keys() != inbound.keys() or \
+                high - low != len(allocated):
             return False
-        entry = {inbound[key]: outbound[key] for key in inbound}  # entry-freed id → the template's outbound id
-        mapping: dict[int, int] = {}
-        for b in sorted(allocated):
-            mapping[b] = len(source)
-            source.append(source[b])
-        for old, template_out in entry.items():
-            live = self._carry.get(template_out)
-            mapping[old] = live.buffer_id if live is not None else template_out
-        shift = len(self._ops) - start
-        for d in drafts:
-            self._ops.append(_OpDraft(d.name, d.phase, d.layer, step, micro_batch,
-                                      [mapping[b] for b in d.allocs], [mapping[b] for b in d.frees], d.flops,
-                                      d.bytes_moved, d.stream, tuple(x + shift for x in d.deps), d.wire_bytes))
-        self._waits = [w + shift if w >= start else w for w in self._waits]
-        self._compute = None
+        moved = len(source) - low  # the span's own buffers get the next ids, in the same order
+        source.extend(source[low:high])
+        entry = {inbound[key]: (self._carry[out].buffer_id if out in self._carry else out)
+                 for key, out in outbound.items()}
+        first = self._final_total
+        template_first = self._final_of[start]
+        self._append_replica(_Remapped(start, end, moved, low, high, entry, step, micro_batch), end - start)
+        self._waits = [w + first - template_first if w >= template_first else w for w in self._waits]
         for template_out in outbound.values():  # what the template left alive now lives under the new ids
             storage = self._carry.get(template_out) or self._storage_with_id(template_out)
-            storage.buffer_id = mapping[template_out]
+            storage.buffer_id = template_out + moved
             self._carry[template_out] = storage
         return True
 
@@ -401,8 +424,9 @@ class Tape:
 
     # ---- result -------------------------------------------------------------------------------------------
     def schedule(self) -> Schedule:
-        """Freeze what was recorded into a Schedule of ops on the compute stream."""
-        buffers = [Buffer(i, s.name, s.size_bytes, s.category) for i, s in enumerate(self._buffer_source)]
+        """Freeze what was recorded into a Schedule of ops."""
+        make = tuple.__new__  # NamedTuple construction without its Python-level __new__: 3× faster here
+        buffers = [make(Buffer, (i, s.name, s.size_bytes, s.category)) for i, s in enumerate(self._buffer_source)]
         persistent = [i for i, s in enumerate(self._buffer_source) if s.persistent and not s.lazy]
         frozen: dict[int, Op] = {}
         ops: list[Op] = []
@@ -410,17 +434,26 @@ class Tape:
         micros: list[int] = []
         for index, entry in enumerate(self._ops):
             if isinstance(entry, _OpDraft):
-                op = Op(entry.name, entry.stream, entry.phase, entry.layer, tuple(entry.allocs),
-                        tuple(entry.frees), entry.flops, entry.bytes_moved,
-                        tuple(d - index for d in entry.deps),  # relative: replicas keep their meaning
-                        entry.wire_bytes)
+                own = self._final_of[index]
+                op = make(Op, (entry.name, entry.stream, entry.phase, entry.layer, tuple(entry.allocs),
+                               tuple(entry.frees), entry.flops, entry.bytes_moved,
+                               tuple(d - own for d in entry.deps) if entry.deps else (),  # relative
+                               entry.wire_bytes))
                 frozen[index] = op
                 ops.append(op)
                 steps.append(entry.step)
                 micros.append(entry.micro_batch)
                 continue
             count = entry.end - entry.start
-            ops.extend(frozen[i] for i in range(entry.start, entry.end))
+            if isinstance(entry, _Replica):
+                ops.extend(frozen[i] for i in range(entry.start, entry.end))
+            else:
+                add, low, high, remap = entry.moved.__add__, entry.low, entry.high, entry.entry
+                for i in range(entry.start, entry.end):
+                    t = frozen[i]
+                    frees = tuple(b + entry.moved if low <= b < high else remap[b] for b in t.frees)
+                    ops.append(make(Op, (t.name, t.stream, t.phase, t.layer, tuple(map(add, t.allocs)), frees,
+                                         t.flops, t.bytes_moved, t.deps, t.wire_bytes)))
             steps.extend([entry.step] * count)
             micros.extend([entry.micro_batch] * count)
         return Schedule(buffers, persistent, ops, steps, micros)
