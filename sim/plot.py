@@ -23,7 +23,7 @@ def render_memory_timeline(run: Run, result: dict) -> bytes:
 
     trace = run.engine.trace
     deltas = np.zeros((len(CATEGORIES), len(trace)), dtype=np.int64)
-    deltas[trace.category.astype(np.int64), np.arange(len(trace))] = trace.delta_bytes
+    deltas[trace.category.astype(np.int64), np.arange(len(trace))] = trace.allocated_delta()
     stacked = np.cumsum(deltas, axis=1)
     keep = _sample(trace.allocated_bytes)
     seconds = trace.time_us[keep] / 1e6

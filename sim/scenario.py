@@ -164,6 +164,7 @@ class Software(Frozen):
     peft: str = NEWEST_PEFT
 
     def version(self, package: str) -> tuple[int, int, int]:
+        """The named package's version as a comparable tuple."""
         return parse_version(getattr(self, package), f"software.{package}")
 
 
@@ -257,7 +258,7 @@ class AllocatorBackend(Enum):
 
 
 class Allocator(Frozen):
-    backend: AllocatorBackend = AllocatorBackend.EXACT
+    backend: AllocatorBackend | None = None  # None: caching on a GPU, exact on a plain host
     conf: str = ""
 
 
@@ -271,6 +272,8 @@ class Strategy(BaseModel):
 
 
 class Scenario(Frozen):
+    """A validated scenario (design.md §3)."""
+
     name: str
     model: ModelSpec
     model_name: str
@@ -282,6 +285,15 @@ class Scenario(Frozen):
     allocator: Allocator = Allocator()
     simulation: Simulation = Simulation()
     strategies: list[Strategy] = []
+
+    @model_validator(mode="after")
+    def _default_allocator(self) -> "Scenario":
+        """The caching allocator on a GPU; the exact count on a device with no CUDA context (a plain host)."""
+        if self.allocator.backend is None:
+            host = self.hardware.device.cuda_context_bytes == 0
+            backend = AllocatorBackend.EXACT if host else AllocatorBackend.CACHING
+            object.__setattr__(self, "allocator", self.allocator.model_copy(update={"backend": backend}))
+        return self
 
 
 _TOP_KEYS = {

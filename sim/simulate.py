@@ -27,11 +27,6 @@ def check_supported(scenario: Scenario) -> None:
             raise ScenarioError(f"deepspeed.zero_optimization.{offload[0]}: offload is not modelled yet")
     if scenario.strategies:
         raise ScenarioError(f"strategies: unknown strategy kind {scenario.strategies[0].kind!r} (none are defined yet)")
-    if scenario.training.seq_len > scenario.model.max_position_embeddings:
-        raise ScenarioError(
-            f"training.seq_len: {scenario.training.seq_len} exceeds model.max_position_embeddings "
-            f"{scenario.model.max_position_embeddings}"
-        )
 
 
 def run_scenario(scenario: Scenario) -> Run:
@@ -39,7 +34,8 @@ def run_scenario(scenario: Scenario) -> Run:
     built = build_schedule(scenario)
     device = scenario.hardware.device
     non_pytorch = device.cuda_context_bytes
-    allocator = make_allocator(scenario.allocator, max(device.capacity_bytes - non_pytorch, 0))
+    allocator = make_allocator(scenario.allocator, max(device.capacity_bytes - non_pytorch, 0),
+                               device.capacity_bytes, scenario.software.version("torch"))
     cost = CostModel(device, compute_dtype(scenario) or weights_dtype(scenario) or DType.FLOAT32,
                      scenario.hardware.gpus_per_node, scenario.hardware.nodes)
     result = Engine(built.schedule, allocator, cost).run()

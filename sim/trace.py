@@ -22,11 +22,16 @@ class Trace:
     def __len__(self) -> int:
         return len(self.time_us)
 
+    def allocated_delta(self) -> np.ndarray:
+        """How much each event changed `allocated` (the allocator's block sizes, e.g. 512-byte rounded)."""
+        return np.diff(self.allocated_bytes, prepend=0)
+
     def category_bytes_at(self, index: int, baseline: np.ndarray) -> dict:
-        """Live bytes per category just after event `index` (baseline: per-category bytes alive before t=0)."""
+        """Allocated bytes per category just after event `index`, as the allocator counts them (block sizes);
+        they sum to allocated_bytes[index]. `baseline`: per-category bytes alive before the first event."""
         upto = slice(0, index + 1)
         totals = baseline.astype(np.int64).copy()
-        np.add.at(totals, self.category[upto].astype(np.int64), self.delta_bytes[upto])
+        np.add.at(totals, self.category[upto].astype(np.int64), self.allocated_delta()[upto])
         return {c.value: int(totals[i]) for i, c in enumerate(CATEGORIES)}
 
 

@@ -27,5 +27,6 @@ def tiny_raw(**training) -> dict:
         "hardware": {"device": "a100-sxm4-80gb"},
         "software": {"torch": "2.2.2", "transformers": "4.39.3", "peft": "0.10.0"},
         "training": base,
+        "allocator": {"backend": "exact"},
         "simulation": {"steps": 1},
     }

@@ -35,6 +35,7 @@ def scenarios(draw) -> dict:
     )
     raw["software"]["transformers"] = draw(st.sampled_from(VERSIONS))
     raw["simulation"]["steps"] = draw(st.integers(1, 2))
+    raw["allocator"]["backend"] = draw(st.sampled_from(["exact", "caching"]))
     if raw["model"]["model_type"] == "qwen":
         raw["model"]["num_key_value_heads"] = heads  # Qwen1 is multi-head only
     if draw(st.booleans()):

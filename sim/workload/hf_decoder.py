@@ -88,8 +88,9 @@ def build_model(ctx: RunContext, lora: Lora | None) -> CausalLM:
         if beh.rotary is not Rotary.MODEL_LEVEL:  # each attention layer owns a rotary module and its inv_freq
             _inv_freq(ctx, f"{prefix}.self_attn.rotary_emb")
         if beh.rotary is Rotary.CACHED_PER_LAYER or beh.unused_rotary_buffers:
-            # register_buffer(cos_cached/sin_cached, (max_position_embeddings, d)) in the load dtype, per layer
-            rows = m.max_position_embeddings * d
+            # register_buffer(cos_cached/sin_cached, (max_position_embeddings, d)) in the load dtype, per layer;
+            # forward rebuilds them for seq_len rows when a sequence is longer (_set_cos_sin_cache)
+            rows = max(m.max_position_embeddings, ctx.seq) * d
             layer.rotary_cache = [
                 ctx.tape.persistent_buffer(f"{prefix}.self_attn.rotary_emb.{n}_cached", rows, dtype, Category.PARAMETERS)
                 for n in ("cos", "sin")
