@@ -30,6 +30,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--fail-on-oom", action="store_true")
     cat = sub.add_parser("catalog", help="list catalog models and hardware")
     cat.add_argument("kind", nargs="?", choices=["models", "hardware"])
+    cal = sub.add_parser("calibrate", help="measure real HF training steps on the CPU (torch) against the simulator")
+    cal.add_argument("--config", dest="configs", action="append", default=[], metavar="NAME",
+                     help="run only this configuration (repeatable); default: all, see --list")
+    cal.add_argument("--ci", action="store_true", help="the representative subset the CI tests run")
+    cal.add_argument("--list", action="store_true", help="list the configurations and exit")
+    cal.add_argument("--json", dest="json_path", metavar="PATH", help="write the rows as JSON")
+    cal.add_argument("--markdown", dest="markdown_path", metavar="PATH",
+                     help="write the table as Markdown with versions and hardware (validation/cpu-calibration.md)")
+    cal.add_argument("--max-error", type=float, default=None, metavar="FRACTION",
+                     help="exit 1 when any per-phase |relative error| exceeds this (e.g. 0.03)")
+    cal.add_argument("--python", default=None, metavar="PATH",
+                     help="interpreter with torch/transformers/peft for the measured side (default: this one)")
     return parser
 
 
@@ -38,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "catalog":
             return _catalog(args.kind)
+        if args.command == "calibrate":
+            return _calibrate(args)
         return _run(args)
     except ScenarioError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -98,4 +112,41 @@ def _catalog(kind: str | None) -> int:
             d = catalog.load_entry("hardware", name, "hardware.device")
             print(f"  {name:<16} {format_bytes(d['capacity_bytes']):>10}  "
                   f"{d['peak_flops'].get('bf16', 0) / 1e12:6.1f} TFLOP/s  {d['hbm_bytes_per_s'] / 1e12:.2f} TB/s")
+    return EXIT_OK
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    """Measured (torch on the CPU, in a child process) vs simulated per-phase peaks; see sim/calibrate.py."""
+    from sim import calibrate
+
+    if args.list:
+        for config in calibrate.CONFIGS:
+            subset = " [ci]" if config.name in calibrate.CI_SUBSET else ""
+            print(f"{config.name:<14} {config.factor:<40} {calibrate.describe(config)}{subset}")
+        return EXIT_OK
+    names = list(args.configs) or (list(calibrate.CI_SUBSET) if args.ci else calibrate.config_names())
+    unknown = [n for n in names if n not in calibrate.config_names()]
+    if unknown:
+        raise ScenarioError(f"--config: unknown configuration {unknown[0]!r} (see --list)")
+    for flag, path in (("--json", args.json_path), ("--markdown", args.markdown_path)):
+        if path and not Path(path).resolve().parent.is_dir():
+            raise ScenarioError(f"{flag}: output directory does not exist: {str(Path(path).parent)!r}")
+    if args.python is None and not calibrate.torch_available():
+        raise ScenarioError("calibrate: torch and transformers are not installed; pip install '.[calibrate]'")
+    rows = []
+    for name in names:
+        print(f"measuring {name} ...", file=sys.stderr, flush=True)
+        try:
+            rows.append(calibrate.compare(calibrate.config_by_name(name), args.python))
+        except calibrate.MeasureError as exc:
+            raise ScenarioError(f"calibrate: {exc}") from None
+    print(calibrate.format_table(rows))
+    if args.json_path:
+        _write_atomic(Path(args.json_path), (json.dumps(rows, indent=2) + "\n").encode())
+    if args.markdown_path:
+        command = "python -m sim calibrate" + "".join(f" --config {n}" for n in args.configs) + (
+            " --ci" if args.ci and not args.configs else "")
+        _write_atomic(Path(args.markdown_path), calibrate.format_markdown(rows, command).encode())
+    if args.max_error is not None and any(calibrate.max_abs_error(r) > args.max_error for r in rows):
+        return EXIT_OOM  # 1: outside the tolerance
     return EXIT_OK

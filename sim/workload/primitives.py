@@ -562,13 +562,13 @@ def _cpu_flash_backward(tp: Tape, node: Node, grad: Tensor) -> list:
     dtype = grad.dtype
     q_split, kv_split = _cpu_flash_splits(s)
     tp.op(f"{node.name}.backward", flops=c["flops"], bytes_moved=6 * b * s * h * d * dtype.size_bytes)
-    dq = tp.empty(f"{node.name}.grad_q", b * s * h * d, dtype)
-    dk = tp.empty(f"{node.name}.grad_k", b * s * kvh * d, dtype)
-    dv = tp.empty(f"{node.name}.grad_v", b * s * kvh * d, dtype)
-    scratch = [tp.empty(f"{node.name}.buf", 2 * q_split * kv_split, F32)]
+    dq = tp.empty(f"{node.name}.backward.grad_q", b * s * h * d, dtype)
+    dk = tp.empty(f"{node.name}.backward.grad_k", b * s * kvh * d, dtype)
+    dv = tp.empty(f"{node.name}.backward.grad_v", b * s * kvh * d, dtype)
+    scratch = [tp.empty(f"{node.name}.backward.buf", 2 * q_split * kv_split, F32)]
     if dtype is not F32:
-        scratch.append(tp.empty(f"{node.name}.buf_reduced", 2 * q_split * kv_split, dtype))
-    scratch.append(tp.empty(f"{node.name}.dsum", q_split, F32))
+        scratch.append(tp.empty(f"{node.name}.backward.buf_reduced", 2 * q_split * kv_split, dtype))
+    scratch.append(tp.empty(f"{node.name}.backward.dsum", q_split, F32))
     tp.drop(*reversed(scratch))
     grads = [dq if q is not None else None, dk if k is not None else None, dv if v is not None else None]
     tp.drop(*[g for g, t in zip((dq, dk, dv), (q, k, v)) if t is None])
