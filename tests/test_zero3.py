@@ -1,0 +1,166 @@
+"""ZeRO-3: partition arithmetic, the gather/release log on a toy model, and its invariants."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sim.parallel.partition import estimate_zero3_model_states, padded_partition_numel
+from sim.report import summarize
+from sim.scenario import build_scenario
+from sim.schedule import parameter_counts
+from sim.simulate import run_scenario
+from tests.conftest import tiny_raw
+
+ZERO = {"stage": 3, "overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": 4096,
+        "stage3_prefetch_bucket_size": 0, "stage3_param_persistence_threshold": 64,
+        "stage3_max_live_parameters": 10**9, "stage3_max_reuse_distance": 0, "sub_group_size": 10**9}
+
+
+def zero_raw(gpus: int = 2, **zero) -> dict:
+    raw = tiny_raw(gradient_checkpointing=False)
+    raw["hardware"]["gpus_per_node"] = gpus
+    raw["deepspeed"] = {"zero_optimization": {**ZERO, **zero}}
+    raw["simulation"]["steps"] = 2  # the module trace is complete from the second step on
+    return raw
+
+
+def tiny_param_shapes() -> list[int]:
+    # The tiny qwen2 of conftest: V=1000, h=64, i=128, 2 layers, MHA with q/k/v bias.
+    layer = [64, 64 * 64, 64, 64 * 64, 64, 64 * 64, 64, 64 * 64, 64, 128 * 64, 128 * 64, 64 * 128]
+    return [1000 * 64] + layer * 2 + [64, 1000 * 64]
+
+
+def test_partition_pads_to_the_world_size() -> None:
+    # _partition_param: numel + (P - numel % P) % P, divided by P.
+    assert padded_partition_numel(10, 4) == 3  # 12 / 4
+    assert padded_partition_numel(12, 4) == 3
+    assert padded_partition_numel(1, 8) == 1
+
+
+@pytest.mark.parametrize("gpus", [2, 3, 8])
+def test_model_states_match_deepspeed_partition_arithmetic(gpus: int) -> None:
+    # Per GPU: bf16 partitions (2 B) of every param, bf16 gradient partitions (2 B), fp32 master + Adam moments
+    # (12 B) per partitioned element; params of <= 64 elements (persistence threshold) are also kept whole.
+    shapes = tiny_param_shapes()
+    partitions = sum(math.ceil(n / gpus) for n in shapes)
+    persistent = sum(n for n in shapes if n <= 64)
+    states = summarize(run_scenario(build_scenario(zero_raw(gpus))))["model_states_bytes"]
+    assert sum(shapes) == parameter_counts(build_scenario(zero_raw(gpus)))[0]
+    assert states == {"parameters": 2 * partitions + 2 * persistent, "gradients": 2 * partitions,
+                      "optimizer_states": 12 * partitions}
+
+
+def test_headline_model_states() -> None:
+    # Qwen1.5-32B over 8 GPUs: 16 bytes per partitioned element (2 bf16 param, 2 bf16 grad, 4 fp32 master,
+    # 8 Adam), plus whole copies of params of at most 10·hidden = 51,200 elements (norms, biases).
+    raw = {"model": "qwen1.5-32b", "hardware": {"device": "a800-sxm4-80gb", "gpus_per_node": 8},
+           "training": {"seq_len": 16, "bf16": True}, "deepspeed": {"zero_optimization": {
+               "stage": 3, "stage3_param_persistence_threshold": "auto", "reduce_bucket_size": "auto",
+               "stage3_prefetch_bucket_size": "auto"}}}
+    scenario = build_scenario(raw)
+    from sim.schedule import _context, modelling_code
+    from sim.workload.tape import Tape
+
+    ctx = _context(scenario, Tape())
+    ctx.tape.op("init")
+    numels = [p.tensor.numel for p in modelling_code(scenario).build_model(ctx, None).params()]
+    partitions = sum(math.ceil(n / 8) for n in numels)
+    persistent = sum(n for n in numels if n <= 51_200)
+    assert persistent == 64 * (2 * 5120 + 5120 + 2 * 1024) + 5120  # norms, q/k/v biases, final norm
+    scenario = build_scenario(raw, overrides=["model.num_hidden_layers=64", "simulation.steps=1"])
+    states = summarize(run_scenario(scenario))["model_states_bytes"]
+    assert states["parameters"] == 2 * partitions + 2 * persistent
+    assert states["gradients"] == 2 * partitions
+    assert states["optimizer_states"] == 12 * partitions
+
+
+def test_deepspeed_estimator_formula() -> None:
+    # estimate_zero3_model_states_mem_needs without offload: 4·largest_layer + int(18·N/P) bytes per GPU;
+    # 18 = 2 (16-bit params) + 4 (fp32 grads) + 4 (fp32 params) + 8 (Adam). CPU: largest·4·gpn·1.5.
+    gpu, cpu = estimate_zero3_model_states(32_512_218_112, 778_567_680, 8, 1, cpu_offload=False,
+                                           cpu_offload_params=False)
+    assert gpu == 4 * 778_567_680 + int(18 * 32_512_218_112 / 8)
+    assert cpu == 778_567_680 * 4 * 8 * 1.5
+    # With bf16 gradient accumulation (DeepSpeed's default: the model dtype) the simulator's partitioned state
+    # is 16 B/element: the estimator's 18 minus the 4-byte fp32 gradient partition plus the 2-byte bf16 one.
+
+
+def gather_log(raw: dict, step: int) -> list[tuple[str, str]]:
+    """(event, name) of every allgather op and every free of a gathered parameter in `step`, in order."""
+    run = run_scenario(build_scenario(raw))
+    schedule, trace = run.schedule, run.engine.trace
+    log = []
+    for i in range(len(trace)):
+        op_index = int(trace.op_index[i])
+        if op_index < 0 or schedule.op_step[op_index] != step or schedule.op_micro_batch[op_index] != 0:
+            continue
+        name = schedule.buffers[int(trace.buffer_id[i])].name
+        if name.endswith(".gathered"):
+            log.append(("gather" if trace.delta_bytes[i] > 0 else "release", name.removesuffix(".gathered")))
+    return log
+
+
+def test_without_prefetch_or_reuse_each_module_is_gathered_and_released_around_its_use() -> None:
+    # Prefetch 0 and reuse distance 0: the embedding and each linear/norm are gathered right before their
+    # forward and partitioned right after (norm weights, 64 elements, are persistent: gathered once, kept).
+    raw = zero_raw(2)
+    log = gather_log(raw, step=1)
+    forward = log[: log.index(("release", "lm_head.weight")) + 1]
+    assert forward[:4] == [("gather", "model.embed_tokens.weight"), ("release", "model.embed_tokens.weight"),
+                           ("gather", "model.layers.0.self_attn.q_proj.weight"),
+                           ("release", "model.layers.0.self_attn.q_proj.weight")]
+    assert all(a == "gather" and b == "release" and x == y
+               for (a, x), (b, y) in zip(forward[0::2], forward[1::2], strict=True))
+    assert not any("norm" in name for _, name in log)
+
+
+def test_reuse_distance_keeps_params_across_the_forward_backward_turn() -> None:
+    # With a reuse distance covering the whole model (trace complete from the second step), release_sub_module
+    # keeps every param whose module comes again later in the trace: nothing is released in forward, and in
+    # backward each module is released after its own backward, in reverse order, as nothing after it uses it.
+    raw = zero_raw(2, stage3_max_reuse_distance=10**9)
+    log = gather_log(raw, step=1)
+    gathers = [name for event, name in log if event == "gather"]
+    releases = [name for event, name in log if event == "release"]
+    last_gather = max(i for i, (event, _) in enumerate(log) if event == "gather")
+    assert all(event == "gather" for event, _ in log[: last_gather + 1])
+    assert releases == gathers[::-1]
+
+
+@given(st.integers(1, 3), st.integers(2, 4), st.booleans())
+def test_more_gpus_never_raise_model_states(layers: int, gpus: int, checkpointing: bool) -> None:
+    def states(world: int) -> int:
+        raw = zero_raw(world)
+        raw["model"]["num_hidden_layers"] = layers
+        raw["training"]["gradient_checkpointing"] = checkpointing
+        return sum(summarize(run_scenario(build_scenario(raw)))["model_states_bytes"].values())
+    assert states(gpus * 2) <= states(gpus)
+
+
+@given(st.integers(0, 10**6), st.integers(0, 10**9), st.sampled_from([0, 64, 10**6]), st.booleans())
+def test_every_gathered_param_is_released_or_persistent_at_step_end(prefetch: int, reuse: int, persist: int,
+                                                                    checkpointing: bool) -> None:
+    raw = zero_raw(2, stage3_prefetch_bucket_size=prefetch, stage3_max_reuse_distance=reuse,
+                   stage3_param_persistence_threshold=persist)
+    raw["training"]["gradient_checkpointing"] = checkpointing
+    raw["training"]["gradient_accumulation_steps"] = 2
+    raw["simulation"]["steps"] = 2
+    run = run_scenario(build_scenario(raw))
+    schedule, trace = run.schedule, run.engine.trace
+    optimizer_ops = [i for i, op in enumerate(schedule.ops) if op.name.startswith("zero3.step")]
+    for step in (0, 1):
+        first_step_op = min(i for i in optimizer_ops if schedule.op_step[i] == step)
+        upto = int(np.nonzero(trace.op_index <= first_step_op)[0].max())
+        alive: dict[int, str] = {}
+        for i in range(upto + 1):
+            name = schedule.buffers[int(trace.buffer_id[i])].name
+            if name.endswith(".gathered"):
+                if trace.delta_bytes[i] > 0:
+                    alive[int(trace.buffer_id[i])] = name
+                else:
+                    alive.pop(int(trace.buffer_id[i]), None)
+        sizes = {schedule.buffers[b].size_bytes // 2 for b in alive}
+        assert all(size <= persist for size in sizes), sorted(alive.values())
