@@ -45,7 +45,8 @@ class Engine:
         self.done = {i: self.env.event() for i in targets} if targets else None
         self.busy_us: dict[Stream, int] = {}
         self.op_start_us = [0] * len(schedule.ops)
-        self._sizes = [b.size_bytes for b in schedule.buffers]
+        self._sizes = schedule.buffer_sizes()
+        self._spans = schedule.op_span or [None] * len(schedule.ops)
         self._durations = cost.durations_us(schedule.ops)
         self._side_ends: list[int] = []  # end times of running side-stream (collective) ops
         used = {op.stream._value_ for op in schedule.ops}
@@ -59,7 +60,7 @@ class Engine:
             indices = [i for i, op in enumerate(self.schedule.ops) if op.stream is stream]
             self.env.process(self._stream(stream, indices))
         self.env.run()
-        trace = self.trace.freeze(self.schedule.buffers)
+        trace = self.trace.freeze(self._sizes, self.schedule.buffer_categories())
         return EngineResult(trace, self.op_start_us, int(self.env.now), self.oom, self.busy_us)
 
     def _stream(self, stream: Stream, indices: list[int]):
@@ -79,7 +80,8 @@ class Engine:
                 yield simpy.AllOf(env, [self.done[index + d] for d in op.deps])
             now = int(env.now)
             self.op_start_us[index] = now
-            for buffer_id in op.allocs:
+            span = self._spans[index]
+            for buffer_id in (op.allocs if span is None else span.alloc_ids(op.allocs)):
                 self._malloc(buffer_id, index, stream, now)
             duration = durations[index]
             busy += duration
@@ -88,7 +90,7 @@ class Engine:
             if duration:
                 yield env.timeout(duration)
             self._side_ends.remove(end)
-            for buffer_id in op.frees:
+            for buffer_id in (op.frees if span is None else span.free_ids(op.frees)):
                 self._free(buffer_id, index, end)
             if self.done is not None and index in self.done:
                 self.done[index].succeed()
@@ -100,7 +102,7 @@ class Engine:
         and hands control to simpy where it must: waits on other streams, ops others wait for, and any op
         that would cross the end of a running collective. Event times and order are those of one yield per op."""
         ops, env, durations, done = self.schedule.ops, self.env, self._durations, self.done or {}
-        ends = self._side_ends
+        ends, spans = self._side_ends, self._spans
         busy = 0
         now = int(env.now)
         for index in indices:
@@ -113,7 +115,8 @@ class Engine:
             elif ends and now >= min(ends):
                 yield env.timeout(now - env.now)
             self.op_start_us[index] = now
-            for buffer_id in op.allocs:
+            span = spans[index]
+            for buffer_id in (op.allocs if span is None else span.alloc_ids(op.allocs)):
                 self._malloc(buffer_id, index, Stream.COMPUTE, now)
             duration = durations[index]
             busy += duration
@@ -121,7 +124,7 @@ class Engine:
             if ends and end > min(ends):
                 yield env.timeout(end - env.now)
             now = end
-            for buffer_id in op.frees:
+            for buffer_id in (op.frees if span is None else span.free_ids(op.frees)):
                 self._free(buffer_id, index, now)
             if index in done:
                 if now > env.now:
@@ -142,10 +145,12 @@ class Engine:
         allocated, reserved = t.allocated_bytes.append, t.reserved_bytes.append
         now = int(self.env.now)
         busy = 0
+        spans = self._spans
         for index in indices:
             op = ops[index]
             starts[index] = now
-            for buffer_id in op.allocs:
+            span = spans[index]
+            for buffer_id in (op.allocs if span is None else span.alloc_ids(op.allocs)):
                 try:
                     malloc(buffer_id, sizes[buffer_id], stream)
                 except OutOfMemory as exc:
@@ -159,7 +164,7 @@ class Engine:
             duration = durations[index]
             busy += duration
             now += duration
-            for buffer_id in op.frees:
+            for buffer_id in (op.frees if span is None else span.free_ids(op.frees)):
                 free(buffer_id)
                 times(now)
                 op_ids(index)

@@ -60,6 +60,53 @@ class Op(NamedTuple):
     wire_bytes: int = 0  # a collective: bytes each rank sends over the links
 
 
+class BufferTable:
+    """Buffers by id, stored as columns: a run has hundreds of thousands, and repeated micro-batches share
+    their names, sizes and categories (`source[id]` is the row a buffer's facts are in)."""
+
+    def __init__(self, names: list[str], sizes: list[int], categories: list[int], source: list[int]) -> None:
+        self._names, self._sizes, self._categories, self._source = names, sizes, categories, source
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, buffer_id: int) -> Buffer:
+        row = self._source[buffer_id]
+        return Buffer(buffer_id, self._names[row], self._sizes[row], CATEGORIES[self._categories[row]])
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def sizes(self) -> list[int]:
+        """size_bytes of every buffer id."""
+        sizes = self._sizes
+        return [sizes[row] for row in self._source]
+
+    def category_indices(self) -> list[int]:
+        """Index into CATEGORIES of every buffer id."""
+        categories = self._categories
+        return [categories[row] for row in self._source]
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaSpan:
+    """Ops that repeat earlier ones with the earlier ops' own buffers moved to fresh ids (+shift); a free of a
+    buffer outside [low, high) is looked up in `entry` (what the previous repetition left alive)."""
+
+    shift: int
+    low: int
+    high: int
+    entry: dict
+
+    def alloc_ids(self, ids: tuple[int, ...]) -> list[int]:
+        shift = self.shift
+        return [b + shift for b in ids]
+
+    def free_ids(self, ids: tuple[int, ...]) -> list[int]:
+        shift, low, high, entry = self.shift, self.low, self.high, self.entry
+        return [b + shift if low <= b < high else entry[b] for b in ids]
+
+
 @dataclass(slots=True)
 class Schedule:
     """Everything one simulated rank does: its buffers, the ones alive before t=0, and its ops in issue order.
@@ -68,8 +115,28 @@ class Schedule:
     so an op's step and micro-batch live beside it in `op_step` and `op_micro_batch`.
     """
 
-    buffers: list[Buffer] = field(default_factory=list)
+    buffers: "BufferTable | list[Buffer]" = field(default_factory=list)
     persistent: list[int] = field(default_factory=list)
     ops: list[Op] = field(default_factory=list)
     op_step: list[int] = field(default_factory=list)
     op_micro_batch: list[int] = field(default_factory=list)
+    op_span: "list[ReplicaSpan | None] | None" = None  # per op: how its buffer ids are moved, if at all
+
+    def buffer_sizes(self) -> list[int]:
+        if isinstance(self.buffers, BufferTable):
+            return self.buffers.sizes()
+        return [b.size_bytes for b in self.buffers]
+
+    def buffer_categories(self) -> list[int]:
+        if isinstance(self.buffers, BufferTable):
+            return self.buffers.category_indices()
+        index = {c: i for i, c in enumerate(CATEGORIES)}
+        return [index[b.category] for b in self.buffers]
+
+    def op_ids(self, index: int) -> tuple:
+        """(allocated ids, freed ids) of op `index`, moved for repeated spans."""
+        op = self.ops[index]
+        span = self.op_span[index] if self.op_span is not None else None
+        if span is None:
+            return op.allocs, op.frees
+        return span.alloc_ids(op.allocs), span.free_ids(op.frees)

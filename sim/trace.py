@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sim.ops import CATEGORIES, Buffer
+from sim.ops import CATEGORIES
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,13 +48,12 @@ class TraceBuilder:
         self.allocated_bytes: list[int] = []
         self.reserved_bytes: list[int] = []
 
-    def freeze(self, buffers: list[Buffer]) -> Trace:
+    def freeze(self, sizes_by_id: list[int], categories_by_id: list[int]) -> Trace:
         signed = np.asarray(self.buffer_id, dtype=np.int64)
         is_free = signed < 0
         ids = np.where(is_free, ~signed, signed)
-        sizes = np.fromiter((b.size_bytes for b in buffers), dtype=np.int64, count=len(buffers))
-        index = {c: i for i, c in enumerate(CATEGORIES)}
-        categories = np.fromiter((index[b.category] for b in buffers), dtype=np.int8, count=len(buffers))
+        sizes = np.asarray(sizes_by_id, dtype=np.int64)
+        categories = np.asarray(categories_by_id, dtype=np.int8)
         delta = np.where(is_free, -sizes[ids], sizes[ids]) if len(ids) else np.zeros(0, dtype=np.int64)
         return Trace(np.asarray(self.time_us, dtype=np.int64), np.asarray(self.op_index, dtype=np.int64), ids,
                      delta, categories[ids] if len(ids) else np.zeros(0, dtype=np.int8),

@@ -11,7 +11,7 @@ AccumulateGrad do.
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from sim.ops import Buffer, Category, Op, Phase, Schedule, Stream
+from sim.ops import CATEGORIES, BufferTable, Category, Op, Phase, ReplicaSpan, Schedule, Stream
 from sim.scenario import DType
 
 
@@ -26,6 +26,7 @@ class Storage:
     refs: int = 0
     persistent: bool = False  # never freed: parameters, optimizer states, model buffers
     lazy: bool = False  # persistent but first allocated by an op (optimizer state at the first step)
+    row: int = 0  # position in Tape.storages (the BufferTable row of its facts)
 
 
 @dataclass(slots=True, eq=False)
@@ -138,7 +139,8 @@ class Tape:
 
     # ---- storages ---------------------------------------------------------------------------------------
     def new_storage(self, name: str, size_bytes: int, category: Category, persistent: bool = False) -> Storage:
-        storage = Storage(len(self._buffer_source), name, size_bytes, category, persistent=persistent)
+        storage = Storage(len(self._buffer_source), name, size_bytes, category, persistent=persistent,
+                          row=len(self.storages))
         self.storages.append(storage)
         self._buffer_source.append(storage)
         return storage
@@ -424,14 +426,19 @@ class Tape:
 
     # ---- result -------------------------------------------------------------------------------------------
     def schedule(self) -> Schedule:
-        """Freeze what was recorded into a Schedule of ops."""
+        """Freeze what was recorded into a Schedule of ops. Repeated spans share their Op objects; a periodic
+        repetition's ops carry a ReplicaSpan that moves their buffer ids."""
         make = tuple.__new__  # NamedTuple construction without its Python-level __new__: 3× faster here
-        buffers = [make(Buffer, (i, s.name, s.size_bytes, s.category)) for i, s in enumerate(self._buffer_source)]
+        index_of = {c: i for i, c in enumerate(CATEGORIES)}
+        storages = self.storages
+        buffers = BufferTable([s.name for s in storages], [s.size_bytes for s in storages],
+                              [index_of[s.category] for s in storages], [s.row for s in self._buffer_source])
         persistent = [i for i, s in enumerate(self._buffer_source) if s.persistent and not s.lazy]
         frozen: dict[int, Op] = {}
         ops: list[Op] = []
         steps: list[int] = []
         micros: list[int] = []
+        spans: list[ReplicaSpan | None] = []
         for index, entry in enumerate(self._ops):
             if isinstance(entry, _OpDraft):
                 own = self._final_of[index]
@@ -443,17 +450,13 @@ class Tape:
                 ops.append(op)
                 steps.append(entry.step)
                 micros.append(entry.micro_batch)
+                spans.append(None)
                 continue
             count = entry.end - entry.start
-            if isinstance(entry, _Replica):
-                ops.extend(frozen[i] for i in range(entry.start, entry.end))
-            else:
-                add, low, high, remap = entry.moved.__add__, entry.low, entry.high, entry.entry
-                for i in range(entry.start, entry.end):
-                    t = frozen[i]
-                    frees = tuple(b + entry.moved if low <= b < high else remap[b] for b in t.frees)
-                    ops.append(make(Op, (t.name, t.stream, t.phase, t.layer, tuple(map(add, t.allocs)), frees,
-                                         t.flops, t.bytes_moved, t.deps, t.wire_bytes)))
+            ops.extend(frozen[i] for i in range(entry.start, entry.end))
             steps.extend([entry.step] * count)
             micros.extend([entry.micro_batch] * count)
-        return Schedule(buffers, persistent, ops, steps, micros)
+            span = None if isinstance(entry, _Replica) else \
+                ReplicaSpan(entry.moved, entry.low, entry.high, entry.entry)
+            spans.extend([span] * count)
+        return Schedule(buffers, persistent, ops, steps, micros, spans if any(spans) else None)
