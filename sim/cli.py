@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from sim.report import format_summary, summarize
+    from sim.report import allocator_summary, format_summary, summarize
     from sim.scenario import load_scenario
     from sim.simulate import run_scenario
 
@@ -77,7 +77,7 @@ def _run(args: argparse.Namespace) -> int:
         from sim.plot import render_memory_timeline
 
         _write_atomic(Path(args.plot_path), render_memory_timeline(run, result))
-    print(format_summary(result))
+    print(format_summary(result, allocator_summary(run)))
     if args.fail_on_oom and not result["fits"]:
         return EXIT_OOM
     return EXIT_OK

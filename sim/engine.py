@@ -44,7 +44,7 @@ class Engine:
         targets = {i + d for i, op in enumerate(schedule.ops) if op.deps for d in op.deps}
         self.done = {i: self.env.event() for i in targets} if targets else None
         self.busy_us: dict[Stream, int] = {}
-        self.op_start_us = [0] * len(schedule.ops)
+        self.op_start_us = [-1] * len(schedule.ops)
         self._sizes = schedule.buffer_sizes()
         self._spans = schedule.op_span or [None] * len(schedule.ops)
         self._durations = cost.durations_us(schedule.ops)
@@ -60,6 +60,8 @@ class Engine:
             indices = [i for i, op in enumerate(self.schedule.ops) if op.stream is stream]
             self.env.process(self._stream(stream, indices))
         self.env.run()
+        unstarted = [i for i, start in enumerate(self.op_start_us) if start < 0]
+        assert not unstarted, f"engine stalled before op {unstarted[0]} ({self.schedule.ops[unstarted[0]].name})"
         trace = self.trace.freeze(self._sizes, self.schedule.buffer_categories())
         return EngineResult(trace, self.op_start_us, int(self.env.now), self.oom, self.busy_us)
 

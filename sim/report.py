@@ -23,6 +23,7 @@ class Run:
     built: BuiltSchedule
     engine: EngineResult
     non_pytorch_bytes: int
+    allocator: object = None  # the backend after the run (its statistics)
 
     @property
     def schedule(self) -> Schedule:
@@ -112,7 +113,18 @@ def _oom(run: Run) -> dict | None:
             "requested_bytes": oom.requested_bytes, "message": oom.message}
 
 
-def format_summary(result: dict) -> str:
+def allocator_summary(run: Run) -> str:
+    """One line on the allocator: backend, cudaMalloc retries (DeepSpeed's "cache flushes"), OOMs."""
+    backend = run.scenario.allocator.backend.value
+    allocator = run.allocator
+    if not hasattr(allocator, "num_alloc_retries"):
+        return f"allocator  {backend}: live bytes only (no caching, no fragmentation)"
+    conf = run.scenario.allocator.conf or "defaults"
+    return (f"allocator  {backend} ({conf}): {allocator.num_alloc_retries} cudaMalloc retries (cache flushes), "
+            f"{allocator.num_device_alloc} cudaMalloc calls, {allocator.num_segments} segments at the end")
+
+
+def format_summary(result: dict, allocator_line: str = "") -> str:
     """The table `sim run` prints."""
     peak, cap = result["peak"], result["hardware"]["capacity_bytes"]
     lines = [
@@ -146,6 +158,11 @@ def format_summary(result: dict) -> str:
     states = result["model_states_bytes"]
     lines += ["", "model states (per GPU, first optimizer step)"]
     lines += [f"  {name:<20}{format_bytes(value):>14}" for name, value in states.items()]
+    frag = result["fragmentation"]
+    lines += ["", f"fragmentation at the peak: {format_bytes(frag['reserved_minus_allocated_at_peak_bytes'])} "
+                  f"reserved but unallocated ({100 * frag['ratio_at_peak']:.1f}% of reserved)"]
+    if allocator_line:
+        lines.append(allocator_line)
     lines += ["", f"step time  {result['step_time_s']:.3f} s (first-order roofline), "
                   f"{result['tokens_per_s']:.0f} tokens/s, MFU {100 * result['mfu']:.1f}%",
               f"events     {result['events']}"]

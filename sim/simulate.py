@@ -39,4 +39,4 @@ def run_scenario(scenario: Scenario) -> Run:
     cost = CostModel(device, compute_dtype(scenario) or weights_dtype(scenario) or DType.FLOAT32,
                      scenario.hardware.gpus_per_node, scenario.hardware.nodes)
     result = Engine(built.schedule, allocator, cost).run()
-    return Run(scenario, built, result, non_pytorch)
+    return Run(scenario, built, result, non_pytorch, allocator)

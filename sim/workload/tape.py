@@ -391,9 +391,13 @@ class Tape:
         return self._replicate_periodic(start, end, allocated, freed, step, micro_batch)
 
     def _append_replica(self, entry: "_Replica | _Remapped", count: int) -> None:
+        """Append a repetition of `count` ops. Waits left pending by the instance before it (the same ops,
+        `count` positions earlier) now refer to the same ops in this repetition."""
+        previous_first = self._final_total - count
         self._ops.append(entry)
         self._final_of.append(self._final_total)
         self._final_total += count
+        self._waits = [w + count if w >= previous_first else w for w in self._waits]
         self._compute = None  # the next op starts a new compute op before anything is freed
 
     def _replicate_periodic(self, start: int, end: int, allocated: set, freed: set, step: int,
@@ -409,10 +413,7 @@ class Tape:
         source.extend(source[low:high])
         entry = {inbound[key]: (self._carry[out].buffer_id if out in self._carry else out)
                  for key, out in outbound.items()}
-        first = self._final_total
-        template_first = self._final_of[start]
         self._append_replica(_Remapped(start, end, moved, low, high, entry, step, micro_batch), end - start)
-        self._waits = [w + first - template_first if w >= template_first else w for w in self._waits]
         for template_out in outbound.values():  # what the template left alive now lives under the new ids
             storage = self._carry.get(template_out) or self._storage_with_id(template_out)
             storage.buffer_id = template_out + moved
