@@ -114,9 +114,9 @@ class Zero3:
             zp = self.states[p.name]
             if zp.ready_op is not None:
                 self.tape.wait_for(zp.ready_op)
-        self.step_id += 1
         if self.trace_complete:
             self._prefetch(params)
+        self.step_id += 1  # fetch_sub_module advances __step_id last: prefetch sees this module's own id
 
     def _prefetch(self, params: list[Param]) -> None:
         """Pop this module's params off the queue, then gather the next ones in trace order up to
