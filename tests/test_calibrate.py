@@ -21,10 +21,7 @@ VERSIONS = {"torch": "2.13.0", "transformers": "5.24.0", "peft": "0.21.2"}
 # Known deviations, each an error of the simulator's model that is recorded in docs/validation.md and waits for
 # its fix in a file outside the calibration's scope. strict: the test fails as soon as the fix lands, so the
 # entry is removed then.
-KNOWN_DEVIATIONS = {
-    ("lora", "optimizer"): "for-loop AdamW keeps the previous parameter's `denom` alive during the next "
-                           "parameter's sqrt/div (sim/workload/optimizer.py _adamw frees it at once)",
-}
+KNOWN_DEVIATIONS: dict[tuple[str, str], str] = {}  # (config, phase) → why the simulator is known to deviate
 
 
 # ---- without torch --------------------------------------------------------------------------------------------

@@ -241,11 +241,11 @@ def attention(ctx: RunContext, layer: DecoderLayer, x: Tensor, mask: Tensor | No
     lin = layer.linears
     eager = ctx.attn is AttnImplementation.EAGER
     # q/k/v: linear, then .view(b, s, heads, d).transpose(1, 2): views whose grads come back through a copy in eager.
-    # On a CPU host the q and k grads also reach these views in (b, heads, s, d) layout after the rotary
-    # backward with sdpa (measured: ViewBackward0 clone of b·s·a·d and b·s·k·d per layer, docs/validation.md).
-    rotary_copies = eager or ctx.on_host
-    q = P.view(tp, apply_linear(ctx, lin["q_proj"], x), backward_copies=rotary_copies)
-    k = P.view(tp, apply_linear(ctx, lin["k_proj"], x), backward_copies=rotary_copies)
+    # The q and k grads leave the rotary backward in (b, heads, s, d) layout whatever layout the attention
+    # kernel gave them (TensorIterator's output strides, shared by CPU and CUDA; measured on CPU: a
+    # ViewBackward0 clone of b·s·a·d and b·s·k·d per layer, docs/validation.md), so their view-backward copies.
+    q = P.view(tp, apply_linear(ctx, lin["q_proj"], x), backward_copies=True)
+    k = P.view(tp, apply_linear(ctx, lin["k_proj"], x), backward_copies=True)
     v = P.view(tp, apply_linear(ctx, lin["v_proj"], x), backward_copies=eager)
     for t in (q, k, v):  # the view holds the projection output; drop the projection's own reference
         tp.release(t.storage)

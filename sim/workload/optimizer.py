@@ -97,7 +97,10 @@ class Optimizer:
             tp.op(f"{name}.foreach_addcdiv_", flops=4.0 * total, bytes_moved=6 * total)
             tp.drop(*denoms)
         else:
-            # _single_tensor_adamw, per param: denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+            # _single_tensor_adamw, per param: denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps).
+            # `denom` is a loop variable: param i's is released when param i+1's div rebinds it, the last one
+            # when the function returns.
+            previous = None
             for p in params:
                 size = p.tensor.size_bytes
                 tp.op(f"{p.name}.adamw.update_moments", flops=5.0 * size, bytes_moved=5 * size)
@@ -105,9 +108,11 @@ class Optimizer:
                 root = tp.empty(f"{p.name}.exp_avg_sq.sqrt", p.tensor.numel, p.tensor.dtype)
                 tp.op(f"{p.name}.adamw.div", bytes_moved=2 * size)
                 denom = tp.empty(f"{p.name}.denom", p.tensor.numel, p.tensor.dtype)
-                tp.drop(root)
+                tp.drop(root, previous)
                 tp.op(f"{p.name}.adamw.addcdiv_", flops=3.0 * size, bytes_moved=4 * size)
-                tp.drop(denom)
+                previous = denom
+            tp.op(f"{name}.return")
+            tp.drop(previous)
 
     def _sgd(self, tp: Tape, index: int, params: list[Param]) -> None:
         """torch.optim.SGD with momentum 0 keeps no state; with weight decay the foreach path builds
