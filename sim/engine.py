@@ -6,6 +6,7 @@ It knows ops, streams and bytes; nothing about models or frameworks.
 
 from dataclasses import dataclass
 
+import numpy as np
 import simpy
 
 from sim.allocator import Allocator, OutOfMemory
@@ -68,7 +69,8 @@ class Engine:
     def _stream(self, stream: Stream, indices: list[int]):
         """Run one stream's ops in order: allocate at the op's start, take its duration, free at its end."""
         if self.done is None and len(self._streams) == 1:
-            now = self._run_alone(stream, indices)
+            bulk = hasattr(self.allocator, "replay")
+            now = self._run_alone_bulk(stream, indices) if bulk else self._run_alone(stream, indices)
             yield self.env.timeout(now - self.env.now)
             return
         if stream is Stream.COMPUTE:
@@ -175,6 +177,50 @@ class Engine:
                 reserved(allocator.reserved_bytes)
         self.busy_us[stream] = busy
         return now
+
+    def _run_alone_bulk(self, stream: Stream, indices: list[int]) -> int:
+        """_run_alone for an allocator that can replay a whole event sequence at once (the exact count):
+        the same events, times and results, gathered per op and expanded with numpy."""
+        ops, spans = self.schedule.ops, self._spans
+        ids: list[int] = []
+        counts: list[int] = []  # per op: number of allocations, then number of frees
+        extend, append = ids.extend, counts.append
+        for index in indices:
+            op = ops[index]
+            span = spans[index]
+            if span is None:
+                allocs, frees = op.allocs, op.frees
+            else:
+                allocs, frees = span.alloc_ids(op.allocs), span.free_ids(op.frees)
+            extend(allocs)
+            extend(frees)
+            append(len(allocs))
+            append(len(frees))
+        order = np.asarray(indices, dtype=np.int64)
+        durations = np.asarray(self._durations, dtype=np.int64)[order]
+        base = int(self.env.now)
+        ends = base + np.cumsum(durations)
+        starts = ends - durations
+        for index, start in zip(indices, starts.tolist(), strict=True):
+            self.op_start_us[index] = start
+        per_segment = np.asarray(counts, dtype=np.int64)
+        times = np.repeat(np.stack([starts, ends], axis=1).ravel(), per_segment)
+        op_index = np.repeat(np.repeat(order, 2), per_segment)
+        is_free = np.repeat(np.tile(np.array([False, True]), len(order)), per_segment)
+        buffer_ids = np.asarray(ids, dtype=np.int64)
+        sizes = np.asarray(self._sizes, dtype=np.int64)[buffer_ids]
+        allocated, oom, at = self.allocator.replay(np.where(is_free, -sizes, sizes))
+        if oom is not None and self.oom is None:
+            self.oom = OomEvent(int(times[at]), int(op_index[at]), oom.requested_bytes, str(oom))
+        t = self.trace
+        t.time_us.extend(times.tolist())
+        t.op_index.extend(op_index.tolist())
+        t.buffer_id.extend(np.where(is_free, ~buffer_ids, buffer_ids).tolist())
+        values = allocated.tolist()
+        t.allocated_bytes.extend(values)
+        t.reserved_bytes.extend(values)
+        self.busy_us[stream] = int(durations.sum())
+        return int(ends[-1]) if len(ends) else base
 
     def _malloc(self, buffer_id: int, op_index: int, stream: Stream, now: int) -> None:
         size = self._sizes[buffer_id]
