@@ -10,6 +10,7 @@ from sim.workload import hf_decoder, qwen1
 from sim.workload import primitives as P
 from sim.workload.behaviour import behaviour_for
 from sim.workload.context import RunContext
+from sim.parallel.data_parallel import Ddp, Zero12
 from sim.parallel.zero3 import Zero3, Zero3Optimizer
 from sim.workload.optimizer import Optimizer
 from sim.workload.tape import Param, Tape
@@ -111,20 +112,22 @@ def build_schedule(scenario: Scenario) -> BuiltSchedule:
     model = modelling_code(scenario).build_model(ctx, scenario.lora)
     params = model.params()
     trainable = [p for p in params if p.tensor.requires_grad]
-    placement = _Zero3Placement(ctx, scenario, params, trainable) if ctx.zero3 else \
-        _LocalPlacement(ctx, scenario, params, trainable)
+    placement = _placement(ctx, scenario, params, trainable)
     states_after_first_step = None
     for step in range(scenario.simulation.steps):
         tape.step = step
         template = None
         for micro in range(training.gradient_accumulation_steps):
             tape.micro_batch = micro
-            # micro-batches after the second repeat it exactly (grads exist) when nothing crosses its ends
-            if template is not None and tape.replicate(*template, step, micro):
+            last = micro == training.gradient_accumulation_steps - 1
+            # micro-batches after the second repeat it exactly (grads exist) when nothing crosses its ends;
+            # the last one of an accumulation differs where gradients are reduced only there (DDP, ZeRO-1)
+            if template is not None and not (last and placement.syncs_last) and tape.replicate(*template, step, micro):
                 continue
             start = tape.op_count()
+            placement.before_micro_batch(last)
             _micro_batch(ctx, scenario, model)
-            placement.after_micro_batch()
+            placement.after_micro_batch(last)
             if micro == 1:
                 template = (start, tape.op_count())
         tape.phase, tape.layer = Phase.OPTIMIZER, None
@@ -134,8 +137,21 @@ def build_schedule(scenario: Scenario) -> BuiltSchedule:
     return BuiltSchedule(tape.schedule(), states_after_first_step, tokens, _model_flops(scenario, params, tokens))
 
 
+def _placement(ctx: RunContext, scenario: Scenario, params: list[Param], trainable: list[Param]):
+    zero = scenario.deepspeed.zero_optimization if scenario.deepspeed is not None else None
+    if ctx.zero3 is not None:
+        return _Zero3Placement(ctx, scenario, params, trainable)
+    if zero is not None and zero.stage in (1, 2):
+        return _Zero12Placement(ctx, scenario, params, trainable)
+    if scenario.hardware.gpus > 1:
+        return _DdpPlacement(ctx, scenario, params, trainable)
+    return _LocalPlacement(ctx, scenario, params, trainable)
+
+
 class _LocalPlacement:
     """Every parameter, gradient and optimizer state whole on this device (one GPU)."""
+
+    syncs_last = False  # whether the last micro-batch of an accumulation differs from the others
 
     def __init__(self, ctx: RunContext, scenario: Scenario, params: list[Param], trainable: list[Param]) -> None:
         self.tape, self.params, self.trainable = ctx.tape, params, trainable
@@ -144,7 +160,10 @@ class _LocalPlacement:
         self.optimizer = Optimizer(training.optim or ctx.behaviour.default_optim, trainable, on_host(scenario),
                                    training.weight_decay)
 
-    def after_micro_batch(self) -> None:
+    def before_micro_batch(self, last: bool) -> None:
+        pass
+
+    def after_micro_batch(self, last: bool) -> None:
         pass
 
     def step(self) -> ModelStates:
@@ -158,8 +177,62 @@ class _LocalPlacement:
                            sum(p.tensor.size_bytes for p in self.params), grads_bytes, self.optimizer.state_bytes())
 
 
+class _DdpPlacement(_LocalPlacement):
+    """torch DDP: the local placement plus the reducer's buckets and allreduces (sim/parallel/data_parallel.py)."""
+
+    syncs_last = True
+
+    def __init__(self, ctx: RunContext, scenario: Scenario, params: list[Param], trainable: list[Param]) -> None:
+        super().__init__(ctx, scenario, params, trainable)
+        self.ddp = Ddp(ctx.tape, scenario.hardware.gpus, trainable)
+        ctx.tape.post_grad_hook = self.ddp.on_grad_ready
+
+    def before_micro_batch(self, last: bool) -> None:
+        self.ddp.sync = last  # accelerate's accumulate(): no_sync except at the accumulation boundary
+
+    def after_micro_batch(self, last: bool) -> None:
+        if last:
+            self.ddp.finalize()
+
+
+class _Zero12Placement:
+    """DeepSpeed ZeRO-1/2 (sim/parallel/data_parallel.py)."""
+
+    def __init__(self, ctx: RunContext, scenario: Scenario, params: list[Param], trainable: list[Param]) -> None:
+        self.tape, self.params, self.trainable = ctx.tape, params, trainable
+        config = scenario.deepspeed.zero_optimization
+        self.zero = Zero12(ctx.tape, config, scenario.hardware.gpus, trainable, weights_dtype(scenario))
+        self.syncs_last = config.stage == 1
+        self.temporaries = _inner_optimizer_temporaries(ctx, scenario)
+        if config.stage == 2:
+            ctx.tape.grad_hook = self.zero.on_grad
+
+    def before_micro_batch(self, last: bool) -> None:
+        pass
+
+    def after_micro_batch(self, last: bool) -> None:
+        if self.zero.stage == 2 or last:
+            self.tape.op("zero.backward_epilogue")
+            self.zero.end_of_backward([p.grad for p in self.trainable if p.grad is not None])
+
+    def step(self) -> ModelStates:
+        grads = sum(p.grad.size_bytes for p in self.trainable if p.grad is not None)
+        if self.zero.stage == 2:
+            grads = self.zero.partition * self.zero.dtype.size_bytes
+        self.zero.step(self.temporaries)
+        self.tape.op("zero_grad")
+        for p in self.trainable:
+            if p.grad is not None:
+                self.tape.drop(p.grad)
+                p.grad = None
+        return ModelStates(sum(p.tensor.numel for p in self.params), sum(p.tensor.numel for p in self.trainable),
+                           sum(p.tensor.size_bytes for p in self.params), grads, self.zero.state_bytes())
+
+
 class _Zero3Placement:
     """DeepSpeed ZeRO-3: partitions, gathers and reduce-scatters (sim/parallel/zero3.py)."""
+
+    syncs_last = False
 
     def __init__(self, ctx: RunContext, scenario: Scenario, params: list[Param], trainable: list[Param]) -> None:
         self.tape, self.zero, self.params, self.trainable = ctx.tape, ctx.zero3, params, trainable
@@ -168,7 +241,10 @@ class _Zero3Placement:
         self.optimizer = Zero3Optimizer(self.zero, trainable, _inner_optimizer_temporaries(ctx, scenario))
         self.tape.grad_hook = self.zero.on_grad
 
-    def after_micro_batch(self) -> None:
+    def before_micro_batch(self, last: bool) -> None:
+        pass
+
+    def after_micro_batch(self, last: bool) -> None:
         self.tape.op("zero3.backward_epilogue")
         self.zero.end_of_backward()
         self.zero.end_of_forward_backward()

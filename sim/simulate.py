@@ -11,15 +11,6 @@ from sim.schedule import build_schedule, compute_dtype, weights_dtype
 
 def check_supported(scenario: Scenario) -> None:
     """Refuse, with a clear message, what is not modelled yet rather than simulate it wrongly."""
-    stage = scenario.deepspeed.zero_optimization.stage if scenario.deepspeed is not None else None
-    if stage in (1, 2):
-        raise ScenarioError(f"deepspeed.zero_optimization.stage: ZeRO stage {stage} is not modelled yet "
-                            "(stage 3 is); use stage 3")
-    if scenario.hardware.gpus > 1 and stage in (None, 0):
-        raise ScenarioError(
-            f"hardware: {scenario.hardware.gpus} GPUs without ZeRO-3 need DDP, which is not modelled yet; "
-            "use a deepspeed section with zero_optimization.stage 3, or one GPU"
-        )
     if scenario.deepspeed is not None:
         offload = [k for k in ("offload_param", "offload_optimizer")
                    if (getattr(scenario.deepspeed.zero_optimization, k) or {}).get("device", "none") != "none"]

@@ -135,7 +135,8 @@ class Tape:
         self._final_of: list[int] = []  # per entry of _ops: the position of its (first) op in the schedule
         self._final_total = 0
         self._waits: list[int] = []  # side ops the next compute op waits for
-        self.grad_hook: Callable[[Param, Tensor], None] | None = None  # ZeRO/DDP take param grads over
+        self.grad_hook: Callable[[Param, Tensor], None] | None = None  # ZeRO takes param grads over
+        self.post_grad_hook: Callable[[Param], None] | None = None  # runs after AccumulateGrad (DDP's reducer)
 
     # ---- storages ---------------------------------------------------------------------------------------
     def new_storage(self, name: str, size_bytes: int, category: Category, persistent: bool = False) -> Storage:
@@ -352,9 +353,11 @@ class Tape:
             return
         if param.grad is None:
             param.grad = self._stolen_or_cloned(grad, f"{param.name}.grad_clone", Category.GRADIENTS)
-            return
-        self.op(f"{param.name}.grad_add_", bytes_moved=3 * grad.size_bytes)
-        self.release(grad.storage)
+        else:
+            self.op(f"{param.name}.grad_add_", bytes_moved=3 * grad.size_bytes)
+            self.release(grad.storage)
+        if self.post_grad_hook is not None:
+            self.post_grad_hook(param)
 
     @staticmethod
     def _name(tensor: Tensor) -> str:

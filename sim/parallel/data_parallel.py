@@ -1,0 +1,177 @@
+"""Plain DDP and DeepSpeed ZeRO-1/2 on one simulated rank: where the model states live and the collectives that
+reduce the gradients.
+
+DDP (torch/nn/parallel/distributed.py, reducer.cpp): the whole model, gradients and optimizer on every rank, plus
+flat bucket buffers for all gradients (bucket_cap_mb 25, the first bucket 1 MiB, buckets in reverse parameter
+order; gradient_as_bucket_view False as HF Trainer leaves it), allreduced on the last micro-batch of an
+accumulation (the others run under no_sync).
+
+ZeRO-1/2 (deepspeed/runtime/zero/stage_1_and_2.py): the whole bf16 model (bit16_groups_flat), fp32 master
+partitions and Adam moments of 1/P (created at engine init), IPG buckets during backward (reduce_bucket_size,
+twice with overlap_comm); ZeRO-2 copies each gradient into the bucket, reduces it and keeps only this rank's
+partition (grads_in_partition), ZeRO-1 keeps the full gradients and reduces them at the accumulation boundary.
+The step flattens the partition's gradients, casts them to fp32, steps, and all-gathers the bf16 partitions in
+place.
+"""
+
+from sim.ops import Category, Stream
+from sim.parallel.partition import flat_partition_numel
+from sim.scenario import DType, ZeroOptimization
+from sim.workload.tape import Param, Tape, Tensor
+
+DDP_BUCKET_CAP_BYTES = 25 * 1024 * 1024  # DistributedDataParallel(bucket_cap_mb=25)
+DDP_FIRST_BUCKET_BYTES = 1024 * 1024  # torch.distributed._DEFAULT_FIRST_BUCKET_BYTES
+
+
+def ddp_buckets(trainable: list[Param]) -> list[list[Param]]:
+    """_compute_bucket_assignment_by_size: parameters in reverse order, a bucket closes when it reaches its cap."""
+    buckets: list[list[Param]] = [[]]
+    filled, cap = 0, DDP_FIRST_BUCKET_BYTES
+    for p in reversed(trainable):
+        buckets[-1].append(p)
+        filled += p.tensor.size_bytes
+        if filled >= cap:
+            buckets.append([])
+            filled, cap = 0, DDP_BUCKET_CAP_BYTES
+    return [b for b in buckets if b]
+
+
+class Ddp:
+    """DistributedDataParallel's reducer for one rank."""
+
+    def __init__(self, tape: Tape, world: int, trainable: list[Param]) -> None:
+        self.tape, self.world = tape, world
+        self.buckets = ddp_buckets(trainable)
+        self.bucket_of = {p.name: i for i, bucket in enumerate(self.buckets) for p in bucket}
+        for i, bucket in enumerate(self.buckets):
+            numel = sum(p.tensor.numel for p in bucket)
+            tape.persistent_buffer(f"ddp.bucket[{i}]", numel, bucket[0].tensor.dtype, Category.COMMUNICATION)
+        self.pending = [len(b) for b in self.buckets]
+        self.sync = False
+        self.allreduces: list[int] = []
+
+    def bucket_bytes(self) -> int:
+        return sum(p.tensor.size_bytes for b in self.buckets for p in b)
+
+    def on_grad_ready(self, param: Param) -> None:
+        """The autograd hook after AccumulateGrad: copy the grad into its bucket view; a full bucket is allreduced
+        (ring: 2·(P-1)/P of its bytes on the wire) on the NCCL stream."""
+        if not self.sync:
+            return
+        index = self.bucket_of[param.name]
+        self.pending[index] -= 1
+        if self.pending[index] == 0:
+            size = sum(p.tensor.size_bytes for p in self.buckets[index])
+            op = self.tape.side_op(f"ddp.allreduce[bucket {index}]", Stream.REDUCE, bytes_moved=2 * size,
+                                   wire_bytes=2 * (self.world - 1) * size // self.world)
+            self.allreduces.append(op)
+
+    def finalize(self) -> None:
+        """finalize_backward: wait for the allreduces, copy the averaged buckets back into the grads."""
+        for op in self.allreduces:
+            self.tape.wait_for(op)
+        self.tape.op("ddp.copy_buckets_to_grads", bytes_moved=2 * self.bucket_bytes())
+        self.allreduces.clear()
+        self.pending = [len(b) for b in self.buckets]
+
+
+class Zero12:
+    """DeepSpeed ZeRO stage 1 or 2 for one rank."""
+
+    def __init__(self, tape: Tape, config: ZeroOptimization, world: int, trainable: list[Param],
+                 dtype: DType) -> None:
+        self.tape, self.config, self.world, self.dtype = tape, config, world, dtype
+        self.stage = config.stage
+        total = sum(p.tensor.numel for p in trainable)
+        self.partition = flat_partition_numel(total, world)
+        self.overlap = bool(config.overlap_comm)
+        tape.persistent_buffer("zero.single_partition_of_fp32_groups", self.partition, DType.FLOAT32,
+                               Category.OPTIMIZER_STATES)
+        for state in ("exp_avg", "exp_avg_sq"):
+            tape.persistent_buffer(f"zero.{state}", self.partition, DType.FLOAT32, Category.OPTIMIZER_STATES)
+        self.grads_in_partition: Tensor | None = None
+        if self.stage == 2:
+            self.grads_in_partition = tape.persistent_buffer("zero.grads_in_partition", self.partition, dtype,
+                                                             Category.GRADIENTS)
+        self.partition_allocated = False
+        self.ipg: list[Tensor] = []
+        self.bucket: list[tuple[Param | None, Tensor]] = []
+        self.bucket_numel = 0
+
+    def state_bytes(self) -> int:
+        return 12 * self.partition
+
+    def _ipg_buffers(self) -> None:
+        """The IPG bucket(s), allocated when backward produces the first gradient (twice with overlap_comm)."""
+        if not self.ipg:
+            self.ipg = [self.tape.empty(f"zero.ipg_buffer[{i}]", self.config.reduce_bucket_size, self.dtype,
+                                        Category.COMMUNICATION) for i in range(2 if self.overlap else 1)]
+
+    def on_grad(self, param: Param, grad: Tensor) -> None:
+        """ZeRO-2's reduce_ready_partitions_and_remove_grads: copy the grad into the IPG bucket and free it,
+        reducing the bucket first when this grad would overflow it. (ZeRO-1 keeps param.grad; see Tape.)"""
+        tp = self.tape
+        grad.storage.category = Category.GRADIENTS
+        if self.bucket_numel + grad.numel > self.config.reduce_bucket_size and self.bucket:
+            self._reduce()
+        self._ipg_buffers()
+        tp.op(f"zero.copy_grad_to_ipg[{param.name}]", bytes_moved=2 * grad.size_bytes)
+        self.bucket.append((param, grad))
+        self.bucket_numel += grad.numel
+        tp.drop(grad)
+
+    def _reduce(self) -> None:
+        """average_tensor on the bucket (reduce-scatter by partition), then this rank's slice is copied into
+        grads_in_partition (allocated at the first reduction)."""
+        tp, size = self.tape, self.dtype.size_bytes
+        if self.stage == 2 and not self.partition_allocated:
+            tp.op("zero.allocate_grads_in_partition")
+            tp.allocate_existing(self.grads_in_partition)
+            self.partition_allocated = True
+        numel = self.bucket_numel
+        label = f"zero.reduce[{len(self.bucket)} grads]"
+        wire = (self.world - 1) * numel * size // self.world
+        if self.overlap:  # on the reduction stream, waited for before the next bucket reuses the buffer
+            tp.wait_for(tp.side_op(label, Stream.REDUCE, bytes_moved=2 * numel * size, wire_bytes=wire))
+        else:
+            tp.op(label, bytes_moved=2 * numel * size)
+        self.bucket, self.bucket_numel = [], 0
+
+    def end_of_backward(self, full_grads: list[Tensor]) -> None:
+        """The epilogue: reduce what is left (ZeRO-1: every full gradient, bucket by bucket), release the IPG
+        buffers."""
+        tp = self.tape
+        if self.stage == 1:
+            self._ipg_buffers()
+            for grad in full_grads:
+                if self.bucket_numel + grad.numel > self.config.reduce_bucket_size and self.bucket:
+                    self._reduce()
+                tp.op("zero.copy_grad_to_ipg", bytes_moved=2 * grad.size_bytes)
+                self.bucket.append((None, grad))
+                self.bucket_numel += grad.numel
+        if self.bucket:
+            tp.op("zero.reduce_epilogue")
+            self._reduce()
+        tp.op("zero.release_ipg_buffers")
+        tp.drop(*self.ipg)
+        self.ipg = []
+
+    def step(self, temporaries: int) -> None:
+        """Flatten this rank's gradient partition (16-bit) and cast it to fp32, step, copy back to bf16, then
+        all-gather the bf16 partitions into the flat model in place."""
+        tp, numel = self.tape, self.partition
+        tp.op("zero.step.flatten_partition_grads", bytes_moved=4 * numel * self.dtype.size_bytes)
+        flat = tp.empty("zero.flat_partition_grad", numel, self.dtype)
+        tp.op("zero.step.grad_to_fp32", bytes_moved=6 * numel)
+        grad32 = tp.empty("zero.fp32_partition_grad", numel, DType.FLOAT32)
+        tp.drop(flat)
+        tp.op("zero.step.optimizer_step", flops=12.0 * numel, bytes_moved=28 * numel)
+        temps = [tp.empty("zero.optimizer_temp", numel, DType.FLOAT32) for _ in range(temporaries)]
+        tp.drop(*temps)
+        tp.op("zero.step.copy_to_bf16", bytes_moved=6 * numel)
+        tp.drop(grad32)
+        size = self.dtype.size_bytes
+        gather = tp.side_op("zero.all_gather_dp_groups", Stream.ALLGATHER, bytes_moved=2 * numel * self.world * size,
+                            wire_bytes=(self.world - 1) * numel * size)
+        tp.wait_for(gather)
+        tp.op("zero.step.end")

@@ -1,0 +1,76 @@
+"""DDP and DeepSpeed ZeRO-1/2/3 model states per GPU, and their ordering."""
+
+import math
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sim.parallel.data_parallel import ddp_buckets
+from sim.report import summarize
+from sim.scenario import build_scenario
+from sim.schedule import _context, modelling_code
+from sim.simulate import run_scenario
+from sim.workload.tape import Tape
+from tests.conftest import tiny_raw
+
+
+def raw_for(stage: int | None, gpus: int, layers: int = 2, accumulation: int = 2) -> dict:
+    """Mixed precision both ways: DDP trains fp32 weights under bf16 autocast (fp32 Adam), DeepSpeed trains the
+    bf16 model with fp32 master partitions."""
+    raw = tiny_raw(gradient_accumulation_steps=accumulation)
+    raw["model"]["num_hidden_layers"] = layers
+    raw["hardware"]["gpus_per_node"] = gpus
+    if stage is None:
+        raw["model"]["torch_dtype"] = "float32"
+    else:
+        raw["deepspeed"] = {"zero_optimization": {"stage": stage, "reduce_bucket_size": 4096,
+                                                  "stage3_param_persistence_threshold": 0}}
+    return raw
+
+
+def states(raw: dict) -> dict:
+    return summarize(run_scenario(build_scenario(raw)))["model_states_bytes"]
+
+
+def numels(raw: dict) -> list[int]:
+    scenario = build_scenario(raw)
+    ctx = _context(scenario, Tape())
+    ctx.tape.op("init")
+    return [p.tensor.numel for p in modelling_code(scenario).build_model(ctx, None).params()]
+
+
+def test_ddp_model_states_and_buckets() -> None:
+    # fp32 weights, fp32 grads, fp32 Adam moments: 4 + 4 + 8 bytes per parameter on every GPU.
+    raw = raw_for(None, 4)
+    total = sum(numels(raw))
+    assert states(raw) == {"parameters": 4 * total, "gradients": 4 * total, "optimizer_states": 8 * total}
+
+
+def test_ddp_buckets_follow_reverse_order_and_caps() -> None:
+    # 1 MiB first bucket, 25 MiB after, parameters in reverse order.
+    class P:
+        def __init__(self, name, size):
+            self.name, self.tensor = name, type("T", (), {"size_bytes": size, "numel": size // 4})()
+
+    params = [P(f"p{i}", 600 * 1024) for i in range(5)]
+    buckets = ddp_buckets(params)
+    assert [[p.name for p in b] for b in buckets] == [["p4", "p3"], ["p2", "p1", "p0"]]
+
+
+def test_zero12_model_states() -> None:
+    # ZeRO-1/2 keep the whole bf16 model; the flat group is padded to a multiple of 2·P elements and split:
+    # fp32 master + Adam = 12 B per partition element; ZeRO-2 keeps the bf16 gradient partition, ZeRO-1 the
+    # whole bf16 gradients.
+    for stage in (1, 2):
+        raw = raw_for(stage, 3)
+        total = sum(numels(raw))
+        partition = math.ceil(total / 6) * 6 // 3
+        expected_grads = 2 * total if stage == 1 else 2 * partition
+        assert states(raw) == {"parameters": 2 * total, "gradients": expected_grads,
+                               "optimizer_states": 12 * partition}
+
+
+@given(st.integers(2, 8), st.integers(1, 3), st.integers(1, 3))
+def test_zero3_le_zero2_le_zero1_le_ddp(gpus: int, layers: int, accumulation: int) -> None:
+    totals = [sum(states(raw_for(stage, gpus, layers, accumulation)).values()) for stage in (3, 2, 1, None)]
+    assert totals == sorted(totals)
