@@ -101,8 +101,20 @@ def _context(scenario: Scenario, tape: Tape) -> RunContext:
                       on_host(scenario))
 
 
+def cublas_workspace_bytes(scenario: Scenario) -> int:
+    """Default CUBLAS_WORKSPACE_CONFIG as PyTorch sets it (aten/src/ATen/cuda/CublasHandlePool.cpp):
+    ":4096:2:16:8" = 2·4096 KiB + 8·16 KiB = 8,519,680 B; ":4096:8" = 32 MiB on Hopper (compute capability 9)
+    from torch 2.1. None on a host."""
+    if on_host(scenario):
+        return 0
+    capability = scenario.hardware.device.compute_capability or "8.0"
+    hopper = int(capability.split(".")[0]) >= 9 and scenario.software.version("torch") >= (2, 1, 0)
+    return 8 * 4096 * 1024 if hopper else 2 * 4096 * 1024 + 8 * 16 * 1024
+
+
 def build_schedule(scenario: Scenario) -> BuiltSchedule:
     tape = Tape()
+    tape.blas_workspace_bytes = cublas_workspace_bytes(scenario)
     training = scenario.training
     ctx = _context(scenario, tape)
     zero = scenario.deepspeed.zero_optimization if scenario.deepspeed is not None else None

@@ -93,3 +93,16 @@ def test_qwen1_keeps_bf16_log_probs() -> None:
                     "kv_channels": 16, "no_bias": True}
     loss = 2 * B * (S - 1) * V + 8 * B * (S - 1) + 2
     assert activation_bytes_after_forward(raw) == 2 * (2 * N * H) + 2 * N + IDS + NORM + loss
+
+
+def test_cublas_workspace_is_allocated_once_at_the_first_gemm() -> None:
+    # torch's default CUBLAS_WORKSPACE_CONFIG on an A100 (compute capability 8.0): ":4096:2:16:8" =
+    # 2 × 4096 KiB + 8 × 16 KiB = 8,519,680 B, allocated by the first GEMM and kept for the process.
+    run = run_scenario(build_scenario(tiny_raw()))
+    schedule, trace = run.schedule, run.engine.trace
+    ids = [b.buffer_id for b in schedule.buffers if b.name == "cublas_workspace"]
+    assert len(ids) == 1 and schedule.buffers[ids[0]].size_bytes == 8_519_680
+    events = [i for i in range(len(trace)) if int(trace.buffer_id[i]) == ids[0]]
+    assert len(events) == 1 and trace.delta_bytes[events[0]] > 0
+    first_gemm = schedule.ops[int(trace.op_index[events[0]])].name
+    assert first_gemm == "model.layers.0.self_attn.q_proj"

@@ -137,6 +137,8 @@ class Tape:
         self._waits: list[int] = []  # side ops the next compute op waits for
         self.grad_hook: Callable[[Param, Tensor], None] | None = None  # ZeRO takes param grads over
         self.post_grad_hook: Callable[[Param], None] | None = None  # runs after AccumulateGrad (DDP's reducer)
+        self.blas_workspace_bytes = 0  # cuBLAS workspace made at the first GEMM on the compute stream (0: none)
+        self._blas_workspace: Tensor | None = None
 
     # ---- storages ---------------------------------------------------------------------------------------
     def new_storage(self, name: str, size_bytes: int, category: Category, persistent: bool = False) -> Storage:
@@ -198,6 +200,14 @@ class Tape:
         for tensor in tensors:
             tensor.storage.lazy = True
             self._ops[self._compute].allocs.append(tensor.storage.buffer_id)
+
+    def first_gemm(self) -> None:
+        """The first cuBLAS call on a stream allocates that handle's workspace through the caching allocator and
+        keeps it for the process (aten/src/ATen/cuda/CublasHandlePool.cpp getCurrentCUDABlasHandle)."""
+        if self.blas_workspace_bytes and self._blas_workspace is None:
+            self._blas_workspace = self.persistent_buffer("cublas_workspace", self.blas_workspace_bytes,
+                                                          DType.BOOL, Category.TEMPORARIES)
+            self.allocate_existing(self._blas_workspace)
 
     # ---- ops ----------------------------------------------------------------------------------------------
     def op(self, name: str, flops: float = 0.0, bytes_moved: int = 0) -> None:
