@@ -11,7 +11,7 @@ from sim.scenario import AttnImplementation, DType, Lora
 from sim.workload import primitives as P
 from sim.workload.checkpoint import checkpoint
 from sim.workload.context import RunContext
-from sim.workload.hf_decoder import rms_norm
+from sim.workload.hf_decoder import apply_rotary, rms_norm
 from sim.workload.loss import lm_head_loss
 from sim.workload.modules import Linear, apply_linear, in_module, make_param
 from sim.workload.tape import Param, Tensor
@@ -116,16 +116,8 @@ def _rotary(ctx: RunContext, name: str, t: Tensor, cos: Tensor, sin: Tensor) -> 
     cat((t_rot, t_pass)) with an empty t_pass (rotary_pct 1.0) copies; .type_as(t) back to bf16."""
     tp = ctx.tape
     t_float = P.to_dtype(tp, f"{name}.float", t, DType.FLOAT32)
-    first = P.mul(tp, f"{name}.mul_cos", t_float, cos)
-    half = t_float.numel // 2
-    x1, x2 = P.slice_view(tp, t_float, half), P.slice_view(tp, t_float, half)
-    negated = P.neg(tp, f"{name}.neg", x2)
-    rotated = P.cat(tp, f"{name}.rotate_half", [negated, x1])
-    tp.drop(x1, x2, negated)
-    second = P.mul(tp, f"{name}.mul_sin", rotated, sin)
-    tp.drop(rotated)
-    summed = P.add(tp, f"{name}.add", first, second)
-    tp.drop(first, second, t_float)
+    summed = apply_rotary(ctx, name, t_float, cos, sin)
+    tp.drop(t_float)
     joined = P.cat(tp, f"{name}.cat_pass", [summed])
     tp.drop(summed)
     out = P.to_dtype(tp, f"{name}.type_as", joined, t.dtype)
