@@ -164,3 +164,23 @@ def test_every_gathered_param_is_released_or_persistent_at_step_end(prefetch: in
                     alive.pop(int(trace.buffer_id[i]), None)
         sizes = {schedule.buffers[b].size_bytes // 2 for b in alive}
         assert all(size <= persist for size in sizes), sorted(alive.values())
+
+
+def test_prefetch_gathers_the_next_module_before_releasing_the_current_one() -> None:
+    # Trace complete (second step), prefetch bucket of 4096 elements, no reuse distance: when a module is
+    # fetched, the next non-available parameters in the trace are gathered up to the budget (one 64×64 weight),
+    # so in forward each linear weight is gathered before the previous one is released. The q/k/v biases and
+    # norm weights (64 elements) are persistent and never gathered again.
+    raw = zero_raw(2, stage3_prefetch_bucket_size=4096)
+    log = gather_log(raw, step=1)
+    forward = log[: log.index(("gather", "lm_head.weight")) + 1]
+    gathered = [name for event, name in forward if event == "gather"]
+    assert gathered[:4] == ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+                            "model.layers.0.self_attn.k_proj.weight", "model.layers.0.self_attn.v_proj.weight"]
+    attention = [f"model.layers.0.self_attn.{m}_proj.weight" for m in "qkvo"]
+    for previous, following in zip(attention, attention[1:]):
+        assert forward.index(("gather", following)) < forward.index(("release", previous))
+    # without prefetch the release comes first (see the test above)
+    plain = gather_log(zero_raw(2), step=1)
+    q, k = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"
+    assert plain.index(("release", q)) < plain.index(("gather", k))
