@@ -106,7 +106,11 @@ class Engine:
         and hands control to simpy where it must: waits on other streams, ops others wait for, and any op
         that would cross the end of a running collective. Event times and order are those of one yield per op."""
         ops, env, durations, done = self.schedule.ops, self.env, self._durations, self.done or {}
-        ends, spans = self._side_ends, self._spans
+        ends, spans, sizes, starts = self._side_ends, self._spans, self._sizes, self.op_start_us
+        allocator, t, compute = self.allocator, self.trace, Stream.COMPUTE
+        malloc, free = allocator.malloc, allocator.free
+        times, op_ids, buffer_ids = t.time_us.append, t.op_index.append, t.buffer_id.append
+        allocated, reserved = t.allocated_bytes.append, t.reserved_bytes.append
         busy = 0
         now = int(env.now)
         for index in indices:
@@ -118,10 +122,19 @@ class Engine:
                 now = int(env.now)
             elif ends and now >= min(ends):
                 yield env.timeout(now - env.now)
-            self.op_start_us[index] = now
+            starts[index] = now
             span = spans[index]
             for buffer_id in (op.allocs if span is None else span.alloc_ids(op.allocs)):
-                self._malloc(buffer_id, index, Stream.COMPUTE, now)
+                try:
+                    malloc(buffer_id, sizes[buffer_id], compute)
+                except OutOfMemory as exc:
+                    if self.oom is None:
+                        self.oom = OomEvent(now, index, exc.requested_bytes, str(exc))
+                times(now)
+                op_ids(index)
+                buffer_ids(buffer_id)
+                allocated(allocator.allocated_bytes)
+                reserved(allocator.reserved_bytes)
             duration = durations[index]
             busy += duration
             end = now + duration
@@ -129,7 +142,12 @@ class Engine:
                 yield env.timeout(end - env.now)
             now = end
             for buffer_id in (op.frees if span is None else span.free_ids(op.frees)):
-                self._free(buffer_id, index, now)
+                free(buffer_id)
+                times(now)
+                op_ids(index)
+                buffer_ids(~buffer_id)
+                allocated(allocator.allocated_bytes)
+                reserved(allocator.reserved_bytes)
             if index in done:
                 if now > env.now:
                     yield env.timeout(now - env.now)

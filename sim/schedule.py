@@ -112,7 +112,9 @@ def cublas_workspace_bytes(scenario: Scenario) -> int:
     return 8 * 4096 * 1024 if hopper else 2 * 4096 * 1024 + 8 * 16 * 1024
 
 
-def build_schedule(scenario: Scenario) -> BuiltSchedule:
+def build_schedule(scenario: Scenario, repeat: bool = True) -> BuiltSchedule:
+    """The ops of one rank. `repeat=False` builds every micro-batch op by op instead of repeating identical
+    ones (same schedule, slower: for tests)."""
     tape = Tape()
     tape.blas_workspace_bytes = cublas_workspace_bytes(scenario)
     training = scenario.training
@@ -126,21 +128,22 @@ def build_schedule(scenario: Scenario) -> BuiltSchedule:
     trainable = [p for p in params if p.tensor.requires_grad]
     placement = _placement(ctx, scenario, params, trainable)
     states_after_first_step = None
+    template = None  # the latest micro-batch built after the first of a step: later ones repeat it when they can
     for step in range(scenario.simulation.steps):
         tape.step = step
-        template = None
         for micro in range(training.gradient_accumulation_steps):
             tape.micro_batch = micro
             last = micro == training.gradient_accumulation_steps - 1
             # micro-batches after the second repeat it exactly (grads exist) when nothing crosses its ends;
             # the last one of an accumulation differs where gradients are reduced only there (DDP, ZeRO-1)
-            if template is not None and not (last and placement.syncs_last) and tape.replicate(*template, step, micro):
+            if repeat and micro >= 1 and template is not None and not (last and placement.syncs_last) and \
+                    tape.replicate(*template, step, micro):
                 continue
             start = tape.op_count()
             placement.before_micro_batch(last)
             _micro_batch(ctx, scenario, model)
             placement.after_micro_batch(last)
-            if micro == 1:
+            if micro >= 1 and not (last and placement.syncs_last):  # the latest built one is the template
                 template = (start, tape.op_count())
         tape.phase, tape.layer = Phase.OPTIMIZER, None
         states = placement.step()

@@ -20,9 +20,10 @@ def check_supported(scenario: Scenario) -> None:
         raise ScenarioError(f"strategies: unknown strategy kind {scenario.strategies[0].kind!r} (none are defined yet)")
 
 
-def run_scenario(scenario: Scenario) -> Run:
+def run_scenario(scenario: Scenario, repeat: bool = True) -> Run:
+    """Simulate a scenario (`repeat=False`: build every micro-batch op by op, for checking the repetition)."""
     check_supported(scenario)
-    built = build_schedule(scenario)
+    built = build_schedule(scenario, repeat)
     device = scenario.hardware.device
     non_pytorch = device.cuda_context_bytes
     allocator = make_allocator(scenario.allocator, max(device.capacity_bytes - non_pytorch, 0),

@@ -415,6 +415,11 @@ class Tape:
 
     def _replicate_periodic(self, start: int, end: int, allocated: set, freed: set, step: int,
                             micro_batch: int) -> bool:
+        previous = self._ops[-1]
+        follows_an_instance = len(self._ops) == end or (
+            isinstance(previous, (_Replica, _Remapped)) and (previous.start, previous.end) == (start, end))
+        if not follows_an_instance:
+            return False  # other ops ran since the last instance: its outbound buffers are not what this frees
         source = self._buffer_source
         outbound = {(source[b].name, source[b].size_bytes): b for b in allocated - freed}
         inbound = {(source[b].name, source[b].size_bytes): b for b in freed - allocated}
