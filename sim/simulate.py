@@ -1,5 +1,8 @@
 """Scenario in, Run out: schedule → engine ⇄ allocator → trace. No printing, no files."""
 
+import gc
+from contextlib import contextmanager
+
 from sim.allocator import make_allocator
 from sim.cost import CostModel
 from sim.engine import Engine
@@ -20,9 +23,28 @@ def check_supported(scenario: Scenario) -> None:
         raise ScenarioError(f"strategies: unknown strategy kind {scenario.strategies[0].kind!r} (none are defined yet)")
 
 
+@contextmanager
+def _no_cyclic_gc():
+    """A run creates hundreds of thousands of long-lived objects; Python's cyclic collector would rescan them
+    again and again (a quarter of the run time, measured in bench/). Reference counting still frees as usual;
+    the few cycles (autograd nodes and their tensors) are collected when the collector is back on."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def run_scenario(scenario: Scenario, repeat: bool = True) -> Run:
     """Simulate a scenario (`repeat=False`: build every micro-batch op by op, for checking the repetition)."""
     check_supported(scenario)
+    with _no_cyclic_gc():
+        return _run(scenario, repeat)
+
+
+def _run(scenario: Scenario, repeat: bool) -> Run:
     built = build_schedule(scenario, repeat)
     device = scenario.hardware.device
     non_pytorch = device.cuda_context_bytes
