@@ -68,12 +68,11 @@ class Engine:
 
     def _stream(self, stream: Stream, indices: list[int]):
         """Run one stream's ops in order: allocate at the op's start, take its duration, free at its end."""
-        if self.done is None and len(self._streams) == 1:
-            bulk = hasattr(self.allocator, "replay")
-            now = self._run_alone_bulk(stream, indices) if bulk else self._run_alone(stream, indices)
+        if self.done is None and len(self._streams) == 1 and hasattr(self.allocator, "replay"):
+            now = self._run_alone_bulk(stream, indices)
             yield self.env.timeout(now - self.env.now)
             return
-        if stream is Stream.COMPUTE:
+        if stream is Stream.COMPUTE:  # alone, it never has to yield before its end
             yield from self._compute_with_lookahead(indices)
             return
         ops, env, durations = self.schedule.ops, self.env, self._durations
@@ -157,48 +156,9 @@ class Engine:
             yield env.timeout(now - env.now)
         self.busy_us[Stream.COMPUTE] = busy
 
-    def _run_alone(self, stream: Stream, indices: list[int]) -> int:
-        """The same loop for a stream nothing can interleave with: the clock is advanced arithmetically and
-        handed back to simpy once at the end (same times, same event order, far fewer scheduler round trips)."""
-        ops, durations, sizes, starts = self.schedule.ops, self._durations, self._sizes, self.op_start_us
-        malloc, free = self.allocator.malloc, self.allocator.free
-        allocator, t = self.allocator, self.trace
-        times, op_ids, buffer_ids = t.time_us.append, t.op_index.append, t.buffer_id.append
-        allocated, reserved = t.allocated_bytes.append, t.reserved_bytes.append
-        now = int(self.env.now)
-        busy = 0
-        spans = self._spans
-        for index in indices:
-            op = ops[index]
-            starts[index] = now
-            span = spans[index]
-            for buffer_id in (op.allocs if span is None else span.alloc_ids(op.allocs)):
-                try:
-                    malloc(buffer_id, sizes[buffer_id], stream)
-                except OutOfMemory as exc:
-                    if self.oom is None:
-                        self.oom = OomEvent(now, index, exc.requested_bytes, str(exc))
-                times(now)
-                op_ids(index)
-                buffer_ids(buffer_id)
-                allocated(allocator.allocated_bytes)
-                reserved(allocator.reserved_bytes)
-            duration = durations[index]
-            busy += duration
-            now += duration
-            for buffer_id in (op.frees if span is None else span.free_ids(op.frees)):
-                free(buffer_id)
-                times(now)
-                op_ids(index)
-                buffer_ids(~buffer_id)
-                allocated(allocator.allocated_bytes)
-                reserved(allocator.reserved_bytes)
-        self.busy_us[stream] = busy
-        return now
-
     def _run_alone_bulk(self, stream: Stream, indices: list[int]) -> int:
-        """_run_alone for an allocator that can replay a whole event sequence at once (the exact count):
-        the same events, times and results, gathered per op and expanded with numpy."""
+        """A lone stream with an allocator that can replay a whole event sequence at once (the exact count):
+        the events, times and results of _compute_with_lookahead, gathered per op and expanded with numpy."""
         ops, spans = self.schedule.ops, self._spans
         ids: list[int] = []
         counts: list[int] = []  # per op: number of allocations, then number of frees
