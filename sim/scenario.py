@@ -5,7 +5,6 @@ validation → a frozen `Scenario`. Every user error becomes a `ScenarioError` n
 """
 
 import copy
-import json
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -503,8 +502,3 @@ def _resolve_deepspeed_auto(data: dict) -> None:
 
 def _as_int(value: Any) -> int:
     return value if isinstance(value, int) and value > 0 else 1
-
-
-def dump_json(scenario: Scenario) -> str:
-    """The validated scenario as JSON (for reports and debugging)."""
-    return json.dumps(scenario.model_dump(mode="json"), sort_keys=True)

@@ -74,3 +74,15 @@ def test_zero12_model_states() -> None:
 def test_zero3_le_zero2_le_zero1_le_ddp(gpus: int, layers: int, accumulation: int) -> None:
     totals = [sum(states(raw_for(stage, gpus, layers, accumulation)).values()) for stage in (3, 2, 1, None)]
     assert totals == sorted(totals)
+
+
+def test_deepspeed_zero2_estimator_formula() -> None:
+    # estimate_zero2_model_states_mem_needs without offload: 2·N + int(18·N/P) bytes per GPU (18 = 2 fp16 grads +
+    # 4 fp32 grads + 4 fp32 params + 8 Adam), CPU N·4·gpus_per_node·1.5. The simulator's ZeRO-2 states are
+    # 2·N (bf16 model) + 2·N/P (bf16 gradient partition) + 12·N/P: the estimator's fp32 gradient copy is the
+    # transient fp32 cast of the step (sim/parallel/data_parallel.py Zero12.step), not a persistent state.
+    from sim.parallel.partition import estimate_zero2_model_states
+
+    gpu, cpu = estimate_zero2_model_states(7_000_000_000, 8, 1, cpu_offload=False)
+    assert gpu == 2 * 7_000_000_000 + int(18 * 7_000_000_000 / 8)
+    assert cpu == 7_000_000_000 * 4 * 8 * 1.5

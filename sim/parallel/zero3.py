@@ -9,7 +9,7 @@ One rank is simulated; collectives run on the allgather and reduce streams.
 from collections import deque
 from dataclasses import dataclass, field
 
-from sim.ops import Category, Phase, Stream
+from sim.ops import Category, Stream
 from sim.parallel.partition import padded_partition_numel
 from sim.scenario import DType, ZeroOptimization
 from sim.workload.tape import Node, Param, Tape, Tensor

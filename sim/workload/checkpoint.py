@@ -26,7 +26,7 @@ def checkpoint(ctx: RunContext, fn: Callable[[Tensor], Tensor], x: Tensor, extra
 def _checkpoint_backward(tp: Tape, node: Node, grad: Tensor) -> list:
     run: RunContext = node.ctx["ctx"]
     source = node.inputs[0]
-    phase, tp.phase = tp.phase, Phase.RECOMPUTE
+    tp.phase = Phase.RECOMPUTE
     tp.hold(source.storage)
     detached = Tensor(source.storage, source.numel, source.dtype, requires_grad=True, leaf_grad=[])
     outer_nodes, tp._nodes = tp._nodes, []

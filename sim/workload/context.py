@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sim.scenario import AttnImplementation, DType, ModelSpec, ModelType
-from sim.workload.tape import Param, Tape, Tensor
+from sim.workload.tape import Tape, Tensor
 
 
 @dataclass(slots=True)
@@ -61,7 +61,3 @@ class Behaviour:
     kv_cache: Any  # behaviour.KvCache
     peft_adapters_fp32: bool
     default_optim: Any  # scenario.Optim
-
-
-def param_tensor(p: Param | Tensor) -> Tensor:
-    return p.tensor if isinstance(p, Param) else p

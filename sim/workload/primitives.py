@@ -6,7 +6,6 @@ requires grad uses it), and gives the node a backward that allocates what the ba
 Shapes are reduced to element counts; the arithmetic per kernel is given where it is not obvious.
 """
 
-from sim.ops import Category
 from sim.scenario import DType
 from sim.workload.tape import Node, Param, Tape, Tensor
 

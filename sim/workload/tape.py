@@ -373,13 +373,6 @@ class Tape:
     def _name(tensor: Tensor) -> str:
         return tensor.param.name if tensor.param else (tensor.node.name if tensor.node else tensor.storage.name)
 
-    def clear_graph(self) -> None:
-        """Forget nodes recorded without a backward (e.g. a forward under no_grad leaves none)."""
-        for node in self._nodes:
-            for storage in node.saved:
-                self.release(storage)
-        self._nodes = []
-
     # ---- repetition -----------------------------------------------------------------------------------------
     def op_count(self) -> int:
         return len(self._ops)
