@@ -3,15 +3,15 @@ for `simulation.steps` steps, on a symbolic autograd tape (sim/workload)."""
 
 from dataclasses import dataclass
 
-from sim.ops import Phase, Schedule
 from sim.errors import ScenarioError
-from sim.scenario import DType, ModelType, Optim, Scenario
+from sim.ops import Phase, Schedule
+from sim.scenario import AllocatorBackend, DType, ModelType, Optim, Scenario
 from sim.workload import hf_decoder, qwen1
 from sim.workload import primitives as P
 from sim.workload.behaviour import behaviour_for
-from sim.workload.context import RunContext
 from sim.parallel.data_parallel import Ddp, Zero12
 from sim.parallel.zero3 import Zero3, Zero3Optimizer
+from sim.workload.context import RunContext
 from sim.workload.optimizer import Optimizer
 from sim.workload.tape import Param, Tape
 
@@ -74,8 +74,6 @@ def weights_dtype(scenario: Scenario) -> DType:
 
 def on_host(scenario: Scenario) -> bool:
     """An inline device with no CUDA context and the exact allocator stands for a plain CPU host (design.md §3)."""
-    from sim.scenario import AllocatorBackend
-
     return scenario.hardware.device.cuda_context_bytes == 0 and scenario.allocator.backend is AllocatorBackend.EXACT
 
 
