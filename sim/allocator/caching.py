@@ -9,7 +9,8 @@ expandable segments (2 MiB / 20 MiB pages mapped on demand, fully free pages unm
 (frees pending on other streams until those streams pass the free point).
 
 Simulator policy on OOM: the OOM is recorded (num_ooms, `ooms`), then the allocation is made anyway and from then on
-capacity is treated as unlimited, so the run shows the whole demand; OutOfMemory is raised after the block has been
+allocations still try the cache, cudaMalloc within capacity and the release-and-retry path, and only what that cannot
+find is over-committed, so the run shows the whole demand; OutOfMemory is raised after the block has been
 allocated and accounted, and the caller frees the buffer later as usual.
 
 Addresses are synthetic and deterministic: cudaMalloc'd segments and expandable-segment reservations are carved, in
@@ -186,7 +187,8 @@ class CachingAllocator:
         self.oversize_allocations = 0
         self.oversize_segments = 0
         self.ooms: list[OomRecord] = []
-        self.unlimited = False  # set by the first OOM: the simulation goes on with unlimited memory
+        self.unlimited = False  # set by the first OOM: from then on a failed allocation over-commits
+        self._forcing = False  # inside such an over-committing allocation
 
         self._max_split = self.conf.max_split_size
         self._non_split_rounding = self.conf.max_non_split_rounding_bytes
@@ -645,19 +647,25 @@ class CachingAllocator:
         if block is None and self._release_cached_blocks():
             block = self._alloc_block(pool, size, alloc_size, True)
         if block is None:
-            message = self.oom_message(alloc_size)
-            self.num_ooms += 1
-            self.ooms.append(OomRecord(orig_size, alloc_size, self.allocated_bytes, self.reserved_bytes, message))
-            self._oom = OutOfMemory(orig_size, message)
-            self.unlimited = True
+            if not self.unlimited:  # the first failure is the OOM the run reports
+                message = self.oom_message(alloc_size)
+                self.num_ooms += 1
+                self.ooms.append(OomRecord(orig_size, alloc_size, self.allocated_bytes, self.reserved_bytes, message))
+                self._oom = OutOfMemory(orig_size, message)
+                self.unlimited = True
+            # Over-commit only what the real path could not find: every allocation still goes through the cache,
+            # cudaMalloc within capacity and the release-and-retry, so reserved stays what PyTorch would hold,
+            # plus just the shortfall (the run then shows the whole demand).
+            self._forcing = True
             block = self._alloc_block(pool, size, alloc_size, False)
+            self._forcing = False
             assert block is not None
         return block
 
     def _alloc_block(self, pool: _Pool, size: int, alloc_size: int, is_retry: bool) -> _Block | None:
         if is_retry:
             self.num_alloc_retries += 1
-        limited = not self.unlimited
+        limited = not self._forcing
         allowed = self.allowed_memory_maximum
         if limited and allowed is not None and self.reserved_bytes + alloc_size > allowed:
             return None
@@ -885,7 +893,7 @@ class CachingAllocator:
         seg = to_map.seg
         page = seg.page
         mapped = (size + page - 1) // page * page
-        if not self.unlimited and self.reserved_bytes + mapped > self.capacity_bytes:
+        if not self._forcing and self.reserved_bytes + mapped > self.capacity_bytes:
             return False
         pool = to_map.pool
         del pool.unmapped[to_map.addr]
