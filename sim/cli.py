@@ -77,7 +77,7 @@ def _run(args: argparse.Namespace) -> int:
         from sim.plot import render_memory_timeline
 
         _write_atomic(Path(args.plot_path), render_memory_timeline(run, result))
-    print(format_summary(result, allocator_summary(run)))
+    print(format_summary(result, allocator_summary(run), run.built.model_states.host_bytes))
     if args.fail_on_oom and not result["fits"]:
         return EXIT_OOM
     return EXIT_OK

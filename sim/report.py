@@ -124,7 +124,7 @@ def allocator_summary(run: Run) -> str:
             f"{allocator.num_device_alloc} cudaMalloc calls, {allocator.num_segments} segments at the end")
 
 
-def format_summary(result: dict, allocator_line: str = "") -> str:
+def format_summary(result: dict, allocator_line: str = "", host_bytes: int = 0) -> str:
     """The table `sim run` prints."""
     peak, cap = result["peak"], result["hardware"]["capacity_bytes"]
     lines = [
@@ -158,6 +158,8 @@ def format_summary(result: dict, allocator_line: str = "") -> str:
     states = result["model_states_bytes"]
     lines += ["", "model states (per GPU, first optimizer step)"]
     lines += [f"  {name:<20}{format_bytes(value):>14}" for name, value in states.items()]
+    if host_bytes:
+        lines.append(f"  {'host (offloaded)':<20}{format_bytes(host_bytes):>14}")
     frag = result["fragmentation"]
     lines += ["", f"fragmentation at the peak: {format_bytes(frag['reserved_minus_allocated_at_peak_bytes'])} "
                   f"reserved but unallocated ({100 * frag['ratio_at_peak']:.1f}% of reserved)"]

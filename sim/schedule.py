@@ -27,6 +27,7 @@ class ModelStates:
     parameters_bytes: int
     gradients_bytes: int
     optimizer_states_bytes: int
+    host_bytes: int = 0  # offloaded state in pinned host memory
 
 
 @dataclass(slots=True)
@@ -268,10 +269,10 @@ class _Zero3Placement:
         zero.release_and_reset_all()
         self.optimizer.step()
         persistent = sum(z.param.tensor.size_bytes for z in zero.states.values() if z.persist)
-        lp = zero.partition_numel(self.params) * zero.dtype.size_bytes
-        grads = zero.partition_numel(self.trainable) * zero.grad_dtype.size_bytes
+        lp = 0 if zero.offload_param else zero.partition_numel(self.params) * zero.dtype.size_bytes
+        grads = 0 if zero.offload_optimizer else zero.partition_numel(self.trainable) * zero.grad_dtype.size_bytes
         return ModelStates(sum(p.tensor.numel for p in self.params), sum(p.tensor.numel for p in self.trainable),
-                           lp + persistent, grads, self.optimizer.state_bytes())
+                           lp + persistent, grads, self.optimizer.state_bytes(), self.optimizer.host_bytes())
 
 
 def _inner_optimizer_temporaries(ctx: RunContext, scenario: Scenario) -> int:

@@ -15,10 +15,18 @@ from sim.schedule import build_schedule, compute_dtype, weights_dtype
 def check_supported(scenario: Scenario) -> None:
     """Refuse, with a clear message, what is not modelled yet rather than simulate it wrongly."""
     if scenario.deepspeed is not None:
-        offload = [k for k in ("offload_param", "offload_optimizer")
-                   if (getattr(scenario.deepspeed.zero_optimization, k) or {}).get("device", "none") != "none"]
-        if offload:
-            raise ScenarioError(f"deepspeed.zero_optimization.{offload[0]}: offload is not modelled yet")
+        zero = scenario.deepspeed.zero_optimization
+        for key in ("offload_param", "offload_optimizer"):
+            config = getattr(zero, key) or {}
+            device = config.get("device", "none")
+            if device == "none":
+                continue
+            if device != "cpu" or zero.stage != 3:
+                raise ScenarioError(f"deepspeed.zero_optimization.{key}.device: {device!r} offload is not modelled "
+                                    f"yet with stage {zero.stage} (cpu offload with stage 3 is)")
+            if config.get("ratio", 1.0) != 1.0:
+                raise ScenarioError(f"deepspeed.zero_optimization.{key}.ratio: partial offload ({config['ratio']!r}) "
+                                    "is not modelled yet")
     if scenario.strategies:
         raise ScenarioError(f"strategies: unknown strategy kind {scenario.strategies[0].kind!r} (none are defined yet)")
 

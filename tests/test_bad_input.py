@@ -191,8 +191,12 @@ def test_unknown_strategy_is_refused(tmp_path, capsys):
     assert_mentions(message, "strategies", "magic")
 
 
-def test_zero3_offload_is_refused(tmp_path, capsys):
-    zero = {"stage": 3, "offload_optimizer": {"device": "cpu"}}
+@pytest.mark.parametrize("zero", [
+    {"stage": 3, "offload_optimizer": {"device": "nvme"}},  # only cpu offload is modelled
+    {"stage": 2, "offload_optimizer": {"device": "cpu"}},  # only with stage 3
+    {"stage": 3, "offload_optimizer": {"device": "cpu", "ratio": 0.5}},  # partial offload
+])
+def test_unmodelled_offload_is_refused(tmp_path, capsys, zero):
     scenario = write_yaml(tmp_path / "zero.yaml", tiny_scenario(deepspeed={"zero_optimization": zero}))
     message = assert_one_line_error(*run_main(capsys, ["run", str(scenario)]))
     assert_mentions(message, "deepspeed.zero_optimization.offload_optimizer")
@@ -341,7 +345,7 @@ def test_plot_into_missing_directory_writes_no_json(tmp_path, capsys):
     [
         with_training(seq_len="long"),  # fails while loading
         tiny_scenario(strategies=[{"kind": "magic"}]),  # loads, refused before simulating
-        tiny_scenario(deepspeed={"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}),
+        tiny_scenario(deepspeed={"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}}),
     ],
     ids=["load-error", "strategy", "offload"],
 )
@@ -425,7 +429,7 @@ def test_e2e_bad_set_on_shipped_scenario():
 
 def test_e2e_offload_refused():
     proc = run_cli("run", "scenarios/qwen32b_8xa800.yaml", *sum((["--set", s] for s in TINY_SETS), []),
-                   "--set", "deepspeed.zero_optimization.offload_optimizer.device=cpu")
+                   "--set", "deepspeed.zero_optimization.offload_optimizer.device=nvme")
     message = assert_cli_one_line_error(proc)
     assert NOT_MODELLED.search(message), message
 

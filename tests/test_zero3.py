@@ -184,3 +184,19 @@ def test_prefetch_gathers_the_next_module_before_releasing_the_current_one() -> 
     plain = gather_log(zero_raw(2), step=1)
     q, k = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"
     assert plain.index(("release", q)) < plain.index(("gather", k))
+
+
+def test_cpu_offload_moves_model_states_to_the_host() -> None:
+    # offload_optimizer: fp32 master, Adam moments and fp32 gradient partitions (16 B per partition element)
+    # live on the host; offload_param: the bf16 partitions too (2 B). Only whole persistent params stay.
+    from sim.schedule import build_schedule
+
+    shapes = tiny_param_shapes()
+    partitions = sum(math.ceil(n / 2) for n in shapes)
+    persistent = sum(n for n in shapes if n <= 64)
+    raw = zero_raw(2, offload_optimizer={"device": "cpu"}, offload_param={"device": "cpu"})
+    states = build_schedule(build_scenario(raw)).model_states
+    assert (states.parameters_bytes, states.gradients_bytes, states.optimizer_states_bytes) == (2 * persistent, 0, 0)
+    assert states.host_bytes == 2 * partitions + 16 * partitions
+    gpu = summarize(run_scenario(build_scenario(raw)))["peak"]["allocated_bytes"]
+    assert gpu < summarize(run_scenario(build_scenario(zero_raw(2))))["peak"]["allocated_bytes"]

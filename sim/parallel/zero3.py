@@ -47,6 +47,16 @@ class Zero3:
     outstanding_reduces: deque = field(default_factory=deque)
     micro_step: int = 0
 
+    @property
+    def offload_param(self) -> bool:
+        """offload_param.device cpu: the bf16 partitions live in pinned host memory (offload_config.py)."""
+        return (self.config.offload_param or {}).get("device", "none") == "cpu"
+
+    @property
+    def offload_optimizer(self) -> bool:
+        """offload_optimizer.device cpu: fp32 master, Adam moments and gradient partitions live on the host."""
+        return (self.config.offload_optimizer or {}).get("device", "none") == "cpu"
+
     # ---- set-up -------------------------------------------------------------------------------------------------
     def register(self, params: list[Param]) -> None:
         """_convert_to_deepspeed_param + persistence (numel <= param_persistence_threshold, within
@@ -67,10 +77,13 @@ class Zero3:
         gradient partitions (grad_partitions_flat_buffer, zeros), the IPG bucket when contiguous_gradients.
         fp32 master partitions are created by the optimizer set-up (zero3_optimizer_states)."""
         tp = self.tape
-        tp.persistent_buffer("zero3.lp_param_buffer", self.partition_numel([z.param for z in self.states.values()]),
-                             self.dtype, Category.PARAMETERS)
-        tp.persistent_buffer("zero3.grad_partitions_flat_buffer", self.partition_numel(trainable), self.grad_dtype,
-                             Category.GRADIENTS)
+        if not self.offload_param:
+            tp.persistent_buffer("zero3.lp_param_buffer",
+                                 self.partition_numel([z.param for z in self.states.values()]), self.dtype,
+                                 Category.PARAMETERS)
+        if not self.offload_optimizer:
+            tp.persistent_buffer("zero3.grad_partitions_flat_buffer", self.partition_numel(trainable),
+                                 self.grad_dtype, Category.GRADIENTS)
         if self.config.contiguous_gradients:
             self.ipg_buffer = tp.persistent_buffer("zero3.ipg_bucket", self.config.reduce_bucket_size, self.dtype,
                                                    Category.COMMUNICATION)
@@ -151,6 +164,9 @@ class Zero3:
         label = params[0].name if len(params) == 1 else f"{params[0].name}+{len(params) - 1}"
         gather = tp.side_op(f"zero3.allgather[{label}]", Stream.ALLGATHER, bytes_moved=2 * total * P * size,
                             wire_bytes=wire)
+        if self.offload_param:  # ds_tensor.to(device): the host partitions come to the GPU first, then are freed
+            staged = tp.empty_in(gather, "zero3.partition_to_device", total, self.dtype, Category.COMMUNICATION)
+            tp.release_in(gather, staged.storage)
         if len(params) == 1:
             zp = self.states[params[0].name]
             zp.gathered = tp.empty_in(gather, f"{params[0].name}.gathered", total * P, self.dtype,
@@ -277,11 +293,14 @@ class Zero3Optimizer:
 
     def __init__(self, zero: Zero3, trainable: list[Param], temporaries_per_step: int) -> None:
         """`temporaries_per_step`: fp32 tensors of the sub-group size the inner optimizer makes in its step
-        (torch AdamW foreach: exp_avg_sq_sqrt = 1; DeepSpeed FusedAdam, torch fused: 0)."""
+        (torch AdamW foreach: exp_avg_sq_sqrt = 1; DeepSpeed FusedAdam, torch fused: 0). With offload_optimizer
+        all of it lives and runs on the host (DeepSpeedCPUAdam): nothing on the GPU."""
         self.zero = zero
         self.groups = sub_groups(zero, trainable)
         self.temporaries = temporaries_per_step
         tp = zero.tape
+        if zero.offload_optimizer:
+            return
         for index, numel in enumerate(self.groups):
             tp.persistent_buffer(f"zero3.fp32_partitioned_groups_flat[{index}]", numel, DType.FLOAT32,
                                  Category.OPTIMIZER_STATES)
@@ -289,10 +308,22 @@ class Zero3Optimizer:
                 tp.persistent_buffer(f"zero3.group{index}.{state}", numel, DType.FLOAT32, Category.OPTIMIZER_STATES)
 
     def state_bytes(self) -> int:
-        return 12 * sum(self.groups)
+        """GPU bytes of fp32 master partitions and Adam moments."""
+        return 0 if self.zero.offload_optimizer else 12 * sum(self.groups)
+
+    def host_bytes(self) -> int:
+        """Pinned host bytes per rank: offloaded bf16 partitions (2 B), and with offload_optimizer fp32 master,
+        Adam moments and fp32 gradient partitions (16 B) per partition element."""
+        zero = self.zero
+        params = zero.partition_numel([z.param for z in zero.states.values()]) * zero.dtype.size_bytes
+        return (params if zero.offload_param else 0) + (16 * sum(self.groups) if zero.offload_optimizer else 0)
 
     def step(self) -> None:
         tp, zero = self.zero.tape, self.zero
+        if zero.offload_optimizer:  # CPU Adam on the host, then the bf16 partitions are copied back
+            for index, numel in enumerate(self.groups):
+                tp.op(f"zero3.step.group{index}.copy_to_device", bytes_moved=2 * numel * zero.dtype.size_bytes)
+            return
         for index, numel in enumerate(self.groups):
             tp.op(f"zero3.step.group{index}.flatten_grads", bytes_moved=4 * numel * zero.grad_dtype.size_bytes)
             flat = tp.empty(f"zero3.group{index}.flat_grad", numel, zero.grad_dtype, Category.TEMPORARIES)
