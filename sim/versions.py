@@ -6,9 +6,9 @@ from sim.errors import ScenarioError
 
 # The newest versions whose behaviour the simulator knows; a scenario without `software` gets these.
 NEWEST_TORCH = "2.13.0"
-NEWEST_TRANSFORMERS = "4.57.1"
-NEWEST_DEEPSPEED = "0.18.0"
-NEWEST_PEFT = "0.17.1"
+NEWEST_TRANSFORMERS = "5.24.0"
+NEWEST_DEEPSPEED = "0.19.6"
+NEWEST_PEFT = "0.21.2"
 
 _VERSION = re.compile(r"^\s*v?(\d+)(?:\.(\d+))?(?:\.(\d+))?([.+\-a-zA-Z0-9]*)\s*$")
 
