@@ -5,7 +5,6 @@ import numpy as np
 
 from sim.ops import Op
 from sim.scenario import DeviceSpec, DType
-from sim.units import seconds_to_us
 
 _FLOPS_KEY = {DType.BFLOAT16: "bf16", DType.FLOAT16: "fp16", DType.FLOAT32: "fp32"}
 
@@ -23,12 +22,6 @@ class CostModel:
         self.link_bytes_per_s = min(intra, device.inter_node_bytes_per_s) if nodes > 1 else intra
         latency_us = device.inter_node_latency_us if nodes > 1 else device.intra_node_latency_us
         self.ring_latency_s = (gpus_per_node * nodes - 1) * latency_us / 1e6
-
-    def duration_us(self, op: Op) -> int:
-        if op.wire_bytes:
-            return seconds_to_us(op.wire_bytes / self.link_bytes_per_s + self.ring_latency_s)
-        seconds = max(op.flops / self.peak_flops, op.bytes_moved / self.hbm_bytes_per_s)
-        return seconds_to_us(seconds)
 
     def durations_us(self, ops: list[Op]) -> list[int]:
         """duration_us of every op, vectorised (same rounding: up to whole µs, at least 1 µs for any work)."""

@@ -132,11 +132,3 @@ class Schedule:
             return self.buffers.category_indices()
         index = {c: i for i, c in enumerate(CATEGORIES)}
         return [index[b.category] for b in self.buffers]
-
-    def op_ids(self, index: int) -> tuple:
-        """(allocated ids, freed ids) of op `index`, moved for repeated spans."""
-        op = self.ops[index]
-        span = self.op_span[index] if self.op_span is not None else None
-        if span is None:
-            return op.allocs, op.frees
-        return span.alloc_ids(op.allocs), span.free_ids(op.frees)

@@ -12,7 +12,7 @@ from sim.workload.behaviour import behaviour_for
 from sim.parallel.data_parallel import Ddp, Zero12
 from sim.parallel.zero3 import Zero3, Zero3Optimizer
 from sim.workload.context import RunContext
-from sim.workload.optimizer import Optimizer
+from sim.workload.optimizer import Optimizer, zero_grad
 from sim.workload.tape import Param, Tape
 
 EMBEDDING_NAMES = ("embed_tokens.weight", "wte.weight")  # lookups, not matmuls: no 6·N FLOPs
@@ -162,6 +162,12 @@ def _placement(ctx: RunContext, scenario: Scenario, params: list[Param], trainab
     return _LocalPlacement(ctx, scenario, params, trainable)
 
 
+def _model_states(params: list[Param], trainable: list[Param], parameters_bytes: int, gradients_bytes: int,
+                  optimizer_states_bytes: int, host_bytes: int = 0) -> ModelStates:
+    return ModelStates(sum(p.tensor.numel for p in params), sum(p.tensor.numel for p in trainable),
+                       parameters_bytes, gradients_bytes, optimizer_states_bytes, host_bytes)
+
+
 class _LocalPlacement:
     """Every parameter, gradient and optimizer state whole on this device (one GPU)."""
 
@@ -186,9 +192,8 @@ class _LocalPlacement:
         if self.clip:
             self.optimizer.clip_grad_norm(self.tape)
         self.optimizer.step(self.tape)
-        self.optimizer.zero_grad(self.tape, self.trainable)
-        return ModelStates(sum(p.tensor.numel for p in self.params), sum(p.tensor.numel for p in self.trainable),
-                           sum(p.tensor.size_bytes for p in self.params), grads_bytes, self.optimizer.state_bytes())
+        zero_grad(self.tape, self.trainable)
+        return _model_states(self.params, self.trainable, sum(p.tensor.size_bytes for p in self.params), grads_bytes, self.optimizer.state_bytes())
 
 
 class _DdpPlacement(_LocalPlacement):
@@ -234,13 +239,8 @@ class _Zero12Placement:
         if self.zero.stage == 2:
             grads = self.zero.partition * self.zero.dtype.size_bytes
         self.zero.step(self.temporaries)
-        self.tape.op("zero_grad")
-        for p in self.trainable:
-            if p.grad is not None:
-                self.tape.drop(p.grad)
-                p.grad = None
-        return ModelStates(sum(p.tensor.numel for p in self.params), sum(p.tensor.numel for p in self.trainable),
-                           sum(p.tensor.size_bytes for p in self.params), grads, self.zero.state_bytes())
+        zero_grad(self.tape, self.trainable)
+        return _model_states(self.params, self.trainable, sum(p.tensor.size_bytes for p in self.params), grads, self.zero.state_bytes())
 
 
 class _Zero3Placement:
@@ -271,8 +271,7 @@ class _Zero3Placement:
         persistent = sum(z.param.tensor.size_bytes for z in zero.states.values() if z.persist)
         lp = 0 if zero.offload_param else zero.partition_numel(self.params) * zero.dtype.size_bytes
         grads = 0 if zero.offload_optimizer else zero.partition_numel(self.trainable) * zero.grad_dtype.size_bytes
-        return ModelStates(sum(p.tensor.numel for p in self.params), sum(p.tensor.numel for p in self.trainable),
-                           lp + persistent, grads, self.optimizer.state_bytes(), self.optimizer.host_bytes())
+        return _model_states(self.params, self.trainable, lp + persistent, grads, self.optimizer.state_bytes(), self.optimizer.host_bytes())
 
 
 def _inner_optimizer_temporaries(ctx: RunContext, scenario: Scenario) -> int:

@@ -1,7 +1,7 @@
 """Allocator backends behind one seam: `exact` (live bytes) and `caching` (PyTorch's CUDACachingAllocator)."""
 
 from sim.allocator.alloc_conf import parse_alloc_conf
-from sim.allocator.base import Allocator, AllocatorStats, OutOfMemory
+from sim.allocator.base import Allocator, OutOfMemory
 from sim.allocator.caching import CachingAllocator
 from sim.allocator.exact import ExactAllocator
 from sim.errors import ScenarioError
@@ -21,4 +21,4 @@ def make_allocator(spec: AllocatorSpec, capacity_bytes: int, device_total_bytes:
                             device_total_bytes=device_total_bytes)
 
 
-__all__ = ["Allocator", "AllocatorStats", "CachingAllocator", "ExactAllocator", "OutOfMemory", "make_allocator"]
+__all__ = ["Allocator", "CachingAllocator", "ExactAllocator", "OutOfMemory", "make_allocator"]

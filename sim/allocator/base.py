@@ -1,15 +1,8 @@
 """The allocator protocol the engine drives."""
 
-from dataclasses import dataclass
 from typing import Protocol
 
 from sim.ops import Stream
-
-
-@dataclass(frozen=True, slots=True)
-class AllocatorStats:
-    allocated_bytes: int
-    reserved_bytes: int
 
 
 class OutOfMemory(Exception):

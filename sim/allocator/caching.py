@@ -336,11 +336,6 @@ class CachingAllocator:
         """torch.cuda.empty_cache(): wait for all pending events, return every fully free segment / page."""
         self._release_cached_blocks()
 
-    def reset_peak_stats(self) -> None:
-        self.peak_allocated_bytes = self.allocated_bytes
-        self.peak_reserved_bytes = self.reserved_bytes
-        self.peak_active_bytes = self.active_bytes
-
     @property
     def num_segments(self) -> int:
         """Segments as PyTorch counts them (`segment.all.current`); an expandable segment counts once."""

@@ -165,6 +165,7 @@ class Zero12:
         tp.op("zero.step.grad_to_fp32", bytes_moved=6 * numel)
         grad32 = tp.empty("zero.fp32_partition_grad", numel, DType.FLOAT32)
         tp.drop(flat)
+        # Adam: ~12 FLOPs per element; reads fp32 param, grad, m, v and writes param, m, v: 28 B per element
         tp.op("zero.step.optimizer_step", flops=12.0 * numel, bytes_moved=28 * numel)
         temps = [tp.empty("zero.optimizer_temp", numel, DType.FLOAT32) for _ in range(temporaries)]
         tp.drop(*temps)

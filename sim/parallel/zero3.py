@@ -45,7 +45,6 @@ class Zero3:
     ipg_numel: int = 0
     ipg_buffer: Tensor | None = None
     outstanding_reduces: deque = field(default_factory=deque)
-    micro_step: int = 0
 
     @property
     def offload_param(self) -> bool:
@@ -269,7 +268,6 @@ class Zero3:
         for reduce in self.outstanding_reduces:
             self.tape.wait_for(reduce)
         self.outstanding_reduces.clear()
-        self.micro_step += 1
 
 
 def sub_groups(zero: Zero3, trainable: list[Param]) -> list[int]:
@@ -330,6 +328,7 @@ class Zero3Optimizer:
             tp.op(f"zero3.step.group{index}.grad_to_fp32", bytes_moved=6 * numel)
             grad32 = tp.empty(f"zero3.group{index}.fp32_grad", numel, DType.FLOAT32, Category.TEMPORARIES)
             tp.drop(flat)
+            # Adam: ~12 FLOPs per element; reads fp32 param, grad, m, v and writes param, m, v: 28 B per element
             tp.op(f"zero3.step.group{index}.optimizer_step", flops=12.0 * numel, bytes_moved=28 * numel)
             temps = [tp.empty(f"zero3.group{index}.optimizer_temp", numel, DType.FLOAT32)
                      for _ in range(self.temporaries)]

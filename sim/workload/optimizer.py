@@ -84,17 +84,20 @@ class Optimizer:
 
     def _adamw(self, tp: Tape, index: int, params: list[Param]) -> None:
         self._init_state(tp, index, params)
+        # Bytes are in units of the params' size: e.g. the fused kernel reads param, grad, exp_avg, exp_avg_sq and
+        # writes param, exp_avg, exp_avg_sq (7 passes); FLOPs per element: ~12 for a whole Adam update.
         total = sum(p.tensor.size_bytes for p in params)
+        elements = sum(p.tensor.numel for p in params)
         name = f"optimizer.group{index}.adamw"
         if self.impl is AdamImpl.FUSED:  # torch._fused_adamw_: one kernel, no temporaries
-            tp.op(f"{name}.fused", flops=12.0 * total, bytes_moved=7 * total)
+            tp.op(f"{name}.fused", flops=12.0 * elements, bytes_moved=7 * total)
         elif self.impl is AdamImpl.FOREACH:
             # _multi_tensor_adamw: in-place lerp/mul/addcmul, then exp_avg_sq_sqrt = _foreach_sqrt(exp_avg_sqs)
             # (new tensors for the whole group), in-place div/add, addcdiv into the params.
-            tp.op(f"{name}.foreach_update_moments", flops=5.0 * total, bytes_moved=5 * total)
+            tp.op(f"{name}.foreach_update_moments", flops=5.0 * elements, bytes_moved=5 * total)
             tp.op(f"{name}.foreach_sqrt", bytes_moved=2 * total)
             denoms = [tp.empty(f"{p.name}.exp_avg_sq_sqrt", p.tensor.numel, p.tensor.dtype) for p in params]
-            tp.op(f"{name}.foreach_addcdiv_", flops=4.0 * total, bytes_moved=6 * total)
+            tp.op(f"{name}.foreach_addcdiv_", flops=4.0 * elements, bytes_moved=4 * total)
             tp.drop(*denoms)
         else:
             # _single_tensor_adamw, per param: denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps).
@@ -103,13 +106,13 @@ class Optimizer:
             previous = None
             for p in params:
                 size = p.tensor.size_bytes
-                tp.op(f"{p.name}.adamw.update_moments", flops=5.0 * size, bytes_moved=5 * size)
+                tp.op(f"{p.name}.adamw.update_moments", flops=5.0 * p.tensor.numel, bytes_moved=5 * size)
                 tp.op(f"{p.name}.adamw.sqrt", bytes_moved=2 * size)
                 root = tp.empty(f"{p.name}.exp_avg_sq.sqrt", p.tensor.numel, p.tensor.dtype)
                 tp.op(f"{p.name}.adamw.div", bytes_moved=2 * size)
                 denom = tp.empty(f"{p.name}.denom", p.tensor.numel, p.tensor.dtype)
                 tp.drop(root, previous)
-                tp.op(f"{p.name}.adamw.addcdiv_", flops=3.0 * size, bytes_moved=4 * size)
+                tp.op(f"{p.name}.adamw.addcdiv_", flops=4.0 * p.tensor.numel, bytes_moved=4 * size)
                 previous = denom
             tp.op(f"{name}.return")
             tp.drop(previous)
@@ -127,13 +130,14 @@ class Optimizer:
         else:
             tp.op(f"{name}.foreach_add_", bytes_moved=3 * total)
 
-    def zero_grad(self, tp: Tape, params: list[Param]) -> None:
-        """model.zero_grad(): set_to_none=True releases every .grad."""
-        tp.op("zero_grad")
-        for p in params:
-            if p.grad is not None:
-                tp.drop(p.grad)
-                p.grad = None
-
     def state_bytes(self) -> int:
         return sum(t.size_bytes for tensors in self.state.values() for t in tensors)
+
+
+def zero_grad(tp: Tape, params: list[Param]) -> None:
+    """model.zero_grad(): set_to_none=True releases every .grad."""
+    tp.op("zero_grad")
+    for p in params:
+        if p.grad is not None:
+            tp.drop(p.grad)
+            p.grad = None
