@@ -1,18 +1,21 @@
-"""The discrete-event engine: one simpy process per stream runs its ops in order, waits on cross-stream
-dependencies as events, drives the allocator and records every allocation and free on the simulated clock.
+"""The discrete-event engine: streams run their ops in order, cross-stream dependencies delay the ops that wait
+on them, and the allocator sees every allocation (at an op's start) and free (at its end) in time order.
 
-It knows ops, streams and bytes; nothing about models or frameworks.
+It knows ops, streams and bytes; nothing about models or frameworks. Nothing waits for memory (an OOM is recorded
+and the run goes on), so the clock does not depend on the allocator: the engine first lays out the timeline, then
+drives the allocator through the time-ordered events. The timeline is what a discrete-event simulation with one
+process per stream and a completion event per op gives (tests/test_engine.py checks it against such a simpy model):
+an op starts when the previous op of its stream and every op it depends on have ended.
 """
 
 from dataclasses import dataclass
 
 import numpy as np
-import simpy
 
 from sim.allocator import Allocator, OutOfMemory
 from sim.cost import CostModel
 from sim.ops import Schedule, Stream
-from sim.trace import Trace, TraceBuilder
+from sim.trace import Trace
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,191 +35,246 @@ class EngineResult:
     end_time_us: int
     oom: OomEvent | None
     busy_us: dict[Stream, int]
+    repeated_events: int = 0  # events whose allocator results were repeated from an identical earlier window
+
+
+@dataclass(frozen=True, slots=True)
+class _Events:
+    """Every allocator event of a run in the order it happens (columns; row = event)."""
+
+    time_us: np.ndarray
+    op_index: np.ndarray  # -1: a persistent buffer, allocated before the first op
+    signed_id: np.ndarray  # buffer id for an allocation, ~id for a free
+    size_bytes: np.ndarray
+    stream: list[Stream]
 
 
 class Engine:
-    def __init__(self, schedule: Schedule, allocator: Allocator, cost: CostModel) -> None:
+    def __init__(self, schedule: Schedule, allocator: Allocator, cost: CostModel, repeat: bool = True) -> None:
+        """`repeat=False`: call the allocator for every event even where a window repeats (for checking)."""
         self.schedule = schedule
+        self.repeat = repeat
         self.allocator = allocator
-        self.cost = cost
-        self.trace = TraceBuilder()
-        self.oom: OomEvent | None = None
-        self.env = simpy.Environment()
-        targets = {i + d for i, op in enumerate(schedule.ops) if op.deps for d in op.deps}
-        self.done = {i: self.env.event() for i in targets} if targets else None
-        self.busy_us: dict[Stream, int] = {}
-        self.op_start_us = [-1] * len(schedule.ops)
         self._sizes = schedule.buffer_sizes()
-        self._spans = schedule.op_span or [None] * len(schedule.ops)
         self._durations = cost.durations_us(schedule.ops)
-        self._side_ends: list[int] = []  # end times of running side-stream (collective) ops
-        used = {op.stream._value_ for op in schedule.ops}
-        self._streams = [stream for stream in Stream if stream.value in used]
 
     def run(self) -> EngineResult:
-        """Allocate persistent buffers at t=0, start one process per stream, run to the end."""
-        for buffer_id in self.schedule.persistent:
-            self._malloc(buffer_id, -1, Stream.COMPUTE, 0)
-        for stream in self._streams:
-            indices = [i for i, op in enumerate(self.schedule.ops) if op.stream is stream]
-            self.env.process(self._stream(stream, indices))
-        self.env.run()
-        unstarted = [i for i, start in enumerate(self.op_start_us) if start < 0]
-        assert not unstarted, f"engine stalled before op {unstarted[0]} ({self.schedule.ops[unstarted[0]].name})"
-        trace = self.trace.freeze(self._sizes, self.schedule.buffer_categories())
-        return EngineResult(trace, self.op_start_us, int(self.env.now), self.oom, self.busy_us)
+        """Timeline, then events in time order (persistent buffers at t=0 first), then the allocator."""
+        starts, ends, busy = self._timeline()
+        events = self._events(starts, ends)
+        allocated, reserved, oom, repeated = self._drive_allocator(events)
+        is_free = events.signed_id < 0
+        ids = np.where(is_free, ~events.signed_id, events.signed_id)
+        categories = np.asarray(self.schedule.buffer_categories(), dtype=np.int8)
+        trace = Trace(events.time_us, events.op_index, ids, np.where(is_free, -events.size_bytes, events.size_bytes),
+                      categories[ids], allocated, reserved)
+        end = max(ends) if ends else 0
+        return EngineResult(trace, starts, end, oom, busy, repeated)
 
-    def _stream(self, stream: Stream, indices: list[int]):
-        """Run one stream's ops in order: allocate at the op's start, take its duration, free at its end."""
-        if self.done is None and len(self._streams) == 1 and hasattr(self.allocator, "replay"):
-            now = self._run_alone_bulk(stream, indices)
-            yield self.env.timeout(now - self.env.now)
-            return
-        if stream is Stream.COMPUTE:  # alone, it never has to yield before its end
-            yield from self._compute_with_lookahead(indices)
-            return
-        ops, env, durations = self.schedule.ops, self.env, self._durations
-        busy = 0
-        for index in indices:
-            op = ops[index]
+    def _timeline(self) -> tuple[list[int], list[int], dict[Stream, int]]:
+        """Start and end (µs) of every op, and each stream's busy time: in issue order, an op starts at the later
+        of its stream's previous end and the ends of the ops it depends on (deps: relative offsets, earlier ops)."""
+        ops, durations = self.schedule.ops, self._durations
+        starts = [0] * len(ops)
+        ends = [0] * len(ops)
+        ready_by_id: dict[int, int] = {}  # by identity: hashing an Enum is slow
+        busy_by_id: dict[int, int] = {}
+        for index, op in enumerate(ops):
+            key = id(op.stream)
+            start = ready_by_id.get(key, 0)
+            busy_by_id[key] = busy_by_id.get(key, 0) + durations[index]
             if op.deps:
-                yield simpy.AllOf(env, [self.done[index + d] for d in op.deps])
-            now = int(env.now)
-            self.op_start_us[index] = now
-            span = self._spans[index]
-            for buffer_id in (op.allocs if span is None else span.alloc_ids(op.allocs)):
-                self._malloc(buffer_id, index, stream, now)
-            duration = durations[index]
-            busy += duration
-            end = now + duration
-            self._side_ends.append(end)
-            if duration:
-                yield env.timeout(duration)
-            self._side_ends.remove(end)
-            for buffer_id in (op.frees if span is None else span.free_ids(op.frees)):
-                self._free(buffer_id, index, end)
-            if self.done is not None and index in self.done:
-                self.done[index].succeed()
-        self.busy_us[stream] = busy
+                for d in op.deps:
+                    dep_end = ends[index + d]
+                    if dep_end > start:
+                        start = dep_end
+            starts[index] = start
+            ready_by_id[key] = ends[index] = start + durations[index]
+        busy = {stream: busy_by_id[id(stream)] for stream in Stream if id(stream) in busy_by_id}
+        return starts, ends, busy
 
-    def _compute_with_lookahead(self, indices: list[int]):
-        """The compute stream beside side streams. It advances its clock arithmetically while no side-stream
-        event can fall in between (conservative lookahead: up to the earliest end of a running collective),
-        and hands control to simpy where it must: waits on other streams, ops others wait for, and any op
-        that would cross the end of a running collective. Event times and order are those of one yield per op."""
-        ops, env, durations, done = self.schedule.ops, self.env, self._durations, self.done or {}
-        ends, spans, sizes, starts = self._side_ends, self._spans, self._sizes, self.op_start_us
-        allocator, t, compute = self.allocator, self.trace, Stream.COMPUTE
-        malloc, free = allocator.malloc, allocator.free
-        times, op_ids, buffer_ids = t.time_us.append, t.op_index.append, t.buffer_id.append
-        allocated, reserved = t.allocated_bytes.append, t.reserved_bytes.append
-        busy = 0
-        now = int(env.now)
-        for index in indices:
-            op = ops[index]
-            if op.deps:
-                if now > env.now:
-                    yield env.timeout(now - env.now)
-                yield simpy.AllOf(env, [done[index + d] for d in op.deps])
-                now = int(env.now)
-            elif ends and now >= min(ends):
-                yield env.timeout(now - env.now)
-            starts[index] = now
-            span = spans[index]
-            for buffer_id in (op.allocs if span is None else span.alloc_ids(op.allocs)):
-                try:
-                    malloc(buffer_id, sizes[buffer_id], compute)
-                except OutOfMemory as exc:
-                    if self.oom is None:
-                        self.oom = OomEvent(now, index, exc.requested_bytes, str(exc))
-                times(now)
-                op_ids(index)
-                buffer_ids(buffer_id)
-                allocated(allocator.allocated_bytes)
-                reserved(allocator.reserved_bytes)
-            duration = durations[index]
-            busy += duration
-            end = now + duration
-            if ends and end > min(ends):
-                yield env.timeout(end - env.now)
-            now = end
-            for buffer_id in (op.frees if span is None else span.free_ids(op.frees)):
-                free(buffer_id)
-                times(now)
-                op_ids(index)
-                buffer_ids(~buffer_id)
-                allocated(allocator.allocated_bytes)
-                reserved(allocator.reserved_bytes)
-            if index in done:
-                if now > env.now:
-                    yield env.timeout(now - env.now)
-                done[index].succeed()
-                yield env.timeout(0)  # let the streams waiting on it start at this instant, before going on
-        if now > env.now:
-            yield env.timeout(now - env.now)
-        self.busy_us[Stream.COMPUTE] = busy
-
-    def _run_alone_bulk(self, stream: Stream, indices: list[int]) -> int:
-        """A lone stream with an allocator that can replay a whole event sequence at once (the exact count):
-        the events, times and results of _compute_with_lookahead, gathered per op and expanded with numpy."""
-        ops, spans = self.schedule.ops, self._spans
-        ids: list[int] = []
+    def _events(self, starts: list[int], ends: list[int]) -> _Events:
+        """Allocations at each op's start and frees at its end, stably sorted by time: at equal times events
+        keep issue order (an op's allocations before its frees, an earlier op's events first)."""
+        ops, persistent = self.schedule.ops, self.schedule.persistent
+        ids: list[int] = list(persistent)
         counts: list[int] = []  # per op: number of allocations, then number of frees
         extend, append = ids.extend, counts.append
-        for index in indices:
-            op = ops[index]
-            span = spans[index]
-            if span is None:
-                allocs, frees = op.allocs, op.frees
+        for op in ops:
+            extend(op.allocs)
+            extend(op.frees)
+            append(len(op.allocs))
+            append(len(op.frees))
+        per_half = np.asarray(counts, dtype=np.int64)
+        n_ops, n_persistent = len(ops), len(persistent)
+        half = np.concatenate([np.full(n_persistent, -1, dtype=np.int64),
+                               np.repeat(np.arange(2 * n_ops, dtype=np.int64), per_half)])  # 2·op + is_free
+        op_index = half >> 1
+        is_free = (half >= 0) & (half & 1).astype(bool)
+        raw = np.asarray(ids, dtype=np.int64)
+        self._move_replica_ids(raw, op_index, is_free)
+        times = np.concatenate([np.zeros(n_persistent, dtype=np.int64),
+                                np.stack([np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64)],
+                                         axis=1).ravel()[half[n_persistent:]]])
+        order = np.argsort(times, kind="stable")
+        raw, op_index, is_free = raw[order], op_index[order], is_free[order]
+        sizes = np.asarray(self._sizes, dtype=np.int64)[raw]
+        streams = [op.stream for op in ops]
+        streams.append(Stream.COMPUTE)  # index -1: persistent buffers
+        stream = [streams[i] for i in op_index.tolist()]
+        return _Events(times[order], op_index, np.where(is_free, ~raw, raw), sizes, stream)
+
+    def _move_replica_ids(self, ids: np.ndarray, op_index: np.ndarray, is_free: np.ndarray) -> None:
+        """Ops of a periodic repetition carry the template's buffer ids; move them (ReplicaSpan) in place."""
+        spans = self.schedule.op_span
+        if spans is None:
+            return
+        distinct = {id(span): span for span in spans if span is not None}
+        number = {key: n for n, key in enumerate(distinct)}
+        number[id(None)] = -1
+        span_of_op = np.fromiter((number[id(span)] for span in spans), dtype=np.int64, count=len(spans))
+        span_of_event = np.append(span_of_op, -1)[op_index]  # index -1: persistent buffers, no span
+        for n, span in enumerate(distinct.values()):
+            where = np.nonzero(span_of_event == n)[0]
+            moved = ids[where]
+            inside = (~is_free[where]) | ((moved >= span.low) & (moved < span.high))
+            moved[inside] += span.shift
+            outside = np.nonzero(~inside)[0]
+            moved[outside] = [span.entry[b] for b in moved[outside].tolist()]
+            ids[where] = moved
+
+    def _drive_allocator(self, events: _Events) -> tuple[np.ndarray, np.ndarray, OomEvent | None, int]:
+        """allocated and reserved bytes after each event, the first OOM, and how many events were repeated."""
+        allocator = self.allocator
+        if hasattr(allocator, "replay"):  # the exact count: one vectorised pass
+            allocated, exc, at = allocator.replay(np.where(events.signed_id < 0, -events.size_bytes,
+                                                           events.size_bytes))
+            oom = None if exc is None else OomEvent(int(events.time_us[at]), int(events.op_index[at]),
+                                                    exc.requested_bytes, str(exc))
+            return allocated, allocated.copy(), oom, 0
+        return _StepwiseDriver(allocator, events, self.schedule, self.repeat).run()
+
+
+class _StepwiseDriver:
+    """Calls malloc/free event by event. A run repeats itself: micro-batches after the first few issue the same
+    events as the one before. Where a window of events (one micro-batch's ops) is the same as the last window run
+    event by event, at the same relative positions, and the allocator starts it in the same state up to buffer
+    names and synthetic addresses, the allocator would do exactly what it did then; its results are copied and
+    its state renamed instead (tests/test_engine.py checks both ways give the same trace and statistics)."""
+
+    def __init__(self, allocator, events: _Events, schedule: Schedule, repeat: bool) -> None:
+        self.allocator, self.events, self.repeat = allocator, events, repeat
+        self.n = len(events.signed_id)
+        signed = events.signed_id
+        ids = np.where(signed < 0, ~signed, signed)
+        positions = np.arange(self.n, dtype=np.int64)
+        n_buffers = int(ids.max()) + 1 if self.n else 0
+        self.alloc_pos = np.full(n_buffers, -1, dtype=np.int64)
+        self.free_pos = np.full(n_buffers, self.n, dtype=np.int64)
+        self.alloc_pos[ids[signed >= 0]] = positions[signed >= 0]
+        self.free_pos[ids[signed < 0]] = positions[signed < 0]
+        self.first_op_pos = len(schedule.persistent)
+        self.windows = self._windows(schedule)
+
+    def _windows(self, schedule: Schedule) -> list[tuple[int, int]]:
+        """[start, end) event ranges, one per (step, micro-batch): from the first event of its ops to the next."""
+        if not schedule.op_step or not self.n:
+            return [(0, self.n)]
+        op_index = self.events.op_index
+        group = np.asarray(schedule.op_step, dtype=np.int64) * (1 << 20) + np.asarray(schedule.op_micro_batch)
+        event_group = np.where(op_index < 0, -1, group[np.maximum(op_index, 0)])
+        _, first = np.unique(event_group, return_index=True)
+        bounds = sorted(set(first.tolist()) | {0, self.n})
+        return list(zip(bounds, bounds[1:]))
+
+    def run(self) -> tuple[np.ndarray, np.ndarray, OomEvent | None, int]:
+        allocated = [0] * self.n
+        reserved = [0] * self.n
+        oom: OomEvent | None = None
+        repeated = 0
+        reference = None  # (start, end, state signature, counters before, counters after) of the last real window
+        allocator = self.allocator
+        for start, end in self.windows:
+            signature = self._signature(start, end) if self.repeat and allocator.can_repeat() else None
+            if reference is not None and signature is not None and self._same_window(reference, start, end, signature):
+                ref_start, ref_end, _, before, after = reference
+                allocated[start:end] = allocated[ref_start:ref_end]
+                reserved[start:end] = reserved[ref_start:ref_end]
+                self._rename_live(start, end - start)
+                allocator.add_counters(before, after)
+                repeated += end - start
+                continue
+            before = allocator.counters()
+            window_oom = self._step(start, end, allocated, reserved)
+            oom = oom or window_oom
+            reference = None if signature is None else (start, end, signature, before, allocator.counters())
+        return np.asarray(allocated, dtype=np.int64), np.asarray(reserved, dtype=np.int64), oom, repeated
+
+    def _step(self, start: int, end: int, allocated: list[int], reserved: list[int]) -> OomEvent | None:
+        events, allocator = self.events, self.allocator
+        malloc, free = allocator.malloc, allocator.free
+        signed = events.signed_id[start:end].tolist()
+        sizes = events.size_bytes[start:end].tolist()
+        streams = events.stream[start:end]
+        oom = None
+        for offset, (buffer_id, size, stream) in enumerate(zip(signed, sizes, streams)):
+            if buffer_id >= 0:
+                try:
+                    malloc(buffer_id, size, stream)
+                except OutOfMemory as exc:
+                    at = start + offset
+                    oom = oom or OomEvent(int(events.time_us[at]), int(events.op_index[at]), exc.requested_bytes,
+                                          str(exc))
             else:
-                allocs, frees = span.alloc_ids(op.allocs), span.free_ids(op.frees)
-            extend(allocs)
-            extend(frees)
-            append(len(allocs))
-            append(len(frees))
-        order = np.asarray(indices, dtype=np.int64)
-        durations = np.asarray(self._durations, dtype=np.int64)[order]
-        base = int(self.env.now)
-        ends = base + np.cumsum(durations)
-        starts = ends - durations
-        for index, start in zip(indices, starts.tolist(), strict=True):
-            self.op_start_us[index] = start
-        per_segment = np.asarray(counts, dtype=np.int64)
-        times = np.repeat(np.stack([starts, ends], axis=1).ravel(), per_segment)
-        op_index = np.repeat(np.repeat(order, 2), per_segment)
-        is_free = np.repeat(np.tile(np.array([False, True]), len(order)), per_segment)
-        buffer_ids = np.asarray(ids, dtype=np.int64)
-        sizes = np.asarray(self._sizes, dtype=np.int64)[buffer_ids]
-        allocated, oom, at = self.allocator.replay(np.where(is_free, -sizes, sizes))
-        if oom is not None and self.oom is None:
-            self.oom = OomEvent(int(times[at]), int(op_index[at]), oom.requested_bytes, str(oom))
-        t = self.trace
-        t.time_us.extend(times.tolist())
-        t.op_index.extend(op_index.tolist())
-        t.buffer_id.extend(np.where(is_free, ~buffer_ids, buffer_ids).tolist())
-        values = allocated.tolist()
-        t.allocated_bytes.extend(values)
-        t.reserved_bytes.extend(values)
-        self.busy_us[stream] = int(durations.sum())
-        return int(ends[-1]) if len(ends) else base
+                free(~buffer_id)
+            allocated[start + offset] = allocator.allocated_bytes
+            reserved[start + offset] = allocator.reserved_bytes
+        return oom
 
-    def _malloc(self, buffer_id: int, op_index: int, stream: Stream, now: int) -> None:
-        size = self._sizes[buffer_id]
-        try:
-            self.allocator.malloc(buffer_id, size, stream)
-        except OutOfMemory as exc:
-            if self.oom is None:
-                self.oom = OomEvent(now, op_index, exc.requested_bytes, str(exc))
-        self._record(now, op_index, buffer_id)
+    def _owner_keys(self, start: int, end: int) -> dict[int, int]:
+        """How a live buffer is named relative to the window [start, end): by the position of its free inside
+        the window (>= 0), else by itself (~id: it outlives the window untouched)."""
+        keys = {}
+        free_pos = self.free_pos
+        for buffer_id in self.allocator.live_buffer_ids():
+            position = int(free_pos[buffer_id])
+            keys[buffer_id] = position - start if position < end else ~buffer_id
+        return keys
 
-    def _free(self, buffer_id: int, op_index: int, now: int) -> None:
-        self.allocator.free(buffer_id)
-        self._record(now, op_index, ~buffer_id)
+    def _signature(self, start: int, end: int) -> tuple:
+        return self.allocator.state_signature(self._owner_keys(start, end))
 
-    def _record(self, now: int, op_index: int, signed_buffer_id: int) -> None:
-        t = self.trace
-        t.time_us.append(now)
-        t.op_index.append(op_index)
-        t.buffer_id.append(signed_buffer_id)
-        t.allocated_bytes.append(self.allocator.allocated_bytes)
-        t.reserved_bytes.append(self.allocator.reserved_bytes)
+    def _same_window(self, reference: tuple, start: int, end: int, signature: tuple) -> bool:
+        """Whether [start, end) issues the reference window's events at the same relative positions (sizes,
+        streams, allocations vs frees, and which buffer each free releases) from an identical state."""
+        ref_start, ref_end, ref_signature, _, _ = reference
+        if end - start != ref_end - ref_start or signature != ref_signature:
+            return False
+        events = self.events
+        here, there = slice(start, end), slice(ref_start, ref_end)
+        if not (np.array_equal(events.size_bytes[here], events.size_bytes[there])
+                and events.stream[here] == events.stream[there]):
+            return False
+        signed_here, signed_there = events.signed_id[here], events.signed_id[there]
+        if not np.array_equal(signed_here < 0, signed_there < 0):
+            return False
+        return np.array_equal(self._free_names(signed_here, start), self._free_names(signed_there, ref_start))
+
+    def _free_names(self, signed: np.ndarray, start: int) -> np.ndarray:
+        """Per free in a window: the freed buffer's allocation position relative to the window when it was
+        allocated inside it, else -1 (a buffer live at the window's start: the state signature names it)."""
+        freed = ~signed[signed < 0]
+        relative = self.alloc_pos[freed] - start
+        return np.where(relative >= 0, relative, -1)
+
+    def _rename_live(self, start: int, length: int) -> None:
+        """Skipping [start, start + length): buffers the window before it (the reference or a repetition of it, of
+        the same length) allocated and left alive become the ones allocated at the same relative positions of the
+        skipped window; buffers older than that outlive both windows unchanged (the signature checked that)."""
+        alloc_pos, signed = self.alloc_pos, self.events.signed_id
+        renames = {}
+        for buffer_id in self.allocator.live_buffer_ids():
+            position = int(alloc_pos[buffer_id])
+            if start - length <= position < start:
+                renames[buffer_id] = int(signed[position + length])
+        self.allocator.rename_live(renames)

@@ -60,5 +60,5 @@ def _run(scenario: Scenario, repeat: bool) -> Run:
                                device.capacity_bytes, scenario.software.version("torch"))
     cost = CostModel(device, compute_dtype(scenario) or weights_dtype(scenario) or DType.FLOAT32,
                      scenario.hardware.gpus_per_node, scenario.hardware.nodes)
-    result = Engine(built.schedule, allocator, cost).run()
+    result = Engine(built.schedule, allocator, cost, repeat).run()
     return Run(scenario, built, result, non_pytorch, allocator)

@@ -33,29 +33,3 @@ class Trace:
         totals = baseline.astype(np.int64).copy()
         np.add.at(totals, self.category[upto].astype(np.int64), self.allocated_delta()[upto])
         return {c.value: int(totals[i]) for i, c in enumerate(CATEGORIES)}
-
-
-class TraceBuilder:
-    """Appends rows in plain lists (fast in the engine loop) and freezes them into numpy arrays.
-
-    `buffer_id` holds the id for an allocation and its bitwise complement (~id, negative) for a free.
-    """
-
-    def __init__(self) -> None:
-        self.time_us: list[int] = []
-        self.op_index: list[int] = []
-        self.buffer_id: list[int] = []
-        self.allocated_bytes: list[int] = []
-        self.reserved_bytes: list[int] = []
-
-    def freeze(self, sizes_by_id: list[int], categories_by_id: list[int]) -> Trace:
-        signed = np.asarray(self.buffer_id, dtype=np.int64)
-        is_free = signed < 0
-        ids = np.where(is_free, ~signed, signed)
-        sizes = np.asarray(sizes_by_id, dtype=np.int64)
-        categories = np.asarray(categories_by_id, dtype=np.int8)
-        delta = np.where(is_free, -sizes[ids], sizes[ids]) if len(ids) else np.zeros(0, dtype=np.int64)
-        return Trace(np.asarray(self.time_us, dtype=np.int64), np.asarray(self.op_index, dtype=np.int64), ids,
-                     delta, categories[ids] if len(ids) else np.zeros(0, dtype=np.int8),
-                     np.asarray(self.allocated_bytes, dtype=np.int64),
-                     np.asarray(self.reserved_bytes, dtype=np.int64))

@@ -1,10 +1,24 @@
-"""Whole-log tests of the engine on toy schedules: exact times, order and byte counts of every event."""
+"""Whole-log tests of the engine on toy schedules (exact times, order and byte counts of every event), its timeline
+against a simpy model, and repeated windows against calling the allocator for every event."""
 
-from sim.allocator import ExactAllocator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import simpy
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sim.allocator import ExactAllocator, make_allocator
 from sim.cost import CostModel
 from sim.engine import Engine
 from sim.ops import Buffer, Category, Op, Phase, Schedule, Stream
-from sim.scenario import DeviceSpec, DType
+from sim.scenario import DeviceSpec, DType, build_scenario
+from sim.schedule import build_schedule
+from tests.test_zero3 import zero_raw
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # 1 FLOP/s and 1 byte/s with bf16 peak 1e6 FLOP/s: an op of F flops takes F µs.
 DEVICE = DeviceSpec(name="toy", capacity_bytes=1000, peak_flops={"bf16": 1e6}, hbm_bytes_per_s=1e12)
@@ -58,3 +72,112 @@ def test_oom_is_recorded_once_and_simulation_continues() -> None:
     assert result.oom is not None and result.oom.op_index == 1 and result.oom.requested_bytes == 60
     assert max(e[4] for e in events) == 180  # the whole demand is still shown
     assert events[-1][4] == 0
+
+
+# ---- the timeline against a discrete-event model in simpy -------------------------------------------------------
+
+STREAMS = list(Stream)
+
+
+def simpy_op_starts(schedule: Schedule, durations: list[int]) -> list[int]:
+    """The reference semantics: one simpy process per stream runs its ops in order; each op waits for the
+    completion events of the ops it depends on, takes its duration, then signals its own completion."""
+    env = simpy.Environment()
+    done = [env.event() for _ in schedule.ops]
+    starts = [-1] * len(schedule.ops)
+
+    def stream_process(indices: list[int]):
+        for index in indices:
+            op = schedule.ops[index]
+            if op.deps:
+                yield simpy.AllOf(env, [done[index + d] for d in op.deps])
+            starts[index] = int(env.now)
+            yield env.timeout(durations[index])
+            done[index].succeed()
+
+    for stream in STREAMS:
+        env.process(stream_process([i for i, op in enumerate(schedule.ops) if op.stream is stream]))
+    env.run()
+    return starts
+
+
+@st.composite
+def random_schedules(draw) -> tuple[Schedule, list[int]]:
+    count = draw(st.integers(1, 40))
+    ops = []
+    for index in range(count):
+        deps = draw(st.lists(st.integers(1, index), max_size=3, unique=True)) if index else []
+        ops.append(op(f"o{index}", flops=draw(st.integers(0, 20)), deps=[-d for d in deps],
+                      stream=draw(st.sampled_from(STREAMS))))
+    schedule = Schedule([], [], ops)
+    return schedule, CostModel(DEVICE, DType.BFLOAT16).durations_us(ops)
+
+
+@given(random_schedules())
+def test_timeline_is_the_simpy_model(case) -> None:
+    schedule, durations = case
+    result = Engine(schedule, ExactAllocator(1000), CostModel(DEVICE, DType.BFLOAT16)).run()
+    assert result.op_start_us == simpy_op_starts(schedule, durations)
+    assert result.end_time_us == max(s + d for s, d in zip(result.op_start_us, durations))
+    assert sum(result.busy_us.values()) == sum(durations)
+
+
+def test_same_time_events_keep_issue_order() -> None:
+    # The collective (op 0, 4 µs) and the compute op 1 (4 µs) both end at t=4; op 2 starts at 4 and needs both.
+    # At t=4: op 0's free, op 1's free, then op 2's allocation (issue order; allocations before frees within an op).
+    schedule = Schedule(buffers(8, 4, 2), [], [
+        op("gather", [0], [0], flops=4, stream=Stream.ALLGATHER),
+        op("compute", [1], [1], flops=4),
+        op("use", [2], [2], flops=0, deps=[-2]),
+    ])
+    events, _ = log(schedule)
+    assert events == [(0, 0, 0, 8, 8), (0, 1, 1, 4, 12), (4, 0, 0, -8, 4), (4, 1, 1, -4, 0), (4, 2, 2, 2, 2),
+                      (4, 2, 2, -2, 0)]
+
+
+# ---- repeated windows ----------------------------------------------------------------------------------------------
+
+def _engine_pair(raw: dict, overrides: list[str] = ()):
+    scenario = build_scenario(raw, overrides=overrides)
+    built = build_schedule(scenario)
+    device = scenario.hardware.device
+    results = []
+    for repeat in (True, False):
+        allocator = make_allocator(scenario.allocator, device.capacity_bytes - device.cuda_context_bytes,
+                                   device.capacity_bytes, scenario.software.version("torch"))
+        cost = CostModel(device, DType.BFLOAT16, scenario.hardware.gpus_per_node, scenario.hardware.nodes)
+        results.append((Engine(built.schedule, allocator, cost, repeat).run(), allocator))
+    return results
+
+
+def _assert_same_run(repeated, stepwise) -> None:
+    (fast, fast_allocator), (slow, slow_allocator) = repeated, stepwise
+    for column in ("time_us", "op_index", "buffer_id", "delta_bytes", "allocated_bytes", "reserved_bytes"):
+        assert np.array_equal(getattr(fast.trace, column), getattr(slow.trace, column)), column
+    assert fast.oom == slow.oom
+    assert fast_allocator.memory_stats() == slow_allocator.memory_stats()
+    assert fast_allocator.ooms == slow_allocator.ooms
+    identity = {b: b for b in slow_allocator.live_buffer_ids()}
+    assert fast_allocator.state_signature(identity) == slow_allocator.state_signature(identity)
+    assert slow.repeated_events == 0
+
+
+# 80 GB fits; 400 MiB of CUDA context + 24 MiB: an OOM after cache flushes, and the run goes on over capacity.
+@pytest.mark.parametrize("capacity_bytes", [80 * 10**9, 419430400 + 24 * 2**20])
+def test_repeated_windows_change_nothing_zero3(capacity_bytes: int) -> None:
+    # ZeRO-3 on 2 GPUs, 6 micro-batches, 2 steps: later micro-batches repeat an earlier one exactly.
+    raw = zero_raw(2)
+    raw["training"]["gradient_accumulation_steps"] = 6
+    raw["allocator"] = {"backend": "caching"}
+    repeated, stepwise = _engine_pair(raw, [f"hardware.device.capacity_bytes={capacity_bytes}"])
+    assert repeated[0].repeated_events > 0
+    _assert_same_run(repeated, stepwise)
+
+
+@pytest.mark.slow
+def test_repeated_windows_change_nothing_headline() -> None:
+    # The headline (OOM, cache flushes every micro-batch): half its events are repeated windows.
+    scenario = yaml.safe_load((ROOT / "scenarios" / "qwen32b_8xa800.yaml").read_text())
+    repeated, stepwise = _engine_pair(scenario)
+    assert repeated[0].repeated_events > len(repeated[0].trace) // 3
+    _assert_same_run(repeated, stepwise)

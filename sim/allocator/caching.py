@@ -206,9 +206,53 @@ class CachingAllocator:
         self._events: dict[Hashable, list[_Block]] = {}  # record_stream events not yet known complete
         self._ready: list[_Block] = []  # events completed (stream passed), processed at the next malloc
         self._next_va = _VA_BASE
+        self._last_stream: Hashable = None
+        self._last_pools: tuple[_Pool, _Pool] | None = None
         self._oom: OutOfMemory | None = None
         for s in Stream:
             self._register_stream(s)
+
+    # ------------------------------------------------------------------ repetition (sim/engine.py)
+
+    _COUNTERS = ("num_alloc_retries", "num_ooms", "num_device_alloc", "num_device_free", "num_sync_all_streams",
+                 "_next_va")
+
+    def can_repeat(self) -> bool:
+        """Whether `state_signature` captures everything later mallocs and frees depend on (not with expandable
+        segments or garbage collection, whose page maps and ages it leaves out, nor with record_stream events
+        pending)."""
+        return not (self._slow_search or self._events or self._ready)
+
+    def live_buffer_ids(self) -> list[int]:
+        return list(self._live)
+
+    def state_signature(self, owner_keys: dict[int, int]) -> tuple:
+        """The state up to synthetic addresses and buffer names: every block in address order with its size,
+        requested size, whether it starts a segment, its pool, and its owner's key (None: free). Decisions depend
+        on addresses only through their order (best fit ties, and new segments always lie above the old ones),
+        so two states with equal signatures answer the same calls the same way."""
+        owner = {id(block): owner_keys[buffer_id] for buffer_id, block in self._live.items()}
+        blocks = list(self._live.values())
+        for pool in self._all_pools():
+            blocks.extend(pool.map.values())
+        blocks.sort(key=lambda b: b.addr)
+        return self.unlimited, tuple((b.size, b.req, b.addr == b.seg.addr, b.pool.sidx, b.pool.small,
+                                      owner.get(id(b))) for b in blocks)
+
+    def rename_live(self, renames: dict[int, int]) -> None:
+        """Give live blocks new buffer ids (old -> new), as if the buffers they hold had been allocated instead."""
+        live = self._live
+        moved = [(renames[b], live.pop(b)) for b in list(live) if b in renames]
+        live.update(moved)
+
+    def counters(self) -> tuple:
+        return tuple(getattr(self, name) for name in self._COUNTERS) + (len(self.ooms),)
+
+    def add_counters(self, before: tuple, after: tuple) -> None:
+        """Count again what happened between two `counters()` readings (a repeated window of calls)."""
+        for name, old, new in zip(self._COUNTERS, before, after):
+            setattr(self, name, getattr(self, name) + new - old)
+        self.ooms.extend(self.ooms[before[-1]:after[-1]])
 
     # ------------------------------------------------------------------ public API
 
@@ -224,9 +268,13 @@ class CachingAllocator:
             size = round_size(size_bytes, self.conf)
         else:
             size = (size_bytes + 511) & -512
-        pools = self._pools.get(stream)
-        if pools is None:
-            pools = self._register_stream(stream)
+        if stream is self._last_stream:  # identity first: hashing an Enum stream is slow
+            pools = self._last_pools
+        else:
+            pools = self._pools.get(stream)
+            if pools is None:
+                pools = self._register_stream(stream)
+            self._last_stream, self._last_pools = stream, pools
         small = size <= K_SMALL_SIZE
         pool = pools[1] if small else pools[0]
         max_split = self._max_split
