@@ -14,7 +14,7 @@ import numpy as np
 
 from sim.allocator import Allocator, OutOfMemory
 from sim.cost import CostModel
-from sim.ops import Schedule, Stream
+from sim.ops import Phase, Schedule, Stream
 from sim.trace import Trace
 
 
@@ -177,11 +177,15 @@ class _StepwiseDriver:
         self.windows = self._windows(schedule)
 
     def _windows(self, schedule: Schedule) -> list[tuple[int, int]]:
-        """[start, end) event ranges, one per (step, micro-batch): from the first event of its ops to the next."""
+        """[start, end) event ranges, one per micro-batch and one per optimizer step: from the first event of
+        its ops to the first of the next."""
         if not schedule.op_step or not self.n:
             return [(0, self.n)]
         op_index = self.events.op_index
-        group = np.asarray(schedule.op_step, dtype=np.int64) * (1 << 20) + np.asarray(schedule.op_micro_batch)
+        optimizer = np.fromiter((op.phase is Phase.OPTIMIZER for op in schedule.ops), dtype=np.int64,
+                                count=len(schedule.ops))
+        group = (np.asarray(schedule.op_step, dtype=np.int64) << 32) + (np.asarray(schedule.op_micro_batch) << 1) \
+            + optimizer
         event_group = np.where(op_index < 0, -1, group[np.maximum(op_index, 0)])
         _, first = np.unique(event_group, return_index=True)
         bounds = sorted(set(first.tolist()) | {0, self.n})
