@@ -36,6 +36,21 @@ class Stream(Enum):
     REDUCE = "reduce"
 
 
+class OpKind(Enum):
+    """What bounds an op's duration (sim/cost.py): tensor-core GEMMs, fused attention kernels, memory-bound
+    kernels (elementwise, reductions, copies: CUDA cores and HBM), and the three NCCL collectives."""
+
+    GEMM = "gemm"
+    ATTENTION = "attention"
+    MEMORY = "memory"
+    ALL_GATHER = "all_gather"
+    REDUCE_SCATTER = "reduce_scatter"
+    ALL_REDUCE = "all_reduce"
+
+
+COLLECTIVES = (OpKind.ALL_GATHER, OpKind.REDUCE_SCATTER, OpKind.ALL_REDUCE)
+
+
 class Buffer(NamedTuple):
     """One allocation: a tensor's storage as the caching allocator would see it."""
 
@@ -58,6 +73,7 @@ class Op(NamedTuple):
     bytes_moved: int = 0
     deps: tuple[int, ...] = ()  # relative offsets (negative) of ops, any stream, that must finish first
     wire_bytes: int = 0  # a collective: bytes each rank sends over the links
+    kind: OpKind = OpKind.MEMORY
 
 
 class BufferTable:

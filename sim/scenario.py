@@ -129,6 +129,22 @@ class ModelSpec(BaseModel):
         return self.torch_dtype or DType.FLOAT32
 
 
+Fraction = Annotated[float, Field(gt=0, le=1)]
+
+
+class DeviceEfficiency(Frozen):
+    """Achievable fractions of the datasheet peaks, as measured (hardware/*.yaml cites each); 1.0 everywhere is
+    the bare roofline. gemm: large bf16/fp16 matmuls; attention: fused (flash) attention kernels; hbm: streaming
+    kernels; nvlink: NCCL bus bandwidth inside a node over the per-direction NVLink figure; network: the same
+    across nodes over the per-GPU NIC figure."""
+
+    gemm: Fraction = 1.0
+    attention: Fraction = 1.0
+    hbm: Fraction = 1.0
+    nvlink: Fraction = 1.0
+    network: Fraction = 1.0
+
+
 class DeviceSpec(Frozen):
     """A device as hardware/*.yaml describes it; `cuda_context_bytes: 0` with the exact allocator is a plain host."""
 
@@ -143,6 +159,7 @@ class DeviceSpec(Frozen):
     inter_node_bytes_per_s: Annotated[float, Field(gt=0)] = 1e10
     intra_node_latency_us: Annotated[float, Field(ge=0)] = 0.0
     inter_node_latency_us: Annotated[float, Field(ge=0)] = 0.0
+    efficiency: DeviceEfficiency = DeviceEfficiency()
 
 
 class Hardware(Frozen):

@@ -14,7 +14,7 @@ The step flattens the partition's gradients, casts them to fp32, steps, and all-
 place.
 """
 
-from sim.ops import Category, Stream
+from sim.ops import Category, OpKind, Stream
 from sim.parallel.partition import flat_partition_numel
 from sim.scenario import DType, ZeroOptimization
 from sim.workload.tape import Param, Tape, Tensor
@@ -63,7 +63,7 @@ class Ddp:
         if self.pending[index] == 0:
             size = sum(p.tensor.size_bytes for p in self.buckets[index])
             op = self.tape.side_op(f"ddp.allreduce[bucket {index}]", Stream.REDUCE, bytes_moved=2 * size,
-                                   wire_bytes=2 * (self.world - 1) * size // self.world)
+                                   wire_bytes=2 * (self.world - 1) * size // self.world, kind=OpKind.ALL_REDUCE)
             self.allreduces.append(op)
 
     def finalize(self) -> None:
@@ -132,9 +132,10 @@ class Zero12:
         label = f"zero.reduce[{len(self.bucket)} grads]"
         wire = (self.world - 1) * numel * size // self.world
         if self.overlap:  # on the reduction stream, waited for before the next bucket reuses the buffer
-            tp.wait_for(tp.side_op(label, Stream.REDUCE, bytes_moved=2 * numel * size, wire_bytes=wire))
+            tp.wait_for(tp.side_op(label, Stream.REDUCE, bytes_moved=2 * numel * size, wire_bytes=wire,
+                                   kind=OpKind.REDUCE_SCATTER))
         else:
-            tp.op(label, bytes_moved=2 * numel * size)
+            tp.op(label, bytes_moved=2 * numel * size, kind=OpKind.REDUCE_SCATTER, wire_bytes=wire)
         self.bucket, self.bucket_numel = [], 0
 
     def end_of_backward(self, full_grads: list[Tensor]) -> None:
@@ -173,6 +174,6 @@ class Zero12:
         tp.drop(grad32)
         size = self.dtype.size_bytes
         gather = tp.side_op("zero.all_gather_dp_groups", Stream.ALLGATHER, bytes_moved=2 * numel * self.world * size,
-                            wire_bytes=(self.world - 1) * numel * size)
+                            wire_bytes=(self.world - 1) * numel * size, kind=OpKind.ALL_GATHER)
         tp.wait_for(gather)
         tp.op("zero.step.end")

@@ -9,7 +9,7 @@ One rank is simulated; collectives run on the allgather and reduce streams.
 from collections import deque
 from dataclasses import dataclass, field
 
-from sim.ops import Category, Stream
+from sim.ops import Category, OpKind, Stream
 from sim.parallel.partition import padded_partition_numel
 from sim.scenario import DType, ZeroOptimization
 from sim.workload.tape import Node, Param, Tape, Tensor
@@ -162,7 +162,7 @@ class Zero3:
         wire = (P - 1) * total * size  # ring all-gather: each rank sends and receives (P-1)/P of the result
         label = params[0].name if len(params) == 1 else f"{params[0].name}+{len(params) - 1}"
         gather = tp.side_op(f"zero3.allgather[{label}]", Stream.ALLGATHER, bytes_moved=2 * total * P * size,
-                            wire_bytes=wire)
+                            wire_bytes=wire, kind=OpKind.ALL_GATHER)
         if self.offload_param:  # ds_tensor.to(device): the host partitions come to the GPU first, then are freed
             staged = tp.empty_in(gather, "zero3.partition_to_device", total, self.dtype, Category.COMMUNICATION)
             tp.release_in(gather, staged.storage)
@@ -252,7 +252,8 @@ class Zero3:
         padded = sum(padded_partition_numel(n, P) * P for _, n, _ in self.ipg)
         deps = (self.outstanding_reduces.popleft(),) if len(self.outstanding_reduces) >= 2 else ()
         reduce = tp.side_op(f"zero3.reduce_scatter[{self.ipg[0][0].name}+{len(self.ipg) - 1}]", Stream.REDUCE,
-                            bytes_moved=3 * padded * size, wire_bytes=(P - 1) * padded // P * size, deps=deps)
+                            bytes_moved=3 * padded * size, wire_bytes=(P - 1) * padded // P * size, deps=deps,
+                            kind=OpKind.REDUCE_SCATTER)
         flat = tp.empty_in(reduce, "zero3.reduce_scatter_flat", padded, self.dtype, Category.COMMUNICATION)
         tp.release_in(reduce, flat.storage)
         for _, _, own_grad in self.ipg:

@@ -6,6 +6,7 @@ requires grad uses it), and gives the node a backward that allocates what the ba
 Shapes are reduced to element counts; the arithmetic per kernel is given where it is not obvious.
 """
 
+from sim.ops import OpKind
 from sim.scenario import DType
 from sim.workload.tape import Node, Param, Tape, Tensor
 
@@ -22,9 +23,10 @@ def promote(a: DType, b: DType) -> DType:
     return F32  # bf16 with fp16 promotes to fp32
 
 
-def _grad_for(tp: Tape, name: str, numel: int, dtype: DType, target: Tensor, flops: float = 0.0) -> Tensor:
+def _grad_for(tp: Tape, name: str, numel: int, dtype: DType, target: Tensor, flops: float = 0.0,
+              kind: OpKind = OpKind.MEMORY) -> Tensor:
     """Allocate a gradient of `numel` elements; reduce it to `target`'s size when `target` was broadcast."""
-    tp.op(name, flops=flops, bytes_moved=2 * numel * dtype.size_bytes)
+    tp.op(name, flops=flops, bytes_moved=2 * numel * dtype.size_bytes, kind=kind)
     grad = tp.empty(f"{name}.out", numel, dtype)
     if target.numel < numel:  # engine.cpp validate_outputs: at::sum_to the input's shape
         tp.op(f"{name}.sum_to", bytes_moved=numel * dtype.size_bytes)
@@ -397,7 +399,7 @@ def linear(tp: Tape, name: str, x: Tensor, w: Param | Tensor, in_features: int, 
     w_t = weight(w)
     tokens = x.numel // in_features
     tp.op(name, flops=2.0 * tokens * in_features * out_features,
-          bytes_moved=(x.numel + w_t.numel + tokens * out_features) * x.dtype.size_bytes)
+          bytes_moved=(x.numel + w_t.numel + tokens * out_features) * x.dtype.size_bytes, kind=OpKind.GEMM)
     tp.first_gemm()
     out = tp.empty(f"{name}.out", tokens * out_features, x.dtype)
     b_t = bias
@@ -413,10 +415,12 @@ def _linear_backward(tp: Tape, node: Node, grad: Tensor) -> list:
     flops = 2.0 * tokens * inf * outf
     grads: list = [None, None, None]
     if x is not None:  # mm(grad, weight), reshaped back to (b, s, in): a view of the mm result
-        grads[0] = _grad_for(tp, f"{node.name}.backward.input", tokens * inf, x.dtype, x, flops=flops)
+        grads[0] = _grad_for(tp, f"{node.name}.backward.input", tokens * inf, x.dtype, x, flops=flops,
+                             kind=OpKind.GEMM)
         grads[0].is_view = True
     if w is not None:  # mm(grad.t(), input), laid out like the weight so AccumulateGrad can steal it
-        grads[1] = _grad_for(tp, f"{node.name}.backward.weight", inf * outf, w.dtype, w, flops=flops)
+        grads[1] = _grad_for(tp, f"{node.name}.backward.weight", inf * outf, w.dtype, w, flops=flops,
+                             kind=OpKind.GEMM)
     if b is not None:  # grad.sum(0)
         grads[2] = _grad_for(tp, f"{node.name}.backward.bias", outf, b.dtype, b, flops=tokens * outf)
     return grads
@@ -424,7 +428,7 @@ def _linear_backward(tp: Tape, node: Node, grad: Tensor) -> list:
 
 def bmm(tp: Tape, name: str, a: Tensor, b: Tensor, out_numel: int, flops: float) -> Tensor:
     """torch.matmul of batched 4-D tensors (bmm on merged batch dims, views only for contiguous operands)."""
-    tp.op(name, flops=flops, bytes_moved=(a.numel + b.numel + out_numel) * a.dtype.size_bytes)
+    tp.op(name, flops=flops, bytes_moved=(a.numel + b.numel + out_numel) * a.dtype.size_bytes, kind=OpKind.GEMM)
     out = tp.empty(f"{name}.out", out_numel, a.dtype)
     saved = ([b] if a.requires_grad else []) + ([a] if b.requires_grad else [])
     node = tp.record(name, [a, b], saved, _bmm_backward, flops=flops)
@@ -438,7 +442,7 @@ def _bmm_backward(tp: Tape, node: Node, grad: Tensor) -> list:
             grads.append(None)
         else:
             grads.append(_grad_for(tp, f"{node.name}.backward", target.numel, target.dtype, target,
-                                   flops=node.ctx["flops"]))
+                                   flops=node.ctx["flops"], kind=OpKind.GEMM))
     return grads
 
 
@@ -484,7 +488,8 @@ def flash_attention(tp: Tape, name: str, q: Tensor, k: Tensor, v: Tensor, batch:
     if on_host:
         return _cpu_flash_attention(tp, name, q, k, v, batch, heads, kv_heads, seq, head_dim, flops)
     out_numel = batch * seq * heads * head_dim
-    tp.op(name, flops=flops, bytes_moved=(q.numel + k.numel + v.numel + out_numel) * q.dtype.size_bytes)
+    tp.op(name, flops=flops, bytes_moved=(q.numel + k.numel + v.numel + out_numel) * q.dtype.size_bytes,
+          kind=OpKind.ATTENTION)
     out = tp.empty(f"{name}.out", out_numel, q.dtype)
     lse = tp.empty(f"{name}.softmax_lse", batch * heads * seq, F32)
     rng = tp.empty(f"{name}.rng_state", 2, I64)
@@ -504,7 +509,8 @@ def _flash_backward(tp: Tape, node: Node, grad: Tensor) -> list:
     b, h, kvh, s, d = c["batch"], c["heads"], c["kv_heads"], c["seq"], c["head_dim"]
     q, k, v = node.inputs
     dtype = grad.dtype
-    tp.op(f"{node.name}.backward", flops=c["flops"], bytes_moved=6 * b * s * h * d * dtype.size_bytes)
+    tp.op(f"{node.name}.backward", flops=c["flops"], bytes_moved=6 * b * s * h * d * dtype.size_bytes,
+          kind=OpKind.ATTENTION)
     dq = tp.empty(f"{node.name}.dq", b * s * h * d, dtype)
     dk = tp.empty(f"{node.name}.dk", b * s * kvh * d, dtype)
     dv = tp.empty(f"{node.name}.dv", b * s * kvh * d, dtype)
@@ -539,7 +545,8 @@ def _cpu_flash_attention(tp: Tape, name: str, q: Tensor, k: Tensor, v: Tensor, b
     out_numel = batch * seq * heads * head_dim
     dtype = q.dtype
     q_split, kv_split = _cpu_flash_splits(seq)
-    tp.op(name, flops=flops, bytes_moved=(q.numel + k.numel + v.numel + out_numel) * dtype.size_bytes)
+    tp.op(name, flops=flops, bytes_moved=(q.numel + k.numel + v.numel + out_numel) * dtype.size_bytes,
+          kind=OpKind.ATTENTION)
     out = tp.empty(f"{name}.out", out_numel, dtype)
     lse = tp.empty(f"{name}.logsumexp", batch * heads * seq, F32)
     scratch = [tp.empty(f"{name}.buf", q_split * kv_split + 2 * q_split + q_split * head_dim, F32)]
@@ -562,7 +569,8 @@ def _cpu_flash_backward(tp: Tape, node: Node, grad: Tensor) -> list:
     q, k, v = node.inputs
     dtype = grad.dtype
     q_split, kv_split = _cpu_flash_splits(s)
-    tp.op(f"{node.name}.backward", flops=c["flops"], bytes_moved=6 * b * s * h * d * dtype.size_bytes)
+    tp.op(f"{node.name}.backward", flops=c["flops"], bytes_moved=6 * b * s * h * d * dtype.size_bytes,
+          kind=OpKind.ATTENTION)
     dq = tp.empty(f"{node.name}.backward.grad_q", b * s * h * d, dtype)
     dk = tp.empty(f"{node.name}.backward.grad_k", b * s * kvh * d, dtype)
     dv = tp.empty(f"{node.name}.backward.grad_v", b * s * kvh * d, dtype)
@@ -583,7 +591,7 @@ def efficient_attention(tp: Tape, name: str, q: Tensor, k: Tensor, v: Tensor, ma
     Backward (_efficient_attention_backward) allocates grad q, k, v and an fp32 delta (b, heads, s)."""
     out_numel = batch * seq * heads * head_dim
     tp.op(name, flops=flops, bytes_moved=(q.numel + k.numel + v.numel + out_numel) * q.dtype.size_bytes
-          + mask.size_bytes)
+          + mask.size_bytes, kind=OpKind.ATTENTION)
     out = tp.empty(f"{name}.out", out_numel, q.dtype)
     lse = tp.empty(f"{name}.logsumexp", batch * heads * _round_up(seq, 32), F32)
     rng = tp.empty(f"{name}.philox", 2, I64)
@@ -596,7 +604,7 @@ def efficient_attention(tp: Tape, name: str, q: Tensor, k: Tensor, v: Tensor, ma
 
 def _efficient_backward(tp: Tape, node: Node, grad: Tensor) -> list:
     c = node.ctx
-    tp.op(f"{node.name}.backward", flops=c["flops"], bytes_moved=4 * grad.size_bytes)
+    tp.op(f"{node.name}.backward", flops=c["flops"], bytes_moved=4 * grad.size_bytes, kind=OpKind.ATTENTION)
     delta = tp.empty(f"{node.name}.delta", c["batch"] * c["heads"] * c["seq"], F32)
     grads = [tp.empty(f"{node.name}.grad", t.numel, t.dtype) if t is not None else None for t in node.inputs]
     tp.drop(delta)

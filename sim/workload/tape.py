@@ -11,7 +11,7 @@ AccumulateGrad do.
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from sim.ops import CATEGORIES, BufferTable, Category, Op, Phase, ReplicaSpan, Schedule, Stream
+from sim.ops import CATEGORIES, BufferTable, Category, Op, OpKind, Phase, ReplicaSpan, Schedule, Stream
 from sim.scenario import DType
 
 
@@ -89,6 +89,7 @@ class _OpDraft:
     stream: Stream = Stream.COMPUTE
     deps: tuple[int, ...] = ()  # absolute indices of ops this one waits for
     wire_bytes: int = 0  # bytes a collective moves per rank over the links
+    kind: OpKind = OpKind.MEMORY
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,25 +211,26 @@ class Tape:
             self.allocate_existing(self._blas_workspace)
 
     # ---- ops ----------------------------------------------------------------------------------------------
-    def op(self, name: str, flops: float = 0.0, bytes_moved: int = 0) -> None:
+    def op(self, name: str, flops: float = 0.0, bytes_moved: int = 0, kind: OpKind = OpKind.MEMORY,
+           wire_bytes: int = 0) -> None:
         """Start a new compute op: following allocations happen when it starts, following frees when it ends.
         It waits for the side-stream ops registered with `wait_for` since the last compute op."""
         deps, self._waits = tuple(self._waits), []
         self._ops.append(_OpDraft(name, self.phase, self.layer, self.step, self.micro_batch, [], [], flops,
-                                  bytes_moved, Stream.COMPUTE, deps))
+                                  bytes_moved, Stream.COMPUTE, deps, wire_bytes, kind))
         self._final_of.append(self._final_total)
         self._final_total += 1
         self._compute = len(self._ops) - 1
 
     def side_op(self, name: str, stream: Stream, bytes_moved: int = 0, wire_bytes: int = 0,
-                deps: tuple[int, ...] = ()) -> int:
+                deps: tuple[int, ...] = (), kind: OpKind = OpKind.MEMORY) -> int:
         """An op on another stream (a collective). Returns its index for `empty_in`, `release_in`, `wait_for`.
         It is issued after the current compute op, which it waits for as CUDA stream semantics imply
         (wait_stream before the collective), plus any `deps`."""
         final = self._final_of
         after = (final[self._compute],) if self._compute is not None else ()
         self._ops.append(_OpDraft(name, self.phase, self.layer, self.step, self.micro_batch, [], [], 0.0,
-                                  bytes_moved, stream, after + tuple(final[d] for d in deps), wire_bytes))
+                                  bytes_moved, stream, after + tuple(final[d] for d in deps), wire_bytes, kind))
         self._final_of.append(self._final_total)
         self._final_total += 1
         return len(self._ops) - 1
@@ -457,7 +459,7 @@ class Tape:
                 op = make(Op, (entry.name, entry.stream, entry.phase, entry.layer, tuple(entry.allocs),
                                tuple(entry.frees), entry.flops, entry.bytes_moved,
                                tuple(d - own for d in entry.deps) if entry.deps else (),  # relative
-                               entry.wire_bytes))
+                               entry.wire_bytes, entry.kind))
                 frozen[index] = op
                 ops.append(op)
                 steps.append(entry.step)
