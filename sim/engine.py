@@ -32,10 +32,12 @@ class OomEvent:
 class EngineResult:
     trace: Trace
     op_start_us: list[int]  # start time of each op
+    op_end_us: list[int]  # end time of each op
     end_time_us: int
     oom: OomEvent | None
     busy_us: dict[Stream, int]
     repeated_events: int = 0  # events whose allocator results were repeated from an identical earlier window
+    largest_free_block_at_peak_bytes: int | None = None  # the caching allocator's largest cached free block there
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,14 +64,14 @@ class Engine:
         """Timeline, then events in time order (persistent buffers at t=0 first), then the allocator."""
         starts, ends, busy = self._timeline()
         events = self._events(starts, ends)
-        allocated, reserved, oom, repeated = self._drive_allocator(events)
+        allocated, reserved, oom, repeated, largest = self._drive_allocator(events)
         is_free = events.signed_id < 0
         ids = np.where(is_free, ~events.signed_id, events.signed_id)
         categories = np.asarray(self.schedule.buffer_categories(), dtype=np.int8)
         trace = Trace(events.time_us, events.op_index, ids, np.where(is_free, -events.size_bytes, events.size_bytes),
                       categories[ids], allocated, reserved)
         end = max(ends) if ends else 0
-        return EngineResult(trace, starts, end, oom, busy, repeated)
+        return EngineResult(trace, starts, ends, end, oom, busy, repeated, largest)
 
     def _timeline(self) -> tuple[list[int], list[int], dict[Stream, int]]:
         """Start and end (µs) of every op, and each stream's busy time: in issue order, an op starts at the later
@@ -143,15 +145,16 @@ class Engine:
             moved[outside] = [span.entry[b] for b in moved[outside].tolist()]
             ids[where] = moved
 
-    def _drive_allocator(self, events: _Events) -> tuple[np.ndarray, np.ndarray, OomEvent | None, int]:
-        """allocated and reserved bytes after each event, the first OOM, and how many events were repeated."""
+    def _drive_allocator(self, events: _Events) -> tuple[np.ndarray, np.ndarray, OomEvent | None, int, int | None]:
+        """allocated and reserved bytes after each event, the first OOM, how many events were repeated, and the
+        largest free block at the first event with the most reserved (None without a cache)."""
         allocator = self.allocator
         if hasattr(allocator, "replay"):  # the exact count: one vectorised pass
             allocated, exc, at = allocator.replay(np.where(events.signed_id < 0, -events.size_bytes,
                                                            events.size_bytes))
             oom = None if exc is None else OomEvent(int(events.time_us[at]), int(events.op_index[at]),
                                                     exc.requested_bytes, str(exc))
-            return allocated, allocated.copy(), oom, 0
+            return allocated, allocated.copy(), oom, 0, None
         return _StepwiseDriver(allocator, events, self.schedule, self.repeat).run()
 
 
@@ -173,8 +176,10 @@ class _StepwiseDriver:
         self.free_pos = np.full(n_buffers, self.n, dtype=np.int64)
         self.alloc_pos[ids[signed >= 0]] = positions[signed >= 0]
         self.free_pos[ids[signed < 0]] = positions[signed < 0]
-        self.first_op_pos = len(schedule.persistent)
         self.windows = self._windows(schedule)
+        # the most reserved so far and the largest free block then: a repeated window never passes the maximum
+        # (its values are those of its reference), so the peak is always seen stepwise
+        self.most_reserved, self.largest_at_peak = -1, None
 
     def _windows(self, schedule: Schedule) -> list[tuple[int, int]]:
         """[start, end) event ranges, one per micro-batch and one per optimizer step: from the first event of
@@ -191,7 +196,7 @@ class _StepwiseDriver:
         bounds = sorted(set(first.tolist()) | {0, self.n})
         return list(zip(bounds, bounds[1:]))
 
-    def run(self) -> tuple[np.ndarray, np.ndarray, OomEvent | None, int]:
+    def run(self) -> tuple[np.ndarray, np.ndarray, OomEvent | None, int, int | None]:
         allocated = [0] * self.n
         reserved = [0] * self.n
         oom: OomEvent | None = None
@@ -212,7 +217,8 @@ class _StepwiseDriver:
             window_oom = self._step(start, end, allocated, reserved)
             oom = oom or window_oom
             reference = None if signature is None else (start, end, signature, before, allocator.counters())
-        return np.asarray(allocated, dtype=np.int64), np.asarray(reserved, dtype=np.int64), oom, repeated
+        return (np.asarray(allocated, dtype=np.int64), np.asarray(reserved, dtype=np.int64), oom, repeated,
+                self.largest_at_peak)
 
     def _step(self, start: int, end: int, allocated: list[int], reserved: list[int]) -> OomEvent | None:
         events, allocator = self.events, self.allocator
@@ -232,7 +238,9 @@ class _StepwiseDriver:
             else:
                 free(~buffer_id)
             allocated[start + offset] = allocator.allocated_bytes
-            reserved[start + offset] = allocator.reserved_bytes
+            reserved[start + offset] = now = allocator.reserved_bytes
+            if now > self.most_reserved:
+                self.most_reserved, self.largest_at_peak = now, allocator.largest_free_block_bytes()
         return oom
 
     def _owner_keys(self, start: int, end: int) -> dict[int, int]:

@@ -1,17 +1,18 @@
-"""Memory over time as a stacked area chart by category, with the capacity line, phase bands and the peak.
-matplotlib is imported lazily (only `--plot` needs it)."""
+"""Memory over time as a stacked area chart by category, with the capacity line, phase bands and the peak, and
+below it one lane per stream showing when its ops run. matplotlib is imported lazily (only `--plot` needs it)."""
 
 import io
 
 import numpy as np
 
-from sim.ops import CATEGORIES, Phase
+from sim.ops import CATEGORIES, Phase, Stream
 from sim.report import Run
 from sim.units import GIB
 
 _PHASE_COLOURS = {Phase.FORWARD: "#e8f0fe", Phase.BACKWARD: "#fdecea", Phase.RECOMPUTE: "#fff4e0",
                   Phase.OPTIMIZER: "#e6f4ea"}
 _MAX_POINTS = 20_000
+_LANE_BINS = 1500  # time bins of the stream lanes, about one per pixel
 
 
 def render_memory_timeline(run: Run, result: dict) -> bytes:
@@ -27,7 +28,8 @@ def render_memory_timeline(run: Run, result: dict) -> bytes:
     stacked = np.cumsum(deltas, axis=1)
     keep = _sample(trace.allocated_bytes)
     seconds = trace.time_us[keep] / 1e6
-    fig, ax = plt.subplots(figsize=(12, 5), dpi=100)
+    fig, (ax, lanes) = plt.subplots(2, 1, figsize=(12, 6.5), dpi=100, sharex=True,
+                                    gridspec_kw={"height_ratios": [4, 1]})
     _phase_bands(ax, run)
     ax.stackplot(seconds, stacked[:, keep] / GIB, labels=[c.value for c in CATEGORIES], step="post", alpha=0.85)
     non_pytorch = run.non_pytorch_bytes / GIB
@@ -41,7 +43,8 @@ def render_memory_timeline(run: Run, result: dict) -> bytes:
     where = f" L{peak['layer']}" if peak["layer"] is not None else ""
     ax.annotate(f"peak {peak['total_bytes'] / GIB:.2f} GiB\n{peak['phase']}{where} {peak['op']}",
                 (peak["time_s"], peak["total_bytes"] / GIB), textcoords="offset points", xytext=(8, 8), fontsize=8)
-    ax.set_xlabel("simulated time (s)")
+    _stream_lanes(lanes, run)
+    lanes.set_xlabel("simulated time (s)")
     ax.set_ylabel("GiB")
     ax.set_title(result["scenario"])
     ax.set_ylim(0, max(capacity, peak["total_bytes"] / GIB) * 1.08)
@@ -64,6 +67,28 @@ def _sample(allocated: np.ndarray) -> np.ndarray:
     starts = np.arange(0, count, window)
     highs = starts + padded.reshape(-1, window).argmax(axis=1)
     return np.unique(np.concatenate([starts, highs, [count - 1]]))
+
+
+def _stream_lanes(ax, run: Run) -> None:
+    """One lane per stream used: the share of time its ops run, per pixel-wide bin (a stream's ops never
+    overlap, so the running busy time is a cumulative sum over its ops in order)."""
+    ops, starts, ends = run.schedule.ops, np.asarray(run.engine.op_start_us), np.asarray(run.engine.op_end_us)
+    stream_of = np.array([op.stream.value for op in ops], dtype=object)
+    used = [s for s in Stream if (stream_of == s.value).any()]
+    edges = np.linspace(0, max(run.engine.end_time_us, 1), _LANE_BINS + 1)
+    for row, stream in enumerate(used):
+        mine = stream_of == stream.value
+        begin, finish = starts[mine], ends[mine]
+        done = np.concatenate([[0], np.cumsum(finish - begin)])
+        index = np.searchsorted(finish, edges, side="right")  # ops finished by each edge
+        running = np.where(index < len(begin), np.clip(edges - begin[np.minimum(index, len(begin) - 1)], 0, None), 0)
+        busy = done[index] + running
+        share = np.diff(busy) / np.diff(edges)
+        base = len(used) - 1 - row
+        ax.fill_between(edges[:-1] / 1e6, base - 0.4, base - 0.4 + 0.8 * share, step="post", color=f"C{row}", lw=0)
+    ax.set_yticks([len(used) - 1 - row for row in range(len(used))], [s.value for s in used])
+    ax.set_ylim(-0.6, len(used) - 0.4)
+    ax.set_ylabel("busy")
 
 
 def _phase_bands(ax, run: Run) -> None:

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sim.engine import EngineResult
+from sim.parallel.nccl import communicators
 from sim.ops import Phase, Schedule
 from sim.scenario import Scenario
 from sim.schedule import BuiltSchedule
@@ -24,6 +25,7 @@ class Run:
     engine: EngineResult
     non_pytorch_bytes: int
     allocator: object = None  # the backend after the run (its statistics)
+    nccl_bytes: int = 0  # NCCL's buffers, part of non_pytorch_bytes
 
     @property
     def schedule(self) -> Schedule:
@@ -74,6 +76,10 @@ def summarize(run: Run) -> dict:
         "step_time_s": step_time_s,
         "tokens_per_s": tokens_all / step_time_s if step_time_s else 0.0,
         "mfu": (run.built.model_flops_per_step / step_time_s / peak_flops) if step_time_s else 0.0,
+        "stream_busy_share": stream_busy_share(run),
+        "non_pytorch": {"cuda_context_bytes": run.non_pytorch_bytes - run.nccl_bytes, "nccl_bytes": run.nccl_bytes,
+                        "nccl_communicators": communicators(sc)},
+        "allocator": _allocator_fields(run),
         "events": len(trace),
     }
 
@@ -89,6 +95,20 @@ def _step_time_s(run: Run) -> float:
     last = steps[-1] if steps else 0
     first_index = steps.index(last) if steps else 0
     return us_to_seconds(run.engine.end_time_us - starts[first_index])
+
+
+def stream_busy_share(run: Run) -> dict[str, float]:
+    """Per stream, the share of the last step's time its ops were running (0..1; streams overlap)."""
+    schedule, engine = run.schedule, run.engine
+    if not schedule.ops:
+        return {}
+    steps = np.asarray(schedule.op_step)
+    first = int(np.searchsorted(steps, steps[-1]))
+    span = engine.end_time_us - engine.op_start_us[first]
+    busy: dict[str, int] = {}
+    for op, start, end in zip(schedule.ops[first:], engine.op_start_us[first:], engine.op_end_us[first:]):
+        busy[op.stream.value] = busy.get(op.stream.value, 0) + end - start
+    return {stream: value / span if span else 0.0 for stream, value in busy.items()}
 
 
 def _phase_peaks(run: Run) -> dict:
@@ -113,6 +133,18 @@ def _oom(run: Run) -> dict | None:
             "requested_bytes": oom.requested_bytes, "message": oom.message}
 
 
+def _allocator_fields(run: Run) -> dict:
+    """The caching allocator's counters (PyTorch's names where it has one); only the backend for `exact`."""
+    allocator, spec = run.allocator, run.scenario.allocator
+    fields = {"backend": spec.backend.value, "conf": spec.conf}
+    if hasattr(allocator, "num_alloc_retries"):
+        fields.update({"num_alloc_retries": allocator.num_alloc_retries,
+                       "num_alloc_retries_before_oom": allocator.retries_before_first_oom,
+                       "num_device_alloc": allocator.num_device_alloc, "segments_at_end": allocator.num_segments,
+                       "largest_free_block_at_peak_bytes": run.engine.largest_free_block_at_peak_bytes})
+    return fields
+
+
 def allocator_summary(run: Run) -> str:
     """One line on the allocator: backend, cudaMalloc retries (DeepSpeed's "cache flushes"), OOMs."""
     backend = run.scenario.allocator.backend.value
@@ -120,8 +152,13 @@ def allocator_summary(run: Run) -> str:
     if not hasattr(allocator, "num_alloc_retries"):
         return f"allocator  {backend}: live bytes only (no caching, no fragmentation)"
     conf = run.scenario.allocator.conf or "defaults"
-    return (f"allocator  {backend} ({conf}): {allocator.num_alloc_retries} cudaMalloc retries (cache flushes), "
-            f"{allocator.num_device_alloc} cudaMalloc calls, {allocator.num_segments} segments at the end")
+    before = allocator.retries_before_first_oom
+    retries = f"{allocator.num_alloc_retries} cudaMalloc retries (cache flushes" + \
+        (f", {before} before the first OOM)" if before is not None else ")")
+    largest = run.engine.largest_free_block_at_peak_bytes
+    return (f"allocator  {backend} ({conf}): {retries}, {allocator.num_device_alloc} cudaMalloc calls, "
+            f"{allocator.num_segments} segments at the end; largest free block at the peak "
+            f"{format_bytes(largest or 0)}")
 
 
 def format_summary(result: dict, allocator_line: str = "", host_bytes: int = 0) -> str:
@@ -150,7 +187,10 @@ def format_summary(result: dict, allocator_line: str = "", host_bytes: int = 0) 
     lines += [f"  {name:<20}{format_bytes(value):>14}" for name, value in result["breakdown_at_peak"].items()]
     lines += [f"  {'allocated':<20}{format_bytes(peak['allocated_bytes']):>14}",
               f"  {'reserved':<20}{format_bytes(peak['reserved_bytes']):>14}",
-              f"  {'non-PyTorch':<20}{format_bytes(peak['non_pytorch_bytes']):>14}",
+              f"  {'non-PyTorch':<20}{format_bytes(peak['non_pytorch_bytes']):>14}"
+              f"  (CUDA context {format_bytes(result['non_pytorch']['cuda_context_bytes'])}, NCCL "
+              f"{format_bytes(result['non_pytorch']['nccl_bytes'])} in {result['non_pytorch']['nccl_communicators']}"
+              f" communicators)",
               "", f"{'phase peaks':<22}{'allocated':>14}{'reserved':>14}"]
     for phase, values in result["phase_peaks"].items():
         lines.append(f"  {phase:<20}{format_bytes(values['allocated_bytes']):>14}"
@@ -165,7 +205,9 @@ def format_summary(result: dict, allocator_line: str = "", host_bytes: int = 0) 
                   f"reserved but unallocated ({100 * frag['ratio_at_peak']:.1f}% of reserved)"]
     if allocator_line:
         lines.append(allocator_line)
-    lines += ["", f"step time  {result['step_time_s']:.3f} s (first-order roofline), "
-                  f"{result['tokens_per_s']:.0f} tokens/s, MFU {100 * result['mfu']:.1f}%",
+    busy = ", ".join(f"{stream} {100 * share:.0f}%" for stream, share in result["stream_busy_share"].items())
+    lines += ["", f"step time  {result['step_time_s']:.3f} s, {result['tokens_per_s']:.0f} tokens/s, "
+                  f"MFU {100 * result['mfu']:.1f}% (roofline at measured efficiencies, NCCL cost model)",
+              f"busy       {busy} of the step",
               f"events     {result['events']}"]
     return "\n".join(lines)

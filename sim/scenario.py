@@ -278,6 +278,16 @@ class Allocator(Frozen):
     conf: str = ""
 
 
+class Nccl(Frozen):
+    """NCCL's own GPU memory (outside PyTorch's statistics, sim/parallel/nccl.py); None = NCCL's default."""
+
+    version: str | None = None  # default: the NCCL that the named torch's PyPI wheel pins
+    channels: PositiveCount | None = None  # NCCL_MIN/MAX_NCHANNELS; default 24 (8-GPU NVSwitch nodes)
+    buffsize_bytes: PositiveCount = 4194304  # NCCL_BUFFSIZE (src/include/device.h DEFAULT_BUFFSIZE 1 << 22)
+    nvls: bool | None = None  # NCCL_NVLS_ENABLE; default: on where NVLink SHARP exists (sm90, > 2 GPUs in a node)
+    communicators: Annotated[int, BeforeValidator(_whole_number), Field(ge=0)] | None = None  # default: as created
+
+
 class Simulation(Frozen):
     steps: PositiveCount = 2
 
@@ -299,6 +309,7 @@ class Scenario(Frozen):
     lora: Lora | None = None
     deepspeed: DeepSpeed | None = None
     allocator: Allocator = Allocator()
+    nccl: Nccl = Nccl()
     simulation: Simulation = Simulation()
     strategies: list[Strategy] = []
 
@@ -313,7 +324,8 @@ class Scenario(Frozen):
 
 
 _TOP_KEYS = {
-    "name", "model", "hardware", "software", "training", "lora", "deepspeed", "allocator", "simulation", "strategies",
+    "name", "model", "hardware", "software", "training", "lora", "deepspeed", "allocator", "nccl", "simulation",
+    "strategies",
 }
 
 

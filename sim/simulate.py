@@ -7,6 +7,7 @@ from sim.allocator import make_allocator
 from sim.cost import CostModel
 from sim.engine import Engine
 from sim.errors import ScenarioError
+from sim.parallel.nccl import nccl_buffer_bytes
 from sim.report import Run
 from sim.scenario import DType, Scenario
 from sim.schedule import build_schedule, compute_dtype, weights_dtype
@@ -55,10 +56,11 @@ def run_scenario(scenario: Scenario, repeat: bool = True) -> Run:
 def _run(scenario: Scenario, repeat: bool) -> Run:
     built = build_schedule(scenario, repeat)
     device = scenario.hardware.device
-    non_pytorch = device.cuda_context_bytes
+    nccl = nccl_buffer_bytes(scenario)
+    non_pytorch = device.cuda_context_bytes + nccl
     allocator = make_allocator(scenario.allocator, max(device.capacity_bytes - non_pytorch, 0),
                                device.capacity_bytes, scenario.software.version("torch"))
     cost = CostModel(device, compute_dtype(scenario) or weights_dtype(scenario) or DType.FLOAT32,
                      scenario.hardware.gpus_per_node, scenario.hardware.nodes)
     result = Engine(built.schedule, allocator, cost, repeat).run()
-    return Run(scenario, built, result, non_pytorch, allocator)
+    return Run(scenario, built, result, non_pytorch, allocator, nccl)

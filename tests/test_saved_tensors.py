@@ -95,14 +95,18 @@ def test_qwen1_keeps_bf16_log_probs() -> None:
     assert activation_bytes_after_forward(raw) == 2 * (2 * N * H) + 2 * N + IDS + NORM + loss
 
 
-def test_cublas_workspace_is_allocated_once_at_the_first_gemm() -> None:
+def test_cublas_workspace_is_allocated_once_per_thread_at_its_first_gemm() -> None:
     # torch's default CUBLAS_WORKSPACE_CONFIG on an A100 (compute capability 8.0): ":4096:2:16:8" =
-    # 2 × 4096 KiB + 8 × 16 KiB = 8,519,680 B, allocated by the first GEMM and kept for the process.
+    # 2 × 4096 KiB + 8 × 16 KiB = 8,519,680 B per (handle, stream), kept for the process. Handles are per thread:
+    # the forward's first GEMM (q_proj of layer 0) on the Python thread, the backward's first (lm_head's input
+    # gradient) on the autograd engine's thread.
     run = run_scenario(build_scenario(tiny_raw()))
     schedule, trace = run.schedule, run.engine.trace
-    ids = [b.buffer_id for b in schedule.buffers if b.name == "cublas_workspace"]
-    assert len(ids) == 1 and schedule.buffers[ids[0]].size_bytes == 8_519_680
-    events = [i for i in range(len(trace)) if int(trace.buffer_id[i]) == ids[0]]
-    assert len(events) == 1 and trace.delta_bytes[events[0]] > 0
-    first_gemm = schedule.ops[int(trace.op_index[events[0]])].name
-    assert first_gemm == "model.layers.0.self_attn.q_proj"
+    firsts = {}
+    for thread in ("main", "autograd"):
+        ids = [b.buffer_id for b in schedule.buffers if b.name == f"cublas_workspace[{thread} thread]"]
+        assert len(ids) == 1 and schedule.buffers[ids[0]].size_bytes == 8_519_680
+        events = [i for i in range(len(trace)) if int(trace.buffer_id[i]) == ids[0]]
+        assert len(events) == 1 and trace.delta_bytes[events[0]] > 0
+        firsts[thread] = schedule.ops[int(trace.op_index[events[0]])].name
+    assert firsts == {"main": "model.layers.0.self_attn.q_proj", "autograd": "lm_head.backward.input"}

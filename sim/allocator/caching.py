@@ -187,6 +187,7 @@ class CachingAllocator:
         self.oversize_allocations = 0
         self.oversize_segments = 0
         self.ooms: list[OomRecord] = []
+        self.retries_before_first_oom: int | None = None  # num_alloc_retries when the first OOM was recorded
         self.unlimited = False  # set by the first OOM: from then on a failed allocation over-commits
         self._forcing = False  # inside such an over-committing allocation
 
@@ -693,6 +694,7 @@ class CachingAllocator:
             if not self.unlimited:  # the first failure is the OOM the run reports
                 message = self.oom_message(alloc_size)
                 self.num_ooms += 1
+                self.retries_before_first_oom = self.num_alloc_retries
                 self.ooms.append(OomRecord(orig_size, alloc_size, self.allocated_bytes, self.reserved_bytes, message))
                 self._oom = OutOfMemory(orig_size, message)
                 self.unlimited = True

@@ -27,6 +27,8 @@ def _grad_for(tp: Tape, name: str, numel: int, dtype: DType, target: Tensor, flo
               kind: OpKind = OpKind.MEMORY) -> Tensor:
     """Allocate a gradient of `numel` elements; reduce it to `target`'s size when `target` was broadcast."""
     tp.op(name, flops=flops, bytes_moved=2 * numel * dtype.size_bytes, kind=kind)
+    if kind is OpKind.GEMM:
+        tp.first_gemm()
     grad = tp.empty(f"{name}.out", numel, dtype)
     if target.numel < numel:  # engine.cpp validate_outputs: at::sum_to the input's shape
         tp.op(f"{name}.sum_to", bytes_moved=numel * dtype.size_bytes)
@@ -429,6 +431,7 @@ def _linear_backward(tp: Tape, node: Node, grad: Tensor) -> list:
 def bmm(tp: Tape, name: str, a: Tensor, b: Tensor, out_numel: int, flops: float) -> Tensor:
     """torch.matmul of batched 4-D tensors (bmm on merged batch dims, views only for contiguous operands)."""
     tp.op(name, flops=flops, bytes_moved=(a.numel + b.numel + out_numel) * a.dtype.size_bytes, kind=OpKind.GEMM)
+    tp.first_gemm()
     out = tp.empty(f"{name}.out", out_numel, a.dtype)
     saved = ([b] if a.requires_grad else []) + ([a] if b.requires_grad else [])
     node = tp.record(name, [a, b], saved, _bmm_backward, flops=flops)

@@ -138,8 +138,8 @@ class Tape:
         self._waits: list[int] = []  # side ops the next compute op waits for
         self.grad_hook: Callable[[Param, Tensor], None] | None = None  # ZeRO takes param grads over
         self.post_grad_hook: Callable[[Param], None] | None = None  # runs after AccumulateGrad (DDP's reducer)
-        self.blas_workspace_bytes = 0  # cuBLAS workspace made at the first GEMM on the compute stream (0: none)
-        self._blas_workspace: Tensor | None = None
+        self.blas_workspace_bytes = 0  # cuBLAS workspace made at a thread's first GEMM on the stream (0: none)
+        self._blas_workspaces: dict[str, Tensor] = {}
 
     # ---- storages ---------------------------------------------------------------------------------------
     def new_storage(self, name: str, size_bytes: int, category: Category, persistent: bool = False) -> Storage:
@@ -203,12 +203,16 @@ class Tape:
             self._ops[self._compute].allocs.append(tensor.storage.buffer_id)
 
     def first_gemm(self) -> None:
-        """The first cuBLAS call on a stream allocates that handle's workspace through the caching allocator and
-        keeps it for the process (aten/src/ATen/cuda/CublasHandlePool.cpp getCurrentCUDABlasHandle)."""
-        if self.blas_workspace_bytes and self._blas_workspace is None:
-            self._blas_workspace = self.persistent_buffer("cublas_workspace", self.blas_workspace_bytes,
-                                                          DType.BOOL, Category.TEMPORARIES)
-            self.allocate_existing(self._blas_workspace)
+        """The first cuBLAS call of a handle on a stream allocates a workspace through the caching allocator and
+        keeps it for the process, one per (handle, stream) (aten/src/ATen/cuda/CublasHandlePool.cpp
+        getCurrentCUDABlasHandle). Handles are per thread: the forward runs on the Python thread, backward (and a
+        checkpointed layer's recompute) on the autograd engine's device thread, so training makes two."""
+        thread = "main" if self.phase in (Phase.FORWARD, Phase.OPTIMIZER) else "autograd"
+        if self.blas_workspace_bytes and thread not in self._blas_workspaces:
+            workspace = self.persistent_buffer(f"cublas_workspace[{thread} thread]", self.blas_workspace_bytes,
+                                               DType.BOOL, Category.TEMPORARIES)
+            self._blas_workspaces[thread] = workspace
+            self.allocate_existing(workspace)
 
     # ---- ops ----------------------------------------------------------------------------------------------
     def op(self, name: str, flops: float = 0.0, bytes_moved: int = 0, kind: OpKind = OpKind.MEMORY,
