@@ -31,6 +31,7 @@ def test_every_scenario_runs(scenario: Path, tmp_path: Path, capsys) -> None:
     assert set(result["phase_peaks"]) == {"forward", "backward", "optimizer"}
     assert sum(result["breakdown_at_peak"].values()) == result["peak"]["allocated_bytes"]
     assert result["fits"] == (result["peak"]["total_bytes"] <= result["hardware"]["capacity_bytes"])
+    assert 0 < result["mfu"] < 1 and result["step_time_s"] > 0
 
 
 def test_lora_scenario_parameters(tmp_path: Path, capsys) -> None:

@@ -107,9 +107,9 @@ def random_schedules(draw) -> tuple[Schedule, list[int]]:
     ops = []
     for index in range(count):
         deps = draw(st.lists(st.integers(1, index), max_size=3, unique=True)) if index else []
-        ops.append(op(f"o{index}", flops=draw(st.integers(0, 20)), deps=[-d for d in deps],
+        ops.append(op(f"o{index}", [index], [index], flops=draw(st.integers(0, 20)), deps=[-d for d in deps],
                       stream=draw(st.sampled_from(STREAMS))))
-    schedule = Schedule([], [], ops)
+    schedule = Schedule(buffers(*[1] * count), [], ops)
     return schedule, CostModel(DEVICE, DType.BFLOAT16).durations_us(ops)
 
 
@@ -120,6 +120,15 @@ def test_timeline_is_the_simpy_model(case) -> None:
     assert result.op_start_us == simpy_op_starts(schedule, durations)
     assert result.end_time_us == max(s + d for s, d in zip(result.op_start_us, durations))
     assert sum(result.busy_us.values()) == sum(durations)
+    # every op runs once, on its own stream: its buffer is allocated at its start and freed at its end, once
+    t = result.trace
+    events = sorted(zip(t.op_index.tolist(), t.delta_bytes.tolist(), t.time_us.tolist()))
+    expected = sorted((i, d, result.op_start_us[i] if d > 0 else result.op_end_us[i])
+                      for i in range(len(schedule.ops)) for d in (1, -1))
+    assert events == expected
+    for stream in STREAMS:  # and the ops of one stream never overlap
+        mine = [i for i, o in enumerate(schedule.ops) if o.stream is stream]
+        assert all(result.op_end_us[a] <= result.op_start_us[b] for a, b in zip(mine, mine[1:]))
 
 
 def test_same_time_events_keep_issue_order() -> None:

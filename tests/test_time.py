@@ -1,0 +1,137 @@
+"""The clock as a model of the machine: collectives against the compute they overlap, devices and topologies."""
+
+import math
+
+import numpy as np
+import pytest
+
+from sim.allocator import ExactAllocator
+from sim.cost import NCCL_BASE_LATENCY_US, CostModel
+from sim.engine import Engine
+from sim.ops import Buffer, Category, Op, OpKind, Phase, Schedule, Stream
+from sim.report import summarize
+from sim.scenario import DeviceSpec, DType, build_scenario
+from sim.simulate import run_scenario
+from tests.conftest import tiny_raw
+
+# bf16 at 1e6 FLOP/s (1 FLOP = 1 µs); NVLink 2e6 B/s both ways = 1e6 B/s per direction: 1 wire byte = 1 µs.
+TOY = DeviceSpec(name="toy", capacity_bytes=10**6, peak_flops={"bf16": 1e6}, hbm_bytes_per_s=1e12,
+                 intra_node_bytes_per_s=2e6)
+
+
+def overlap_log(wire_bytes: int) -> tuple[list[int], list[int]]:
+    """An all-gather of `wire_bytes` (2 ranks) beside a 50 µs compute op; the consumer needs both."""
+    ops = [
+        Op("gather", Stream.ALLGATHER, Phase.FORWARD, None, (0,), (), 0.0, 0, (), wire_bytes, OpKind.ALL_GATHER),
+        Op("compute", Stream.COMPUTE, Phase.FORWARD, None, (1,), (1,), 50.0, 0, (), 0, OpKind.GEMM),
+        Op("use", Stream.COMPUTE, Phase.FORWARD, None, (), (0,), 10.0, 0, (-2,), 0, OpKind.GEMM),
+    ]
+    schedule = Schedule([Buffer(0, "gathered", 100, Category.PARAMETERS),
+                         Buffer(1, "act", 10, Category.ACTIVATIONS)], [], ops)
+    result = Engine(schedule, ExactAllocator(10**6), CostModel(TOY, DType.BFLOAT16, gpus_per_node=2)).run()
+    t = result.trace
+    return result.op_start_us, [int(x) for x, b in zip(t.time_us, t.buffer_id) if b == 0]
+
+
+def test_a_slower_collective_delays_the_consumer_and_extends_its_buffer_by_the_difference() -> None:
+    # The all-gather takes 8.4 µs (NCCL base latency) + wire µs, rounded up: 20 B -> 29 µs < 50 µs of compute;
+    # 80 B -> 89 µs, 39 µs more than the compute. The consumer starts at max(50, gather) and frees the buffer
+    # 10 µs later; the gathered buffer is allocated at 0 in both cases.
+    fast_starts, fast_life = overlap_log(20)
+    slow_starts, slow_life = overlap_log(80)
+    assert math.ceil(NCCL_BASE_LATENCY_US + 20) == 29 and math.ceil(NCCL_BASE_LATENCY_US + 80) == 89
+    assert fast_starts == [0, 0, 50] and fast_life == [0, 60]
+    assert slow_starts == [0, 0, 89] and slow_life == [0, 99]
+    assert (slow_life[1] - slow_life[0]) - (fast_life[1] - fast_life[0]) == 89 - 50
+
+
+def test_collective_cost_follows_nccl_ring_and_tree() -> None:
+    # 8 ranks on one node: ring all-gather = base + 7 steps × intra latency + wire / bus bandwidth.
+    device = TOY.model_copy(update={"intra_node_latency_us": 2.0, "inter_node_latency_us": 10.0,
+                                    "inter_node_bytes_per_s": 1e5})
+    one_node = CostModel(device, DType.BFLOAT16, gpus_per_node=8, nodes=1)
+    assert one_node.collective_latency_us(OpKind.ALL_GATHER) == pytest.approx(8.4 + 7 * 2.0)
+    assert one_node.collective_latency_us(OpKind.ALL_REDUCE) == pytest.approx(8.4 + 14 * 2.0)
+    # 4 nodes × 8: the ring crosses the network 3 times (all-gather) or 2·4 times (all-reduce); an all-reduce
+    # takes the tree when faster: 2 × (7 × 2 + log2(4) × 10) = 68 µs against 54 × 2 + 8 × 10 = 188 µs.
+    four_nodes = CostModel(device, DType.BFLOAT16, gpus_per_node=8, nodes=4)
+    assert four_nodes.collective_latency_us(OpKind.ALL_GATHER) == pytest.approx(8.4 + 28 * 2.0 + 3 * 10.0)
+    assert four_nodes.collective_latency_us(OpKind.ALL_REDUCE) == pytest.approx(8.4 + 68.0)
+    # the slowest link sets the bandwidth: the NIC's 1e5 B/s instead of NVLink's 1e6 B/s per direction
+    gather = Op("g", Stream.ALLGATHER, Phase.FORWARD, None, wire_bytes=10**5, kind=OpKind.ALL_GATHER)
+    assert one_node.durations_us([gather]) == [math.ceil(8.4 + 14 + 10**5)]
+    assert four_nodes.durations_us([gather]) == [math.ceil(8.4 + 86 + 10**6)]
+
+
+def test_kernels_run_at_their_units_achievable_rates() -> None:
+    # A100 bf16: GEMMs at 0.869 × 312 TFLOP/s, FA2 at 0.575 × 312, elementwise at the fp32 19.5 TFLOP/s or the
+    # HBM at 0.834 × 2039 GB/s, whichever is slower.
+    a100 = build_scenario(small_zero3("a100-sxm4-80gb")).hardware.device
+    cost = CostModel(a100, DType.BFLOAT16)
+    gemm = Op("mm", Stream.COMPUTE, Phase.FORWARD, None, flops=0.869 * 312e12 * 1e-3, kind=OpKind.GEMM)
+    attention = Op("fa", Stream.COMPUTE, Phase.FORWARD, None, flops=0.575 * 312e12 * 1e-3, kind=OpKind.ATTENTION)
+    copy = Op("copy", Stream.COMPUTE, Phase.FORWARD, None, flops=1e6, bytes_moved=int(0.834 * 2039e9 * 1e-3))
+    assert cost.durations_us([gemm, attention, copy]) == [1000, 1000, 1000]
+
+
+def small_zero3(device: str, nodes: int = 1) -> dict:
+    raw = tiny_raw(seq_len=256, gradient_accumulation_steps=2)
+    raw["model"].update({"hidden_size": 1024, "intermediate_size": 2816, "num_attention_heads": 16,
+                         "num_key_value_heads": 16, "vocab_size": 32000})
+    raw["hardware"] = {"device": device, "gpus_per_node": 8, "nodes": nodes}
+    raw["allocator"] = {"backend": "caching"}
+    raw["deepspeed"] = {"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 10**6}}
+    raw["simulation"]["steps"] = 2
+    return raw
+
+
+def gathered_lifetime_us(run) -> int:
+    """Total time gathered parameters stay allocated (allocation to free), over the run."""
+    trace, names = run.engine.trace, run.schedule.buffers
+    born: dict[int, int] = {}
+    total = 0
+    for time, buffer_id, delta in zip(trace.time_us.tolist(), trace.buffer_id.tolist(), trace.delta_bytes.tolist()):
+        if not names[buffer_id].name.endswith(".gathered"):
+            continue
+        if delta > 0:
+            born[buffer_id] = time
+        else:
+            total += time - born.pop(buffer_id)
+    return total
+
+
+def test_a800_against_a100_same_states_slower_step_longer_gathers() -> None:
+    # The A800 is an A100 with 8 NVLink links instead of 12 (400 vs 600 GB/s): same model states, and every
+    # collective slower, so the step and the time gathered parameters stay alive can only grow.
+    a800, a100 = (run_scenario(build_scenario(small_zero3(d))) for d in ("a800-sxm4-80gb", "a100-sxm4-80gb"))
+    r800, r100 = summarize(a800), summarize(a100)
+    assert r800["model_states_bytes"] == r100["model_states_bytes"]
+    assert r800["step_time_s"] >= r100["step_time_s"]
+    assert gathered_lifetime_us(a800) >= gathered_lifetime_us(a100)
+    gathers = [i for i, op in enumerate(a800.schedule.ops) if op.kind is OpKind.ALL_GATHER]
+    slower = [(a800.engine.op_end_us[i] - a800.engine.op_start_us[i]) - (a100.engine.op_end_us[i] -
+                                                                          a100.engine.op_start_us[i]) for i in gathers]
+    assert min(slower) >= 0 and max(slower) > 0  # latency-bound small gathers take the same time on both
+
+
+def test_across_four_nodes_the_network_dominates_the_all_gather() -> None:
+    # 32 GPUs: the ring's bandwidth is the NIC's 25 GB/s × 0.96 against NVLink's 300 GB/s × 0.772 in a node.
+    run = run_scenario(build_scenario(small_zero3("a100-sxm4-80gb", nodes=4)))
+    cost = CostModel(run.scenario.hardware.device, DType.BFLOAT16, 8, 4)
+    assert cost.bus_bytes_per_s == pytest.approx(25e9 * 0.96)
+    gathers = [i for i, op in enumerate(run.schedule.ops) if op.kind is OpKind.ALL_GATHER]
+    total_us = sum(run.engine.op_end_us[i] - run.engine.op_start_us[i] for i in gathers)
+    wire = sum(run.schedule.ops[i].wire_bytes for i in gathers)
+    network_us = wire / cost.inter_bus_bytes_per_s * 1e6
+    assert network_us >= 0.5 * total_us  # the NIC's wire time is most of it (the rest: latency of small ones)
+    assert network_us > 5 * wire / cost.intra_bus_bytes_per_s * 1e6
+
+
+def test_throughput_identities_on_the_headline_settings() -> None:
+    result = summarize(run_scenario(build_scenario(small_zero3("a800-sxm4-80gb"))))
+    tokens = 2 * 256 * 2 * 8  # micro-batch × seq × accumulation × GPUs
+    assert result["tokens_per_s"] * result["step_time_s"] == pytest.approx(tokens)
+    assert 0 < result["mfu"] < 1
+    shares = result["stream_busy_share"]
+    assert set(shares) == {"compute", "allgather", "reduce"} and all(0 < v <= 1 for v in shares.values())
+    assert np.isclose(max(shares.values()), shares["compute"])
