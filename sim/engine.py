@@ -17,6 +17,9 @@ from sim.cost import CostModel
 from sim.ops import Phase, Schedule, Stream
 from sim.trace import Trace
 
+STREAMS = tuple(Stream)
+_STREAM_CODE = {id(stream): code for code, stream in enumerate(STREAMS)}  # by identity: hashing an Enum is slow
+
 
 @dataclass(frozen=True, slots=True)
 class OomEvent:
@@ -58,11 +61,16 @@ class Engine:
         self.repeat = repeat
         self.allocator = allocator
         self._sizes = schedule.buffer_sizes()
-        self._durations = cost.durations_us(schedule.ops)
+        self._sources = schedule.sources()
+        distinct = np.unique(self._sources)
+        by_position = np.zeros(len(schedule.ops), dtype=np.int64)
+        by_position[distinct] = cost.durations_us([schedule.ops[i] for i in distinct.tolist()])
+        self._durations = by_position[self._sources]
+        self._stream_code = schedule.op_column(lambda op: _STREAM_CODE[id(op.stream)])
 
     def run(self) -> EngineResult:
         """Timeline, then events in time order (persistent buffers at t=0 first), then the allocator."""
-        starts, ends, busy = self._timeline()
+        starts, ends = self._timeline()
         events = self._events(starts, ends)
         allocated, reserved, oom, repeated, largest = self._drive_allocator(events)
         is_free = events.signed_id < 0
@@ -70,80 +78,79 @@ class Engine:
         categories = np.asarray(self.schedule.buffer_categories(), dtype=np.int8)
         trace = Trace(events.time_us, events.op_index, ids, np.where(is_free, -events.size_bytes, events.size_bytes),
                       categories[ids], allocated, reserved)
+        busy_by_code = np.bincount(self._stream_code, weights=self._durations, minlength=len(STREAMS))
+        busy = {stream: int(busy_by_code[code]) for code, stream in enumerate(STREAMS)
+                if (self._stream_code == code).any()}
         end = max(ends) if ends else 0
         return EngineResult(trace, starts, ends, end, oom, busy, repeated, largest)
 
-    def _timeline(self) -> tuple[list[int], list[int], dict[Stream, int]]:
-        """Start and end (µs) of every op, and each stream's busy time: in issue order, an op starts at the later
-        of its stream's previous end and the ends of the ops it depends on (deps: relative offsets, earlier ops)."""
-        ops, durations = self.schedule.ops, self._durations
+    def _timeline(self) -> tuple[list[int], list[int]]:
+        """Start and end (µs) of every op: in issue order, an op starts at the later of its stream's previous end
+        and the ends of the ops it depends on (deps: relative offsets to earlier ops)."""
+        ops = self.schedule.ops
         starts = [0] * len(ops)
         ends = [0] * len(ops)
-        ready_by_id: dict[int, int] = {}  # by identity: hashing an Enum is slow
-        busy_by_id: dict[int, int] = {}
-        for index, op in enumerate(ops):
-            key = id(op.stream)
-            start = ready_by_id.get(key, 0)
-            busy_by_id[key] = busy_by_id.get(key, 0) + durations[index]
+        ready = [0] * len(STREAMS)
+        for index, (op, code, duration) in enumerate(zip(ops, self._stream_code.tolist(), self._durations.tolist())):
+            start = ready[code]
             if op.deps:
                 for d in op.deps:
                     dep_end = ends[index + d]
                     if dep_end > start:
                         start = dep_end
             starts[index] = start
-            ready_by_id[key] = ends[index] = start + durations[index]
-        busy = {stream: busy_by_id[id(stream)] for stream in Stream if id(stream) in busy_by_id}
-        return starts, ends, busy
+            ready[code] = ends[index] = start + duration
+        return starts, ends
 
     def _events(self, starts: list[int], ends: list[int]) -> _Events:
         """Allocations at each op's start and frees at its end, stably sorted by time: at equal times events
-        keep issue order (an op's allocations before its frees, an earlier op's events first)."""
-        ops, persistent = self.schedule.ops, self.schedule.persistent
-        ids: list[int] = list(persistent)
-        counts: list[int] = []  # per op: number of allocations, then number of frees
-        extend, append = ids.extend, counts.append
-        for op in ops:
-            extend(op.allocs)
-            extend(op.frees)
-            append(len(op.allocs))
-            append(len(op.frees))
-        per_half = np.asarray(counts, dtype=np.int64)
-        n_ops, n_persistent = len(ops), len(persistent)
-        half = np.concatenate([np.full(n_persistent, -1, dtype=np.int64),
-                               np.repeat(np.arange(2 * n_ops, dtype=np.int64), per_half)])  # 2·op + is_free
-        op_index = half >> 1
-        is_free = (half >= 0) & (half & 1).astype(bool)
-        raw = np.asarray(ids, dtype=np.int64)
+        keep issue order (an op's allocations before its frees, an earlier op's events first). The ids of each
+        distinct op are flattened once and gathered for every op that repeats it."""
+        ops, persistent, sources = self.schedule.ops, self.schedule.persistent, self._sources
+        distinct = np.unique(sources).tolist()
+        flat: list[int] = []
+        flat_free: list[bool] = []
+        offset = np.zeros(len(ops), dtype=np.int64)
+        count = np.zeros(len(ops), dtype=np.int64)
+        for position in distinct:
+            op = ops[position]
+            offset[position] = len(flat)
+            count[position] = len(op.allocs) + len(op.frees)
+            flat.extend(op.allocs)
+            flat.extend(op.frees)
+            flat_free.extend([False] * len(op.allocs) + [True] * len(op.frees))
+        lengths = count[sources]
+        total = int(lengths.sum())
+        first = np.cumsum(lengths) - lengths  # each op's first event among all
+        gather = np.repeat(offset[sources] - first, lengths) + np.arange(total, dtype=np.int64)
+        op_index = np.repeat(np.arange(len(ops), dtype=np.int64), lengths)
+        raw = np.asarray(flat, dtype=np.int64)[gather] if total else np.zeros(0, dtype=np.int64)
+        is_free = np.asarray(flat_free, dtype=bool)[gather] if total else np.zeros(0, dtype=bool)
         self._move_replica_ids(raw, op_index, is_free)
-        times = np.concatenate([np.zeros(n_persistent, dtype=np.int64),
-                                np.stack([np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64)],
-                                         axis=1).ravel()[half[n_persistent:]]])
+        times = np.where(is_free, np.asarray(ends, dtype=np.int64)[op_index],
+                         np.asarray(starts, dtype=np.int64)[op_index]) if total else np.zeros(0, dtype=np.int64)
+        n_persistent = len(persistent)
+        times = np.concatenate([np.zeros(n_persistent, dtype=np.int64), times])
+        op_index = np.concatenate([np.full(n_persistent, -1, dtype=np.int64), op_index])
+        raw = np.concatenate([np.asarray(persistent, dtype=np.int64), raw])
+        is_free = np.concatenate([np.zeros(n_persistent, dtype=bool), is_free])
         order = np.argsort(times, kind="stable")
         raw, op_index, is_free = raw[order], op_index[order], is_free[order]
         sizes = np.asarray(self._sizes, dtype=np.int64)[raw]
-        streams = [op.stream for op in ops]
-        streams.append(Stream.COMPUTE)  # index -1: persistent buffers
-        stream = [streams[i] for i in op_index.tolist()]
+        codes = np.append(self._stream_code, _STREAM_CODE[id(Stream.COMPUTE)])[op_index]  # -1: persistent
+        stream = [STREAMS[c] for c in codes.tolist()]
         return _Events(times[order], op_index, np.where(is_free, ~raw, raw), sizes, stream)
 
     def _move_replica_ids(self, ids: np.ndarray, op_index: np.ndarray, is_free: np.ndarray) -> None:
-        """Ops of a periodic repetition carry the template's buffer ids; move them (ReplicaSpan) in place."""
-        spans = self.schedule.op_span
-        if spans is None:
-            return
-        distinct = {id(span): span for span in spans if span is not None}
-        number = {key: n for n, key in enumerate(distinct)}
-        number[id(None)] = -1
-        span_of_op = np.fromiter((number[id(span)] for span in spans), dtype=np.int64, count=len(spans))
-        span_of_event = np.append(span_of_op, -1)[op_index]  # index -1: persistent buffers, no span
-        for n, span in enumerate(distinct.values()):
-            where = np.nonzero(span_of_event == n)[0]
-            moved = ids[where]
-            inside = (~is_free[where]) | ((moved >= span.low) & (moved < span.high))
+        """Ops of a periodic repetition carry the template's buffer ids; move them (ReplicaSpan) in place: every
+        allocation and every free inside [low, high) by the shift, other frees through the entry map."""
+        for first_op, end_op, span in self.schedule.moved_spans:
+            lo, hi = np.searchsorted(op_index, [first_op, end_op])  # events are still in op order here
+            moved = ids[lo:hi]
+            inside = (~is_free[lo:hi]) | ((moved >= span.low) & (moved < span.high))
             moved[inside] += span.shift
             outside = np.nonzero(~inside)[0]
             moved[outside] = [span.entry[b] for b in moved[outside].tolist()]
-            ids[where] = moved
 
     def _drive_allocator(self, events: _Events) -> tuple[np.ndarray, np.ndarray, OomEvent | None, int, int | None]:
         """allocated and reserved bytes after each event, the first OOM, how many events were repeated, and the
@@ -187,8 +194,7 @@ class _StepwiseDriver:
         if not schedule.op_step or not self.n:
             return [(0, self.n)]
         op_index = self.events.op_index
-        optimizer = np.fromiter((op.phase is Phase.OPTIMIZER for op in schedule.ops), dtype=np.int64,
-                                count=len(schedule.ops))
+        optimizer = schedule.op_column(lambda op: op.phase is Phase.OPTIMIZER)
         group = (np.asarray(schedule.op_step, dtype=np.int64) << 32) + (np.asarray(schedule.op_micro_batch) << 1) \
             + optimizer
         event_group = np.where(op_index < 0, -1, group[np.maximum(op_index, 0)])

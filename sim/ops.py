@@ -4,6 +4,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import NamedTuple
 
+import numpy as np
+
 
 class Category(Enum):
     """What a buffer is, as reported in `breakdown_at_peak` (design.md §4)."""
@@ -114,14 +116,6 @@ class ReplicaSpan:
     high: int
     entry: dict
 
-    def alloc_ids(self, ids: tuple[int, ...]) -> list[int]:
-        shift = self.shift
-        return [b + shift for b in ids]
-
-    def free_ids(self, ids: tuple[int, ...]) -> list[int]:
-        shift, low, high, entry = self.shift, self.low, self.high, self.entry
-        return [b + shift if low <= b < high else entry[b] for b in ids]
-
 
 @dataclass(slots=True)
 class Schedule:
@@ -136,7 +130,24 @@ class Schedule:
     ops: list[Op] = field(default_factory=list)
     op_step: list[int] = field(default_factory=list)
     op_micro_batch: list[int] = field(default_factory=list)
-    op_span: "list[ReplicaSpan | None] | None" = None  # per op: how its buffer ids are moved, if at all
+    moved_spans: "list[tuple[int, int, ReplicaSpan]]" = field(default_factory=list)  # [first op, end op): moved ids
+    op_source: "list[int] | None" = None  # per op: index of the first op with the same Op object (None: itself)
+
+    def sources(self) -> np.ndarray:
+        """`op_source` as an array (each op its own source when None)."""
+        if self.op_source is None:
+            return np.arange(len(self.ops), dtype=np.int64)
+        return np.asarray(self.op_source, dtype=np.int64)
+
+    def op_column(self, value, dtype=np.int64) -> np.ndarray:
+        """value(op) for every op, evaluated once per distinct Op object: repeated spans share them, and a run
+        has a few times more ops than distinct ones."""
+        sources = self.sources()
+        distinct = np.unique(sources)
+        by_position = np.zeros(len(self.ops), dtype=dtype)
+        ops = self.ops
+        by_position[distinct] = [value(ops[i]) for i in distinct.tolist()]
+        return by_position[sources]
 
     def buffer_sizes(self) -> list[int]:
         if isinstance(self.buffers, BufferTable):

@@ -453,10 +453,12 @@ class Tape:
                               [index_of[s.category] for s in storages], [s.row for s in self._buffer_source])
         persistent = [i for i, s in enumerate(self._buffer_source) if s.persistent and not s.lazy]
         frozen: dict[int, Op] = {}
+        position: dict[int, int] = {}  # draft index -> its position in ops
+        sources: list[int] = []
         ops: list[Op] = []
         steps: list[int] = []
         micros: list[int] = []
-        spans: list[ReplicaSpan | None] = []
+        spans: list[tuple[int, int, ReplicaSpan]] = []
         for index, entry in enumerate(self._ops):
             if isinstance(entry, _OpDraft):
                 own = self._final_of[index]
@@ -465,16 +467,19 @@ class Tape:
                                tuple(d - own for d in entry.deps) if entry.deps else (),  # relative
                                entry.wire_bytes, entry.kind))
                 frozen[index] = op
+                position[index] = len(ops)
+                sources.append(len(ops))
                 ops.append(op)
                 steps.append(entry.step)
                 micros.append(entry.micro_batch)
-                spans.append(None)
                 continue
             count = entry.end - entry.start
             ops.extend(frozen[i] for i in range(entry.start, entry.end))
+            first = position[entry.start]  # a repeated span's drafts are consecutive, in ops as in _ops
+            sources.extend(range(first, first + count))
             steps.extend([entry.step] * count)
             micros.extend([entry.micro_batch] * count)
-            span = None if isinstance(entry, _Replica) else \
-                ReplicaSpan(entry.moved, entry.low, entry.high, entry.entry)
-            spans.extend([span] * count)
-        return Schedule(buffers, persistent, ops, steps, micros, spans if any(spans) else None)
+            if isinstance(entry, _Remapped):
+                spans.append((len(ops) - count, len(ops), ReplicaSpan(entry.moved, entry.low, entry.high,
+                                                                      entry.entry)))
+        return Schedule(buffers, persistent, ops, steps, micros, spans, sources)
