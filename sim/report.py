@@ -6,7 +6,7 @@ import numpy as np
 
 from sim.engine import EngineResult
 from sim.parallel.nccl import communicators
-from sim.ops import Phase, Schedule
+from sim.ops import Phase, Schedule, Stream
 from sim.scenario import Scenario
 from sim.schedule import BuiltSchedule
 from sim.units import format_bytes, format_count, us_to_seconds
@@ -102,22 +102,25 @@ def stream_busy_share(run: Run) -> dict[str, float]:
     schedule, engine = run.schedule, run.engine
     if not schedule.ops:
         return {}
+    streams = list(Stream)
+    codes = schedule.op_column(lambda op: streams.index(op.stream))
     steps = np.asarray(schedule.op_step)
     first = int(np.searchsorted(steps, steps[-1]))
     span = engine.end_time_us - engine.op_start_us[first]
-    busy: dict[str, int] = {}
-    for op, start, end in zip(schedule.ops[first:], engine.op_start_us[first:], engine.op_end_us[first:]):
-        busy[op.stream.value] = busy.get(op.stream.value, 0) + end - start
-    return {stream: value / span if span else 0.0 for stream, value in busy.items()}
+    durations = np.asarray(engine.op_end_us[first:]) - np.asarray(engine.op_start_us[first:])
+    busy = np.bincount(codes[first:], weights=durations, minlength=len(streams))
+    used = set(codes[first:].tolist())
+    return {s.value: float(busy[i]) / span if span else 0.0 for i, s in enumerate(streams) if i in used}
 
 
 def _phase_peaks(run: Run) -> dict:
     trace = run.engine.trace
-    phase_of_op = np.array([op.phase._value_ for op in run.schedule.ops] + ["init"], dtype=object)
-    event_phase = phase_of_op[trace.op_index]  # op_index -1 picks "init"
+    phases_in_order = list(Phase)
+    phase_of_op = np.append(run.schedule.op_column(lambda op: phases_in_order.index(op.phase)), -1)
+    event_phase = phase_of_op[trace.op_index]  # op_index -1 picks -1: allocations before the first op
     out = {}
     for group, phases in PHASE_GROUPS.items():
-        selected = np.isin(event_phase, [p.value for p in phases])
+        selected = np.isin(event_phase, [phases_in_order.index(p) for p in phases])
         out[group] = {
             "allocated_bytes": int(trace.allocated_bytes[selected].max()) if selected.any() else 0,
             "reserved_bytes": int(trace.reserved_bytes[selected].max()) if selected.any() else 0,
