@@ -140,6 +140,7 @@ class Tape:
         self.post_grad_hook: Callable[[Param], None] | None = None  # runs after AccumulateGrad (DDP's reducer)
         self.blas_workspace_bytes = 0  # cuBLAS workspace made at a thread's first GEMM on the stream (0: none)
         self._blas_workspaces: dict[str, Tensor] = {}
+        self._template: tuple | None = None  # ((start, end), allocated ids, freed ids) of the last replicated span
 
     # ---- storages ---------------------------------------------------------------------------------------
     def new_storage(self, name: str, size_bytes: int, category: Category, persistent: bool = False) -> Storage:
@@ -392,11 +393,12 @@ class Tape:
         micro-batches) frees, on entry, buffers that its previous instance left alive under the same names:
         it is repeated with fresh ids, the entry frees pointing at the previous instance's buffers.
         """
-        drafts = self._ops[start:end]
-        if not all(isinstance(d, _OpDraft) for d in drafts):
-            return False
-        allocated = {b for d in drafts for b in d.allocs}
-        freed = {b for d in drafts for b in d.frees}
+        if self._template is None or self._template[0] != (start, end):  # the same template repeats many times
+            drafts = self._ops[start:end]
+            if not all(isinstance(d, _OpDraft) for d in drafts):
+                return False
+            self._template = ((start, end), {b for d in drafts for b in d.allocs}, {b for d in drafts for b in d.frees})
+        _, allocated, freed = self._template
         if allocated == freed:
             self._append_replica(_Replica(start, end, step, micro_batch), end - start)
             return True
@@ -452,7 +454,6 @@ class Tape:
         buffers = BufferTable([s.name for s in storages], [s.size_bytes for s in storages],
                               [index_of[s.category] for s in storages], [s.row for s in self._buffer_source])
         persistent = [i for i, s in enumerate(self._buffer_source) if s.persistent and not s.lazy]
-        frozen: dict[int, Op] = {}
         position: dict[int, int] = {}  # draft index -> its position in ops
         sources: list[int] = []
         ops: list[Op] = []
@@ -466,7 +467,6 @@ class Tape:
                                tuple(entry.frees), entry.flops, entry.bytes_moved,
                                tuple(d - own for d in entry.deps) if entry.deps else (),  # relative
                                entry.wire_bytes, entry.kind))
-                frozen[index] = op
                 position[index] = len(ops)
                 sources.append(len(ops))
                 ops.append(op)
@@ -474,8 +474,8 @@ class Tape:
                 micros.append(entry.micro_batch)
                 continue
             count = entry.end - entry.start
-            ops.extend(frozen[i] for i in range(entry.start, entry.end))
             first = position[entry.start]  # a repeated span's drafts are consecutive, in ops as in _ops
+            ops.extend(ops[first:first + count])
             sources.extend(range(first, first + count))
             steps.extend([entry.step] * count)
             micros.extend([entry.micro_batch] * count)
