@@ -200,3 +200,41 @@ def test_cpu_offload_moves_model_states_to_the_host() -> None:
     assert states.host_bytes == 2 * partitions + 16 * partitions
     gpu = summarize(run_scenario(build_scenario(raw)))["peak"]["allocated_bytes"]
     assert gpu < summarize(run_scenario(build_scenario(zero_raw(2))))["peak"]["allocated_bytes"]
+
+
+@given(st.sampled_from([0, 2048, 4096, 20000]), st.sampled_from([8192, 30000, 10**9]))
+def test_prefetch_never_exceeds_its_budget(prefetch: int, max_live: int) -> None:
+    # fetch_sub_module's prefetch loop adds parameters while the elements chosen so far are below
+    # min(max_live_parameters - available, prefetch_bucket_size): only the last one may cross the budget.
+    from sim.parallel.zero3 import Zero3
+
+    budgets, choices, inside = [], [], []
+    original_prefetch, original_gather = Zero3._prefetch, Zero3._all_gather
+
+    def prefetch_spy(self, params):
+        budgets.append(min(self.config.stage3_max_live_parameters - self.available_numel,
+                           self.config.stage3_prefetch_bucket_size))
+        inside.append(True)
+        try:
+            original_prefetch(self, params)
+        finally:
+            inside.pop()
+
+    def gather_spy(self, params):
+        if inside:
+            choices.append((budgets[-1], [p.tensor.numel for p in params]))
+        original_gather(self, params)
+
+    raw = zero_raw(2, stage3_prefetch_bucket_size=prefetch, stage3_max_live_parameters=max_live)
+    Zero3._prefetch, Zero3._all_gather = prefetch_spy, gather_spy
+    try:
+        run_scenario(build_scenario(raw))
+    finally:
+        Zero3._prefetch, Zero3._all_gather = original_prefetch, original_gather
+    assert budgets  # the trace completed and prefetching was considered
+    for budget, numels in choices:
+        assert sum(numels[:-1]) < budget
+    if prefetch == 0:
+        assert choices == []
+    if prefetch >= 4096 and max_live == 10**9:  # a 64×64 weight fits the bucket: something is prefetched
+        assert choices
