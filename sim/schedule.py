@@ -111,11 +111,25 @@ def cublas_workspace_bytes(scenario: Scenario) -> int:
     return 8 * 4096 * 1024 if hopper else 2 * 4096 * 1024 + 8 * 16 * 1024
 
 
+def cublaslt_workspace(scenario: Scenario) -> tuple[int, bool]:
+    """(bytes, kept per thread) of the cuBLASLt workspace a bias linear (addmm → gemm_and_bias) uses; none on a
+    host, and none under ZeRO-3, whose linear (deepspeed/runtime/zero/linear.py) runs matmul then adds the bias.
+    CUBLASLT_WORKSPACE_SIZE defaults to 1024 KiB (pytorch#101145); allocated per call through the caching
+    allocator before torch 2.8, kept per (handle, stream) from 2.8 (pytorch#156495), and from 2.10 cuBLASLt
+    shares the cuBLAS workspace by default (pytorch#168175)."""
+    zero3 = scenario.deepspeed is not None and scenario.deepspeed.zero_optimization.stage == 3
+    torch = scenario.software.version("torch")
+    if on_host(scenario) or zero3 or torch >= (2, 10, 0):
+        return 0, False
+    return 1024 * 1024, torch >= (2, 8, 0)
+
+
 def build_schedule(scenario: Scenario, repeat: bool = True) -> BuiltSchedule:
     """The ops of one rank. `repeat=False` builds every micro-batch op by op instead of repeating identical
     ones (same schedule, slower: for tests)."""
     tape = Tape()
     tape.blas_workspace_bytes = cublas_workspace_bytes(scenario)
+    tape.lt_workspace_bytes, tape.lt_workspace_persistent = cublaslt_workspace(scenario)
     training = scenario.training
     ctx = _context(scenario, tape)
     zero = scenario.deepspeed.zero_optimization if scenario.deepspeed is not None else None

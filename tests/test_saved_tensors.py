@@ -110,3 +110,26 @@ def test_cublas_workspace_is_allocated_once_per_thread_at_its_first_gemm() -> No
         assert len(events) == 1 and trace.delta_bytes[events[0]] > 0
         firsts[thread] = schedule.ops[int(trace.op_index[events[0]])].name
     assert firsts == {"main": "model.layers.0.self_attn.q_proj", "autograd": "lm_head.backward.input"}
+
+
+def test_cublaslt_workspace_of_bias_linears() -> None:
+    # Qwen2's q/k/v projections have a bias: F.linear → addmm → cuBLASLt gemm_and_bias, whose 1 MiB workspace
+    # (CUBLASLT_WORKSPACE_SIZE 1024 KiB) torch 2.2 allocates for the call and frees after it: 3 per layer × 2
+    # layers in the forward, inside the linear's own op.
+    run = run_scenario(build_scenario(tiny_raw()))
+    schedule, trace = run.schedule, run.engine.trace
+    events = [(int(trace.op_index[i]), int(trace.delta_bytes[i])) for i in range(len(trace))
+              if schedule.buffers[int(trace.buffer_id[i])].name == "cublaslt_workspace"]
+    ops = [schedule.ops[op].name for op, delta in events if delta > 0]
+    assert ops == [f"model.layers.{layer}.self_attn.{m}_proj" for layer in range(2) for m in "qkv"]
+    assert all(delta == 1 << 20 for _, delta in events[::2]) and [op for op, _ in events[::2]] == \
+        [op for op, _ in events[1::2]]
+    # torch 2.8 keeps one per (handle, stream); under ZeRO-3 DeepSpeed's linear adds the bias itself (no cuBLASLt)
+    raw = tiny_raw()
+    raw["software"]["torch"] = "2.8.0"
+    kept = run_scenario(build_scenario(raw)).schedule
+    assert [b.name for b in kept.buffers if b.name.startswith("cublaslt")] == ["cublaslt_workspace[main thread]"]
+    raw = tiny_raw()
+    raw["hardware"]["gpus_per_node"] = 2
+    raw["deepspeed"] = {"zero_optimization": {"stage": 3}}
+    assert not [b for b in run_scenario(build_scenario(raw)).schedule.buffers if b.name.startswith("cublaslt")]

@@ -403,6 +403,8 @@ def linear(tp: Tape, name: str, x: Tensor, w: Param | Tensor, in_features: int, 
     tp.op(name, flops=2.0 * tokens * in_features * out_features,
           bytes_moved=(x.numel + w_t.numel + tokens * out_features) * x.dtype.size_bytes, kind=OpKind.GEMM)
     tp.first_gemm()
+    if bias is not None:
+        tp.cublaslt_gemm()
     out = tp.empty(f"{name}.out", tokens * out_features, x.dtype)
     b_t = bias
     saved = ([x] if w_t.requires_grad else []) + ([w_t] if x.requires_grad else [])

@@ -140,6 +140,8 @@ class Tape:
         self.post_grad_hook: Callable[[Param], None] | None = None  # runs after AccumulateGrad (DDP's reducer)
         self.blas_workspace_bytes = 0  # cuBLAS workspace made at a thread's first GEMM on the stream (0: none)
         self._blas_workspaces: dict[str, Tensor] = {}
+        self.lt_workspace_bytes = 0  # cuBLASLt workspace of a bias GEMM (0: none; see schedule.cublaslt_workspace)
+        self.lt_workspace_persistent = False  # kept per (handle, stream) instead of allocated per call
         self._template: tuple | None = None  # ((start, end), allocated ids, freed ids) of the last replicated span
 
     # ---- storages ---------------------------------------------------------------------------------------
@@ -214,6 +216,23 @@ class Tape:
                                                DType.BOOL, Category.TEMPORARIES)
             self._blas_workspaces[thread] = workspace
             self.allocate_existing(workspace)
+
+    def cublaslt_gemm(self) -> None:
+        """A GEMM with a bias epilogue through cuBLASLt (addmm, CUDABlas.cpp gemm_and_bias): its workspace comes
+        from the caching allocator for the call and is freed after it, or, where torch keeps one per (handle,
+        stream), once per thread as for cuBLAS."""
+        if not self.lt_workspace_bytes:
+            return
+        if self.lt_workspace_persistent:
+            thread = "main" if self.phase in (Phase.FORWARD, Phase.OPTIMIZER) else "autograd"
+            key = f"lt:{thread}"
+            if key not in self._blas_workspaces:
+                workspace = self.persistent_buffer(f"cublaslt_workspace[{thread} thread]", self.lt_workspace_bytes,
+                                                   DType.BOOL, Category.TEMPORARIES)
+                self._blas_workspaces[key] = workspace
+                self.allocate_existing(workspace)
+            return
+        self.drop(self.empty("cublaslt_workspace", self.lt_workspace_bytes, DType.BOOL))
 
     # ---- ops ----------------------------------------------------------------------------------------------
     def op(self, name: str, flops: float = 0.0, bytes_moved: int = 0, kind: OpKind = OpKind.MEMORY,
