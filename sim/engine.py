@@ -174,15 +174,20 @@ class _StepwiseDriver:
 
     def __init__(self, allocator, events: _Events, schedule: Schedule, repeat: bool) -> None:
         self.allocator, self.events, self.repeat = allocator, events, repeat
-        self.n = len(events.signed_id)
+        self.n = n = len(events.signed_id)
         signed = events.signed_id
         ids = np.where(signed < 0, ~signed, signed)
-        positions = np.arange(self.n, dtype=np.int64)
-        n_buffers = int(ids.max()) + 1 if self.n else 0
-        self.alloc_pos = np.full(n_buffers, -1, dtype=np.int64)
-        self.free_pos = np.full(n_buffers, self.n, dtype=np.int64)
-        self.alloc_pos[ids[signed >= 0]] = positions[signed >= 0]
-        self.free_pos[ids[signed < 0]] = positions[signed < 0]
+        positions = np.arange(n, dtype=np.int64)
+        # A buffer id can be allocated and freed many times (repeated micro-batches reuse ids): pair each
+        # allocation with its free by sorting the events by (buffer, position).
+        order = np.lexsort((positions, ids))
+        self._key = ids[order] * (n + 1) + order  # sorted: buffer-major, then position
+        self._position = order
+        is_alloc = signed[order] >= 0
+        pair = is_alloc[:-1] & ~is_alloc[1:] & (ids[order][:-1] == ids[order][1:])
+        self.partner = np.full(n, n, dtype=np.int64)  # allocation -> its free (n: never), free -> its allocation
+        self.partner[order[:-1][pair]] = order[1:][pair]
+        self.partner[order[1:][pair]] = order[:-1][pair]
         self.windows = self._windows(schedule)
         # the most reserved so far and the largest free block then: a repeated window never passes the maximum
         # (its values are those of its reference), so the peak is always seen stepwise
@@ -249,15 +254,18 @@ class _StepwiseDriver:
                 self.most_reserved, self.largest_at_peak = now, allocator.largest_free_block_bytes()
         return oom
 
+    def _live_allocations(self, at: int) -> tuple[list[int], np.ndarray]:
+        """The allocator's live buffers before event `at`, and the position of the allocation each lives from."""
+        live = self.allocator.live_buffer_ids()
+        index = np.searchsorted(self._key, np.asarray(live, dtype=np.int64) * (self.n + 1) + at) - 1
+        return live, self._position[index]
+
     def _owner_keys(self, start: int, end: int) -> dict[int, int]:
         """How a live buffer is named relative to the window [start, end): by the position of its free inside
         the window (>= 0), else by itself (~id: it outlives the window untouched)."""
-        keys = {}
-        free_pos = self.free_pos
-        for buffer_id in self.allocator.live_buffer_ids():
-            position = int(free_pos[buffer_id])
-            keys[buffer_id] = position - start if position < end else ~buffer_id
-        return keys
+        live, allocations = self._live_allocations(start)
+        frees = self.partner[allocations].tolist()
+        return {b: (free - start if free < end else ~b) for b, free in zip(live, frees)}
 
     def _signature(self, start: int, end: int) -> tuple:
         return self.allocator.state_signature(self._owner_keys(start, end))
@@ -281,18 +289,15 @@ class _StepwiseDriver:
     def _free_names(self, signed: np.ndarray, start: int) -> np.ndarray:
         """Per free in a window: the freed buffer's allocation position relative to the window when it was
         allocated inside it, else -1 (a buffer live at the window's start: the state signature names it)."""
-        freed = ~signed[signed < 0]
-        relative = self.alloc_pos[freed] - start
+        frees = start + np.nonzero(signed < 0)[0]
+        relative = self.partner[frees] - start
         return np.where(relative >= 0, relative, -1)
 
     def _rename_live(self, start: int, length: int) -> None:
         """Skipping [start, start + length): buffers the window before it (the reference or a repetition of it, of
         the same length) allocated and left alive become the ones allocated at the same relative positions of the
         skipped window; buffers older than that outlive both windows unchanged (the signature checked that)."""
-        alloc_pos, signed = self.alloc_pos, self.events.signed_id
-        renames = {}
-        for buffer_id in self.allocator.live_buffer_ids():
-            position = int(alloc_pos[buffer_id])
-            if start - length <= position < start:
-                renames[buffer_id] = int(signed[position + length])
+        signed = self.events.signed_id
+        live, allocations = self._live_allocations(start)
+        renames = {b: int(signed[p + length]) for b, p in zip(live, allocations.tolist()) if start - length <= p < start}
         self.allocator.rename_live(renames)
