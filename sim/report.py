@@ -118,9 +118,17 @@ def _phase_peaks(run: Run) -> dict:
     phases_in_order = list(Phase)
     phase_of_op = np.append(run.schedule.op_column(lambda op: phases_in_order.index(op.phase)), -1)
     event_phase = phase_of_op[trace.op_index]  # op_index -1 picks -1: allocations before the first op
+    starts = np.asarray(run.engine.op_start_us)
     out = {}
     for group, phases in PHASE_GROUPS.items():
-        selected = np.isin(event_phase, [phases_in_order.index(p) for p in phases])
+        codes = [phases_in_order.index(p) for p in phases]
+        selected = np.isin(event_phase, codes)
+        # what is held when the phase begins counts too (a phase may allocate nothing: an offloaded step)
+        first_op = np.nonzero(np.isin(phase_of_op[:-1], codes))[0]
+        if len(first_op) and len(trace):
+            before = int(np.searchsorted(trace.time_us, starts[first_op[0]], side="right")) - 1
+            if before >= 0:
+                selected[before] = True
         out[group] = {
             "allocated_bytes": int(trace.allocated_bytes[selected].max()) if selected.any() else 0,
             "reserved_bytes": int(trace.reserved_bytes[selected].max()) if selected.any() else 0,

@@ -61,14 +61,15 @@ class DType(Enum):
     FLOAT16 = "float16"
     INT64 = "int64"
     BOOL = "bool"
+    FLOAT64 = "float64"
 
     @property
     def is_floating(self) -> bool:
-        return self in (DType.FLOAT32, DType.BFLOAT16, DType.FLOAT16)
+        return self in (DType.FLOAT32, DType.BFLOAT16, DType.FLOAT16, DType.FLOAT64)
 
 
 # A plain attribute on each member: the simulator reads it hundreds of thousands of times per run.
-for _member, _size in zip(DType, (4, 2, 2, 8, 1), strict=True):
+for _member, _size in zip(DType, (4, 2, 2, 8, 1, 8), strict=True):
     _member.size_bytes = _size
 
 

@@ -154,7 +154,7 @@ def build_schedule(scenario: Scenario, repeat: bool = True) -> BuiltSchedule:
                 continue
             start = tape.op_count()
             placement.before_micro_batch(last)
-            _micro_batch(ctx, scenario, model)
+            _micro_batch(ctx, scenario, model, placement.before_backward)
             placement.after_micro_batch(last)
             if micro >= 1 and not (last and placement.syncs_last):  # the latest built one is the template
                 template = (start, tape.op_count())
@@ -197,6 +197,9 @@ class _LocalPlacement:
     def before_micro_batch(self, last: bool) -> None:
         pass
 
+    def before_backward(self) -> None:
+        pass
+
     def after_micro_batch(self, last: bool) -> None:
         pass
 
@@ -234,27 +237,33 @@ class _Zero12Placement:
     def __init__(self, ctx: RunContext, scenario: Scenario, params: list[Param], trainable: list[Param]) -> None:
         self.tape, self.params, self.trainable = ctx.tape, params, trainable
         config = scenario.deepspeed.zero_optimization
-        self.zero = Zero12(ctx.tape, config, scenario.hardware.gpus, trainable, weights_dtype(scenario))
+        self.zero = Zero12(ctx.tape, config, scenario.hardware.gpus, trainable, weights_dtype(scenario),
+                           scenario.software.version("deepspeed"))
+        self.accumulation = scenario.training.gradient_accumulation_steps
         self.syncs_last = config.stage == 1
         self.temporaries = _inner_optimizer_temporaries(ctx, scenario)
         if config.stage == 2:
             ctx.tape.grad_hook = self.zero.on_grad
 
     def before_micro_batch(self, last: bool) -> None:
-        pass
+        self.zero.boundary = last
+
+    def before_backward(self) -> None:
+        self.zero.begin_backward(self.trainable)
 
     def after_micro_batch(self, last: bool) -> None:
         if self.zero.stage == 2 or last:
             self.tape.op("zero.backward_epilogue")
-            self.zero.end_of_backward([p.grad for p in self.trainable if p.grad is not None])
+            self.zero.end_of_backward([(p, p.grad) for p in self.trainable if p.grad is not None])
 
     def step(self) -> ModelStates:
         grads = sum(p.grad.size_bytes for p in self.trainable if p.grad is not None)
         if self.zero.stage == 2:
-            grads = self.zero.partition * self.zero.dtype.size_bytes
+            grads = 0 if self.zero.offload else self.zero.partition * self.zero.dtype.size_bytes
         self.zero.step(self.temporaries)
         zero_grad(self.tape, self.trainable)
-        return _model_states(self.params, self.trainable, sum(p.tensor.size_bytes for p in self.params), grads, self.zero.state_bytes())
+        return _model_states(self.params, self.trainable, sum(p.tensor.size_bytes for p in self.params), grads,
+                             self.zero.state_bytes(), self.zero.host_bytes(self.accumulation))
 
 
 class _Zero3Placement:
@@ -270,6 +279,9 @@ class _Zero3Placement:
         self.tape.grad_hook = self.zero.on_grad
 
     def before_micro_batch(self, last: bool) -> None:
+        pass
+
+    def before_backward(self) -> None:
         pass
 
     def after_micro_batch(self, last: bool) -> None:
@@ -317,8 +329,9 @@ def modelling_code(scenario: Scenario):
     return code
 
 
-def _micro_batch(ctx: RunContext, scenario: Scenario, model) -> None:
-    """Trainer.training_step: inputs to the device, forward with labels, loss / accumulation, backward."""
+def _micro_batch(ctx: RunContext, scenario: Scenario, model, before_backward) -> None:
+    """Trainer.training_step: inputs to the device, forward with labels, loss / accumulation, backward
+    (`before_backward`: what the engine's backward does before autograd runs, e.g. DeepSpeed's IPG buffers)."""
     tp = ctx.tape
     tp.phase, tp.layer = Phase.FORWARD, None
     ids = P.input_tensor(tp, "input_ids", ctx.tokens)
@@ -330,6 +343,7 @@ def _micro_batch(ctx: RunContext, scenario: Scenario, model) -> None:
         tp.drop(loss)
         loss = scaled
     tp.phase = Phase.BACKWARD
+    before_backward()
     tp.op("loss.backward.ones_like")
     seed = tp.empty("loss.grad_seed", 1, loss.dtype)
     tp.backward(loss, seed)

@@ -86,3 +86,78 @@ def test_deepspeed_zero2_estimator_formula() -> None:
     gpu, cpu = estimate_zero2_model_states(7_000_000_000, 8, 1, cpu_offload=False)
     assert gpu == 2 * 7_000_000_000 + int(18 * 7_000_000_000 / 8)
     assert cpu == 7_000_000_000 * 4 * 8 * 1.5
+
+
+def offload_raw(stage: int, accumulation: int = 2, deepspeed: str = "0.14.0") -> dict:
+    raw = raw_for(stage, 2, accumulation=accumulation)
+    raw["deepspeed"]["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    raw["software"]["deepspeed"] = deepspeed
+    return raw
+
+
+def test_zero12_cpu_offload_model_states_and_host_bytes() -> None:
+    # offload_optimizer cpu: fp32 master, its fp32 gradient and the Adam moments on the host (16 B per partition
+    # element); the GPU keeps the bf16 model (ZeRO-1: and its full bf16 gradients) and no gradient partition.
+    # Host also: the staging buffer of the largest parameter (bf16) and, with accumulation, a bf16 copy of every
+    # parameter with elements in rank 0's partition (accumulated_grads_in_cpu holds whole parameters).
+    shapes = numels(offload_raw(2))
+    total = sum(shapes)
+    partition = math.ceil(total / 4) * 4 // 2
+    offsets = [sum(shapes[:i]) for i in range(len(shapes))]
+    whole = sum(n for n, o in zip(shapes, offsets) if o < partition)
+    for stage in (1, 2):
+        run = run_scenario(build_scenario(offload_raw(stage)))
+        grads = 2 * total if stage == 1 else 0
+        assert summarize(run)["model_states_bytes"] == {"parameters": 2 * total, "gradients": grads,
+                                                       "optimizer_states": 0}
+        assert run.built.model_states.host_bytes == 16 * partition + 2 * max(shapes) + 2 * whole
+    single = run_scenario(build_scenario(offload_raw(2, accumulation=1)))
+    assert single.built.model_states.host_bytes == 16 * partition + 2 * max(shapes)
+
+
+def test_zero2_cpu_offload_boundary_transients() -> None:
+    # At the accumulation boundary, for each gradient with elements in rank 0's partition (the flat group's
+    # first half: the embedding, then layer 0's weights in order): a fp64 slice of its partition elements, the
+    # inf/nan check over the whole gradient (fp32, 3 bool, fp32) and a fp32 slice for the host copy; the GPU
+    # staging buffer is the largest parameter (the 1000×64 embedding) in bf16, from t=0.
+    raw = offload_raw(2)
+    shapes = numels(raw)
+    partition = math.ceil(sum(shapes) / 4) * 4 // 2
+    run = run_scenario(build_scenario(raw))
+    schedule, trace = run.schedule, run.engine.trace
+    sizes = {}
+    for buffer_id, delta in zip(trace.buffer_id.tolist(), trace.delta_bytes.tolist()):
+        name = schedule.buffers[buffer_id].name
+        if delta > 0 and name.startswith("zero.offload."):
+            sizes.setdefault(name, []).append(delta)
+    staging = [b for b in schedule.buffers if b.name == "zero.temp_grad_buffer_for_gpu_offload"]
+    assert len(staging) == 1 and staging[0].size_bytes == 2 * max(shapes)
+    inside = []
+    for numel, offset in zip(shapes, [sum(shapes[:i]) for i in range(len(shapes))]):
+        if offset < partition:
+            inside.append((numel, min(offset + numel, partition) - offset))
+    # one simulated step with two micro-batches: one boundary
+    assert sorted(sizes["zero.offload.grad_fp64_slice"]) == sorted(8 * n for _, n in inside)
+    check = sorted(sizes["zero.offload.inf_nan_check"])
+    assert check == sorted(size * whole for whole, _ in inside for size in (4, 1, 1, 1, 4))
+    assert sorted(sizes["zero.offload.grad_fp32_slice"]) == sorted(4 * n for _, n in inside)
+    assert sorted(sizes["zero.offload.norm_for_param_grads"]) == [8] * len(inside)
+
+
+def test_zero12_offload_step_copy_back_by_deepspeed_version() -> None:
+    # 0.14.0 casts the fp32 partition on the host (blocking copy); from 0.14.1 it goes to the GPU in fp32 first.
+    def temporaries(version: str) -> list[int]:
+        run = run_scenario(build_scenario(offload_raw(2, deepspeed=version)))
+        return [b.size_bytes for b in run.schedule.buffers if b.name == "zero.step.fp32_partition"]
+
+    total = sum(numels(offload_raw(2)))
+    assert temporaries("0.14.0") == []
+    assert set(temporaries("0.14.1")) == {4 * (math.ceil(total / 4) * 4 // 2)}
+
+
+@given(st.sampled_from([1, 2]), st.integers(2, 4))
+def test_optimizer_offload_never_raises_gpu_model_states(stage: int, gpus: int) -> None:
+    plain = raw_for(stage, gpus)
+    offloaded = raw_for(stage, gpus)
+    offloaded["deepspeed"]["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    assert sum(states(offloaded).values()) < sum(states(plain).values())

@@ -11,7 +11,7 @@ partitions and Adam moments of 1/P (created at engine init), IPG buckets during 
 twice with overlap_comm); ZeRO-2 copies each gradient into the bucket, reduces it and keeps only this rank's
 partition (grads_in_partition), ZeRO-1 keeps the full gradients and reduces them at the accumulation boundary.
 The step flattens the partition's gradients, casts them to fp32, steps, and all-gathers the bf16 partitions in
-place.
+place. With offload_optimizer cpu the optimizer side moves to the host (Zero12's docstring).
 """
 
 from sim.ops import Category, OpKind, Stream
@@ -76,36 +76,72 @@ class Ddp:
 
 
 class Zero12:
-    """DeepSpeed ZeRO stage 1 or 2 for one rank."""
+    """DeepSpeed ZeRO stage 1 or 2 for one rank (rank 0: its partition is the first 1/P of the flat group).
+
+    With offload_optimizer cpu (stage_1_and_2.py, DeepSpeed 0.14): the fp32 master, its gradient and the Adam
+    moments live on the host; the GPU keeps the bf16 model, a staging buffer of the largest parameter
+    (temp_grad_buffer_for_gpu_offload), the IPG buckets, and at the accumulation boundary, for each gradient in
+    this rank's partition, a per-parameter fp64 norm and the transients of the norm, the inf/nan check and the fp32
+    copy to the host (copy_grads_in_partition)."""
 
     def __init__(self, tape: Tape, config: ZeroOptimization, world: int, trainable: list[Param],
-                 dtype: DType) -> None:
+                 dtype: DType, deepspeed_version: tuple[int, int, int]) -> None:
         self.tape, self.config, self.world, self.dtype = tape, config, world, dtype
         self.stage = config.stage
+        self.version = deepspeed_version
+        self.offload = (config.offload_optimizer or {}).get("device", "none") == "cpu"
         total = sum(p.tensor.numel for p in trainable)
         self.partition = flat_partition_numel(total, world)
         self.overlap = bool(config.overlap_comm)
-        tape.persistent_buffer("zero.single_partition_of_fp32_groups", self.partition, DType.FLOAT32,
-                               Category.OPTIMIZER_STATES)
-        for state in ("exp_avg", "exp_avg_sq"):
-            tape.persistent_buffer(f"zero.{state}", self.partition, DType.FLOAT32, Category.OPTIMIZER_STATES)
+        self.largest = max((p.tensor.numel for p in trainable), default=0)
+        self.in_partition: dict[str, int] = {}  # param name -> its elements inside rank 0's partition
+        offset = 0
+        for p in trainable:
+            inside = max(0, min(offset + p.tensor.numel, self.partition) - offset)
+            if inside:
+                self.in_partition[p.name] = inside
+            offset += p.tensor.numel
+        if self.offload:
+            tape.persistent_buffer("zero.temp_grad_buffer_for_gpu_offload", self.largest, dtype, Category.GRADIENTS)
+        else:
+            tape.persistent_buffer("zero.single_partition_of_fp32_groups", self.partition, DType.FLOAT32,
+                                   Category.OPTIMIZER_STATES)
+            for state in ("exp_avg", "exp_avg_sq"):
+                tape.persistent_buffer(f"zero.{state}", self.partition, DType.FLOAT32, Category.OPTIMIZER_STATES)
         self.grads_in_partition: Tensor | None = None
-        if self.stage == 2:
+        if self.stage == 2 and not self.offload:
             self.grads_in_partition = tape.persistent_buffer("zero.grads_in_partition", self.partition, dtype,
                                                              Category.GRADIENTS)
         self.partition_allocated = False
+        self.boundary = True  # this micro-batch ends an accumulation
         self.ipg: list[Tensor] = []
         self.bucket: list[tuple[Param | None, Tensor]] = []
         self.bucket_numel = 0
+        self.norms: list[Tensor] = []  # offload: fp64 norm per partition gradient, kept until the step
+        self.accumulated_numel = 0  # offload with accumulation: full bf16 copies on the host (dt, not fp32)
 
     def state_bytes(self) -> int:
-        return 12 * self.partition
+        return 0 if self.offload else 12 * self.partition
 
-    def _ipg_buffers(self) -> None:
-        """The IPG bucket(s), allocated when backward produces the first gradient (twice with overlap_comm)."""
-        if not self.ipg:
-            self.ipg = [self.tape.empty(f"zero.ipg_buffer[{i}]", self.config.reduce_bucket_size, self.dtype,
-                                        Category.COMMUNICATION) for i in range(2 if self.overlap else 1)]
+    def host_bytes(self, accumulation: int) -> int:
+        """Host memory with offload: fp32 master, its fp32 gradient and two Adam moments per partition element,
+        the host staging buffer of the largest parameter, and with accumulation a bf16 copy of every parameter in
+        the partition (accumulated_grads_in_cpu holds whole parameters)."""
+        if not self.offload:
+            return 0
+        size = self.dtype.size_bytes
+        whole = sum(self._numel[name] for name in self.in_partition) if accumulation > 1 else 0
+        return 16 * self.partition + size * self.largest + size * whole
+
+    def begin_backward(self, trainable: list[Param]) -> None:
+        """optimizer.backward: a fresh IPG bucket list every backward (twice reduce_bucket_size with overlap_comm),
+        the previous one dropped first (ZeRO-1 keeps it between micro-batches)."""
+        self._numel = {p.name: p.tensor.numel for p in trainable}
+        tp = self.tape
+        tp.op("zero.allocate_ipg_buffers")
+        tp.drop(*self.ipg)
+        self.ipg = [tp.empty(f"zero.ipg_buffer[{i}]", self.config.reduce_bucket_size, self.dtype,
+                             Category.COMMUNICATION) for i in range(2 if self.overlap else 1)]
 
     def on_grad(self, param: Param, grad: Tensor) -> None:
         """ZeRO-2's reduce_ready_partitions_and_remove_grads: copy the grad into the IPG bucket and free it,
@@ -114,17 +150,17 @@ class Zero12:
         grad.storage.category = Category.GRADIENTS
         if self.bucket_numel + grad.numel > self.config.reduce_bucket_size and self.bucket:
             self._reduce()
-        self._ipg_buffers()
         tp.op(f"zero.copy_grad_to_ipg[{param.name}]", bytes_moved=2 * grad.size_bytes)
         self.bucket.append((param, grad))
         self.bucket_numel += grad.numel
         tp.drop(grad)
 
     def _reduce(self) -> None:
-        """average_tensor on the bucket (reduce-scatter by partition), then this rank's slice is copied into
-        grads_in_partition (allocated at the first reduction)."""
+        """average_tensor on the bucket: allreduce_bucket flattens it into a new tensor, reduces and scatters
+        (reduce_scatter, the default); then this rank's slices go to grads_in_partition (allocated at the first
+        reduction) or, with offload, to the host (copy_grads_in_partition)."""
         tp, size = self.tape, self.dtype.size_bytes
-        if self.stage == 2 and not self.partition_allocated:
+        if self.stage == 2 and not self.offload and not self.partition_allocated:
             tp.op("zero.allocate_grads_in_partition")
             tp.allocate_existing(self.grads_in_partition)
             self.partition_allocated = True
@@ -132,23 +168,53 @@ class Zero12:
         label = f"zero.reduce[{len(self.bucket)} grads]"
         wire = (self.world - 1) * numel * size // self.world
         if self.overlap:  # on the reduction stream, waited for before the next bucket reuses the buffer
-            tp.wait_for(tp.side_op(label, Stream.REDUCE, bytes_moved=2 * numel * size, wire_bytes=wire,
-                                   kind=OpKind.REDUCE_SCATTER))
+            reduce = tp.side_op(label, Stream.REDUCE, bytes_moved=2 * numel * size, wire_bytes=wire,
+                                kind=OpKind.REDUCE_SCATTER)
+            flat = tp.empty_in(reduce, "zero.allreduce_bucket_flat", numel, self.dtype, Category.COMMUNICATION)
+            tp.release_in(reduce, flat.storage)
+            tp.wait_for(reduce)
         else:
             tp.op(label, bytes_moved=2 * numel * size, kind=OpKind.REDUCE_SCATTER, wire_bytes=wire)
+            tp.drop(tp.empty("zero.allreduce_bucket_flat", numel, self.dtype, Category.COMMUNICATION))
+        if self.offload:
+            self._grads_to_host()
         self.bucket, self.bucket_numel = [], 0
+
+    def _grads_to_host(self) -> None:
+        """copy_grads_in_partition with offload, for the bucket's gradients in this rank's partition. Before the
+        boundary: accumulate through the staging buffer (no new GPU memory). At it, per gradient: its fp64 slice
+        norm (kept until the step), _has_inf_or_nan on the whole gradient (x.float(), isnan, isinf, logical_or,
+        .float(): 4 + 1 + 1 + 1 + 4 bytes per element alive together), and the fp32 slice copied to the host."""
+        tp = self.tape
+        mine = [(param, self.in_partition[param.name]) for param, _ in self.bucket
+                if param is not None and param.name in self.in_partition]
+        if not self.boundary:
+            if mine:
+                moved = sum(param.tensor.numel for param, _ in mine) * self.dtype.size_bytes
+                tp.op("zero.offload.accumulate_grad_in_cpu_via_gpu", bytes_moved=4 * moved)
+            return
+        for param, inside in mine:
+            whole = param.tensor.numel
+            tp.op(f"zero.offload.norm[{param.name}]", bytes_moved=10 * inside)
+            tp.drop(tp.empty("zero.offload.grad_fp64_slice", inside, DType.FLOAT64))
+            self.norms.append(tp.empty("zero.offload.norm_for_param_grads", 1, DType.FLOAT64, Category.GRADIENTS))
+            tp.op(f"zero.offload.has_inf_or_nan[{param.name}]", bytes_moved=13 * whole)
+            checks = [tp.empty("zero.offload.inf_nan_check", whole, dtype)
+                      for dtype in (DType.FLOAT32, DType.BOOL, DType.BOOL, DType.BOOL, DType.FLOAT32)]
+            tp.drop(*checks)
+            tp.op(f"zero.offload.copy_grad_to_fp32_host[{param.name}]", bytes_moved=10 * inside)
+            tp.drop(tp.empty("zero.offload.grad_fp32_slice", inside, DType.FLOAT32))
 
     def end_of_backward(self, full_grads: list[Tensor]) -> None:
         """The epilogue: reduce what is left (ZeRO-1: every full gradient, bucket by bucket), release the IPG
         buffers."""
         tp = self.tape
         if self.stage == 1:
-            self._ipg_buffers()
-            for grad in full_grads:
+            for param, grad in full_grads:
                 if self.bucket_numel + grad.numel > self.config.reduce_bucket_size and self.bucket:
                     self._reduce()
                 tp.op("zero.copy_grad_to_ipg", bytes_moved=2 * grad.size_bytes)
-                self.bucket.append((None, grad))
+                self.bucket.append((param, grad))
                 self.bucket_numel += grad.numel
         if self.bucket:
             tp.op("zero.reduce_epilogue")
@@ -158,20 +224,34 @@ class Zero12:
         self.ipg = []
 
     def step(self, temporaries: int) -> None:
-        """Flatten this rank's gradient partition (16-bit) and cast it to fp32, step, copy back to bf16, then
-        all-gather the bf16 partitions into the flat model in place."""
+        """Without offload: flatten this rank's gradient partition (16-bit) and cast it to fp32, step, copy back
+        to bf16. With offload: DeepSpeedCPUAdam on the host; the fp32 partition comes back through a blocking copy
+        that casts on the host (0.14.0) or, from 0.14.1, as a GPU fp32 copy cast on the device. Then the bf16
+        partitions are all-gathered into the flat model in place."""
         tp, numel = self.tape, self.partition
-        tp.op("zero.step.flatten_partition_grads", bytes_moved=4 * numel * self.dtype.size_bytes)
-        flat = tp.empty("zero.flat_partition_grad", numel, self.dtype)
-        tp.op("zero.step.grad_to_fp32", bytes_moved=6 * numel)
-        grad32 = tp.empty("zero.fp32_partition_grad", numel, DType.FLOAT32)
-        tp.drop(flat)
-        # Adam: ~12 FLOPs per element; reads fp32 param, grad, m, v and writes param, m, v: 28 B per element
-        tp.op("zero.step.optimizer_step", flops=12.0 * numel, bytes_moved=28 * numel)
-        temps = [tp.empty("zero.optimizer_temp", numel, DType.FLOAT32) for _ in range(temporaries)]
-        tp.drop(*temps)
-        tp.op("zero.step.copy_to_bf16", bytes_moved=6 * numel)
-        tp.drop(grad32)
+        if self.offload:
+            tp.op("zero.step.cpu_adam")  # on the host: its duration is not modelled
+            tp.drop(*self.norms)
+            self.norms = []
+            if self.version >= (0, 14, 1):  # fp32_partition.to(device) before the copy (DeepSpeed #5301)
+                tp.op("zero.step.fp32_partition_to_gpu", bytes_moved=4 * numel)
+                fp32 = tp.empty("zero.step.fp32_partition", numel, DType.FLOAT32, Category.OPTIMIZER_STATES)
+                tp.op("zero.step.copy_to_bf16", bytes_moved=6 * numel)
+                tp.drop(fp32)
+            else:
+                tp.op("zero.step.copy_to_bf16", bytes_moved=2 * numel)
+        else:
+            tp.op("zero.step.flatten_partition_grads", bytes_moved=4 * numel * self.dtype.size_bytes)
+            flat = tp.empty("zero.flat_partition_grad", numel, self.dtype)
+            tp.op("zero.step.grad_to_fp32", bytes_moved=6 * numel)
+            grad32 = tp.empty("zero.fp32_partition_grad", numel, DType.FLOAT32)
+            tp.drop(flat)
+            # Adam: ~12 FLOPs per element; reads fp32 param, grad, m, v and writes param, m, v: 28 B per element
+            tp.op("zero.step.optimizer_step", flops=12.0 * numel, bytes_moved=28 * numel)
+            temps = [tp.empty("zero.optimizer_temp", numel, DType.FLOAT32) for _ in range(temporaries)]
+            tp.drop(*temps)
+            tp.op("zero.step.copy_to_bf16", bytes_moved=6 * numel)
+            tp.drop(grad32)
         size = self.dtype.size_bytes
         gather = tp.side_op("zero.all_gather_dp_groups", Stream.ALLGATHER, bytes_moved=2 * numel * self.world * size,
                             wire_bytes=(self.world - 1) * numel * size, kind=OpKind.ALL_GATHER)
