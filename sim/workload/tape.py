@@ -438,8 +438,6 @@ class Tape:
         previous = self._ops[-1]
         follows_an_instance = len(self._ops) == end or (
             isinstance(previous, (_Replica, _Remapped)) and (previous.start, previous.end) == (start, end))
-        if not follows_an_instance:
-            return False  # other ops ran since the last instance: its outbound buffers are not what this frees
         source = self._buffer_source
         outbound = {(source[b].name, source[b].size_bytes): b for b in allocated - freed}
         inbound = {(source[b].name, source[b].size_bytes): b for b in freed - allocated}
@@ -447,16 +445,33 @@ class Tape:
         if len(outbound) != len(allocated - freed) or outbound.keys() != inbound.keys() or \
                 high - low != len(allocated):
             return False
+        if follows_an_instance:  # the previous instance's outbound buffers, under their current ids
+            alive = {key: self._carry.get(out) or self._storage_with_id(out) for key, out in outbound.items()}
+        else:  # ops built one by one ran since (the first micro-batch of a later step): what they left alive
+            alive = self._alive_with_keys(outbound.keys())
+            if alive is None:
+                return False
         moved = len(source) - low  # the span's own buffers get the next ids, in the same order
         source.extend(source[low:high])
-        entry = {inbound[key]: (self._carry[out].buffer_id if out in self._carry else out)
-                 for key, out in outbound.items()}
+        entry = {inbound[key]: alive[key].buffer_id for key in outbound}
         self._append_replica(_Remapped(start, end, moved, low, high, entry, step, micro_batch), end - start)
-        for template_out in outbound.values():  # what the template left alive now lives under the new ids
-            storage = self._carry.get(template_out) or self._storage_with_id(template_out)
+        for key, template_out in outbound.items():  # what is alive now stands for this repetition's buffers
+            storage = alive[key]
             storage.buffer_id = template_out + moved
             self._carry[template_out] = storage
         return True
+
+    def _alive_with_keys(self, keys) -> "dict[tuple[str, int], Storage] | None":
+        """The live, non-persistent storage of each (name, size), or None unless exactly one exists for each."""
+        wanted = set(keys)
+        found: dict[tuple[str, int], Storage] = {}
+        for storage in self.storages:
+            key = (storage.name, storage.size_bytes)
+            if storage.refs > 0 and not storage.persistent and key in wanted:
+                if key in found:
+                    return None
+                found[key] = storage
+        return found if len(found) == len(wanted) else None
 
     def _storage_with_id(self, buffer_id: int) -> Storage:
         storage = self._buffer_source[buffer_id]
