@@ -1,10 +1,8 @@
 """Op durations. Kernels: the roofline (Williams et al. 2009), the longer of FLOPs at the achievable rate of the
 unit that runs them and bytes at the achievable HBM bandwidth. Collectives: NCCL's own cost model
-(NVIDIA/nccl src/graph/tuning.cc): a base latency, a per-step latency for each ring or tree step, and the bytes
+(NVIDIA/nccl src/graph/tuning.cc): a base latency, a per-step latency for each ring step, and the bytes
 each rank sends at the measured bus bandwidth of the slowest link the algorithm crosses. The achievable fractions
 are measured figures in the hardware YAML (DeviceEfficiency); 1.0 gives the bare datasheet roofline."""
-
-import math
 
 import numpy as np
 
@@ -12,8 +10,8 @@ from sim.ops import Op, OpKind
 from sim.scenario import DeviceSpec, DType
 
 _FLOPS_KEY = {DType.BFLOAT16: "bf16", DType.FLOAT16: "fp16", DType.FLOAT32: "fp32"}
-# NVIDIA/nccl src/graph/tuning.cc: baseLat[NCCL_ALGO_RING][NCCL_PROTO_SIMPLE] = 8.4 µs per collective (the Tree
-# and Simple entries of the same table are 8.4 too); the collectives here move hundreds of MB, so Simple.
+# NVIDIA/nccl src/graph/tuning.cc: baseLat[NCCL_ALGO_RING][NCCL_PROTO_SIMPLE] = 8.4 µs per collective; the
+# collectives here move tens to hundreds of MB, where NCCL runs the ring with the Simple protocol.
 NCCL_BASE_LATENCY_US = 8.4
 _KIND_CODE = {kind: code for code, kind in enumerate(OpKind)}
 _CODE_BY_ID = {id(kind): code for kind, code in _KIND_CODE.items()}  # hashing an Enum is slow
@@ -32,20 +30,22 @@ class CostModel:
         self.vector_flops_per_s = device.peak_flops.get("fp32") or max(device.peak_flops.values())
         self.hbm_bytes_per_s = device.hbm_bytes_per_s * eff.hbm
         self.ranks, self.nodes = gpus_per_node * nodes, nodes
-        # NVLink figures are bidirectional aggregates: one direction carries half (NVIDIA A100/H100 datasheets);
-        # NIC figures are per direction already. A ring that leaves the node runs at its slowest link.
+        # NVLink figures are bidirectional aggregates: one direction carries half (NVIDIA A100/H100 datasheets).
+        # NIC figures are per GPU and direction (one NIC per GPU); NCCL spreads its channels over all the node's
+        # NICs (tuning.cc: busBw = nChannels × bwInter), so across nodes the bus bandwidth is the node's NICs
+        # together, and a ring that leaves the node runs at its slower link.
         self.intra_bus_bytes_per_s = device.intra_node_bytes_per_s / 2 * eff.nvlink
-        self.inter_bus_bytes_per_s = device.inter_node_bytes_per_s * eff.network
+        self.inter_bus_bytes_per_s = device.inter_node_bytes_per_s * gpus_per_node * eff.network
         self.bus_bytes_per_s = (min(self.intra_bus_bytes_per_s, self.inter_bus_bytes_per_s) if nodes > 1
                                 else self.intra_bus_bytes_per_s)
         self.intra_latency_us = device.intra_node_latency_us
         self.inter_latency_us = device.inter_node_latency_us
 
     def collective_latency_us(self, kind: OpKind) -> float:
-        """NCCL's latency for one collective over all ranks: ring steps (all-reduce: reduce-scatter then
-        all-gather, 2(n-1) steps; all-gather/reduce-scatter: n-1), of which the ones crossing nodes pay the network
-        latency; all-reduce across nodes may use the double binary tree instead (2 × (intra-node chain + log2 of
-        the nodes) steps), whichever is faster, as NCCL's tuner chooses (NCCL ≥ 2.4: full bandwidth for both)."""
+        """NCCL's ring latency for one collective over all ranks (tuning.cc): the base latency plus one link
+        latency per ring step (all-reduce: reduce-scatter then all-gather, 2(n-1) steps; all-gather and
+        reduce-scatter: n-1), the steps that cross nodes at the network latency. NCCL's tree (all-reduce only) has
+        its own, larger per-hop latencies and wins only for small messages; it is not modelled."""
         n, nodes = self.ranks, self.nodes
         if n <= 1:
             return 0.0
@@ -53,11 +53,8 @@ class CostModel:
             steps, inter_steps = 2 * (n - 1), (2 * nodes if nodes > 1 else 0)
         else:
             steps, inter_steps = n - 1, nodes - 1
-        ring = (steps - inter_steps) * self.intra_latency_us + inter_steps * self.inter_latency_us
-        if kind is OpKind.ALL_REDUCE and nodes > 1:
-            tree = 2 * ((n // nodes - 1) * self.intra_latency_us + math.log2(nodes) * self.inter_latency_us)
-            ring = min(ring, tree)
-        return NCCL_BASE_LATENCY_US + ring
+        return NCCL_BASE_LATENCY_US + (steps - inter_steps) * self.intra_latency_us + \
+            inter_steps * self.inter_latency_us
 
     def durations_us(self, ops: list[Op]) -> list[int]:
         """duration_us of every op, vectorised: rounded up to whole µs, at least 1 µs for any work."""

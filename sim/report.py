@@ -123,12 +123,13 @@ def _phase_peaks(run: Run) -> dict:
     for group, phases in PHASE_GROUPS.items():
         codes = [phases_in_order.index(p) for p in phases]
         selected = np.isin(event_phase, codes)
-        # what is held when the phase begins counts too (a phase may allocate nothing: an offloaded step)
-        first_op = np.nonzero(np.isin(phase_of_op[:-1], codes))[0]
-        if len(first_op) and len(trace):
-            before = int(np.searchsorted(trace.time_us, starts[first_op[0]], side="right")) - 1
-            if before >= 0:
-                selected[before] = True
+        # what is held when the phase begins counts too (a phase may allocate nothing: an offloaded step), at the
+        # start of each of its runs (every micro-batch's forward and backward, every step's optimizer)
+        inside = np.isin(phase_of_op[:-1], codes)
+        run_starts = np.nonzero(inside & ~np.concatenate([[False], inside[:-1]]))[0]
+        if len(run_starts) and len(trace):
+            before = np.searchsorted(trace.time_us, starts[run_starts], side="right") - 1
+            selected[before[before >= 0]] = True
         out[group] = {
             "allocated_bytes": int(trace.allocated_bytes[selected].max()) if selected.any() else 0,
             "reserved_bytes": int(trace.reserved_bytes[selected].max()) if selected.any() else 0,

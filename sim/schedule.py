@@ -240,7 +240,8 @@ class _Zero12Placement:
         self.zero = Zero12(ctx.tape, config, scenario.hardware.gpus, trainable, weights_dtype(scenario),
                            scenario.software.version("deepspeed"))
         self.accumulation = scenario.training.gradient_accumulation_steps
-        self.syncs_last = config.stage == 1
+        # ZeRO-1 reduces only at the boundary; with offload the boundary copies gradients to the host
+        self.syncs_last = config.stage == 1 or self.zero.offload
         self.temporaries = _inner_optimizer_temporaries(ctx, scenario)
         if config.stage == 2:
             ctx.tape.grad_hook = self.zero.on_grad

@@ -128,8 +128,9 @@ def test_breakdown_sums_to_allocated_at_peak(raw: dict) -> None:
     assert result["peak"]["total_bytes"] == result["peak"]["reserved_bytes"] + result["peak"]["non_pytorch_bytes"]
 
 
-@given(scenarios(), st.sampled_from([None, 1, 2, 3]), st.integers(2, 4))
-def test_repeating_micro_batches_changes_nothing(raw: dict, zero_stage: int | None, gpus: int) -> None:
+@given(scenarios(), st.sampled_from([None, 1, 2, 3]), st.integers(2, 4), st.booleans(), st.booleans())
+def test_repeating_micro_batches_changes_nothing(raw: dict, zero_stage: int | None, gpus: int, offload: bool,
+                                                 overlap: bool) -> None:
     # Micro-batches after the first of a step are repeated from a built one instead of being rebuilt
     # (Tape.replicate); the result must be byte-identical to building every one op by op.
     raw["training"]["gradient_accumulation_steps"] = 4
@@ -137,7 +138,10 @@ def test_repeating_micro_batches_changes_nothing(raw: dict, zero_stage: int | No
     if zero_stage is not None:
         raw["hardware"]["gpus_per_node"] = gpus
         raw["deepspeed"] = {"zero_optimization": {"stage": zero_stage, "reduce_bucket_size": 5000,
-                                                  "stage3_param_persistence_threshold": 100}}
+                                                  "stage3_param_persistence_threshold": 100,
+                                                  "overlap_comm": overlap}}
+        if offload:
+            raw["deepspeed"]["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
     scenario = build_scenario(raw)
     repeated = json.dumps(summarize(run_scenario(scenario)), sort_keys=True)
     assert json.dumps(summarize(run_scenario(scenario, repeat=False)), sort_keys=True) == repeated

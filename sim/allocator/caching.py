@@ -237,8 +237,8 @@ class CachingAllocator:
         for pool in self._all_pools():
             blocks.extend(pool.map.values())
         blocks.sort(key=lambda b: b.addr)
-        return self.unlimited, tuple((b.size, b.req, b.addr == b.seg.addr, b.pool.sidx, b.pool.small,
-                                      owner.get(id(b))) for b in blocks)
+        return self.unlimited, tuple((b.size, b.req if b.allocated else 0, b.addr == b.seg.addr, b.pool.sidx,
+                                      b.pool.small, owner.get(id(b))) for b in blocks)
 
     def rename_live(self, renames: dict[int, int]) -> None:
         """Give live blocks new buffer ids (old -> new), as if the buffers they hold had been allocated instead."""

@@ -138,8 +138,10 @@ class Zero12:
         the previous one dropped first (ZeRO-1 keeps it between micro-batches)."""
         self._numel = {p.name: p.tensor.numel for p in trainable}
         tp = self.tape
+        if self.ipg:  # self.ipg_buffer = [] first: the old blocks go back to the cache before the new ones
+            tp.op("zero.release_previous_ipg_buffers")
+            tp.drop(*self.ipg)
         tp.op("zero.allocate_ipg_buffers")
-        tp.drop(*self.ipg)
         self.ipg = [tp.empty(f"zero.ipg_buffer[{i}]", self.config.reduce_bucket_size, self.dtype,
                              Category.COMMUNICATION) for i in range(2 if self.overlap else 1)]
 
@@ -156,9 +158,10 @@ class Zero12:
         tp.drop(grad)
 
     def _reduce(self) -> None:
-        """average_tensor on the bucket: allreduce_bucket flattens it into a new tensor, reduces and scatters
-        (reduce_scatter, the default); then this rank's slices go to grads_in_partition (allocated at the first
-        reduction) or, with offload, to the host (copy_grads_in_partition)."""
+        """average_tensor on the bucket: with use_multi_rank_bucket_allreduce (the default) allreduce_bucket
+        flattens it into a new tensor and all-reduces it, and each rank keeps its slices; they go to
+        grads_in_partition (allocated at the first reduction) or, with offload, to the host
+        (copy_grads_in_partition, on the same stream)."""
         tp, size = self.tape, self.dtype.size_bytes
         if self.stage == 2 and not self.offload and not self.partition_allocated:
             tp.op("zero.allocate_grads_in_partition")
@@ -166,44 +169,68 @@ class Zero12:
             self.partition_allocated = True
         numel = self.bucket_numel
         label = f"zero.reduce[{len(self.bucket)} grads]"
-        wire = (self.world - 1) * numel * size // self.world
+        wire = 2 * (self.world - 1) * numel * size // self.world
         if self.overlap:  # on the reduction stream, waited for before the next bucket reuses the buffer
             reduce = tp.side_op(label, Stream.REDUCE, bytes_moved=2 * numel * size, wire_bytes=wire,
-                                kind=OpKind.REDUCE_SCATTER)
+                                kind=OpKind.ALL_REDUCE)
             flat = tp.empty_in(reduce, "zero.allreduce_bucket_flat", numel, self.dtype, Category.COMMUNICATION)
             tp.release_in(reduce, flat.storage)
-            tp.wait_for(reduce)
         else:
-            tp.op(label, bytes_moved=2 * numel * size, kind=OpKind.REDUCE_SCATTER, wire_bytes=wire)
+            reduce = None
+            tp.op(label, bytes_moved=2 * numel * size, kind=OpKind.ALL_REDUCE, wire_bytes=wire)
             tp.drop(tp.empty("zero.allreduce_bucket_flat", numel, self.dtype, Category.COMMUNICATION))
-        if self.offload:
-            self._grads_to_host()
+        last = self._grads_to_host(reduce) if self.offload else reduce
+        if last is not None:
+            tp.wait_for(last)
         self.bucket, self.bucket_numel = [], 0
 
-    def _grads_to_host(self) -> None:
-        """copy_grads_in_partition with offload, for the bucket's gradients in this rank's partition. Before the
-        boundary: accumulate through the staging buffer (no new GPU memory). At it, per gradient: its fp64 slice
-        norm (kept until the step), _has_inf_or_nan on the whole gradient (x.float(), isnan, isinf, logical_or,
-        .float(): 4 + 1 + 1 + 1 + 4 bytes per element alive together), and the fp32 slice copied to the host."""
+    def _grads_to_host(self, reduce: int | None) -> int | None:
+        """copy_grads_in_partition with offload, for the bucket's gradients in this rank's partition, on the
+        reduction stream after `reduce` (with overlap_comm; else on the compute stream). Before the boundary:
+        accumulate through the staging buffer (no new GPU memory). At it, per gradient: its fp64 slice norm (kept
+        until the step), _has_inf_or_nan on the whole gradient (x.float(), isnan, isinf, logical_or, .float(): 4 +
+        1 + 1 + 1 + 4 bytes per element alive together), and the fp32 slice copied to the host. Returns the last
+        reduction-stream op (the one the compute stream waits for)."""
         tp = self.tape
         mine = [(param, self.in_partition[param.name]) for param, _ in self.bucket
                 if param is not None and param.name in self.in_partition]
+        last = reduce
+
+        def step(name: str, bytes_moved: int, sizes: list[tuple[str, int, DType]], keep: bool = False) -> None:
+            nonlocal last
+            if reduce is None:
+                tp.op(name, bytes_moved=bytes_moved)
+                made = [tp.empty(label, numel, dtype) for label, numel, dtype in sizes]
+            else:
+                last = tp.side_op(name, Stream.REDUCE, bytes_moved=bytes_moved, deps=(last,))
+                made = [tp.empty_in(last, label, numel, dtype, Category.TEMPORARIES) for label, numel, dtype in sizes]
+            if keep:
+                for tensor in made:
+                    tensor.storage.category = Category.GRADIENTS
+                self.norms.extend(made)
+            elif reduce is None:
+                tp.drop(*made)
+            else:
+                for tensor in made:
+                    tp.release_in(last, tensor.storage)
+
         if not self.boundary:
             if mine:
                 moved = sum(param.tensor.numel for param, _ in mine) * self.dtype.size_bytes
-                tp.op("zero.offload.accumulate_grad_in_cpu_via_gpu", bytes_moved=4 * moved)
-            return
+                step("zero.offload.accumulate_grad_in_cpu_via_gpu", 4 * moved, [])
+            return last
         for param, inside in mine:
             whole = param.tensor.numel
-            tp.op(f"zero.offload.norm[{param.name}]", bytes_moved=10 * inside)
-            tp.drop(tp.empty("zero.offload.grad_fp64_slice", inside, DType.FLOAT64))
-            self.norms.append(tp.empty("zero.offload.norm_for_param_grads", 1, DType.FLOAT64, Category.GRADIENTS))
-            tp.op(f"zero.offload.has_inf_or_nan[{param.name}]", bytes_moved=13 * whole)
-            checks = [tp.empty("zero.offload.inf_nan_check", whole, dtype)
-                      for dtype in (DType.FLOAT32, DType.BOOL, DType.BOOL, DType.BOOL, DType.FLOAT32)]
-            tp.drop(*checks)
-            tp.op(f"zero.offload.copy_grad_to_fp32_host[{param.name}]", bytes_moved=10 * inside)
-            tp.drop(tp.empty("zero.offload.grad_fp32_slice", inside, DType.FLOAT32))
+            step(f"zero.offload.norm[{param.name}]", 10 * inside,
+                 [("zero.offload.grad_fp64_slice", inside, DType.FLOAT64)])
+            step(f"zero.offload.norm_result[{param.name}]", 8, [("zero.offload.norm_for_param_grads", 1,
+                                                                   DType.FLOAT64)], keep=True)
+            step(f"zero.offload.has_inf_or_nan[{param.name}]", 13 * whole,
+                 [("zero.offload.inf_nan_check", whole, dtype)
+                  for dtype in (DType.FLOAT32, DType.BOOL, DType.BOOL, DType.BOOL, DType.FLOAT32)])
+            step(f"zero.offload.copy_grad_to_fp32_host[{param.name}]", 10 * inside,
+                 [("zero.offload.grad_fp32_slice", inside, DType.FLOAT32)])
+        return last
 
     def end_of_backward(self, full_grads: list[Tensor]) -> None:
         """The epilogue: reduce what is left (ZeRO-1: every full gradient, bucket by bucket), release the IPG

@@ -59,7 +59,7 @@ def connection_bytes(scenario: Scenario) -> int:
     the Simple buffer sits with the sender (p2p.cc useRead); otherwise every buffer sits with the receiver."""
     simple = scenario.nccl.buffsize_bytes
     device = scenario.hardware.device
-    p2p_read = (device.compute_capability or "8.0").startswith("8.")
+    p2p_read = (device.compute_capability or "8.0") == "8.0"  # paths.cc: read only between sm80 GPUs over NVLink
     if p2p_read:
         return _aligned(_MEM_ALIGN + simple) + _aligned(_MEM_ALIGN + _LL_BYTES + _LL128_BYTES)
     return _aligned(_MEM_ALIGN) + _aligned(_MEM_ALIGN + simple + _LL_BYTES + _LL128_BYTES)
@@ -91,6 +91,8 @@ def nccl_buffer_bytes(scenario: Scenario) -> int:
         return 0
     version = nccl_version(scenario)
     channels = scenario.nccl.channels or _DEFAULT_CHANNELS
+    # Approximations: connections across nodes (NET transport) are counted like NVLink P2P ones; NVLS buffers are
+    # not rounded to the multicast granularity, and from 2.22 are counted although set up at first use.
     connections = 1 if version >= (2, 22, 0) else 2
     per_communicator = channels * connections * connection_bytes(scenario) + nvls_bytes(scenario, version, channels)
     return count * per_communicator

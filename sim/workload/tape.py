@@ -448,6 +448,8 @@ class Tape:
         if follows_an_instance:  # the previous instance's outbound buffers, under their current ids
             alive = {key: self._carry.get(out) or self._storage_with_id(out) for key, out in outbound.items()}
         else:  # ops built one by one ran since (the first micro-batch of a later step): what they left alive
+            if any(w >= self._final_total - (end - start) for w in self._waits):
+                return False  # _append_replica would shift waits those ops left as if they were an instance
             alive = self._alive_with_keys(outbound.keys())
             if alive is None:
                 return False
