@@ -250,7 +250,7 @@ class _Zero12Placement:
         self.zero.boundary = last
 
     def before_backward(self) -> None:
-        self.zero.begin_backward(self.trainable)
+        self.zero.begin_backward()
 
     def after_micro_batch(self, last: bool) -> None:
         if self.zero.stage == 2 or last:

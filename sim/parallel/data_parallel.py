@@ -94,6 +94,7 @@ class Zero12:
         self.partition = flat_partition_numel(total, world)
         self.overlap = bool(config.overlap_comm)
         self.largest = max((p.tensor.numel for p in trainable), default=0)
+        self.numel = {p.name: p.tensor.numel for p in trainable}
         self.in_partition: dict[str, int] = {}  # param name -> its elements inside rank 0's partition
         offset = 0
         for p in trainable:
@@ -118,7 +119,6 @@ class Zero12:
         self.bucket: list[tuple[Param | None, Tensor]] = []
         self.bucket_numel = 0
         self.norms: list[Tensor] = []  # offload: fp64 norm per partition gradient, kept until the step
-        self.accumulated_numel = 0  # offload with accumulation: full bf16 copies on the host (dt, not fp32)
 
     def state_bytes(self) -> int:
         return 0 if self.offload else 12 * self.partition
@@ -130,13 +130,12 @@ class Zero12:
         if not self.offload:
             return 0
         size = self.dtype.size_bytes
-        whole = sum(self._numel[name] for name in self.in_partition) if accumulation > 1 else 0
+        whole = sum(self.numel[name] for name in self.in_partition) if accumulation > 1 else 0
         return 16 * self.partition + size * self.largest + size * whole
 
-    def begin_backward(self, trainable: list[Param]) -> None:
+    def begin_backward(self) -> None:
         """optimizer.backward: a fresh IPG bucket list every backward (twice reduce_bucket_size with overlap_comm),
         the previous one dropped first (ZeRO-1 keeps it between micro-batches)."""
-        self._numel = {p.name: p.tensor.numel for p in trainable}
         tp = self.tape
         if self.ipg:  # self.ipg_buffer = [] first: the old blocks go back to the cache before the new ones
             tp.op("zero.release_previous_ipg_buffers")
@@ -232,9 +231,10 @@ class Zero12:
                  [("zero.offload.grad_fp32_slice", inside, DType.FLOAT32)])
         return last
 
-    def end_of_backward(self, full_grads: list[Tensor]) -> None:
-        """The epilogue: reduce what is left (ZeRO-1: every full gradient, bucket by bucket), release the IPG
-        buffers."""
+    def end_of_backward(self, full_grads: list[tuple[Param, Tensor]]) -> None:
+        """The epilogue: reduce what is left (ZeRO-1: every (param, full gradient), bucket by bucket), release the
+        IPG buffers. (DeepSpeed then frees each ZeRO-1 gradient as it is copied into the bucket; here they stay
+        until zero_grad after the step.)"""
         tp = self.tape
         if self.stage == 1:
             for param, grad in full_grads:
