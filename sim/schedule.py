@@ -254,11 +254,13 @@ class _Zero12Placement:
 
     def after_micro_batch(self, last: bool) -> None:
         if self.zero.stage == 2 or last:
+            # ZeRO-1's full bf16 gradients, held through the accumulation until this boundary
+            self.full_grads_bytes = sum(p.grad.size_bytes for p in self.trainable if p.grad is not None)
             self.tape.op("zero.backward_epilogue")
-            self.zero.end_of_backward([(p, p.grad) for p in self.trainable if p.grad is not None])
+            self.zero.end_of_backward([p for p in self.trainable if p.grad is not None])
 
     def step(self) -> ModelStates:
-        grads = sum(p.grad.size_bytes for p in self.trainable if p.grad is not None)
+        grads = self.full_grads_bytes
         if self.zero.stage == 2:
             grads = 0 if self.zero.offload else self.zero.partition * self.zero.dtype.size_bytes
         self.zero.step(self.temporaries)

@@ -231,18 +231,21 @@ class Zero12:
                  [("zero.offload.grad_fp32_slice", inside, DType.FLOAT32)])
         return last
 
-    def end_of_backward(self, full_grads: list[tuple[Param, Tensor]]) -> None:
-        """The epilogue: reduce what is left (ZeRO-1: every (param, full gradient), bucket by bucket), release the
-        IPG buffers. (DeepSpeed then frees each ZeRO-1 gradient as it is copied into the bucket; here they stay
-        until zero_grad after the step.)"""
+    def end_of_backward(self, params: list[Param]) -> None:
+        """The epilogue: reduce what is left (ZeRO-1: every parameter's full gradient, bucket by bucket: each is
+        copied into the bucket and its own storage freed, param.grad becoming a view of the bucket,
+        stage_1_and_2.py reduce_independent_p_g_buckets_and_remove_grads), release the IPG buffers."""
         tp = self.tape
         if self.stage == 1:
-            for param, grad in full_grads:
+            for param in params:
+                grad = param.grad
                 if self.bucket_numel + grad.numel > self.config.reduce_bucket_size and self.bucket:
                     self._reduce()
                 tp.op("zero.copy_grad_to_ipg", bytes_moved=2 * grad.size_bytes)
                 self.bucket.append((param, grad))
                 self.bucket_numel += grad.numel
+                tp.drop(grad)
+                param.grad = None
         if self.bucket:
             tp.op("zero.reduce_epilogue")
             self._reduce()
