@@ -218,8 +218,9 @@ def format_summary(result: dict, allocator_line: str = "", host_bytes: int = 0) 
     if allocator_line:
         lines.append(allocator_line)
     busy = ", ".join(f"{stream} {100 * share:.0f}%" for stream, share in result["stream_busy_share"].items())
+    host = "; host-side work of the offload (CPU Adam, copies) not timed" if host_bytes else ""
     lines += ["", f"step time  {result['step_time_s']:.3f} s, {result['tokens_per_s']:.0f} tokens/s, "
-                  f"MFU {100 * result['mfu']:.1f}% (roofline at measured efficiencies, NCCL cost model)",
+                  f"MFU {100 * result['mfu']:.1f}% (roofline at measured efficiencies, NCCL cost model{host})",
               f"busy       {busy} of the step",
               f"events     {result['events']}"]
     return "\n".join(lines)
