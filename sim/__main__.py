@@ -14,7 +14,10 @@ gc.disable()
 
 from sim.cli import main  # noqa: E402
 
-code = main()
-sys.stdout.flush()
+try:
+    code = main()
+    sys.stdout.flush()
+except BrokenPipeError:  # the reader went away (`| head`): nothing left to say
+    code = 0
 sys.stderr.flush()
 os._exit(code)
