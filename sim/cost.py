@@ -6,7 +6,7 @@ are measured figures in the hardware YAML (DeviceEfficiency); 1.0 gives the bare
 
 import numpy as np
 
-from sim.ops import Op, OpKind
+from sim.ops import COLLECTIVES, Op, OpKind
 from sim.scenario import DeviceSpec, DType
 
 _FLOPS_KEY = {DType.BFLOAT16: "bf16", DType.FLOAT16: "fp16", DType.FLOAT32: "fp32"}
@@ -68,7 +68,7 @@ class CostModel:
         rate[kind == _KIND_CODE[OpKind.ATTENTION]] = self.attention_flops_per_s
         seconds = np.maximum(flops / rate, moved / self.hbm_bytes_per_s)
         latency_s = np.zeros(count)
-        for collective in (OpKind.ALL_GATHER, OpKind.REDUCE_SCATTER, OpKind.ALL_REDUCE):
+        for collective in COLLECTIVES:
             latency_s[kind == _KIND_CODE[collective]] = self.collective_latency_us(collective) / 1e6
         seconds = np.where(wire > 0, wire / self.bus_bytes_per_s + latency_s, seconds)
         micros = np.ceil(seconds * 1e6).astype(np.int64)

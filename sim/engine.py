@@ -14,11 +14,8 @@ import numpy as np
 
 from sim.allocator import Allocator, OutOfMemory
 from sim.cost import CostModel
-from sim.ops import Phase, Schedule, Stream
+from sim.ops import STREAMS, Phase, Schedule, Stream
 from sim.trace import Trace
-
-STREAMS = tuple(Stream)
-_STREAM_CODE = {id(stream): code for code, stream in enumerate(STREAMS)}  # by identity: hashing an Enum is slow
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +63,7 @@ class Engine:
         by_position = np.zeros(len(schedule.ops), dtype=np.int64)
         by_position[distinct] = cost.durations_us([schedule.ops[i] for i in distinct.tolist()])
         self._durations = by_position[self._sources]
-        self._stream_code = schedule.op_column(lambda op: _STREAM_CODE[id(op.stream)])
+        self._stream_code = schedule.stream_codes()
 
     def run(self) -> EngineResult:
         """Timeline, then events in time order (persistent buffers at t=0 first), then the allocator."""
@@ -137,7 +134,7 @@ class Engine:
         order = np.argsort(times, kind="stable")
         raw, op_index, is_free = raw[order], op_index[order], is_free[order]
         sizes = np.asarray(self._sizes, dtype=np.int64)[raw]
-        codes = np.append(self._stream_code, _STREAM_CODE[id(Stream.COMPUTE)])[op_index]  # -1: persistent
+        codes = np.append(self._stream_code, STREAMS.index(Stream.COMPUTE))[op_index]  # -1: persistent
         stream = [STREAMS[c] for c in codes.tolist()]
         return _Events(times[order], op_index, np.where(is_free, ~raw, raw), sizes, stream)
 

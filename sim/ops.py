@@ -38,6 +38,9 @@ class Stream(Enum):
     REDUCE = "reduce"
 
 
+STREAMS = tuple(Stream)  # a stream's code is its index here
+
+
 class OpKind(Enum):
     """What bounds an op's duration (sim/cost.py): tensor-core GEMMs, fused attention kernels, memory-bound
     kernels (elementwise, reductions, copies: CUDA cores and HBM), and the three NCCL collectives."""
@@ -148,6 +151,10 @@ class Schedule:
         ops = self.ops
         by_position[distinct] = [value(ops[i]) for i in distinct.tolist()]
         return by_position[sources]
+
+    def stream_codes(self) -> np.ndarray:
+        """Every op's stream as its index in STREAMS."""
+        return self.op_column(lambda op: STREAMS.index(op.stream))
 
     def buffer_sizes(self) -> list[int]:
         if isinstance(self.buffers, BufferTable):

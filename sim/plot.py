@@ -5,7 +5,7 @@ import io
 
 import numpy as np
 
-from sim.ops import CATEGORIES, Phase, Stream
+from sim.ops import CATEGORIES, STREAMS, Phase
 from sim.report import Run
 from sim.units import GIB
 
@@ -72,12 +72,12 @@ def _sample(allocated: np.ndarray) -> np.ndarray:
 def _stream_lanes(ax, run: Run) -> None:
     """One lane per stream used: the share of time its ops run, per pixel-wide bin (a stream's ops never
     overlap, so the running busy time is a cumulative sum over its ops in order)."""
-    ops, starts, ends = run.schedule.ops, np.asarray(run.engine.op_start_us), np.asarray(run.engine.op_end_us)
-    stream_of = np.array([op.stream.value for op in ops], dtype=object)
-    used = [s for s in Stream if (stream_of == s.value).any()]
+    starts, ends = np.asarray(run.engine.op_start_us), np.asarray(run.engine.op_end_us)
+    codes = run.schedule.stream_codes()
+    used = [s for code, s in enumerate(STREAMS) if (codes == code).any()]
     edges = np.linspace(0, max(run.engine.end_time_us, 1), _LANE_BINS + 1)
     for row, stream in enumerate(used):
-        mine = stream_of == stream.value
+        mine = codes == STREAMS.index(stream)
         begin, finish = starts[mine], ends[mine]
         done = np.concatenate([[0], np.cumsum(finish - begin)])
         index = np.searchsorted(finish, edges, side="right")  # ops finished by each edge

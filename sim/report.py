@@ -6,7 +6,7 @@ import numpy as np
 
 from sim.engine import EngineResult
 from sim.parallel.nccl import communicators
-from sim.ops import Phase, Schedule, Stream
+from sim.ops import STREAMS, Phase, Schedule
 from sim.scenario import Scenario
 from sim.schedule import BuiltSchedule
 from sim.units import format_bytes, format_count, us_to_seconds
@@ -102,15 +102,14 @@ def stream_busy_share(run: Run) -> dict[str, float]:
     schedule, engine = run.schedule, run.engine
     if not schedule.ops:
         return {}
-    streams = list(Stream)
-    codes = schedule.op_column(lambda op: streams.index(op.stream))
+    codes = schedule.stream_codes()
     steps = np.asarray(schedule.op_step)
     first = int(np.searchsorted(steps, steps[-1]))
     span = engine.end_time_us - engine.op_start_us[first]
     durations = np.asarray(engine.op_end_us[first:]) - np.asarray(engine.op_start_us[first:])
-    busy = np.bincount(codes[first:], weights=durations, minlength=len(streams))
+    busy = np.bincount(codes[first:], weights=durations, minlength=len(STREAMS))
     used = set(codes[first:].tolist())
-    return {s.value: float(busy[i]) / span if span else 0.0 for i, s in enumerate(streams) if i in used}
+    return {s.value: float(busy[i]) / span if span else 0.0 for i, s in enumerate(STREAMS) if i in used}
 
 
 def _phase_peaks(run: Run) -> dict:

@@ -9,6 +9,7 @@ clone of it (deepspeed/utils/groups.py _clone_world_group), torch DDP one proces
 """
 
 from sim.scenario import Scenario
+from sim.versions import parse_version
 
 MIB = 1 << 20
 _IPC_ALIGN = 2 * MIB  # src/include/comm.h CUDA_IPC_MIN; cuMem's minimum granularity is the same 2 MiB on A100/H100
@@ -27,10 +28,10 @@ _NCCL_OF_TORCH = [((2, 2), (2, 19, 3)), ((2, 3), (2, 20, 5)), ((2, 5), (2, 21, 5
 
 
 def nccl_version(scenario: Scenario) -> tuple[int, int, int]:
-    """`nccl.version`, else the one torch's wheel pins (the newest known for newer torch, 2.18 before 2.2)."""
+    """`nccl.version`, else the one torch's wheel pins (the newest known for newer torch). Wheels before 2.2 were
+    not read; they get a 2.18 (before NCCL 2.19's cuMem and before 2.20's NVLS sizing), which the figures here
+    treat like 2.19."""
     if scenario.nccl.version is not None:
-        from sim.versions import parse_version
-
         return parse_version(scenario.nccl.version, "nccl.version")
     torch = scenario.software.version("torch")[:2]
     chosen = (2, 18, 6)

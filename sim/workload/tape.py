@@ -139,7 +139,7 @@ class Tape:
         self.grad_hook: Callable[[Param, Tensor], None] | None = None  # ZeRO takes param grads over
         self.post_grad_hook: Callable[[Param], None] | None = None  # runs after AccumulateGrad (DDP's reducer)
         self.blas_workspace_bytes = 0  # cuBLAS workspace made at a thread's first GEMM on the stream (0: none)
-        self._blas_workspaces: dict[str, Tensor] = {}
+        self._blas_workspaces: dict[str, Tensor] = {}  # by buffer name: cu(BLAS|BLASLt)_workspace[thread]
         self.lt_workspace_bytes = 0  # cuBLASLt workspace of a bias GEMM (0: none; see schedule.cublaslt_workspace)
         self.lt_workspace_persistent = False  # kept per (handle, stream) instead of allocated per call
         self._template: tuple | None = None  # ((start, end), allocated ids, freed ids) of the last replicated span
@@ -210,12 +210,8 @@ class Tape:
         keeps it for the process, one per (handle, stream) (aten/src/ATen/cuda/CublasHandlePool.cpp
         getCurrentCUDABlasHandle). Handles are per thread: the forward runs on the Python thread, backward (and a
         checkpointed layer's recompute) on the autograd engine's device thread, so training makes two."""
-        thread = "main" if self.phase in (Phase.FORWARD, Phase.OPTIMIZER) else "autograd"
-        if self.blas_workspace_bytes and thread not in self._blas_workspaces:
-            workspace = self.persistent_buffer(f"cublas_workspace[{thread} thread]", self.blas_workspace_bytes,
-                                               DType.BOOL, Category.TEMPORARIES)
-            self._blas_workspaces[thread] = workspace
-            self.allocate_existing(workspace)
+        if self.blas_workspace_bytes:
+            self._thread_workspace("cublas_workspace", self.blas_workspace_bytes)
 
     def cublaslt_gemm(self) -> None:
         """A GEMM with a bias epilogue through cuBLASLt (addmm, CUDABlas.cpp gemm_and_bias): its workspace comes
@@ -224,15 +220,19 @@ class Tape:
         if not self.lt_workspace_bytes:
             return
         if self.lt_workspace_persistent:
-            thread = "main" if self.phase in (Phase.FORWARD, Phase.OPTIMIZER) else "autograd"
-            key = f"lt:{thread}"
-            if key not in self._blas_workspaces:
-                workspace = self.persistent_buffer(f"cublaslt_workspace[{thread} thread]", self.lt_workspace_bytes,
-                                                   DType.BOOL, Category.TEMPORARIES)
-                self._blas_workspaces[key] = workspace
-                self.allocate_existing(workspace)
-            return
-        self.drop(self.empty("cublaslt_workspace", self.lt_workspace_bytes, DType.BOOL))
+            self._thread_workspace("cublaslt_workspace", self.lt_workspace_bytes)
+        else:
+            self.drop(self.empty("cublaslt_workspace", self.lt_workspace_bytes, DType.BOOL))
+
+    def _thread_workspace(self, kind: str, size_bytes: int) -> None:
+        """A workspace kept for the process, made by the current thread's first call: the Python thread's in
+        forward and optimizer, the autograd engine's in backward and recompute."""
+        thread = "main" if self.phase in (Phase.FORWARD, Phase.OPTIMIZER) else "autograd"
+        name = f"{kind}[{thread} thread]"
+        if name not in self._blas_workspaces:
+            workspace = self.persistent_buffer(name, size_bytes, DType.BOOL, Category.TEMPORARIES)
+            self._blas_workspaces[name] = workspace
+            self.allocate_existing(workspace)
 
     # ---- ops ----------------------------------------------------------------------------------------------
     def op(self, name: str, flops: float = 0.0, bytes_moved: int = 0, kind: OpKind = OpKind.MEMORY,
