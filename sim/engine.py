@@ -14,7 +14,7 @@ import numpy as np
 
 from sim.allocator import Allocator, OutOfMemory
 from sim.cost import CostModel
-from sim.ops import STREAMS, Phase, Schedule, Stream
+from sim.ops import PHASES, STREAMS, Phase, Schedule, Stream
 from sim.trace import Trace
 
 
@@ -59,7 +59,7 @@ class Engine:
         self.allocator = allocator
         self._sizes = schedule.buffer_sizes()
         self._sources = schedule.sources()
-        distinct = np.unique(self._sources)
+        distinct = schedule.distinct_ops()
         by_position = np.zeros(len(schedule.ops), dtype=np.int64)
         by_position[distinct] = cost.durations_us([schedule.ops[i] for i in distinct.tolist()])
         self._durations = by_position[self._sources]
@@ -104,7 +104,7 @@ class Engine:
         keep issue order (an op's allocations before its frees, an earlier op's events first). The ids of each
         distinct op are flattened once and gathered for every op that repeats it."""
         ops, persistent, sources = self.schedule.ops, self.schedule.persistent, self._sources
-        distinct = np.unique(sources).tolist()
+        distinct = self.schedule.distinct_ops().tolist()
         flat: list[int] = []
         flat_free: list[bool] = []
         offset = np.zeros(len(ops), dtype=np.int64)
@@ -196,7 +196,7 @@ class _StepwiseDriver:
         if not schedule.op_step or not self.n:
             return [(0, self.n)]
         op_index = self.events.op_index
-        optimizer = schedule.op_column(lambda op: op.phase is Phase.OPTIMIZER)
+        optimizer = schedule.phase_codes() == PHASES.index(Phase.OPTIMIZER)
         group = (np.asarray(schedule.op_step, dtype=np.int64) << 32) + (np.asarray(schedule.op_micro_batch) << 1) \
             + optimizer
         event_group = np.where(op_index < 0, -1, group[np.maximum(op_index, 0)])

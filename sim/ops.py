@@ -30,6 +30,9 @@ class Phase(Enum):
     OPTIMIZER = "optimizer"
 
 
+PHASES = tuple(Phase)  # a phase's code is its index here
+
+
 class Stream(Enum):
     """Simulated CUDA streams; each runs its ops in order."""
 
@@ -136,25 +139,44 @@ class Schedule:
     moved_spans: "list[tuple[int, int, ReplicaSpan]]" = field(default_factory=list)  # [first op, end op): moved ids
     op_source: "list[int] | None" = None  # per op: index of the first op with the same Op object (None: itself)
 
+    _columns: dict = field(default_factory=dict, repr=False, compare=False)  # cache of the columns below
+
     def sources(self) -> np.ndarray:
         """`op_source` as an array (each op its own source when None)."""
-        if self.op_source is None:
-            return np.arange(len(self.ops), dtype=np.int64)
-        return np.asarray(self.op_source, dtype=np.int64)
+        if "sources" not in self._columns:
+            self._columns["sources"] = np.arange(len(self.ops), dtype=np.int64) if self.op_source is None else \
+                np.asarray(self.op_source, dtype=np.int64)
+        return self._columns["sources"]
+
+    def distinct_ops(self) -> np.ndarray:
+        """Positions of the distinct Op objects: the ops that are their own source."""
+        if "distinct" not in self._columns:
+            sources = self.sources()
+            self._columns["distinct"] = np.flatnonzero(sources == np.arange(len(sources)))
+        return self._columns["distinct"]
 
     def op_column(self, value, dtype=np.int64) -> np.ndarray:
         """value(op) for every op, evaluated once per distinct Op object: repeated spans share them, and a run
         has a few times more ops than distinct ones."""
-        sources = self.sources()
-        distinct = np.unique(sources)
+        distinct = self.distinct_ops()
         by_position = np.zeros(len(self.ops), dtype=dtype)
         ops = self.ops
         by_position[distinct] = [value(ops[i]) for i in distinct.tolist()]
-        return by_position[sources]
+        return by_position[self.sources()]
 
     def stream_codes(self) -> np.ndarray:
-        """Every op's stream as its index in STREAMS."""
-        return self.op_column(lambda op: STREAMS.index(op.stream))
+        """Every op's stream as its index in STREAMS (computed once)."""
+        if "stream" not in self._columns:
+            code = {id(stream): i for i, stream in enumerate(STREAMS)}  # hashing an Enum is slow
+            self._columns["stream"] = self.op_column(lambda op: code[id(op.stream)])
+        return self._columns["stream"]
+
+    def phase_codes(self) -> np.ndarray:
+        """Every op's phase as its index in PHASES (computed once)."""
+        if "phase" not in self._columns:
+            code = {id(phase): i for i, phase in enumerate(PHASES)}
+            self._columns["phase"] = self.op_column(lambda op: code[id(op.phase)])
+        return self._columns["phase"]
 
     def buffer_sizes(self) -> list[int]:
         if isinstance(self.buffers, BufferTable):

@@ -6,7 +6,7 @@ import numpy as np
 
 from sim.engine import EngineResult
 from sim.parallel.nccl import communicators
-from sim.ops import STREAMS, Phase, Schedule
+from sim.ops import PHASES, STREAMS, Phase, Schedule
 from sim.scenario import Scenario
 from sim.schedule import BuiltSchedule
 from sim.units import format_bytes, format_count, us_to_seconds
@@ -114,13 +114,12 @@ def stream_busy_share(run: Run) -> dict[str, float]:
 
 def _phase_peaks(run: Run) -> dict:
     trace = run.engine.trace
-    phases_in_order = list(Phase)
-    phase_of_op = np.append(run.schedule.op_column(lambda op: phases_in_order.index(op.phase)), -1)
+    phase_of_op = np.append(run.schedule.phase_codes(), -1)
     event_phase = phase_of_op[trace.op_index]  # op_index -1 picks -1: allocations before the first op
     starts = np.asarray(run.engine.op_start_us)
     out = {}
     for group, phases in PHASE_GROUPS.items():
-        codes = [phases_in_order.index(p) for p in phases]
+        codes = [PHASES.index(p) for p in phases]
         selected = np.isin(event_phase, codes)
         # what is held when the phase begins counts too (a phase may allocate nothing: an offloaded step), at the
         # start of each of its runs (every micro-batch's forward and backward, every step's optimizer)

@@ -204,3 +204,35 @@ def test_repeated_windows_change_nothing_headline() -> None:
     repeated, stepwise = _engine_pair(scenario)
     assert repeated[0].repeated_events > len(repeated[0].trace) // 3
     _assert_same_run(repeated, stepwise)
+
+
+# ---- repeated micro-batches in the build ---------------------------------------------------------------------------
+
+def _canonical_run(scenario, repeat: bool) -> dict:
+    """The timeline and trace of a build (`repeat`: later micro-batches repeated, not rebuilt), with buffer ids
+    renamed by first appearance: the two builds number fresh buffers differently."""
+    schedule = build_schedule(scenario, repeat).schedule
+    device = scenario.hardware.device
+    cost = CostModel(device, DType.BFLOAT16, scenario.hardware.gpus_per_node, scenario.hardware.nodes)
+    result = Engine(schedule, ExactAllocator(10**15), cost).run()
+    first_seen: dict[int, int] = {}
+    ids = [first_seen.setdefault(b, len(first_seen)) for b in result.trace.buffer_id.tolist()]
+    return {"ops": [(op.name, op.stream, op.phase, op.layer) for op in schedule.ops],
+            "step": list(schedule.op_step), "micro": list(schedule.op_micro_batch),
+            "start": result.op_start_us, "end": result.op_end_us, "ids": ids,
+            "time": result.trace.time_us.tolist(), "op_index": result.trace.op_index.tolist(),
+            "delta": result.trace.delta_bytes.tolist(), "sources": schedule.sources()}
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_repeated_micro_batches_build_the_same_timeline_zero3(overlap: bool) -> None:
+    # ZeRO-3, 2 steps of 4 micro-batches: (0,2), (0,3) repeat (0,1) after its instances, and (1,1)-(1,3) repeat it
+    # after the built first micro-batch of step 1, whose pending reduce waits stand where (0,0)'s did.
+    scenario = build_scenario(zero_raw(2, overlap_comm=overlap, reduce_bucket_size=5000),
+                              overrides=["training.gradient_accumulation_steps=4"])
+    repeated, built = _canonical_run(scenario, True), _canonical_run(scenario, False)
+    sources = repeated.pop("sources")
+    built.pop("sources")
+    assert repeated == built
+    step_1_micro_1 = [i for i, (s, m) in enumerate(zip(repeated["step"], repeated["micro"])) if (s, m) == (1, 1)]
+    assert step_1_micro_1 and all(sources[i] < i for i in step_1_micro_1)  # repeated, not rebuilt

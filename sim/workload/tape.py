@@ -8,6 +8,7 @@ buffers, param.grad) and frees it when the last holder lets go, exactly as refer
 AccumulateGrad do.
 """
 
+from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -448,8 +449,8 @@ class Tape:
         if follows_an_instance:  # the previous instance's outbound buffers, under their current ids
             alive = {key: self._carry.get(out) or self._storage_with_id(out) for key, out in outbound.items()}
         else:  # ops built one by one ran since (the first micro-batch of a later step): what they left alive
-            if any(w >= self._final_total - (end - start) for w in self._waits):
-                return False  # _append_replica would shift waits those ops left as if they were an instance
+            if not self._waits_match_entry(start, end):
+                return False
             alive = self._alive_with_keys(outbound.keys())
             if alive is None:
                 return False
@@ -462,6 +463,28 @@ class Tape:
             storage.buffer_id = template_out + moved
             self._carry[template_out] = storage
         return True
+
+    def _waits_match_entry(self, start: int, end: int) -> bool:
+        """Whether the ops built just before now leave the template ops[start:end] what its own predecessor left
+        it: the ops it waits for outside itself are pending now at the same offsets from its start, and are the
+        same ops (name, stream). Its repetition's deps (relative) then point at the right ops, and the waits it
+        leaves pending are shifted like an instance's (`_append_replica`)."""
+        first = self._final_of[start]
+        outside = {d - first for draft in self._ops[start:end] for d in draft.deps if d < first}
+        pending = {w - self._final_total for w in self._waits}
+        if outside != pending:
+            return False
+        for offset in pending:
+            here, there = self._draft_at(self._final_total + offset), self._draft_at(first + offset)
+            if here is None or there is None or (here.name, here.stream) != (there.name, there.stream):
+                return False
+        return True
+
+    def _draft_at(self, final: int) -> "_OpDraft | None":
+        """The op built at position `final` of the schedule, or None where a repetition stands there."""
+        index = bisect_right(self._final_of, final) - 1
+        entry = self._ops[index]
+        return entry if isinstance(entry, _OpDraft) and self._final_of[index] == final else None
 
     def _alive_with_keys(self, keys) -> "dict[tuple[str, int], Storage] | None":
         """The live, non-persistent storage of each (name, size), or None unless exactly one exists for each."""
