@@ -6,6 +6,7 @@ IPG bucket and reduce-scattered into the persistent gradient partition; the opti
 One rank is simulated; collectives run on the allgather and reduce streams.
 """
 
+from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -45,6 +46,8 @@ class Zero3:
     ipg_numel: int = 0
     ipg_buffer: Tensor | None = None
     outstanding_reduces: deque = field(default_factory=deque)
+    _trace_uses: dict[str, list[int]] = field(default_factory=dict)  # per param: trace positions of its modules
+    _trace_numel_before: list[int] = field(default_factory=list)  # per trace position: numel of the modules before
 
     @property
     def offload_param(self) -> bool:
@@ -186,21 +189,24 @@ class Zero3:
 
     def release(self, module: str) -> None:
         """release_sub_module: partition the module's params unless persistent, prefetched past, or used again
-        within max_reuse_distance elements of the trace."""
+        within max_reuse_distance elements of the trace (DeepSpeed walks the trace from the current step id,
+        adding each module's numel, and stops once the sum reaches the distance: a module is within it when the
+        modules before it from here sum to less)."""
         params = self.modules[module]
-        keep = {p.name for p in params if self.states[p.name].persist}
-        if self.trace_complete:
-            keep |= {p.name for p in params if self.states[p.name].fetched_for_step > self.step_id}
-            traversed = 0
-            for upcoming in self.trace[self.step_id:]:
-                if traversed >= self.config.stage3_max_reuse_distance:
-                    break
-                for p in self.modules[upcoming]:
-                    keep.add(p.name)
-                    traversed += p.tensor.numel
         for p in params:
-            if p.name not in keep:
-                self._partition(self.states[p.name])
+            zp = self.states[p.name]
+            if zp.persist or (self.trace_complete and (zp.fetched_for_step > self.step_id or self._reused_soon(p))):
+                continue
+            self._partition(zp)
+
+    def _reused_soon(self, param: Param) -> bool:
+        """Whether `param`'s next use in the trace, from the current step id on, lies within max_reuse_distance."""
+        uses = self._trace_uses.get(param.name, ())
+        k = bisect_left(uses, self.step_id)
+        if k == len(uses):
+            return False
+        numel_before = self._trace_numel_before
+        return numel_before[uses[k]] - numel_before[self.step_id] < self.config.stage3_max_reuse_distance
 
     def _partition(self, zp: _Zp) -> None:
         if zp.gathered is None:
@@ -213,6 +219,12 @@ class Zero3:
         """After a micro-batch: the trace of the first one is complete; the fetch queue and step id restart."""
         self.trace_complete = True
         self.step_id = 0
+        self._trace_uses, self._trace_numel_before = {}, [0]
+        for step_id, module in enumerate(self.trace):
+            for p in self.modules[module]:
+                self._trace_uses.setdefault(p.name, []).append(step_id)
+            self._trace_numel_before.append(self._trace_numel_before[-1] + sum(p.tensor.numel
+                                                                               for p in self.modules[module]))
         self.queue = deque()
         for step_id, module in enumerate(self.trace):
             for p in self.modules[module]:
