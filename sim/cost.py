@@ -1,7 +1,8 @@
 """Op durations. Kernels: the roofline (Williams et al. 2009), the longer of FLOPs at the achievable rate of the
 unit that runs them and bytes at the achievable HBM bandwidth. Collectives: NCCL's own cost model
 (NVIDIA/nccl src/graph/tuning.cc): a base latency, a per-step latency for each ring step, and the bytes
-each rank sends at the measured bus bandwidth of the slowest link the algorithm crosses. The achievable fractions
+each rank sends at the measured bus bandwidth of the slowest link the algorithm crosses; an all-reduce runs as a
+ring or a tree, whichever NCCL's model finds faster. The achievable fractions
 are measured figures in the hardware YAML (DeviceEfficiency); 1.0 gives the bare datasheet roofline."""
 
 import numpy as np
@@ -10,9 +11,18 @@ from sim.ops import COLLECTIVES, Op, OpKind
 from sim.scenario import DeviceSpec, DType
 
 _FLOPS_KEY = {DType.BFLOAT16: "bf16", DType.FLOAT16: "fp16", DType.FLOAT32: "fp32"}
-# NVIDIA/nccl src/graph/tuning.cc: baseLat[NCCL_ALGO_RING][NCCL_PROTO_SIMPLE] = 8.4 µs per collective; the
-# collectives here move tens to hundreds of MB, where NCCL runs the ring with the Simple protocol.
+# NVIDIA/nccl src/graph/tuning.cc (ncclTopoTuneModel, ncclTopoGetAlgoTime), Simple protocol: the collectives here move
+# megabytes, where NCCL runs Simple; LL and LL128 (lower latency, lower bandwidth) win only for small messages and
+# are not modelled. baseLat[Ring][Simple] = 8.4 µs per collective in every version read (2.18-2.29).
 NCCL_BASE_LATENCY_US = 8.4
+# Tree (all-reduce only), (baseLat, hwLat[NVLINK], hwLat[NET]) of [Tree][Simple]: 0, 28, 28 µs up to 2.22; 8.4, 4.0,
+# 14 µs from 2.23 (a tree step was costed as a 256 kB chunk before).
+_TREE_LATENCY_US = (((2, 23, 0), (8.4, 4.0, 14.0)), ((0, 0, 0), (0.0, 28.0, 28.0)))
+# perChMaxTreeBws (GB/s per channel) by compute capability major, for 1, 2 and more nodes (same in 2.18-2.22)
+_TREE_MAX_BYTES_PER_S_PER_CHANNEL = {7: (26.5e9, 18.5e9, 10.0e9), 8: (24.0e9, 23.6e9, 17.8e9),
+                                     9: (38.7e9, 41.4e9, 36.0e9)}
+# treeCorrectionFactor[Simple]: the tree's bandwidth is scaled by it for messages of 64·2^k bytes, k = 0..22
+_TREE_CORRECTION = (.9, .9, .9, .9, .9, .9, .9, .8, .7, .6, .6, .5, .5, .5, .5, .6, .7, .8, .7, .7, .8, .9, .9)
 _KIND_CODE = {kind: code for code, kind in enumerate(OpKind)}
 _CODE_BY_ID = {id(kind): code for kind, code in _KIND_CODE.items()}  # hashing an Enum is slow
 
@@ -20,7 +30,8 @@ _CODE_BY_ID = {id(kind): code for kind, code in _KIND_CODE.items()}  # hashing a
 class CostModel:
     """Durations of ops on one device of a `gpus_per_node` × `nodes` machine, in whole µs."""
 
-    def __init__(self, device: DeviceSpec, compute_dtype: DType, gpus_per_node: int = 1, nodes: int = 1) -> None:
+    def __init__(self, device: DeviceSpec, compute_dtype: DType, gpus_per_node: int = 1, nodes: int = 1,
+                 nccl_version: tuple[int, int, int] = (2, 19, 3), nccl_channels: int = 24) -> None:
         eff = device.efficiency
         key = _FLOPS_KEY.get(compute_dtype, "fp32")
         tensor_peak = device.peak_flops.get(key) or max(device.peak_flops.values())
@@ -40,21 +51,54 @@ class CostModel:
                                 else self.intra_bus_bytes_per_s)
         self.intra_latency_us = device.intra_node_latency_us
         self.inter_latency_us = device.inter_node_latency_us
+        self.nccl_version, self.channels = tuple(nccl_version), nccl_channels
+        major = int((device.compute_capability or "8.0").split(".")[0])
+        self.ring_plateau = 1.9 if major < 8 else 1.4  # ncclTopoGetAlgoTime: "Plateau effect of ring"
+        # the tree's bus bandwidth: busBw × .92, at most nChannels × perChMaxTreeBw; algorithm bandwidth half of it
+        cap = _TREE_MAX_BYTES_PER_S_PER_CHANNEL.get(major)
+        tree_bus = 0.92 * self.bus_bytes_per_s
+        if cap is not None:
+            tree_bus = min(tree_bus, nccl_channels * cap[min(nodes, 3) - 1])
+        self.tree_bytes_per_s = 0.5 * tree_bus
 
     def collective_latency_us(self, kind: OpKind) -> float:
         """NCCL's ring latency for one collective over all ranks (tuning.cc): the base latency plus one link
         latency per ring step (all-reduce: reduce-scatter then all-gather, 2(n-1) steps; all-gather and
-        reduce-scatter: n-1), the steps that cross nodes at the network latency. NCCL's tree (all-reduce only) has
-        its own, larger per-hop latencies and wins only for small messages; it is not modelled."""
+        reduce-scatter: n-1), the steps that cross nodes at the network latency (all-reduce: 2·nodes of them up to
+        NCCL 2.22, 2(nodes-1) from 2.23)."""
         n, nodes = self.ranks, self.nodes
         if n <= 1:
             return 0.0
         if kind is OpKind.ALL_REDUCE:
-            steps, inter_steps = 2 * (n - 1), (2 * nodes if nodes > 1 else 0)
+            steps = 2 * (n - 1)
+            inter_steps = 0 if nodes == 1 else 2 * (nodes - 1) if self.nccl_version >= (2, 23, 0) else 2 * nodes
         else:
             steps, inter_steps = n - 1, nodes - 1
         return NCCL_BASE_LATENCY_US + (steps - inter_steps) * self.intra_latency_us + \
             inter_steps * self.inter_latency_us
+
+    def tree_latency_us(self) -> float:
+        """NCCL's tree all-reduce latency (tuning.cc): base + 2·((ranks per node - 1)·intra + log2(nodes)·inter)
+        hop latencies, up the tree and down again. The network's own latency (graph latencyInter) is 0 for IB."""
+        if self.ranks <= 1:
+            return 0.0
+        base, nvlink, net = next(lat for first, lat in _TREE_LATENCY_US if self.nccl_version >= first)
+        per_node = self.ranks // self.nodes
+        return base + 2 * ((per_node - 1) * nvlink + (self.nodes.bit_length() - 1) * net)
+
+    def all_reduce_us(self, message_bytes: np.ndarray, wire_bytes: np.ndarray) -> np.ndarray:
+        """An all-reduce of `message_bytes` as NCCL runs it: the faster of ring and tree by NCCL's own estimate
+        (ncclTopoGetAlgoTime; the tree's bandwidth scaled by treeCorrectionFactor, the ring's latency by the
+        plateau factor across nodes once each rank's share per channel reaches 64 B)."""
+        ring_latency = np.full(len(message_bytes), self.collective_latency_us(OpKind.ALL_REDUCE))
+        if self.nodes > 1:
+            ring_latency[message_bytes / (self.channels * self.ranks) >= 64] *= self.ring_plateau
+        ring = ring_latency + wire_bytes / self.bus_bytes_per_s * 1e6
+        log_size = np.floor(np.log2(np.maximum(message_bytes // 64, 1))).astype(np.int64)
+        correction = np.where(log_size < len(_TREE_CORRECTION),
+                              np.asarray(_TREE_CORRECTION)[np.minimum(log_size, len(_TREE_CORRECTION) - 1)], 1.0)
+        tree = self.tree_latency_us() + message_bytes / (self.tree_bytes_per_s * correction) * 1e6
+        return np.minimum(ring, tree)
 
     def durations_us(self, ops: list[Op]) -> list[int]:
         """duration_us of every op, vectorised: rounded up to whole µs, at least 1 µs for any work."""
@@ -71,6 +115,11 @@ class CostModel:
         for collective in COLLECTIVES:
             latency_s[kind == _KIND_CODE[collective]] = self.collective_latency_us(collective) / 1e6
         seconds = np.where(wire > 0, wire / self.bus_bytes_per_s + latency_s, seconds)
+        all_reduce = np.flatnonzero((kind == _KIND_CODE[OpKind.ALL_REDUCE]) & (wire > 0))
+        if len(all_reduce):  # wire = 2(n-1)/n of the message (ring all-reduce)
+            n = self.ranks
+            message = np.round(wire[all_reduce] * n / (2 * (n - 1)))
+            seconds[all_reduce] = self.all_reduce_us(message, wire[all_reduce]) / 1e6
         micros = np.ceil(seconds * 1e6).astype(np.int64)
         micros[(seconds > 0) & (micros < 1)] = 1
         return micros.tolist()

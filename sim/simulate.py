@@ -7,7 +7,7 @@ from sim.allocator import make_allocator
 from sim.cost import CostModel
 from sim.engine import Engine
 from sim.errors import ScenarioError
-from sim.parallel.nccl import nccl_buffer_bytes
+from sim.parallel.nccl import nccl_buffer_bytes, nccl_channels, nccl_version
 from sim.report import Run
 from sim.scenario import DType, Scenario
 from sim.schedule import build_schedule, compute_dtype, weights_dtype
@@ -62,6 +62,7 @@ def _run(scenario: Scenario, repeat: bool) -> Run:
     allocator = make_allocator(scenario.allocator, max(device.capacity_bytes - non_pytorch, 0),
                                device.capacity_bytes, scenario.software.version("torch"))
     cost = CostModel(device, compute_dtype(scenario) or weights_dtype(scenario) or DType.FLOAT32,
-                     scenario.hardware.gpus_per_node, scenario.hardware.nodes)
+                     scenario.hardware.gpus_per_node, scenario.hardware.nodes, nccl_version(scenario),
+                     nccl_channels(scenario))
     result = Engine(built.schedule, allocator, cost, repeat).run()
     return Run(scenario, built, result, non_pytorch, allocator, nccl)

@@ -61,6 +61,47 @@ def test_collective_cost_follows_nccl_ring_and_tree() -> None:
     gather = Op("g", Stream.ALLGATHER, Phase.FORWARD, None, wire_bytes=8 * 10**5, kind=OpKind.ALL_GATHER)
     assert one_node.durations_us([gather]) == [math.ceil(8.4 + 14 + 8 * 10**5)]
     assert four_nodes.durations_us([gather]) == [math.ceil(8.4 + 86 + 10**6)]
+    # NCCL 2.23 counts 2(nodes-1) network steps for an all-reduce ring instead of 2·nodes: 56 + 6 of its 62
+    newer = CostModel(device, DType.BFLOAT16, gpus_per_node=8, nodes=4, nccl_version=(2, 23, 4))
+    assert newer.collective_latency_us(OpKind.ALL_REDUCE) == pytest.approx(8.4 + 56 * 2.0 + 6 * 10.0)
+
+
+def all_reduce(message_bytes: int, ranks: int) -> Op:
+    """An all-reduce as the data-parallel code issues it: each rank sends 2(n-1)/n of the message."""
+    return Op("ar", Stream.REDUCE, Phase.BACKWARD, None, wire_bytes=2 * (ranks - 1) * message_bytes // ranks,
+              kind=OpKind.ALL_REDUCE)
+
+
+def test_all_reduce_runs_as_the_faster_of_ring_and_tree() -> None:
+    # 16 nodes × 8 ranks, NVLink 1000 B/µs per direction and NICs as fast, link latencies 2 and 10 µs, sm80, 24
+    # channels, NCCL 2.19 (tuning.cc):
+    #   ring latency = 8.4 + (254 - 32) × 2 + 32 × 10 = 772.4 µs (× 1.4 once each rank's share per channel,
+    #   message / (24 × 128), reaches 64 B); ring bandwidth: 2·127/128 of the message at 1000 B/µs;
+    #   tree latency = 0 + 2 × (7 × 28 + log2(16) × 28) = 616 µs; tree bandwidth = 0.5 × 0.92 × 1000 B/µs × the
+    #   correction for message/64 = 2^k (k = 9: 0.6, k = 19: 0.7).
+    device = TOY.model_copy(update={"intra_node_bytes_per_s": 2e9, "inter_node_bytes_per_s": 1e9 / 8,
+                                    "intra_node_latency_us": 2.0, "inter_node_latency_us": 10.0,
+                                    "compute_capability": "8.0"})
+    cost = CostModel(device, DType.BFLOAT16, gpus_per_node=8, nodes=16)
+    assert cost.bus_bytes_per_s == pytest.approx(1e9)
+    assert cost.tree_latency_us() == pytest.approx(616.0)
+    small, large = 64_000, 64_000_000
+    ring_small = 772.4 + 127_000 / 1000  # 64000 / 3072 < 64: no plateau
+    tree_small = 616 + small / (460 * 0.6)
+    ring_large = 772.4 * 1.4 + 127_000_000 / 1000
+    tree_large = 616 + large / (460 * 0.7)
+    assert tree_small < ring_small and ring_large < tree_large
+    assert cost.durations_us([all_reduce(small, 128), all_reduce(large, 128)]) == [math.ceil(tree_small),
+                                                                                   math.ceil(ring_large)]
+    # From NCCL 2.23 a tree hop is costed at 4 µs over NVLink and 14 µs over the network, plus 8.4 µs base.
+    newer = CostModel(device, DType.BFLOAT16, gpus_per_node=8, nodes=16, nccl_version=(2, 23, 4))
+    assert newer.tree_latency_us() == pytest.approx(8.4 + 2 * (7 * 4.0 + 4 * 14.0))
+    # One node: the tree's hops cost 2 × 7 × 28 = 392 µs and its bandwidth is below the ring's (0.46 vs 8/14 of
+    # the bus): the ring always wins.
+    one_node = CostModel(device, DType.BFLOAT16, gpus_per_node=8, nodes=1)
+    for message in (64, 64_000, 64_000_000):
+        ring = 8.4 + 14 * 2.0 + 2 * 7 * message / 8 / 1000
+        assert one_node.durations_us([all_reduce(message, 8)]) == [math.ceil(ring)]
 
 
 def test_kernels_run_at_their_units_achievable_rates() -> None:

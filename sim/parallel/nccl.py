@@ -41,6 +41,11 @@ def nccl_version(scenario: Scenario) -> tuple[int, int, int]:
     return chosen
 
 
+def nccl_channels(scenario: Scenario) -> int:
+    """`nccl.channels`, else what NCCL opens on an 8-GPU NVSwitch node."""
+    return scenario.nccl.channels or _DEFAULT_CHANNELS
+
+
 def communicators(scenario: Scenario) -> int:
     """NCCL communicators of one rank: none on one GPU; DeepSpeed (any ZeRO stage) the world group (parameter
     all-gathers, zero.Init broadcasts) and its clone for gradient reduction; torch DDP its one process group."""
@@ -91,7 +96,7 @@ def nccl_buffer_bytes(scenario: Scenario) -> int:
     if count == 0:
         return 0
     version = nccl_version(scenario)
-    channels = scenario.nccl.channels or _DEFAULT_CHANNELS
+    channels = nccl_channels(scenario)
     # Approximations: connections across nodes (NET transport) are counted like NVLink P2P ones; NVLS buffers are
     # not rounded to the multicast granularity, and from 2.22 are counted although set up at first use.
     connections = 1 if version >= (2, 22, 0) else 2
