@@ -48,7 +48,7 @@ class _Events:
     op_index: np.ndarray  # -1: a persistent buffer, allocated before the first op
     signed_id: np.ndarray  # buffer id for an allocation, ~id for a free
     size_bytes: np.ndarray
-    stream: list[Stream]
+    stream_code: np.ndarray  # index into STREAMS
 
 
 class Engine:
@@ -135,8 +135,7 @@ class Engine:
         raw, op_index, is_free = raw[order], op_index[order], is_free[order]
         sizes = np.asarray(self._sizes, dtype=np.int64)[raw]
         codes = np.append(self._stream_code, STREAMS.index(Stream.COMPUTE))[op_index]  # -1: persistent
-        stream = [STREAMS[c] for c in codes.tolist()]
-        return _Events(times[order], op_index, np.where(is_free, ~raw, raw), sizes, stream)
+        return _Events(times[order], op_index, np.where(is_free, ~raw, raw), sizes, codes)
 
     def _move_replica_ids(self, ids: np.ndarray, op_index: np.ndarray, is_free: np.ndarray) -> None:
         """Ops of a periodic repetition carry the template's buffer ids; move them (ReplicaSpan) in place: every
@@ -233,7 +232,7 @@ class _StepwiseDriver:
         malloc, free = allocator.malloc, allocator.free
         signed = events.signed_id[start:end].tolist()
         sizes = events.size_bytes[start:end].tolist()
-        streams = events.stream[start:end]
+        streams = [STREAMS[c] for c in events.stream_code[start:end].tolist()]
         oom = None
         for offset, (buffer_id, size, stream) in enumerate(zip(signed, sizes, streams)):
             if buffer_id >= 0:
@@ -276,7 +275,7 @@ class _StepwiseDriver:
         events = self.events
         here, there = slice(start, end), slice(ref_start, ref_end)
         if not (np.array_equal(events.size_bytes[here], events.size_bytes[there])
-                and events.stream[here] == events.stream[there]):
+                and np.array_equal(events.stream_code[here], events.stream_code[there])):
             return False
         signed_here, signed_there = events.signed_id[here], events.signed_id[there]
         if not np.array_equal(signed_here < 0, signed_there < 0):
