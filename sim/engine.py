@@ -9,6 +9,7 @@ an op starts when the previous op of its stream and every op it depends on have 
 """
 
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 
@@ -104,25 +105,24 @@ class Engine:
         keep issue order (an op's allocations before its frees, an earlier op's events first). The ids of each
         distinct op are flattened once and gathered for every op that repeats it."""
         ops, persistent, sources = self.schedule.ops, self.schedule.persistent, self._sources
-        distinct = self.schedule.distinct_ops().tolist()
-        flat: list[int] = []
-        flat_free: list[bool] = []
-        offset = np.zeros(len(ops), dtype=np.int64)
+        distinct = self.schedule.distinct_ops()
+        distinct_ops = [ops[p] for p in distinct.tolist()]
+        # per distinct op: its allocations, then its frees
+        flat = list(chain.from_iterable(chain.from_iterable((op.allocs, op.frees) for op in distinct_ops)))
+        halves = np.fromiter(chain.from_iterable((len(op.allocs), len(op.frees)) for op in distinct_ops),
+                             dtype=np.int64, count=2 * len(distinct_ops))
+        flat_free = np.repeat(np.tile(np.array([False, True]), len(distinct_ops)), halves)
         count = np.zeros(len(ops), dtype=np.int64)
-        for position in distinct:
-            op = ops[position]
-            offset[position] = len(flat)
-            count[position] = len(op.allocs) + len(op.frees)
-            flat.extend(op.allocs)
-            flat.extend(op.frees)
-            flat_free.extend([False] * len(op.allocs) + [True] * len(op.frees))
+        count[distinct] = halves[0::2] + halves[1::2]
+        offset = np.zeros(len(ops), dtype=np.int64)
+        offset[distinct] = np.cumsum(count[distinct]) - count[distinct]
         lengths = count[sources]
         total = int(lengths.sum())
         first = np.cumsum(lengths) - lengths  # each op's first event among all
         gather = np.repeat(offset[sources] - first, lengths) + np.arange(total, dtype=np.int64)
         op_index = np.repeat(np.arange(len(ops), dtype=np.int64), lengths)
         raw = np.asarray(flat, dtype=np.int64)[gather] if total else np.zeros(0, dtype=np.int64)
-        is_free = np.asarray(flat_free, dtype=bool)[gather] if total else np.zeros(0, dtype=bool)
+        is_free = flat_free[gather] if total else np.zeros(0, dtype=bool)
         self._move_replica_ids(raw, op_index, is_free)
         times = np.where(is_free, np.asarray(ends, dtype=np.int64)[op_index],
                          np.asarray(starts, dtype=np.int64)[op_index]) if total else np.zeros(0, dtype=np.int64)
@@ -234,20 +234,23 @@ class _StepwiseDriver:
         sizes = events.size_bytes[start:end].tolist()
         streams = [STREAMS[c] for c in events.stream_code[start:end].tolist()]
         oom = None
-        for offset, (buffer_id, size, stream) in enumerate(zip(signed, sizes, streams)):
+        most = self.most_reserved
+        at = start
+        for buffer_id, size, stream in zip(signed, sizes, streams):
             if buffer_id >= 0:
                 try:
                     malloc(buffer_id, size, stream)
                 except OutOfMemory as exc:
-                    at = start + offset
                     oom = oom or OomEvent(int(events.time_us[at]), int(events.op_index[at]), exc.requested_bytes,
                                           str(exc))
             else:
                 free(~buffer_id)
-            allocated[start + offset] = allocator.allocated_bytes
-            reserved[start + offset] = now = allocator.reserved_bytes
-            if now > self.most_reserved:
-                self.most_reserved, self.largest_at_peak = now, allocator.largest_free_block_bytes()
+            allocated[at] = allocator.allocated_bytes
+            reserved[at] = now = allocator.reserved_bytes
+            if now > most:
+                most = self.most_reserved = now
+                self.largest_at_peak = allocator.largest_free_block_bytes()
+            at += 1
         return oom
 
     def _live_allocations(self, at: int) -> tuple[list[int], np.ndarray]:
