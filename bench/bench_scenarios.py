@@ -1,7 +1,9 @@
 """Wall time of whole runs (load, schedule, engine, summary) for the shipped scenarios; prints figures.
 
-Usage: python bench/bench_scenarios.py [SCENARIO ...] [--repeat N]
-Reports the best and median of N in-process runs and one cold `python -m sim run` (imports included).
+Usage: python bench/bench_scenarios.py [SCENARIO ...] [--repeat N] [--cold N]
+Reports the best and median of N in-process runs and the median of N cold `python -m sim run` (imports included).
+Virtual machines drift in speed by a factor of two or more within minutes, so it also prints the time of a fixed
+pure-Python loop before and after: compare runs across machines or moments in units of it.
 """
 
 import argparse
@@ -23,7 +25,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("scenarios", nargs="*", default=sorted(str(p) for p in (ROOT / "scenarios").glob("*.yaml")))
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--cold", type=int, default=3)
     args = parser.parse_args()
+    print(f"reference loop: {reference_loop_s():.3f} s")
     print(f"{'scenario':<40}{'events':>9}{'best s':>9}{'median s':>10}{'cold CLI s':>12}")
     for path in args.scenarios:
         scenario = load_scenario(path)
@@ -32,11 +36,26 @@ def main() -> None:
             start = time.perf_counter()
             result = summarize(run_scenario(scenario))
             times.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "sim", "run", path], cwd=ROOT, check=True, capture_output=True)
-        cold = time.perf_counter() - start
+        colds = []
+        for _ in range(args.cold):
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "sim", "run", path], cwd=ROOT, check=True, capture_output=True)
+            colds.append(time.perf_counter() - start)
         print(f"{Path(path).name:<40}{result['events']:>9}{min(times):>9.3f}{statistics.median(times):>10.3f}"
-              f"{cold:>12.3f}")
+              f"{statistics.median(colds):>12.3f}")
+    print(f"reference loop: {reference_loop_s():.3f} s")
+
+
+def reference_loop_s() -> float:
+    """Best of three timings of ten million integer additions in a Python loop: the machine's speed right now."""
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        total = 0
+        for i in range(10_000_000):
+            total += i
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 if __name__ == "__main__":
