@@ -147,10 +147,10 @@ class Tape:
 
     # ---- storages ---------------------------------------------------------------------------------------
     def new_storage(self, name: str, size_bytes: int, category: Category, persistent: bool = False) -> Storage:
-        storage = Storage(len(self._buffer_source), name, size_bytes, category, persistent=persistent,
-                          row=len(self.storages))
-        self.storages.append(storage)
-        self._buffer_source.append(storage)
+        storages, source = self.storages, self._buffer_source
+        storage = Storage(len(source), name, size_bytes, category, 0, persistent, False, len(storages))
+        storages.append(storage)
+        source.append(storage)
         return storage
 
     def hold(self, storage: Storage) -> None:
@@ -166,9 +166,11 @@ class Tape:
     # ---- tensors ------------------------------------------------------------------------------------------
     def empty(self, name: str, numel: int, dtype: DType, category: Category = Category.TEMPORARIES) -> Tensor:
         """A new tensor allocated by the current op, held by the caller (one Python reference)."""
-        storage = self.new_storage(name, numel * dtype.size_bytes, category)
+        storages, source = self.storages, self._buffer_source
+        storage = Storage(len(source), name, numel * dtype.size_bytes, category, 1, False, False, len(storages))
+        storages.append(storage)
+        source.append(storage)
         self._ops[self._compute].allocs.append(storage.buffer_id)
-        storage.refs = 1
         return Tensor(storage, numel, dtype)
 
     def alias(self, tensor: Tensor, numel: int | None = None, view: bool = False) -> Tensor:
@@ -240,12 +242,15 @@ class Tape:
            wire_bytes: int = 0) -> None:
         """Start a new compute op: following allocations happen when it starts, following frees when it ends.
         It waits for the side-stream ops registered with `wait_for` since the last compute op."""
-        deps, self._waits = tuple(self._waits), []
-        self._ops.append(_OpDraft(name, self.phase, self.layer, self.step, self.micro_batch, [], [], flops,
-                                  bytes_moved, Stream.COMPUTE, deps, wire_bytes, kind))
+        deps = ()
+        if self._waits:
+            deps, self._waits = tuple(self._waits), []
+        ops = self._ops
+        self._compute = len(ops)
+        ops.append(_OpDraft(name, self.phase, self.layer, self.step, self.micro_batch, [], [], flops, bytes_moved,
+                            Stream.COMPUTE, deps, wire_bytes, kind))
         self._final_of.append(self._final_total)
         self._final_total += 1
-        self._compute = len(self._ops) - 1
 
     def side_op(self, name: str, stream: Stream, bytes_moved: int = 0, wire_bytes: int = 0,
                 deps: tuple[int, ...] = (), kind: OpKind = OpKind.MEMORY) -> int:
@@ -281,14 +286,17 @@ class Tape:
     def record(self, name: str, inputs: Sequence[Tensor | None], saved: Sequence[Tensor],
                backward: BackwardFn, **ctx) -> Node | None:
         """Record an autograd node if grad mode is on and an input requires grad; hold its saved tensors."""
-        if not self.grad_enabled or not any(t is not None and t.requires_grad for t in inputs):
+        if not self.grad_enabled:
+            return None
+        grad_inputs = [t if t is not None and t.requires_grad else None for t in inputs]
+        if not any(grad_inputs):
             return None
         self._seq += 1
-        grad_inputs = [t if t is not None and t.requires_grad else None for t in inputs]
         for tensor in saved:
-            self.hold(tensor.storage)
-            if tensor.storage.category is Category.TEMPORARIES:
-                tensor.storage.category = Category.ACTIVATIONS
+            storage = tensor.storage
+            storage.refs += 1
+            if storage.category is Category.TEMPORARIES:
+                storage.category = Category.ACTIVATIONS
         node = Node(self._seq, name, grad_inputs, [t.storage for t in saved], backward, self.layer, ctx)
         self._nodes.append(node)
         return node
