@@ -73,6 +73,21 @@ def weights_dtype(scenario: Scenario) -> DType:
     return model.weights_dtype
 
 
+def communication_dtype(scenario: Scenario) -> DType:
+    """DeepSpeed's `communication_data_type` for gradient reduction: "fp32", "fp16", or bf16 as "bfp16" up to
+    0.14.0 and "bf16" from 0.14.1 (runtime/config.py get_communication_data_type raises on anything else);
+    without it the model dtype (engine.py communication_data_type)."""
+    value = (scenario.deepspeed.model_extra or {}).get("communication_data_type")
+    if value is None:
+        return weights_dtype(scenario)
+    bf16 = "bfp16" if scenario.software.version("deepspeed") <= (0, 14, 0) else "bf16"
+    names = {"fp32": DType.FLOAT32, "fp16": DType.FLOAT16, bf16: DType.BFLOAT16}
+    if not isinstance(value, str) or value.lower() not in names:
+        raise ScenarioError(f"deepspeed.communication_data_type: {value!r} is not one of {', '.join(names)} "
+                            "(DeepSpeed's names for this version)")
+    return names[value.lower()]
+
+
 def on_host(scenario: Scenario) -> bool:
     """An inline device with no CUDA context and the exact allocator stands for a plain CPU host (design.md §3)."""
     return scenario.hardware.device.cuda_context_bytes == 0 and scenario.allocator.backend is AllocatorBackend.EXACT
@@ -134,7 +149,8 @@ def build_schedule(scenario: Scenario, repeat: bool = True) -> BuiltSchedule:
     ctx = _context(scenario, tape)
     zero = scenario.deepspeed.zero_optimization if scenario.deepspeed is not None else None
     if zero is not None and zero.stage == 3:
-        ctx.zero3 = Zero3(tape, zero, scenario.hardware.gpus, weights_dtype(scenario), weights_dtype(scenario))
+        ctx.zero3 = Zero3(tape, zero, scenario.hardware.gpus, weights_dtype(scenario), weights_dtype(scenario),
+                          communication_dtype(scenario))
     tape.op("model.init")
     model = modelling_code(scenario).build_model(ctx, scenario.lora)
     params = model.params()
@@ -238,7 +254,7 @@ class _Zero12Placement:
         self.tape, self.params, self.trainable = ctx.tape, params, trainable
         config = scenario.deepspeed.zero_optimization
         self.zero = Zero12(ctx.tape, config, scenario.hardware.gpus, trainable, weights_dtype(scenario),
-                           scenario.software.version("deepspeed"))
+                           scenario.software.version("deepspeed"), communication_dtype(scenario))
         self.accumulation = scenario.training.gradient_accumulation_steps
         # ZeRO-1 reduces only at the boundary; with offload the boundary copies gradients to the host
         self.syncs_last = config.stage == 1 or self.zero.offload

@@ -13,6 +13,13 @@ from sim.scenario import DType, Scenario
 from sim.schedule import build_schedule, compute_dtype, weights_dtype
 
 
+# deepspeed/runtime/config.py DtypeEnum: the names data_types.grad_accum_dtype accepts
+_DEEPSPEED_DTYPES = {name: dtype for dtype, names in (
+    (DType.FLOAT16, ("torch.float16", "fp16", "float16", "half")),
+    (DType.FLOAT32, ("torch.float32", "fp32", "float32", "float")),
+    (DType.BFLOAT16, ("torch.bfloat16", "bf16", "bfloat16"))) for name in names}
+
+
 def check_supported(scenario: Scenario) -> None:
     """Refuse, with a clear message, what is not modelled yet rather than simulate it wrongly."""
     if scenario.deepspeed is not None:
@@ -29,6 +36,14 @@ def check_supported(scenario: Scenario) -> None:
             if config.get("ratio", 1.0) != 1.0:
                 raise ScenarioError(f"deepspeed.zero_optimization.{key}.ratio: partial offload ({config['ratio']!r}) "
                                     "is not modelled yet")
+    if scenario.deepspeed is not None:
+        if not scenario.deepspeed.zero_optimization.reduce_scatter:
+            raise ScenarioError("deepspeed.zero_optimization.reduce_scatter: false is not modelled yet (gradients are "
+                                "reduced as with the default, true)")
+        accumulation = ((scenario.deepspeed.model_extra or {}).get("data_types") or {}).get("grad_accum_dtype")
+        if accumulation is not None and _DEEPSPEED_DTYPES.get(str(accumulation).lower()) is not weights_dtype(scenario):
+            raise ScenarioError(f"deepspeed.data_types.grad_accum_dtype: {accumulation!r} is not modelled yet "
+                                f"(gradients are accumulated in the model dtype, {weights_dtype(scenario).value})")
     if scenario.strategies:
         raise ScenarioError(f"strategies: unknown strategy kind {scenario.strategies[0].kind!r} (none are defined yet)")
 

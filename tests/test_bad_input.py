@@ -204,6 +204,36 @@ def test_unmodelled_offload_is_refused(tmp_path, capsys, zero):
     assert NOT_MODELLED.search(message), message
 
 
+@pytest.mark.parametrize(("deepspeed", "software", "key", "value"), [
+    # DeepSpeed 0.14.0 spells bf16 "bfp16" (runtime/config.py get_communication_data_type), 0.14.1 on "bf16"
+    ({"communication_data_type": "bf16"}, "0.14.0", "deepspeed.communication_data_type", "'bf16'"),
+    ({"communication_data_type": "bfp16"}, "0.15.0", "deepspeed.communication_data_type", "'bfp16'"),
+    ({"communication_data_type": 16}, "0.14.0", "deepspeed.communication_data_type", "16"),
+])
+def test_bad_communication_data_type(tmp_path, capsys, deepspeed, software, key, value):
+    data = tiny_scenario(deepspeed={"zero_optimization": {"stage": 3}, **deepspeed},
+                         software={"deepspeed": software})
+    data["hardware"]["gpus_per_node"] = 2
+    message = assert_one_line_error(*run_main(capsys, ["run", str(write_yaml(tmp_path / "s.yaml", data))]))
+    assert_mentions(message, key, value)
+
+
+def test_unmodelled_reduction_without_reduce_scatter_is_refused(tmp_path, capsys):
+    data = tiny_scenario(deepspeed={"zero_optimization": {"stage": 2, "reduce_scatter": False}})
+    message = assert_one_line_error(*run_main(capsys, ["run", str(write_yaml(tmp_path / "s.yaml", data))]))
+    assert_mentions(message, "deepspeed.zero_optimization.reduce_scatter", "false")
+    assert NOT_MODELLED.search(message), message
+
+
+def test_unmodelled_gradient_accumulation_dtype_is_refused(tmp_path, capsys):
+    # bf16 model, fp32 accumulation: DeepSpeed's BF16_Optimizer with ZeRO-1, fp32 partitions with ZeRO-3
+    data = tiny_scenario(deepspeed={"zero_optimization": {"stage": 1}, "bf16": {"enabled": True},
+                                    "data_types": {"grad_accum_dtype": "fp32"}})
+    message = assert_one_line_error(*run_main(capsys, ["run", str(write_yaml(tmp_path / "s.yaml", data))]))
+    assert_mentions(message, "deepspeed.data_types.grad_accum_dtype", "'fp32'")
+    assert NOT_MODELLED.search(message), message
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Files: missing, malformed, not a mapping
 

@@ -176,3 +176,25 @@ def test_ipg_buffers_never_doubled(stage: int, overlap: bool, accumulation: int)
             alive += 1 if delta > 0 else -1
             most = max(most, alive)
     assert most == (2 if overlap else 1)
+
+
+def test_zero2_fp32_communication_data_type_all_reduces_an_fp32_copy() -> None:
+    # allreduce_bucket (stage_1_and_2.py): the flattened bf16 bucket is cast to communication_data_type, all-reduced
+    # and copied back: per bucket of n elements, n × 2 B flat and n × 4 B fp32 copy; the wire carries 2(P-1)/P × 4 B.
+    def reduces(comm: str | None) -> list[tuple[list[tuple[str, int]], int]]:
+        raw = raw_for(2, 2)
+        if comm is not None:
+            raw["deepspeed"]["communication_data_type"] = comm
+        run = run_scenario(build_scenario(raw))
+        schedule = run.schedule
+        return [([(schedule.buffers[b].name, schedule.buffers[b].size_bytes) for b in op.allocs], op.wire_bytes)
+                for op in schedule.ops if op.name.startswith("zero.reduce[")]
+
+    plain, fp32 = reduces(None), reduces("fp32")
+    assert plain and len(plain) == len(fp32)
+    for (plain_allocs, plain_wire), (allocs, wire) in zip(plain, fp32, strict=True):
+        [(flat_name, flat_bytes)] = plain_allocs
+        numel = flat_bytes // 2
+        assert flat_name == "zero.allreduce_bucket_flat"
+        assert allocs == [(flat_name, flat_bytes), ("zero.allreduce_bucket_comm", 4 * numel)]
+        assert plain_wire == 2 * numel * 2 // 2 and wire == 2 * numel * 4 // 2

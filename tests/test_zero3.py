@@ -238,3 +238,57 @@ def test_prefetch_never_exceeds_its_budget(prefetch: int, max_live: int) -> None
         assert choices == []
     if prefetch >= 4096 and max_live == 10**9:  # a 64×64 weight fits the bucket: something is prefetched
         assert choices
+
+
+def reduce_buckets(raw: dict) -> list[tuple[int, list[tuple[str, int]], int]]:
+    """Per distinct reduce-scatter op: how many gradients its bucket holds, what it allocates (name, bytes), and
+    the bytes it sends."""
+    run = run_scenario(build_scenario(raw))
+    schedule = run.schedule
+    out = []
+    for position in schedule.distinct_ops().tolist():
+        op = schedule.ops[position]
+        if op.name.startswith("zero3.reduce_scatter["):
+            count = int(op.name.removesuffix("]").rsplit("+", 1)[1]) + 1
+            allocs = [(schedule.buffers[b].name, schedule.buffers[b].size_bytes) for b in op.allocs]
+            out.append((count, allocs, op.wire_bytes))
+    return out
+
+
+def test_reduce_scatter_of_one_unpadded_gradient_allocates_nothing() -> None:
+    # reduce_scatter_coalesced (comm/coalesced_collectives.py) concatenates the per-rank chunks of a bucket's
+    # gradients, padded to the world size, into a new flat buffer; a single gradient that needs no padding is
+    # reduced in place instead. On 2 GPUs every tiny gradient has an even numel: single-gradient buckets allocate
+    # nothing. On 3 GPUs none divides (64, 4096, 8192, 64000 mod 3 = 1, 1, 2, 1): every bucket has its flat buffer,
+    # padded to a multiple of 3 bf16 elements.
+    two = reduce_buckets(zero_raw(2))
+    assert {count for count, _, _ in two} > {1}  # both kinds of bucket occur
+    for count, allocs, _ in two:
+        assert [name for name, _ in allocs] == ([] if count == 1 else ["zero3.reduce_scatter_flat"])
+    for _, allocs, wire in reduce_buckets(zero_raw(3)):
+        assert [name for name, _ in allocs] == ["zero3.reduce_scatter_flat"]
+        assert allocs[0][1] % (3 * 2) == 0
+        assert wire == 2 * allocs[0][1] // 3  # (P-1)/P of the padded bucket
+
+
+def test_fp32_communication_data_type_casts_around_the_reduce_scatter() -> None:
+    # communication_data_type fp32 on a bf16 model (stage3.py __avg_scatter_grads): each gradient is cast to fp32
+    # (4 B per element), the flat buffer is fp32, the wire carries fp32, and the rank's partition of each gradient
+    # (ceil(n/2) elements) is cast back to bf16 before partition_grads.
+    raw = zero_raw(2)
+    raw["deepspeed"]["communication_data_type"] = "fp32"
+    buckets = reduce_buckets(raw)
+    assert buckets
+    for count, allocs, wire in buckets:
+        casts = [size // 4 for name, size in allocs if name == "zero3.grad_to_communication_dtype"]
+        back = [size for name, size in allocs if name == "zero3.grad_partition_to_dtype"]
+        flat = [size for name, size in allocs if name == "zero3.reduce_scatter_flat"]
+        assert len(casts) == count
+        assert back == [2 * math.ceil(n / 2) for n in casts]
+        padded = sum(math.ceil(n / 2) * 2 for n in casts)
+        assert flat == ([] if count == 1 else [4 * padded])
+        assert wire == padded // 2 * 4
+    # DeepSpeed's name for bf16 is "bfp16" up to 0.14.0 and "bf16" from 0.14.1; the model dtype itself casts nothing
+    raw["deepspeed"]["communication_data_type"] = "bfp16"
+    raw["software"]["deepspeed"] = "0.14.0"
+    assert reduce_buckets(raw) == reduce_buckets(zero_raw(2))

@@ -85,8 +85,9 @@ class Zero12:
     copy to the host (copy_grads_in_partition)."""
 
     def __init__(self, tape: Tape, config: ZeroOptimization, world: int, trainable: list[Param],
-                 dtype: DType, deepspeed_version: tuple[int, int, int]) -> None:
+                 dtype: DType, deepspeed_version: tuple[int, int, int], comm_dtype: DType | None = None) -> None:
         self.tape, self.config, self.world, self.dtype = tape, config, world, dtype
+        self.comm_dtype = comm_dtype or dtype  # communication_data_type
         self.stage = config.stage
         self.version = deepspeed_version
         self.offload = (config.offload_optimizer or {}).get("device", "none") == "cpu"
@@ -168,16 +169,22 @@ class Zero12:
             self.partition_allocated = True
         numel = self.bucket_numel
         label = f"zero.reduce[{len(self.bucket)} grads]"
-        wire = 2 * (self.world - 1) * numel * size // self.world
+        comm = self.comm_dtype
+        wire = 2 * (self.world - 1) * numel * comm.size_bytes // self.world
+        moved = 2 * numel * size + (numel * (size + 2 * comm.size_bytes) if comm is not self.dtype else 0)
+        # allreduce_bucket: the flat copy, and with another communication_data_type its .to(), reduced there and
+        # copied back into the flat copy
+        buffers = [("zero.allreduce_bucket_flat", self.dtype)] + (
+            [("zero.allreduce_bucket_comm", comm)] if comm is not self.dtype else [])
         if self.overlap:  # on the reduction stream, waited for before the next bucket reuses the buffer
-            reduce = tp.side_op(label, Stream.REDUCE, bytes_moved=2 * numel * size, wire_bytes=wire,
-                                kind=OpKind.ALL_REDUCE)
-            flat = tp.empty_in(reduce, "zero.allreduce_bucket_flat", numel, self.dtype, Category.COMMUNICATION)
-            tp.release_in(reduce, flat.storage)
+            reduce = tp.side_op(label, Stream.REDUCE, bytes_moved=moved, wire_bytes=wire, kind=OpKind.ALL_REDUCE)
+            made = [tp.empty_in(reduce, name, numel, dtype, Category.COMMUNICATION) for name, dtype in buffers]
+            for tensor in made:
+                tp.release_in(reduce, tensor.storage)
         else:
             reduce = None
-            tp.op(label, bytes_moved=2 * numel * size, kind=OpKind.ALL_REDUCE, wire_bytes=wire)
-            tp.drop(tp.empty("zero.allreduce_bucket_flat", numel, self.dtype, Category.COMMUNICATION))
+            tp.op(label, bytes_moved=moved, kind=OpKind.ALL_REDUCE, wire_bytes=wire)
+            tp.drop(*[tp.empty(name, numel, dtype, Category.COMMUNICATION) for name, dtype in buffers])
         last = self._grads_to_host(reduce) if self.offload else reduce
         if last is not None:
             tp.wait_for(last)

@@ -35,6 +35,7 @@ class Zero3:
     world: int
     dtype: DType  # parameter / communication dtype
     grad_dtype: DType  # gradient accumulation dtype (data_types.grad_accum_dtype, default the model dtype)
+    comm_dtype: DType | None = None  # communication_data_type of gradient reduction (None: the model dtype)
     states: dict[str, _Zp] = field(default_factory=dict)
     modules: dict[str, list[Param]] = field(default_factory=dict)
     trace: list[str] = field(default_factory=list)  # module order of the first micro-batch (fwd + bwd)
@@ -257,17 +258,31 @@ class Zero3:
         self.ipg_numel += numel
 
     def _reduce_ipg(self) -> None:
-        """__reduce_and_partition_ipg_grads on the reduce stream: reduce_scatter_coalesced concatenates the padded
-        per-rank chunks into a new flat buffer (bucket size), reduce-scatters in place, and the rank's slices are
-        copied (first micro-step) or added into grad_partitions_flat_buffer; at most 2 reduces in flight."""
-        tp, P, size = self.tape, self.world, self.dtype.size_bytes
-        padded = sum(padded_partition_numel(n, P) * P for _, n, _ in self.ipg)
+        """__reduce_and_partition_ipg_grads on the reduce stream, at most 2 in flight. __avg_scatter_grads casts
+        each gradient to communication_data_type when it is not the model dtype (new tensors);
+        reduce_scatter_coalesced concatenates the padded per-rank chunks into a new flat buffer and
+        reduce-scatters it in place, except for a single gradient that needs no padding, which is reduced in place
+        (comm/coalesced_collectives.py); the rank's slices are cast back, then copied (first micro-step) or added
+        into grad_partitions_flat_buffer."""
+        tp, P = self.tape, self.world
+        comm = self.comm_dtype or self.dtype
+        cast = comm is not self.dtype
+        numels = [n for _, n, _ in self.ipg]
+        padded = sum(padded_partition_numel(n, P) * P for n in numels)
         deps = (self.outstanding_reduces.popleft(),) if len(self.outstanding_reduces) >= 2 else ()
+        size = comm.size_bytes
         reduce = tp.side_op(f"zero3.reduce_scatter[{self.ipg[0][0].name}+{len(self.ipg) - 1}]", Stream.REDUCE,
                             bytes_moved=3 * padded * size, wire_bytes=(P - 1) * padded // P * size, deps=deps,
                             kind=OpKind.REDUCE_SCATTER)
-        flat = tp.empty_in(reduce, "zero3.reduce_scatter_flat", padded, self.dtype, Category.COMMUNICATION)
-        tp.release_in(reduce, flat.storage)
+        made = [tp.empty_in(reduce, "zero3.grad_to_communication_dtype", n, comm, Category.COMMUNICATION)
+                for n in numels] if cast else []
+        if len(numels) > 1 or numels[0] % P:
+            made.append(tp.empty_in(reduce, "zero3.reduce_scatter_flat", padded, comm, Category.COMMUNICATION))
+        if cast:
+            made.extend(tp.empty_in(reduce, "zero3.grad_partition_to_dtype", padded_partition_numel(n, P), self.dtype,
+                                    Category.COMMUNICATION) for n in numels)
+        for tensor in made:
+            tp.release_in(reduce, tensor.storage)
         for _, _, own_grad in self.ipg:
             if own_grad is not None:
                 tp.release_in(reduce, own_grad.storage)
