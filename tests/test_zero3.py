@@ -292,3 +292,18 @@ def test_fp32_communication_data_type_casts_around_the_reduce_scatter() -> None:
     raw["deepspeed"]["communication_data_type"] = "bfp16"
     raw["software"]["deepspeed"] = "0.14.0"
     assert reduce_buckets(raw) == reduce_buckets(zero_raw(2))
+
+
+def test_coalesced_gathers_copy_params_out_in_ds_id_order() -> None:
+    # all_gather_coalesced sorts its params by ds_id (creation order) and the handle's wait() cats them out in
+    # that order. Prefetching for backward walks the trace in reverse (o_proj, v_proj, k_proj of layer 0 with a
+    # 12,000-element bucket): the gathered copies are still allocated in creation order.
+    raw = zero_raw(2, stage3_prefetch_bucket_size=12000, stage3_max_live_parameters=10**9)
+    schedule = run_scenario(build_scenario(raw)).schedule
+    created = {b.name: b.buffer_id for b in schedule.buffers if b.category.value == "parameters"
+               and not b.name.endswith(".gathered")}
+    waits = [op for op in schedule.ops if op.name.startswith("zero3.allgather_wait[")]
+    assert any(len(op.allocs) > 2 for op in waits)
+    for op in waits:
+        order = [created[schedule.buffers[b].name.removesuffix(".gathered")] for b in op.allocs]
+        assert len(order) > 1 and order == sorted(order)

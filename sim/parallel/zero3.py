@@ -23,6 +23,7 @@ class _Zp:
     param: Param
     partition_numel: int
     persist: bool
+    ds_id: int  # registration order (partition_parameters.py _convert_to_deepspeed_param numbers params as created)
     gathered: Tensor | None = None  # the full tensor while AVAILABLE (or INFLIGHT)
     ready_op: int | None = None  # side op after which `gathered` holds the data
     fetched_for_step: int = -(10**10)  # __most_recent_step_id_param_fetched_for
@@ -65,12 +66,12 @@ class Zero3:
         """_convert_to_deepspeed_param + persistence (numel <= param_persistence_threshold, within
         model_persistence_threshold in total)."""
         persisted = 0
-        for p in params:
+        for ds_id, p in enumerate(params):
             numel = p.tensor.numel
             persist = numel <= self.config.stage3_param_persistence_threshold and \
                 persisted + numel <= self.config.stage3_model_persistence_threshold
             persisted += numel if persist else 0
-            self.states[p.name] = _Zp(p, padded_partition_numel(numel, self.world), persist)
+            self.states[p.name] = _Zp(p, padded_partition_numel(numel, self.world), persist, ds_id)
 
     def partition_numel(self, params: list[Param]) -> int:
         return sum(self.states[p.name].partition_numel for p in params)
@@ -162,6 +163,7 @@ class Zero3:
         full tensors) and the flat buffer is released (partition_parameters.py AllGatherCoalescedHandle)."""
         tp, P = self.tape, self.world
         size = self.dtype.size_bytes
+        params = sorted(params, key=lambda p: self.states[p.name].ds_id)  # all_gather_coalesced sorts by ds_id
         total = sum(self.states[p.name].partition_numel for p in params)
         wire = (P - 1) * total * size  # ring all-gather: each rank sends and receives (P-1)/P of the result
         label = params[0].name if len(params) == 1 else f"{params[0].name}+{len(params) - 1}"
