@@ -5,9 +5,9 @@ import math
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sim.parallel.data_parallel import ddp_buckets
+from sim.parallel.data_parallel import Zero12, ddp_buckets
 from sim.report import summarize
-from sim.scenario import build_scenario
+from sim.scenario import DType, build_scenario
 from sim.schedule import _context, modelling_code
 from sim.simulate import run_scenario
 from sim.workload.tape import Tape
@@ -178,23 +178,98 @@ def test_ipg_buffers_never_doubled(stage: int, overlap: bool, accumulation: int)
     assert most == (2 if overlap else 1)
 
 
-def test_zero2_fp32_communication_data_type_all_reduces_an_fp32_copy() -> None:
-    # allreduce_bucket (stage_1_and_2.py): the flattened bf16 bucket is cast to communication_data_type, all-reduced
-    # and copied back: per bucket of n elements, n × 2 B flat and n × 4 B fp32 copy; the wire carries 2(P-1)/P × 4 B.
-    def reduces(comm: str | None) -> list[tuple[list[tuple[str, int]], int]]:
-        raw = raw_for(2, 2)
-        if comm is not None:
-            raw["deepspeed"]["communication_data_type"] = comm
-        run = run_scenario(build_scenario(raw))
-        schedule = run.schedule
-        return [([(schedule.buffers[b].name, schedule.buffers[b].size_bytes) for b in op.allocs], op.wire_bytes)
-                for op in schedule.ops if op.name.startswith("zero.reduce[")]
+def zero_reduces(raw: dict) -> list[tuple[int, list[tuple[str, int]], int]]:
+    """Per ZeRO-1/2 reduction op: how many slices it all-reduces, what it allocates (name, bytes), its wire bytes."""
+    schedule = run_scenario(build_scenario(raw)).schedule
+    out = []
+    for op in schedule.ops:
+        if op.name.startswith("zero.reduce["):
+            slices = int(op.name.removesuffix(" slices]").rsplit(", ", 1)[1])
+            out.append((slices, [(schedule.buffers[b].name, schedule.buffers[b].size_bytes) for b in op.allocs],
+                        op.wire_bytes))
+    return out
 
-    plain, fp32 = reduces(None), reduces("fp32")
+
+def test_zero2_fp32_communication_data_type_all_reduces_an_fp32_copy() -> None:
+    # allreduce_bucket (stage_1_and_2.py): the bucket's slices are flattened into a new bf16 tensor (one slice is
+    # only viewed), cast to communication_data_type, all-reduced and copied back: for n elements, n × 2 B flat
+    # when there are several slices and n × 4 B fp32 copy; the wire carries 2(P-1)/P × 4 B instead of × 2 B.
+    raw = raw_for(2, 2)
+    plain = zero_reduces(raw)
+    raw["deepspeed"]["communication_data_type"] = "fp32"
+    fp32 = zero_reduces(raw)
     assert plain and len(plain) == len(fp32)
-    for (plain_allocs, plain_wire), (allocs, wire) in zip(plain, fp32, strict=True):
-        [(flat_name, flat_bytes)] = plain_allocs
-        numel = flat_bytes // 2
-        assert flat_name == "zero.allreduce_bucket_flat"
-        assert allocs == [(flat_name, flat_bytes), ("zero.allreduce_bucket_comm", 4 * numel)]
-        assert plain_wire == 2 * numel * 2 // 2 and wire == 2 * numel * 4 // 2
+    counts = {slices for slices, _, _ in plain}
+    assert 1 in counts and max(counts) > 1  # the bucket across the partition boundary has several
+    for (slices, plain_allocs, plain_wire), (_, allocs, wire) in zip(plain, fp32, strict=True):
+        numel = plain_wire // 2  # 2(P-1)/P × 2 B with P = 2
+        flat = [("zero.allreduce_bucket_flat", 2 * numel)] if slices > 1 else []
+        assert plain_allocs == flat
+        assert allocs == flat + [("zero.allreduce_bucket_comm", 4 * numel)]
+        assert wire == 2 * plain_wire
+
+
+def test_zero12_average_tensor_slices() -> None:
+    # Three gradients of 6, 4, 6 elements on 2 ranks: the flat group (16, a multiple of 2·2) splits at 8, so the
+    # middle one straddles it. average_tensor lists, in bucket (backward) order, each gradient's part per rank and
+    # merges a part into the previous slice when both go to the same rank:
+    #   [p2, p1, p0]: p2 → rank 1 (6); p1 → rank 0 (2), rank 1 (2); p0 → rank 0 (6): [6, 2, 2, 6]
+    #   [p1, p0]: [2, 2, 6];  [p2]: [6];  [p0, ...] in forward order would merge: [p0, p1] → [6 + 2, 2]
+    tape = Tape()
+    params = [tape.parameter(f"p{i}", n, DType.BFLOAT16, True) for i, n in enumerate((6, 4, 6))]
+    zero = Zero12(tape, build_scenario(raw_for(2, 2)).deepspeed.zero_optimization, 2, params, DType.BFLOAT16,
+                  (0, 14, 0))
+    cases = [([2, 1, 0], [6, 2, 2, 6]), ([1, 0], [2, 2, 6]), ([2], [6]), ([0, 1], [8, 2])]
+    for order, expected in cases:
+        zero.bucket = [(params[i], None) for i in order]
+        assert zero._slices() == expected
+
+
+def test_zero2_gradient_larger_than_the_bucket_is_reduced_in_place() -> None:
+    # extra_large_param_to_reduce: a gradient of more than reduce_bucket_size elements (the 64,000-element embedding
+    # and LM head against 4096) is not copied into the IPG buffer; it stays alive until its reduction, which
+    # frees it (outside the partition) or copies it into grads_in_partition.
+    run = run_scenario(build_scenario(raw_for(2, 2)))
+    names = {op.name for op in run.schedule.ops}
+    assert "zero.copy_grad_to_ipg[lm_head.weight]" not in names
+    assert "zero.copy_grad_to_ipg[model.layers.0.self_attn.q_proj.weight]" in names
+    trace, schedule = run.engine.trace, run.schedule
+    rows = [i for i in range(len(trace)) if schedule.buffers[int(trace.buffer_id[i])].name == "lm_head.backward.weight.out"]
+    ops = [(int(trace.delta_bytes[i]) > 0, schedule.ops[int(trace.op_index[i])].name) for i in rows]
+    # two micro-batches: made by the matmul's backward, freed after its reduction (outside rank 0's partition)
+    assert ops == [(True, "lm_head.backward.weight"), (False, "zero.reduce[1 grads, 1 slices]")] * 2
+
+
+def test_zero2_grads_in_partition_per_backward() -> None:
+    # copy_grads_in_partition makes grads_in_partition (whole parameters with elements in rank 0's partition) at
+    # the first copy of every backward; _release_ipg_buffers drops it at the epilogue, but the first one of an
+    # accumulation lives on in averaged_gradients' views until the step: 3 micro-batches make 3 per step, one of
+    # them alive at the step.
+    raw = raw_for(2, 2, accumulation=3)
+    run = run_scenario(build_scenario(raw))
+    schedule, trace = run.schedule, run.engine.trace
+    total = sum(numels(raw))
+    partition = math.ceil(total / 4) * 4 // 2
+    shapes, offset, whole = numels(raw), 0, 0
+    for numel in shapes:
+        whole += numel if offset < partition else 0
+        offset += numel
+    made = [(i, int(trace.buffer_id[i])) for i in range(len(trace))
+            if schedule.buffers[int(trace.buffer_id[i])].name == "zero.grads_in_partition" and trace.delta_bytes[i] > 0]
+    assert len(made) == 3 and all(schedule.buffers[b].size_bytes == 2 * whole for _, b in made)
+    freed_by = {int(trace.buffer_id[i]): schedule.ops[int(trace.op_index[i])].name for i in range(len(trace))
+                if trace.delta_bytes[i] < 0}
+    assert [freed_by[b] for _, b in made] == ["zero.step.grad_to_fp32", "zero.release_ipg_buffers",
+                                              "zero.release_ipg_buffers"]
+
+
+def test_zero12_adam_states_are_made_at_the_first_step() -> None:
+    # initialize_optimizer_states (0.14) does not step; torch's AdamW makes exp_avg and exp_avg_sq at its first
+    # step(): the peak of the first forward has only the fp32 master partition.
+    for stage in (1, 2):
+        run = run_scenario(build_scenario(raw_for(stage, 2)))
+        trace, schedule = run.engine.trace, run.schedule
+        for name in ("zero.exp_avg", "zero.exp_avg_sq"):
+            rows = [i for i in range(len(trace)) if schedule.buffers[int(trace.buffer_id[i])].name == name]
+            assert len(rows) == 1
+            assert schedule.ops[int(trace.op_index[rows[0]])].name == "zero.step.optimizer_step"

@@ -7,11 +7,12 @@ order; gradient_as_bucket_view False as HF Trainer leaves it), allreduced on the
 accumulation (the others run under no_sync).
 
 ZeRO-1/2 (deepspeed/runtime/zero/stage_1_and_2.py): the whole bf16 model (bit16_groups_flat), fp32 master
-partitions and Adam moments of 1/P (created at engine init), IPG buckets during backward (reduce_bucket_size,
-twice with overlap_comm); ZeRO-2 copies each gradient into the bucket, reduces it and keeps only this rank's
-partition (grads_in_partition), ZeRO-1 keeps the full gradients and reduces them at the accumulation boundary.
-The step flattens the partition's gradients, casts them to fp32, steps, and all-gathers the bf16 partitions in
-place. With offload_optimizer cpu the optimizer side moves to the host (Zero12's docstring).
+partitions of 1/P (engine init) and Adam moments of 1/P (torch's optimizer makes them at the first step), IPG
+buckets during backward (reduce_bucket_size, twice with overlap_comm); ZeRO-2 copies each gradient into the bucket
+(one larger than the bucket is reduced in place), reduces it and keeps only this rank's part in grads_in_partition,
+ZeRO-1 keeps the full gradients and reduces them at the accumulation boundary. The step flattens the partition's
+gradients, casts them to fp32, steps, and all-gathers the bf16 partitions in place. With offload_optimizer cpu the
+optimizer side moves to the host (Zero12's docstring).
 """
 
 from sim.ops import Category, OpKind, Stream
@@ -97,27 +98,31 @@ class Zero12:
         self.largest = max((p.tensor.numel for p in trainable), default=0)
         self.numel = {p.name: p.tensor.numel for p in trainable}
         self.in_partition: dict[str, int] = {}  # param name -> its elements inside rank 0's partition
+        self.flat_offset: dict[str, int] = {}  # param name -> its first element in the flat group
         offset = 0
         for p in trainable:
             inside = max(0, min(offset + p.tensor.numel, self.partition) - offset)
             if inside:
                 self.in_partition[p.name] = inside
+            self.flat_offset[p.name] = offset
             offset += p.tensor.numel
         if self.offload:
             tape.persistent_buffer("zero.temp_grad_buffer_for_gpu_offload", self.largest, dtype, Category.GRADIENTS)
-        else:
+        self.adam_states: list[Tensor] = []  # made by the first step
+        if not self.offload:
             tape.persistent_buffer("zero.single_partition_of_fp32_groups", self.partition, DType.FLOAT32,
                                    Category.OPTIMIZER_STATES)
-            for state in ("exp_avg", "exp_avg_sq"):
-                tape.persistent_buffer(f"zero.{state}", self.partition, DType.FLOAT32, Category.OPTIMIZER_STATES)
-        self.grads_in_partition: Tensor | None = None
-        if self.stage == 2 and not self.offload:
-            self.grads_in_partition = tape.persistent_buffer("zero.grads_in_partition", self.partition, dtype,
-                                                             Category.GRADIENTS)
-        self.partition_allocated = False
+            self.adam_states = [tape.persistent_buffer(f"zero.{state}", self.partition, DType.FLOAT32,
+                                                       Category.OPTIMIZER_STATES) for state in ("exp_avg", "exp_avg_sq")]
+        # copy_grads_in_partition's buffer: whole parameters that have elements in this rank's partition
+        self.partition_whole = sum(self.numel[name] for name in self.in_partition)
+        self.grads_in_partition: Tensor | None = None  # this backward's (set to None by _release_ipg_buffers)
+        self.averaged: Tensor | None = None  # the first one of an accumulation, kept by averaged_gradients' views
+        self.stepped = False
         self.boundary = True  # this micro-batch ends an accumulation
         self.ipg: list[Tensor] = []
-        self.bucket: list[tuple[Param | None, Tensor]] = []
+        self.bucket: list[tuple[Param, Tensor | None]] = []  # with the own gradient of one larger than the bucket
+        self.kept: list[Tensor] = []  # ZeRO-1: reduced own gradients outside the partition, until the epilogue
         self.bucket_numel = 0
         self.norms: list[Tensor] = []  # offload: fp64 norm per partition gradient, kept until the step
 
@@ -146,49 +151,107 @@ class Zero12:
                              Category.COMMUNICATION) for i in range(2 if self.overlap else 1)]
 
     def on_grad(self, param: Param, grad: Tensor) -> None:
-        """ZeRO-2's reduce_ready_partitions_and_remove_grads: copy the grad into the IPG bucket and free it,
-        reducing the bucket first when this grad would overflow it. (ZeRO-1 keeps param.grad; see Tape.)"""
-        tp = self.tape
+        """ZeRO-2's reduce_ready_partitions_and_remove_grads (ZeRO-1 keeps param.grad; see Tape)."""
         grad.storage.category = Category.GRADIENTS
+        self._add_to_bucket(param, grad)
+
+    def _add_to_bucket(self, param: Param, grad: Tensor) -> None:
+        """reduce_independent_p_g_buckets_and_remove_grads: reduce the bucket first when this gradient would
+        overflow it; copy the gradient into the IPG buffer and free it, except one larger than the bucket
+        (extra_large_param_to_reduce), which is reduced in place, alone, at the next reduction."""
+        tp = self.tape
         if self.bucket_numel + grad.numel > self.config.reduce_bucket_size and self.bucket:
             self._reduce()
-        tp.op(f"zero.copy_grad_to_ipg[{param.name}]", bytes_moved=2 * grad.size_bytes)
-        self.bucket.append((param, grad))
+        if grad.numel > self.config.reduce_bucket_size:
+            self.bucket.append((param, grad))
+        else:
+            tp.op(f"zero.copy_grad_to_ipg[{param.name}]", bytes_moved=2 * grad.size_bytes)
+            self.bucket.append((param, None))
+            tp.drop(grad)
         self.bucket_numel += grad.numel
-        tp.drop(grad)
+
+    def _slices(self) -> list[int]:
+        """average_tensor's (rank, slice) list for the bucket, as element counts: each parameter's part in each
+        rank's partition, in bucket order, a slice merged into the one before when both go to the same rank."""
+        slices: list[int] = []
+        previous = -1
+        for param, _ in self.bucket:
+            start, end = self.flat_offset[param.name], self.flat_offset[param.name] + self.numel[param.name]
+            for rank in range(start // self.partition, (end - 1) // self.partition + 1):
+                numel = min(end, (rank + 1) * self.partition) - max(start, rank * self.partition)
+                if rank == previous:
+                    slices[-1] += numel
+                else:
+                    slices.append(numel)
+                previous = rank
+        return slices
 
     def _reduce(self) -> None:
-        """average_tensor on the bucket: with use_multi_rank_bucket_allreduce (the default) allreduce_bucket
-        flattens it into a new tensor and all-reduces it, and each rank keeps its slices; they go to
-        grads_in_partition (allocated at the first reduction) or, with offload, to the host
-        (copy_grads_in_partition, on the same stream)."""
+        """reduce_ipg_grads → average_tensor → allreduce_and_scatter (use_multi_rank_bucket_allreduce, the
+        default): the slices go in groups of up to reduce_bucket_size elements to allreduce_bucket, which
+        flattens a group into a new tensor unless it is one slice (a view), casts it to communication_data_type
+        when that differs (another copy), all-reduces, and copies back. Then each gradient in this rank's
+        partition is copied into grads_in_partition (made at the first copy of each backward) and every reduced
+        own gradient is freed, except, with ZeRO-1, those outside the partition (until the epilogue). With
+        offload the partition's gradients go to the host instead (copy_grads_in_partition)."""
         tp, size = self.tape, self.dtype.size_bytes
-        if self.stage == 2 and not self.offload and not self.partition_allocated:
-            tp.op("zero.allocate_grads_in_partition")
-            tp.allocate_existing(self.grads_in_partition)
-            self.partition_allocated = True
-        numel = self.bucket_numel
-        label = f"zero.reduce[{len(self.bucket)} grads]"
         comm = self.comm_dtype
-        wire = 2 * (self.world - 1) * numel * comm.size_bytes // self.world
-        moved = 2 * numel * size + (numel * (size + 2 * comm.size_bytes) if comm is not self.dtype else 0)
-        # allreduce_bucket: the flat copy, and with another communication_data_type its .to(), reduced there and
-        # copied back into the flat copy
-        buffers = [("zero.allreduce_bucket_flat", self.dtype)] + (
-            [("zero.allreduce_bucket_comm", comm)] if comm is not self.dtype else [])
-        if self.overlap:  # on the reduction stream, waited for before the next bucket reuses the buffer
-            reduce = tp.side_op(label, Stream.REDUCE, bytes_moved=moved, wire_bytes=wire, kind=OpKind.ALL_REDUCE)
-            made = [tp.empty_in(reduce, name, numel, dtype, Category.COMMUNICATION) for name, dtype in buffers]
-            for tensor in made:
-                tp.release_in(reduce, tensor.storage)
-        else:
-            reduce = None
-            tp.op(label, bytes_moved=moved, kind=OpKind.ALL_REDUCE, wire_bytes=wire)
-            tp.drop(*[tp.empty(name, numel, dtype, Category.COMMUNICATION) for name, dtype in buffers])
-        last = self._grads_to_host(reduce) if self.offload else reduce
+        groups: list[list[int]] = [[]]
+        for numel in self._slices():
+            groups[-1].append(numel)
+            if sum(groups[-1]) > self.config.reduce_bucket_size:
+                groups.append([])
+        last = None
+        for group in (g for g in groups if g):
+            numel = sum(group)
+            label = f"zero.reduce[{len(self.bucket)} grads, {len(group)} slices]"
+            wire = 2 * (self.world - 1) * numel * comm.size_bytes // self.world
+            buffers = ([("zero.allreduce_bucket_flat", self.dtype)] if len(group) > 1 else []) + (
+                [("zero.allreduce_bucket_comm", comm)] if comm is not self.dtype else [])
+            moved = 2 * numel * size * (len(buffers) + 1)
+            if self.overlap:  # on the reduction stream, waited for before the IPG buffer is reused
+                last = tp.side_op(label, Stream.REDUCE, bytes_moved=moved, wire_bytes=wire, kind=OpKind.ALL_REDUCE,
+                                  deps=(last,) if last is not None else ())
+                for tensor in [tp.empty_in(last, name, numel, dtype, Category.COMMUNICATION) for name, dtype in buffers]:
+                    tp.release_in(last, tensor.storage)
+            else:
+                tp.op(label, bytes_moved=moved, kind=OpKind.ALL_REDUCE, wire_bytes=wire)
+                tp.drop(*[tp.empty(name, numel, dtype, Category.COMMUNICATION) for name, dtype in buffers])
+        last = self._grads_to_host(last) if self.offload else self._grads_to_partition(last)
+        for param, grad in self.bucket:  # the reduced own gradients: cleared, or copied into the partition
+            if grad is None:
+                continue
+            if self.stage == 1 and param.name not in self.in_partition:
+                self.kept.append(grad)
+            elif last is None:
+                tp.drop(grad)
+            else:
+                tp.release_in(last, grad.storage)
         if last is not None:
             tp.wait_for(last)
         self.bucket, self.bucket_numel = [], 0
+
+    def _grads_to_partition(self, reduce: int | None) -> int | None:
+        """copy_grads_in_partition for the bucket's gradients in this rank's partition, on the reduction stream
+        after `reduce` with overlap_comm, else on the compute stream. Returns the last reduction-stream op."""
+        tp = self.tape
+        mine = [param for param, _ in self.bucket if param.name in self.in_partition]
+        if not mine:
+            return reduce
+        name = "zero.copy_grads_in_partition"
+        moved = 2 * sum(self.numel[p.name] for p in mine) * self.dtype.size_bytes
+        if reduce is None:
+            tp.op(name, bytes_moved=moved)
+        else:
+            reduce = tp.side_op(name, Stream.REDUCE, bytes_moved=moved, deps=(reduce,))
+        if self.grads_in_partition is None:
+            if reduce is None:
+                self.grads_in_partition = tp.empty("zero.grads_in_partition", self.partition_whole, self.dtype,
+                                                   Category.GRADIENTS)
+            else:
+                self.grads_in_partition = tp.empty_in(reduce, "zero.grads_in_partition", self.partition_whole,
+                                                      self.dtype, Category.GRADIENTS)
+        return reduce
 
     def _grads_to_host(self, reduce: int | None) -> int | None:
         """copy_grads_in_partition with offload, for the bucket's gradients in this rank's partition, on the
@@ -239,26 +302,26 @@ class Zero12:
         return last
 
     def end_of_backward(self, params: list[Param]) -> None:
-        """The epilogue: reduce what is left (ZeRO-1: every parameter's full gradient, bucket by bucket: each is
-        copied into the bucket and its own storage freed, param.grad becoming a view of the bucket,
-        stage_1_and_2.py reduce_independent_p_g_buckets_and_remove_grads), release the IPG buffers."""
+        """The epilogue: reduce what is left (ZeRO-1: every parameter's full gradient, bucket by bucket, through
+        the same path as ZeRO-2's hook), keep this backward's grads_in_partition through averaged_gradients'
+        views when it is the first of the accumulation (later ones are added into it and dropped), free ZeRO-1's
+        remaining gradients (zero_grad), release the IPG buffers."""
         tp = self.tape
         if self.stage == 1:
             for param in params:
-                grad = param.grad
-                if self.bucket_numel + grad.numel > self.config.reduce_bucket_size and self.bucket:
-                    self._reduce()
-                tp.op("zero.copy_grad_to_ipg", bytes_moved=2 * grad.size_bytes)
-                self.bucket.append((param, grad))
-                self.bucket_numel += grad.numel
-                tp.drop(grad)
-                param.grad = None
+                grad, param.grad = param.grad, None
+                self._add_to_bucket(param, grad)
         if self.bucket:
             tp.op("zero.reduce_epilogue")
             self._reduce()
+        done = self.grads_in_partition
+        if done is not None and self.averaged is None:
+            self.averaged, done = done, None
+        elif done is not None:
+            tp.op("zero.accumulate_averaged_gradients", bytes_moved=3 * self.partition * self.dtype.size_bytes)
         tp.op("zero.release_ipg_buffers")
-        tp.drop(*self.ipg)
-        self.ipg = []
+        tp.drop(done, *self.kept, *self.ipg)
+        self.grads_in_partition, self.kept, self.ipg = None, [], []
 
     def step(self, temporaries: int) -> None:
         """Without offload: flatten this rank's gradient partition (16-bit) and cast it to fp32, step, copy back
@@ -282,9 +345,13 @@ class Zero12:
             flat = tp.empty("zero.flat_partition_grad", numel, self.dtype)
             tp.op("zero.step.grad_to_fp32", bytes_moved=6 * numel)
             grad32 = tp.empty("zero.fp32_partition_grad", numel, DType.FLOAT32)
-            tp.drop(flat)
+            tp.drop(flat, self.averaged)  # averaged_gradients[i] = None
+            self.averaged = None
             # Adam: ~12 FLOPs per element; reads fp32 param, grad, m, v and writes param, m, v: 28 B per element
             tp.op("zero.step.optimizer_step", flops=12.0 * numel, bytes_moved=28 * numel)
+            if not self.stepped:  # torch's Adam makes exp_avg and exp_avg_sq at its first step
+                tp.allocate_existing(*self.adam_states)
+                self.stepped = True
             temps = [tp.empty("zero.optimizer_temp", numel, DType.FLOAT32) for _ in range(temporaries)]
             tp.drop(*temps)
             tp.op("zero.step.copy_to_bf16", bytes_moved=6 * numel)
