@@ -228,20 +228,28 @@ def test_zero12_average_tensor_slices() -> None:
 def test_zero2_gradient_larger_than_the_bucket_is_reduced_in_place() -> None:
     # extra_large_param_to_reduce: a gradient of more than reduce_bucket_size elements (the 64,000-element embedding
     # and LM head against 4096) is not copied into the IPG buffer; it stays alive until its reduction, which
-    # frees it (outside the partition) or copies it into grads_in_partition.
+    # frees it (outside the partition: the embedding for the simulated last rank) or copies it into
+    # grads_in_partition (the LM head, in the last rank's partition).
     run = run_scenario(build_scenario(raw_for(2, 2)))
     names = {op.name for op in run.schedule.ops}
     assert "zero.copy_grad_to_ipg[lm_head.weight]" not in names
     assert "zero.copy_grad_to_ipg[model.layers.0.self_attn.q_proj.weight]" in names
     trace, schedule = run.engine.trace, run.schedule
-    rows = [i for i in range(len(trace)) if schedule.buffers[int(trace.buffer_id[i])].name == "lm_head.backward.weight.out"]
-    ops = [(int(trace.delta_bytes[i]) > 0, schedule.ops[int(trace.op_index[i])].name) for i in rows]
-    # two micro-batches: made by the matmul's backward, freed after its reduction (outside rank 0's partition)
-    assert ops == [(True, "lm_head.backward.weight"), (False, "zero.reduce[1 grads, 1 slices]")] * 2
+
+    def lifetime(name: str) -> list[tuple[bool, str]]:
+        rows = [i for i in range(len(trace)) if schedule.buffers[int(trace.buffer_id[i])].name == name]
+        return [(int(trace.delta_bytes[i]) > 0, schedule.ops[int(trace.op_index[i])].name) for i in rows]
+
+    # two micro-batches each: made by the backward that computes it, freed by its reduction or the copy after it
+    assert lifetime("lm_head.backward.weight.out") == [(True, "lm_head.backward.weight"),
+                                                       (False, "zero.copy_grads_in_partition")] * 2
+    assert lifetime("model.embed_tokens.backward.out") == [(True, "model.embed_tokens.backward"),
+                                                           (False, "zero.reduce[1 grads, 1 slices]")] * 2
 
 
 def test_zero2_grads_in_partition_per_backward() -> None:
-    # copy_grads_in_partition makes grads_in_partition (whole parameters with elements in rank 0's partition) at
+    # copy_grads_in_partition makes grads_in_partition (whole parameters with elements in the last rank's partition,
+    # the simulated one) at
     # the first copy of every backward; _release_ipg_buffers drops it at the epilogue, but the first one of an
     # accumulation lives on in averaged_gradients' views until the step: 3 micro-batches make 3 per step, one of
     # them alive at the step.
@@ -252,7 +260,7 @@ def test_zero2_grads_in_partition_per_backward() -> None:
     partition = math.ceil(total / 4) * 4 // 2
     shapes, offset, whole = numels(raw), 0, 0
     for numel in shapes:
-        whole += numel if offset < partition else 0
+        whole += numel if offset + numel > partition else 0
         offset += numel
     made = [(i, int(trace.buffer_id[i])) for i in range(len(trace))
             if schedule.buffers[int(trace.buffer_id[i])].name == "zero.grads_in_partition" and trace.delta_bytes[i] > 0]

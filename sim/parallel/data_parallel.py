@@ -77,7 +77,10 @@ class Ddp:
 
 
 class Zero12:
-    """DeepSpeed ZeRO stage 1 or 2 for one rank (rank 0: its partition is the first 1/P of the flat group).
+    """DeepSpeed ZeRO stage 1 or 2 for one rank: the one with the heaviest peak. Ranks differ only in their
+    partition's gradients: without offload, in when grads_in_partition is made; the last rank's gradients (LM head,
+    last layers) come first in backward, so it holds that buffer longest: the last rank is simulated. With offload,
+    in the per-gradient transients of the boundary, which scale with whole parameters: rank 0 (embedding) is.
 
     With offload_optimizer cpu (stage_1_and_2.py, DeepSpeed 0.14): the fp32 master, its gradient and the Adam
     moments live on the host; the GPU keeps the bf16 model, a staging buffer of the largest parameter
@@ -97,11 +100,13 @@ class Zero12:
         self.overlap = bool(config.overlap_comm)
         self.largest = max((p.tensor.numel for p in trainable), default=0)
         self.numel = {p.name: p.tensor.numel for p in trainable}
-        self.in_partition: dict[str, int] = {}  # param name -> its elements inside rank 0's partition
+        self.rank = 0 if self.offload else world - 1
+        first, end = self.rank * self.partition, (self.rank + 1) * self.partition
+        self.in_partition: dict[str, int] = {}  # param name -> its elements inside the simulated rank's partition
         self.flat_offset: dict[str, int] = {}  # param name -> its first element in the flat group
         offset = 0
         for p in trainable:
-            inside = max(0, min(offset + p.tensor.numel, self.partition) - offset)
+            inside = max(0, min(offset + p.tensor.numel, end) - max(offset, first))
             if inside:
                 self.in_partition[p.name] = inside
             self.flat_offset[p.name] = offset
