@@ -294,7 +294,9 @@ class _Zero3Placement:
         self.tape, self.zero, self.params, self.trainable = ctx.tape, ctx.zero3, params, trainable
         self.zero.register(params)
         self.zero.init_buffers(trainable)
-        self.optimizer = Zero3Optimizer(self.zero, trainable, _inner_optimizer_temporaries(ctx, scenario))
+        self.optimizer = Zero3Optimizer(self.zero, trainable, _inner_optimizer_temporaries(ctx, scenario),
+                                        scenario.software.version("deepspeed") < (0, 13, 2))
+        self.zero.finish_engine_init(trainable)
         self.tape.grad_hook = self.zero.on_grad
 
     def before_micro_batch(self, last: bool) -> None:

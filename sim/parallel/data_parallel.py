@@ -7,7 +7,7 @@ order; gradient_as_bucket_view False as HF Trainer leaves it), allreduced on the
 accumulation (the others run under no_sync).
 
 ZeRO-1/2 (deepspeed/runtime/zero/stage_1_and_2.py): the whole bf16 model (bit16_groups_flat), fp32 master
-partitions of 1/P (engine init) and Adam moments of 1/P (torch's optimizer makes them at the first step), IPG
+partitions of 1/P (engine init) and Adam moments of 1/P (from DeepSpeed 0.13.2 made at the first step), IPG
 buckets during backward (reduce_bucket_size, twice with overlap_comm); ZeRO-2 copies each gradient into the bucket
 (one larger than the bucket is reduced in place), reduces it and keeps only this rank's part in grads_in_partition,
 ZeRO-1 keeps the full gradients and reduces them at the accumulation boundary. The step flattens the partition's
@@ -117,13 +117,14 @@ class Zero12:
         if not self.offload:
             tape.persistent_buffer("zero.single_partition_of_fp32_groups", self.partition, DType.FLOAT32,
                                    Category.OPTIMIZER_STATES)
-            self.adam_states = [tape.persistent_buffer(f"zero.{state}", self.partition, DType.FLOAT32,
-                                                       Category.OPTIMIZER_STATES) for state in ("exp_avg", "exp_avg_sq")]
+            states = [tape.persistent_buffer(f"zero.{state}", self.partition, DType.FLOAT32, Category.OPTIMIZER_STATES)
+                      for state in ("exp_avg", "exp_avg_sq")]
+            # initialize_optimizer_states stepped on zero gradients before 0.13.2 (#5104): states from engine init
+            self.adam_states = states if deepspeed_version >= (0, 13, 2) else []
         # copy_grads_in_partition's buffer: whole parameters that have elements in this rank's partition
         self.partition_whole = sum(self.numel[name] for name in self.in_partition)
         self.grads_in_partition: Tensor | None = None  # this backward's (set to None by _release_ipg_buffers)
         self.averaged: Tensor | None = None  # the first one of an accumulation, kept by averaged_gradients' views
-        self.stepped = False
         self.boundary = True  # this micro-batch ends an accumulation
         self.ipg: list[Tensor] = []
         self.bucket: list[tuple[Param, Tensor | None]] = []  # with the own gradient of one larger than the bucket
@@ -354,9 +355,8 @@ class Zero12:
             self.averaged = None
             # Adam: ~12 FLOPs per element; reads fp32 param, grad, m, v and writes param, m, v: 28 B per element
             tp.op("zero.step.optimizer_step", flops=12.0 * numel, bytes_moved=28 * numel)
-            if not self.stepped:  # torch's Adam makes exp_avg and exp_avg_sq at its first step
-                tp.allocate_existing(*self.adam_states)
-                self.stepped = True
+            tp.allocate_existing(*self.adam_states)  # torch's Adam makes exp_avg and exp_avg_sq at its first step
+            self.adam_states = []
             temps = [tp.empty("zero.optimizer_temp", numel, DType.FLOAT32) for _ in range(temporaries)]
             tp.drop(*temps)
             tp.op("zero.step.copy_to_bf16", bytes_moved=6 * numel)

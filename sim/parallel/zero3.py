@@ -48,6 +48,7 @@ class Zero3:
     ipg_numel: int = 0
     ipg_buffer: Tensor | None = None
     outstanding_reduces: deque = field(default_factory=deque)
+    _engine_buffers: list[Tensor] = field(default_factory=list)  # allocated by finish_engine_init
     _trace_uses: dict[str, list[int]] = field(default_factory=dict)  # per param: trace positions of its modules
     _trace_numel_before: list[int] = field(default_factory=list)  # per trace position: numel of the modules before
 
@@ -77,20 +78,40 @@ class Zero3:
         return sum(self.states[p.name].partition_numel for p in params)
 
     def init_buffers(self, trainable: list[Param]) -> None:
-        """What stays on the GPU from engine init: the bf16 partitions (lp_param_buffer), the persistent
-        gradient partitions (grad_partitions_flat_buffer, zeros), the IPG bucket when contiguous_gradients.
-        fp32 master partitions are created by the optimizer set-up (zero3_optimizer_states)."""
+        """The bf16 partitions (lp_param_buffer) are on the GPU from t=0: zero.Init partitioned the model and
+        _create_fp16_partitions_with_defragmentation copied them into one buffer and emptied the cache. The IPG
+        bucket (contiguous_gradients) and the gradient partitions (grad_partitions_flat_buffer, zeros) come later in
+        _setup_for_real_optimizer, after the fp32 partitions and the optimizer states (`finish_engine_init`)."""
         tp = self.tape
         if not self.offload_param:
             tp.persistent_buffer("zero3.lp_param_buffer",
                                  self.partition_numel([z.param for z in self.states.values()]), self.dtype,
                                  Category.PARAMETERS)
-        if not self.offload_optimizer:
-            tp.persistent_buffer("zero3.grad_partitions_flat_buffer", self.partition_numel(trainable),
-                                 self.grad_dtype, Category.GRADIENTS)
+        self._engine_buffers = []
         if self.config.contiguous_gradients:
             self.ipg_buffer = tp.persistent_buffer("zero3.ipg_bucket", self.config.reduce_bucket_size, self.dtype,
                                                    Category.COMMUNICATION)
+            self._engine_buffers.append(self.ipg_buffer)
+        if not self.offload_optimizer:
+            self._engine_buffers.append(tp.persistent_buffer("zero3.grad_partitions_flat_buffer",
+                                                             self.partition_numel(trainable), self.grad_dtype,
+                                                             Category.GRADIENTS))
+
+    def finish_engine_init(self, trainable: list[Param]) -> None:
+        """The end of DeepSpeedZeroOptimizer_Stage3.__init__: the IPG bucket and the gradient partitions, then
+        create_reduce_and_remove_grad_hooks, which gathers each trainable parameter whole (the hook needs the
+        unpartitioned parameter) and partitions it again, one at a time. Persistent parameters (a few MB) are
+        left out."""
+        tp = self.tape
+        tp.op("zero3.init.ipg_bucket_and_gradient_partitions")
+        tp.allocate_existing(*self._engine_buffers)
+        for p in trainable:
+            zp = self.states[p.name]
+            if zp.persist:
+                continue
+            tp.op(f"zero3.init.gradient_hook[{p.name}]", bytes_moved=2 * zp.partition_numel * self.world *
+                  self.dtype.size_bytes)
+            tp.drop(tp.empty(f"{p.name}.gathered", zp.partition_numel * self.world, self.dtype, Category.PARAMETERS))
 
     # ---- module hooks -----------------------------------------------------------------------------------------
     def pre_forward(self, module: str, params: list[Param], x: Tensor | None) -> Tensor | None:
@@ -315,25 +336,44 @@ def sub_groups(zero: Zero3, trainable: list[Param]) -> list[int]:
 
 
 class Zero3Optimizer:
-    """The ZeRO-3 optimizer side: fp32 master partitions and Adam states per sub-group, created at engine init
-    (initialize_optimizer_states runs one step on zero grads), and the per-sub-group step: flatten the bf16
-    gradient partitions, cast them to fp32, step, copy back into the bf16 partitions."""
+    """The ZeRO-3 optimizer side: fp32 master partitions per sub-group from engine init, Adam states per sub-group,
+    and the per-sub-group step: flatten the bf16 gradient partitions, cast them to fp32, step, copy back into the
+    bf16 partitions."""
 
-    def __init__(self, zero: Zero3, trainable: list[Param], temporaries_per_step: int) -> None:
+    def __init__(self, zero: Zero3, trainable: list[Param], temporaries_per_step: int, states_at_init: bool) -> None:
         """`temporaries_per_step`: fp32 tensors of the sub-group size the inner optimizer makes in its step
-        (torch AdamW foreach: exp_avg_sq_sqrt = 1; DeepSpeed FusedAdam, torch fused: 0). With offload_optimizer
-        all of it lives and runs on the host (DeepSpeedCPUAdam): nothing on the GPU."""
+        (torch AdamW foreach: exp_avg_sq_sqrt = 1; DeepSpeed FusedAdam, torch fused: 0). `states_at_init`:
+        DeepSpeed before 0.13.2 ran one step on zero gradients in initialize_optimizer_states, so the Adam states
+        exist from engine init; from 0.13.2 (#5104) the optimizer makes them at its first step of each sub-group.
+        With offload_optimizer all of it lives and runs on the host (DeepSpeedCPUAdam): nothing on the GPU."""
         self.zero = zero
         self.groups = sub_groups(zero, trainable)
         self.temporaries = temporaries_per_step
+        self.lazy_states: list[list[Tensor]] = []  # per sub-group, made by its first step
         tp = zero.tape
         if zero.offload_optimizer:
             return
-        for index, numel in enumerate(self.groups):
-            tp.persistent_buffer(f"zero3.fp32_partitioned_groups_flat[{index}]", numel, DType.FLOAT32,
-                                 Category.OPTIMIZER_STATES)
-            for state in ("exp_avg", "exp_avg_sq"):
-                tp.persistent_buffer(f"zero3.group{index}.{state}", numel, DType.FLOAT32, Category.OPTIMIZER_STATES)
+        for index, numel in enumerate(self.groups):  # _create_fp32_partitions: .clone().float() per sub-group
+            tp.op(f"zero3.init.create_fp32_partition[{index}]", bytes_moved=8 * numel)
+            clone = tp.empty(f"zero3.init.group{index}.bf16_clone", numel, zero.dtype)
+            tp.allocate_existing(tp.persistent_buffer(f"zero3.fp32_partitioned_groups_flat[{index}]", numel,
+                                                      DType.FLOAT32, Category.OPTIMIZER_STATES))
+            tp.drop(clone)
+            self.lazy_states.append([tp.persistent_buffer(f"zero3.group{index}.{state}", numel, DType.FLOAT32,
+                                                          Category.OPTIMIZER_STATES)
+                                     for state in ("exp_avg", "exp_avg_sq")])
+        # initialize_optimizer_states: a zero fp32 gradient of the largest sub-group, given to each sub-group's
+        # master as .grad; before 0.13.2 an optimizer step on it made the Adam states (with its temporaries)
+        tp.op("zero3.init.initialize_optimizer_states")
+        gradient = tp.empty("zero3.init.gradient_buffer", max(self.groups, default=0), DType.FLOAT32)
+        if states_at_init:
+            for index, numel in enumerate(self.groups):
+                tp.op(f"zero3.init.optimizer_step[{index}]", flops=12.0 * numel, bytes_moved=28 * numel)
+                tp.allocate_existing(*self.lazy_states[index])
+                tp.drop(*[tp.empty(f"zero3.group{index}.optimizer_temp", numel, DType.FLOAT32)
+                          for _ in range(self.temporaries)])
+            self.lazy_states = [[] for _ in self.groups]
+        tp.drop(gradient)
 
     def state_bytes(self) -> int:
         """GPU bytes of fp32 master partitions and Adam moments."""
@@ -360,6 +400,8 @@ class Zero3Optimizer:
             tp.drop(flat)
             # Adam: ~12 FLOPs per element; reads fp32 param, grad, m, v and writes param, m, v: 28 B per element
             tp.op(f"zero3.step.group{index}.optimizer_step", flops=12.0 * numel, bytes_moved=28 * numel)
+            tp.allocate_existing(*self.lazy_states[index])
+            self.lazy_states[index] = []
             temps = [tp.empty(f"zero3.group{index}.optimizer_temp", numel, DType.FLOAT32)
                      for _ in range(self.temporaries)]
             tp.drop(*temps)
