@@ -307,3 +307,46 @@ def test_coalesced_gathers_copy_params_out_in_ds_id_order() -> None:
     for op in waits:
         order = [created[schedule.buffers[b].name.removesuffix(".gathered")] for b in op.allocs]
         assert len(order) > 1 and order == sorted(order)
+
+
+def test_engine_init_transients_and_when_adam_states_are_made() -> None:
+    # DeepSpeedZeroOptimizer_Stage3.__init__ (0.14): per sub-group a bf16 clone then the fp32 master (the clone
+    # freed); initialize_optimizer_states' zero fp32 gradient of the largest sub-group (freed); the IPG bucket and
+    # the gradient partitions; then each non-persistent trainable parameter gathered whole (padded to P) for its
+    # gradient hook and partitioned again. Adam's moments: at each sub-group's first step from 0.13.2 (#5104), by
+    # an init step on the zero gradient before.
+    def lifetimes(version: str) -> dict[str, list[tuple[str, str, int]]]:
+        raw = zero_raw(2)
+        raw["software"]["deepspeed"] = version
+        run = run_scenario(build_scenario(raw))
+        trace, schedule = run.engine.trace, run.schedule
+        out: dict[str, list] = {}
+        born: dict[int, str] = {}
+        for i in range(len(trace)):
+            buffer = schedule.buffers[int(trace.buffer_id[i])]
+            op = schedule.ops[int(trace.op_index[i])].name if trace.op_index[i] >= 0 else "t=0"
+            if trace.delta_bytes[i] > 0:
+                born[buffer.buffer_id] = op
+            elif op.startswith("zero3.init.") or born.get(buffer.buffer_id, "").startswith("zero3.init."):
+                out.setdefault(buffer.name, []).append((born.pop(buffer.buffer_id), op, buffer.size_bytes))
+        out["made"] = [(buffer, op) for buffer, op in born.items()]
+        out["_schedule"] = schedule
+        return out
+
+    shapes = tiny_param_shapes()
+    new = lifetimes("0.14.0")
+    group = sum(padded_partition_numel(n, 2) for n in shapes)  # one sub-group: sub_group_size 1e9
+    assert new["zero3.init.group0.bf16_clone"] == [("zero3.init.create_fp32_partition[0]",) * 2 + (2 * group,)]
+    assert new["zero3.init.gradient_buffer"] == [("zero3.init.initialize_optimizer_states",) * 2 + (4 * group,)]
+    hooks = [(born, size) for born, freed, size in new["model.layers.0.self_attn.q_proj.weight.gathered"]
+             if born == freed and born.startswith("zero3.init.gradient_hook")]
+    assert hooks == [("zero3.init.gradient_hook[model.layers.0.self_attn.q_proj.weight]", 2 * 64 * 64)]
+    schedule = new["_schedule"]
+    made = {schedule.buffers[b].name: op for b, op in new["made"]}
+    assert made["zero3.group0.exp_avg"] == made["zero3.group0.exp_avg_sq"] == "zero3.step.group0.optimizer_step"
+    assert made["zero3.ipg_bucket"] == made["zero3.grad_partitions_flat_buffer"] == \
+        "zero3.init.ipg_bucket_and_gradient_partitions"
+    old = lifetimes("0.13.1")
+    schedule = old["_schedule"]
+    made = {schedule.buffers[b].name: op for b, op in old["made"]}
+    assert made["zero3.group0.exp_avg"] == "zero3.init.optimizer_step[0]"
