@@ -350,3 +350,13 @@ def test_engine_init_transients_and_when_adam_states_are_made() -> None:
     schedule = old["_schedule"]
     made = {schedule.buffers[b].name: op for b, op in old["made"]}
     assert made["zero3.group0.exp_avg"] == "zero3.init.optimizer_step[0]"
+
+
+def test_step_computes_the_gradient_norm_in_fp64_per_partition() -> None:
+    # get_grad_norm_direct (stage3.py): g.double().norm(2) for each gradient partition, one at a time, the
+    # one-element norms kept until summed: per step one fp64 copy of each trainable parameter's padded partition.
+    raw = zero_raw(2)
+    run = run_scenario(build_scenario(raw))
+    sizes = sorted(b.size_bytes for b in run.schedule.buffers if b.name == "zero3.step.grad_fp64")
+    per_step = sorted(8 * padded_partition_numel(n, 2) for n in tiny_param_shapes())
+    assert sizes == sorted(per_step * 2)  # two steps

@@ -16,6 +16,7 @@ optimizer side moves to the host (Zero12's docstring).
 """
 
 from sim.ops import Category, OpKind, Stream
+from sim.parallel.norms import grad_norms
 from sim.parallel.partition import flat_partition_numel
 from sim.scenario import DType, ZeroOptimization
 from sim.workload.tape import Param, Tape, Tensor
@@ -347,6 +348,7 @@ class Zero12:
             else:
                 tp.op("zero.step.copy_to_bf16", bytes_moved=2 * numel)
         else:
+            grad_norms(tp, "zero", list(self.in_partition.values()))
             tp.op("zero.step.flatten_partition_grads", bytes_moved=4 * numel * self.dtype.size_bytes)
             flat = tp.empty("zero.flat_partition_grad", numel, self.dtype)
             tp.op("zero.step.grad_to_fp32", bytes_moved=6 * numel)

@@ -11,6 +11,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from sim.ops import Category, OpKind, Stream
+from sim.parallel.norms import grad_norms
 from sim.parallel.partition import padded_partition_numel
 from sim.scenario import DType, ZeroOptimization
 from sim.workload.tape import Node, Param, Tape, Tensor
@@ -346,7 +347,7 @@ class Zero3Optimizer:
         DeepSpeed before 0.13.2 ran one step on zero gradients in initialize_optimizer_states, so the Adam states
         exist from engine init; from 0.13.2 (#5104) the optimizer makes them at its first step of each sub-group.
         With offload_optimizer all of it lives and runs on the host (DeepSpeedCPUAdam): nothing on the GPU."""
-        self.zero = zero
+        self.zero, self.trainable = zero, trainable
         self.groups = sub_groups(zero, trainable)
         self.temporaries = temporaries_per_step
         self.lazy_states: list[list[Tensor]] = []  # per sub-group, made by its first step
@@ -392,6 +393,7 @@ class Zero3Optimizer:
             for index, numel in enumerate(self.groups):
                 tp.op(f"zero3.step.group{index}.copy_to_device", bytes_moved=2 * numel * zero.dtype.size_bytes)
             return
+        grad_norms(tp, "zero3", [zero.states[p.name].partition_numel for p in self.trainable])
         for index, numel in enumerate(self.groups):
             tp.op(f"zero3.step.group{index}.flatten_grads", bytes_moved=4 * numel * zero.grad_dtype.size_bytes)
             flat = tp.empty(f"zero3.group{index}.flat_grad", numel, zero.grad_dtype, Category.TEMPORARIES)
