@@ -360,3 +360,32 @@ def test_step_computes_the_gradient_norm_in_fp64_per_partition() -> None:
     sizes = sorted(b.size_bytes for b in run.schedule.buffers if b.name == "zero3.step.grad_fp64")
     per_step = sorted(8 * padded_partition_numel(n, 2) for n in tiny_param_shapes())
     assert sizes == sorted(per_step * 2)  # two steps
+
+
+def test_coalesced_flat_buffer_lives_until_its_last_parameter_is_fetched() -> None:
+    # AllGatherCoalescedHandle keeps views of the flat buffer and the in-flight registry holds the handle for each
+    # of its parameters until that one is fetched: the flat buffer is freed after the last fetch of its group (for
+    # layer 0's prefetched {q, k, v} with their biases: at v_proj's fetch), not when the copies are made.
+    raw = zero_raw(2, stage3_prefetch_bucket_size=12000, stage3_max_live_parameters=10**9)
+    run = run_scenario(build_scenario(raw))
+    trace, schedule = run.engine.trace, run.schedule
+    born: dict[int, int] = {}
+    lives = []
+    for i in range(len(trace)):
+        buffer_id = int(trace.buffer_id[i])
+        if schedule.buffers[buffer_id].name != "zero3.allgather_flat":
+            continue
+        if trace.delta_bytes[i] > 0:
+            born[buffer_id] = i
+        else:
+            lives.append((schedule.ops[int(trace.op_index[born.pop(buffer_id)])].name,
+                          schedule.ops[int(trace.op_index[i])].name, int(trace.op_index[i])))
+    assert lives and not born
+    assert all(made.startswith("zero3.allgather[") and freed == "zero3.allgather_flat_freed" for made, freed, _ in lives)
+    names = [op.name for op in schedule.ops]
+    wait = names.index("zero3.allgather_wait[model.layers.0.self_attn.q_proj.weight+2]")
+    freed = names.index("zero3.allgather_flat_freed", wait)
+    between = names[wait:freed]
+    assert any(n.startswith("model.layers.0.self_attn.q_proj") for n in between)  # q and k ran with it alive
+    assert any(n.startswith("model.layers.0.self_attn.k_proj") for n in between)
+    assert not any(n.startswith("model.layers.0.self_attn.v_proj") for n in between)  # freed at v's fetch

@@ -28,6 +28,18 @@ class _Zp:
     gathered: Tensor | None = None  # the full tensor while AVAILABLE (or INFLIGHT)
     ready_op: int | None = None  # side op after which `gathered` holds the data
     fetched_for_step: int = -(10**10)  # __most_recent_step_id_param_fetched_for
+    handle: "_Coalesced | None" = None  # the coalesced gather it came with, until its first fetch or release
+
+
+@dataclass(slots=True, eq=False)
+class _Coalesced:
+    """An AllGatherCoalescedHandle: its partitions are views of the flat buffer, and the in-flight registry holds
+    it for each of its parameters until that parameter is fetched (or released), so the flat buffer lives until
+    the last of them (partitioned_param_coordinator.py fetch_sub_module pops and waits per parameter)."""
+
+    flat: Tensor
+    waiting: set[str]
+    wait_op: int  # the side op that makes the copies (the flat buffer is freed after it)
 
 
 @dataclass(slots=True)
@@ -153,6 +165,7 @@ class Zero3:
             zp = self.states[p.name]
             if zp.ready_op is not None:
                 self.tape.wait_for(zp.ready_op)
+            self._pop_handle(zp)
         if self.trace_complete:
             self._prefetch(params)
         self.step_id += 1  # fetch_sub_module advances __step_id last: prefetch sees this module's own id
@@ -182,7 +195,7 @@ class Zero3:
     def _all_gather(self, params: list[Param]) -> None:
         """all_gather_coalesced on the allgather stream. One param: a buffer of ceil(numel/P)·P and the param is
         a view of it. Several: a flat buffer Σ partition·P, then at wait() torch.cat of each param's slices (new
-        full tensors) and the flat buffer is released (partition_parameters.py AllGatherCoalescedHandle)."""
+        full tensors); the flat buffer lives until the last of them is fetched (_Coalesced)."""
         tp, P = self.tape, self.world
         size = self.dtype.size_bytes
         params = sorted(params, key=lambda p: self.states[p.name].ds_id)  # all_gather_coalesced sorts by ds_id
@@ -203,12 +216,12 @@ class Zero3:
             flat = tp.empty_in(gather, "zero3.allgather_flat", total * P, self.dtype, Category.COMMUNICATION)
             wait = tp.side_op(f"zero3.allgather_wait[{label}]", Stream.ALLGATHER, bytes_moved=2 * total * P * size,
                               deps=(gather,))
+            handle = _Coalesced(flat, {p.name for p in params}, wait)
             for p in params:
                 zp = self.states[p.name]
                 zp.gathered = tp.empty_in(wait, f"{p.name}.gathered", p.tensor.numel, self.dtype,
                                           Category.PARAMETERS)
-                zp.ready_op = wait
-            tp.release_in(wait, flat.storage)
+                zp.ready_op, zp.handle = wait, handle
         for p in params:
             self.available_numel += p.tensor.numel
 
@@ -233,7 +246,19 @@ class Zero3:
         numel_before = self._trace_numel_before
         return numel_before[uses[k]] - numel_before[self.step_id] < self.config.stage3_max_reuse_distance
 
+    def _pop_handle(self, zp: _Zp) -> None:
+        """The registry lets go of a parameter's coalesced handle; the last one frees the flat buffer."""
+        handle, zp.handle = zp.handle, None
+        if handle is None:
+            return
+        handle.waiting.discard(zp.param.name)
+        if not handle.waiting:  # after the gather's wait (an op of its own: the current one may precede it)
+            self.tape.wait_for(handle.wait_op)
+            self.tape.op("zero3.allgather_flat_freed")
+            self.tape.drop(handle.flat)
+
     def _partition(self, zp: _Zp) -> None:
+        self._pop_handle(zp)  # release_and_reset_all waits on what is still in flight
         if zp.gathered is None:
             return
         self.tape.drop(zp.gathered)  # param.data = empty (record_stream on the compute stream)
