@@ -7,7 +7,7 @@ are measured figures in the hardware YAML (DeviceEfficiency); 1.0 gives the bare
 
 import numpy as np
 
-from sim.ops import COLLECTIVES, Op, OpKind
+from sim.ops import Op, OpKind
 from sim.scenario import DeviceSpec, DType
 
 _FLOPS_KEY = {DType.BFLOAT16: "bf16", DType.FLOAT16: "fp16", DType.FLOAT32: "fp32"}
@@ -112,11 +112,11 @@ class CostModel:
         rate[kind == _KIND_CODE[OpKind.ATTENTION]] = self.attention_flops_per_s
         seconds = np.maximum(flops / rate, moved / self.hbm_bytes_per_s)
         latency_s = np.zeros(count)
-        for collective in COLLECTIVES:
-            latency_s[kind == _KIND_CODE[collective]] = self.collective_latency_us(collective) / 1e6
+        for ring_only in (OpKind.ALL_GATHER, OpKind.REDUCE_SCATTER):  # NCCL runs these as a ring
+            latency_s[kind == _KIND_CODE[ring_only]] = self.collective_latency_us(ring_only) / 1e6
         seconds = np.where(wire > 0, wire / self.bus_bytes_per_s + latency_s, seconds)
         all_reduce = np.flatnonzero((kind == _KIND_CODE[OpKind.ALL_REDUCE]) & (wire > 0))
-        if len(all_reduce):  # wire = 2(n-1)/n of the message (ring all-reduce)
+        if len(all_reduce):  # ring or tree; wire = 2(n-1)/n of the message (ring all-reduce)
             n = self.ranks
             message = np.round(wire[all_reduce] * n / (2 * (n - 1)))
             seconds[all_reduce] = self.all_reduce_us(message, wire[all_reduce]) / 1e6

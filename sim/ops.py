@@ -56,8 +56,6 @@ class OpKind(Enum):
     ALL_REDUCE = "all_reduce"
 
 
-COLLECTIVES = (OpKind.ALL_GATHER, OpKind.REDUCE_SCATTER, OpKind.ALL_REDUCE)
-
 
 class Buffer(NamedTuple):
     """One allocation: a tensor's storage as the caching allocator would see it."""

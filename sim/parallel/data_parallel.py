@@ -101,8 +101,8 @@ class Zero12:
         self.overlap = bool(config.overlap_comm)
         self.largest = max((p.tensor.numel for p in trainable), default=0)
         self.numel = {p.name: p.tensor.numel for p in trainable}
-        self.rank = 0 if self.offload else world - 1
-        first, end = self.rank * self.partition, (self.rank + 1) * self.partition
+        rank = 0 if self.offload else world - 1
+        first, end = rank * self.partition, (rank + 1) * self.partition
         self.in_partition: dict[str, int] = {}  # param name -> its elements inside the simulated rank's partition
         self.flat_offset: dict[str, int] = {}  # param name -> its first element in the flat group
         offset = 0

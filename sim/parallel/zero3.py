@@ -63,7 +63,7 @@ class Zero3:
     outstanding_reduces: deque = field(default_factory=deque)
     _engine_buffers: list[Tensor] = field(default_factory=list)  # allocated by finish_engine_init
     _trace_uses: dict[str, list[int]] = field(default_factory=dict)  # per param: trace positions of its modules
-    _trace_numel_before: list[int] = field(default_factory=list)  # per trace position: numel of the modules before
+    _trace_numel_before: list[int] = field(default_factory=lambda: [0])  # per trace position: numel before it
 
     @property
     def offload_param(self) -> bool:
@@ -267,14 +267,14 @@ class Zero3:
 
     def end_of_forward_backward(self) -> None:
         """After a micro-batch: the trace of the first one is complete; the fetch queue and step id restart."""
+        if not self.trace_complete:  # the trace is fixed from here: index it once for _reused_soon
+            for step_id, module in enumerate(self.trace):
+                for p in self.modules[module]:
+                    self._trace_uses.setdefault(p.name, []).append(step_id)
+                self._trace_numel_before.append(self._trace_numel_before[-1] + sum(p.tensor.numel
+                                                                                   for p in self.modules[module]))
         self.trace_complete = True
         self.step_id = 0
-        self._trace_uses, self._trace_numel_before = {}, [0]
-        for step_id, module in enumerate(self.trace):
-            for p in self.modules[module]:
-                self._trace_uses.setdefault(p.name, []).append(step_id)
-            self._trace_numel_before.append(self._trace_numel_before[-1] + sum(p.tensor.numel
-                                                                               for p in self.modules[module]))
         self.queue = deque()
         for step_id, module in enumerate(self.trace):
             for p in self.modules[module]:
