@@ -10,6 +10,7 @@ an op starts when the previous op of its stream and every op it depends on have 
 
 from dataclasses import dataclass
 from itertools import chain
+from operator import attrgetter
 
 import numpy as np
 
@@ -73,7 +74,7 @@ class Engine:
         allocated, reserved, oom, repeated, largest = self._drive_allocator(events)
         is_free = events.signed_id < 0
         ids = np.where(is_free, ~events.signed_id, events.signed_id)
-        categories = np.asarray(self.schedule.buffer_categories(), dtype=np.int8)
+        categories = self.schedule.buffer_categories()
         trace = Trace(events.time_us, events.op_index, ids, np.where(is_free, -events.size_bytes, events.size_bytes),
                       categories[ids], allocated, reserved)
         busy_by_code = np.bincount(self._stream_code, weights=self._durations, minlength=len(STREAMS))
@@ -84,21 +85,71 @@ class Engine:
 
     def _timeline(self) -> tuple[list[int], list[int]]:
         """Start and end (µs) of every op: in issue order, an op starts at the later of its stream's previous end
-        and the ends of the ops it depends on (deps: relative offsets to earlier ops)."""
-        ops = self.schedule.ops
+        and the ends of the ops it depends on (deps: relative offsets to earlier ops). A repeated span whose
+        template met the same state on entry (the ready times of its streams and the ends of the earlier ops it
+        waits for, relative to each other) runs as its template did, shifted in time."""
+        ops, codes, durations = self.schedule.ops, self._stream_code.tolist(), self._durations.tolist()
         starts = [0] * len(ops)
         ends = [0] * len(ops)
         ready = [0] * len(STREAMS)
-        for index, (op, code, duration) in enumerate(zip(ops, self._stream_code.tolist(), self._durations.tolist())):
-            start = ready[code]
-            if op.deps:
-                for d in op.deps:
-                    dep_end = ends[index + d]
-                    if dep_end > start:
-                        start = dep_end
-            starts[index] = start
-            ready[code] = ends[index] = start + duration
+        runs = {first: (source, count) for first, source, count in self._repeated_runs()}
+        templates = {key: self._template_entry(*key, codes) for key in set(runs.values())}
+        latest = {}  # template -> (first op, ready times there) of its latest instance (itself at first)
+        cuts = sorted({p for first, (source, count) in runs.items() for p in (first, first + count, source)}
+                      | {len(ops)})
+        position = 0
+        for cut in cuts:
+            if position in runs:  # a repeated span [position, cut)
+                key = runs[position]
+                used, outside, last = templates[key]
+                previous, previous_ready = latest[key]
+                latest[key] = (position, ready.copy())
+                shift = _shift(ready, previous_ready, ends, position, previous, used, outside)
+                if shift is not None:
+                    starts[position:cut] = [t + shift for t in starts[previous:previous + key[1]]]
+                    ends[position:cut] = [t + shift for t in ends[previous:previous + key[1]]]
+                    for code, offset in last:
+                        ready[code] = ends[position + offset]
+                    position = cut
+                    continue
+            else:
+                for key in templates:
+                    if key[0] == position:
+                        latest[key] = (position, ready.copy())
+            for index in range(position, cut):
+                op = ops[index]
+                code = codes[index]
+                start = ready[code]
+                if op.deps:
+                    for d in op.deps:
+                        dep_end = ends[index + d]
+                        if dep_end > start:
+                            start = dep_end
+                starts[index] = start
+                ready[code] = ends[index] = start + durations[index]
+            position = cut
         return starts, ends
+
+    def _repeated_runs(self) -> list[tuple[int, int, int]]:
+        """(first op, its template's first op, count) of every span of ops that repeats earlier ones."""
+        sources = self._sources
+        n = len(sources)
+        repeated = sources != np.arange(n)
+        follows = np.zeros(n, dtype=bool)  # repeats the op after the one the op before it repeats
+        follows[1:] = repeated[1:] & repeated[:-1] & (sources[1:] == sources[:-1] + 1)
+        firsts = np.flatnonzero(repeated & ~follows)
+        breaks = np.append(np.flatnonzero(~follows), n)
+        ends = breaks[np.searchsorted(breaks, firsts, side="right")]
+        return [(first, int(sources[first]), end - first) for first, end in zip(firsts.tolist(), ends.tolist())]
+
+    def _template_entry(self, source: int, count: int, codes: list[int]
+                        ) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+        """What the timeline of ops[source:source+count] depends on: the streams it runs on, the offsets (from its
+        start, negative) of the earlier ops it waits for, and its last op on each stream."""
+        ops = self.schedule.ops
+        last = {codes[source + i]: i for i in range(count)}
+        outside = sorted({i + d for i in range(count) for d in ops[source + i].deps if i + d < 0})
+        return sorted(last), outside, sorted(last.items())
 
     def _events(self, starts: list[int], ends: list[int]) -> _Events:
         """Allocations at each op's start and frees at its end, stably sorted by time: at equal times events
@@ -108,9 +159,9 @@ class Engine:
         distinct = self.schedule.distinct_ops()
         distinct_ops = [ops[p] for p in distinct.tolist()]
         # per distinct op: its allocations, then its frees
-        flat = list(chain.from_iterable(chain.from_iterable((op.allocs, op.frees) for op in distinct_ops)))
-        halves = np.fromiter(chain.from_iterable((len(op.allocs), len(op.frees)) for op in distinct_ops),
-                             dtype=np.int64, count=2 * len(distinct_ops))
+        halves_ids = list(chain.from_iterable(map(attrgetter("allocs", "frees"), distinct_ops)))
+        flat = np.fromiter(chain.from_iterable(halves_ids), dtype=np.int64)
+        halves = np.fromiter(map(len, halves_ids), dtype=np.int64, count=len(halves_ids))
         flat_free = np.repeat(np.tile(np.array([False, True]), len(distinct_ops)), halves)
         count = np.zeros(len(ops), dtype=np.int64)
         count[distinct] = halves[0::2] + halves[1::2]
@@ -121,7 +172,7 @@ class Engine:
         first = np.cumsum(lengths) - lengths  # each op's first event among all
         gather = np.repeat(offset[sources] - first, lengths) + np.arange(total, dtype=np.int64)
         op_index = np.repeat(np.arange(len(ops), dtype=np.int64), lengths)
-        raw = np.asarray(flat, dtype=np.int64)[gather] if total else np.zeros(0, dtype=np.int64)
+        raw = flat[gather] if total else np.zeros(0, dtype=np.int64)
         is_free = flat_free[gather] if total else np.zeros(0, dtype=bool)
         self._move_replica_ids(raw, op_index, is_free)
         times = np.where(is_free, np.asarray(ends, dtype=np.int64)[op_index],
@@ -133,7 +184,7 @@ class Engine:
         is_free = np.concatenate([np.zeros(n_persistent, dtype=bool), is_free])
         order = np.argsort(times, kind="stable")
         raw, op_index, is_free = raw[order], op_index[order], is_free[order]
-        sizes = np.asarray(self._sizes, dtype=np.int64)[raw]
+        sizes = self._sizes[raw]
         codes = np.append(self._stream_code, STREAMS.index(Stream.COMPUTE))[op_index]  # -1: persistent
         return _Events(times[order], op_index, np.where(is_free, ~raw, raw), sizes, codes)
 
@@ -173,10 +224,9 @@ class _StepwiseDriver:
         self.n = n = len(events.signed_id)
         signed = events.signed_id
         ids = np.where(signed < 0, ~signed, signed)
-        positions = np.arange(n, dtype=np.int64)
         # A buffer id can be allocated and freed many times (repeated micro-batches reuse ids): pair each
-        # allocation with its free by sorting the events by (buffer, position).
-        order = np.lexsort((positions, ids))
+        # allocation with its free by sorting the events by (buffer, position) (stable: positions stay in order).
+        order = np.argsort(ids, kind="stable")
         self._key = ids[order] * (n + 1) + order  # sorted: buffer-major, then position
         self._position = order
         is_alloc = signed[order] >= 0
@@ -198,9 +248,15 @@ class _StepwiseDriver:
         optimizer = schedule.phase_codes() == PHASES.index(Phase.OPTIMIZER)
         group = (np.asarray(schedule.op_step, dtype=np.int64) << 32) + (np.asarray(schedule.op_micro_batch) << 1) \
             + optimizer
-        event_group = np.where(op_index < 0, -1, group[np.maximum(op_index, 0)])
-        _, first = np.unique(event_group, return_index=True)
-        bounds = sorted(set(first.tolist()) | {0, self.n})
+        # groups numbered densely from 1 (0: the persistent buffers); in op order they usually only grow
+        if np.all(group[1:] >= group[:-1]):
+            dense = np.concatenate([[1], np.cumsum(group[1:] != group[:-1]) + 1])
+        else:
+            dense = np.unique(group, return_inverse=True)[1].reshape(-1) + 1
+        event_group = np.where(op_index < 0, 0, dense[np.maximum(op_index, 0)])
+        first = np.full(int(dense.max()) + 1, self.n, dtype=np.int64)  # each group's first event
+        np.minimum.at(first, event_group, np.arange(self.n, dtype=np.int64))
+        bounds = sorted(set(first[first < self.n].tolist()) | {0, self.n})
         return list(zip(bounds, bounds[1:]))
 
     def run(self) -> tuple[np.ndarray, np.ndarray, OomEvent | None, int, int | None]:
@@ -300,3 +356,17 @@ class _StepwiseDriver:
         live, allocations = self._live_allocations(start)
         renames = {b: int(signed[p + length]) for b, p in zip(live, allocations.tolist()) if start - length <= p < start}
         self.allocator.rename_live(renames)
+
+
+def _shift(ready: list[int], earlier_ready: list[int], ends: list[int], position: int, earlier: int,
+           used: list[int], outside: list[int]) -> int | None:
+    """How much later a span starting at `position` runs than the same ops did at `earlier`, or None if the two
+    met different states on entry (see Engine._timeline)."""
+    here, there = ready[used[0]], earlier_ready[used[0]]
+    for code in used:
+        if ready[code] - here != earlier_ready[code] - there:
+            return None
+    for offset in outside:
+        if ends[position + offset] - here != ends[earlier + offset] - there:
+            return None
+    return here - there

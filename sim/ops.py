@@ -99,15 +99,13 @@ class BufferTable:
     def __iter__(self):
         return (self[i] for i in range(len(self)))
 
-    def sizes(self) -> list[int]:
+    def sizes(self) -> np.ndarray:
         """size_bytes of every buffer id."""
-        sizes = self._sizes
-        return [sizes[row] for row in self._source]
+        return np.asarray(self._sizes, dtype=np.int64)[np.asarray(self._source, dtype=np.int64)]
 
-    def category_indices(self) -> list[int]:
+    def category_indices(self) -> np.ndarray:
         """Index into CATEGORIES of every buffer id."""
-        categories = self._categories
-        return [categories[row] for row in self._source]
+        return np.asarray(self._categories, dtype=np.int8)[np.asarray(self._source, dtype=np.int64)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,13 +174,15 @@ class Schedule:
             self._columns["phase"] = self.op_column(lambda op: code[id(op.phase)])
         return self._columns["phase"]
 
-    def buffer_sizes(self) -> list[int]:
+    def buffer_sizes(self) -> np.ndarray:
+        """size_bytes by buffer id (int64)."""
         if isinstance(self.buffers, BufferTable):
             return self.buffers.sizes()
-        return [b.size_bytes for b in self.buffers]
+        return np.asarray([b.size_bytes for b in self.buffers], dtype=np.int64)
 
-    def buffer_categories(self) -> list[int]:
+    def buffer_categories(self) -> np.ndarray:
+        """Index into CATEGORIES by buffer id (int8)."""
         if isinstance(self.buffers, BufferTable):
             return self.buffers.category_indices()
         index = {c: i for i, c in enumerate(CATEGORIES)}
-        return [index[b.category] for b in self.buffers]
+        return np.asarray([index[b.category] for b in self.buffers], dtype=np.int8)

@@ -132,6 +132,32 @@ def test_timeline_is_the_simpy_model(case) -> None:
         assert all(result.op_end_us[a] <= result.op_start_us[b] for a, b in zip(mine, mine[1:]))
 
 
+@st.composite
+def repeated_schedules(draw) -> tuple[Schedule, Schedule]:
+    """A prefix, then a template of ops repeated (the same Op objects, as Tape.schedule repeats micro-batches);
+    deps reach back into the instance before. Returns it with and without the repetition recorded (op_source)."""
+    prefix, size, repeats = draw(st.integers(0, 4)), draw(st.integers(1, 8)), draw(st.integers(1, 4))
+    ops = []
+    for index in range(prefix + size):
+        deps = draw(st.lists(st.integers(1, index), max_size=2, unique=True)) if index else []
+        ops.append(op(f"o{index}", [index], [index], flops=draw(st.integers(0, 9)), deps=[-d for d in deps],
+                      stream=draw(st.sampled_from(STREAMS))))
+    ops += ops[prefix:] * repeats
+    sources = list(range(prefix + size)) + [prefix + i for _ in range(repeats) for i in range(size)]
+    return (Schedule(buffers(*[1] * (prefix + size)), [], ops, op_source=sources),
+            Schedule(buffers(*[1] * (prefix + size)), [], list(ops)))
+
+
+@given(repeated_schedules())
+def test_repeated_spans_keep_the_timeline(case) -> None:
+    # a repeated span shifted in time from the instance before it must land where op-by-op timing puts it
+    repeated, plain = case
+    cost = CostModel(DEVICE, DType.BFLOAT16)
+    shifted = Engine(repeated, ExactAllocator(1000), cost).run()
+    assert shifted.op_start_us == Engine(plain, ExactAllocator(1000), cost).run().op_start_us
+    assert shifted.op_start_us == simpy_op_starts(plain, cost.durations_us(plain.ops))
+
+
 def test_same_time_events_keep_issue_order() -> None:
     # The collective (op 0, 4 µs) and the compute op 1 (4 µs) both end at t=4; op 2 starts at 4 and needs both.
     # At t=4: op 0's free, op 1's free, then op 2's allocation (issue order; allocations before frees within an op).
