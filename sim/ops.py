@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass, field
 from enum import Enum
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -66,20 +67,30 @@ class Buffer(NamedTuple):
     category: Category
 
 
-class Op(NamedTuple):
-    """One kernel (or host action) on one stream: allocates `allocs` when it starts, frees `frees` when it ends."""
+class Op:
+    """One kernel (or host action) on one stream: allocates `allocs` when it starts, frees `frees` when it ends.
+    A plain slotted class: the tape records each op once as it is built and the schedule keeps that object."""
 
-    name: str
-    stream: Stream
-    phase: Phase
-    layer: int | None
-    allocs: tuple[int, ...] = ()
-    frees: tuple[int, ...] = ()
-    flops: float = 0.0
-    bytes_moved: int = 0
-    deps: tuple[int, ...] = ()  # relative offsets (negative) of ops, any stream, that must finish first
-    wire_bytes: int = 0  # a collective: bytes each rank sends over the links
-    kind: OpKind = OpKind.MEMORY
+    __slots__ = ("name", "stream", "phase", "layer", "allocs", "frees", "flops", "bytes_moved", "deps", "wire_bytes",
+                 "kind")
+
+    def __init__(self, name: str, stream: Stream, phase: Phase, layer: int | None, allocs: Sequence[int] = (),
+                 frees: Sequence[int] = (), flops: float = 0.0, bytes_moved: int = 0, deps: tuple[int, ...] = (),
+                 wire_bytes: int = 0, kind: OpKind = OpKind.MEMORY) -> None:
+        self.name = name
+        self.stream = stream
+        self.phase = phase
+        self.layer = layer
+        self.allocs = allocs  # buffer ids
+        self.frees = frees
+        self.flops = flops
+        self.bytes_moved = bytes_moved
+        self.deps = deps  # relative offsets (negative) of ops, any stream, that must finish first
+        self.wire_bytes = wire_bytes  # a collective: bytes each rank sends over the links
+        self.kind = kind
+
+    def __repr__(self) -> str:
+        return f"Op({self.name!r}, {self.stream.value}, {self.phase.value}, layer={self.layer})"
 
 
 class BufferTable:

@@ -76,21 +76,27 @@ class Node:
     output_grads: "list[Tensor | None] | None" = None  # input buffers of a multi-output node, one per output
 
 
-@dataclass(slots=True)
-class _OpDraft:
-    name: str
-    phase: Phase
-    layer: int | None
-    step: int
-    micro_batch: int
-    allocs: list[int]
-    frees: list[int]
-    flops: float
-    bytes_moved: int
-    stream: Stream = Stream.COMPUTE
-    deps: tuple[int, ...] = ()  # absolute indices of ops this one waits for
-    wire_bytes: int = 0  # bytes a collective moves per rank over the links
-    kind: OpKind = OpKind.MEMORY
+class _OpDraft(Op):
+    """An op as the tape records it: its buffer lists grow while later code runs (frees attach to the op current
+    then); the step and micro-batch it was recorded in stand beside it."""
+
+    __slots__ = ("step", "micro_batch")
+
+    def __init__(self, name: str, stream: Stream, phase: Phase, layer: int | None, step: int, micro_batch: int,
+                 flops: float, bytes_moved: int, deps: tuple[int, ...], wire_bytes: int, kind: OpKind) -> None:
+        self.name = name
+        self.stream = stream
+        self.phase = phase
+        self.layer = layer
+        self.allocs: list[int] = []
+        self.frees: list[int] = []
+        self.flops = flops
+        self.bytes_moved = bytes_moved
+        self.deps = deps  # relative offsets, as in the schedule
+        self.wire_bytes = wire_bytes
+        self.kind = kind
+        self.step = step
+        self.micro_batch = micro_batch
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,27 +248,28 @@ class Tape:
            wire_bytes: int = 0) -> None:
         """Start a new compute op: following allocations happen when it starts, following frees when it ends.
         It waits for the side-stream ops registered with `wait_for` since the last compute op."""
+        own = self._final_total
         deps = ()
         if self._waits:
-            deps, self._waits = tuple(self._waits), []
+            deps, self._waits = tuple([w - own for w in self._waits]), []
         ops = self._ops
         self._compute = len(ops)
-        ops.append(_OpDraft(name, self.phase, self.layer, self.step, self.micro_batch, [], [], flops, bytes_moved,
-                            Stream.COMPUTE, deps, wire_bytes, kind))
-        self._final_of.append(self._final_total)
-        self._final_total += 1
+        ops.append(_OpDraft(name, Stream.COMPUTE, self.phase, self.layer, self.step, self.micro_batch, flops,
+                            bytes_moved, deps, wire_bytes, kind))
+        self._final_of.append(own)
+        self._final_total = own + 1
 
     def side_op(self, name: str, stream: Stream, bytes_moved: int = 0, wire_bytes: int = 0,
                 deps: tuple[int, ...] = (), kind: OpKind = OpKind.MEMORY) -> int:
         """An op on another stream (a collective). Returns its index for `empty_in`, `release_in`, `wait_for`.
         It is issued after the current compute op, which it waits for as CUDA stream semantics imply
         (wait_stream before the collective), plus any `deps`."""
-        final = self._final_of
-        after = (final[self._compute],) if self._compute is not None else ()
-        self._ops.append(_OpDraft(name, self.phase, self.layer, self.step, self.micro_batch, [], [], 0.0,
-                                  bytes_moved, stream, after + tuple(final[d] for d in deps), wire_bytes, kind))
-        self._final_of.append(self._final_total)
-        self._final_total += 1
+        final, own = self._final_of, self._final_total
+        after = (final[self._compute] - own,) if self._compute is not None else ()
+        self._ops.append(_OpDraft(name, stream, self.phase, self.layer, self.step, self.micro_batch, 0.0,
+                                  bytes_moved, after + tuple([final[d] - own for d in deps]), wire_bytes, kind))
+        self._final_of.append(own)
+        self._final_total = own + 1
         return len(self._ops) - 1
 
     def wait_for(self, op_index: int) -> None:
@@ -478,7 +485,8 @@ class Tape:
         same ops (name, stream). Its repetition's deps (relative) then point at the right ops, and the waits it
         leaves pending are shifted like an instance's (`_append_replica`)."""
         first = self._final_of[start]
-        outside = {d - first for draft in self._ops[start:end] for d in draft.deps if d < first}
+        outside = {own + d - first for draft, own in zip(self._ops[start:end], self._final_of[start:end])
+                   for d in draft.deps if own + d < first}
         pending = {w - self._final_total for w in self._waits}
         if outside != pending:
             return False
@@ -513,35 +521,27 @@ class Tape:
 
     # ---- result -------------------------------------------------------------------------------------------
     def schedule(self) -> Schedule:
-        """Freeze what was recorded into a Schedule of ops. Repeated spans share their Op objects; a periodic
-        repetition's ops carry a ReplicaSpan that moves their buffer ids."""
-        make = tuple.__new__  # NamedTuple construction without its Python-level __new__: 3× faster here
-        index_of = {c: i for i, c in enumerate(CATEGORIES)}
+        """Freeze what was recorded into a Schedule of ops: the recorded ops themselves, repeated spans sharing
+        them; a periodic repetition's ops carry a ReplicaSpan that moves their buffer ids."""
+        index_of = {id(c): i for i, c in enumerate(CATEGORIES)}  # hashing an Enum is slow
         storages = self.storages
         buffers = BufferTable([s.name for s in storages], [s.size_bytes for s in storages],
-                              [index_of[s.category] for s in storages], [s.row for s in self._buffer_source])
+                              [index_of[id(s.category)] for s in storages], [s.row for s in self._buffer_source])
         persistent = [i for i, s in enumerate(self._buffer_source) if s.persistent and not s.lazy]
-        position: dict[int, int] = {}  # draft index -> its position in ops
-        sources: list[int] = []
         ops: list[Op] = []
+        sources: list[int] = []
         steps: list[int] = []
         micros: list[int] = []
         spans: list[tuple[int, int, ReplicaSpan]] = []
-        for index, entry in enumerate(self._ops):
+        for entry in self._ops:
             if isinstance(entry, _OpDraft):
-                own = self._final_of[index]
-                op = make(Op, (entry.name, entry.stream, entry.phase, entry.layer, tuple(entry.allocs),
-                               tuple(entry.frees), entry.flops, entry.bytes_moved,
-                               tuple(d - own for d in entry.deps) if entry.deps else (),  # relative
-                               entry.wire_bytes, entry.kind))
-                position[index] = len(ops)
                 sources.append(len(ops))
-                ops.append(op)
+                ops.append(entry)
                 steps.append(entry.step)
                 micros.append(entry.micro_batch)
                 continue
             count = entry.end - entry.start
-            first = position[entry.start]  # a repeated span's drafts are consecutive, in ops as in _ops
+            first = self._final_of[entry.start]  # a repeated span's ops are consecutive, in ops as in _ops
             ops.extend(ops[first:first + count])
             sources.extend(range(first, first + count))
             steps.extend([entry.step] * count)
