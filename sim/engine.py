@@ -85,9 +85,9 @@ class Engine:
 
     def _timeline(self) -> tuple[list[int], list[int]]:
         """Start and end (µs) of every op: in issue order, an op starts at the later of its stream's previous end
-        and the ends of the ops it depends on (deps: relative offsets to earlier ops). A repeated span whose
-        template met the same state on entry (the ready times of its streams and the ends of the earlier ops it
-        waits for, relative to each other) runs as its template did, shifted in time."""
+        and the ends of the ops it depends on (deps: relative offsets to earlier ops). A repeated span that meets
+        the state its previous instance met on entry (the ready times of its streams and the ends of the earlier
+        ops it waits for, relative to each other) runs as that instance did, shifted in time."""
         ops, codes, durations = self.schedule.ops, self._stream_code.tolist(), self._durations.tolist()
         starts = [0] * len(ops)
         ends = [0] * len(ops)
@@ -95,6 +95,9 @@ class Engine:
         runs = {first: (source, count) for first, source, count in self._repeated_runs()}
         templates = {key: self._template_entry(*key, codes) for key in set(runs.values())}
         latest = {}  # template -> (first op, ready times there) of its latest instance (itself at first)
+        template_at = {}  # a template's first op -> the templates starting there
+        for key in templates:
+            template_at.setdefault(key[0], []).append(key)
         cuts = sorted({p for first, (source, count) in runs.items() for p in (first, first + count, source)}
                       | {len(ops)})
         position = 0
@@ -112,10 +115,8 @@ class Engine:
                         ready[code] = ends[position + offset]
                     position = cut
                     continue
-            else:
-                for key in templates:
-                    if key[0] == position:
-                        latest[key] = (position, ready.copy())
+            for key in template_at.get(position, ()):
+                latest[key] = (position, ready.copy())
             for index in range(position, cut):
                 op = ops[index]
                 code = codes[index]

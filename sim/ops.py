@@ -1,8 +1,8 @@
 """Value types shared by the schedule, the engine and the trace: categories, phases, streams, buffers, ops."""
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np

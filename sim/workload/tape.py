@@ -84,17 +84,7 @@ class _OpDraft(Op):
 
     def __init__(self, name: str, stream: Stream, phase: Phase, layer: int | None, step: int, micro_batch: int,
                  flops: float, bytes_moved: int, deps: tuple[int, ...], wire_bytes: int, kind: OpKind) -> None:
-        self.name = name
-        self.stream = stream
-        self.phase = phase
-        self.layer = layer
-        self.allocs: list[int] = []
-        self.frees: list[int] = []
-        self.flops = flops
-        self.bytes_moved = bytes_moved
-        self.deps = deps  # relative offsets, as in the schedule
-        self.wire_bytes = wire_bytes
-        self.kind = kind
+        Op.__init__(self, name, stream, phase, layer, [], [], flops, bytes_moved, deps, wire_bytes, kind)
         self.step = step
         self.micro_batch = micro_batch
 
