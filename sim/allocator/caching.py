@@ -142,6 +142,18 @@ def _block_key(b: _Block) -> int:
 class CachingAllocator:
     """PyTorch's CUDA caching allocator for one device, driven by the simulator's malloc/free calls."""
 
+    # slots: malloc and free read and write a dozen of these per call, and slot access is the fastest CPython has
+    # (an instance dict of this many attributes is not key-shared: every access would be a dict lookup)
+    __slots__ = ("conf", "capacity_bytes", "torch_version", "device_index", "device_total_bytes", "non_pytorch_bytes",
+                 "memory_fraction", "allowed_memory_maximum", "allocated_bytes", "reserved_bytes", "active_bytes",
+                 "requested_bytes", "inactive_split_bytes", "inactive_split", "allocation", "peak_allocated_bytes",
+                 "peak_reserved_bytes", "peak_active_bytes", "num_alloc_retries", "num_ooms", "num_device_alloc",
+                 "num_device_free", "num_sync_all_streams", "oversize_allocations", "oversize_segments", "ooms",
+                 "retries_before_first_oom", "unlimited", "_forcing", "_max_split", "_non_split_rounding",
+                 "_expandable", "_rp2", "_gc_active", "_slow_search", "_gc_calls", "_live", "_pools", "_streams",
+                 "_segments", "_expandable_segments", "_events", "_ready", "_next_va", "_last_stream", "_last_pools",
+                 "_oom")
+
     def __init__(
         self,
         capacity_bytes: int,
