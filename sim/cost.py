@@ -5,6 +5,8 @@ each rank sends at the measured bus bandwidth of the slowest link the algorithm 
 ring or a tree, whichever NCCL's model finds faster. The achievable fractions
 are measured figures in the hardware YAML (DeviceEfficiency); 1.0 gives the bare datasheet roofline."""
 
+from operator import attrgetter
+
 import numpy as np
 
 from sim.ops import Op, OpKind
@@ -103,10 +105,11 @@ class CostModel:
     def durations_us(self, ops: list[Op]) -> list[int]:
         """duration_us of every op, vectorised: rounded up to whole µs, at least 1 µs for any work."""
         count = len(ops)
-        flops = np.fromiter((op.flops for op in ops), dtype=np.float64, count=count)
-        moved = np.fromiter((op.bytes_moved for op in ops), dtype=np.float64, count=count)
-        wire = np.fromiter((op.wire_bytes for op in ops), dtype=np.float64, count=count)
-        kind = np.fromiter((_CODE_BY_ID[id(op.kind)] for op in ops), dtype=np.int64, count=count)
+        flops = np.fromiter(map(attrgetter("flops"), ops), dtype=np.float64, count=count)
+        moved = np.fromiter(map(attrgetter("bytes_moved"), ops), dtype=np.float64, count=count)
+        wire = np.fromiter(map(attrgetter("wire_bytes"), ops), dtype=np.float64, count=count)
+        kind = np.fromiter(map(_CODE_BY_ID.__getitem__, map(id, map(attrgetter("kind"), ops))), dtype=np.int64,
+                           count=count)
         rate = np.full(count, self.vector_flops_per_s)
         rate[kind == _KIND_CODE[OpKind.GEMM]] = self.gemm_flops_per_s
         rate[kind == _KIND_CODE[OpKind.ATTENTION]] = self.attention_flops_per_s

@@ -3,6 +3,7 @@
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from operator import attrgetter
 from typing import NamedTuple
 
 import numpy as np
@@ -162,28 +163,25 @@ class Schedule:
             self._columns["distinct"] = np.flatnonzero(sources == np.arange(len(sources)))
         return self._columns["distinct"]
 
-    def op_column(self, value, dtype=np.int64) -> np.ndarray:
-        """value(op) for every op, evaluated once per distinct Op object: repeated spans share them, and a run
-        has a few times more ops than distinct ones."""
-        distinct = self.distinct_ops()
-        by_position = np.zeros(len(self.ops), dtype=dtype)
-        ops = self.ops
-        by_position[distinct] = [value(ops[i]) for i in distinct.tolist()]
-        return by_position[self.sources()]
+    def _enum_codes(self, attribute: str, members: tuple) -> np.ndarray:
+        """Every op's `attribute` (an enum) as its index in `members`, looked up once per distinct Op object:
+        repeated spans share them, and a run has a few times more ops than distinct ones."""
+        if attribute not in self._columns:
+            code = {id(member): i for i, member in enumerate(members)}  # hashing an Enum is slow
+            distinct = self.distinct_ops()
+            by_position = np.zeros(len(self.ops), dtype=np.int64)
+            ops = map(self.ops.__getitem__, distinct.tolist())
+            by_position[distinct] = list(map(code.__getitem__, map(id, map(attrgetter(attribute), ops))))
+            self._columns[attribute] = by_position[self.sources()]
+        return self._columns[attribute]
 
     def stream_codes(self) -> np.ndarray:
         """Every op's stream as its index in STREAMS (computed once)."""
-        if "stream" not in self._columns:
-            code = {id(stream): i for i, stream in enumerate(STREAMS)}  # hashing an Enum is slow
-            self._columns["stream"] = self.op_column(lambda op: code[id(op.stream)])
-        return self._columns["stream"]
+        return self._enum_codes("stream", STREAMS)
 
     def phase_codes(self) -> np.ndarray:
         """Every op's phase as its index in PHASES (computed once)."""
-        if "phase" not in self._columns:
-            code = {id(phase): i for i, phase in enumerate(PHASES)}
-            self._columns["phase"] = self.op_column(lambda op: code[id(op.phase)])
-        return self._columns["phase"]
+        return self._enum_codes("phase", PHASES)
 
     def buffer_sizes(self) -> np.ndarray:
         """size_bytes by buffer id (int64)."""
