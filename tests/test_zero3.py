@@ -309,6 +309,26 @@ def test_coalesced_gathers_copy_params_out_in_ds_id_order() -> None:
         assert len(order) > 1 and order == sorted(order)
 
 
+def test_coalesced_copies_are_made_when_the_first_parameter_is_fetched() -> None:
+    # fetch_sub_module calls the handle's wait() (AllGatherCoalescedHandle: torch.cat of each param's slices) for
+    # the params the module needs, not when the gather completes: layer 0's q, k and v weights, prefetched when
+    # embed_tokens was fetched, are copied out at q_proj's fetch, after embed_tokens and the input layernorm ran.
+    raw = zero_raw(2, stage3_prefetch_bucket_size=12000, stage3_max_live_parameters=10**9)
+    schedule = run_scenario(build_scenario(raw)).schedule
+    label = "model.layers.0.self_attn.q_proj.weight+2"
+    names = [op.name for op in schedule.ops]
+    first = schedule.op_step.index(1)  # the second step: the trace is complete, so the group is prefetched
+    gather = names.index(f"zero3.allgather[{label}]", first)
+    wait = names.index(f"zero3.allgather_wait[{label}]", first)
+    between = [name for op, name in zip(schedule.ops[gather + 1:wait], names[gather + 1:wait])
+               if op.stream.value == "compute"]
+    assert "model.embed_tokens" in between and "model.layers.0.input_layernorm.weight_mul" in between
+    after = next(name for op, name in zip(schedule.ops[wait:], names[wait:]) if op.stream.value == "compute")
+    assert after == "model.layers.0.self_attn.q_proj"
+    copies = {schedule.buffers[b].name for b in schedule.ops[wait].allocs}  # the biases are persistent
+    assert copies == {f"model.layers.0.self_attn.{m}_proj.weight.gathered" for m in "qkv"}
+
+
 def test_engine_init_transients_and_when_adam_states_are_made() -> None:
     # DeepSpeedZeroOptimizer_Stage3.__init__ (0.14): per sub-group a bf16 clone then the fp32 master (the clone
     # freed); initialize_optimizer_states' zero fp32 gradient of the largest sub-group (freed); the IPG bucket and

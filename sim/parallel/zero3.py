@@ -25,10 +25,15 @@ class _Zp:
     partition_numel: int
     persist: bool
     ds_id: int  # registration order (partition_parameters.py _convert_to_deepspeed_param numbers params as created)
-    gathered: Tensor | None = None  # the full tensor while AVAILABLE (or INFLIGHT)
+    gathered: Tensor | None = None  # the full tensor while AVAILABLE (or INFLIGHT alone in its gather)
     ready_op: int | None = None  # side op after which `gathered` holds the data
     fetched_for_step: int = -(10**10)  # __most_recent_step_id_param_fetched_for
     handle: "_Coalesced | None" = None  # the coalesced gather it came with, until its first fetch or release
+
+    @property
+    def not_available(self) -> bool:
+        """ZeroParamStatus.NOT_AVAILABLE: neither gathered nor in flight."""
+        return self.gathered is None and self.handle is None
 
 
 @dataclass(slots=True, eq=False)
@@ -38,8 +43,11 @@ class _Coalesced:
     the last of them (partitioned_param_coordinator.py fetch_sub_module pops and waits per parameter)."""
 
     flat: Tensor
+    params: list[Param]  # in ds_id order, as gathered
     waiting: set[str]
-    wait_op: int  # the side op that makes the copies (the flat buffer is freed after it)
+    gather_op: int
+    label: str
+    wait_op: int | None = None  # the side op of wait(): each parameter's copy out of the flat buffer
 
 
 @dataclass(slots=True)
@@ -158,11 +166,13 @@ class Zero3:
         params = self.modules[module]
         if not self.trace_complete:
             self.trace.append(module)
-        missing = [p for p in params if self.states[p.name].gathered is None]
+        missing = [p for p in params if self.states[p.name].not_available]
         if missing:
             self._all_gather(missing)
         for p in params:
             zp = self.states[p.name]
+            if zp.handle is not None:
+                self._wait(zp.handle)
             if zp.ready_op is not None:
                 self.tape.wait_for(zp.ready_op)
             self._pop_handle(zp)
@@ -185,7 +195,7 @@ class Zero3:
         while self.queue and numel < budget:
             name, used_at = self.queue.popleft()
             zp = self.states[name]
-            if zp.gathered is None and zp.param not in chosen:
+            if zp.not_available and zp.param not in chosen:
                 chosen.append(zp.param)
                 numel += zp.param.tensor.numel
             zp.fetched_for_step = max(zp.fetched_for_step, used_at)
@@ -194,8 +204,8 @@ class Zero3:
 
     def _all_gather(self, params: list[Param]) -> None:
         """all_gather_coalesced on the allgather stream. One param: a buffer of ceil(numel/P)·P and the param is
-        a view of it. Several: a flat buffer Σ partition·P, then at wait() torch.cat of each param's slices (new
-        full tensors); the flat buffer lives until the last of them is fetched (_Coalesced)."""
+        a view of it. Several: a flat buffer Σ partition·P; the copies out of it come at the handle's wait(), when
+        the first of its params is fetched (`_wait`), and the flat buffer lives until the last is (_Coalesced)."""
         tp, P = self.tape, self.world
         size = self.dtype.size_bytes
         params = sorted(params, key=lambda p: self.states[p.name].ds_id)  # all_gather_coalesced sorts by ds_id
@@ -214,14 +224,9 @@ class Zero3:
             zp.ready_op = gather
         else:
             flat = tp.empty_in(gather, "zero3.allgather_flat", total * P, self.dtype, Category.COMMUNICATION)
-            wait = tp.side_op(f"zero3.allgather_wait[{label}]", Stream.ALLGATHER, bytes_moved=2 * total * P * size,
-                              deps=(gather,))
-            handle = _Coalesced(flat, {p.name for p in params}, wait)
+            handle = _Coalesced(flat, params, {p.name for p in params}, gather, label)
             for p in params:
-                zp = self.states[p.name]
-                zp.gathered = tp.empty_in(wait, f"{p.name}.gathered", p.tensor.numel, self.dtype,
-                                          Category.PARAMETERS)
-                zp.ready_op, zp.handle = wait, handle
+                self.states[p.name].handle = handle
         for p in params:
             self.available_numel += p.tensor.numel
 
@@ -246,6 +251,22 @@ class Zero3:
         numel_before = self._trace_numel_before
         return numel_before[uses[k]] - numel_before[self.step_id] < self.config.stage3_max_reuse_distance
 
+    def _wait(self, handle: _Coalesced) -> None:
+        """AllGatherCoalescedHandle.wait() (partition_parameters.py), at most once: fetch_sub_module calls it on
+        the allgather stream for the first of the handle's params it needs; it torch.cat's every param's slices of
+        the flat buffer into a full tensor of its own."""
+        if handle.wait_op is not None:
+            return
+        tp = self.tape
+        numel = sum(p.tensor.numel for p in handle.params)
+        wait = tp.side_op(f"zero3.allgather_wait[{handle.label}]", Stream.ALLGATHER,
+                          bytes_moved=2 * numel * self.dtype.size_bytes, deps=(handle.gather_op,))
+        for p in handle.params:
+            zp = self.states[p.name]
+            zp.gathered = tp.empty_in(wait, f"{p.name}.gathered", p.tensor.numel, self.dtype, Category.PARAMETERS)
+            zp.ready_op = wait
+        handle.wait_op = wait
+
     def _pop_handle(self, zp: _Zp) -> None:
         """The registry lets go of a parameter's coalesced handle; the last one frees the flat buffer."""
         handle, zp.handle = zp.handle, None
@@ -258,7 +279,9 @@ class Zero3:
             self.tape.drop(handle.flat)
 
     def _partition(self, zp: _Zp) -> None:
-        self._pop_handle(zp)  # release_and_reset_all waits on what is still in flight
+        if zp.handle is not None:  # still in flight (DeepSpeed's release_and_reset_all would raise): copies first
+            self._wait(zp.handle)
+        self._pop_handle(zp)
         if zp.gathered is None:
             return
         self.tape.drop(zp.gathered)  # param.data = empty (record_stream on the compute stream)
