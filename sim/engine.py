@@ -98,8 +98,8 @@ class Engine:
         template_at = {}  # a template's first op -> the templates starting there
         for key in templates:
             template_at.setdefault(key[0], []).append(key)
-        cuts = sorted({p for first, (source, count) in runs.items() for p in (first, first + count, source)}
-                      | {len(ops)})
+        cuts = sorted({p for first, (template, count) in runs.items() for p in (first, first + count, template)}
+                      | {len(ops)})  # the timeline goes op by op between cuts, or copies a whole repeated span
         position = 0
         for cut in cuts:
             if position in runs:  # a repeated span [position, cut)
@@ -109,8 +109,8 @@ class Engine:
                 latest[key] = (position, ready.copy())
                 shift = _shift(ready, previous_ready, ends, position, previous, used, outside)
                 if shift is not None:
-                    starts[position:cut] = [t + shift for t in starts[previous:previous + key[1]]]
-                    ends[position:cut] = [t + shift for t in ends[previous:previous + key[1]]]
+                    starts[position:cut] = [t + shift for t in starts[previous:previous + cut - position]]
+                    ends[position:cut] = [t + shift for t in ends[previous:previous + cut - position]]
                     for code, offset in last:
                         ready[code] = ends[position + offset]
                     position = cut
