@@ -104,10 +104,10 @@ class Engine:
         for cut in cuts:
             if position in runs:  # a repeated span [position, cut)
                 key = runs[position]
-                used, outside, last = templates[key]
+                outside, last = templates[key]
                 previous, previous_ready = latest[key]
                 latest[key] = (position, ready.copy())
-                shift = _shift(ready, previous_ready, ends, position, previous, used, outside)
+                shift = _shift(ready, previous_ready, ends, position, previous, last, outside)
                 if shift is not None:
                     starts[position:cut] = [t + shift for t in starts[previous:previous + cut - position]]
                     ends[position:cut] = [t + shift for t in ends[previous:previous + cut - position]]
@@ -144,13 +144,13 @@ class Engine:
         return [(first, int(sources[first]), end - first) for first, end in zip(firsts.tolist(), ends.tolist())]
 
     def _template_entry(self, source: int, count: int, codes: list[int]
-                        ) -> tuple[list[int], list[int], list[tuple[int, int]]]:
-        """What the timeline of ops[source:source+count] depends on: the streams it runs on, the offsets (from its
-        start, negative) of the earlier ops it waits for, and its last op on each stream."""
+                        ) -> tuple[list[int], list[tuple[int, int]]]:
+        """What the timeline of ops[source:source+count] depends on: the offsets (from its start, negative) of the
+        earlier ops it waits for, and its streams with the offset of its last op on each."""
         ops = self.schedule.ops
         last = {codes[source + i]: i for i in range(count)}
         outside = sorted({i + d for i in range(count) for d in ops[source + i].deps if i + d < 0})
-        return sorted(last), outside, sorted(last.items())
+        return outside, sorted(last.items())
 
     def _events(self, starts: list[int], ends: list[int]) -> _Events:
         """Allocations at each op's start and frees at its end, stably sorted by time: at equal times events
@@ -249,11 +249,8 @@ class _StepwiseDriver:
         optimizer = schedule.phase_codes() == PHASES.index(Phase.OPTIMIZER)
         group = (np.asarray(schedule.op_step, dtype=np.int64) << 32) + (np.asarray(schedule.op_micro_batch) << 1) \
             + optimizer
-        # groups numbered densely from 1 (0: the persistent buffers); in op order they usually only grow
-        if np.all(group[1:] >= group[:-1]):
-            dense = np.concatenate([[1], np.cumsum(group[1:] != group[:-1]) + 1])
-        else:
-            dense = np.unique(group, return_inverse=True)[1].reshape(-1) + 1
+        # each run of ops of one group numbered from 1 in op order (0: the persistent buffers)
+        dense = np.concatenate([[1], np.cumsum(group[1:] != group[:-1]) + 1])
         event_group = np.where(op_index < 0, 0, dense[np.maximum(op_index, 0)])
         first = np.full(int(dense.max()) + 1, self.n, dtype=np.int64)  # each group's first event
         np.minimum.at(first, event_group, np.arange(self.n, dtype=np.int64))
@@ -360,11 +357,12 @@ class _StepwiseDriver:
 
 
 def _shift(ready: list[int], earlier_ready: list[int], ends: list[int], position: int, earlier: int,
-           used: list[int], outside: list[int]) -> int | None:
+           streams: list[tuple[int, int]], outside: list[int]) -> int | None:
     """How much later a span starting at `position` runs than the same ops did at `earlier`, or None if the two
-    met different states on entry (see Engine._timeline)."""
-    here, there = ready[used[0]], earlier_ready[used[0]]
-    for code in used:
+    met different states on entry (see Engine._timeline). `streams`: (code, _) of the streams the span runs on."""
+    anchor = streams[0][0]
+    here, there = ready[anchor], earlier_ready[anchor]
+    for code, _ in streams:
         if ready[code] - here != earlier_ready[code] - there:
             return None
     for offset in outside:

@@ -36,8 +36,7 @@ def check_supported(scenario: Scenario) -> None:
             if config.get("ratio", 1.0) != 1.0:
                 raise ScenarioError(f"deepspeed.zero_optimization.{key}.ratio: partial offload ({config['ratio']!r}) "
                                     "is not modelled yet")
-    if scenario.deepspeed is not None:
-        if not scenario.deepspeed.zero_optimization.reduce_scatter:
+        if not zero.reduce_scatter:
             raise ScenarioError("deepspeed.zero_optimization.reduce_scatter: false is not modelled yet (gradients are "
                                 "reduced as with the default, true)")
         accumulation = ((scenario.deepspeed.model_extra or {}).get("data_types") or {}).get("grad_accum_dtype")

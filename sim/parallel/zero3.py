@@ -417,12 +417,18 @@ class Zero3Optimizer:
         gradient = tp.empty("zero3.init.gradient_buffer", max(self.groups, default=0), DType.FLOAT32)
         if states_at_init:
             for index, numel in enumerate(self.groups):
-                tp.op(f"zero3.init.optimizer_step[{index}]", flops=12.0 * numel, bytes_moved=28 * numel)
-                tp.allocate_existing(*self.lazy_states[index])
-                tp.drop(*[tp.empty(f"zero3.group{index}.optimizer_temp", numel, DType.FLOAT32)
-                          for _ in range(self.temporaries)])
-            self.lazy_states = [[] for _ in self.groups]
+                self._inner_step(index, numel, f"zero3.init.optimizer_step[{index}]")
         tp.drop(gradient)
+
+    def _inner_step(self, index: int, numel: int, name: str) -> None:
+        """The inner optimizer's step on sub-group `index`: Adam, ~12 FLOPs per element, reads fp32 param, grad,
+        m, v and writes param, m, v (28 B per element); its first step makes the moments; its temporaries."""
+        tp = self.zero.tape
+        tp.op(name, flops=12.0 * numel, bytes_moved=28 * numel)
+        tp.allocate_existing(*self.lazy_states[index])
+        self.lazy_states[index] = []
+        tp.drop(*[tp.empty(f"zero3.group{index}.optimizer_temp", numel, DType.FLOAT32)
+                  for _ in range(self.temporaries)])
 
     def state_bytes(self) -> int:
         """GPU bytes of fp32 master partitions and Adam moments."""
@@ -448,12 +454,6 @@ class Zero3Optimizer:
             tp.op(f"zero3.step.group{index}.grad_to_fp32", bytes_moved=6 * numel)
             grad32 = tp.empty(f"zero3.group{index}.fp32_grad", numel, DType.FLOAT32, Category.TEMPORARIES)
             tp.drop(flat)
-            # Adam: ~12 FLOPs per element; reads fp32 param, grad, m, v and writes param, m, v: 28 B per element
-            tp.op(f"zero3.step.group{index}.optimizer_step", flops=12.0 * numel, bytes_moved=28 * numel)
-            tp.allocate_existing(*self.lazy_states[index])
-            self.lazy_states[index] = []
-            temps = [tp.empty(f"zero3.group{index}.optimizer_temp", numel, DType.FLOAT32)
-                     for _ in range(self.temporaries)]
-            tp.drop(*temps)
+            self._inner_step(index, numel, f"zero3.step.group{index}.optimizer_step")
             tp.op(f"zero3.step.group{index}.copy_to_bf16", bytes_moved=6 * numel)
             tp.drop(grad32)

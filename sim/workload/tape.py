@@ -143,8 +143,9 @@ class Tape:
 
     # ---- storages ---------------------------------------------------------------------------------------
     def new_storage(self, name: str, size_bytes: int, category: Category, persistent: bool = False) -> Storage:
+        """A new storage with one holder, the caller."""
         storages, source = self.storages, self._buffer_source
-        storage = Storage(len(source), name, size_bytes, category, 0, persistent, False, len(storages))
+        storage = Storage(len(source), name, size_bytes, category, 1, persistent, False, len(storages))
         storages.append(storage)
         source.append(storage)
         return storage
@@ -162,10 +163,7 @@ class Tape:
     # ---- tensors ------------------------------------------------------------------------------------------
     def empty(self, name: str, numel: int, dtype: DType, category: Category = Category.TEMPORARIES) -> Tensor:
         """A new tensor allocated by the current op, held by the caller (one Python reference)."""
-        storages, source = self.storages, self._buffer_source
-        storage = Storage(len(source), name, numel * dtype.size_bytes, category, 1, False, False, len(storages))
-        storages.append(storage)
-        source.append(storage)
+        storage = self.new_storage(name, numel * dtype.size_bytes, category)
         self._ops[self._compute].allocs.append(storage.buffer_id)
         return Tensor(storage, numel, dtype)
 
@@ -186,7 +184,6 @@ class Tape:
         """A parameter. `resident=False`: its full tensor is not kept on the device (ZeRO-3 partitions it);
         the storage only stands for the param in autograd and is never allocated."""
         storage = self.new_storage(name, numel * dtype.size_bytes, category, persistent=True)
-        storage.refs = 1
         storage.lazy = not resident  # never allocated at t=0 (and no op allocates it)
         param = Param(name, Tensor(storage, numel, dtype, requires_grad))
         param.tensor.param = param
@@ -195,7 +192,6 @@ class Tape:
     def persistent_buffer(self, name: str, numel: int, dtype: DType, category: Category) -> Tensor:
         """A buffer that lives for the whole run; alive from t=0 unless `allocate_existing` is called on it."""
         storage = self.new_storage(name, numel * dtype.size_bytes, category, persistent=True)
-        storage.refs = 1
         return Tensor(storage, numel, dtype)
 
     def allocate_existing(self, *tensors: Tensor) -> None:
@@ -270,7 +266,6 @@ class Tape:
         """A new tensor allocated by side op `op_index`, held by the caller."""
         storage = self.new_storage(name, numel * dtype.size_bytes, category)
         self._ops[op_index].allocs.append(storage.buffer_id)
-        storage.refs = 1
         return Tensor(storage, numel, dtype)
 
     def release_in(self, op_index: int, storage: Storage) -> None:
