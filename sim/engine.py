@@ -14,7 +14,7 @@ from operator import attrgetter
 
 import numpy as np
 
-from sim.allocator import Allocator, OutOfMemory
+from sim.allocator import Allocator, CachingAllocator, OutOfMemory
 from sim.cost import CostModel
 from sim.ops import PHASES, STREAMS, Phase, Schedule, Stream
 from sim.trace import Trace
@@ -54,10 +54,12 @@ class _Events:
 
 
 class Engine:
-    def __init__(self, schedule: Schedule, allocator: Allocator, cost: CostModel, repeat: bool = True) -> None:
-        """`repeat=False`: call the allocator for every event even where a window repeats (for checking)."""
+    def __init__(self, schedule: Schedule, allocator: Allocator, cost: CostModel, repeat: bool = True,
+                 compiled: bool = True) -> None:
+        """`repeat=False`: call the allocator for every event even where a window repeats; `compiled=False`: run
+        the caching allocator's Python model even where its compiled core applies (both for checking)."""
         self.schedule = schedule
-        self.repeat = repeat
+        self.repeat, self.compiled = repeat, compiled
         self.allocator = allocator
         self._sizes = schedule.buffer_sizes()
         self._sources = schedule.sources()
@@ -210,6 +212,12 @@ class Engine:
             oom = None if exc is None else OomEvent(int(events.time_us[at]), int(events.op_index[at]),
                                                     exc.requested_bytes, str(exc))
             return allocated, allocated.copy(), oom, 0, None
+        if self.compiled and isinstance(allocator, CachingAllocator) and allocator.can_replay_compiled():
+            allocated, reserved, at, largest = allocator.replay_compiled(events.signed_id, events.size_bytes,
+                                                                         events.stream_code)
+            oom = None if at is None else OomEvent(int(events.time_us[at]), int(events.op_index[at]),
+                                                   allocator.ooms[0].requested_bytes, allocator.ooms[0].message)
+            return allocated, reserved, oom, 0, largest
         return _StepwiseDriver(allocator, events, self.schedule, self.repeat).run()
 
 

@@ -10,7 +10,7 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sim.allocator import ExactAllocator, make_allocator
+from sim.allocator import ExactAllocator, caching, make_allocator
 from sim.cost import CostModel
 from sim.engine import Engine
 from sim.ops import Buffer, Category, Op, Phase, Schedule, Stream
@@ -173,16 +173,18 @@ def test_same_time_events_keep_issue_order() -> None:
 
 # ---- repeated windows ----------------------------------------------------------------------------------------------
 
-def _engine_pair(raw: dict, overrides: list[str] = ()):
+def _engine_pair(raw: dict, overrides: list[str] = (), first: dict | None = None):
+    """(result, allocator) of the Python model with repeated windows (or the engine options `first`) and of the
+    Python model called for every event."""
     scenario = build_scenario(raw, overrides=overrides)
     built = build_schedule(scenario)
     device = scenario.hardware.device
     results = []
-    for repeat in (True, False):
+    for options in (first or {"repeat": True, "compiled": False}, {"repeat": False, "compiled": False}):
         allocator = make_allocator(scenario.allocator, device.capacity_bytes - device.cuda_context_bytes,
                                    device.capacity_bytes, scenario.software.version("torch"))
         cost = CostModel(device, DType.BFLOAT16, scenario.hardware.gpus_per_node, scenario.hardware.nodes)
-        results.append((Engine(built.schedule, allocator, cost, repeat).run(), allocator))
+        results.append((Engine(built.schedule, allocator, cost, **options).run(), allocator))
     return results
 
 
@@ -208,6 +210,20 @@ def test_repeated_windows_change_nothing_zero3(capacity_bytes: int) -> None:
     repeated, stepwise = _engine_pair(raw, [f"hardware.device.capacity_bytes={capacity_bytes}"])
     assert repeated[0].repeated_events > 0
     _assert_same_run(repeated, stepwise)
+
+
+@pytest.mark.skipif(caching._sim_caching is None, reason="the compiled core is not built")
+@pytest.mark.parametrize("capacity_bytes", [80 * 10**9, 419430400 + 24 * 2**20])
+def test_the_compiled_core_changes_nothing_zero3(capacity_bytes: int) -> None:
+    # the same ZeRO-3 run through csrc/sim_caching.c: the same trace, OOM and final state, block addresses included
+    raw = zero_raw(2)
+    raw["training"]["gradient_accumulation_steps"] = 6
+    raw["allocator"] = {"backend": "caching"}
+    compiled, stepwise = _engine_pair(raw, [f"hardware.device.capacity_bytes={capacity_bytes}"], {"compiled": True})
+    assert compiled[0].repeated_events == 0  # the core ran: the Python model would repeat windows here
+    _assert_same_run(compiled, stepwise)
+    assert compiled[1].segments() == stepwise[1].segments()
+    assert compiled[0].largest_free_block_at_peak_bytes == stepwise[0].largest_free_block_at_peak_bytes
 
 
 @pytest.mark.parametrize("gpus", [1, 2])

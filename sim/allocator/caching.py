@@ -23,9 +23,16 @@ from bisect import bisect_left, insort
 from dataclasses import dataclass
 from typing import Any, Hashable, Iterable
 
+import numpy as np
+
 from sim.allocator.alloc_conf import AllocConf
 from sim.allocator.base import OutOfMemory
-from sim.ops import Stream
+from sim.ops import STREAMS, Stream
+
+try:  # the compiled core (csrc/sim_caching.c), built by `pip install .`; without it every event runs in Python
+    import _sim_caching
+except ImportError:
+    _sim_caching = None
 
 K_MIN_BLOCK_SIZE = 512  # kMinBlockSize
 K_SMALL_SIZE = 1048576  # kSmallSize: requests <= 1 MiB use the small pool
@@ -38,6 +45,7 @@ _SHIFT = 48  # free-list key = (size << 48) | address; synthetic addresses stay 
 _ADDR_LIMIT = 1 << _SHIFT
 _VA_BASE = 0x7F00_0000_0000
 _VA_ALIGN = 2 * 1024 * 1024
+_INT64_MAX = (1 << 63) - 1  # the compiled core's sizes are int64: an unset max_split_size (SIZE_MAX) passes as this
 
 
 def format_size(size: int) -> str:
@@ -267,6 +275,63 @@ class CachingAllocator:
             setattr(self, name, getattr(self, name) + new - old)
         self.ooms.extend(self.ooms[before[-1]:after[-1]])
 
+    # ------------------------------------------------------------------ the compiled core (csrc/sim_caching.c)
+
+    def can_replay_compiled(self) -> bool:
+        """Whether `replay_compiled` applies: the core is built, nothing has happened yet, and the configuration
+        needs none of the paths the core leaves out (expandable segments, garbage collection, record_stream)."""
+        return (_sim_caching is not None and not self._slow_search and self.num_device_alloc == 0
+                and not self._live and not self._events and not self._ready and tuple(self._streams) == STREAMS)
+
+    def replay_compiled(self, signed_ids: np.ndarray, sizes: np.ndarray, stream_codes: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray, int | None, int]:
+        """Every event of a run (signed id >= 0: malloc of that buffer on STREAMS[code], ~id: its free) through
+        the compiled core, which runs this class's algorithm for the configurations `can_replay_compiled`
+        accepts. Returns the allocated and reserved bytes after each event, the index of the first OOM's event
+        (None: none), and the largest free block at the first event with the most reserved; the allocator then
+        holds the state the events leave, as if malloc and free had been called for each."""
+        n = len(signed_ids)
+        allocated, reserved = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
+        state, oom, largest = _sim_caching.replay(
+            np.ascontiguousarray(signed_ids, dtype=np.int64), np.ascontiguousarray(sizes, dtype=np.int64),
+            np.ascontiguousarray(stream_codes, dtype=np.int64), allocated, reserved, len(STREAMS),
+            self.capacity_bytes, min(self._max_split, _INT64_MAX), self.conf.max_split_size_bytes is not None,
+            self._non_split_rounding, list(self.conf.roundup_power2_divisions))
+        self._adopt(*state)
+        if oom is None:
+            return allocated, reserved, None, largest
+        at, requested, alloc_size, allocated_then, reserved_then = oom
+        message = self.oom_message(alloc_size, allocated_bytes=allocated_then, reserved_bytes=reserved_then)
+        self.ooms.append(OomRecord(requested, alloc_size, allocated_then, reserved_then, message))
+        return allocated, reserved, at, largest
+
+    def _adopt(self, segments: list[tuple], blocks: list[tuple], stats: dict[str, int]) -> None:
+        """Take over the compiled core's final state: segments (address, size, pool code = stream code * 2 +
+        small), blocks (address, size, requested, segment row, buffer id or -1 when free) and statistics."""
+        pools = [pool for stream in STREAMS for pool in self._pools[stream]]
+        made = [_Segment(addr, size, pools[code], False, 0) for addr, size, code in segments]
+        self._segments = {seg.addr: seg for seg in made}
+        runs: list[list[tuple[_Block, int]]] = [[] for _ in made]
+        for addr, size, req, row, owner in blocks:
+            block = _Block(addr, size, made[row].pool, made[row])
+            block.req = req
+            runs[row].append((block, owner))
+        for run in runs:
+            run.sort(key=lambda item: item[0].addr)
+            for (block, _), (after, _) in zip(run, run[1:]):
+                block.next, after.prev = after, block
+            for block, owner in run:
+                if owner >= 0:
+                    block.allocated = True
+                    self._live[owner] = block
+                else:
+                    self._pool_insert(block.pool, block)
+        retries = stats.pop("retries_before_first_oom")
+        self.retries_before_first_oom = None if retries < 0 else retries
+        self.unlimited = bool(stats.pop("unlimited"))
+        for name, value in stats.items():
+            setattr(self, name, value)
+
     # ------------------------------------------------------------------ public API
 
     def malloc(self, buffer_id: int, size_bytes: int, stream: Hashable) -> None:
@@ -477,14 +542,16 @@ class CachingAllocator:
             "allocator_settings": self.conf.allocator_settings(),
         }
 
-    def oom_message(self, alloc_size: int, torch_version: tuple[int, ...] | None = None) -> str:
-        """The OutOfMemoryError text PyTorch would print now for a request whose segment size is `alloc_size`."""
+    def oom_message(self, alloc_size: int, torch_version: tuple[int, ...] | None = None, *,
+                    allocated_bytes: int | None = None, reserved_bytes: int | None = None) -> str:
+        """The OutOfMemoryError text PyTorch would print now (or with the allocated and reserved bytes given) for
+        a request whose segment size is `alloc_size`."""
         version = tuple(torch_version if torch_version is not None else self.torch_version)[:2]
         fs = format_size
         total = self.device_total_bytes
-        device_free = max(total - self.non_pytorch_bytes - self.reserved_bytes, 0)
-        allocated = self.allocated_bytes
-        reserved = self.reserved_bytes
+        allocated = self.allocated_bytes if allocated_bytes is None else allocated_bytes
+        reserved = self.reserved_bytes if reserved_bytes is None else reserved_bytes
+        device_free = max(total - self.non_pytorch_bytes - reserved, 0)
         allowed_info = (
             f"{fs(self.allowed_memory_maximum)} allowed; " if self.allowed_memory_maximum is not None else ""
         )

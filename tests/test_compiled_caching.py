@@ -1,0 +1,116 @@
+"""The caching allocator's compiled core (csrc/sim_caching.c) against its Python model, event by event.
+
+Skipped where the core is not built (`pip install .` builds it; sim then runs the Python model everywhere)."""
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sim.allocator import caching
+from sim.allocator.alloc_conf import parse_alloc_conf
+from sim.allocator.base import OutOfMemory
+from sim.allocator.caching import CachingAllocator
+from sim.ops import STREAMS
+
+pytestmark = pytest.mark.skipif(caching._sim_caching is None, reason="the compiled core is not built")
+
+MiB = 1024 * 1024
+CONFS = ["", "max_split_size_mb:40", "max_split_size_mb:21,max_non_split_rounding_mb:40",
+         "roundup_power2_divisions:4", "roundup_power2_divisions:[1:2,2:8,>:1],max_split_size_mb:64"]
+# sizes that reach every pool and rounding: tiny, small-pool, below kMinLargeAlloc, large; and whole 2 MiB
+# multiples, which meet segment sizes and the max_split rules' boundaries exactly
+SIZES = st.one_of(st.integers(0, 4096), st.integers(4097, MiB), st.integers(MiB + 1, 10 * MiB),
+                  st.integers(10 * MiB, 90 * MiB), st.integers(1, 45).map(lambda k: k * 2 * MiB))
+
+
+@st.composite
+def runs(draw) -> list[tuple[int, int, int]]:
+    """(signed id, size, stream code) events: a malloc of a new id, or ~id to free a live one."""
+    events: list[tuple[int, int, int]] = []
+    live: list[int] = []
+    next_id = 0
+    for _ in range(draw(st.integers(1, 200))):
+        if live and draw(st.booleans()):
+            buffer_id = live.pop(draw(st.integers(0, len(live) - 1)))
+            events.append((~buffer_id, 0, 0))
+        else:
+            events.append((next_id, draw(SIZES), draw(st.integers(0, len(STREAMS) - 1))))
+            live.append(next_id)
+            next_id += draw(st.integers(1, 3))  # ids need not be dense
+    return events
+
+
+def python_run(allocator: CachingAllocator, events: list[tuple[int, int, int]]):
+    """What the engine's stepwise driver records: bytes after each event, the first OOM's event, and the largest
+    free block at the first event with the most reserved."""
+    allocated, reserved, first_oom, most, largest = [], [], None, -1, 0
+    for at, (signed, size, code) in enumerate(events):
+        if signed >= 0:
+            try:
+                allocator.malloc(signed, size, STREAMS[code])
+            except OutOfMemory:
+                first_oom = at if first_oom is None else first_oom
+        else:
+            allocator.free(~signed)
+        allocated.append(allocator.allocated_bytes)
+        reserved.append(allocator.reserved_bytes)
+        if allocator.reserved_bytes > most:
+            most, largest = allocator.reserved_bytes, allocator.largest_free_block_bytes()
+    return allocated, reserved, first_oom, largest
+
+
+def compiled_run(allocator: CachingAllocator, events: list[tuple[int, int, int]]):
+    signed, sizes, codes = (np.array(column, dtype=np.int64) for column in zip(*events))
+    assert allocator.can_replay_compiled()
+    allocated, reserved, first_oom, largest = allocator.replay_compiled(signed, sizes, codes)
+    return allocated.tolist(), reserved.tolist(), first_oom, largest
+
+
+def assert_same_state(a: CachingAllocator, b: CachingAllocator) -> None:
+    a.check_invariants()
+    assert a.memory_stats() == b.memory_stats()
+    assert a.segments() == b.segments()  # every block: address, size, requested size, state
+    assert a.ooms == b.ooms
+    assert (a.retries_before_first_oom, a.unlimited, a._next_va) == (b.retries_before_first_oom, b.unlimited,
+                                                                      b._next_va)
+    assert sorted(a.live_buffer_ids()) == sorted(b.live_buffer_ids())
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(runs(), st.sampled_from(CONFS), st.integers(30, 400))
+def test_compiled_core_runs_the_python_model(events, conf: str, capacity_mib: int) -> None:
+    # small capacities make the cudaMalloc-failure path (release, retry, OOM, over-commit) common
+    python, compiled = (CachingAllocator(capacity_mib * MiB, parse_alloc_conf(conf)) for _ in range(2))
+    assert compiled_run(compiled, events) == python_run(python, events)
+    assert_same_state(compiled, python)
+    # the adopted state goes on in Python as the model's own: free everything, then allocate again
+    raised = []
+    for allocator in (python, compiled):
+        for buffer_id in sorted(allocator.live_buffer_ids()):
+            allocator.free(buffer_id)
+        for buffer_id, size, stream in ((10**6, 30 * MiB, STREAMS[0]), (10**6 + 1, 1000, STREAMS[1])):
+            try:
+                allocator.malloc(buffer_id, size, stream)
+            except OutOfMemory:
+                raised.append((allocator is compiled, buffer_id))
+    assert [b for c, b in raised if c] == [b for c, b in raised if not c]
+    assert_same_state(compiled, python)
+
+
+def test_compiled_core_is_left_out_where_it_does_not_apply() -> None:
+    # expandable segments, garbage collection and an allocator already in use run in Python
+    assert not CachingAllocator(MiB * 100, parse_alloc_conf("expandable_segments:True")).can_replay_compiled()
+    gc = CachingAllocator(MiB * 100, parse_alloc_conf("garbage_collection_threshold:0.5"), memory_fraction=0.5)
+    assert not gc.can_replay_compiled()
+    used = CachingAllocator(MiB * 100)
+    used.malloc(0, 512, STREAMS[0])
+    assert not used.can_replay_compiled()
+
+
+def test_compiled_core_refuses_a_double_allocation_and_an_unknown_free() -> None:
+    allocator = CachingAllocator(MiB * 100)
+    with pytest.raises(AssertionError, match="buffer 3 allocated twice"):
+        compiled_run(allocator, [(3, 512, 0), (3, 512, 0)])
+    with pytest.raises(KeyError):
+        compiled_run(CachingAllocator(MiB * 100), [(3, 512, 0), (~4, 0, 0)])
