@@ -2,7 +2,8 @@
 
 Usage: python bench/bench_scenarios.py [SCENARIO ...] [--repeat N] [--cold N]
 Reports the best and median of N in-process runs and the median of N cold `python -m sim run` (imports included).
-Virtual machines drift in speed by a factor of two or more within minutes, so it also prints the time of a fixed
+The caching allocator's compiled core (`pip install .` or `python setup.py build_ext --inplace`) is used where it
+is built; the first line says which. Virtual machines drift in speed by a factor of two or more within minutes, so it also prints the time of a fixed
 pure-Python loop before and after: compare runs across machines or moments in units of it.
 """
 
@@ -16,6 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from sim.allocator import caching  # noqa: E402
 from sim.report import summarize  # noqa: E402
 from sim.scenario import load_scenario  # noqa: E402
 from sim.simulate import run_scenario  # noqa: E402
@@ -27,6 +29,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--cold", type=int, default=3)
     args = parser.parse_args()
+    core = "built" if caching._sim_caching is not None else "not built: the caching allocator runs in Python"
+    print(f"compiled allocator core (csrc/sim_caching.c): {core}")
     print(f"reference loop: {reference_loop_s():.3f} s")
     print(f"{'scenario':<40}{'events':>9}{'best s':>9}{'median s':>10}{'cold CLI s':>12}")
     for path in args.scenarios:
