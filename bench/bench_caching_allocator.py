@@ -73,7 +73,7 @@ def run(events: list[tuple[int, int, int, Stream]], conf: str = "") -> tuple[flo
 
 
 def run_compiled(events: list[tuple[int, int, int, Stream]], conf: str = "") -> tuple[float, CachingAllocator]:
-    """The same events through the compiled core (csrc/sim_caching.c) in one call, as the engine drives it."""
+    """The same events through the compiled core (sim/allocator/caching_core.c) in one call, as the engine drives it."""
     alloc = CachingAllocator(80 * 1024 * MiB, parse_alloc_conf(conf))
     signed = np.array([bid if op else ~bid for op, bid, _, _ in events], dtype=np.int64)
     sizes = np.array([size for _, _, size, _ in events], dtype=np.int64)

@@ -3,8 +3,9 @@
 Usage: python bench/bench_scenarios.py [SCENARIO ...] [--repeat N] [--cold N]
 Reports the best and median of N in-process runs and the median of N cold `python -m sim run` (imports included).
 The caching allocator's compiled core (`pip install .` or `python setup.py build_ext --inplace`) is used where it
-is built; the first line says which. Virtual machines drift in speed by a factor of two or more within minutes, so it also prints the time of a fixed
-pure-Python loop before and after: compare runs across machines or moments in units of it.
+is built; the first line says which. Virtual machines drift in speed by a factor of two or more within minutes, so
+it also prints the time of a fixed pure-Python loop before and after: compare runs across machines or moments in
+units of it.
 """
 
 import argparse
@@ -30,7 +31,7 @@ def main() -> None:
     parser.add_argument("--cold", type=int, default=3)
     args = parser.parse_args()
     core = "built" if caching._sim_caching is not None else "not built: the caching allocator runs in Python"
-    print(f"compiled allocator core (csrc/sim_caching.c): {core}")
+    print(f"compiled allocator core (sim/allocator/caching_core.c): {core}")
     print(f"reference loop: {reference_loop_s():.3f} s")
     print(f"{'scenario':<40}{'events':>9}{'best s':>9}{'median s':>10}{'cold CLI s':>12}")
     for path in args.scenarios:

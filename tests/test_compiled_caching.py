@@ -1,4 +1,4 @@
-"""The caching allocator's compiled core (csrc/sim_caching.c) against its Python model, event by event.
+"""The caching allocator's compiled core (sim/allocator/caching_core.c) against its Python model, event by event.
 
 Skipped where the core is not built (`pip install .` builds it; sim then runs the Python model everywhere)."""
 

@@ -215,7 +215,7 @@ def test_repeated_windows_change_nothing_zero3(capacity_bytes: int) -> None:
 @pytest.mark.skipif(caching._sim_caching is None, reason="the compiled core is not built")
 @pytest.mark.parametrize("capacity_bytes", [80 * 10**9, 419430400 + 24 * 2**20])
 def test_the_compiled_core_changes_nothing_zero3(capacity_bytes: int) -> None:
-    # the same ZeRO-3 run through csrc/sim_caching.c: the same trace, OOM and final state, block addresses included
+    # the same ZeRO-3 run through the compiled core: the same trace, OOM and final state, block addresses included
     raw = zero_raw(2)
     raw["training"]["gradient_accumulation_steps"] = 6
     raw["allocator"] = {"backend": "caching"}

@@ -29,7 +29,7 @@ from sim.allocator.alloc_conf import AllocConf
 from sim.allocator.base import OutOfMemory
 from sim.ops import STREAMS, Stream
 
-try:  # the compiled core (csrc/sim_caching.c), built by `pip install .`; without it every event runs in Python
+try:  # the compiled core (caching_core.c beside this file), built by `pip install .`; without it all runs in Python
     import _sim_caching
 except ImportError:
     _sim_caching = None
@@ -275,7 +275,7 @@ class CachingAllocator:
             setattr(self, name, getattr(self, name) + new - old)
         self.ooms.extend(self.ooms[before[-1]:after[-1]])
 
-    # ------------------------------------------------------------------ the compiled core (csrc/sim_caching.c)
+    # ------------------------------------------------------------------ the compiled core (caching_core.c)
 
     def can_replay_compiled(self) -> bool:
         """Whether `replay_compiled` applies: the core is built, nothing has happened yet, and the configuration
