@@ -5,8 +5,8 @@
  * specification; this is the same algorithm statement by statement (PyTorch's c10/cuda/CUDACachingAllocator.cpp:
  * round_size, pools per stream, best fit by (size, address), the max_split_size rules, should_split, merging
  * with free neighbours, the cudaMalloc-failure path and the simulator's over-commit after the first OOM).
- * sim/allocator/native.py drives it and hands the final state back to the Python model;
- * tests/test_native_caching.py checks event by event that both give the same results.
+ * CachingAllocator.replay_compiled drives it and adopts the final state into the Python model;
+ * tests/test_compiled_caching.py checks event by event that both give the same results.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -652,7 +652,7 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_sim_caching",
-    "sim/allocator/caching.py's CachingAllocator compiled, for whole runs (see sim/allocator/native.py).", -1,
+    "sim/allocator/caching.py's CachingAllocator compiled, for whole runs (CachingAllocator.replay_compiled).", -1,
     methods,
 };
 
