@@ -254,11 +254,11 @@ class _Zero12Placement:
         self.tape, self.params, self.trainable = ctx.tape, params, trainable
         config = scenario.deepspeed.zero_optimization
         self.zero = Zero12(ctx.tape, config, scenario.hardware.gpus, trainable, weights_dtype(scenario),
-                           scenario.software.version("deepspeed"), communication_dtype(scenario))
+                           scenario.software.version("deepspeed"), communication_dtype(scenario),
+                           _inner_optimizer_temporaries(ctx, scenario))
         self.accumulation = scenario.training.gradient_accumulation_steps
         # ZeRO-1 reduces only at the boundary; with offload the boundary copies gradients to the host
         self.syncs_last = config.stage == 1 or self.zero.offload
-        self.temporaries = _inner_optimizer_temporaries(ctx, scenario)
         if config.stage == 2:
             ctx.tape.grad_hook = self.zero.on_grad
 
@@ -279,7 +279,7 @@ class _Zero12Placement:
         grads = self.full_grads_bytes
         if self.zero.stage == 2:
             grads = 0 if self.zero.offload else self.zero.partition * self.zero.dtype.size_bytes
-        self.zero.step(self.temporaries)
+        self.zero.step()
         zero_grad(self.tape, self.trainable)
         return _model_states(self.params, self.trainable, sum(p.tensor.size_bytes for p in self.params), grads,
                              self.zero.state_bytes(), self.zero.host_bytes(self.accumulation))

@@ -281,3 +281,33 @@ def test_zero12_adam_states_are_made_at_the_first_step() -> None:
             rows = [i for i in range(len(trace)) if schedule.buffers[int(trace.buffer_id[i])].name == name]
             assert len(rows) == 1
             assert schedule.ops[int(trace.op_index[rows[0]])].name == "zero.step.optimizer_step"
+
+
+def test_zero12_engine_init_transients_by_deepspeed_version() -> None:
+    # stage_1_and_2.py: the fp32 master is partition.clone().float() (a bf16 clone, freed after the cast);
+    # initialize_optimizer_states gives it a zero fp32 gradient and drops it; before 0.13.2 (#5104) an optimizer
+    # step on that gradient makes the Adam states at init (with foreach AdamW's one fp32 temporary).
+    # 2 GPUs: the flat group is padded to a multiple of 2·2 elements, and each partition is half of it.
+    for version in ("0.14.0", "0.13.1"):
+        raw = raw_for(2, 2)
+        raw["software"] = {**raw.get("software", {}), "deepspeed": version}
+        partition = math.ceil(sum(numels(raw)) / 4) * 4 // 2
+        run = run_scenario(build_scenario(raw))
+        trace, schedule = run.engine.trace, run.schedule
+        events = [(schedule.ops[int(trace.op_index[i])].name.removeprefix("zero.init."),
+                   schedule.buffers[int(trace.buffer_id[i])].name, int(trace.delta_bytes[i]))
+                  for i in range(len(trace)) if trace.op_index[i] >= 0
+                  and schedule.ops[int(trace.op_index[i])].name.startswith("zero.init.")]
+        fp32, bf16 = 4 * partition, 2 * partition
+        expected = [("create_fp32_partition", "zero.init.bf16_clone", bf16),
+                    ("create_fp32_partition", "zero.single_partition_of_fp32_groups", fp32),
+                    ("create_fp32_partition", "zero.init.bf16_clone", -bf16),
+                    ("initialize_optimizer_states", "zero.init.fp32_gradient_partition", fp32)]
+        if version == "0.13.1":
+            expected += [("optimizer_step", "zero.exp_avg", fp32), ("optimizer_step", "zero.exp_avg_sq", fp32),
+                         ("optimizer_step", "zero.optimizer_temp", fp32),
+                         ("optimizer_step", "zero.optimizer_temp", -fp32),
+                         ("optimizer_step", "zero.init.fp32_gradient_partition", -fp32)]
+        else:
+            expected += [("initialize_optimizer_states", "zero.init.fp32_gradient_partition", -fp32)]
+        assert events == expected

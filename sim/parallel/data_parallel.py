@@ -90,8 +90,12 @@ class Zero12:
     copy to the host (copy_grads_in_partition)."""
 
     def __init__(self, tape: Tape, config: ZeroOptimization, world: int, trainable: list[Param],
-                 dtype: DType, deepspeed_version: tuple[int, int, int], comm_dtype: DType | None = None) -> None:
+                 dtype: DType, deepspeed_version: tuple[int, int, int], comm_dtype: DType | None = None,
+                 temporaries: int = 0) -> None:
+        """`temporaries`: fp32 tensors of the partition's size the inner optimizer makes in its step (see
+        schedule._inner_optimizer_temporaries)."""
         self.tape, self.config, self.world, self.dtype = tape, config, world, dtype
+        self.temporaries = temporaries
         self.comm_dtype = comm_dtype or dtype  # communication_data_type
         self.stage = config.stage
         self.version = deepspeed_version
@@ -116,12 +120,7 @@ class Zero12:
             tape.persistent_buffer("zero.temp_grad_buffer_for_gpu_offload", self.largest, dtype, Category.GRADIENTS)
         self.adam_states: list[Tensor] = []  # made by the first step
         if not self.offload:
-            tape.persistent_buffer("zero.single_partition_of_fp32_groups", self.partition, DType.FLOAT32,
-                                   Category.OPTIMIZER_STATES)
-            states = [tape.persistent_buffer(f"zero.{state}", self.partition, DType.FLOAT32, Category.OPTIMIZER_STATES)
-                      for state in ("exp_avg", "exp_avg_sq")]
-            # initialize_optimizer_states stepped on zero gradients before 0.13.2 (#5104): states from engine init
-            self.adam_states = states if deepspeed_version >= (0, 13, 2) else []
+            self._init_optimizer_partition()
         # copy_grads_in_partition's buffer: whole parameters that have elements in this rank's partition
         self.partition_whole = sum(self.numel[name] for name in self.in_partition)
         self.grads_in_partition: Tensor | None = None  # this backward's (set to None by _release_ipg_buffers)
@@ -132,6 +131,34 @@ class Zero12:
         self.kept: list[Tensor] = []  # ZeRO-1: reduced own gradients outside the partition, until the epilogue
         self.bucket_numel = 0
         self.norms: list[Tensor] = []  # offload: fp64 norm per partition gradient, kept until the step
+
+    def _init_optimizer_partition(self) -> None:
+        """The engine init's fp32 side (stage_1_and_2.py, DeepSpeed 0.14): the fp32 master is the 16-bit partition
+        `.to(device).clone().float()` (a 16-bit clone, freed after the cast); initialize_optimizer_states gives it a
+        zero fp32 gradient of the partition's size, before 0.13.2 (#5104) steps the optimizer on it (the Adam
+        states then exist from engine init), and sets the gradient to None."""
+        tp, numel = self.tape, self.partition
+        tp.op("zero.init.create_fp32_partition", bytes_moved=(2 * self.dtype.size_bytes + 4) * numel)
+        clone = tp.empty("zero.init.bf16_clone", numel, self.dtype)
+        tp.allocate_existing(tp.persistent_buffer("zero.single_partition_of_fp32_groups", numel, DType.FLOAT32,
+                                                  Category.OPTIMIZER_STATES))
+        tp.drop(clone)
+        self.adam_states = [tp.persistent_buffer(f"zero.{state}", numel, DType.FLOAT32, Category.OPTIMIZER_STATES)
+                            for state in ("exp_avg", "exp_avg_sq")]
+        tp.op("zero.init.initialize_optimizer_states")
+        gradient = tp.empty("zero.init.fp32_gradient_partition", numel, DType.FLOAT32)
+        if self.version < (0, 13, 2):
+            self._inner_step("zero.init.optimizer_step")
+        tp.drop(gradient)
+
+    def _inner_step(self, name: str) -> None:
+        """The inner optimizer's step on the fp32 partition: Adam, ~12 FLOPs per element, reads fp32 param, grad, m,
+        v and writes param, m, v (28 B per element); its first step makes the moments; its temporaries."""
+        tp, numel = self.tape, self.partition
+        tp.op(name, flops=12.0 * numel, bytes_moved=28 * numel)
+        tp.allocate_existing(*self.adam_states)  # torch's Adam makes exp_avg and exp_avg_sq at its first step
+        self.adam_states = []
+        tp.drop(*[tp.empty("zero.optimizer_temp", numel, DType.FLOAT32) for _ in range(self.temporaries)])
 
     def state_bytes(self) -> int:
         return 0 if self.offload else 12 * self.partition
@@ -330,7 +357,7 @@ class Zero12:
         tp.drop(done, *self.kept, *self.ipg)
         self.grads_in_partition, self.kept, self.ipg = None, [], []
 
-    def step(self, temporaries: int) -> None:
+    def step(self) -> None:
         """Without offload: flatten this rank's gradient partition (16-bit) and cast it to fp32, step, copy back
         to bf16. With offload: DeepSpeedCPUAdam on the host; the fp32 partition comes back through a blocking copy
         that casts on the host (0.14.0) or, from 0.14.1, as a GPU fp32 copy cast on the device. Then the bf16
@@ -355,12 +382,7 @@ class Zero12:
             grad32 = tp.empty("zero.fp32_partition_grad", numel, DType.FLOAT32)
             tp.drop(flat, self.averaged)  # averaged_gradients[i] = None
             self.averaged = None
-            # Adam: ~12 FLOPs per element; reads fp32 param, grad, m, v and writes param, m, v: 28 B per element
-            tp.op("zero.step.optimizer_step", flops=12.0 * numel, bytes_moved=28 * numel)
-            tp.allocate_existing(*self.adam_states)  # torch's Adam makes exp_avg and exp_avg_sq at its first step
-            self.adam_states = []
-            temps = [tp.empty("zero.optimizer_temp", numel, DType.FLOAT32) for _ in range(temporaries)]
-            tp.drop(*temps)
+            self._inner_step("zero.step.optimizer_step")
             tp.op("zero.step.copy_to_bf16", bytes_moved=6 * numel)
             tp.drop(grad32)
         size = self.dtype.size_bytes
