@@ -261,6 +261,8 @@ class _Zero12Placement:
         self.syncs_last = config.stage == 1 or self.zero.offload
         if config.stage == 2:
             ctx.tape.grad_hook = self.zero.on_grad
+        elif self.zero.overlap:  # ZeRO-1 reduces in the hooks at the boundary instead of after backward
+            ctx.tape.post_grad_hook = self.zero.on_accumulated_grad
 
     def before_micro_batch(self, last: bool) -> None:
         self.zero.boundary = last

@@ -311,3 +311,25 @@ def test_zero12_engine_init_transients_by_deepspeed_version() -> None:
         else:
             expected += [("initialize_optimizer_states", "zero.init.fp32_gradient_partition", -fp32)]
         assert events == expected
+
+
+def test_zero1_with_overlap_comm_reduces_in_the_hooks_at_the_boundary() -> None:
+    # stage_1_and_2.py registers the gradient hooks for ZeRO-1 too when overlap_comm is set; they reduce only in
+    # the accumulation's last micro-batch (reduce_ready_partitions_and_remove_grads), during backward and in its
+    # order, on the reduction stream. Without overlap_comm the epilogue reduces every gradient in model order.
+    for overlap in (False, True):
+        raw = raw_for(1, 2, accumulation=3)
+        raw["deepspeed"]["zero_optimization"]["overlap_comm"] = overlap
+        schedule = run_scenario(build_scenario(raw)).schedule
+        ops = [(op.name, op.stream.value, mb) for op, step, mb in
+               zip(schedule.ops, schedule.op_step, schedule.op_micro_batch) if step == 0]
+        epilogue = next(i for i, (name, _, mb) in enumerate(ops) if name == "zero.backward_epilogue" and mb == 2)
+        reduces = [i for i, (name, _, _) in enumerate(ops) if name.startswith("zero.reduce[")]
+        copies = [name for name, _, _ in ops if name.startswith("zero.copy_grad_to_ipg[")]
+        assert {ops[i][2] for i in reduces} == {2}  # only the boundary micro-batch reduces
+        assert {ops[i][1] for i in reduces} == {"reduce" if overlap else "compute"}
+        if overlap:  # the epilogue reduces only the bucket left at the end of backward
+            assert sum(i > epilogue for i in reduces) == 1 and copies[0] == "zero.copy_grad_to_ipg[model.norm.weight]"
+        else:
+            assert min(reduces) > epilogue
+            assert copies[0] == "zero.copy_grad_to_ipg[model.layers.0.input_layernorm.weight]"

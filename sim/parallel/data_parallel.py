@@ -189,6 +189,14 @@ class Zero12:
         grad.storage.category = Category.GRADIENTS
         self._add_to_bucket(param, grad)
 
+    def on_accumulated_grad(self, param: Param) -> None:
+        """ZeRO-1 with overlap_comm: create_reduce_and_remove_grad_hooks registers ZeRO-2's hook then too; it runs
+        after AccumulateGrad and reduces only in the accumulation's last micro-batch
+        (reduce_ready_partitions_and_remove_grads), taking the accumulated gradient."""
+        if self.boundary:
+            grad, param.grad = param.grad, None
+            self._add_to_bucket(param, grad)
+
     def _add_to_bucket(self, param: Param, grad: Tensor) -> None:
         """reduce_independent_p_g_buckets_and_remove_grads: reduce the bucket first when this gradient would
         overflow it; copy the gradient into the IPG buffer and free it, except one larger than the bucket
@@ -336,8 +344,8 @@ class Zero12:
         return last
 
     def end_of_backward(self, params: list[Param]) -> None:
-        """The epilogue: reduce what is left (ZeRO-1: every parameter's full gradient, bucket by bucket, through
-        the same path as ZeRO-2's hook), keep this backward's grads_in_partition through averaged_gradients'
+        """The epilogue: reduce what is left (ZeRO-1 without overlap_comm: every parameter's full gradient, bucket
+        by bucket, through the same path as ZeRO-2's hook), keep this backward's grads_in_partition through averaged_gradients'
         views when it is the first of the accumulation (later ones are added into it and dropped), free ZeRO-1's
         remaining gradients (zero_grad), release the IPG buffers."""
         tp = self.tape
