@@ -284,11 +284,12 @@ class CachingAllocator:
                 and not self._live and not self._events and not self._ready and tuple(self._streams) == STREAMS)
 
     def replay_compiled(self, signed_ids: np.ndarray, sizes: np.ndarray, stream_codes: np.ndarray
-                        ) -> tuple[np.ndarray, np.ndarray, int | None, int]:
+                        ) -> tuple[np.ndarray, np.ndarray, int | None, int | None]:
         """Every event of a run (signed id >= 0: malloc of that buffer on STREAMS[code], ~id: its free) through
         the compiled core, which runs this class's algorithm for the configurations `can_replay_compiled`
         accepts. Returns the allocated and reserved bytes after each event, the index of the first OOM's event
-        (None: none), and the largest free block at the first event with the most reserved; the allocator then
+        (None: none), and the largest free block at the first event with the most reserved (None without events,
+        as the stepwise driver gives); the allocator then
         holds the state the events leave, as if malloc and free had been called for each."""
         n = len(signed_ids)
         allocated, reserved = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
@@ -298,6 +299,7 @@ class CachingAllocator:
             self.capacity_bytes, min(self._max_split, _INT64_MAX), self.conf.max_split_size_bytes is not None,
             self._non_split_rounding, list(self.conf.roundup_power2_divisions))
         self._adopt(*state)
+        largest = largest if n else None
         if oom is None:
             return allocated, reserved, None, largest
         at, requested, alloc_size, allocated_then, reserved_then = oom
