@@ -345,9 +345,9 @@ class Zero12:
 
     def end_of_backward(self, params: list[Param]) -> None:
         """The epilogue: reduce what is left (ZeRO-1 without overlap_comm: every parameter's full gradient, bucket
-        by bucket, through the same path as ZeRO-2's hook), keep this backward's grads_in_partition through averaged_gradients'
-        views when it is the first of the accumulation (later ones are added into it and dropped), free ZeRO-1's
-        remaining gradients (zero_grad), release the IPG buffers."""
+        by bucket, through the same path as ZeRO-2's hook), keep this backward's grads_in_partition through
+        averaged_gradients' views when it is the first of the accumulation (later ones are added into it and
+        dropped), free ZeRO-1's remaining gradients (zero_grad), release the IPG buffers."""
         tp = self.tape
         if self.stage == 1:
             for param in params:
