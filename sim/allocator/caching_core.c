@@ -382,35 +382,38 @@ static int do_malloc(State *s, int64_t buffer_id, int64_t size_bytes, int64_t st
     return 0;
 }
 
+/* merge the free neighbour n (right before or after b in their segment) into b; returns its size */
+static int64_t absorb(State *s, int32_t b, int32_t n) {
+    Block *block = &s->blocks[b], *nb = &s->blocks[n];
+    int64_t size = nb->size;
+    pool_remove(s, n);
+    if (block->prev == n) {
+        block->addr = nb->addr;
+        block->prev = nb->prev;
+        if (nb->prev >= 0)
+            s->blocks[nb->prev].next = b;
+    } else {
+        block->next = nb->next;
+        if (nb->next >= 0)
+            s->blocks[nb->next].prev = b;
+    }
+    block->size += size;
+    drop_block(s, n);
+    return size;
+}
+
 /* _free_block: back to its pool, merged with free neighbours */
 static int free_block(State *s, int32_t b) {
     Block *block = &s->blocks[b];
     int64_t orig_size = block->size;
     int64_t net_blocks = 0, net_size = 0;
-    int32_t prev = block->prev;
-    if (prev >= 0 && !s->blocks[prev].allocated) {
-        Block *pb = &s->blocks[prev];
-        pool_remove(s, prev);
-        block->addr = pb->addr;
-        block->size += pb->size;
-        block->prev = pb->prev;
-        if (pb->prev >= 0)
-            s->blocks[pb->prev].next = b;
-        net_blocks--;
-        net_size -= pb->size;
-        drop_block(s, prev);
-    }
-    int32_t next = block->next;
-    if (next >= 0 && !s->blocks[next].allocated) {
-        Block *nb = &s->blocks[next];
-        pool_remove(s, next);
-        block->size += nb->size;
-        block->next = nb->next;
-        if (nb->next >= 0)
-            s->blocks[nb->next].prev = b;
-        net_blocks--;
-        net_size -= nb->size;
-        drop_block(s, next);
+    int32_t neighbours[2] = {block->prev, block->next};
+    for (int i = 0; i < 2; i++) {
+        int32_t n = neighbours[i];
+        if (n >= 0 && !s->blocks[n].allocated) {
+            net_blocks--;
+            net_size -= absorb(s, b, n);
+        }
     }
     if (pool_insert(s, b) < 0)
         return -1;

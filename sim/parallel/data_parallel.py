@@ -16,7 +16,7 @@ optimizer side moves to the host (Zero12's docstring).
 """
 
 from sim.ops import Category, OpKind, Stream
-from sim.parallel.norms import grad_norms
+from sim.parallel.zero_step import grad_norms, inner_adam_step
 from sim.parallel.partition import flat_partition_numel
 from sim.scenario import DType, ZeroOptimization
 from sim.workload.tape import Param, Tape, Tensor
@@ -152,13 +152,9 @@ class Zero12:
         tp.drop(gradient)
 
     def _inner_step(self, name: str) -> None:
-        """The inner optimizer's step on the fp32 partition: Adam, ~12 FLOPs per element, reads fp32 param, grad, m,
-        v and writes param, m, v (28 B per element); its first step makes the moments; its temporaries."""
-        tp, numel = self.tape, self.partition
-        tp.op(name, flops=12.0 * numel, bytes_moved=28 * numel)
-        tp.allocate_existing(*self.adam_states)  # torch's Adam makes exp_avg and exp_avg_sq at its first step
+        """The inner optimizer's step on the fp32 partition (its first makes the moments)."""
+        inner_adam_step(self.tape, name, self.partition, self.adam_states, self.temporaries, "zero.optimizer_temp")
         self.adam_states = []
-        tp.drop(*[tp.empty("zero.optimizer_temp", numel, DType.FLOAT32) for _ in range(self.temporaries)])
 
     def state_bytes(self) -> int:
         return 0 if self.offload else 12 * self.partition

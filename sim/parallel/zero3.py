@@ -11,7 +11,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from sim.ops import Category, OpKind, Stream
-from sim.parallel.norms import grad_norms
+from sim.parallel.zero_step import grad_norms, inner_adam_step
 from sim.parallel.partition import padded_partition_numel
 from sim.scenario import DType, ZeroOptimization
 from sim.workload.tape import Node, Param, Tape, Tensor
@@ -421,14 +421,10 @@ class Zero3Optimizer:
         tp.drop(gradient)
 
     def _inner_step(self, index: int, numel: int, name: str) -> None:
-        """The inner optimizer's step on sub-group `index`: Adam, ~12 FLOPs per element, reads fp32 param, grad,
-        m, v and writes param, m, v (28 B per element); its first step makes the moments; its temporaries."""
-        tp = self.zero.tape
-        tp.op(name, flops=12.0 * numel, bytes_moved=28 * numel)
-        tp.allocate_existing(*self.lazy_states[index])
+        """The inner optimizer's step on sub-group `index` (its first makes the sub-group's moments)."""
+        inner_adam_step(self.zero.tape, name, numel, self.lazy_states[index], self.temporaries,
+                        f"zero3.group{index}.optimizer_temp")
         self.lazy_states[index] = []
-        tp.drop(*[tp.empty(f"zero3.group{index}.optimizer_temp", numel, DType.FLOAT32)
-                  for _ in range(self.temporaries)])
 
     def state_bytes(self) -> int:
         """GPU bytes of fp32 master partitions and Adam moments."""
