@@ -10,7 +10,8 @@ from operator import attrgetter
 import numpy as np
 
 from sim.ops import Op, OpKind
-from sim.scenario import DeviceSpec, DType
+from sim.scenario import DeviceSpec
+from sim.vocab import DType
 
 _FLOPS_KEY = {DType.BFLOAT16: "bf16", DType.FLOAT16: "fp16", DType.FLOAT32: "fp32"}
 # NVIDIA/nccl src/graph/tuning.cc (ncclTopoTuneModel, ncclTopoGetAlgoTime), Simple protocol: the collectives here move

@@ -5,7 +5,6 @@ validation → a frozen `Scenario`. Every user error becomes a `ScenarioError` n
 """
 
 import copy
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -14,6 +13,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from sim import catalog
 from sim.errors import ScenarioError
+from sim.vocab import AllocatorBackend, AttnImplementation, DType, ModelType, Optim
 from sim.versions import (
     NEWEST_DEEPSPEED,
     NEWEST_PEFT,
@@ -44,33 +44,6 @@ PositiveCount = Annotated[int, BeforeValidator(_whole_number), Field(gt=0)]
 
 class Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ModelType(Enum):
-    QWEN2 = "qwen2"
-    LLAMA = "llama"
-    MISTRAL = "mistral"
-    QWEN = "qwen"  # Qwen1's own remote code (modeling_qwen.py)
-
-
-class DType(Enum):
-    """Tensor element types with their sizes in bytes."""
-
-    FLOAT32 = "float32"
-    BFLOAT16 = "bfloat16"
-    FLOAT16 = "float16"
-    INT64 = "int64"
-    BOOL = "bool"
-    FLOAT64 = "float64"
-
-    @property
-    def is_floating(self) -> bool:
-        return self in (DType.FLOAT32, DType.BFLOAT16, DType.FLOAT16, DType.FLOAT64)
-
-
-# A plain attribute on each member: the simulator reads it hundreds of thousands of times per run.
-for _member, _size in zip(DType, (4, 2, 2, 8, 1, 8), strict=True):
-    _member.size_bytes = _size
 
 
 class ModelSpec(BaseModel):
@@ -185,21 +158,6 @@ class Software(Frozen):
         return parse_version(getattr(self, package), f"software.{package}")
 
 
-class AttnImplementation(Enum):
-    EAGER = "eager"
-    SDPA = "sdpa"
-    FLASH_ATTENTION_2 = "flash_attention_2"
-
-
-class Optim(Enum):
-    """HF TrainingArguments.optim names that are modelled."""
-
-    ADAMW_TORCH = "adamw_torch"  # torch.optim.AdamW, default implementation (foreach on CUDA)
-    ADAMW_TORCH_FUSED = "adamw_torch_fused"
-    ADAMW_TORCH_FOREACH = "adamw_torch_foreach"  # not an HF name; forces foreach
-    SGD = "sgd"
-
-
 class CheckpointingKwargs(Frozen):
     use_reentrant: bool = True
 
@@ -267,11 +225,6 @@ class DeepSpeed(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
 
     zero_optimization: ZeroOptimization = ZeroOptimization()
-
-
-class AllocatorBackend(Enum):
-    CACHING = "caching"
-    EXACT = "exact"
 
 
 class Allocator(Frozen):

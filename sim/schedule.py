@@ -5,7 +5,8 @@ from dataclasses import dataclass
 
 from sim.errors import ScenarioError
 from sim.ops import Phase, Schedule
-from sim.scenario import AllocatorBackend, DType, ModelType, Optim, Scenario
+from sim.scenario import Scenario
+from sim.vocab import AllocatorBackend, DType, ModelType, Optim
 from sim.workload import hf_decoder, qwen1
 from sim.workload import primitives as P
 from sim.workload.behaviour import behaviour_for

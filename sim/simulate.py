@@ -9,7 +9,8 @@ from sim.engine import Engine
 from sim.errors import ScenarioError
 from sim.parallel.nccl import nccl_buffer_bytes, nccl_channels, nccl_version
 from sim.report import Run
-from sim.scenario import DType, Scenario
+from sim.scenario import Scenario
+from sim.vocab import DType
 from sim.schedule import build_schedule, compute_dtype, weights_dtype
 
 

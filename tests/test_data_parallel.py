@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 
 from sim.parallel.data_parallel import Zero12, ddp_buckets
 from sim.report import summarize
-from sim.scenario import DType, build_scenario
+from sim.scenario import build_scenario
+from sim.vocab import DType
 from sim.schedule import _context, modelling_code
 from sim.simulate import run_scenario
 from sim.workload.tape import Tape

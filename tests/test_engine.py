@@ -14,7 +14,8 @@ from sim.allocator import ExactAllocator, caching, make_allocator
 from sim.cost import CostModel
 from sim.engine import Engine
 from sim.ops import Buffer, Category, Op, Phase, Schedule, Stream
-from sim.scenario import DeviceSpec, DType, build_scenario
+from sim.scenario import DeviceSpec, build_scenario
+from sim.vocab import DType
 from sim.schedule import build_schedule
 from tests.conftest import tiny_raw
 from tests.test_zero3 import zero_raw

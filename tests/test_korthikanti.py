@@ -6,7 +6,7 @@ the per-token fp32 mean and rstd each LayerNorm keeps (2 norms × 8 bytes × s·
 import pytest
 
 from sim.ops import Category
-from sim.scenario import DType
+from sim.vocab import DType
 from sim.workload import primitives as P
 from sim.workload.tape import Tape
 

@@ -10,7 +10,8 @@ from sim.cost import NCCL_BASE_LATENCY_US, CostModel
 from sim.engine import Engine
 from sim.ops import Buffer, Category, Op, OpKind, Phase, Schedule, Stream
 from sim.report import summarize
-from sim.scenario import DeviceSpec, DType, build_scenario
+from sim.scenario import DeviceSpec, build_scenario
+from sim.vocab import DType
 from sim.simulate import run_scenario
 from tests.conftest import tiny_raw
 

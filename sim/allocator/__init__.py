@@ -6,7 +6,7 @@ from sim.allocator.caching import CachingAllocator
 from sim.allocator.exact import ExactAllocator
 from sim.errors import ScenarioError
 from sim.scenario import Allocator as AllocatorSpec
-from sim.scenario import AllocatorBackend
+from sim.vocab import AllocatorBackend
 
 
 def make_allocator(spec: AllocatorSpec, capacity_bytes: int, device_total_bytes: int,

@@ -18,7 +18,8 @@ optimizer side moves to the host (Zero12's docstring).
 from sim.ops import Category, OpKind, Stream
 from sim.parallel.zero_step import grad_norms, inner_adam_step
 from sim.parallel.partition import flat_partition_numel
-from sim.scenario import DType, ZeroOptimization
+from sim.scenario import ZeroOptimization
+from sim.vocab import DType
 from sim.workload.tape import Param, Tape, Tensor
 
 DDP_BUCKET_CAP_BYTES = 25 * 1024 * 1024  # DistributedDataParallel(bucket_cap_mb=25)

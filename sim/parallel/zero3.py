@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from sim.ops import Category, OpKind, Stream
 from sim.parallel.zero_step import grad_norms, inner_adam_step
 from sim.parallel.partition import padded_partition_numel
-from sim.scenario import DType, ZeroOptimization
+from sim.scenario import ZeroOptimization
+from sim.vocab import DType
 from sim.workload.tape import Node, Param, Tape, Tensor
 
 

@@ -1,7 +1,7 @@
 """What DeepSpeed's ZeRO optimizers do at every step, as allocations: the gradient norm and the inner optimizer's
 step on an fp32 partition."""
 
-from sim.scenario import DType
+from sim.vocab import DType
 from sim.workload.tape import Tape, Tensor
 
 

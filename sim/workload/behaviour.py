@@ -9,7 +9,8 @@ docs/transformers-versions.md for the table with the code each row rests on.
 from enum import Enum
 
 from sim.errors import ScenarioError
-from sim.scenario import ModelType, Optim, Software
+from sim.scenario import Software
+from sim.vocab import ModelType, Optim
 from sim.workload.context import Behaviour
 
 

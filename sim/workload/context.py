@@ -3,7 +3,8 @@
 from dataclasses import dataclass, field
 from typing import Any
 
-from sim.scenario import AttnImplementation, DType, ModelSpec, ModelType
+from sim.scenario import ModelSpec
+from sim.vocab import AttnImplementation, DType, ModelType
 from sim.workload.tape import Tape, Tensor
 
 

@@ -7,7 +7,8 @@ Shapes: b batch, s sequence, h hidden, a heads, k kv heads, d head dim, i interm
 from dataclasses import dataclass, field
 
 from sim.ops import Category, Phase
-from sim.scenario import AttnImplementation, DType, Lora, ModelType
+from sim.scenario import Lora
+from sim.vocab import AttnImplementation, DType, ModelType
 from sim.workload import primitives as P
 from sim.workload.behaviour import KvCache, Rotary, SdpaContiguous
 from sim.workload.checkpoint import checkpoint

@@ -1,6 +1,6 @@
 """The LM head and the causal-LM loss, as each transformers version computes them."""
 
-from sim.scenario import DType
+from sim.vocab import DType
 from sim.workload import primitives as P
 from sim.workload.context import RunContext
 from sim.workload.modules import plain_linear

@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 
 from sim.ops import Category
-from sim.scenario import DType
+from sim.vocab import DType
 from sim.workload import primitives as P
 from sim.workload.context import RunContext
 from sim.workload.tape import Param, Tensor

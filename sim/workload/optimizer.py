@@ -4,7 +4,7 @@ with states created lazily at the first step, then zero_grad(set_to_none=True)."
 from enum import Enum
 
 from sim.ops import Category
-from sim.scenario import DType, Optim
+from sim.vocab import DType, Optim
 from sim.workload.tape import Param, Tape, Tensor
 
 

@@ -7,7 +7,7 @@ Shapes are reduced to element counts; the arithmetic per kernel is given where i
 """
 
 from sim.ops import OpKind
-from sim.scenario import DType
+from sim.vocab import DType
 from sim.workload.tape import Node, Param, Tape, Tensor
 
 F32 = DType.FLOAT32

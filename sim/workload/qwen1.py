@@ -7,7 +7,8 @@ and the loss on bf16 logits (no fp32 upcast).
 from dataclasses import dataclass
 
 from sim.ops import Category
-from sim.scenario import AttnImplementation, DType, Lora
+from sim.scenario import Lora
+from sim.vocab import AttnImplementation, DType
 from sim.workload import primitives as P
 from sim.workload.checkpoint import checkpoint
 from sim.workload.context import RunContext

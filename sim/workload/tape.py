@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from sim.ops import CATEGORIES, BufferTable, Category, Op, OpKind, Phase, ReplicaSpan, Schedule, Stream
-from sim.scenario import DType
+from sim.vocab import DType
 
 
 @dataclass(slots=True, eq=False)

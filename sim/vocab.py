@@ -1,0 +1,52 @@
+"""The domain vocabulary at the ground floor: the enums every floor speaks (dtypes, model types, attention
+implementations, optimizers, allocator backends). It imports nothing of sim, so the schema (sim/scenario.py), the
+plan and the rooms below it all take their names from here."""
+
+from enum import Enum
+
+
+class ModelType(Enum):
+    QWEN2 = "qwen2"
+    LLAMA = "llama"
+    MISTRAL = "mistral"
+    QWEN = "qwen"  # Qwen1's own remote code (modeling_qwen.py)
+
+
+class DType(Enum):
+    """Tensor element types with their sizes in bytes."""
+
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+    INT64 = "int64"
+    BOOL = "bool"
+    FLOAT64 = "float64"
+
+    @property
+    def is_floating(self) -> bool:
+        return self in (DType.FLOAT32, DType.BFLOAT16, DType.FLOAT16, DType.FLOAT64)
+
+
+# A plain attribute on each member: the simulator reads it hundreds of thousands of times per run.
+for _member, _size in zip(DType, (4, 2, 2, 8, 1, 8), strict=True):
+    _member.size_bytes = _size
+
+
+class AttnImplementation(Enum):
+    EAGER = "eager"
+    SDPA = "sdpa"
+    FLASH_ATTENTION_2 = "flash_attention_2"
+
+
+class Optim(Enum):
+    """HF TrainingArguments.optim names that are modelled."""
+
+    ADAMW_TORCH = "adamw_torch"  # torch.optim.AdamW, default implementation (foreach on CUDA)
+    ADAMW_TORCH_FUSED = "adamw_torch_fused"
+    ADAMW_TORCH_FOREACH = "adamw_torch_foreach"  # not an HF name; forces foreach
+    SGD = "sgd"
+
+
+class AllocatorBackend(Enum):
+    CACHING = "caching"
+    EXACT = "exact"
