@@ -6,7 +6,7 @@ HF Trainer would (forward with labels, backward, AdamW with Trainer's two parame
 allocation and free of c10's CPU allocator is recorded with torch.profiler(profile_memory=True): the
 profiler's reporter wraps the allocator itself, so it sees kernel-internal buffers too, and its running sum
 equals the allocator's own total at every event. The same configuration then runs through the simulator on
-a plain host device (inline device, cuda_context_bytes 0, allocator backend exact: `sim.schedule.on_host`),
+a plain host device (inline device, cuda_context_bytes 0, allocator backend exact: `sim.resolve.on_host`),
 with the installed torch / transformers / peft versions as `software`.
 
 Per phase (forward, backward incl. recompute, optimizer without zero_grad) both sides report the peak above
@@ -133,7 +133,7 @@ def simulate(config: Config, versions: dict[str, str]) -> dict:
     """{phase: {"start_bytes", "peak_bytes"}} of the simulated step, phases bounded as on the measured side."""
     from sim.ops import Phase
     from sim.scenario import build_scenario
-    from sim.schedule import on_host
+    from sim.resolve import on_host
     from sim.simulate import run_scenario
 
     scenario = build_scenario(scenario_mapping(config, versions))

@@ -10,7 +10,7 @@ from operator import attrgetter
 import numpy as np
 
 from sim.ops import Op, OpKind
-from sim.scenario import DeviceSpec
+from sim.plan import DevicePlan
 from sim.vocab import DType
 
 _FLOPS_KEY = {DType.BFLOAT16: "bf16", DType.FLOAT16: "fp16", DType.FLOAT32: "fp32"}
@@ -33,29 +33,28 @@ _CODE_BY_ID = {id(kind): code for kind, code in _KIND_CODE.items()}  # hashing a
 class CostModel:
     """Durations of ops on one device of a `gpus_per_node` × `nodes` machine, in whole µs."""
 
-    def __init__(self, device: DeviceSpec, compute_dtype: DType, gpus_per_node: int = 1, nodes: int = 1,
+    def __init__(self, device: DevicePlan, compute_dtype: DType, gpus_per_node: int = 1, nodes: int = 1,
                  nccl_version: tuple[int, int, int] = (2, 19, 3), nccl_channels: int = 24) -> None:
-        eff = device.efficiency
         key = _FLOPS_KEY.get(compute_dtype, "fp32")
         tensor_peak = device.peak_flops.get(key) or max(device.peak_flops.values())
-        self.gemm_flops_per_s = tensor_peak * eff.gemm
-        self.attention_flops_per_s = tensor_peak * eff.attention
+        self.gemm_flops_per_s = tensor_peak * device.gemm_efficiency
+        self.attention_flops_per_s = tensor_peak * device.attention_efficiency
         # elementwise kernels run on the CUDA cores: the fp32 (non-tensor) peak where the device lists one
         self.vector_flops_per_s = device.peak_flops.get("fp32") or max(device.peak_flops.values())
-        self.hbm_bytes_per_s = device.hbm_bytes_per_s * eff.hbm
+        self.hbm_bytes_per_s = device.hbm_bytes_per_s * device.hbm_efficiency
         self.ranks, self.nodes = gpus_per_node * nodes, nodes
         # NVLink figures are bidirectional aggregates: one direction carries half (NVIDIA A100/H100 datasheets).
         # NIC figures are per GPU and direction (one NIC per GPU); NCCL spreads its channels over all the node's
         # NICs (tuning.cc: busBw = nChannels × bwInter), so across nodes the bus bandwidth is the node's NICs
         # together, and a ring that leaves the node runs at its slower link.
-        self.intra_bus_bytes_per_s = device.intra_node_bytes_per_s / 2 * eff.nvlink
-        self.inter_bus_bytes_per_s = device.inter_node_bytes_per_s * gpus_per_node * eff.network
+        self.intra_bus_bytes_per_s = device.intra_node_bytes_per_s / 2 * device.nvlink_efficiency
+        self.inter_bus_bytes_per_s = device.inter_node_bytes_per_s * gpus_per_node * device.network_efficiency
         self.bus_bytes_per_s = (min(self.intra_bus_bytes_per_s, self.inter_bus_bytes_per_s) if nodes > 1
                                 else self.intra_bus_bytes_per_s)
         self.intra_latency_us = device.intra_node_latency_us
         self.inter_latency_us = device.inter_node_latency_us
         self.nccl_version, self.channels = tuple(nccl_version), nccl_channels
-        major = int((device.compute_capability or "8.0").split(".")[0])
+        major = device.compute_capability_major
         self.ring_plateau = 1.9 if major < 8 else 1.4  # ncclTopoGetAlgoTime: "Plateau effect of ring"
         # the tree's bus bandwidth: busBw × .92, at most nChannels × perChMaxTreeBw; algorithm bandwidth half of it
         cap = _TREE_MAX_BYTES_PER_S_PER_CHANNEL.get(major)

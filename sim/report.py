@@ -5,8 +5,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from sim.engine import EngineResult
-from sim.parallel.nccl import communicators
 from sim.ops import PHASES, STREAMS, Phase, Schedule
+from sim.plan import Plan
 from sim.scenario import Scenario
 from sim.schedule import BuiltSchedule
 from sim.units import format_bytes, format_count, us_to_seconds
@@ -20,7 +20,8 @@ PHASE_GROUPS = {"forward": (Phase.FORWARD,), "backward": (Phase.BACKWARD, Phase.
 class Run:
     """Everything a run produced, for the report, the plot and tests."""
 
-    scenario: Scenario
+    scenario: Scenario  # for the names the result reports
+    plan: Plan
     built: BuiltSchedule
     engine: EngineResult
     non_pytorch_bytes: int
@@ -78,7 +79,7 @@ def summarize(run: Run) -> dict:
         "mfu": (run.built.model_flops_per_step / step_time_s / peak_flops) if step_time_s else 0.0,
         "stream_busy_share": stream_busy_share(run),
         "non_pytorch": {"cuda_context_bytes": run.non_pytorch_bytes - run.nccl_bytes, "nccl_bytes": run.nccl_bytes,
-                        "nccl_communicators": communicators(sc)},
+                        "nccl_communicators": run.plan.nccl.communicators},
         "allocator": _allocator_fields(run),
         "events": len(trace),
     }

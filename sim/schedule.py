@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 from sim.errors import ScenarioError
 from sim.ops import Phase, Schedule
-from sim.scenario import Scenario
-from sim.vocab import AllocatorBackend, DType, ModelType, Optim
+from sim.plan import Plan
+from sim.vocab import ModelType
 from sim.workload import hf_decoder, qwen1
 from sim.workload import primitives as P
 from sim.workload.behaviour import behaviour_for
@@ -39,131 +39,45 @@ class BuiltSchedule:
     model_flops_per_step: float  # 6·N·tokens + attention, this rank
 
 
-def compute_dtype(scenario: Scenario) -> DType | None:
-    """torch.autocast dtype when the Trainer's bf16/fp16 flag meets weights of another dtype (fp32 weights).
-    Under DeepSpeed the engine converts the model itself and the Trainer runs no autocast."""
-    if scenario.deepspeed is not None:
-        return None
-    weights = weights_dtype(scenario)
-    wanted = DType.BFLOAT16 if scenario.training.bf16 else DType.FLOAT16 if scenario.training.fp16 else None
-    return wanted if wanted is not None and wanted is not weights else None
-
-
-def weights_dtype(scenario: Scenario) -> DType:
-    """Config torch_dtype; Qwen1's remote code with no bf16/fp16/fp32 flag set autoselects bf16
-    (modeling_qwen.py QWenLMHeadModel.__init__ autoset_precision) on bf16-capable GPUs. DeepSpeed converts the
-    module to bf16/fp16 when its config enables them (engine.py _configure_distributed_model); a config without
-    the section gets it from the Trainer's flag (accelerate DeepSpeedPlugin.set_mixed_precision adds
-    {"bf16": {"enabled": true}} when the config has no bf16 key)."""
-    if scenario.deepspeed is not None:
-        extra = scenario.deepspeed.model_extra or {}
-        for section, dtype in (("bf16", DType.BFLOAT16), ("fp16", DType.FLOAT16)):
-            node = extra.get(section)
-            flag = node.get("enabled", False) if isinstance(node, dict) else None
-            if flag is True or (flag in ("auto", None) and getattr(scenario.training, section)):
-                return dtype
-        return DType.FLOAT32
-    model = scenario.model
-    if model.torch_dtype is None and model.model_type is ModelType.QWEN:
-        extra = model.model_extra or {}
-        if extra.get("fp16"):
-            return DType.FLOAT16
-        if extra.get("fp32"):
-            return DType.FLOAT32
-        return DType.BFLOAT16
-    return model.weights_dtype
-
-
-def communication_dtype(scenario: Scenario) -> DType:
-    """DeepSpeed's `communication_data_type` for gradient reduction: "fp32", "fp16", or bf16 as "bfp16" up to
-    0.14.0 and "bf16" from 0.14.1 (runtime/config.py get_communication_data_type raises on anything else);
-    without it the model dtype (engine.py communication_data_type)."""
-    value = (scenario.deepspeed.model_extra or {}).get("communication_data_type")
-    if value is None:
-        return weights_dtype(scenario)
-    bf16 = "bfp16" if scenario.software.version("deepspeed") <= (0, 14, 0) else "bf16"
-    names = {"fp32": DType.FLOAT32, "fp16": DType.FLOAT16, bf16: DType.BFLOAT16}
-    if not isinstance(value, str) or value.lower() not in names:
-        raise ScenarioError(f"deepspeed.communication_data_type: {value!r} is not one of {', '.join(names)} "
-                            "(DeepSpeed's names for this version)")
-    return names[value.lower()]
-
-
-def on_host(scenario: Scenario) -> bool:
-    """An inline device with no CUDA context and the exact allocator stands for a plain CPU host (design.md §3)."""
-    return scenario.hardware.device.cuda_context_bytes == 0 and scenario.allocator.backend is AllocatorBackend.EXACT
-
-
-def parameter_counts(scenario: Scenario) -> tuple[int, int]:
+def parameter_counts(plan: Plan) -> tuple[int, int]:
     """(all, trainable) parameter elements of the modelled model, adapters included, without running it."""
-    ctx = _context(scenario, Tape())
+    ctx = _context(plan, Tape())
     ctx.tape.op("model.init")
-    params = modelling_code(scenario).build_model(ctx, scenario.lora).params()
+    params = modelling_code(plan).build_model(ctx, plan.lora).params()
     return sum(p.tensor.numel for p in params), sum(p.tensor.numel for p in params if p.tensor.requires_grad)
 
 
-def _context(scenario: Scenario, tape: Tape) -> RunContext:
-    training = scenario.training
-    behaviour = behaviour_for(scenario.software, scenario.model.model_type, training.gradient_checkpointing)
-    dtype = weights_dtype(scenario)
-    model_spec = scenario.model.model_copy(update={"torch_dtype": dtype})
-    adapter_dtype = None
-    if scenario.lora is not None:
-        low_precision = dtype in (DType.BFLOAT16, DType.FLOAT16)
-        adapter_dtype = DType.FLOAT32 if behaviour.peft_adapters_fp32 and low_precision else dtype
-    return RunContext(tape, model_spec, training.per_device_train_batch_size, training.seq_len,
-                      training.attn_implementation, behaviour, compute_dtype(scenario), adapter_dtype,
-                      on_host(scenario))
+def _context(plan: Plan, tape: Tape) -> RunContext:
+    training = plan.training
+    return RunContext(tape, plan.model, training.micro_batch, training.seq_len, training.attn, plan.behaviour,
+                      plan.autocast_dtype, plan.lora.adapter_dtype if plan.lora is not None else None, plan.on_host)
 
 
-def cublas_workspace_bytes(scenario: Scenario) -> int:
-    """Default CUBLAS_WORKSPACE_CONFIG as PyTorch sets it (aten/src/ATen/cuda/CublasHandlePool.cpp):
-    ":4096:2:16:8" = 2·4096 KiB + 8·16 KiB = 8,519,680 B; ":4096:8" = 32 MiB on Hopper (compute capability 9)
-    from torch 2.1. None on a host."""
-    if on_host(scenario):
-        return 0
-    capability = scenario.hardware.device.compute_capability or "8.0"
-    hopper = int(capability.split(".")[0]) >= 9 and scenario.software.version("torch") >= (2, 1, 0)
-    return 8 * 4096 * 1024 if hopper else 2 * 4096 * 1024 + 8 * 16 * 1024
-
-
-def cublaslt_workspace(scenario: Scenario) -> tuple[int, bool]:
-    """(bytes, kept per thread) of the cuBLASLt workspace a bias linear (addmm → gemm_and_bias) uses; none on a
-    host, and none under ZeRO-3, whose linear (deepspeed/runtime/zero/linear.py) runs matmul then adds the bias.
-    CUBLASLT_WORKSPACE_SIZE defaults to 1024 KiB (pytorch#101145); allocated per call through the caching
-    allocator before torch 2.8, kept per (handle, stream) from 2.8 (pytorch#156495), and from 2.10 cuBLASLt
-    shares the cuBLAS workspace by default (pytorch#168175)."""
-    zero3 = scenario.deepspeed is not None and scenario.deepspeed.zero_optimization.stage == 3
-    torch = scenario.software.version("torch")
-    if on_host(scenario) or zero3 or torch >= (2, 10, 0):
-        return 0, False
-    return 1024 * 1024, torch >= (2, 8, 0)
-
-
-def build_schedule(scenario: Scenario, repeat: bool = True) -> BuiltSchedule:
+def build_schedule(plan: Plan, repeat: bool = True) -> BuiltSchedule:
     """The ops of one rank. `repeat=False` builds every micro-batch op by op instead of repeating identical
     ones (same schedule, slower: for tests)."""
     tape = Tape()
-    tape.blas_workspace_bytes = cublas_workspace_bytes(scenario)
-    tape.lt_workspace_bytes, tape.lt_workspace_persistent = cublaslt_workspace(scenario)
-    training = scenario.training
-    ctx = _context(scenario, tape)
-    zero = scenario.deepspeed.zero_optimization if scenario.deepspeed is not None else None
+    workspaces = plan.workspaces
+    tape.blas_workspace_bytes = workspaces.cublas_bytes
+    tape.lt_workspace_bytes, tape.lt_workspace_persistent = workspaces.cublaslt_bytes, workspaces.cublaslt_persistent
+    training = plan.training
+    ctx = _context(plan, tape)
+    zero = plan.zero
     if zero is not None and zero.stage == 3:
-        ctx.zero3 = Zero3(tape, zero, scenario.hardware.gpus, weights_dtype(scenario), weights_dtype(scenario),
-                          communication_dtype(scenario))
+        ctx.zero3 = Zero3(tape, zero, plan.world.gpus, plan.weights_dtype, plan.weights_dtype,
+                          zero.communication_dtype)
     tape.op("model.init")
-    model = modelling_code(scenario).build_model(ctx, scenario.lora)
+    model = modelling_code(plan).build_model(ctx, plan.lora)
     params = model.params()
     trainable = [p for p in params if p.tensor.requires_grad]
-    placement = _placement(ctx, scenario, params, trainable)
+    placement = _placement(ctx, plan, params, trainable)
     states_after_first_step = None
     template = None  # the latest micro-batch built after the first of a step: later ones repeat it when they can
-    for step in range(scenario.simulation.steps):
+    for step in range(training.steps):
         tape.step = step
-        for micro in range(training.gradient_accumulation_steps):
+        for micro in range(training.accumulation_steps):
             tape.micro_batch = micro
-            last = micro == training.gradient_accumulation_steps - 1
+            last = micro == training.accumulation_steps - 1
             # micro-batches after the second repeat it exactly (grads exist) when nothing crosses its ends;
             # the last one of an accumulation differs where gradients are reduced only there (DDP, ZeRO-1)
             if repeat and micro >= 1 and template is not None and not (last and placement.syncs_last) and \
@@ -171,26 +85,26 @@ def build_schedule(scenario: Scenario, repeat: bool = True) -> BuiltSchedule:
                 continue
             start = tape.op_count()
             placement.before_micro_batch(last)
-            _micro_batch(ctx, scenario, model, placement.before_backward)
+            _micro_batch(ctx, plan, model, placement.before_backward)
             placement.after_micro_batch(last)
             if micro >= 1 and not (last and placement.syncs_last):  # the latest built one is the template
                 template = (start, tape.op_count())
         tape.phase, tape.layer = Phase.OPTIMIZER, None
         states = placement.step()
         states_after_first_step = states_after_first_step or states
-    tokens = training.per_device_train_batch_size * training.seq_len * training.gradient_accumulation_steps
-    return BuiltSchedule(tape.schedule(), states_after_first_step, tokens, _model_flops(scenario, params, tokens))
+    tokens = training.tokens_per_step
+    return BuiltSchedule(tape.schedule(), states_after_first_step, tokens, _model_flops(plan, params, tokens))
 
 
-def _placement(ctx: RunContext, scenario: Scenario, params: list[Param], trainable: list[Param]):
-    zero = scenario.deepspeed.zero_optimization if scenario.deepspeed is not None else None
+def _placement(ctx: RunContext, plan: Plan, params: list[Param], trainable: list[Param]):
+    """Where parameters, gradients and optimizer states live: ZeRO-3, ZeRO-1/2, DDP, or whole on one device."""
     if ctx.zero3 is not None:
-        return _Zero3Placement(ctx, scenario, params, trainable)
-    if zero is not None and zero.stage in (1, 2):
-        return _Zero12Placement(ctx, scenario, params, trainable)
-    if scenario.hardware.gpus > 1:
-        return _DdpPlacement(ctx, scenario, params, trainable)
-    return _LocalPlacement(ctx, scenario, params, trainable)
+        return _Zero3Placement(ctx, plan, params, trainable)
+    if plan.zero is not None and plan.zero.stage in (1, 2):
+        return _Zero12Placement(ctx, plan, params, trainable)
+    if plan.world.gpus > 1:
+        return _DdpPlacement(ctx, plan, params, trainable)
+    return _LocalPlacement(ctx, plan, params, trainable)
 
 
 def _model_states(params: list[Param], trainable: list[Param], parameters_bytes: int, gradients_bytes: int,
@@ -204,12 +118,11 @@ class _LocalPlacement:
 
     syncs_last = False  # whether the last micro-batch of an accumulation differs from the others
 
-    def __init__(self, ctx: RunContext, scenario: Scenario, params: list[Param], trainable: list[Param]) -> None:
+    def __init__(self, ctx: RunContext, plan: Plan, params: list[Param], trainable: list[Param]) -> None:
         self.tape, self.params, self.trainable = ctx.tape, params, trainable
-        training = scenario.training
+        training = plan.training
         self.clip = training.max_grad_norm > 0
-        self.optimizer = Optimizer(training.optim or ctx.behaviour.default_optim, trainable, on_host(scenario),
-                                   training.weight_decay)
+        self.optimizer = Optimizer(training.optim, trainable, plan.on_host, training.weight_decay)
 
     def before_micro_batch(self, last: bool) -> None:
         pass
@@ -235,9 +148,9 @@ class _DdpPlacement(_LocalPlacement):
 
     syncs_last = True
 
-    def __init__(self, ctx: RunContext, scenario: Scenario, params: list[Param], trainable: list[Param]) -> None:
-        super().__init__(ctx, scenario, params, trainable)
-        self.ddp = Ddp(ctx.tape, scenario.hardware.gpus, trainable)
+    def __init__(self, ctx: RunContext, plan: Plan, params: list[Param], trainable: list[Param]) -> None:
+        super().__init__(ctx, plan, params, trainable)
+        self.ddp = Ddp(ctx.tape, plan.world.gpus, trainable)
         ctx.tape.post_grad_hook = self.ddp.on_grad_ready
 
     def before_micro_batch(self, last: bool) -> None:
@@ -251,13 +164,12 @@ class _DdpPlacement(_LocalPlacement):
 class _Zero12Placement:
     """DeepSpeed ZeRO-1/2 (sim/parallel/data_parallel.py)."""
 
-    def __init__(self, ctx: RunContext, scenario: Scenario, params: list[Param], trainable: list[Param]) -> None:
+    def __init__(self, ctx: RunContext, plan: Plan, params: list[Param], trainable: list[Param]) -> None:
         self.tape, self.params, self.trainable = ctx.tape, params, trainable
-        config = scenario.deepspeed.zero_optimization
-        self.zero = Zero12(ctx.tape, config, scenario.hardware.gpus, trainable, weights_dtype(scenario),
-                           scenario.software.version("deepspeed"), communication_dtype(scenario),
-                           _inner_optimizer_temporaries(ctx, scenario))
-        self.accumulation = scenario.training.gradient_accumulation_steps
+        config = plan.zero
+        self.zero = Zero12(ctx.tape, config, plan.world.gpus, trainable, plan.weights_dtype, plan.versions.deepspeed,
+                           config.communication_dtype, config.inner_optimizer_temporaries)
+        self.accumulation = plan.training.accumulation_steps
         # ZeRO-1 reduces only at the boundary; with offload the boundary copies gradients to the host
         self.syncs_last = config.stage == 1 or self.zero.offload
         if config.stage == 2:
@@ -293,12 +205,12 @@ class _Zero3Placement:
 
     syncs_last = False
 
-    def __init__(self, ctx: RunContext, scenario: Scenario, params: list[Param], trainable: list[Param]) -> None:
+    def __init__(self, ctx: RunContext, plan: Plan, params: list[Param], trainable: list[Param]) -> None:
         self.tape, self.zero, self.params, self.trainable = ctx.tape, ctx.zero3, params, trainable
         self.zero.register(params)
         self.zero.init_buffers(trainable)
-        self.optimizer = Zero3Optimizer(self.zero, trainable, _inner_optimizer_temporaries(ctx, scenario),
-                                        scenario.software.version("deepspeed") < (0, 13, 2))
+        self.optimizer = Zero3Optimizer(self.zero, trainable, plan.zero.inner_optimizer_temporaries,
+                                        plan.versions.deepspeed < (0, 13, 2))
         self.zero.finish_engine_init(trainable)
         self.tape.grad_hook = self.zero.on_grad
 
@@ -324,23 +236,13 @@ class _Zero3Placement:
         return _model_states(self.params, self.trainable, lp + persistent, grads, self.optimizer.state_bytes(), self.optimizer.host_bytes())
 
 
-def _inner_optimizer_temporaries(ctx: RunContext, scenario: Scenario) -> int:
-    """fp32 temporaries of the sub-group size in the inner optimizer's step: DeepSpeed's own optimizer (config
-    "optimizer" section → FusedAdam) and torch's fused AdamW make none; torch AdamW foreach makes
-    exp_avg_sq_sqrt (_multi_tensor_adamw)."""
-    if (scenario.deepspeed.model_extra or {}).get("optimizer"):
-        return 0
-    optim = scenario.training.optim or ctx.behaviour.default_optim
-    return 0 if optim in (Optim.ADAMW_TORCH_FUSED, Optim.SGD) else 1
-
-
-def modelling_code(scenario: Scenario):
+def modelling_code(plan: Plan):
     """The module that models the scenario's model_type: HF's qwen2/llama/mistral code, or Qwen1's remote code.
     LoRA module names are checked against it, as PEFT does ("Target modules ... not found in the base model")."""
-    code = qwen1 if scenario.model.model_type is ModelType.QWEN else hf_decoder
-    lora = scenario.lora
+    code = qwen1 if plan.model.model_type is ModelType.QWEN else hf_decoder
+    lora = plan.lora
     if lora is not None:
-        kind = scenario.model.model_type.value
+        kind = plan.model.model_type.value
         if lora.target_modules != "all-linear":
             unknown = [t for t in lora.target_modules if t not in code.LINEAR_MODULES]
             if unknown:
@@ -353,7 +255,7 @@ def modelling_code(scenario: Scenario):
     return code
 
 
-def _micro_batch(ctx: RunContext, scenario: Scenario, model, before_backward) -> None:
+def _micro_batch(ctx: RunContext, plan: Plan, model, before_backward) -> None:
     """Trainer.training_step: inputs to the device, forward with labels, loss / accumulation, backward
     (`before_backward`: what the engine's backward does before autograd runs, e.g. DeepSpeed's IPG buffers)."""
     tp = ctx.tape
@@ -361,8 +263,8 @@ def _micro_batch(ctx: RunContext, scenario: Scenario, model, before_backward) ->
     ids = P.input_tensor(tp, "input_ids", ctx.tokens)
     labels = P.input_tensor(tp, "labels", ctx.tokens)
     mask_2d = P.input_tensor(tp, "attention_mask", ctx.tokens)
-    loss = modelling_code(scenario).forward_loss(ctx, model, ids, labels, scenario.training.gradient_checkpointing)
-    if scenario.training.gradient_accumulation_steps > 1:  # accelerate's backward divides the loss
+    loss = modelling_code(plan).forward_loss(ctx, model, ids, labels, plan.training.gradient_checkpointing)
+    if plan.training.accumulation_steps > 1:  # accelerate's backward divides the loss
         scaled = P.mul_scalar(tp, "loss.div_accumulation", loss)
         tp.drop(loss)
         loss = scaled
@@ -376,9 +278,9 @@ def _micro_batch(ctx: RunContext, scenario: Scenario, model, before_backward) ->
     tp.drop(loss, ids, labels, mask_2d)
 
 
-def _model_flops(scenario: Scenario, params: list[Param], tokens: int) -> float:
+def _model_flops(plan: Plan, params: list[Param], tokens: int) -> float:
     """6·N·tokens (Kaplan et al. 2020) plus causal attention 6·2·b·s²·h·L/2 per micro-batch, forward+backward."""
-    m, t = scenario.model, scenario.training
+    m, t = plan.model, plan.training
     dense = 6.0 * sum(p.tensor.numel for p in params if not p.name.endswith(EMBEDDING_NAMES)) * tokens
     attention = 6.0 * t.seq_len * t.seq_len * m.num_attention_heads * m.head_size * m.num_hidden_layers
-    return dense + attention * t.per_device_train_batch_size * t.gradient_accumulation_steps
+    return dense + attention * t.micro_batch * t.accumulation_steps

@@ -13,6 +13,7 @@ import pytest
 
 from sim import calibrate
 from sim.calibrate import CI_SUBSET, PHASES, TOLERANCE, Config
+from sim.resolve import resolve_plan
 from sim.scenario import build_scenario
 from sim.schedule import build_schedule
 
@@ -30,7 +31,7 @@ def _buffer_names(config: Config, device: dict | str | None = None) -> list[str]
     if device is not None:
         raw["hardware"] = {"device": device}
         raw["allocator"] = {"backend": "caching"}
-    return [b.name for b in build_schedule(build_scenario(raw)).schedule.buffers]
+    return [b.name for b in build_schedule(resolve_plan(build_scenario(raw))).schedule.buffers]
 
 
 def test_simulated_side_needs_no_torch():
@@ -72,7 +73,7 @@ def test_cpu_flash_attention_buffers_hand_derived():
     Backward: grad_q 16,384 B, grad_k = grad_v = 2·32·2·16·4 = 8,192 B; buf 2·32·32·4 = 8,192 B; dsum 32·4 = 128 B.
     (The measured listing in docs/validation.md has exactly these sizes.)"""
     raw = calibrate.scenario_mapping(calibrate.config_by_name("sdpa"), VERSIONS)
-    schedule = build_schedule(build_scenario(raw)).schedule
+    schedule = build_schedule(resolve_plan(build_scenario(raw))).schedule
     sizes = {b.name: b.size_bytes for b in schedule.buffers if ".layers.0." in b.name and ".sdpa" in b.name}
     prefix = "model.layers.0.self_attn.sdpa"
     assert sizes[f"{prefix}.out"] == 16_384

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from sim.parallel.data_parallel import Zero12, ddp_buckets
 from sim.report import summarize
+from sim.resolve import resolve_plan
 from sim.scenario import build_scenario
 from sim.vocab import DType
 from sim.schedule import _context, modelling_code
@@ -34,10 +35,10 @@ def states(raw: dict) -> dict:
 
 
 def numels(raw: dict) -> list[int]:
-    scenario = build_scenario(raw)
-    ctx = _context(scenario, Tape())
+    plan = resolve_plan(build_scenario(raw))
+    ctx = _context(plan, Tape())
     ctx.tape.op("init")
-    return [p.tensor.numel for p in modelling_code(scenario).build_model(ctx, None).params()]
+    return [p.tensor.numel for p in modelling_code(plan).build_model(ctx, None).params()]
 
 
 def test_ddp_model_states_and_buckets() -> None:
@@ -218,7 +219,7 @@ def test_zero12_average_tensor_slices() -> None:
     #   [p1, p0]: [2, 2, 6];  [p2]: [6];  [p0, ...] in forward order would merge: [p0, p1] → [6 + 2, 2]
     tape = Tape()
     params = [tape.parameter(f"p{i}", n, DType.BFLOAT16, True) for i, n in enumerate((6, 4, 6))]
-    zero = Zero12(tape, build_scenario(raw_for(2, 2)).deepspeed.zero_optimization, 2, params, DType.BFLOAT16,
+    zero = Zero12(tape, resolve_plan(build_scenario(raw_for(2, 2))).zero, 2, params, DType.BFLOAT16,
                   (0, 14, 0))
     cases = [([2, 1, 0], [6, 2, 2, 6]), ([1, 0], [2, 2, 6]), ([2], [6]), ([0, 1], [8, 2])]
     for order, expected in cases:

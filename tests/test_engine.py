@@ -14,6 +14,7 @@ from sim.allocator import ExactAllocator, caching, make_allocator
 from sim.cost import CostModel
 from sim.engine import Engine
 from sim.ops import Buffer, Category, Op, Phase, Schedule, Stream
+from sim.resolve import device_plan, resolve_plan
 from sim.scenario import DeviceSpec, build_scenario
 from sim.vocab import DType
 from sim.schedule import build_schedule
@@ -23,7 +24,7 @@ from tests.test_zero3 import zero_raw
 ROOT = Path(__file__).resolve().parent.parent
 
 # 1 FLOP/s and 1 byte/s with bf16 peak 1e6 FLOP/s: an op of F flops takes F µs.
-DEVICE = DeviceSpec(name="toy", capacity_bytes=1000, peak_flops={"bf16": 1e6}, hbm_bytes_per_s=1e12)
+DEVICE = device_plan(DeviceSpec(name="toy", capacity_bytes=1000, peak_flops={"bf16": 1e6}, hbm_bytes_per_s=1e12))
 
 
 def op(name: str, allocs=(), frees=(), flops=0.0, deps=(), stream=Stream.COMPUTE) -> Op:
@@ -177,14 +178,15 @@ def test_same_time_events_keep_issue_order() -> None:
 def _engine_pair(raw: dict, overrides: list[str] = (), first: dict | None = None):
     """(result, allocator) of the Python model with repeated windows (or the engine options `first`) and of the
     Python model called for every event."""
-    scenario = build_scenario(raw, overrides=overrides)
-    built = build_schedule(scenario)
-    device = scenario.hardware.device
+    plan = resolve_plan(build_scenario(raw, overrides=overrides))
+    built = build_schedule(plan)
+    device = plan.device
     results = []
     for options in (first or {"repeat": True, "compiled": False}, {"repeat": False, "compiled": False}):
-        allocator = make_allocator(scenario.allocator, device.capacity_bytes - device.cuda_context_bytes,
-                                   device.capacity_bytes, scenario.software.version("torch"))
-        cost = CostModel(device, DType.BFLOAT16, scenario.hardware.gpus_per_node, scenario.hardware.nodes)
+        allocator = make_allocator(plan.allocator.backend, plan.allocator.conf,
+                                   device.capacity_bytes - device.cuda_context_bytes, device.capacity_bytes,
+                                   plan.versions.torch)
+        cost = CostModel(device, DType.BFLOAT16, plan.world.gpus_per_node, plan.world.nodes)
         results.append((Engine(built.schedule, allocator, cost, **options).run(), allocator))
     return results
 
@@ -254,9 +256,9 @@ def test_repeated_windows_change_nothing_headline() -> None:
 def _canonical_run(scenario, repeat: bool) -> dict:
     """The timeline and trace of a build (`repeat`: later micro-batches repeated, not rebuilt), with buffer ids
     renamed by first appearance: the two builds number fresh buffers differently."""
-    schedule = build_schedule(scenario, repeat).schedule
-    device = scenario.hardware.device
-    cost = CostModel(device, DType.BFLOAT16, scenario.hardware.gpus_per_node, scenario.hardware.nodes)
+    plan = resolve_plan(scenario)
+    schedule = build_schedule(plan, repeat).schedule
+    cost = CostModel(plan.device, DType.BFLOAT16, plan.world.gpus_per_node, plan.world.nodes)
     result = Engine(schedule, ExactAllocator(10**15), cost).run()
     first_seen: dict[int, int] = {}
     ids = [first_seen.setdefault(b, len(first_seen)) for b in result.trace.buffer_id.tolist()]

@@ -6,21 +6,27 @@ import pytest
 import yaml
 
 from sim.cli import main
-from sim.parallel.nccl import communicators, nccl_buffer_bytes, nccl_version
+from sim.parallel import nccl
+from sim.plan import Plan
+from sim.resolve import resolve_plan
 from sim.scenario import build_scenario
 from tests.conftest import tiny_raw
 
 MIB = 1 << 20
 
 
-def scenario(device: str = "a100-sxm4-80gb", gpus: int = 8, torch: str = "2.2.2", deepspeed: bool = True, **nccl):
+def scenario(device: str = "a100-sxm4-80gb", gpus: int = 8, torch: str = "2.2.2", deepspeed: bool = True, **settings):
     raw = tiny_raw()
     raw["hardware"] = {"device": device, "gpus_per_node": gpus}
     raw["software"]["torch"] = torch
     if deepspeed:
         raw["deepspeed"] = {"zero_optimization": {"stage": 3}}
-    raw["nccl"] = nccl
-    return build_scenario(raw)
+    raw["nccl"] = settings
+    return resolve_plan(build_scenario(raw))
+
+
+def nccl_buffer_bytes(plan: Plan) -> int:
+    return nccl.nccl_buffer_bytes(plan.nccl, plan.device, plan.world)
 
 
 def test_a100_deepspeed_two_communicators_of_ring_and_tree() -> None:
@@ -29,7 +35,7 @@ def test_a100_deepspeed_two_communicators_of_ring_and_tree() -> None:
     # 12 MiB per connection; ring + tree (a chain in ring order) = 2 connections on each of 24 channels;
     # DeepSpeed: the world group and its clone.
     s = scenario()
-    assert nccl_version(s) == (2, 19, 3) and communicators(s) == 2
+    assert s.nccl.version == (2, 19, 3) and s.nccl.communicators == 2
     assert nccl_buffer_bytes(s) == 2 * 24 * 2 * 12 * MIB  # 1,207,959,552 B = 1.125 GiB
 
 
@@ -59,7 +65,7 @@ def test_settings_override_the_defaults() -> None:
 
 def test_one_gpu_has_none_and_ddp_one_communicator() -> None:
     assert nccl_buffer_bytes(scenario(gpus=1, deepspeed=False)) == 0
-    assert communicators(scenario(deepspeed=False)) == 1
+    assert scenario(deepspeed=False).nccl.communicators == 1
 
 
 def test_nccl_buffers_count_outside_pytorch(tmp_path, capsys) -> None:

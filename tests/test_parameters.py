@@ -2,6 +2,7 @@
 
 import pytest
 
+from sim.resolve import resolve_plan
 from sim.scenario import build_scenario
 from sim.schedule import parameter_counts
 
@@ -24,7 +25,7 @@ ROUNDED_BILLIONS = {  # (model, published count in billions, digits printed)
 
 def _count(name: str, overrides: tuple[str, ...] = (), **extra) -> tuple[int, int]:
     raw = {"model": name, "hardware": {"device": "a100-sxm4-80gb"}, "training": {"seq_len": 16}, **extra}
-    return parameter_counts(build_scenario(raw, overrides=list(overrides)))
+    return parameter_counts(resolve_plan(build_scenario(raw, overrides=list(overrides))))
 
 
 @pytest.mark.parametrize("name", sorted(EXACT))

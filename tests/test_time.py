@@ -10,6 +10,7 @@ from sim.cost import NCCL_BASE_LATENCY_US, CostModel
 from sim.engine import Engine
 from sim.ops import Buffer, Category, Op, OpKind, Phase, Schedule, Stream
 from sim.report import summarize
+from sim.resolve import device_plan
 from sim.scenario import DeviceSpec, build_scenario
 from sim.vocab import DType
 from sim.simulate import run_scenario
@@ -29,7 +30,7 @@ def overlap_log(wire_bytes: int) -> tuple[list[int], list[int]]:
     ]
     schedule = Schedule([Buffer(0, "gathered", 100, Category.PARAMETERS),
                          Buffer(1, "act", 10, Category.ACTIVATIONS)], [], ops)
-    result = Engine(schedule, ExactAllocator(10**6), CostModel(TOY, DType.BFLOAT16, gpus_per_node=2)).run()
+    result = Engine(schedule, ExactAllocator(10**6), CostModel(device_plan(TOY), DType.BFLOAT16, gpus_per_node=2)).run()
     t = result.trace
     return result.op_start_us, [int(x) for x, b in zip(t.time_us, t.buffer_id) if b == 0]
 
@@ -50,11 +51,11 @@ def test_collective_cost_follows_nccl_ring_and_tree() -> None:
     # 8 ranks on one node: ring all-gather = base + 7 steps × intra latency + wire / bus bandwidth.
     device = TOY.model_copy(update={"intra_node_latency_us": 2.0, "inter_node_latency_us": 10.0,
                                     "inter_node_bytes_per_s": 1e5})
-    one_node = CostModel(device, DType.BFLOAT16, gpus_per_node=8, nodes=1)
+    one_node = CostModel(device_plan(device), DType.BFLOAT16, gpus_per_node=8, nodes=1)
     assert one_node.collective_latency_us(OpKind.ALL_GATHER) == pytest.approx(8.4 + 7 * 2.0)
     assert one_node.collective_latency_us(OpKind.ALL_REDUCE) == pytest.approx(8.4 + 14 * 2.0)
     # 4 nodes × 8: the ring crosses the network 3 times (all-gather) or 2·4 times (all-reduce): 62 steps in all.
-    four_nodes = CostModel(device, DType.BFLOAT16, gpus_per_node=8, nodes=4)
+    four_nodes = CostModel(device_plan(device), DType.BFLOAT16, gpus_per_node=8, nodes=4)
     assert four_nodes.collective_latency_us(OpKind.ALL_GATHER) == pytest.approx(8.4 + 28 * 2.0 + 3 * 10.0)
     assert four_nodes.collective_latency_us(OpKind.ALL_REDUCE) == pytest.approx(8.4 + 54 * 2.0 + 8 * 10.0)
     # the slower link sets the bandwidth: the node's 8 NICs together (8 × 1e5 B/s = 0.8 B/µs) against NVLink's
@@ -63,7 +64,7 @@ def test_collective_cost_follows_nccl_ring_and_tree() -> None:
     assert one_node.durations_us([gather]) == [math.ceil(8.4 + 14 + 8 * 10**5)]
     assert four_nodes.durations_us([gather]) == [math.ceil(8.4 + 86 + 10**6)]
     # NCCL 2.23 counts 2(nodes-1) network steps for an all-reduce ring instead of 2·nodes: 56 + 6 of its 62
-    newer = CostModel(device, DType.BFLOAT16, gpus_per_node=8, nodes=4, nccl_version=(2, 23, 4))
+    newer = CostModel(device_plan(device), DType.BFLOAT16, gpus_per_node=8, nodes=4, nccl_version=(2, 23, 4))
     assert newer.collective_latency_us(OpKind.ALL_REDUCE) == pytest.approx(8.4 + 56 * 2.0 + 6 * 10.0)
 
 
@@ -83,7 +84,7 @@ def test_all_reduce_runs_as_the_faster_of_ring_and_tree() -> None:
     device = TOY.model_copy(update={"intra_node_bytes_per_s": 2e9, "inter_node_bytes_per_s": 1e9 / 8,
                                     "intra_node_latency_us": 2.0, "inter_node_latency_us": 10.0,
                                     "compute_capability": "8.0"})
-    cost = CostModel(device, DType.BFLOAT16, gpus_per_node=8, nodes=16)
+    cost = CostModel(device_plan(device), DType.BFLOAT16, gpus_per_node=8, nodes=16)
     assert cost.bus_bytes_per_s == pytest.approx(1e9)
     assert cost.tree_latency_us() == pytest.approx(616.0)
     small, large = 64_000, 64_000_000
@@ -95,11 +96,11 @@ def test_all_reduce_runs_as_the_faster_of_ring_and_tree() -> None:
     assert cost.durations_us([all_reduce(small, 128), all_reduce(large, 128)]) == [math.ceil(tree_small),
                                                                                    math.ceil(ring_large)]
     # From NCCL 2.23 a tree hop is costed at 4 µs over NVLink and 14 µs over the network, plus 8.4 µs base.
-    newer = CostModel(device, DType.BFLOAT16, gpus_per_node=8, nodes=16, nccl_version=(2, 23, 4))
+    newer = CostModel(device_plan(device), DType.BFLOAT16, gpus_per_node=8, nodes=16, nccl_version=(2, 23, 4))
     assert newer.tree_latency_us() == pytest.approx(8.4 + 2 * (7 * 4.0 + 4 * 14.0))
     # One node: the tree's hops cost 2 × 7 × 28 = 392 µs and its bandwidth is below the ring's (0.46 vs 8/14 of
     # the bus): the ring always wins.
-    one_node = CostModel(device, DType.BFLOAT16, gpus_per_node=8, nodes=1)
+    one_node = CostModel(device_plan(device), DType.BFLOAT16, gpus_per_node=8, nodes=1)
     for message in (64, 64_000, 64_000_000):
         ring = 8.4 + 14 * 2.0 + 2 * 7 * message / 8 / 1000
         assert one_node.durations_us([all_reduce(message, 8)]) == [math.ceil(ring)]
@@ -109,7 +110,7 @@ def test_kernels_run_at_their_units_achievable_rates() -> None:
     # A100 bf16: GEMMs at 0.869 × 312 TFLOP/s, FA2 at 0.575 × 312, elementwise at the fp32 19.5 TFLOP/s or the
     # HBM at 0.834 × 2039 GB/s, whichever is slower.
     a100 = build_scenario(small_zero3("a100-sxm4-80gb")).hardware.device
-    cost = CostModel(a100, DType.BFLOAT16)
+    cost = CostModel(device_plan(a100), DType.BFLOAT16)
     gemm = Op("mm", Stream.COMPUTE, Phase.FORWARD, None, flops=0.869 * 312e12 * 1e-3, kind=OpKind.GEMM)
     attention = Op("fa", Stream.COMPUTE, Phase.FORWARD, None, flops=0.575 * 312e12 * 1e-3, kind=OpKind.ATTENTION)
     copy = Op("copy", Stream.COMPUTE, Phase.FORWARD, None, flops=1e6, bytes_moved=int(0.834 * 2039e9 * 1e-3))
@@ -162,7 +163,7 @@ def test_across_four_nodes_the_network_dominates_the_all_gather() -> None:
     # exactly that, and longer than the same bytes would over NVLink alone.
     run = run_scenario(build_scenario(small_zero3("a100-sxm4-80gb", nodes=4)))
     device = run.scenario.hardware.device
-    cost = CostModel(device, DType.BFLOAT16, 8, 4)
+    cost = CostModel(device_plan(device), DType.BFLOAT16, 8, 4)
     assert cost.bus_bytes_per_s == pytest.approx(8 * 25e9 * 0.96)
     assert cost.bus_bytes_per_s < cost.intra_bus_bytes_per_s
     latency = cost.collective_latency_us(OpKind.ALL_GATHER)

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from sim.parallel.partition import estimate_zero3_model_states, padded_partition_numel
 from sim.report import summarize
+from sim.resolve import resolve_plan
 from sim.scenario import build_scenario
 from sim.schedule import parameter_counts
 from sim.simulate import run_scenario
@@ -48,7 +49,7 @@ def test_model_states_match_deepspeed_partition_arithmetic(gpus: int) -> None:
     partitions = sum(math.ceil(n / gpus) for n in shapes)
     persistent = sum(n for n in shapes if n <= 64)
     states = summarize(run_scenario(build_scenario(zero_raw(gpus))))["model_states_bytes"]
-    assert sum(shapes) == parameter_counts(build_scenario(zero_raw(gpus)))[0]
+    assert sum(shapes) == parameter_counts(resolve_plan(build_scenario(zero_raw(gpus))))[0]
     assert states == {"parameters": 2 * partitions + 2 * persistent, "gradients": 2 * partitions,
                       "optimizer_states": 12 * partitions}
 
@@ -60,13 +61,13 @@ def test_headline_model_states() -> None:
            "training": {"seq_len": 16, "bf16": True}, "deepspeed": {"zero_optimization": {
                "stage": 3, "stage3_param_persistence_threshold": "auto", "reduce_bucket_size": "auto",
                "stage3_prefetch_bucket_size": "auto"}}}
-    scenario = build_scenario(raw)
+    plan = resolve_plan(build_scenario(raw))
     from sim.schedule import _context, modelling_code
     from sim.workload.tape import Tape
 
-    ctx = _context(scenario, Tape())
+    ctx = _context(plan, Tape())
     ctx.tape.op("init")
-    numels = [p.tensor.numel for p in modelling_code(scenario).build_model(ctx, None).params()]
+    numels = [p.tensor.numel for p in modelling_code(plan).build_model(ctx, None).params()]
     partitions = sum(math.ceil(n / 8) for n in numels)
     persistent = sum(n for n in numels if n <= 51_200)
     assert persistent == 64 * (2 * 5120 + 5120 + 2 * 1024) + 5120  # norms, q/k/v biases, final norm
@@ -195,7 +196,7 @@ def test_cpu_offload_moves_model_states_to_the_host() -> None:
     partitions = sum(math.ceil(n / 2) for n in shapes)
     persistent = sum(n for n in shapes if n <= 64)
     raw = zero_raw(2, offload_optimizer={"device": "cpu"}, offload_param={"device": "cpu"})
-    states = build_schedule(build_scenario(raw)).model_states
+    states = build_schedule(resolve_plan(build_scenario(raw))).model_states
     assert (states.parameters_bytes, states.gradients_bytes, states.optimizer_states_bytes) == (2 * persistent, 0, 0)
     assert states.host_bytes == 2 * partitions + 16 * partitions
     gpu = summarize(run_scenario(build_scenario(raw)))["peak"]["allocated_bytes"]

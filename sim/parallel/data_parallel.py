@@ -18,7 +18,7 @@ optimizer side moves to the host (Zero12's docstring).
 from sim.ops import Category, OpKind, Stream
 from sim.parallel.zero_step import grad_norms, inner_adam_step
 from sim.parallel.partition import flat_partition_numel
-from sim.scenario import ZeroOptimization
+from sim.plan import ZeroPlan
 from sim.vocab import DType
 from sim.workload.tape import Param, Tape, Tensor
 
@@ -90,7 +90,7 @@ class Zero12:
     this rank's partition, a per-parameter fp64 norm and the transients of the norm, the inf/nan check and the fp32
     copy to the host (copy_grads_in_partition)."""
 
-    def __init__(self, tape: Tape, config: ZeroOptimization, world: int, trainable: list[Param],
+    def __init__(self, tape: Tape, config: ZeroPlan, world: int, trainable: list[Param],
                  dtype: DType, deepspeed_version: tuple[int, int, int], comm_dtype: DType | None = None,
                  temporaries: int = 0) -> None:
         """`temporaries`: fp32 tensors of the partition's size the inner optimizer makes in its step (see
@@ -100,7 +100,7 @@ class Zero12:
         self.comm_dtype = comm_dtype or dtype  # communication_data_type
         self.stage = config.stage
         self.version = deepspeed_version
-        self.offload = (config.offload_optimizer or {}).get("device", "none") == "cpu"
+        self.offload = config.offload_optimizer
         total = sum(p.tensor.numel for p in trainable)
         self.partition = flat_partition_numel(total, world)
         self.overlap = bool(config.overlap_comm)

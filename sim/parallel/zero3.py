@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from sim.ops import Category, OpKind, Stream
 from sim.parallel.zero_step import grad_norms, inner_adam_step
 from sim.parallel.partition import padded_partition_numel
-from sim.scenario import ZeroOptimization
+from sim.plan import ZeroPlan
 from sim.vocab import DType
 from sim.workload.tape import Node, Param, Tape, Tensor
 
@@ -54,7 +54,7 @@ class _Coalesced:
 @dataclass(slots=True)
 class Zero3:
     tape: Tape
-    config: ZeroOptimization
+    config: ZeroPlan
     world: int
     dtype: DType  # parameter / communication dtype
     grad_dtype: DType  # gradient accumulation dtype (data_types.grad_accum_dtype, default the model dtype)
@@ -77,12 +77,12 @@ class Zero3:
     @property
     def offload_param(self) -> bool:
         """offload_param.device cpu: the bf16 partitions live in pinned host memory (offload_config.py)."""
-        return (self.config.offload_param or {}).get("device", "none") == "cpu"
+        return self.config.offload_param
 
     @property
     def offload_optimizer(self) -> bool:
         """offload_optimizer.device cpu: fp32 master, Adam moments and gradient partitions live on the host."""
-        return (self.config.offload_optimizer or {}).get("device", "none") == "cpu"
+        return self.config.offload_optimizer
 
     # ---- set-up -------------------------------------------------------------------------------------------------
     def register(self, params: list[Param]) -> None:

@@ -9,7 +9,7 @@ docs/transformers-versions.md for the table with the code each row rests on.
 from enum import Enum
 
 from sim.errors import ScenarioError
-from sim.scenario import Software
+from sim.plan import Versions, format_version
 from sim.vocab import ModelType, Optim
 from sim.workload.context import Behaviour
 
@@ -34,15 +34,14 @@ class KvCache(Enum):
     COPIES = "copies"  # 4.56+: lazy_initialization + torch.cat copy k and v into the cache
 
 
-def behaviour_for(software: Software, model_type: ModelType, checkpointing: bool) -> Behaviour:
-    tf = software.version("transformers")
-    torch = software.version("torch")
-    peft = software.version("peft")
+def behaviour_for(versions: Versions, model_type: ModelType, checkpointing: bool) -> Behaviour:
+    """The modelling code's choices for these versions, model type and checkpointing."""
+    tf, torch, peft = versions.transformers, versions.torch, versions.peft
     if model_type is ModelType.QWEN:
         return _qwen1(torch, peft, tf)
     llama, qwen2, mistral = (model_type is t for t in (ModelType.LLAMA, ModelType.QWEN2, ModelType.MISTRAL))
     if qwen2 and tf < (4, 37, 0):
-        raise ScenarioError(f"software.transformers: model_type qwen2 needs transformers >= 4.37 (got {software.transformers})")
+        raise ScenarioError(f"software.transformers: model_type qwen2 needs transformers >= 4.37 (got {format_version(tf)})")
     # Loss: <=4.45 the model upcasts the full logits and shifts them; mistral kept that through 4.47.
     # ForCausalLMLoss (4.46+, mistral 4.48+) upcasts inside the loss; from 4.49 it pads the labels instead
     # of slicing the logits, so there is no shifted copy.

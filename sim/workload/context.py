@@ -3,8 +3,8 @@
 from dataclasses import dataclass, field
 from typing import Any
 
-from sim.scenario import ModelSpec
-from sim.vocab import AttnImplementation, DType, ModelType
+from sim.plan import ModelShape
+from sim.vocab import AttnImplementation, DType, ModelType, Optim
 from sim.workload.tape import Tape, Tensor
 
 
@@ -13,7 +13,7 @@ class RunContext:
     """Fixed facts of one simulated rank's training run plus the autocast weight-cast cache."""
 
     tape: Tape
-    model: ModelSpec
+    model: ModelShape
     batch: int
     seq: int
     attn: AttnImplementation
@@ -61,4 +61,4 @@ class Behaviour:
     fa2_repeats_kv: bool
     kv_cache: Any  # behaviour.KvCache
     peft_adapters_fp32: bool
-    default_optim: Any  # scenario.Optim
+    default_optim: Optim  # TrainingArguments.optim's default in this version

@@ -7,7 +7,7 @@ Shapes: b batch, s sequence, h hidden, a heads, k kv heads, d head dim, i interm
 from dataclasses import dataclass, field
 
 from sim.ops import Category, Phase
-from sim.scenario import Lora
+from sim.plan import LoraPlan
 from sim.vocab import AttnImplementation, DType, ModelType
 from sim.workload import primitives as P
 from sim.workload.behaviour import KvCache, Rotary, SdpaContiguous
@@ -54,7 +54,7 @@ class CausalLM:
         return out
 
 
-def _targets(lora: Lora | None, module: str) -> bool:
+def _targets(lora: LoraPlan | None, module: str) -> bool:
     if lora is None:
         return False
     if lora.target_modules == "all-linear":  # PEFT: every nn.Linear except the output layer
@@ -62,7 +62,7 @@ def _targets(lora: Lora | None, module: str) -> bool:
     return module in lora.target_modules
 
 
-def build_model(ctx: RunContext, lora: Lora | None) -> CausalLM:
+def build_model(ctx: RunContext, lora: LoraPlan | None) -> CausalLM:
     """Create the parameters in module order, in the weights dtype; LoRA freezes the base and adds adapters."""
     m = ctx.model
     dtype = m.weights_dtype
@@ -118,7 +118,7 @@ def _inv_freq(ctx: RunContext, module: str) -> None:
 
 
 def make_linear(ctx: RunContext, name: str, fan_in: int, fan_out: int, has_bias: bool, dtype: DType, full: bool,
-                lora: Lora | None, module: str) -> Linear:
+                lora: LoraPlan | None, module: str) -> Linear:
     weight = make_param(ctx, f"{name}.weight", fan_in * fan_out, dtype, full)
     bias = make_param(ctx, f"{name}.bias", fan_out, dtype, full) if has_bias else None
     lin = Linear(name, fan_in, fan_out, weight, bias)
@@ -130,7 +130,7 @@ def make_linear(ctx: RunContext, name: str, fan_in: int, fan_out: int, has_bias:
     return lin
 
 
-def _maybe_saved_copy(ctx: RunContext, name: str, numel: int, dtype: DType, full: bool, lora: Lora | None,
+def _maybe_saved_copy(ctx: RunContext, name: str, numel: int, dtype: DType, full: bool, lora: LoraPlan | None,
                       module: str) -> Param:
     """PEFT modules_to_save wraps the module and trains a copy of it; the original stays frozen beside it."""
     base = make_param(ctx, name, numel, dtype, full)
@@ -399,8 +399,8 @@ def causal_mask(ctx: RunContext, dtype: DType) -> Tensor | None:
     if ctx.attn is AttnImplementation.FLASH_ATTENTION_2:
         return None
     if ctx.attn is AttnImplementation.SDPA and not beh.sdpa_mask_always:
-        window = (m.model_extra or {}).get("sliding_window")
-        uses_window = m.model_type is not ModelType.QWEN2 or (m.model_extra or {}).get("use_sliding_window")
+        window = m.sliding_window
+        uses_window = m.model_type is not ModelType.QWEN2 or m.use_sliding_window
         if not (beh.sdpa_sliding_window_check and window and uses_window and ctx.seq >= window):
             return None
     tp, s, b = ctx.tape, ctx.seq, ctx.batch

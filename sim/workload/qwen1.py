@@ -7,7 +7,7 @@ and the loss on bf16 logits (no fp32 upcast).
 from dataclasses import dataclass
 
 from sim.ops import Category
-from sim.scenario import Lora
+from sim.plan import LoraPlan
 from sim.vocab import AttnImplementation, DType
 from sim.workload import primitives as P
 from sim.workload.checkpoint import checkpoint
@@ -48,13 +48,13 @@ class QWenLMHeadModel:
         return out + [self.ln_f, self.lm_head]
 
 
-def _targets(lora: Lora | None, module: str) -> bool:
+def _targets(lora: LoraPlan | None, module: str) -> bool:
     if lora is None:
         return False
     return module != "lm_head" if lora.target_modules == "all-linear" else module in lora.target_modules
 
 
-def build_model(ctx: RunContext, lora: Lora | None) -> QWenLMHeadModel:
+def build_model(ctx: RunContext, lora: LoraPlan | None) -> QWenLMHeadModel:
     """Parameters in the autoselected dtype (bf16 on bf16-capable GPUs); c_attn always has a bias."""
     from sim.workload.hf_decoder import make_linear
 
@@ -85,7 +85,7 @@ def build_model(ctx: RunContext, lora: Lora | None) -> QWenLMHeadModel:
     return QWenLMHeadModel(wte, blocks, ln_f, lm_head, [])
 
 
-def _saved(lora: Lora | None, module: str) -> bool:
+def _saved(lora: LoraPlan | None, module: str) -> bool:
     return lora is not None and module in lora.modules_to_save
 
 

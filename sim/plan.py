@@ -1,0 +1,205 @@
+"""The plan: a scenario resolved once into what the floors below it take (design.md §2, "resolve once, pass down").
+
+Every derived setting (weight, autocast, communication and adapter dtypes; host or device; versions and the
+behaviours they select; world layout; DeepSpeed, NCCL and allocator settings; library workspaces) is decided once by
+sim/resolve.py. The types here are plain frozen dataclasses that import nothing of the schema, so the schedule, the
+workload, the parallel placements, the cost model and the allocators never see a `Scenario` or re-derive a setting.
+"""
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from sim.allocator.alloc_conf import AllocConf
+from sim.vocab import AllocatorBackend, AttnImplementation, DType, ModelType, Optim
+
+if TYPE_CHECKING:  # the workload decides its behaviours (sim/workload/behaviour.py); the plan only carries them
+    from sim.workload.context import Behaviour
+
+Version = tuple[int, int, int]
+
+
+def format_version(version: Version) -> str:
+    """A version tuple as users write it: (4, 36, 2) -> "4.36.2"."""
+    return ".".join(map(str, version))
+
+
+@dataclass(frozen=True, slots=True)
+class ModelShape:
+    """The shapes of a decoder-only model as its config.json gives them, with the dtype its weights load in."""
+
+    model_type: ModelType
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    kv_heads: int
+    head_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    weights_dtype: DType
+    attention_bias: bool
+    mlp_bias: bool
+    attention_dropout: float
+    no_bias: bool  # Qwen1: no bias except c_attn
+    sliding_window: int | None  # config.json's sliding_window (None where absent)
+    use_sliding_window: bool  # Qwen2's switch for it (absent: False)
+
+
+@dataclass(frozen=True, slots=True)
+class LoraPlan:
+    """PEFT LoraConfig as the modelling code uses it; `target_modules` is a tuple of names or "all-linear"."""
+
+    r: int
+    lora_alpha: float
+    lora_dropout: float
+    target_modules: tuple[str, ...] | str
+    modules_to_save: tuple[str, ...]
+    adapter_dtype: DType  # the adapters' dtype: fp32 by PEFT's autocast_adapter_dtype, else the weights'
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingPlan:
+    """One rank's training loop: HF TrainingArguments as resolved (optim: the version's default where unset)."""
+
+    micro_batch: int
+    accumulation_steps: int
+    seq_len: int
+    gradient_checkpointing: bool
+    use_reentrant: bool
+    attn: AttnImplementation
+    optim: Optim
+    weight_decay: float
+    max_grad_norm: float
+    steps: int
+
+    @property
+    def tokens_per_step(self) -> int:
+        """This rank's tokens per optimizer step."""
+        return self.micro_batch * self.seq_len * self.accumulation_steps
+
+
+@dataclass(frozen=True, slots=True)
+class Versions:
+    """The versions whose behaviour is reproduced, as comparable tuples."""
+
+    torch: Version
+    transformers: Version
+    deepspeed: Version
+    peft: Version
+
+
+@dataclass(frozen=True, slots=True)
+class World:
+    """The data-parallel world: GPUs per node and nodes (one rank is simulated)."""
+
+    gpus_per_node: int
+    nodes: int
+
+    @property
+    def gpus(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+
+@dataclass(frozen=True, slots=True)
+class DevicePlan:
+    """One device's capacity and rates (hardware/*.yaml): what the cost model, NCCL and workspaces read."""
+
+    capacity_bytes: int
+    compute_capability: str
+    cuda_context_bytes: int
+    peak_flops: dict[str, float]  # by "bf16", "fp16", "tf32", "fp32"
+    hbm_bytes_per_s: float
+    intra_node_bytes_per_s: float
+    inter_node_bytes_per_s: float
+    intra_node_latency_us: float
+    inter_node_latency_us: float
+    gemm_efficiency: float
+    attention_efficiency: float
+    hbm_efficiency: float
+    nvlink_efficiency: float
+    network_efficiency: float
+
+    @property
+    def compute_capability_major(self) -> int:
+        """The major compute capability (8 when the catalog entry names none)."""
+        return int((self.compute_capability or "8.0").split(".")[0])
+
+
+@dataclass(frozen=True, slots=True)
+class ZeroPlan:
+    """DeepSpeed's zero_optimization after HF's "auto" resolution (deepspeed/runtime/zero/config.py names), with
+    offload reduced to where it goes and what the inner optimizer makes."""
+
+    stage: int
+    contiguous_gradients: bool
+    reduce_bucket_size: int
+    allgather_bucket_size: int
+    overlap_comm: bool | None
+    sub_group_size: int
+    stage3_prefetch_bucket_size: int
+    stage3_param_persistence_threshold: int
+    stage3_model_persistence_threshold: int
+    stage3_max_live_parameters: int
+    stage3_max_reuse_distance: int
+    offload_param: bool  # parameters offloaded to the CPU (stage 3)
+    offload_optimizer: bool  # optimizer states and step on the CPU
+    inner_optimizer_temporaries: int  # fp32 temporaries of a sub-group's size in the inner optimizer's step
+    communication_dtype: DType  # gradients are reduced in it
+
+
+@dataclass(frozen=True, slots=True)
+class NcclPlan:
+    """NCCL's version, channels and buffers as this rank sets them up (sim/parallel/nccl.py)."""
+
+    version: Version
+    channels: int
+    buffsize_bytes: int
+    nvls: bool | None  # None: NCCL's default (on where NVLink SHARP exists)
+    communicators: int
+
+
+@dataclass(frozen=True, slots=True)
+class AllocatorPlan:
+    """The allocator backend and its PYTORCH_CUDA_ALLOC_CONF, parsed."""
+
+    backend: AllocatorBackend
+    conf: AllocConf
+
+
+@dataclass(frozen=True, slots=True)
+class Workspaces:
+    """Library workspaces the caching allocator serves: cuBLAS's per thread, cuBLASLt's per bias GEMM."""
+
+    cublas_bytes: int
+    cublaslt_bytes: int
+    cublaslt_persistent: bool  # kept per (handle, stream) instead of allocated per call
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A scenario resolved once: everything the schedule, the engine and the allocator need, and nothing raw."""
+
+    name: str
+    model: ModelShape
+    lora: LoraPlan | None
+    training: TrainingPlan
+    behaviour: "Behaviour"  # the modelling code's version-dependent choices
+    autocast_dtype: DType | None  # torch.autocast's dtype where mixed precision casts fp32 weights, else None
+    on_host: bool  # a plain CPU host (calibration) rather than a CUDA device
+    versions: Versions
+    world: World
+    device: DevicePlan
+    zero: ZeroPlan | None  # None: no DeepSpeed ZeRO (stage 0 or no DeepSpeed)
+    nccl: NcclPlan
+    allocator: AllocatorPlan
+    workspaces: Workspaces
+
+    @property
+    def weights_dtype(self) -> DType:
+        return self.model.weights_dtype
+
+    @property
+    def compute_dtype(self) -> DType:
+        """The dtype the GEMMs run in: autocast's, else the weights'."""
+        return self.autocast_dtype or self.model.weights_dtype
