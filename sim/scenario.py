@@ -1,7 +1,8 @@
-"""The scenario schema (design.md §3): loading, `--set` overrides, catalog references, HF and DeepSpeed ingestion.
+"""The scenario schema (design.md §3): loading, `--set` overrides, catalog references.
 
-Raw YAML → references resolved (catalog names, config.json and DeepSpeed JSON paths) → overrides → pydantic
-validation → a frozen `Scenario`. Every user error becomes a `ScenarioError` naming the key path and the value.
+Raw YAML → references resolved (devices here; config.json, DeepSpeed JSON and trainer names by the readers in
+sim/ingest/) → overrides → pydantic validation → a frozen `Scenario`. Every user error becomes a `ScenarioError`
+naming the key path and the value. Settings derived from it are decided once, later, by sim/resolve.py.
 """
 
 import copy
@@ -13,6 +14,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from sim import catalog
 from sim.errors import ScenarioError
+from sim.ingest.deepspeed import read_deepspeed, resolve_auto
+from sim.ingest.hf_config import read_model
+from sim.ingest.training_args import PER_DEVICE_TRAIN_BATCH_SIZE_DEFAULT, SEQ_LEN_ALIASES, resolve_seq_len_alias
 from sim.vocab import AllocatorBackend, AttnImplementation, DType, ModelType, Optim
 from sim.versions import (
     NEWEST_DEEPSPEED,
@@ -163,7 +167,7 @@ class CheckpointingKwargs(Frozen):
 
 
 class Training(Frozen):
-    per_device_train_batch_size: PositiveCount = 8  # HF TrainingArguments default
+    per_device_train_batch_size: PositiveCount = PER_DEVICE_TRAIN_BATCH_SIZE_DEFAULT
     gradient_accumulation_steps: PositiveCount = 1
     seq_len: PositiveCount
     bf16: bool = False
@@ -180,9 +184,6 @@ class Training(Frozen):
         if self.bf16 and self.fp16:
             raise ValueError("bf16 and fp16 cannot both be true")
         return self
-
-
-SEQ_LEN_ALIASES = ("model_max_length", "cutoff_len", "max_seq_length")
 
 
 class Lora(Frozen):
@@ -302,17 +303,20 @@ def build_scenario(
         _resolve_model(data, base_dir)
     if "hardware" in data:
         _resolve_device(data)
-    _resolve_deepspeed(data, base_dir)
+    data["deepspeed"] = read_deepspeed(data.get("deepspeed"), base_dir)
     for override in overrides:
         _apply_override(data, override, base_dir)
     for key in ("model", "hardware"):
         if key not in data:
             raise ScenarioError(f"{key}: required key is missing")
-    _resolve_seq_len_alias(data)
+    if isinstance(data.get("training"), dict):
+        resolve_seq_len_alias(data["training"])
     data.setdefault("name", default_name)
     model_name = data.pop("_model_name", "inline")
     device_name = data.get("hardware", {}).pop("_device_name", "inline") if isinstance(data.get("hardware"), dict) else ""
-    _resolve_deepspeed_auto(data)
+    if isinstance(data.get("deepspeed"), dict):
+        resolve_auto(data["deepspeed"], *(data.get(k) if isinstance(data.get(k), dict) else {}
+                                          for k in ("training", "hardware", "model")))
     try:
         hardware = data.get("hardware")
         if isinstance(hardware, dict):
@@ -341,28 +345,7 @@ def _describe(exc: ValidationError) -> str:
 
 def _resolve_model(data: dict, base_dir: Path) -> None:
     """model: catalog name | path to a config.json | inline mapping → mapping, remembering the name."""
-    data["model"], data["_model_name"] = _model_mapping(data["model"], base_dir)
-
-
-def _model_mapping(ref: Any, base_dir: Path) -> tuple[dict, str]:
-    if isinstance(ref, dict):
-        return ref, str(ref.get("_name_or_path", "inline"))
-    if not isinstance(ref, str):
-        raise ScenarioError(f"model: expected a catalog name, a path or a mapping (got {ref!r})")
-    if ref.endswith((".json", ".yaml", ".yml")) or "/" in ref:
-        file = _existing_path(ref, base_dir, "model")
-        if file.is_dir():
-            file = file / "config.json"
-        mapping = catalog.load_yaml_mapping(file, "model")
-        return mapping, str(mapping.get("_name_or_path", file.parent.name))
-    return catalog.load_entry("models", ref, "model"), ref.lower()
-
-
-def _existing_path(ref: str, base_dir: Path, key_path: str) -> Path:
-    for candidate in (Path(ref), base_dir / ref):
-        if candidate.exists():
-            return candidate
-    raise ScenarioError(f"{key_path}: file not found: {ref!r}")
+    data["model"], data["_model_name"] = read_model(data["model"], base_dir)
 
 
 def _resolve_device(data: dict) -> None:
@@ -380,27 +363,6 @@ def _device_mapping(ref: Any) -> tuple[dict, str]:
     return catalog.load_entry("hardware", ref, "hardware.device"), ref.lower()
 
 
-def _resolve_deepspeed(data: dict, base_dir: Path) -> None:
-    ref = data.get("deepspeed")
-    if isinstance(ref, str):
-        data["deepspeed"] = catalog.load_yaml_mapping(_existing_path(ref, base_dir, "deepspeed"), "deepspeed")
-    elif ref is not None and not isinstance(ref, dict):
-        raise ScenarioError(f"deepspeed: expected a path or a mapping (got {ref!r})")
-
-
-def _resolve_seq_len_alias(data: dict) -> None:
-    training = data.get("training")
-    if not isinstance(training, dict):
-        return
-    for alias in SEQ_LEN_ALIASES:
-        if alias in training:
-            if "seq_len" in training and training["seq_len"] != training[alias]:
-                raise ScenarioError(
-                    f"training.{alias}: conflicts with training.seq_len ({training[alias]!r} vs {training['seq_len']!r})"
-                )
-            training["seq_len"] = training.pop(alias)
-
-
 def _apply_override(data: dict, override: str, base_dir: Path) -> None:
     """KEY=VALUE with VALUE parsed as a YAML scalar; a name replaces the entry, a key below it edits the entry."""
     key, sep, text = override.partition("=")
@@ -416,15 +378,14 @@ def _apply_override(data: dict, override: str, base_dir: Path) -> None:
     if parts[0] not in _TOP_KEYS:
         raise ScenarioError(f"--set {key}: unknown key {parts[0]!r}")
     if parts == ["model"]:
-        data["model"], data["_model_name"] = _model_mapping(value, base_dir)
+        data["model"], data["_model_name"] = read_model(value, base_dir)
         return
     if parts == ["hardware", "device"]:
         data.setdefault("hardware", {})
         data["hardware"]["device"], data["hardware"]["_device_name"] = _device_mapping(value)
         return
     if parts == ["deepspeed"]:
-        data["deepspeed"] = value
-        _resolve_deepspeed(data, base_dir)
+        data["deepspeed"] = read_deepspeed(value, base_dir)
         return
     if parts[0] == "model" and isinstance(data.get("model"), dict) and parts[1] not in data["model"] and parts[1] not in ModelSpec.model_fields:
         raise ScenarioError(f"--set {key}: unknown model key {parts[1]!r}")
@@ -440,48 +401,3 @@ def _apply_override(data: dict, override: str, base_dir: Path) -> None:
     node[parts[-1]] = value
 
 
-def _resolve_deepspeed_auto(data: dict) -> None:
-    """Replace "auto" the way transformers' HfTrainerDeepSpeedConfig does (integrations/deepspeed.py).
-
-    trainer_config_process fills batch sizes, clipping, optimizer params and precision from TrainingArguments;
-    trainer_config_finalize fills the ZeRO bucket sizes from the model's hidden_size.
-    """
-    ds = data.get("deepspeed")
-    if not isinstance(ds, dict):
-        return
-    training = data.get("training") if isinstance(data.get("training"), dict) else {}
-    hardware = data.get("hardware") if isinstance(data.get("hardware"), dict) else {}
-    model = data.get("model") if isinstance(data.get("model"), dict) else {}
-    gpus = _as_int(hardware.get("gpus_per_node", 1)) * _as_int(hardware.get("nodes", 1))
-    micro = training.get("per_device_train_batch_size", Training.model_fields["per_device_train_batch_size"].default)
-    accumulation = training.get("gradient_accumulation_steps", 1)
-    hidden = model.get("hidden_size")
-    filled = {
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": accumulation,
-        "train_batch_size": _as_int(micro) * _as_int(accumulation) * gpus,
-        "gradient_clipping": training.get("max_grad_norm", 1.0),
-    }
-    for key, value in filled.items():
-        if ds.get(key) == "auto":
-            ds[key] = value
-    for section, flag in (("bf16", "bf16"), ("fp16", "fp16")):
-        if isinstance(ds.get(section), dict) and ds[section].get("enabled") == "auto":
-            ds[section]["enabled"] = bool(training.get(flag, False))
-    zero = ds.get("zero_optimization")
-    if not isinstance(zero, dict):
-        return
-    hidden_auto = {
-        "reduce_bucket_size": lambda h: h * h,
-        "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
-        "stage3_param_persistence_threshold": lambda h: 10 * h,
-    }
-    for key, rule in hidden_auto.items():
-        if zero.get(key) == "auto":
-            if not isinstance(hidden, int):
-                raise ScenarioError(f"deepspeed.zero_optimization.{key}: 'auto' needs model.hidden_size")
-            zero[key] = rule(hidden)
-
-
-def _as_int(value: Any) -> int:
-    return value if isinstance(value, int) and value > 0 else 1
