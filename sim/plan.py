@@ -13,7 +13,7 @@ from sim.allocator.alloc_conf import AllocConf
 from sim.vocab import AllocatorBackend, AttnImplementation, DType, ModelType, Optim
 
 if TYPE_CHECKING:  # the workload decides its behaviours (sim/workload/behaviour.py); the plan only carries them
-    from sim.workload.context import Behaviour
+    from sim.workload.behaviour import Behaviour
 
 Version = tuple[int, int, int]
 

@@ -6,33 +6,20 @@ from dataclasses import dataclass
 from sim.errors import ScenarioError
 from sim.ops import Phase, Schedule
 from sim.plan import Plan
+from sim.parallel.placement import ModelStates, choose_placement, module_hooks_for
 from sim.vocab import ModelType
 from sim.workload import hf_decoder, qwen1
 from sim.workload import primitives as P
-from sim.workload.behaviour import behaviour_for
-from sim.parallel.data_parallel import Ddp, Zero12
-from sim.parallel.zero3 import Zero3, Zero3Optimizer
 from sim.workload.context import RunContext
-from sim.workload.optimizer import Optimizer, zero_grad
 from sim.workload.tape import Param, Tape
 
 EMBEDDING_NAMES = ("embed_tokens.weight", "wte.weight")  # lookups, not matmuls: no 6·N FLOPs
 
 
-@dataclass(frozen=True, slots=True)
-class ModelStates:
-    """Persistent per-rank state after the first optimizer step."""
-
-    parameters: int
-    trainable_parameters: int
-    parameters_bytes: int
-    gradients_bytes: int
-    optimizer_states_bytes: int
-    host_bytes: int = 0  # offloaded state in pinned host memory
-
-
 @dataclass(slots=True)
 class BuiltSchedule:
+    """One rank's schedule with the figures the report derives from the build."""
+
     schedule: Schedule
     model_states: ModelStates
     tokens_per_step: int  # this rank's tokens per optimizer step
@@ -48,6 +35,7 @@ def parameter_counts(plan: Plan) -> tuple[int, int]:
 
 
 def _context(plan: Plan, tape: Tape) -> RunContext:
+    """What the modelling code reads besides the tape, from the plan."""
     training = plan.training
     return RunContext(tape, plan.model, training.micro_batch, training.seq_len, training.attn, plan.behaviour,
                       plan.autocast_dtype, plan.lora.adapter_dtype if plan.lora is not None else None, plan.on_host)
@@ -62,15 +50,12 @@ def build_schedule(plan: Plan, repeat: bool = True) -> BuiltSchedule:
     tape.lt_workspace_bytes, tape.lt_workspace_persistent = workspaces.cublaslt_bytes, workspaces.cublaslt_persistent
     training = plan.training
     ctx = _context(plan, tape)
-    zero = plan.zero
-    if zero is not None and zero.stage == 3:
-        ctx.zero3 = Zero3(tape, zero, plan.world.gpus, plan.weights_dtype, plan.weights_dtype,
-                          zero.communication_dtype)
+    ctx.module_hooks = module_hooks_for(tape, plan)
     tape.op("model.init")
     model = modelling_code(plan).build_model(ctx, plan.lora)
     params = model.params()
     trainable = [p for p in params if p.tensor.requires_grad]
-    placement = _placement(ctx, plan, params, trainable)
+    placement = choose_placement(ctx, plan, params, trainable)
     states_after_first_step = None
     template = None  # the latest micro-batch built after the first of a step: later ones repeat it when they can
     for step in range(training.steps):
@@ -94,146 +79,6 @@ def build_schedule(plan: Plan, repeat: bool = True) -> BuiltSchedule:
         states_after_first_step = states_after_first_step or states
     tokens = training.tokens_per_step
     return BuiltSchedule(tape.schedule(), states_after_first_step, tokens, _model_flops(plan, params, tokens))
-
-
-def _placement(ctx: RunContext, plan: Plan, params: list[Param], trainable: list[Param]):
-    """Where parameters, gradients and optimizer states live: ZeRO-3, ZeRO-1/2, DDP, or whole on one device."""
-    if ctx.zero3 is not None:
-        return _Zero3Placement(ctx, plan, params, trainable)
-    if plan.zero is not None and plan.zero.stage in (1, 2):
-        return _Zero12Placement(ctx, plan, params, trainable)
-    if plan.world.gpus > 1:
-        return _DdpPlacement(ctx, plan, params, trainable)
-    return _LocalPlacement(ctx, plan, params, trainable)
-
-
-def _model_states(params: list[Param], trainable: list[Param], parameters_bytes: int, gradients_bytes: int,
-                  optimizer_states_bytes: int, host_bytes: int = 0) -> ModelStates:
-    return ModelStates(sum(p.tensor.numel for p in params), sum(p.tensor.numel for p in trainable),
-                       parameters_bytes, gradients_bytes, optimizer_states_bytes, host_bytes)
-
-
-class _LocalPlacement:
-    """Every parameter, gradient and optimizer state whole on this device (one GPU)."""
-
-    syncs_last = False  # whether the last micro-batch of an accumulation differs from the others
-
-    def __init__(self, ctx: RunContext, plan: Plan, params: list[Param], trainable: list[Param]) -> None:
-        self.tape, self.params, self.trainable = ctx.tape, params, trainable
-        training = plan.training
-        self.clip = training.max_grad_norm > 0
-        self.optimizer = Optimizer(training.optim, trainable, plan.on_host, training.weight_decay)
-
-    def before_micro_batch(self, last: bool) -> None:
-        pass
-
-    def before_backward(self) -> None:
-        pass
-
-    def after_micro_batch(self, last: bool) -> None:
-        pass
-
-    def step(self) -> ModelStates:
-        """clip_grad_norm_, optimizer.step(), model.zero_grad(); returns the model states at the step."""
-        grads_bytes = sum(p.grad.size_bytes for p in self.trainable if p.grad is not None)
-        if self.clip:
-            self.optimizer.clip_grad_norm(self.tape)
-        self.optimizer.step(self.tape)
-        zero_grad(self.tape, self.trainable)
-        return _model_states(self.params, self.trainable, sum(p.tensor.size_bytes for p in self.params), grads_bytes, self.optimizer.state_bytes())
-
-
-class _DdpPlacement(_LocalPlacement):
-    """torch DDP: the local placement plus the reducer's buckets and allreduces (sim/parallel/data_parallel.py)."""
-
-    syncs_last = True
-
-    def __init__(self, ctx: RunContext, plan: Plan, params: list[Param], trainable: list[Param]) -> None:
-        super().__init__(ctx, plan, params, trainable)
-        self.ddp = Ddp(ctx.tape, plan.world.gpus, trainable)
-        ctx.tape.post_grad_hook = self.ddp.on_grad_ready
-
-    def before_micro_batch(self, last: bool) -> None:
-        self.ddp.sync = last  # accelerate's accumulate(): no_sync except at the accumulation boundary
-
-    def after_micro_batch(self, last: bool) -> None:
-        if last:
-            self.ddp.finalize()
-
-
-class _Zero12Placement:
-    """DeepSpeed ZeRO-1/2 (sim/parallel/data_parallel.py)."""
-
-    def __init__(self, ctx: RunContext, plan: Plan, params: list[Param], trainable: list[Param]) -> None:
-        self.tape, self.params, self.trainable = ctx.tape, params, trainable
-        config = plan.zero
-        self.zero = Zero12(ctx.tape, config, plan.world.gpus, trainable, plan.weights_dtype, plan.versions.deepspeed,
-                           config.communication_dtype, config.inner_optimizer_temporaries)
-        self.accumulation = plan.training.accumulation_steps
-        # ZeRO-1 reduces only at the boundary; with offload the boundary copies gradients to the host
-        self.syncs_last = config.stage == 1 or self.zero.offload
-        if config.stage == 2:
-            ctx.tape.grad_hook = self.zero.on_grad
-        elif self.zero.overlap:  # ZeRO-1 reduces in the hooks at the boundary instead of after backward
-            ctx.tape.post_grad_hook = self.zero.on_accumulated_grad
-
-    def before_micro_batch(self, last: bool) -> None:
-        self.zero.boundary = last
-
-    def before_backward(self) -> None:
-        self.zero.begin_backward()
-
-    def after_micro_batch(self, last: bool) -> None:
-        if self.zero.stage == 2 or last:
-            # ZeRO-1's full bf16 gradients, held through the accumulation until this boundary
-            self.full_grads_bytes = sum(p.grad.size_bytes for p in self.trainable if p.grad is not None)
-            self.tape.op("zero.backward_epilogue")
-            self.zero.end_of_backward([p for p in self.trainable if p.grad is not None])
-
-    def step(self) -> ModelStates:
-        grads = self.full_grads_bytes
-        if self.zero.stage == 2:
-            grads = 0 if self.zero.offload else self.zero.partition * self.zero.dtype.size_bytes
-        self.zero.step()
-        zero_grad(self.tape, self.trainable)
-        return _model_states(self.params, self.trainable, sum(p.tensor.size_bytes for p in self.params), grads,
-                             self.zero.state_bytes(), self.zero.host_bytes(self.accumulation))
-
-
-class _Zero3Placement:
-    """DeepSpeed ZeRO-3: partitions, gathers and reduce-scatters (sim/parallel/zero3.py)."""
-
-    syncs_last = False
-
-    def __init__(self, ctx: RunContext, plan: Plan, params: list[Param], trainable: list[Param]) -> None:
-        self.tape, self.zero, self.params, self.trainable = ctx.tape, ctx.zero3, params, trainable
-        self.zero.register(params)
-        self.zero.init_buffers(trainable)
-        self.optimizer = Zero3Optimizer(self.zero, trainable, plan.zero.inner_optimizer_temporaries,
-                                        plan.versions.deepspeed < (0, 13, 2))
-        self.zero.finish_engine_init(trainable)
-        self.tape.grad_hook = self.zero.on_grad
-
-    def before_micro_batch(self, last: bool) -> None:
-        pass
-
-    def before_backward(self) -> None:
-        pass
-
-    def after_micro_batch(self, last: bool) -> None:
-        self.tape.op("zero3.backward_epilogue")
-        self.zero.end_of_backward()
-        self.zero.end_of_forward_backward()
-
-    def step(self) -> ModelStates:
-        zero = self.zero
-        self.tape.op("zero3.partition_all_parameters")
-        zero.release_and_reset_all()
-        self.optimizer.step()
-        persistent = sum(z.param.tensor.size_bytes for z in zero.states.values() if z.persist)
-        lp = 0 if zero.offload_param else zero.partition_numel(self.params) * zero.dtype.size_bytes
-        grads = 0 if zero.offload_optimizer else zero.partition_numel(self.trainable) * zero.grad_dtype.size_bytes
-        return _model_states(self.params, self.trainable, lp + persistent, grads, self.optimizer.state_bytes(), self.optimizer.host_bytes())
 
 
 def modelling_code(plan: Plan):

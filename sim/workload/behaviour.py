@@ -6,12 +6,12 @@ sdpa_attention.py and flash_attention.py, masking_utils.py, cache_utils.py, trai
 docs/transformers-versions.md for the table with the code each row rests on.
 """
 
+from dataclasses import dataclass
 from enum import Enum
 
 from sim.errors import ScenarioError
 from sim.plan import Versions, format_version
 from sim.vocab import ModelType, Optim
-from sim.workload.context import Behaviour
 
 
 class Rotary(Enum):
@@ -32,6 +32,29 @@ class KvCache(Enum):
     NONE = "none"  # no cache: use_cache off (gradient checkpointing, or Trainer 5.x default)
     REFERENCES = "references"  # keeps the post-RoPE k and the v of every layer alive until the output is dropped
     COPIES = "copies"  # 4.56+: lazy_initialization + torch.cat copy k and v into the cache
+
+
+@dataclass(frozen=True, slots=True)
+class Behaviour:
+    """Version-dependent choices of the modelling code, decided once from the versions (behaviour_for)."""
+
+    model_type: ModelType
+    logits_upcast_in_model: bool  # ForCausalLM.forward does logits = logits.float() on the full logits
+    loss_upcasts_logits: bool  # the loss function does logits.float() itself
+    loss_shifts_logits: bool  # logits[..., :-1, :].contiguous() before cross-entropy (else labels are shifted)
+    rotary: Rotary
+    unused_rotary_buffers: bool
+    llama_full_mask_buffer: bool
+    llama_full_mask_bool: bool
+    sdpa_mask_always: bool
+    sdpa_sliding_window_check: bool
+    eager_mask_via_bool: bool
+    sdpa_repeats_kv: bool
+    sdpa_contiguous: SdpaContiguous
+    fa2_repeats_kv: bool
+    kv_cache: KvCache
+    peft_adapters_fp32: bool
+    default_optim: Optim  # TrainingArguments.optim's default in this version
 
 
 def behaviour_for(versions: Versions, model_type: ModelType, checkpointing: bool) -> Behaviour:

@@ -1,11 +1,15 @@
 """What a modelling-code run needs besides the tape: shapes, dtypes, autocast state and version behaviour."""
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from sim.plan import ModelShape
-from sim.vocab import AttnImplementation, DType, ModelType, Optim
+from sim.vocab import AttnImplementation, DType
+from sim.workload.behaviour import Behaviour
 from sim.workload.tape import Tape, Tensor
+
+if TYPE_CHECKING:  # the hooks' implementations (sim/parallel/) import this module
+    from sim.workload.hooks import ModuleHooks
 
 
 @dataclass(slots=True)
@@ -17,11 +21,11 @@ class RunContext:
     batch: int
     seq: int
     attn: AttnImplementation
-    behaviour: "Behaviour"
+    behaviour: Behaviour
     autocast: DType | None  # torch.autocast dtype when mixed precision casts fp32 weights, else None
     adapter_dtype: DType | None = None
     on_host: bool = False  # a CPU host (calibration) rather than a CUDA device
-    zero3: Any = None  # sim.parallel.zero3.Zero3 when DeepSpeed ZeRO-3 partitions the parameters
+    module_hooks: "ModuleHooks | None" = None  # ZeRO-3's gathers and releases (sim/workload/hooks.py); None: none
     cast_cache: dict[str, Tensor] = field(default_factory=dict)
     kv_cache: list[Tensor] = field(default_factory=list)  # what a training-time DynamicCache keeps alive
 
@@ -39,26 +43,3 @@ class RunContext:
         for tensor in self.cast_cache.values():
             self.tape.drop(tensor)
         self.cast_cache.clear()
-
-
-@dataclass(frozen=True, slots=True)
-class Behaviour:
-    """Version-dependent choices of the modelling code, decided once from `software` (see behaviour.py)."""
-
-    model_type: ModelType
-    logits_upcast_in_model: bool  # ForCausalLM.forward does logits = logits.float() on the full logits
-    loss_upcasts_logits: bool  # the loss function does logits.float() itself
-    loss_shifts_logits: bool  # logits[..., :-1, :].contiguous() before cross-entropy (else labels are shifted)
-    rotary: Any  # behaviour.Rotary
-    unused_rotary_buffers: bool
-    llama_full_mask_buffer: bool
-    llama_full_mask_bool: bool
-    sdpa_mask_always: bool
-    sdpa_sliding_window_check: bool
-    eager_mask_via_bool: bool
-    sdpa_repeats_kv: bool
-    sdpa_contiguous: Any  # behaviour.SdpaContiguous
-    fa2_repeats_kv: bool
-    kv_cache: Any  # behaviour.KvCache
-    peft_adapters_fp32: bool
-    default_optim: Optim  # TrainingArguments.optim's default in this version

@@ -27,20 +27,20 @@ class Linear:
 
 
 def make_param(ctx: RunContext, name: str, numel: int, dtype: DType, trainable: bool) -> Param:
-    """A parameter, resident on the device unless ZeRO-3 partitions it."""
-    return ctx.tape.parameter(name, numel, dtype, trainable, Category.PARAMETERS, resident=ctx.zero3 is None)
+    """A parameter, resident on the device unless module hooks (ZeRO-3) gather it when its module runs."""
+    return ctx.tape.parameter(name, numel, dtype, trainable, Category.PARAMETERS, resident=ctx.module_hooks is None)
 
 
 def in_module(ctx: RunContext, module: str, params: list[Param], x: Tensor, compute) -> Tensor:
     """Run `compute(x)` as the forward of module `module` owning `params`: under ZeRO-3 with its pre- and
     post-forward hooks (gather before, release after, and the matching backward hooks)."""
-    zero = ctx.zero3
-    if zero is None:
+    hooks = ctx.module_hooks
+    if hooks is None:
         return compute(x)
-    hooked = zero.pre_forward(module, params, x)
+    hooked = hooks.pre_forward(module, params, x)
     out = compute(hooked if hooked is not None else x)
     ctx.tape.drop(hooked)
-    wrapped = zero.post_forward(module, out)
+    wrapped = hooks.post_forward(module, out)
     if wrapped is None:
         return out
     ctx.tape.drop(out)
