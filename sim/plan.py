@@ -1,12 +1,13 @@
 """The plan: a scenario resolved once into what the floors below it take (design.md §2, "resolve once, pass down").
 
 Every derived setting (weight, autocast, communication and adapter dtypes; host or device; versions and the
-behaviours they select; world layout; DeepSpeed, NCCL and allocator settings; library workspaces) is decided once by
+behaviours they select; world layout; DeepSpeed, NCCL and allocator settings; the device runtime) is decided once by
 sim/resolve.py. The types here are plain frozen dataclasses that import nothing of the schema, so the schedule, the
 workload, the parallel placements, the cost model and the allocators never see a `Scenario` or re-derive a setting.
 """
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import TYPE_CHECKING
 
 from sim.allocator.alloc_conf import AllocConf
@@ -176,6 +177,36 @@ class Workspaces:
     cublaslt_persistent: bool  # kept per (handle, stream) instead of allocated per call
 
 
+class Holder(Enum):
+    """Who holds a piece of device memory outside PyTorch's statistics."""
+
+    CUDA_CONTEXT = "cuda_context"
+    NCCL = "nccl"
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """Device memory taken outside the caching allocator at `time_us` (0: before the first op), held to the end."""
+
+    holder: Holder
+    name: str
+    size_bytes: int
+    time_us: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRuntime:
+    """What the runtime under PyTorch holds (sim/runtime.py decides it): reservations outside PyTorch's statistics,
+    and the library workspaces that PyTorch's allocator serves."""
+
+    reservations: tuple[Reservation, ...]
+    workspaces: Workspaces
+
+    def non_pytorch_bytes(self, holder: Holder | None = None) -> int:
+        """Bytes held outside PyTorch's statistics (by one holder, or all)."""
+        return sum(r.size_bytes for r in self.reservations if holder is None or r.holder is holder)
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
     """A scenario resolved once: everything the schedule, the engine and the allocator need, and nothing raw."""
@@ -193,7 +224,7 @@ class Plan:
     zero: ZeroPlan | None  # None: no DeepSpeed ZeRO (stage 0 or no DeepSpeed)
     nccl: NcclPlan
     allocator: AllocatorPlan
-    workspaces: Workspaces
+    runtime: DeviceRuntime
 
     @property
     def weights_dtype(self) -> DType:

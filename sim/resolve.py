@@ -2,7 +2,7 @@
 
 This is the one place where settings are derived from the raw schema: the dtypes (config torch_dtype, DeepSpeed's
 bf16/fp16 sections, Qwen1's autoselection, autocast, DeepSpeed's communication dtype, PEFT's adapter dtype), host or
-device, the version behaviours, the world, ZeRO, NCCL and allocator settings, and the library workspaces. What is
+device, the version behaviours, the world, ZeRO, NCCL and allocator settings, and the device runtime (sim/runtime.py). What is
 not modelled yet is refused here too, with one line naming the key.
 """
 
@@ -17,10 +17,10 @@ from sim.plan import (
     Plan,
     TrainingPlan,
     Versions,
-    Workspaces,
     World,
     ZeroPlan,
 )
+from sim.runtime import device_runtime
 from sim.scenario import DeviceSpec, Scenario
 from sim.versions import parse_version
 from sim.vocab import AllocatorBackend, DType, ModelType, Optim
@@ -47,6 +47,11 @@ def resolve_plan(scenario: Scenario) -> Plan:
     behaviour = behaviour_for(versions, scenario.model.model_type, training.gradient_checkpointing)
     weights = weights_dtype(scenario)
     host = on_host(scenario)
+    device = device_plan(scenario.hardware.device)
+    world = World(scenario.hardware.gpus_per_node, scenario.hardware.nodes)
+    zero = _zero(scenario, behaviour.default_optim)
+    nccl = _nccl(scenario, versions)
+    zero3 = zero is not None and zero.stage == 3
     return Plan(
         name=scenario.name,
         model=model_shape(scenario, weights),
@@ -62,12 +67,12 @@ def resolve_plan(scenario: Scenario) -> Plan:
         autocast_dtype=autocast_dtype(scenario),
         on_host=host,
         versions=versions,
-        world=World(scenario.hardware.gpus_per_node, scenario.hardware.nodes),
-        device=device_plan(scenario.hardware.device),
-        zero=_zero(scenario, behaviour.default_optim),
-        nccl=_nccl(scenario, versions),
+        world=world,
+        device=device,
+        zero=zero,
+        nccl=nccl,
         allocator=AllocatorPlan(scenario.allocator.backend, parse_alloc_conf(scenario.allocator.conf)),
-        workspaces=_workspaces(scenario, versions, host),
+        runtime=device_runtime(host, device, nccl, world, versions.torch, zero3),
     )
 
 
@@ -244,22 +249,3 @@ def _nccl(scenario: Scenario, versions: Versions) -> NcclPlan:
     else:
         count = 2 if scenario.deepspeed is not None else 1
     return NcclPlan(version, nccl.channels or _DEFAULT_NCCL_CHANNELS, nccl.buffsize_bytes, nccl.nvls, count)
-
-
-def _workspaces(scenario: Scenario, versions: Versions, host: bool) -> Workspaces:
-    """cuBLAS: the default CUBLAS_WORKSPACE_CONFIG as PyTorch sets it (aten/src/ATen/cuda/CublasHandlePool.cpp):
-    ":4096:2:16:8" = 2·4096 KiB + 8·16 KiB = 8,519,680 B; ":4096:8" = 32 MiB on Hopper (compute capability 9)
-    from torch 2.1. cuBLASLt: the workspace a bias linear (addmm → gemm_and_bias) uses; none under ZeRO-3, whose
-    linear (deepspeed/runtime/zero/linear.py) runs matmul then adds the bias. CUBLASLT_WORKSPACE_SIZE defaults to
-    1024 KiB (pytorch#101145); allocated per call through the caching allocator before torch 2.8, kept per
-    (handle, stream) from 2.8 (pytorch#156495), and from 2.10 cuBLASLt shares the cuBLAS workspace by default
-    (pytorch#168175). Neither on a host."""
-    if host:
-        return Workspaces(0, 0, False)
-    capability = scenario.hardware.device.compute_capability or "8.0"
-    hopper = int(capability.split(".")[0]) >= 9 and versions.torch >= (2, 1, 0)
-    cublas = 8 * 4096 * 1024 if hopper else 2 * 4096 * 1024 + 8 * 16 * 1024
-    zero3 = scenario.deepspeed is not None and scenario.deepspeed.zero_optimization.stage == 3
-    if zero3 or versions.torch >= (2, 10, 0):
-        return Workspaces(cublas, 0, False)
-    return Workspaces(cublas, 1024 * 1024, versions.torch >= (2, 8, 0))

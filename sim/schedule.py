@@ -45,7 +45,7 @@ def build_schedule(plan: Plan, repeat: bool = True) -> BuiltSchedule:
     """The ops of one rank. `repeat=False` builds every micro-batch op by op instead of repeating identical
     ones (same schedule, slower: for tests)."""
     tape = Tape()
-    workspaces = plan.workspaces
+    workspaces = plan.runtime.workspaces
     tape.blas_workspace_bytes = workspaces.cublas_bytes
     tape.lt_workspace_bytes, tape.lt_workspace_persistent = workspaces.cublaslt_bytes, workspaces.cublaslt_persistent
     training = plan.training

@@ -6,8 +6,7 @@ from contextlib import contextmanager
 from sim.allocator import make_allocator
 from sim.cost import CostModel
 from sim.engine import Engine
-from sim.parallel.nccl import nccl_buffer_bytes
-from sim.plan import Plan
+from sim.plan import Holder, Plan
 from sim.report import Run
 from sim.resolve import resolve_plan
 from sim.scenario import Scenario
@@ -38,11 +37,10 @@ def run_scenario(scenario: Scenario, repeat: bool = True) -> Run:
 def _run(scenario: Scenario, plan: Plan, repeat: bool) -> Run:
     built = build_schedule(plan, repeat)
     device = plan.device
-    nccl = nccl_buffer_bytes(plan.nccl, device, plan.world)
-    non_pytorch = device.cuda_context_bytes + nccl
+    non_pytorch = plan.runtime.non_pytorch_bytes()
     allocator = make_allocator(plan.allocator.backend, plan.allocator.conf,
                                max(device.capacity_bytes - non_pytorch, 0), device.capacity_bytes, plan.versions.torch)
     cost = CostModel(device, plan.compute_dtype, plan.world.gpus_per_node, plan.world.nodes, plan.nccl.version,
                      plan.nccl.channels)
     result = Engine(built.schedule, allocator, cost, repeat).run()
-    return Run(scenario, plan, built, result, non_pytorch, allocator, nccl)
+    return Run(scenario, plan, built, result, non_pytorch, allocator, plan.runtime.non_pytorch_bytes(Holder.NCCL))

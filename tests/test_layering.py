@@ -78,7 +78,7 @@ def below(*prefixes: str) -> list[str]:
 
 
 ENGINE_ROOM = below("sim.engine", "sim.allocator", "sim.cost", "sim.trace", "sim.ops")
-UNDER_THE_PLAN = below("sim.vocab", "sim.plan", "sim.units", "sim.errors", "sim.versions", *MODELLING) + ENGINE_ROOM
+UNDER_THE_PLAN = below("sim.vocab", "sim.plan", "sim.runtime", "sim.units", "sim.errors", "sim.versions", *MODELLING) + ENGINE_ROOM
 
 
 @pytest.mark.parametrize("module", UNDER_THE_PLAN)

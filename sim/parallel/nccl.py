@@ -51,14 +51,16 @@ def nvls_bytes(nccl: NcclPlan, device: DevicePlan, world: World) -> int:
     return gpus * _NVLS_CHANNELS * 2 * MIB
 
 
-def nccl_buffer_bytes(nccl: NcclPlan, device: DevicePlan, world: World) -> int:
-    """Device bytes NCCL holds on one rank for the whole run: per communicator, each channel's ring and tree
-    connections (a single-node tree is a chain in ring order, so two neighbours: two connections per channel; from
-    NCCL 2.22 only the ring is connected unless an algorithm needs more) and the NVLS buffers."""
-    if nccl.communicators == 0:
-        return 0
+def communicator_bytes(nccl: NcclPlan, device: DevicePlan, world: World) -> int:
+    """Device bytes NCCL holds for one communicator for the whole run: each channel's ring and tree connections (a
+    single-node tree is a chain in ring order, so two neighbours: two connections per channel; from NCCL 2.22 only
+    the ring is connected unless an algorithm needs more) and the NVLS buffers."""
     # Approximations: connections across nodes (NET transport) are counted like NVLink P2P ones; NVLS buffers are
     # not rounded to the multicast granularity, and from 2.22 are counted although set up at first use.
     connections = 1 if nccl.version >= (2, 22, 0) else 2
-    per_communicator = nccl.channels * connections * connection_bytes(nccl, device) + nvls_bytes(nccl, device, world)
-    return nccl.communicators * per_communicator
+    return nccl.channels * connections * connection_bytes(nccl, device) + nvls_bytes(nccl, device, world)
+
+
+def nccl_buffer_bytes(nccl: NcclPlan, device: DevicePlan, world: World) -> int:
+    """Device bytes NCCL holds on one rank: every communicator's."""
+    return nccl.communicators * communicator_bytes(nccl, device, world)
