@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--python", default=None, metavar="PATH",
                      help="interpreter with torch/transformers/peft for the measured side (default: this one)")
     val = sub.add_parser("validate", help="simulate every published measurement under validation/ and compare")
-    val.add_argument("--source", default=None, metavar="NAME", help="only the points of this source (a folder of validation/)")
+    val.add_argument("--source", default=None, metavar="NAME",
+                     help="only the points of this source (a folder of validation/)")
     val.add_argument("--markdown", dest="markdown_path", metavar="PATH", help="also write the table as Markdown")
     val.add_argument("--json", dest="json_path", metavar="PATH", help="write the rows as JSON")
     return parser

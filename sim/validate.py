@@ -7,7 +7,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from sim.catalog import load_yaml_mapping
 from sim.errors import ScenarioError
@@ -57,6 +57,15 @@ COUNTERPART = {
 BYTE_QUANTITIES = (Quantity.ALLOCATED_BYTES, Quantity.RESERVED_BYTES, Quantity.DEVICE_USED_BYTES)
 
 
+def _measured_value(value: Any) -> Verdict | float:
+    """A measured value is a verdict's name or a number; anything else (a boolean, other words) is refused."""
+    if isinstance(value, str) and value in {v.value for v in Verdict}:
+        return Verdict(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise ValueError("expected a number, or fits or oom for a verdict")
+
+
 class Point(BaseModel):
     """One published or measured point: the scenario it was taken on, the value, what it measures, where it is
     published and how close the simulator must come."""
@@ -67,9 +76,9 @@ class Point(BaseModel):
     citation: str = Field(min_length=1)  # paper and table, URL, or repo/path
     assumptions: str | None = None  # what the source leaves open and the scenario had to fix
     scenario: str | dict[str, Any]  # path to a scenario file (relative to this file) | inline scenario mapping
-    overrides: tuple[str, ...] = Field((), alias="set")  # `--set KEY=VALUE` overrides applied to the scenario
+    overrides: list[str] = Field([], alias="set")  # `--set KEY=VALUE` overrides applied to the scenario
     measures: Quantity
-    measured: Verdict | float
+    measured: Annotated[Verdict | float, BeforeValidator(_measured_value)]
     compared_with: ResultField
     # largest |simulated / measured − 1| (0 for a verdict: the same outcome); null: the source states none, so the
     # point is reported, not judged
@@ -128,7 +137,7 @@ def sources(root: Path = VALIDATION_DIR) -> list[str]:
 def load_point(path: Path, root: Path = VALIDATION_DIR) -> PointFile:
     """Read and validate one point file; a bad file is a ScenarioError naming the file and the key path."""
     key = f"{path.parent.name}/{path.stem}"
-    raw = load_yaml_mapping(path, str(path))
+    raw = load_yaml_mapping(path, _shown(path, root))
     try:
         return PointFile(key, path, Point(**raw))
     except ValidationError as exc:
@@ -151,11 +160,12 @@ def point_scenario(point_file: PointFile, root: Path = VALIDATION_DIR) -> Scenar
     point, base_dir = point_file.point, point_file.path.parent
     try:
         if isinstance(point.scenario, str):
-            return load_scenario(base_dir / point.scenario, list(point.overrides))
-        return build_scenario(point.scenario, base_dir=base_dir, overrides=list(point.overrides),
+            return load_scenario(base_dir / point.scenario, point.overrides)
+        return build_scenario(point.scenario, base_dir=base_dir, overrides=point.overrides,
                               default_name=point_file.key)
     except ScenarioError as exc:
-        raise ScenarioError(f"{_shown(point_file.path, root)}: scenario: {exc}") from None
+        problem = str(exc).removeprefix("scenario: ")
+        raise ScenarioError(f"{_shown(point_file.path, root)}: scenario: {problem}") from None
 
 
 def simulated_value(field: ResultField, result: dict) -> Verdict | float:
@@ -215,7 +225,7 @@ def rows_json(rows: list[Row]) -> list[dict]:
 def _describe(exc: ValidationError) -> str:
     """The first validation error as `key.path: problem (got value)`."""
     err = exc.errors()[0]
-    loc = ".".join(str(part) for part in err["loc"] if part not in ("float", "enum", "str", "dict[str,any]"))
+    loc = ".".join(str(part) for part in err["loc"] if part not in ("str", "dict[str,any]"))  # union members
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         return f"{loc}: unknown key"
