@@ -173,4 +173,4 @@ def _validate(args: argparse.Namespace) -> int:
         _write_atomic(Path(args.json_path), (json.dumps(validate.rows_json(rows), indent=2) + "\n").encode())
     if args.markdown_path:
         _write_atomic(Path(args.markdown_path), (table + "\n").encode())
-    return EXIT_OK if all(row.as_expected for row in rows) else EXIT_OOM
+    return EXIT_OK if all(row.as_expected for row in rows) else EXIT_OOM  # 1: a point not as its file expects

@@ -90,7 +90,7 @@ class Point(BaseModel):
         """The measured value, result field and tolerance must suit what the point measures."""
         if (self.measures is Quantity.VERDICT) != isinstance(self.measured, Verdict):
             wanted = "fits or oom" if self.measures is Quantity.VERDICT else "a number"
-            raise ValueError(f"measured: a {self.measures.value} point needs {wanted} (got {self.measured!r})")
+            raise ValueError(f"measured: a {self.measures.value} point needs {wanted} (got {_plain(self.measured)!r})")
         if not isinstance(self.measured, Verdict) and not (math.isfinite(self.measured) and self.measured > 0):
             raise ValueError(f"measured: must be a positive number (got {self.measured!r})")
         if self.compared_with is not COUNTERPART[self.measures]:
@@ -122,6 +122,11 @@ class Row:
     error: float  # simulated / measured − 1 for numbers; 0 (same outcome) or 1 (other outcome) for a verdict
     within: bool | None  # None: the source states no tolerance
     result: dict  # the whole result JSON (design.md §4) the simulated value comes from
+
+    @property
+    def measured(self) -> Verdict | float:
+        """The published value, as its point file gives it."""
+        return self.point.measured
 
     @property
     def as_expected(self) -> bool:
@@ -205,7 +210,7 @@ def format_table(rows: list[Row]) -> str:
     notes = []
     for row in rows:
         point = row.point
-        lines.append(f"| {row.key} | {point.measures.value} | {_value(point.measures, point.measured)} | "
+        lines.append(f"| {row.key} | {point.measures.value} | {_value(point.measures, row.measured)} | "
                      f"{_value(point.measures, row.simulated)} | {_error(row)} | {_tolerance(point)} | "
                      f"{_agrees(row)} |")
         known = f"; known disagreement: {point.disagreement}" if point.disagreement else ""
@@ -216,7 +221,7 @@ def format_table(rows: list[Row]) -> str:
 def rows_json(rows: list[Row]) -> list[dict]:
     """The rows as JSON-ready dicts (without the whole result of each run)."""
     return [{"point": row.key, "name": row.point.name, "measures": row.point.measures.value,
-             "compared_with": row.point.compared_with.value, "measured": _plain(row.point.measured),
+             "compared_with": row.point.compared_with.value, "measured": _plain(row.measured),
              "simulated": _plain(row.simulated), "error": row.error, "tolerance": row.point.tolerance,
              "within": row.within, "disagreement": row.point.disagreement, "citation": row.point.citation}
             for row in rows]
@@ -256,7 +261,7 @@ def _value(quantity: Quantity, value: Verdict | float) -> str:
 
 def _error(row: Row) -> str:
     """The error for the table: a signed percentage, or whether a verdict is the same."""
-    if isinstance(row.point.measured, Verdict):
+    if isinstance(row.measured, Verdict):
         return "same" if row.error == 0 else "other"
     return f"{100 * row.error:+.1f}%"
 
