@@ -61,6 +61,7 @@ def test_shipped_points_load_and_build() -> None:
 
 
 def test_one_source() -> None:
+    """One source's points only, in file-name order."""
     points = validate.load_points(source="mosaicml-llm-foundry")
     assert [p.key for p in points] == [
         "mosaicml-llm-foundry/mpt-13b-8xa100-2k", "mosaicml-llm-foundry/mpt-7b-8xa100-2k",
@@ -110,6 +111,7 @@ BAD_POINTS = [
 
 @pytest.mark.parametrize("data, message", [(d, m) for _, d, m in BAD_POINTS], ids=[i for i, _, _ in BAD_POINTS])
 def test_bad_point_is_one_line_naming_file_and_key(tmp_path: Path, data: dict, message: str) -> None:
+    """Each bad file is refused with exactly this one-line message."""
     path = write_point(tmp_path, data)
     root = tmp_path / "validation"
     with pytest.raises(ScenarioError) as caught:
@@ -118,6 +120,7 @@ def test_bad_point_is_one_line_naming_file_and_key(tmp_path: Path, data: dict, m
 
 
 def test_missing_scenario_file_names_it(tmp_path: Path) -> None:
+    """A scenario path that does not exist is named in the message, after the point file."""
     path = write_point(tmp_path, changed(scenario="../../scenarios/nope.yaml"))
     root = tmp_path / "validation"
     with pytest.raises(ScenarioError) as caught:
@@ -127,6 +130,7 @@ def test_missing_scenario_file_names_it(tmp_path: Path) -> None:
 
 
 def test_malformed_yaml_names_the_file(tmp_path: Path) -> None:
+    """Malformed YAML names the point file and the line."""
     path = tmp_path / "validation" / "src" / "tiny.yaml"
     path.parent.mkdir(parents=True)
     path.write_text("measured: [1,\n")
@@ -135,6 +139,7 @@ def test_malformed_yaml_names_the_file(tmp_path: Path) -> None:
 
 
 def test_unknown_source(tmp_path: Path) -> None:
+    """An unknown --source lists the known ones."""
     write_point(tmp_path, TINY_POINT)
     with pytest.raises(ScenarioError, match=r"^source: unknown validation source 'nope' \(known: src\)$"):
         validate.load_points(tmp_path / "validation", source="nope")
@@ -151,6 +156,7 @@ def run_cli(capsys, argv: list[str]) -> tuple[int, str, str]:
 
 
 def test_cli_bad_point_is_one_line_exit_2(tmp_path: Path, capsys, monkeypatch) -> None:
+    """Through the command: one line on stderr, nothing on stdout, exit 2."""
     write_point(tmp_path, changed(measured=...))
     monkeypatch.setattr(validate, "load_points", functools.partial(validate.load_points, tmp_path / "validation"))
     code, out, err = run_cli(capsys, ["validate"])
@@ -158,6 +164,7 @@ def test_cli_bad_point_is_one_line_exit_2(tmp_path: Path, capsys, monkeypatch) -
 
 
 def test_cli_unknown_source_exit_2(capsys) -> None:
+    """Through the command, against the shipped validation/: exit 2 naming the source."""
     code, out, err = run_cli(capsys, ["validate", "--source", "nope"])
     assert code == 2 and out == "" and err.startswith("error: source: unknown validation source 'nope' (known: ")
 
@@ -176,6 +183,7 @@ def point_file(**keys) -> validate.PointFile:
 
 @pytest.mark.parametrize("tolerance, within", [(None, None), (0.125, True), (0.12, False)])
 def test_rate_error_is_relative(tolerance, within) -> None:
+    """A rate's error is simulated / measured − 1, judged against the tolerance only when there is one."""
     row = validate.compare(point_file(measured=4000, tolerance=tolerance), RESULT)
     assert row.simulated == 4500.0
     assert row.error == pytest.approx(0.125)  # 4500 / 4000 − 1
@@ -188,6 +196,7 @@ def test_rate_error_is_relative(tolerance, within) -> None:
     (Quantity.DEVICE_USED_BYTES, ResultField.PEAK_TOTAL_BYTES, 70),
 ])
 def test_memory_fields(quantity, field, simulated_gib) -> None:
+    """Each memory measurement is compared with its own result field."""
     row = validate.compare(point_file(measures=quantity.value, compared_with=field.value, measured=50 * 2**30,
                                       tolerance=0.1), RESULT)
     assert row.simulated == simulated_gib * 2**30
@@ -201,6 +210,7 @@ def test_memory_fields(quantity, field, simulated_gib) -> None:
     ("oom", 0.0, "known", False),  # ... and one that no longer does: the file needs updating
 ])
 def test_verdict(measured, error, disagreement, as_expected) -> None:
+    """A verdict is the same or the other one; a recorded disagreement must still disagree."""
     row = validate.compare(point_file(measures="verdict", compared_with="fits", measured=measured, tolerance=0,
                                       disagreement=disagreement), RESULT)
     assert row.simulated is Verdict.OOM
@@ -208,6 +218,7 @@ def test_verdict(measured, error, disagreement, as_expected) -> None:
 
 
 def test_cli_writes_table_and_json(tmp_path: Path, capsys) -> None:
+    """The command prints the table, writes the same text as Markdown and the rows as JSON, exit 0."""
     markdown, rows_path = tmp_path / "v.md", tmp_path / "v.json"
     code, out, err = run_cli(capsys, ["validate", "--source", "hf-blog-deepspeed-to-fsdp", "--markdown", str(markdown),
                                       "--json", str(rows_path)])
