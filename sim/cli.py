@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="exit 1 when any per-phase |relative error| exceeds this (e.g. 0.03)")
     cal.add_argument("--python", default=None, metavar="PATH",
                      help="interpreter with torch/transformers/peft for the measured side (default: this one)")
+    val = sub.add_parser("validate", help="simulate every published measurement under validation/ and compare")
+    val.add_argument("--source", default=None, metavar="NAME",
+                     help="only the points of this source (a folder of validation/)")
+    val.add_argument("--markdown", dest="markdown_path", metavar="PATH", help="also write the table as Markdown")
+    val.add_argument("--json", dest="json_path", metavar="PATH", help="write the rows as JSON")
     return parser
 
 
@@ -52,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
             return _catalog(args.kind)
         if args.command == "calibrate":
             return _calibrate(args)
+        if args.command == "validate":
+            return _validate(args)
         return _run(args)
     except ScenarioError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -150,3 +157,20 @@ def _calibrate(args: argparse.Namespace) -> int:
     if args.max_error is not None and any(calibrate.max_abs_error(r) > args.max_error for r in rows):
         return EXIT_OOM  # 1: outside the tolerance
     return EXIT_OK
+
+
+def _validate(args: argparse.Namespace) -> int:
+    """Every point (or one source's) simulated and compared; exit 1 when one is not as its file expects."""
+    from sim import validate
+
+    for flag, path in (("--json", args.json_path), ("--markdown", args.markdown_path)):
+        if path and not Path(path).resolve().parent.is_dir():
+            raise ScenarioError(f"{flag}: output directory does not exist: {str(Path(path).parent)!r}")
+    rows = validate.validate(validate.load_points(source=args.source))
+    table = validate.format_table(rows)
+    print(table)
+    if args.json_path:
+        _write_atomic(Path(args.json_path), (json.dumps(validate.rows_json(rows), indent=2) + "\n").encode())
+    if args.markdown_path:
+        _write_atomic(Path(args.markdown_path), (table + "\n").encode())
+    return EXIT_OK if all(row.as_expected for row in rows) else EXIT_OOM  # 1: a point not as its file expects
