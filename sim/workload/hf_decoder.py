@@ -14,7 +14,7 @@ from sim.workload.behaviour import KvCache, Rotary, SdpaContiguous
 from sim.workload.checkpoint import checkpoint
 from sim.workload.context import RunContext
 from sim.workload.loss import lm_head_loss
-from sim.workload.modules import Linear, apply_linear, in_module, make_param
+from sim.workload.modules import Linear, apply_linear, in_module, make_linear, make_param, rms_norm
 from sim.workload.tape import Param, Tensor
 
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
@@ -52,14 +52,6 @@ class CausalLM:
         if self.lm_head is not self.embed_tokens:
             out.append(self.lm_head)
         return out
-
-
-def _targets(lora: Lora | None, module: str) -> bool:
-    if lora is None:
-        return False
-    if lora.target_modules == "all-linear":  # PEFT: every nn.Linear except the output layer
-        return module != "lm_head"
-    return module in lora.target_modules
 
 
 def build_model(ctx: RunContext, lora: Lora | None) -> CausalLM:
@@ -117,19 +109,6 @@ def _inv_freq(ctx: RunContext, module: str) -> None:
     ctx.tape.persistent_buffer(f"{module}.inv_freq", ctx.model.head_size // 2, DType.FLOAT32, Category.PARAMETERS)
 
 
-def make_linear(ctx: RunContext, name: str, fan_in: int, fan_out: int, has_bias: bool, dtype: DType, full: bool,
-                lora: Lora | None, module: str) -> Linear:
-    weight = make_param(ctx, f"{name}.weight", fan_in * fan_out, dtype, full)
-    bias = make_param(ctx, f"{name}.bias", fan_out, dtype, full) if has_bias else None
-    lin = Linear(name, fan_in, fan_out, weight, bias)
-    if _targets(lora, module):
-        adapter = ctx.adapter_dtype or dtype
-        lin.lora_a = make_param(ctx, f"{name}.lora_A.default.weight", lora.r * fan_in, adapter, True)
-        lin.lora_b = make_param(ctx, f"{name}.lora_B.default.weight", fan_out * lora.r, adapter, True)
-        lin.lora_dropout = lora.lora_dropout
-    return lin
-
-
 def _maybe_saved_copy(ctx: RunContext, name: str, numel: int, dtype: DType, full: bool, lora: Lora | None,
                       module: str) -> Param:
     """PEFT modules_to_save wraps the module and trains a copy of it; the original stays frozen beside it."""
@@ -139,30 +118,7 @@ def _maybe_saved_copy(ctx: RunContext, name: str, numel: int, dtype: DType, full
     return base
 
 
-# ---- RMSNorm, MLP ---------------------------------------------------------------------------------------------------
-def rms_norm(ctx: RunContext, name: str, x: Tensor, w: Param) -> Tensor:
-    """Qwen2RMSNorm/LlamaRMSNorm: x.to(fp32); var = x.pow(2).mean(-1, keepdim=True);
-    x = x * rsqrt(var + eps); return weight * x.to(input_dtype)."""
-    return in_module(ctx, name, [w], x, lambda x: _rms_norm(ctx, name, x, w))
-
-
-def _rms_norm(ctx: RunContext, name: str, x: Tensor, w: Param) -> Tensor:
-    tp, h = ctx.tape, ctx.model.hidden_size
-    x32 = P.to_dtype(tp, f"{name}.to_fp32", x, DType.FLOAT32)
-    squared = P.pow2(tp, f"{name}.pow", x32)
-    variance = P.mean_last(tp, f"{name}.mean", squared, h)
-    tp.drop(squared)
-    shifted = P.add_scalar(tp, f"{name}.add_eps", variance)
-    inv = P.rsqrt(tp, f"{name}.rsqrt", shifted)
-    tp.drop(shifted)
-    normed = P.mul(tp, f"{name}.mul", x32, inv)
-    tp.drop(inv, x32)
-    back = P.to_dtype(tp, f"{name}.to_input_dtype", normed, x.dtype)
-    out = P.mul(tp, f"{name}.weight_mul", w.tensor, back)
-    tp.drop(back, normed, variance)
-    return out
-
-
+# ---- MLP -------------------------------------------------------------------------------------------------------------
 def mlp(ctx: RunContext, layer: DecoderLayer, x: Tensor) -> Tensor:
     """down_proj(act_fn(gate_proj(x)) * up_proj(x))."""
     tp, lin, prefix = ctx.tape, layer.linears, f"model.layers.{layer.index}.mlp"

@@ -12,9 +12,9 @@ from sim.vocab import AttnImplementation, DType
 from sim.workload import primitives as P
 from sim.workload.checkpoint import checkpoint
 from sim.workload.context import RunContext
-from sim.workload.hf_decoder import apply_rotary, rms_norm
+from sim.workload.hf_decoder import apply_rotary
 from sim.workload.loss import lm_head_loss
-from sim.workload.modules import Linear, apply_linear, in_module, make_param
+from sim.workload.modules import Linear, apply_linear, in_module, make_linear, make_param, rms_norm
 from sim.workload.tape import Param, Tensor
 
 LOGN_POSITIONS = 32767  # logn_list over range(1, 32768) (QWenAttention.__init__)
@@ -48,16 +48,8 @@ class QWenLMHeadModel:
         return out + [self.ln_f, self.lm_head]
 
 
-def _targets(lora: Lora | None, module: str) -> bool:
-    if lora is None:
-        return False
-    return module != "lm_head" if lora.target_modules == "all-linear" else module in lora.target_modules
-
-
 def build_model(ctx: RunContext, lora: Lora | None) -> QWenLMHeadModel:
     """Parameters in the autoselected dtype (bf16 on bf16-capable GPUs); c_attn always has a bias."""
-    from sim.workload.hf_decoder import make_linear
-
     m = ctx.model
     dtype, full, h = m.weights_dtype, lora is None, m.hidden_size
     ffn = m.intermediate_size // 2  # w1 and w2 are Linear(h, intermediate_size // 2)
@@ -73,7 +65,7 @@ def build_model(ctx: RunContext, lora: Lora | None) -> QWenLMHeadModel:
         for key, (fan_in, fan_out, bias, parent) in shapes.items():
             module = key.split(".")[-1]
             linears[key] = make_linear(ctx, f"{prefix}.{parent}.{module}", fan_in, fan_out, bias, dtype, full,
-                                       lora if _targets(lora, module) else None, module)
+                                       lora, module)
         ln_2 = make_param(ctx, f"{prefix}.ln_2.weight", h, dtype, full)
         ctx.tape.persistent_buffer(f"{prefix}.attn.logn_tensor", LOGN_POSITIONS, dtype, Category.PARAMETERS)
         ctx.tape.persistent_buffer(f"{prefix}.attn.masked_bias", 1, dtype, Category.PARAMETERS)
