@@ -337,7 +337,7 @@ def _inner_optimizer_temporaries(ctx: RunContext, scenario: Scenario) -> int:
 def modelling_code(scenario: Scenario):
     """The module that models the scenario's model_type: HF's qwen2/llama/mistral code, or Qwen1's remote code.
     LoRA module names are checked against it, as PEFT does ("Target modules ... not found in the base model")."""
-    code = qwen1 if scenario.model.model_type is ModelType.QWEN else hf_decoder
+    code = qwen1.Qwen1() if scenario.model.model_type is ModelType.QWEN else hf_decoder.HfDecoder()
     lora = scenario.lora
     if lora is not None:
         kind = scenario.model.model_type.value
