@@ -7,8 +7,8 @@ from sim.errors import ScenarioError
 from sim.ops import Phase, Schedule
 from sim.scenario import Scenario
 from sim.vocab import AllocatorBackend, DType, ModelType, Optim
-from sim.workload import hf_decoder, qwen1
 from sim.workload import primitives as P
+from sim.workload.architecture import ARCHITECTURES, Architecture
 from sim.workload.behaviour import behaviour_for
 from sim.parallel.data_parallel import Ddp, Zero12
 from sim.parallel.zero3 import Zero3, Zero3Optimizer
@@ -334,10 +334,10 @@ def _inner_optimizer_temporaries(ctx: RunContext, scenario: Scenario) -> int:
     return 0 if optim in (Optim.ADAMW_TORCH_FUSED, Optim.SGD) else 1
 
 
-def modelling_code(scenario: Scenario):
-    """The module that models the scenario's model_type: HF's qwen2/llama/mistral code, or Qwen1's remote code.
-    LoRA module names are checked against it, as PEFT does ("Target modules ... not found in the base model")."""
-    code = qwen1.Qwen1() if scenario.model.model_type is ModelType.QWEN else hf_decoder.HfDecoder()
+def modelling_code(scenario: Scenario) -> Architecture:
+    """The Architecture registered for the scenario's model_type (sim/workload/architecture.py). LoRA module names
+    are checked against it, as PEFT does ("Target modules ... not found in the base model")."""
+    code = ARCHITECTURES[scenario.model.model_type]
     lora = scenario.lora
     if lora is not None:
         kind = scenario.model.model_type.value
