@@ -46,8 +46,8 @@ class Qwen1(Decoder):
     LINEAR_MODULES = ("c_attn", "c_proj", "w1", "w2", "lm_head")
     SAVABLE_MODULES = ("wte", "lm_head")
     ATTENTION_OUTPUT_FIRST = True  # QWenBlock.forward: layernorm_input = attn_output + residual
-    # The host RNG stash of reentrant checkpointing was measured for the HF families only (docs/validation.md
-    # H4); this port has never taken it.
+    # Reentrant checkpointing's host RNG stash (decoder._host_rng_stash) is modelled where it was measured, for the
+    # HF families on a CPU host (docs/validation.md H4); Qwen1 is not calibrated on a host and leaves it out.
     STASHES_HOST_RNG = False
 
     def build_model(self, ctx: RunContext, lora: Lora | None) -> QWenLMHeadModel:
