@@ -7,8 +7,10 @@ sim.workload.decoder.Decoder that fills the decoder-layer skeleton's slots.
 Adding a family is one new module and one line here: write sim/workload/<family>.py with a class that implements
 Architecture (usually a Decoder subclass filling the slots: attention and MLP, and the norms or the per-layer mask
 where they differ), and map its model_type to an instance of it in ARCHITECTURES. Its model_type must be a
-sim.vocab.ModelType, which the scenario schema accepts; version-dependent choices come from
-sim.workload.behaviour.behaviour_for. tests/test_architectures.py registers and runs a test family this way.
+sim.vocab.ModelType, which the scenario schema accepts. Its version-dependent choices come from
+sim.workload.behaviour.behaviour_for, which branches on the model types it knows: until it names a new one, that one
+takes mistral's rotary schedule and none of the per-family exceptions. tests/test_architectures.py registers and
+runs a test family this way.
 """
 
 from typing import Protocol, runtime_checkable
