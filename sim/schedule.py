@@ -7,9 +7,8 @@ from sim.errors import ScenarioError
 from sim.ops import Phase, Schedule
 from sim.plan import Plan
 from sim.parallel.placement import ModelStates, choose_placement, module_hooks_for
-from sim.vocab import ModelType
-from sim.workload import hf_decoder, qwen1
 from sim.workload import primitives as P
+from sim.workload.architecture import ARCHITECTURES, Architecture
 from sim.workload.context import RunContext
 from sim.workload.tape import Param, Tape
 
@@ -81,10 +80,10 @@ def build_schedule(plan: Plan, repeat: bool = True) -> BuiltSchedule:
     return BuiltSchedule(tape.schedule(), states_after_first_step, tokens, _model_flops(plan, params, tokens))
 
 
-def modelling_code(plan: Plan):
-    """The module that models the scenario's model_type: HF's qwen2/llama/mistral code, or Qwen1's remote code.
-    LoRA module names are checked against it, as PEFT does ("Target modules ... not found in the base model")."""
-    code = qwen1 if plan.model.model_type is ModelType.QWEN else hf_decoder
+def modelling_code(plan: Plan) -> Architecture:
+    """The Architecture registered for the model_type (sim/workload/architecture.py). LoRA module names are checked
+    against it, as PEFT does ("Target modules ... not found in the base model")."""
+    code = ARCHITECTURES[plan.model.model_type]
     lora = plan.lora
     if lora is not None:
         kind = plan.model.model_type.value

@@ -4,37 +4,27 @@ sequence of tensor ops their forward runs, for the attention implementations eag
 Shapes: b batch, s sequence, h hidden, a heads, k kv heads, d head dim, i intermediate, V vocab; N = b·s.
 """
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
-from sim.ops import Category, Phase
-from sim.plan import LoraPlan
+from sim.ops import Category
+from sim.plan import LoraPlan, ModelShape
 from sim.vocab import AttnImplementation, DType, ModelType
 from sim.workload import primitives as P
 from sim.workload.behaviour import KvCache, Rotary, SdpaContiguous
-from sim.workload.checkpoint import checkpoint
 from sim.workload.context import RunContext
+from sim.workload.decoder import Decoder, DecoderLayer
 from sim.workload.loss import lm_head_loss
-from sim.workload.modules import Linear, apply_linear, in_module, make_param
+from sim.workload.modules import apply_linear, in_module, make_linear, make_param, rms_norm
 from sim.workload.tape import Param, Tensor
 
-LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
-SAVABLE_MODULES = ("embed_tokens", "lm_head")
-CPU_RNG_STATE_BYTES = 5056  # torch.get_rng_state().numel() for the CPU generator (torch 2.x)
-LINEAR_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-                 "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-
-
-@dataclass(slots=True)
-class DecoderLayer:
-    index: int
-    input_layernorm: Param
-    post_attention_layernorm: Param
-    linears: dict[str, Linear]
-    rotary_cache: list[Tensor] = field(default_factory=list)  # per-layer cos_cached/sin_cached buffers (old code)
+LinearShapes = dict[str, tuple[int, int, bool]]  # module name → (in_features, out_features, has_bias)
 
 
 @dataclass(slots=True)
 class CausalLM:
+    """XForCausalLM's parameters and model-level buffers."""
+
     embed_tokens: Param
     layers: list[DecoderLayer]
     norm: Param
@@ -42,92 +32,175 @@ class CausalLM:
     mask_buffer: Tensor | None = None  # llama 4.38.x persistent (M, M) causal_mask buffer
 
     def params(self) -> list[Param]:
+        """In module order; a tied lm_head is embed_tokens and counted once."""
         out = [self.embed_tokens]
         for layer in self.layers:
-            out += [layer.input_layernorm]
-            for lin in layer.linears.values():
-                out += lin.params()
-            out += [layer.post_attention_layernorm]
+            out += layer.params()
         out += [self.norm]
         if self.lm_head is not self.embed_tokens:
             out.append(self.lm_head)
         return out
 
 
-def _targets(lora: LoraPlan | None, module: str) -> bool:
-    if lora is None:
-        return False
-    if lora.target_modules == "all-linear":  # PEFT: every nn.Linear except the output layer
-        return module != "lm_head"
-    return module in lora.target_modules
+class HfDecoder(Decoder):
+    """Hugging Face's qwen2/llama/mistral modelling code on the decoder-layer skeleton: q/k/v/o attention with
+    rotary embeddings in three kernels, and the gated SiLU MLP gate_proj/up_proj/down_proj."""
 
+    LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+    SAVABLE_MODULES = ("embed_tokens", "lm_head")
 
-def build_model(ctx: RunContext, lora: LoraPlan | None) -> CausalLM:
-    """Create the parameters in module order, in the weights dtype; LoRA freezes the base and adds adapters."""
-    m = ctx.model
-    dtype = m.weights_dtype
-    full = lora is None
-    h, d, a, kvh, i = m.hidden_size, m.head_size, m.num_attention_heads, m.kv_heads, m.intermediate_size
-    qkv_bias = m.model_type is ModelType.QWEN2 or m.attention_bias
-    shapes = {
-        "q_proj": (h, a * d, qkv_bias), "k_proj": (h, kvh * d, qkv_bias), "v_proj": (h, kvh * d, qkv_bias),
-        "o_proj": (a * d, h, m.attention_bias and m.model_type is not ModelType.QWEN2),
-        "gate_proj": (h, i, m.mlp_bias), "up_proj": (h, i, m.mlp_bias), "down_proj": (i, h, m.mlp_bias),
-    }
-    embed = _maybe_saved_copy(ctx, "model.embed_tokens.weight", m.vocab_size * h, dtype, full, lora, "embed_tokens")
-    layers = []
-    for index in range(m.num_hidden_layers):
-        prefix = f"model.layers.{index}"
-        norm1 = make_param(ctx, f"{prefix}.input_layernorm.weight", h, dtype, full)
-        linears = {}
-        for name, (fan_in, fan_out, has_bias) in shapes.items():
-            linears[name] = make_linear(ctx, f"{prefix}.{LINEAR_PARENT[name]}.{name}", fan_in, fan_out, has_bias,
-                                        dtype, full, lora, name)
-        norm2 = make_param(ctx, f"{prefix}.post_attention_layernorm.weight", h, dtype, full)
-        layer = DecoderLayer(index, norm1, norm2, linears)
+    def attention_shapes(self, m: ModelShape) -> LinearShapes:
+        """The attention slot's linears (self_attn.*), in module order."""
+        h, d, a, kvh = m.hidden_size, m.head_size, m.num_attention_heads, m.kv_heads
+        qkv_bias = m.model_type is ModelType.QWEN2 or m.attention_bias
+        return {"q_proj": (h, a * d, qkv_bias), "k_proj": (h, kvh * d, qkv_bias), "v_proj": (h, kvh * d, qkv_bias),
+                "o_proj": (a * d, h, m.attention_bias and m.model_type is not ModelType.QWEN2)}
+
+    def mlp_shapes(self, m: ModelShape) -> LinearShapes:
+        """The MLP slot's linears (mlp.*), in module order."""
+        h, i = m.hidden_size, m.intermediate_size
+        return {"gate_proj": (h, i, m.mlp_bias), "up_proj": (h, i, m.mlp_bias), "down_proj": (i, h, m.mlp_bias)}
+
+    def build_model(self, ctx: RunContext, lora: LoraPlan | None) -> CausalLM:
+        """Create the parameters in module order, in the weights dtype; LoRA freezes the base and adds adapters."""
+        m = ctx.model
+        dtype = m.weights_dtype
+        full = lora is None
+        h, d = m.hidden_size, m.head_size
+        shapes = [("self_attn", self.attention_shapes(m)), ("mlp", self.mlp_shapes(m))]
+        embed = _maybe_saved_copy(ctx, "model.embed_tokens.weight", m.vocab_size * h, dtype, full, lora,
+                                  "embed_tokens")
+        layers = []
+        for index in range(m.num_hidden_layers):
+            prefix = f"model.layers.{index}"
+            norm1 = make_param(ctx, f"{prefix}.input_layernorm.weight", h, dtype, full)
+            linears = {}
+            for parent, group in shapes:
+                for name, (fan_in, fan_out, has_bias) in group.items():
+                    linears[name] = make_linear(ctx, f"{prefix}.{parent}.{name}", fan_in, fan_out, has_bias, dtype,
+                                                full, lora, name)
+            norm2 = make_param(ctx, f"{prefix}.post_attention_layernorm.weight", h, dtype, full)
+            layer = DecoderLayer(index, prefix, norm1, norm2, linears)
+            beh = ctx.behaviour
+            if beh.rotary is not Rotary.MODEL_LEVEL:  # each attention layer owns a rotary module and its inv_freq
+                _inv_freq(ctx, f"{prefix}.self_attn.rotary_emb")
+            if beh.rotary is Rotary.CACHED_PER_LAYER or beh.unused_rotary_buffers:
+                # register_buffer(cos_cached/sin_cached, (max_position_embeddings, d)) in the load dtype, per layer;
+                # forward rebuilds them for seq_len rows when a sequence is longer (_set_cos_sin_cache)
+                rows = max(m.max_position_embeddings, ctx.seq) * d
+                layer.rotary_cache = [
+                    ctx.tape.persistent_buffer(f"{prefix}.self_attn.rotary_emb.{n}_cached", rows, dtype,
+                                               Category.PARAMETERS)
+                    for n in ("cos", "sin")
+                ]
+            layers.append(layer)
+        norm = make_param(ctx, "model.norm.weight", h, dtype, full)
+        if ctx.behaviour.rotary is Rotary.MODEL_LEVEL:
+            _inv_freq(ctx, "model.rotary_emb")
+        if m.tie_word_embeddings:
+            lm_head = embed
+        else:
+            lm_head = _maybe_saved_copy(ctx, "lm_head.weight", m.vocab_size * h, dtype, full, lora, "lm_head")
+        mask_buffer = None
+        if ctx.behaviour.llama_full_mask_buffer:
+            flag = DType.BOOL if ctx.behaviour.llama_full_mask_bool else DType.INT64
+            mask_buffer = ctx.tape.persistent_buffer("model.causal_mask", m.max_position_embeddings ** 2, flag,
+                                                     Category.ACTIVATIONS)
+        return CausalLM(embed, layers, norm, lm_head, mask_buffer)
+
+    def forward_loss(self, ctx: RunContext, model: CausalLM, ids: Tensor, labels: Tensor,
+                     checkpointing: bool) -> Tensor:
+        """XForCausalLM.forward with labels inside Trainer.compute_loss; returns the loss. The model output
+        (logits, past_key_values) is dropped when compute_loss returns, before backward."""
+        tp, m = ctx.tape, ctx.model
+        embeds = in_module(ctx, "model.embed_tokens", [model.embed_tokens], ids,
+                           lambda ids: P.embedding(tp, "model.embed_tokens", ids, model.embed_tokens, m.vocab_size,
+                                                   m.hidden_size, on_host=ctx.on_host))
+        hidden_dtype = embeds.dtype
+        if model.mask_buffer is not None and ctx.attn is not AttnImplementation.FLASH_ATTENTION_2:
+            mask = llama_full_mask(ctx, model.mask_buffer, hidden_dtype)
+        else:
+            mask = causal_mask(ctx, hidden_dtype)
+        rotary = None
+        if ctx.behaviour.rotary is Rotary.MODEL_LEVEL:
+            rotary = rotary_computed(ctx, "model.rotary_emb", hidden_dtype, scaled=True)
+        extra = [t for t in (mask, *(rotary or ())) if t is not None]
+        hidden = self.run_layers(ctx, model.layers, embeds, mask, rotary, extra, checkpointing)
+        normed = rms_norm(ctx, "model.norm", hidden, model.norm)
+        tp.drop(hidden, mask, *(rotary or ()))  # locals of XModel.forward, released when it returns
+        loss = lm_head_loss(ctx, model.lm_head, normed, labels)
+        tp.drop(normed)
+        ctx.release_kv_cache()
+        ctx.clear_cast_cache()
+        return loss
+
+    # ---- slots ------------------------------------------------------------------------------------------------
+    def layer_mask(self, ctx: RunContext, layer: DecoderLayer, mask: Tensor | None) -> Tensor | None:
+        """The model's mask, or with llama 4.38.x's full-positions mask this layer's (b, 1, s, s) gather of it."""
+        if mask is not None and ctx.behaviour.llama_full_mask_buffer:
+            return llama_layer_mask(ctx, mask, layer.index)
+        return super().layer_mask(ctx, layer, mask)
+
+    def attention(self, ctx: RunContext, layer: DecoderLayer, x: Tensor, mask: Tensor | None,
+                  rotary: Sequence[Tensor] | None) -> Tensor:
+        """XAttention.forward: q/k/v projections, rotary embedding (model-level cos/sin, or the layer's own),
+        the KV cache of the version, eager/sdpa/flash_attention_2 attention, o_proj."""
+        tp, m = ctx.tape, ctx.model
+        prefix = f"{layer.prefix}.self_attn"
+        lin = layer.linears
+        eager = ctx.attn is AttnImplementation.EAGER
+        # q/k/v: linear, then .view(b, s, heads, d).transpose(1, 2): views whose grads come back through a copy in
+        # eager. The q and k grads leave the rotary backward in (b, heads, s, d) layout whatever layout the
+        # attention kernel gave them (TensorIterator's output strides, shared by CPU and CUDA; measured on CPU: a
+        # ViewBackward0 clone of b·s·a·d and b·s·k·d per layer, docs/validation.md), so their view-backward copies.
+        q = P.view(tp, apply_linear(ctx, lin["q_proj"], x), backward_copies=True)
+        k = P.view(tp, apply_linear(ctx, lin["k_proj"], x), backward_copies=True)
+        v = P.view(tp, apply_linear(ctx, lin["v_proj"], x), backward_copies=eager)
+        for t in (q, k, v):  # the view holds the projection output; drop the projection's own reference
+            tp.release(t.storage)
         beh = ctx.behaviour
-        if beh.rotary is not Rotary.MODEL_LEVEL:  # each attention layer owns a rotary module and its inv_freq
-            _inv_freq(ctx, f"{prefix}.self_attn.rotary_emb")
-        if beh.rotary is Rotary.CACHED_PER_LAYER or beh.unused_rotary_buffers:
-            # register_buffer(cos_cached/sin_cached, (max_position_embeddings, d)) in the load dtype, per layer;
-            # forward rebuilds them for seq_len rows when a sequence is longer (_set_cos_sin_cache)
-            rows = max(m.max_position_embeddings, ctx.seq) * d
-            layer.rotary_cache = [
-                ctx.tape.persistent_buffer(f"{prefix}.self_attn.rotary_emb.{n}_cached", rows, dtype, Category.PARAMETERS)
-                for n in ("cos", "sin")
-            ]
-        layers.append(layer)
-    norm = make_param(ctx, "model.norm.weight", h, dtype, full)
-    if ctx.behaviour.rotary is Rotary.MODEL_LEVEL:
-        _inv_freq(ctx, "model.rotary_emb")
-    if m.tie_word_embeddings:
-        lm_head = embed
-    else:
-        lm_head = _maybe_saved_copy(ctx, "lm_head.weight", m.vocab_size * h, dtype, full, lora, "lm_head")
-    mask_buffer = None
-    if ctx.behaviour.llama_full_mask_buffer:
-        flag = DType.BOOL if ctx.behaviour.llama_full_mask_bool else DType.INT64
-        mask_buffer = ctx.tape.persistent_buffer("model.causal_mask", m.max_position_embeddings ** 2, flag,
-                                                 Category.ACTIVATIONS)
-    return CausalLM(embed, layers, norm, lm_head, mask_buffer)
+        if rotary is not None:
+            cos, sin = tp.alias(rotary[0]), tp.alias(rotary[1])
+        elif beh.rotary is Rotary.CACHED_PER_LAYER:
+            cos, sin = rotary_cached(ctx, layer, v.dtype)
+        else:  # self.rotary_emb(value_states, position_ids)
+            cos, sin = rotary_computed(ctx, f"{prefix}.rotary_emb", v.dtype, scaled=False)
+        q_rot = apply_rotary(ctx, f"{prefix}.q_rotary", q, cos, sin)
+        k_rot = apply_rotary(ctx, f"{prefix}.k_rotary", k, cos, sin)
+        tp.drop(cos, sin, q, k)  # query_states, key_states = apply_rotary_pos_emb(...) rebinds both
+        if beh.kv_cache is KvCache.REFERENCES:
+            ctx.kv_cache += [tp.alias(k_rot), tp.alias(v)]
+        elif beh.kv_cache is KvCache.COPIES:
+            ctx.kv_cache += [P.contiguous_copy(tp, f"{prefix}.cache.keys", k_rot),
+                             P.contiguous_copy(tp, f"{prefix}.cache.values", v)]
+        groups = m.num_attention_heads // m.kv_heads
+        if eager:
+            out = _eager(ctx, prefix, q_rot, k_rot, v, mask, groups)
+        elif ctx.attn is AttnImplementation.SDPA:
+            out = _sdpa(ctx, prefix, q_rot, k_rot, v, mask, groups)
+        else:
+            out = _flash_kernel(ctx, prefix, q_rot, k_rot, v, groups, beh.fa2_repeats_kv, "flash_attn_func")
+        result = apply_linear(ctx, lin["o_proj"], out)
+        tp.drop(out, v, q_rot, k_rot)  # locals of the attention forward, released when it returns
+        return result
+
+    def mlp(self, ctx: RunContext, layer: DecoderLayer, x: Tensor) -> Tensor:
+        """down_proj(act_fn(gate_proj(x)) * up_proj(x))."""
+        tp, lin, prefix = ctx.tape, layer.linears, f"{layer.prefix}.mlp"
+        gate = apply_linear(ctx, lin["gate_proj"], x)
+        act = P.silu(tp, f"{prefix}.act_fn", gate)
+        tp.drop(gate)
+        up = apply_linear(ctx, lin["up_proj"], x)
+        product = P.mul(tp, f"{prefix}.mul", act, up)
+        tp.drop(act, up)
+        out = apply_linear(ctx, lin["down_proj"], product)
+        tp.drop(product)
+        return out
 
 
 def _inv_freq(ctx: RunContext, module: str) -> None:
     """register_buffer("inv_freq", 1 / base**(arange(0, d, 2).float() / d)): d/2 fp32 values per rotary module."""
     ctx.tape.persistent_buffer(f"{module}.inv_freq", ctx.model.head_size // 2, DType.FLOAT32, Category.PARAMETERS)
-
-
-def make_linear(ctx: RunContext, name: str, fan_in: int, fan_out: int, has_bias: bool, dtype: DType, full: bool,
-                lora: LoraPlan | None, module: str) -> Linear:
-    weight = make_param(ctx, f"{name}.weight", fan_in * fan_out, dtype, full)
-    bias = make_param(ctx, f"{name}.bias", fan_out, dtype, full) if has_bias else None
-    lin = Linear(name, fan_in, fan_out, weight, bias)
-    if _targets(lora, module):
-        adapter = ctx.adapter_dtype or dtype
-        lin.lora_a = make_param(ctx, f"{name}.lora_A.default.weight", lora.r * fan_in, adapter, True)
-        lin.lora_b = make_param(ctx, f"{name}.lora_B.default.weight", fan_out * lora.r, adapter, True)
-        lin.lora_dropout = lora.lora_dropout
-    return lin
 
 
 def _maybe_saved_copy(ctx: RunContext, name: str, numel: int, dtype: DType, full: bool, lora: LoraPlan | None,
@@ -137,44 +210,6 @@ def _maybe_saved_copy(ctx: RunContext, name: str, numel: int, dtype: DType, full
     if lora is not None and module in lora.modules_to_save:
         return make_param(ctx, name.replace(".weight", ".modules_to_save.default.weight"), numel, dtype, True)
     return base
-
-
-# ---- RMSNorm, MLP ---------------------------------------------------------------------------------------------------
-def rms_norm(ctx: RunContext, name: str, x: Tensor, w: Param) -> Tensor:
-    """Qwen2RMSNorm/LlamaRMSNorm: x.to(fp32); var = x.pow(2).mean(-1, keepdim=True);
-    x = x * rsqrt(var + eps); return weight * x.to(input_dtype)."""
-    return in_module(ctx, name, [w], x, lambda x: _rms_norm(ctx, name, x, w))
-
-
-def _rms_norm(ctx: RunContext, name: str, x: Tensor, w: Param) -> Tensor:
-    tp, h = ctx.tape, ctx.model.hidden_size
-    x32 = P.to_dtype(tp, f"{name}.to_fp32", x, DType.FLOAT32)
-    squared = P.pow2(tp, f"{name}.pow", x32)
-    variance = P.mean_last(tp, f"{name}.mean", squared, h)
-    tp.drop(squared)
-    shifted = P.add_scalar(tp, f"{name}.add_eps", variance)
-    inv = P.rsqrt(tp, f"{name}.rsqrt", shifted)
-    tp.drop(shifted)
-    normed = P.mul(tp, f"{name}.mul", x32, inv)
-    tp.drop(inv, x32)
-    back = P.to_dtype(tp, f"{name}.to_input_dtype", normed, x.dtype)
-    out = P.mul(tp, f"{name}.weight_mul", w.tensor, back)
-    tp.drop(back, normed, variance)
-    return out
-
-
-def mlp(ctx: RunContext, layer: DecoderLayer, x: Tensor) -> Tensor:
-    """down_proj(act_fn(gate_proj(x)) * up_proj(x))."""
-    tp, lin, prefix = ctx.tape, layer.linears, f"model.layers.{layer.index}.mlp"
-    gate = apply_linear(ctx, lin["gate_proj"], x)
-    act = P.silu(tp, f"{prefix}.act_fn", gate)
-    tp.drop(gate)
-    up = apply_linear(ctx, lin["up_proj"], x)
-    product = P.mul(tp, f"{prefix}.mul", act, up)
-    tp.drop(act, up)
-    out = apply_linear(ctx, lin["down_proj"], product)
-    tp.drop(product)
-    return out
 
 
 # ---- rotary -----------------------------------------------------------------------------------------------------------
@@ -235,48 +270,6 @@ def apply_rotary(ctx: RunContext, name: str, x: Tensor, cos: Tensor, sin: Tensor
 
 
 # ---- attention ----------------------------------------------------------------------------------------------------------
-def attention(ctx: RunContext, layer: DecoderLayer, x: Tensor, mask: Tensor | None,
-              rotary: tuple[Tensor, Tensor] | None) -> Tensor:
-    tp, m = ctx.tape, ctx.model
-    prefix = f"model.layers.{layer.index}.self_attn"
-    lin = layer.linears
-    eager = ctx.attn is AttnImplementation.EAGER
-    # q/k/v: linear, then .view(b, s, heads, d).transpose(1, 2): views whose grads come back through a copy in eager.
-    # The q and k grads leave the rotary backward in (b, heads, s, d) layout whatever layout the attention
-    # kernel gave them (TensorIterator's output strides, shared by CPU and CUDA; measured on CPU: a
-    # ViewBackward0 clone of b·s·a·d and b·s·k·d per layer, docs/validation.md), so their view-backward copies.
-    q = P.view(tp, apply_linear(ctx, lin["q_proj"], x), backward_copies=True)
-    k = P.view(tp, apply_linear(ctx, lin["k_proj"], x), backward_copies=True)
-    v = P.view(tp, apply_linear(ctx, lin["v_proj"], x), backward_copies=eager)
-    for t in (q, k, v):  # the view holds the projection output; drop the projection's own reference
-        tp.release(t.storage)
-    beh = ctx.behaviour
-    if rotary is not None:
-        cos, sin = tp.alias(rotary[0]), tp.alias(rotary[1])
-    elif beh.rotary is Rotary.CACHED_PER_LAYER:
-        cos, sin = rotary_cached(ctx, layer, v.dtype)
-    else:  # self.rotary_emb(value_states, position_ids)
-        cos, sin = rotary_computed(ctx, f"{prefix}.rotary_emb", v.dtype, scaled=False)
-    q_rot = apply_rotary(ctx, f"{prefix}.q_rotary", q, cos, sin)
-    k_rot = apply_rotary(ctx, f"{prefix}.k_rotary", k, cos, sin)
-    tp.drop(cos, sin, q, k)  # query_states, key_states = apply_rotary_pos_emb(...) rebinds both
-    if beh.kv_cache is KvCache.REFERENCES:
-        ctx.kv_cache += [tp.alias(k_rot), tp.alias(v)]
-    elif beh.kv_cache is KvCache.COPIES:
-        ctx.kv_cache += [P.contiguous_copy(tp, f"{prefix}.cache.keys", k_rot),
-                         P.contiguous_copy(tp, f"{prefix}.cache.values", v)]
-    groups = m.num_attention_heads // m.kv_heads
-    if eager:
-        out = _eager(ctx, prefix, q_rot, k_rot, v, mask, groups)
-    elif ctx.attn is AttnImplementation.SDPA:
-        out = _sdpa(ctx, prefix, q_rot, k_rot, v, mask, groups)
-    else:
-        out = _flash_kernel(ctx, prefix, q_rot, k_rot, v, groups, beh.fa2_repeats_kv, "flash_attn_func")
-    result = apply_linear(ctx, lin["o_proj"], out)
-    tp.drop(out, v, q_rot, k_rot)  # locals of the attention forward, released when it returns
-    return result
-
-
 def _eager(ctx: RunContext, prefix: str, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, groups: int) -> Tensor:
     """matmul(q, kᵀ) * scale (+ mask), softmax in fp32 then back to q's dtype, dropout, matmul with v, then
     transpose(1, 2).contiguous(). q/k/v are transposed views of (b, s, heads, d) projections, so matmul's reshape
@@ -366,28 +359,6 @@ def _flash_kernel(ctx: RunContext, prefix: str, q: Tensor, k: Tensor, v: Tensor,
     return out
 
 
-# ---- layer and model -------------------------------------------------------------------------------------------------
-def decoder_layer(ctx: RunContext, layer: DecoderLayer, x: Tensor, mask: Tensor | None,
-                  rotary: tuple[Tensor, Tensor] | None) -> Tensor:
-    """residual + self_attn(input_layernorm(x)), then residual + mlp(post_attention_layernorm(·))."""
-    tp, prefix = ctx.tape, f"model.layers.{layer.index}"
-    normed = rms_norm(ctx, f"{prefix}.input_layernorm", x, layer.input_layernorm)
-    layer_mask = tp.alias(mask) if mask is not None else None
-    if mask is not None and ctx.behaviour.llama_full_mask_buffer:
-        tp.drop(layer_mask)
-        layer_mask = llama_layer_mask(ctx, mask, layer.index)
-    attn_out = attention(ctx, layer, normed, layer_mask, rotary)
-    tp.drop(normed, layer_mask)
-    hidden = P.add(tp, f"{prefix}.residual_attn", x, attn_out)
-    tp.drop(attn_out)
-    normed = rms_norm(ctx, f"{prefix}.post_attention_layernorm", hidden, layer.post_attention_layernorm)
-    mlp_out = mlp(ctx, layer, normed)
-    tp.drop(normed)
-    out = P.add(tp, f"{prefix}.residual_mlp", hidden, mlp_out)
-    tp.drop(hidden, mlp_out)
-    return out
-
-
 def causal_mask(ctx: RunContext, dtype: DType) -> Tensor | None:
     """The 4-D additive mask built once per forward for an all-ones attention_mask, or None.
 
@@ -443,69 +414,3 @@ def llama_layer_mask(ctx: RunContext, full: Tensor, layer: int) -> Tensor:
     tp, cells = ctx.tape, ctx.batch * ctx.seq * ctx.seq
     tp.op(f"model.layers.{layer}.self_attn.causal_mask[cache_position]", bytes_moved=2 * cells * full.dtype.size_bytes)
     return tp.empty("causal_mask.layer", cells, full.dtype)
-
-
-def _host_rng_stash(ctx: RunContext) -> Tensor | None:
-    """torch.get_rng_state() on a CPU host: a 5,056-byte uint8 tensor (the mt19937 state plus the normal-sampling
-    cache, aten/src/ATen/CPUGeneratorImpl.cpp CPUGeneratorImplState). Reentrant checkpointing
-    (torch/utils/checkpoint.py, preserve_rng_state=True) takes one in CheckpointFunction.forward
-    (ctx.fwd_cpu_state, kept until the graph is freed) and one in backward, where torch.random.fork_rng holds the
-    current state while the layer is recomputed. On a GPU run both are host memory, so only a host counts them."""
-    if not ctx.on_host:
-        return None
-    tp = ctx.tape
-    tp.op("checkpoint.get_rng_state", bytes_moved=CPU_RNG_STATE_BYTES)
-    return tp.empty("cpu_rng_state", CPU_RNG_STATE_BYTES, DType.BOOL)  # uint8: one byte each, as bool
-
-
-def forward_loss(ctx: RunContext, model: CausalLM, ids: Tensor, labels: Tensor, checkpointing: bool) -> Tensor:
-    """XForCausalLM.forward with labels inside Trainer.compute_loss; returns the loss. The model output (logits,
-    past_key_values) is dropped when compute_loss returns, before backward."""
-    tp, m = ctx.tape, ctx.model
-    embeds = in_module(ctx, "model.embed_tokens", [model.embed_tokens], ids,
-                       lambda ids: P.embedding(tp, "model.embed_tokens", ids, model.embed_tokens, m.vocab_size,
-                                               m.hidden_size, on_host=ctx.on_host))
-    if checkpointing and not embeds.requires_grad:
-        # enable_input_require_grads (PEFT/trainers with reentrant checkpointing): the embedding output
-        # requires grad so that checkpointed layers produce grads.
-        embeds.requires_grad = True
-    hidden_dtype = embeds.dtype
-    if model.mask_buffer is not None and ctx.attn is not AttnImplementation.FLASH_ATTENTION_2:
-        mask = llama_full_mask(ctx, model.mask_buffer, hidden_dtype)
-    else:
-        mask = causal_mask(ctx, hidden_dtype)
-    rotary = None
-    if ctx.behaviour.rotary is Rotary.MODEL_LEVEL:
-        rotary = rotary_computed(ctx, "model.rotary_emb", hidden_dtype, scaled=True)
-    extra = [t for t in (mask, *(rotary or ())) if t is not None]
-    stashes: list[Tensor] = []
-    graph_end = None
-    hidden = embeds
-    for layer in model.layers:
-        tp.layer = layer.index
-
-        def run_layer(x: Tensor, layer: DecoderLayer = layer) -> Tensor:
-            stash = _host_rng_stash(ctx) if checkpointing else None
-            out = decoder_layer(ctx, layer, x, mask, rotary)
-            if stash is not None and tp.phase is Phase.FORWARD:
-                stashes.append(stash)
-            else:
-                tp.drop(stash)  # fork_rng's copy goes when the recompute's forward returns
-            return out
-
-        out = checkpoint(ctx, run_layer, hidden, extra) if checkpointing else run_layer(hidden)
-        if stashes and graph_end is None:
-            graph_end = embeds.node or out.node  # the node autograd runs last
-        if graph_end is not None:
-            graph_end.saved += [t.storage for t in stashes]  # ctx.fwd_cpu_state: alive until the graph is freed
-            stashes.clear()
-        tp.drop(hidden)
-        hidden = out
-    tp.layer = None
-    normed = rms_norm(ctx, "model.norm", hidden, model.norm)
-    tp.drop(hidden, mask, *(rotary or ()))  # locals of XModel.forward, released when it returns
-    loss = lm_head_loss(ctx, model.lm_head, normed, labels)
-    tp.drop(normed)
-    ctx.release_kv_cache()
-    ctx.clear_cast_cache()
-    return loss

@@ -1,8 +1,10 @@
-"""Parameters of the modelled modules, and Linear as nn.Linear, PEFT LoRA and torch.autocast run it."""
+"""The modules every modelled family is built from: parameters, Linear as nn.Linear, PEFT LoRA and
+torch.autocast run it, and RMSNorm."""
 
 from dataclasses import dataclass
 
 from sim.ops import Category
+from sim.plan import LoraPlan
 from sim.vocab import DType
 from sim.workload import primitives as P
 from sim.workload.context import RunContext
@@ -29,6 +31,30 @@ class Linear:
 def make_param(ctx: RunContext, name: str, numel: int, dtype: DType, trainable: bool) -> Param:
     """A parameter, resident on the device unless module hooks (ZeRO-3) gather it when its module runs."""
     return ctx.tape.parameter(name, numel, dtype, trainable, Category.PARAMETERS, resident=ctx.module_hooks is None)
+
+
+def make_linear(ctx: RunContext, name: str, fan_in: int, fan_out: int, has_bias: bool, dtype: DType, full: bool,
+                lora: LoraPlan | None, module: str) -> Linear:
+    """nn.Linear(fan_in, fan_out) named `name`, its weight then its bias; PEFT wraps it in a LoRA layer (A: r×in,
+    B: out×r, in the adapter dtype) when the LoRA config targets `module`."""
+    weight = make_param(ctx, f"{name}.weight", fan_in * fan_out, dtype, full)
+    bias = make_param(ctx, f"{name}.bias", fan_out, dtype, full) if has_bias else None
+    lin = Linear(name, fan_in, fan_out, weight, bias)
+    if _targets(lora, module):
+        adapter = ctx.adapter_dtype or dtype
+        lin.lora_a = make_param(ctx, f"{name}.lora_A.default.weight", lora.r * fan_in, adapter, True)
+        lin.lora_b = make_param(ctx, f"{name}.lora_B.default.weight", fan_out * lora.r, adapter, True)
+        lin.lora_dropout = lora.lora_dropout
+    return lin
+
+
+def _targets(lora: LoraPlan | None, module: str) -> bool:
+    """Whether PEFT wraps the linear module `module` in a LoRA layer."""
+    if lora is None:
+        return False
+    if lora.target_modules == "all-linear":  # PEFT: every nn.Linear except the output layer
+        return module != "lm_head"
+    return module in lora.target_modules
 
 
 def in_module(ctx: RunContext, module: str, params: list[Param], x: Tensor, compute) -> Tensor:
@@ -109,4 +135,28 @@ def apply_linear(ctx: RunContext, lin: Linear, x: Tensor) -> Tensor:
     tp.drop(result, scaled)
     out = P.to_dtype(tp, f"{lin.name}.lora_result_cast", summed, result_dtype)
     tp.drop(summed)
+    return out
+
+
+def rms_norm(ctx: RunContext, name: str, x: Tensor, w: Param) -> Tensor:
+    """Qwen2RMSNorm/LlamaRMSNorm: x.to(fp32); var = x.pow(2).mean(-1, keepdim=True);
+    x = x * rsqrt(var + eps); return weight * x.to(input_dtype)."""
+    return in_module(ctx, name, [w], x, lambda x: _rms_norm(ctx, name, x, w))
+
+
+def _rms_norm(ctx: RunContext, name: str, x: Tensor, w: Param) -> Tensor:
+    """The ops of rms_norm, run inside the module's ZeRO-3 hooks."""
+    tp, h = ctx.tape, ctx.model.hidden_size
+    x32 = P.to_dtype(tp, f"{name}.to_fp32", x, DType.FLOAT32)
+    squared = P.pow2(tp, f"{name}.pow", x32)
+    variance = P.mean_last(tp, f"{name}.mean", squared, h)
+    tp.drop(squared)
+    shifted = P.add_scalar(tp, f"{name}.add_eps", variance)
+    inv = P.rsqrt(tp, f"{name}.rsqrt", shifted)
+    tp.drop(shifted)
+    normed = P.mul(tp, f"{name}.mul", x32, inv)
+    tp.drop(inv, x32)
+    back = P.to_dtype(tp, f"{name}.to_input_dtype", normed, x.dtype)
+    out = P.mul(tp, f"{name}.weight_mul", w.tensor, back)
+    tp.drop(back, normed, variance)
     return out

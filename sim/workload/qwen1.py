@@ -4,88 +4,143 @@ torch >= 2 without flash-attn, flash-attn (direct for batch 1, unpadded varlen o
 and the loss on bf16 logits (no fp32 upcast).
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sim.ops import Category
 from sim.plan import LoraPlan
 from sim.vocab import AttnImplementation, DType
 from sim.workload import primitives as P
-from sim.workload.checkpoint import checkpoint
 from sim.workload.context import RunContext
-from sim.workload.hf_decoder import apply_rotary, rms_norm
+from sim.workload.decoder import Decoder, DecoderLayer
+from sim.workload.hf_decoder import apply_rotary
 from sim.workload.loss import lm_head_loss
-from sim.workload.modules import Linear, apply_linear, in_module, make_param
+from sim.workload.modules import apply_linear, in_module, make_linear, make_param, rms_norm
 from sim.workload.tape import Param, Tensor
 
 LOGN_POSITIONS = 32767  # logn_list over range(1, 32768) (QWenAttention.__init__)
-LINEAR_MODULES = ("c_attn", "c_proj", "w1", "w2", "lm_head")
-SAVABLE_MODULES = ("wte", "lm_head")
-
-
-@dataclass(slots=True)
-class QWenBlock:
-    index: int
-    ln_1: Param
-    ln_2: Param
-    linears: dict[str, Linear]
 
 
 @dataclass(slots=True)
 class QWenLMHeadModel:
+    """QWenLMHeadModel's parameters and the rotary cache its QWenModel keeps."""
+
     wte: Param
-    blocks: list[QWenBlock]
+    blocks: list[DecoderLayer]
     ln_f: Param
     lm_head: Param
     rotary_cache: list[Tensor]  # fp32 cos/sin cache of QWenModel.rotary_emb, built at the first forward
 
     def params(self) -> list[Param]:
+        """In module order (lm_head is never tied to wte)."""
         out = [self.wte]
         for block in self.blocks:
-            out.append(block.ln_1)
-            for lin in block.linears.values():
-                out += lin.params()
-            out.append(block.ln_2)
+            out += block.params()
         return out + [self.ln_f, self.lm_head]
 
 
-def _targets(lora: LoraPlan | None, module: str) -> bool:
-    if lora is None:
-        return False
-    return module != "lm_head" if lora.target_modules == "all-linear" else module in lora.target_modules
+class Qwen1(Decoder):
+    """Qwen1's QWenBlock on the decoder-layer skeleton: ln_1, attn (fused c_attn, c_proj), ln_2, mlp (w1, w2,
+    c_proj)."""
 
+    LINEAR_MODULES = ("c_attn", "c_proj", "w1", "w2", "lm_head")
+    SAVABLE_MODULES = ("wte", "lm_head")
+    ATTENTION_OUTPUT_FIRST = True  # QWenBlock.forward: layernorm_input = attn_output + residual
+    # Reentrant checkpointing's host RNG stash (decoder._host_rng_stash) is modelled where it was measured, for the
+    # HF families on a CPU host (docs/validation.md H4); Qwen1 is not calibrated on a host and leaves it out.
+    STASHES_HOST_RNG = False
 
-def build_model(ctx: RunContext, lora: LoraPlan | None) -> QWenLMHeadModel:
-    """Parameters in the autoselected dtype (bf16 on bf16-capable GPUs); c_attn always has a bias."""
-    from sim.workload.hf_decoder import make_linear
+    def build_model(self, ctx: RunContext, lora: LoraPlan | None) -> QWenLMHeadModel:
+        """Parameters in the autoselected dtype (bf16 on bf16-capable GPUs); c_attn always has a bias."""
+        m = ctx.model
+        dtype, full, h = m.weights_dtype, lora is None, m.hidden_size
+        ffn = m.intermediate_size // 2  # w1 and w2 are Linear(h, intermediate_size // 2)
+        wte = make_param(ctx, "transformer.wte.weight", m.vocab_size * h, dtype, full or _saved(lora, "wte"))
+        blocks = []
+        for index in range(m.num_hidden_layers):
+            prefix = f"transformer.h.{index}"
+            ln_1 = make_param(ctx, f"{prefix}.ln_1.weight", h, dtype, full)
+            shapes = {"c_attn": (h, 3 * h, True, "attn"), "c_proj": (h, h, not m.no_bias, "attn"),
+                      "w1": (h, ffn, not m.no_bias, "mlp"), "w2": (h, ffn, not m.no_bias, "mlp"),
+                      "mlp.c_proj": (ffn, h, not m.no_bias, "mlp")}
+            linears = {}
+            for key, (fan_in, fan_out, bias, parent) in shapes.items():
+                module = key.split(".")[-1]
+                linears[key] = make_linear(ctx, f"{prefix}.{parent}.{module}", fan_in, fan_out, bias, dtype, full,
+                                           lora, module)
+            ln_2 = make_param(ctx, f"{prefix}.ln_2.weight", h, dtype, full)
+            ctx.tape.persistent_buffer(f"{prefix}.attn.logn_tensor", LOGN_POSITIONS, dtype, Category.PARAMETERS)
+            ctx.tape.persistent_buffer(f"{prefix}.attn.masked_bias", 1, dtype, Category.PARAMETERS)
+            blocks.append(DecoderLayer(index, prefix, ln_1, ln_2, linears))
+        ctx.tape.persistent_buffer("transformer.rotary_emb.inv_freq", m.head_size // 2, DType.FLOAT32,
+                                   Category.PARAMETERS)
+        ln_f = make_param(ctx, "transformer.ln_f.weight", h, dtype, full)
+        lm_head = make_param(ctx, "lm_head.weight", m.vocab_size * h, dtype, full or _saved(lora, "lm_head"))
+        return QWenLMHeadModel(wte, blocks, ln_f, lm_head, [])
 
-    m = ctx.model
-    dtype, full, h = m.weights_dtype, lora is None, m.hidden_size
-    ffn = m.intermediate_size // 2  # w1 and w2 are Linear(h, intermediate_size // 2)
-    wte = make_param(ctx, "transformer.wte.weight", m.vocab_size * h, dtype, full or _saved(lora, "wte"))
-    blocks = []
-    for index in range(m.num_hidden_layers):
-        prefix = f"transformer.h.{index}"
-        ln_1 = make_param(ctx, f"{prefix}.ln_1.weight", h, dtype, full)
-        shapes = {"c_attn": (h, 3 * h, True, "attn"), "c_proj": (h, h, not m.no_bias, "attn"),
-                  "w1": (h, ffn, not m.no_bias, "mlp"), "w2": (h, ffn, not m.no_bias, "mlp"),
-                  "mlp.c_proj": (ffn, h, not m.no_bias, "mlp")}
-        linears = {}
-        for key, (fan_in, fan_out, bias, parent) in shapes.items():
-            module = key.split(".")[-1]
-            linears[key] = make_linear(ctx, f"{prefix}.{parent}.{module}", fan_in, fan_out, bias, dtype, full,
-                                       lora if _targets(lora, module) else None, module)
-        ln_2 = make_param(ctx, f"{prefix}.ln_2.weight", h, dtype, full)
-        ctx.tape.persistent_buffer(f"{prefix}.attn.logn_tensor", LOGN_POSITIONS, dtype, Category.PARAMETERS)
-        ctx.tape.persistent_buffer(f"{prefix}.attn.masked_bias", 1, dtype, Category.PARAMETERS)
-        blocks.append(QWenBlock(index, ln_1, ln_2, linears))
-    ctx.tape.persistent_buffer("transformer.rotary_emb.inv_freq", m.head_size // 2, DType.FLOAT32,
-                               Category.PARAMETERS)
-    ln_f = make_param(ctx, "transformer.ln_f.weight", h, dtype, full)
-    lm_head = make_param(ctx, "lm_head.weight", m.vocab_size * h, dtype, full or _saved(lora, "lm_head"))
-    return QWenLMHeadModel(wte, blocks, ln_f, lm_head, [])
+    def forward_loss(self, ctx: RunContext, model: QWenLMHeadModel, ids: Tensor, labels: Tensor,
+                     checkpointing: bool) -> Tensor:
+        """QWenLMHeadModel.forward with labels; the (b, 1, 1, s) additive mask is built once per forward."""
+        tp, m = ctx.tape, ctx.model
+        rotary = _rotary_cache(ctx, model)
+        embeds = in_module(ctx, "transformer.wte", [model.wte], ids,
+                           lambda ids: P.embedding(tp, "transformer.wte", ids, model.wte, m.vocab_size, m.hidden_size))
+        tp.op("transformer.attention_mask.to_dtype", bytes_moved=ctx.tokens * 10)
+        converted = tp.empty("attention_mask.to", ctx.tokens, embeds.dtype)
+        tp.op("transformer.attention_mask.one_minus", bytes_moved=ctx.tokens * 4)
+        inverted = tp.empty("attention_mask.one_minus", ctx.tokens, embeds.dtype)
+        tp.drop(converted)
+        tp.op("transformer.attention_mask.times_min", bytes_moved=ctx.tokens * 4)
+        mask = tp.empty("attention_mask.additive", ctx.tokens, embeds.dtype)
+        tp.drop(inverted)
+        hidden = self.run_layers(ctx, model.blocks, embeds, mask, rotary, [mask], checkpointing)
+        normed = rms_norm(ctx, "transformer.ln_f", hidden, model.ln_f)
+        tp.drop(hidden, mask)
+        loss = lm_head_loss(ctx, model.lm_head, normed, labels)
+        tp.drop(normed)
+        ctx.release_kv_cache()
+        ctx.clear_cast_cache()
+        return loss
+
+    # ---- slots ---------------------------------------------------------------------------------------------------
+    def attention(self, ctx: RunContext, layer: DecoderLayer, x: Tensor, mask: Tensor | None,
+                  rotary: Sequence[Tensor] | None) -> Tensor:
+        """QWenAttention.forward: c_attn split into q/k/v, fp32 rotary from the model's cache, SDPA with the
+        materialised mask or flash-attn, c_proj."""
+        tp, m = ctx.tape, ctx.model
+        b, s, a, d = ctx.batch, ctx.seq, m.num_attention_heads, m.head_size
+        prefix = f"{layer.prefix}.attn"
+        mixed = apply_linear(ctx, layer.linears["c_attn"], x)
+        q, k, v = P.split(tp, f"{prefix}.split", mixed, 3)
+        tp.drop(mixed)
+        cos, sin = (tp.alias(c, s * d, view=True) for c in rotary)  # cos[:, :s] views of the fp32 cache
+        q_rot = _rotary(ctx, f"{prefix}.q_rotary", q, cos, sin)
+        k_rot = _rotary(ctx, f"{prefix}.k_rotary", k, cos, sin)
+        tp.drop(q, k, cos, sin)
+        flops = 2.0 * b * a * s * s * d
+        if ctx.attn is AttnImplementation.FLASH_ATTENTION_2:
+            out = _flash(ctx, prefix, q_rot, k_rot, v, flops)
+        else:
+            out = _sdpa_with_mask(ctx, prefix, q_rot, k_rot, v, mask, flops)
+        result = apply_linear(ctx, layer.linears["c_proj"], out)
+        tp.drop(out, q_rot, k_rot, v)
+        return result
+
+    def mlp(self, ctx: RunContext, layer: DecoderLayer, x: Tensor) -> Tensor:
+        """a1 = w1(x); a2 = w2(x); c_proj(a1 * F.silu(a2))."""
+        tp, lin, prefix = ctx.tape, layer.linears, f"{layer.prefix}.mlp"
+        a1 = apply_linear(ctx, lin["w1"], x)
+        a2 = apply_linear(ctx, lin["w2"], x)
+        act = P.silu(tp, f"{prefix}.silu", a2)
+        product = P.mul(tp, f"{prefix}.mul", a1, act)
+        tp.drop(act, a1, a2)
+        out = apply_linear(ctx, lin["mlp.c_proj"], product)
+        tp.drop(product)
+        return out
 
 
 def _saved(lora: LoraPlan | None, module: str) -> bool:
+    """Whether lora.modules_to_save names `module`: this port makes the module itself trainable."""
     return lora is not None and module in lora.modules_to_save
 
 
@@ -126,27 +181,6 @@ def _rotary(ctx: RunContext, name: str, t: Tensor, cos: Tensor, sin: Tensor) -> 
     return out
 
 
-def _attention(ctx: RunContext, block: QWenBlock, x: Tensor, mask: Tensor, rotary: list[Tensor]) -> Tensor:
-    tp, m = ctx.tape, ctx.model
-    b, s, a, d = ctx.batch, ctx.seq, m.num_attention_heads, m.head_size
-    prefix = f"transformer.h.{block.index}.attn"
-    mixed = apply_linear(ctx, block.linears["c_attn"], x)
-    q, k, v = P.split(tp, f"{prefix}.split", mixed, 3)
-    tp.drop(mixed)
-    cos, sin = (tp.alias(c, s * d, view=True) for c in rotary)  # cos[:, :s] views of the fp32 cache
-    q_rot = _rotary(ctx, f"{prefix}.q_rotary", q, cos, sin)
-    k_rot = _rotary(ctx, f"{prefix}.k_rotary", k, cos, sin)
-    tp.drop(q, k, cos, sin)
-    flops = 2.0 * b * a * s * s * d
-    if ctx.attn is AttnImplementation.FLASH_ATTENTION_2:
-        out = _flash(ctx, prefix, q_rot, k_rot, v, flops)
-    else:
-        out = _sdpa_with_mask(ctx, prefix, q_rot, k_rot, v, mask, flops)
-    result = apply_linear(ctx, block.linears["c_proj"], out)
-    tp.drop(out, q_rot, k_rot, v)
-    return result
-
-
 def _sdpa_with_mask(ctx: RunContext, prefix: str, q: Tensor, k: Tensor, v: Tensor, mask: Tensor,
                     flops: float) -> Tensor:
     """torch >= 2 without flash-attn: causal = tril(ones((s, s), bool)); the (b, 1, 1, s) attention mask is
@@ -185,68 +219,3 @@ def _flash(ctx: RunContext, prefix: str, q: Tensor, k: Tensor, v: Tensor, flops:
     padded = P.contiguous_copy(tp, f"{prefix}.pad_input", unpadded)
     tp.drop(unpadded, indices)
     return padded
-
-
-def _mlp(ctx: RunContext, block: QWenBlock, x: Tensor) -> Tensor:
-    """a1 = w1(x); a2 = w2(x); c_proj(a1 * F.silu(a2))."""
-    tp, lin, prefix = ctx.tape, block.linears, f"transformer.h.{block.index}.mlp"
-    a1 = apply_linear(ctx, lin["w1"], x)
-    a2 = apply_linear(ctx, lin["w2"], x)
-    act = P.silu(tp, f"{prefix}.silu", a2)
-    product = P.mul(tp, f"{prefix}.mul", a1, act)
-    tp.drop(act, a1, a2)
-    out = apply_linear(ctx, lin["mlp.c_proj"], product)
-    tp.drop(product)
-    return out
-
-
-def _block(ctx: RunContext, block: QWenBlock, x: Tensor, mask: Tensor, rotary: list[Tensor]) -> Tensor:
-    """ln_1 → attn → + x → ln_2 → mlp → + residual (QWenBlock.forward)."""
-    tp, prefix = ctx.tape, f"transformer.h.{block.index}"
-    normed = rms_norm(ctx, f"{prefix}.ln_1", x, block.ln_1)
-    attn = _attention(ctx, block, normed, mask, rotary)
-    tp.drop(normed)
-    hidden = P.add(tp, f"{prefix}.residual_attn", attn, x)
-    tp.drop(attn)
-    normed = rms_norm(ctx, f"{prefix}.ln_2", hidden, block.ln_2)
-    out_mlp = _mlp(ctx, block, normed)
-    tp.drop(normed)
-    out = P.add(tp, f"{prefix}.residual_mlp", hidden, out_mlp)
-    tp.drop(hidden, out_mlp)
-    return out
-
-
-def forward_loss(ctx: RunContext, model: QWenLMHeadModel, ids: Tensor, labels: Tensor, checkpointing: bool) -> Tensor:
-    """QWenLMHeadModel.forward with labels; the (b, 1, 1, s) additive mask is built once per forward."""
-    tp, m = ctx.tape, ctx.model
-    rotary = _rotary_cache(ctx, model)
-    embeds = in_module(ctx, "transformer.wte", [model.wte], ids,
-                       lambda ids: P.embedding(tp, "transformer.wte", ids, model.wte, m.vocab_size, m.hidden_size))
-    if checkpointing and not embeds.requires_grad:
-        embeds.requires_grad = True  # enable_input_require_grads, as trainers do for LoRA with checkpointing
-    tp.op("transformer.attention_mask.to_dtype", bytes_moved=ctx.tokens * 10)
-    converted = tp.empty("attention_mask.to", ctx.tokens, embeds.dtype)
-    tp.op("transformer.attention_mask.one_minus", bytes_moved=ctx.tokens * 4)
-    inverted = tp.empty("attention_mask.one_minus", ctx.tokens, embeds.dtype)
-    tp.drop(converted)
-    tp.op("transformer.attention_mask.times_min", bytes_moved=ctx.tokens * 4)
-    mask = tp.empty("attention_mask.additive", ctx.tokens, embeds.dtype)
-    tp.drop(inverted)
-    hidden = embeds
-    for block in model.blocks:
-        tp.layer = block.index
-
-        def run_block(x: Tensor, block: QWenBlock = block) -> Tensor:
-            return _block(ctx, block, x, mask, rotary)
-
-        out = checkpoint(ctx, run_block, hidden, [mask]) if checkpointing else run_block(hidden)
-        tp.drop(hidden)
-        hidden = out
-    tp.layer = None
-    normed = rms_norm(ctx, "transformer.ln_f", hidden, model.ln_f)
-    tp.drop(hidden, mask)
-    loss = lm_head_loss(ctx, model.lm_head, normed, labels)
-    tp.drop(normed)
-    ctx.release_kv_cache()
-    ctx.clear_cast_cache()
-    return loss

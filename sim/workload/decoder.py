@@ -1,0 +1,150 @@
+"""The decoder-layer skeleton every modelled family fills: input norm → attention → residual add → post-attention
+norm → MLP → residual add, each layer under torch.utils.checkpoint when gradient checkpointing is on.
+
+The skeleton fixes the order of the ops and how long the tensors between the slots live; a family (hf_decoder.py,
+qwen1.py) subclasses Decoder and fills the slots: the two norms (RMSNorm unless it says otherwise), the mask each
+layer's attention reads, the attention and the MLP.
+"""
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from sim.ops import Phase
+from sim.vocab import DType
+from sim.workload import primitives as P
+from sim.workload.checkpoint import checkpoint
+from sim.workload.context import RunContext
+from sim.workload.modules import Linear, rms_norm
+from sim.workload.tape import Param, Tensor
+
+CPU_RNG_STATE_BYTES = 5056  # torch.get_rng_state().numel() for the CPU generator (torch 2.x)
+
+
+@dataclass(slots=True)
+class DecoderLayer:
+    """One decoder layer's parameters: its two norms and its linears (attention's, then the MLP's, in module
+    order), under the layer's module path (model.layers.{i} in HF, transformer.h.{i} in Qwen1)."""
+
+    index: int
+    prefix: str
+    input_norm: Param  # input_layernorm (HF), ln_1 (Qwen1)
+    post_attention_norm: Param  # post_attention_layernorm (HF), ln_2 (Qwen1)
+    linears: dict[str, Linear]
+    rotary_cache: list[Tensor] = field(default_factory=list)  # per-layer cos_cached/sin_cached buffers (old HF code)
+
+    def params(self) -> list[Param]:
+        """In module order: the input norm, the linears, the post-attention norm."""
+        out = [self.input_norm]
+        for lin in self.linears.values():
+            out += lin.params()
+        out.append(self.post_attention_norm)
+        return out
+
+
+class Decoder(ABC):
+    """A decoder-only family's layers: the slots it fills, and the skeleton (decoder_layer, run_layers) that runs
+    them in the order every family's modelling code does."""
+
+    # The first residual add is residual + attn_output (HF); Qwen1 writes attn_output + residual. The order of
+    # AddBackward0's inputs is the order their gradients are routed in backward.
+    ATTENTION_OUTPUT_FIRST: ClassVar[bool] = False
+    # Reentrant checkpointing on a CPU host stashes torch.get_rng_state() per layer (see _host_rng_stash).
+    STASHES_HOST_RNG: ClassVar[bool] = True
+
+    # ---- slots ------------------------------------------------------------------------------------------------
+    def input_norm(self, ctx: RunContext, layer: DecoderLayer, x: Tensor) -> Tensor:
+        """The norm before attention: RMSNorm over the layer's input_norm weight."""
+        return rms_norm(ctx, _module_of(layer.input_norm), x, layer.input_norm)
+
+    def layer_mask(self, ctx: RunContext, layer: DecoderLayer, mask: Tensor | None) -> Tensor | None:
+        """The mask this layer's attention reads, a tensor the skeleton drops after attention: by default the
+        model's own mask under another reference."""
+        return ctx.tape.alias(mask) if mask is not None else None
+
+    @abstractmethod
+    def attention(self, ctx: RunContext, layer: DecoderLayer, x: Tensor, mask: Tensor | None,
+                  rotary: Sequence[Tensor] | None) -> Tensor:
+        """Self-attention of the normed input, up to and including its output projection."""
+
+    def post_attention_norm(self, ctx: RunContext, layer: DecoderLayer, x: Tensor) -> Tensor:
+        """The norm before the MLP: RMSNorm over the layer's post_attention_norm weight."""
+        return rms_norm(ctx, _module_of(layer.post_attention_norm), x, layer.post_attention_norm)
+
+    @abstractmethod
+    def mlp(self, ctx: RunContext, layer: DecoderLayer, x: Tensor) -> Tensor:
+        """The MLP of the normed hidden state, up to and including its down projection."""
+
+    # ---- skeleton ---------------------------------------------------------------------------------------------
+    def decoder_layer(self, ctx: RunContext, layer: DecoderLayer, x: Tensor, mask: Tensor | None,
+                      rotary: Sequence[Tensor] | None) -> Tensor:
+        """residual + attention(input_norm(x)), then residual + mlp(post_attention_norm(·)); each local is dropped
+        where the modelling code rebinds it or returns."""
+        tp, prefix = ctx.tape, layer.prefix
+        normed = self.input_norm(ctx, layer, x)
+        layer_mask = self.layer_mask(ctx, layer, mask)
+        attn_out = self.attention(ctx, layer, normed, layer_mask, rotary)
+        tp.drop(normed, layer_mask)
+        addends = (attn_out, x) if self.ATTENTION_OUTPUT_FIRST else (x, attn_out)
+        hidden = P.add(tp, f"{prefix}.residual_attn", *addends)
+        tp.drop(attn_out)
+        normed = self.post_attention_norm(ctx, layer, hidden)
+        mlp_out = self.mlp(ctx, layer, normed)
+        tp.drop(normed)
+        out = P.add(tp, f"{prefix}.residual_mlp", hidden, mlp_out)
+        tp.drop(hidden, mlp_out)
+        return out
+
+    def run_layers(self, ctx: RunContext, layers: list[DecoderLayer], embeds: Tensor, mask: Tensor | None,
+                   rotary: Sequence[Tensor] | None, extra: list[Tensor], checkpointing: bool) -> Tensor:
+        """The decoder stack over the embeddings (whose reference it takes over): each layer in turn, under
+        checkpointing with `extra` as its other tensor arguments when that is on; returns the last layer's output."""
+        tp = ctx.tape
+        if checkpointing and not embeds.requires_grad:
+            # enable_input_require_grads (PEFT/trainers with reentrant checkpointing): the embedding output
+            # requires grad so that checkpointed layers produce grads.
+            embeds.requires_grad = True
+        stashes: list[Tensor] = []
+        graph_end = None
+        hidden = embeds
+        for layer in layers:
+            tp.layer = layer.index
+
+            def run_layer(x: Tensor, layer: DecoderLayer = layer) -> Tensor:
+                stash = _host_rng_stash(ctx) if checkpointing and self.STASHES_HOST_RNG else None
+                out = self.decoder_layer(ctx, layer, x, mask, rotary)
+                if stash is not None and tp.phase is Phase.FORWARD:
+                    stashes.append(stash)
+                else:
+                    tp.drop(stash)  # fork_rng's copy goes when the recompute's forward returns
+                return out
+
+            out = checkpoint(ctx, run_layer, hidden, extra) if checkpointing else run_layer(hidden)
+            if stashes and graph_end is None:
+                graph_end = embeds.node or out.node  # the node autograd runs last
+            if graph_end is not None:
+                graph_end.saved += [t.storage for t in stashes]  # ctx.fwd_cpu_state: alive until the graph is freed
+                stashes.clear()
+            tp.drop(hidden)
+            hidden = out
+        tp.layer = None
+        return hidden
+
+
+def _module_of(param: Param) -> str:
+    """The module path a norm's weight belongs to: its name without `.weight`."""
+    return param.name.removesuffix(".weight")
+
+
+def _host_rng_stash(ctx: RunContext) -> Tensor | None:
+    """torch.get_rng_state() on a CPU host: a 5,056-byte uint8 tensor (the mt19937 state plus the normal-sampling
+    cache, aten/src/ATen/CPUGeneratorImpl.cpp CPUGeneratorImplState). Reentrant checkpointing
+    (torch/utils/checkpoint.py, preserve_rng_state=True) takes one in CheckpointFunction.forward
+    (ctx.fwd_cpu_state, kept until the graph is freed) and one in backward, where torch.random.fork_rng holds the
+    current state while the layer is recomputed. On a GPU run both are host memory, so only a host counts them."""
+    if not ctx.on_host:
+        return None
+    tp = ctx.tape
+    tp.op("checkpoint.get_rng_state", bytes_moved=CPU_RNG_STATE_BYTES)
+    return tp.empty("cpu_rng_state", CPU_RNG_STATE_BYTES, DType.BOOL)  # uint8: one byte each, as bool
