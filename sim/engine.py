@@ -16,7 +16,7 @@ import numpy as np
 
 from sim.allocator import Allocator, CachingAllocator, OutOfMemory
 from sim.cost import CostModel
-from sim.ops import PHASES, STREAMS, Phase, Schedule, Stream
+from sim.ops import STREAMS, Schedule, Stream
 from sim.trace import Trace
 
 
@@ -249,19 +249,14 @@ class _StepwiseDriver:
         self.most_reserved, self.largest_at_peak = -1, None
 
     def _windows(self, schedule: Schedule) -> list[tuple[int, int]]:
-        """[start, end) event ranges, one per micro-batch and one per optimizer step: from the first event of
-        its ops to the first of the next."""
-        if not schedule.op_step or not self.n:
+        """[start, end) event ranges, one per repetition window of the schedule (Schedule.window_first_ops; the
+        persistent buffers one of their own): from the first event of its ops to the first of the next."""
+        first_ops = schedule.window_first_ops()
+        if not len(first_ops) or not self.n:
             return [(0, self.n)]
-        op_index = self.events.op_index
-        optimizer = schedule.phase_codes() == PHASES.index(Phase.OPTIMIZER)
-        group = (np.asarray(schedule.op_step, dtype=np.int64) << 32) + (np.asarray(schedule.op_micro_batch) << 1) \
-            + optimizer
-        # each run of ops of one group numbered from 1 in op order (0: the persistent buffers)
-        dense = np.concatenate([[1], np.cumsum(group[1:] != group[:-1]) + 1])
-        event_group = np.where(op_index < 0, 0, dense[np.maximum(op_index, 0)])
-        first = np.full(int(dense.max()) + 1, self.n, dtype=np.int64)  # each group's first event
-        np.minimum.at(first, event_group, np.arange(self.n, dtype=np.int64))
+        window = np.searchsorted(first_ops, self.events.op_index, side="right")  # 0: persistent buffers (op -1)
+        first = np.full(len(first_ops) + 1, self.n, dtype=np.int64)  # each window's first event
+        np.minimum.at(first, window, np.arange(self.n, dtype=np.int64))
         bounds = sorted(set(first[first < self.n].tolist()) | {0, self.n})
         return list(zip(bounds, bounds[1:]))
 

@@ -279,3 +279,22 @@ def test_repeated_micro_batches_build_the_same_timeline_zero3(overlap: bool) -> 
     assert repeated == built
     step_1_micro_1 = [i for i, (s, m) in enumerate(zip(repeated["step"], repeated["micro"])) if (s, m) == (1, 1)]
     assert step_1_micro_1 and all(sources[i] < i for i in step_1_micro_1)  # repeated, not rebuilt
+
+
+# ---- repetition windows --------------------------------------------------------------------------------------------
+
+def test_repetition_windows_are_micro_batches_and_optimizer_steps() -> None:
+    # 2 steps of 3 micro-batches: a window begins at each micro-batch's first op and at each optimizer step's,
+    # and every op between two beginnings has the same step, micro-batch and (optimizer or not)
+    raw = tiny_raw(gradient_accumulation_steps=3)
+    raw["simulation"]["steps"] = 2
+    schedule = build_schedule(build_scenario(raw)).schedule
+    first_ops = schedule.window_first_ops().tolist()
+    group = [(step, micro, op.phase is Phase.OPTIMIZER)
+             for step, micro, op in zip(schedule.op_step, schedule.op_micro_batch, schedule.ops)]
+    assert [group[i] for i in first_ops] == [(0, 0, False), (0, 1, False), (0, 2, False), (0, 2, True),
+                                             (1, 0, False), (1, 1, False), (1, 2, False), (1, 2, True)]
+    for begin, end in zip(first_ops, first_ops[1:] + [len(group)]):
+        assert set(group[begin:end]) == {group[begin]}
+    # a schedule that records no steps is one window
+    assert Schedule(buffers(1), [], [op("a", [0], [0])]).window_first_ops().tolist() == []
