@@ -15,6 +15,7 @@ from sim.cost import CostModel
 from sim.engine import Engine
 from sim.ops import Buffer, Category, Op, Phase, Schedule, Stream
 from sim.scenario import DeviceSpec, build_scenario
+from sim.timeline import ListTimeline
 from sim.vocab import DType
 from sim.schedule import build_schedule
 from tests.conftest import tiny_raw
@@ -81,26 +82,35 @@ def test_oom_is_recorded_once_and_simulation_continues() -> None:
 STREAMS = list(Stream)
 
 
+class SimpyTimeline:
+    """The reference semantics behind the Timeline seam: one simpy process per stream runs its ops in order; each
+    op waits for the completion events of the ops it depends on, takes its duration, then signals its own
+    completion."""
+
+    def op_times(self, schedule: Schedule, durations_us: np.ndarray) -> tuple[list[int], list[int]]:
+        env = simpy.Environment()
+        done = [env.event() for _ in schedule.ops]
+        starts, ends = [-1] * len(schedule.ops), [-1] * len(schedule.ops)
+
+        def stream_process(indices: list[int]):
+            for index in indices:
+                op = schedule.ops[index]
+                if op.deps:
+                    yield simpy.AllOf(env, [done[index + d] for d in op.deps])
+                starts[index] = int(env.now)
+                yield env.timeout(int(durations_us[index]))
+                ends[index] = int(env.now)
+                done[index].succeed()
+
+        for stream in STREAMS:
+            env.process(stream_process([i for i, op in enumerate(schedule.ops) if op.stream is stream]))
+        env.run()
+        return starts, ends
+
+
 def simpy_op_starts(schedule: Schedule, durations: list[int]) -> list[int]:
-    """The reference semantics: one simpy process per stream runs its ops in order; each op waits for the
-    completion events of the ops it depends on, takes its duration, then signals its own completion."""
-    env = simpy.Environment()
-    done = [env.event() for _ in schedule.ops]
-    starts = [-1] * len(schedule.ops)
-
-    def stream_process(indices: list[int]):
-        for index in indices:
-            op = schedule.ops[index]
-            if op.deps:
-                yield simpy.AllOf(env, [done[index + d] for d in op.deps])
-            starts[index] = int(env.now)
-            yield env.timeout(durations[index])
-            done[index].succeed()
-
-    for stream in STREAMS:
-        env.process(stream_process([i for i, op in enumerate(schedule.ops) if op.stream is stream]))
-    env.run()
-    return starts
+    """Every op's start in the simpy model."""
+    return SimpyTimeline().op_times(schedule, np.asarray(durations, dtype=np.int64))[0]
 
 
 @st.composite
@@ -118,7 +128,13 @@ def random_schedules(draw) -> tuple[Schedule, list[int]]:
 @given(random_schedules())
 def test_timeline_is_the_simpy_model(case) -> None:
     schedule, durations = case
-    result = Engine(schedule, ExactAllocator(1000), CostModel(DEVICE, DType.BFLOAT16)).run()
+    cost = CostModel(DEVICE, DType.BFLOAT16)
+    assert ListTimeline().op_times(schedule, np.asarray(durations)) == \
+        SimpyTimeline().op_times(schedule, np.asarray(durations))
+    result = Engine(schedule, ExactAllocator(1000), cost).run()
+    plugged = Engine(schedule, ExactAllocator(1000), cost, timeline=SimpyTimeline()).run()  # behind the same seam
+    assert (plugged.op_start_us, plugged.op_end_us) == (result.op_start_us, result.op_end_us)
+    assert np.array_equal(plugged.trace.time_us, result.trace.time_us)
     assert result.op_start_us == simpy_op_starts(schedule, durations)
     assert result.end_time_us == max(s + d for s, d in zip(result.op_start_us, durations))
     assert sum(result.busy_us.values()) == sum(durations)

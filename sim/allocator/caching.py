@@ -233,7 +233,7 @@ class CachingAllocator:
         for s in Stream:
             self._register_stream(s)
 
-    # ------------------------------------------------------------------ repetition (sim/engine.py)
+    # ------------------------------------------------------------------ repetition (sim/drivers.py)
 
     _COUNTERS = ("num_alloc_retries", "num_ooms", "num_device_alloc", "num_device_free", "num_sync_all_streams",
                  "_next_va")
@@ -245,6 +245,7 @@ class CachingAllocator:
         return not (self._slow_search or self._events or self._ready)
 
     def live_buffer_ids(self) -> list[int]:
+        """The buffers holding a block now."""
         return list(self._live)
 
     def state_signature(self, owner_keys: dict[int, int]) -> tuple:
@@ -267,6 +268,8 @@ class CachingAllocator:
         live.update(moved)
 
     def counters(self) -> tuple:
+        """A reading of the running counts a repeated window adds to (retries, cudaMalloc/cudaFree calls, synthetic
+        addresses used, OOMs)."""
         return tuple(getattr(self, name) for name in self._COUNTERS) + (len(self.ooms),)
 
     def add_counters(self, before: tuple, after: tuple) -> None:
@@ -275,7 +278,17 @@ class CachingAllocator:
             setattr(self, name, getattr(self, name) + new - old)
         self.ooms.extend(self.ooms[before[-1]:after[-1]])
 
-    # ------------------------------------------------------------------ the compiled core (caching_core.c)
+    # ----------------------------------------------------------- whole runs at once (the compiled core: caching_core.c)
+
+    def can_replay_vectorised(self) -> bool:
+        """Never: where a block lands depends on the cache's state, not on the sizes alone."""
+        return False
+
+    def replay_vectorised(self, signed_ids: np.ndarray, sizes_bytes: np.ndarray
+                          ) -> tuple[np.ndarray, tuple[int, OutOfMemory] | None]:
+        """Refused: the caching allocator's bytes depend on block placement (can_replay_vectorised is False)."""
+        raise NotImplementedError("the caching allocator cannot be replayed as a sum of sizes; use replay_compiled "
+                                  "or malloc/free")
 
     def can_replay_compiled(self) -> bool:
         """Whether `replay_compiled` applies: the core is built, nothing has happened yet, and the configuration
@@ -283,18 +296,18 @@ class CachingAllocator:
         return (_sim_caching is not None and not self._slow_search and self.num_device_alloc == 0
                 and not self._live and not self._events and not self._ready and tuple(self._streams) == STREAMS)
 
-    def replay_compiled(self, signed_ids: np.ndarray, sizes: np.ndarray, stream_codes: np.ndarray
-                        ) -> tuple[np.ndarray, np.ndarray, int | None, int | None]:
+    def replay_compiled(self, signed_ids: np.ndarray, sizes_bytes: np.ndarray, stream_codes: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray, tuple[int, OutOfMemory] | None, int | None]:
         """Every event of a run (signed id >= 0: malloc of that buffer on STREAMS[code], ~id: its free) through
         the compiled core, which runs this class's algorithm for the configurations `can_replay_compiled`
-        accepts. Returns the allocated and reserved bytes after each event, the index of the first OOM's event
-        (None: none), and the largest free block at the first event with the most reserved (None without events,
-        as the stepwise driver gives); the allocator then
-        holds the state the events leave, as if malloc and free had been called for each."""
+        accepts. Returns the allocated and reserved bytes after each event, the first OOM (its event index and
+        the error malloc would raise; None: none), and the largest free block at the first event with the most
+        reserved (None without events, as the stepwise driver gives); the allocator then holds the state the
+        events leave, as if malloc and free had been called for each."""
         n = len(signed_ids)
         allocated, reserved = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
         state, oom, largest = _sim_caching.replay(
-            np.ascontiguousarray(signed_ids, dtype=np.int64), np.ascontiguousarray(sizes, dtype=np.int64),
+            np.ascontiguousarray(signed_ids, dtype=np.int64), np.ascontiguousarray(sizes_bytes, dtype=np.int64),
             np.ascontiguousarray(stream_codes, dtype=np.int64), allocated, reserved, len(STREAMS),
             self.capacity_bytes, min(self._max_split, _INT64_MAX), self.conf.max_split_size_bytes is not None,
             self._non_split_rounding, list(self.conf.roundup_power2_divisions))
@@ -305,7 +318,7 @@ class CachingAllocator:
         at, requested, alloc_size, allocated_then, reserved_then = oom
         message = self.oom_message(alloc_size, allocated_bytes=allocated_then, reserved_bytes=reserved_then)
         self.ooms.append(OomRecord(requested, alloc_size, allocated_then, reserved_then, message))
-        return allocated, reserved, at, largest
+        return allocated, reserved, (at, OutOfMemory(requested, message)), largest
 
     def _adopt(self, segments: list[tuple], blocks: list[tuple], stats: dict[str, int]) -> None:
         """Take over the compiled core's final state: segments (address, size, pool code = stream code * 2 +
