@@ -73,6 +73,7 @@ class StepwiseDriver:
     and optimizer step); with `repeat`, a window that repeats the one before is copied, not called (_StepwiseRun)."""
 
     def __init__(self, windows: list[tuple[int, int]], repeat: bool) -> None:
+        """`windows` cover every event in order; `repeat=False` calls the allocator for every event (checking)."""
         self.windows, self.repeat = windows, repeat
 
     def drive(self, allocator: Allocator, events: AllocatorEvents) -> AllocatorRun:
@@ -89,6 +90,7 @@ class _StepwiseRun:
 
     def __init__(self, allocator: Allocator, events: AllocatorEvents, windows: list[tuple[int, int]],
                  repeat: bool) -> None:
+        """Pairs every allocation with its free once, so windows can name buffers by position."""
         self.allocator, self.events, self.windows, self.repeat = allocator, events, windows, repeat
         self.n = n = len(events)
         signed = events.signed_id

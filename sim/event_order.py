@@ -25,6 +25,7 @@ class AllocatorEvents:
     stream_code: np.ndarray  # index into STREAMS
 
     def __len__(self) -> int:
+        """The number of events."""
         return len(self.signed_id)
 
     def windows(self, first_ops: np.ndarray) -> list[tuple[int, int]]:

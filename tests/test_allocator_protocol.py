@@ -36,6 +36,7 @@ def allocator_accesses(source: str) -> set[str]:
                              and isinstance(node.annotation, ast.Name) and node.annotation.id == "Allocator"}
 
     def is_allocator(node: ast.expr) -> bool:
+        """Whether `node` is the allocator: one of `names`, or self.allocator."""
         if isinstance(node, ast.Name):
             return node.id in names
         return (isinstance(node, ast.Attribute) and node.attr == "allocator" and isinstance(node.value, ast.Name)

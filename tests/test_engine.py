@@ -88,11 +88,13 @@ class SimpyTimeline:
     completion."""
 
     def op_times(self, schedule: Schedule, durations_us: np.ndarray) -> tuple[list[int], list[int]]:
+        """Start and end of every op, as the simpy clock reads them."""
         env = simpy.Environment()
         done = [env.event() for _ in schedule.ops]
         starts, ends = [-1] * len(schedule.ops), [-1] * len(schedule.ops)
 
         def stream_process(indices: list[int]):
+            """One stream: its ops in order, each after its dependencies' completion events."""
             for index in indices:
                 op = schedule.ops[index]
                 if op.deps:

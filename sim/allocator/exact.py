@@ -11,6 +11,7 @@ class ExactAllocator:
     """Counts live bytes exactly; an allocation fails when live bytes would pass the capacity."""
 
     def __init__(self, capacity_bytes: int) -> None:
+        """`capacity_bytes`: the live bytes past which an allocation raises OutOfMemory."""
         self.capacity_bytes = capacity_bytes
         self.allocated_bytes = 0
         self.reserved_bytes = 0
