@@ -183,6 +183,17 @@ class Schedule:
         """Every op's phase as its index in PHASES (computed once)."""
         return self._enum_codes("phase", PHASES)
 
+    def window_first_ops(self) -> np.ndarray:
+        """The op indices where a new repetition window begins: one per micro-batch and one per optimizer step
+        (each run of ops of one step and micro-batch, the optimizer's ops apart). Empty when the schedule records
+        no steps: the run is then one window. The engine skips windows that repeat the one before exactly."""
+        if not self.op_step:
+            return np.zeros(0, dtype=np.int64)
+        optimizer = self.phase_codes() == PHASES.index(Phase.OPTIMIZER)
+        group = (np.asarray(self.op_step, dtype=np.int64) << 32) \
+            + (np.asarray(self.op_micro_batch, dtype=np.int64) << 1) + optimizer
+        return np.flatnonzero(np.concatenate([[True], group[1:] != group[:-1]]))
+
     def buffer_sizes(self) -> np.ndarray:
         """size_bytes by buffer id (int64)."""
         if isinstance(self.buffers, BufferTable):

@@ -42,15 +42,15 @@ def runs(draw) -> list[tuple[int, int, int]]:
 
 
 def python_run(allocator: CachingAllocator, events: list[tuple[int, int, int]]):
-    """What the engine's stepwise driver records: bytes after each event, the first OOM's event, and the largest
-    free block at the first event with the most reserved."""
+    """What the engine's stepwise driver records: bytes after each event, the first OOM (its event, requested
+    bytes and message), and the largest free block at the first event with the most reserved."""
     allocated, reserved, first_oom, most, largest = [], [], None, -1, 0
     for at, (signed, size, code) in enumerate(events):
         if signed >= 0:
             try:
                 allocator.malloc(signed, size, STREAMS[code])
-            except OutOfMemory:
-                first_oom = at if first_oom is None else first_oom
+            except OutOfMemory as exc:
+                first_oom = first_oom or (at, exc.requested_bytes, str(exc))
         else:
             allocator.free(~signed)
         allocated.append(allocator.allocated_bytes)
@@ -64,6 +64,9 @@ def compiled_run(allocator: CachingAllocator, events: list[tuple[int, int, int]]
     signed, sizes, codes = (np.array(column, dtype=np.int64) for column in zip(*events))
     assert allocator.can_replay_compiled()
     allocated, reserved, first_oom, largest = allocator.replay_compiled(signed, sizes, codes)
+    if first_oom is not None:
+        at, exc = first_oom
+        first_oom = at, exc.requested_bytes, str(exc)
     return allocated.tolist(), reserved.tolist(), first_oom, largest
 
 

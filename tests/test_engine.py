@@ -16,6 +16,7 @@ from sim.engine import Engine
 from sim.ops import Buffer, Category, Op, Phase, Schedule, Stream
 from sim.resolve import device_plan, resolve_plan
 from sim.scenario import DeviceSpec, build_scenario
+from sim.timeline import ListTimeline
 from sim.vocab import DType
 from sim.schedule import build_schedule
 from tests.conftest import tiny_raw
@@ -82,26 +83,37 @@ def test_oom_is_recorded_once_and_simulation_continues() -> None:
 STREAMS = list(Stream)
 
 
+class SimpyTimeline:
+    """The reference semantics behind the Timeline seam: one simpy process per stream runs its ops in order; each
+    op waits for the completion events of the ops it depends on, takes its duration, then signals its own
+    completion."""
+
+    def op_times(self, schedule: Schedule, durations_us: np.ndarray) -> tuple[list[int], list[int]]:
+        """Start and end of every op, as the simpy clock reads them."""
+        env = simpy.Environment()
+        done = [env.event() for _ in schedule.ops]
+        starts, ends = [-1] * len(schedule.ops), [-1] * len(schedule.ops)
+
+        def stream_process(indices: list[int]):
+            """One stream: its ops in order, each after its dependencies' completion events."""
+            for index in indices:
+                op = schedule.ops[index]
+                if op.deps:
+                    yield simpy.AllOf(env, [done[index + d] for d in op.deps])
+                starts[index] = int(env.now)
+                yield env.timeout(int(durations_us[index]))
+                ends[index] = int(env.now)
+                done[index].succeed()
+
+        for stream in STREAMS:
+            env.process(stream_process([i for i, op in enumerate(schedule.ops) if op.stream is stream]))
+        env.run()
+        return starts, ends
+
+
 def simpy_op_starts(schedule: Schedule, durations: list[int]) -> list[int]:
-    """The reference semantics: one simpy process per stream runs its ops in order; each op waits for the
-    completion events of the ops it depends on, takes its duration, then signals its own completion."""
-    env = simpy.Environment()
-    done = [env.event() for _ in schedule.ops]
-    starts = [-1] * len(schedule.ops)
-
-    def stream_process(indices: list[int]):
-        for index in indices:
-            op = schedule.ops[index]
-            if op.deps:
-                yield simpy.AllOf(env, [done[index + d] for d in op.deps])
-            starts[index] = int(env.now)
-            yield env.timeout(durations[index])
-            done[index].succeed()
-
-    for stream in STREAMS:
-        env.process(stream_process([i for i, op in enumerate(schedule.ops) if op.stream is stream]))
-    env.run()
-    return starts
+    """Every op's start in the simpy model."""
+    return SimpyTimeline().op_times(schedule, np.asarray(durations, dtype=np.int64))[0]
 
 
 @st.composite
@@ -119,7 +131,13 @@ def random_schedules(draw) -> tuple[Schedule, list[int]]:
 @given(random_schedules())
 def test_timeline_is_the_simpy_model(case) -> None:
     schedule, durations = case
-    result = Engine(schedule, ExactAllocator(1000), CostModel(DEVICE, DType.BFLOAT16)).run()
+    cost = CostModel(DEVICE, DType.BFLOAT16)
+    assert ListTimeline().op_times(schedule, np.asarray(durations)) == \
+        SimpyTimeline().op_times(schedule, np.asarray(durations))
+    result = Engine(schedule, ExactAllocator(1000), cost).run()
+    plugged = Engine(schedule, ExactAllocator(1000), cost, timeline=SimpyTimeline()).run()  # behind the same seam
+    assert (plugged.op_start_us, plugged.op_end_us) == (result.op_start_us, result.op_end_us)
+    assert np.array_equal(plugged.trace.time_us, result.trace.time_us)
     assert result.op_start_us == simpy_op_starts(schedule, durations)
     assert result.end_time_us == max(s + d for s, d in zip(result.op_start_us, durations))
     assert sum(result.busy_us.values()) == sum(durations)
@@ -281,3 +299,22 @@ def test_repeated_micro_batches_build_the_same_timeline_zero3(overlap: bool) -> 
     assert repeated == built
     step_1_micro_1 = [i for i, (s, m) in enumerate(zip(repeated["step"], repeated["micro"])) if (s, m) == (1, 1)]
     assert step_1_micro_1 and all(sources[i] < i for i in step_1_micro_1)  # repeated, not rebuilt
+
+
+# ---- repetition windows --------------------------------------------------------------------------------------------
+
+def test_repetition_windows_are_micro_batches_and_optimizer_steps() -> None:
+    # 2 steps of 3 micro-batches: a window begins at each micro-batch's first op and at each optimizer step's,
+    # and every op between two beginnings has the same step, micro-batch and (optimizer or not)
+    raw = tiny_raw(gradient_accumulation_steps=3)
+    raw["simulation"]["steps"] = 2
+    schedule = build_schedule(build_scenario(raw)).schedule
+    first_ops = schedule.window_first_ops().tolist()
+    group = [(step, micro, op.phase is Phase.OPTIMIZER)
+             for step, micro, op in zip(schedule.op_step, schedule.op_micro_batch, schedule.ops)]
+    assert [group[i] for i in first_ops] == [(0, 0, False), (0, 1, False), (0, 2, False), (0, 2, True),
+                                             (1, 0, False), (1, 1, False), (1, 2, False), (1, 2, True)]
+    for begin, end in zip(first_ops, first_ops[1:] + [len(group)]):
+        assert set(group[begin:end]) == {group[begin]}
+    # a schedule that records no steps is one window
+    assert Schedule(buffers(1), [], [op("a", [0], [0])]).window_first_ops().tolist() == []

@@ -27,6 +27,7 @@ import numpy as np
 
 from sim.allocator.alloc_conf import AllocConf
 from sim.allocator.base import OutOfMemory
+from sim.allocator.event_log import AllocatorAction, AllocatorEventLog
 from sim.ops import STREAMS, Stream
 
 try:  # the compiled core (caching_core.c beside this file), built by `pip install .`; without it all runs in Python
@@ -160,7 +161,7 @@ class CachingAllocator:
                  "retries_before_first_oom", "unlimited", "_forcing", "_max_split", "_non_split_rounding",
                  "_expandable", "_rp2", "_gc_active", "_slow_search", "_gc_calls", "_live", "_pools", "_streams",
                  "_segments", "_expandable_segments", "_events", "_ready", "_next_va", "_last_stream", "_last_pools",
-                 "_oom")
+                 "_oom", "event_log")
 
     def __init__(
         self,
@@ -171,10 +172,13 @@ class CachingAllocator:
         memory_fraction: float | None = None,
         *,
         device_total_bytes: int | None = None,
+        event_log: AllocatorEventLog | None = None,
     ) -> None:
         """`capacity_bytes`: what PyTorch's cudaMalloc can get (device total minus CUDA context, NCCL, ...).
         `device_total_bytes` (default: capacity_bytes) is only used for the OOM message ("total capacity") and the
-        memory fraction; the difference to capacity_bytes counts as non-PyTorch memory of this process."""
+        memory fraction; the difference to capacity_bytes counts as non-PyTorch memory of this process.
+        `event_log`: where to record PyTorch's trace entries (alloc, free_requested, ..., segment_free) as they
+        happen; every call then runs in this model (no repeated windows, no compiled core: neither writes it)."""
         self.conf = conf if conf is not None else AllocConf()
         self.capacity_bytes = capacity_bytes
         self.torch_version = tuple(torch_version)
@@ -230,10 +234,11 @@ class CachingAllocator:
         self._last_stream: Hashable = None
         self._last_pools: tuple[_Pool, _Pool] | None = None
         self._oom: OutOfMemory | None = None
+        self.event_log = event_log
         for s in Stream:
             self._register_stream(s)
 
-    # ------------------------------------------------------------------ repetition (sim/engine.py)
+    # ------------------------------------------------------------------ repetition (sim/drivers.py)
 
     _COUNTERS = ("num_alloc_retries", "num_ooms", "num_device_alloc", "num_device_free", "num_sync_all_streams",
                  "_next_va")
@@ -241,10 +246,11 @@ class CachingAllocator:
     def can_repeat(self) -> bool:
         """Whether `state_signature` captures everything later mallocs and frees depend on (not with expandable
         segments or garbage collection, whose page maps and ages it leaves out, nor with record_stream events
-        pending)."""
-        return not (self._slow_search or self._events or self._ready)
+        pending, nor with an event log, which skipped calls would leave incomplete)."""
+        return not (self._slow_search or self._events or self._ready or self.event_log is not None)
 
     def live_buffer_ids(self) -> list[int]:
+        """The buffers holding a block now."""
         return list(self._live)
 
     def state_signature(self, owner_keys: dict[int, int]) -> tuple:
@@ -267,6 +273,8 @@ class CachingAllocator:
         live.update(moved)
 
     def counters(self) -> tuple:
+        """A reading of the running counts a repeated window adds to (retries, cudaMalloc/cudaFree calls, synthetic
+        addresses used, OOMs)."""
         return tuple(getattr(self, name) for name in self._COUNTERS) + (len(self.ooms),)
 
     def add_counters(self, before: tuple, after: tuple) -> None:
@@ -275,26 +283,38 @@ class CachingAllocator:
             setattr(self, name, getattr(self, name) + new - old)
         self.ooms.extend(self.ooms[before[-1]:after[-1]])
 
-    # ------------------------------------------------------------------ the compiled core (caching_core.c)
+    # ----------------------------------------------------------- whole runs at once (the compiled core: caching_core.c)
+
+    def can_replay_vectorised(self) -> bool:
+        """Never: where a block lands depends on the cache's state, not on the sizes alone."""
+        return False
+
+    def replay_vectorised(self, signed_ids: np.ndarray, sizes_bytes: np.ndarray
+                          ) -> tuple[np.ndarray, tuple[int, OutOfMemory] | None]:
+        """Refused: the caching allocator's bytes depend on block placement (can_replay_vectorised is False)."""
+        raise NotImplementedError("the caching allocator cannot be replayed as a sum of sizes; use replay_compiled "
+                                  "or malloc/free")
 
     def can_replay_compiled(self) -> bool:
         """Whether `replay_compiled` applies: the core is built, nothing has happened yet, and the configuration
-        needs none of the paths the core leaves out (expandable segments, garbage collection, record_stream)."""
+        needs none of the paths the core leaves out (expandable segments, garbage collection, record_stream, the
+        event log)."""
         return (_sim_caching is not None and not self._slow_search and self.num_device_alloc == 0
+                and self.event_log is None
                 and not self._live and not self._events and not self._ready and tuple(self._streams) == STREAMS)
 
-    def replay_compiled(self, signed_ids: np.ndarray, sizes: np.ndarray, stream_codes: np.ndarray
-                        ) -> tuple[np.ndarray, np.ndarray, int | None, int | None]:
+    def replay_compiled(self, signed_ids: np.ndarray, sizes_bytes: np.ndarray, stream_codes: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray, tuple[int, OutOfMemory] | None, int | None]:
         """Every event of a run (signed id >= 0: malloc of that buffer on STREAMS[code], ~id: its free) through
         the compiled core, which runs this class's algorithm for the configurations `can_replay_compiled`
-        accepts. Returns the allocated and reserved bytes after each event, the index of the first OOM's event
-        (None: none), and the largest free block at the first event with the most reserved (None without events,
-        as the stepwise driver gives); the allocator then
-        holds the state the events leave, as if malloc and free had been called for each."""
+        accepts. Returns the allocated and reserved bytes after each event, the first OOM (its event index and
+        the error malloc would raise; None: none), and the largest free block at the first event with the most
+        reserved (None without events, as the stepwise driver gives); the allocator then holds the state the
+        events leave, as if malloc and free had been called for each."""
         n = len(signed_ids)
         allocated, reserved = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
         state, oom, largest = _sim_caching.replay(
-            np.ascontiguousarray(signed_ids, dtype=np.int64), np.ascontiguousarray(sizes, dtype=np.int64),
+            np.ascontiguousarray(signed_ids, dtype=np.int64), np.ascontiguousarray(sizes_bytes, dtype=np.int64),
             np.ascontiguousarray(stream_codes, dtype=np.int64), allocated, reserved, len(STREAMS),
             self.capacity_bytes, min(self._max_split, _INT64_MAX), self.conf.max_split_size_bytes is not None,
             self._non_split_rounding, list(self.conf.roundup_power2_divisions))
@@ -305,7 +325,7 @@ class CachingAllocator:
         at, requested, alloc_size, allocated_then, reserved_then = oom
         message = self.oom_message(alloc_size, allocated_bytes=allocated_then, reserved_bytes=reserved_then)
         self.ooms.append(OomRecord(requested, alloc_size, allocated_then, reserved_then, message))
-        return allocated, reserved, at, largest
+        return allocated, reserved, (at, OutOfMemory(requested, message)), largest
 
     def _adopt(self, segments: list[tuple], blocks: list[tuple], stats: dict[str, int]) -> None:
         """Take over the compiled core's final state: segments (address, size, pool code = stream code * 2 +
@@ -428,6 +448,8 @@ class CachingAllocator:
         self.requested_bytes += size_bytes
         if bsize >= max_split:
             self.oversize_allocations += 1
+        if self.event_log is not None:  # alloc_found_block
+            self.event_log.record(AllocatorAction.ALLOC, block.addr, size_bytes, pool.sidx)
         if self._oom is not None:
             exc, self._oom = self._oom, None
             raise exc
@@ -438,6 +460,8 @@ class CachingAllocator:
         The allocation stream itself is ignored, as recordStream ignores it."""
         block = self._live.pop(buffer_id)
         block.allocated = False
+        if self.event_log is not None:
+            self.event_log.record(AllocatorAction.FREE_REQUESTED, block.addr, block.req, block.pool.sidx)
         bsize = block.size
         self.allocated_bytes -= bsize
         self.allocation -= 1
@@ -537,10 +561,14 @@ class CachingAllocator:
         return out
 
     def snapshot(self) -> dict[str, Any]:
-        """A memory snapshot dict (no trace events are recorded; device_traces holds empty lists)."""
+        """A memory snapshot dict; this device's `device_traces` list holds the event log's entries (empty
+        without one)."""
+        traces: list[list[dict]] = [[] for _ in range(self.device_index + 1)]
+        if self.event_log is not None:
+            traces[self.device_index] = self.event_log.device_trace()
         return {
             "segments": self.segments(),
-            "device_traces": [[] for _ in range(self.device_index + 1)],
+            "device_traces": traces,
             "allocator_settings": self.conf.allocator_settings(),
         }
 
@@ -778,6 +806,9 @@ class CachingAllocator:
                 self.retries_before_first_oom = self.num_alloc_retries
                 self.ooms.append(OomRecord(orig_size, alloc_size, self.allocated_bytes, self.reserved_bytes, message))
                 self._oom = OutOfMemory(orig_size, message)
+                if self.event_log is not None:  # malloc records the device's free bytes (cudaMemGetInfo) and size
+                    device_free = max(self.device_total_bytes - self.non_pytorch_bytes - self.reserved_bytes, 0)
+                    self.event_log.record(AllocatorAction.OOM, device_free, size, pool.sidx)
                 self.unlimited = True
             # Over-commit only what the real path could not find: every allocation still goes through the cache,
             # cudaMalloc within capacity and the release-and-retry, so reserved stays what PyTorch would hold,
@@ -806,6 +837,8 @@ class CachingAllocator:
         self._add_reserved(alloc_size)
         if alloc_size >= self._max_split:
             self.oversize_segments += 1
+        if self.event_log is not None:
+            self.event_log.record(AllocatorAction.SEGMENT_ALLOC, addr, alloc_size, pool.sidx)
         return block
 
     def _add_reserved(self, n: int) -> None:
@@ -816,6 +849,8 @@ class CachingAllocator:
 
     def _release_block(self, b: _Block) -> None:
         """cudaFree a whole (unsplit, non-expandable) cached segment."""
+        if self.event_log is not None:
+            self.event_log.record(AllocatorAction.SEGMENT_FREE, b.addr, b.size, b.pool.sidx)
         self._pool_remove(b.pool, b)
         del self._segments[b.seg.addr]
         self.reserved_bytes -= b.size
@@ -885,6 +920,8 @@ class CachingAllocator:
         """Return a block to its pool, merging with free neighbours of the same segment."""
         orig_size = block.size
         pool = block.pool
+        if self.event_log is not None:
+            self.event_log.record(AllocatorAction.FREE_COMPLETED, block.addr, block.req, pool.sidx)
         net_blocks = 0
         net_size = 0
         prev = block.prev
@@ -1022,6 +1059,8 @@ class CachingAllocator:
         if not self._forcing and self.reserved_bytes + mapped > self.capacity_bytes:
             return False
         pool = to_map.pool
+        if self.event_log is not None:  # the mapped range, before the block merges with its free neighbours
+            self.event_log.record(AllocatorAction.SEGMENT_MAP, to_map.addr, mapped, pool.sidx)
         del pool.unmapped[to_map.addr]
         to_map.mapped = True
         if mapped < to_map.size:
@@ -1092,3 +1131,5 @@ class CachingAllocator:
         pool.unmapped[block.addr] = block
         self.reserved_bytes -= length
         self.num_device_free += 1
+        if self.event_log is not None:
+            self.event_log.record(AllocatorAction.SEGMENT_UNMAP, start, length, pool.sidx)
