@@ -13,6 +13,7 @@ from sim.allocator.base import Allocator
 from sim.drivers import StepwiseDriver, VectorisedReplay
 from sim.event_order import order_events
 from sim.ops import Stream
+from sim.resolve import resolve_plan
 from sim.scenario import build_scenario
 from sim.schedule import build_schedule
 from sim.timeline import ListTimeline
@@ -84,7 +85,7 @@ def test_exact_stepwise_with_repeated_windows_is_its_vectorised_replay() -> None
     # gives the vectorised pass's bytes, OOM and end state (capacity 1 MB: the tiny run goes over it)
     raw = tiny_raw(gradient_accumulation_steps=4)
     raw["simulation"]["steps"] = 2
-    schedule = build_schedule(build_scenario(raw)).schedule
+    schedule = build_schedule(resolve_plan(build_scenario(raw))).schedule
     durations = np.ones(len(schedule.ops), dtype=np.int64)
     events = order_events(schedule, *ListTimeline().op_times(schedule, durations))
     vectorised, stepwise = ExactAllocator(10**6), ExactAllocator(10**6)

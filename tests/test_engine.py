@@ -308,7 +308,7 @@ def test_repetition_windows_are_micro_batches_and_optimizer_steps() -> None:
     # and every op between two beginnings has the same step, micro-batch and (optimizer or not)
     raw = tiny_raw(gradient_accumulation_steps=3)
     raw["simulation"]["steps"] = 2
-    schedule = build_schedule(build_scenario(raw)).schedule
+    schedule = build_schedule(resolve_plan(build_scenario(raw))).schedule
     first_ops = schedule.window_first_ops().tolist()
     group = [(step, micro, op.phase is Phase.OPTIMIZER)
              for step, micro, op in zip(schedule.op_step, schedule.op_micro_batch, schedule.ops)]

@@ -77,7 +77,8 @@ def below(*prefixes: str) -> list[str]:
     return sorted(m for m in MODULES if any(m == p or m.startswith(p + ".") for p in prefixes))
 
 
-ENGINE_ROOM = below("sim.engine", "sim.allocator", "sim.cost", "sim.trace", "sim.ops")
+ENGINE_ROOM = below("sim.engine", "sim.timeline", "sim.event_order", "sim.drivers", "sim.allocator", "sim.cost", "sim.trace",
+                    "sim.ops")
 UNDER_THE_PLAN = below("sim.vocab", "sim.plan", "sim.runtime", "sim.units", "sim.errors", "sim.versions", *MODELLING) + ENGINE_ROOM
 
 
