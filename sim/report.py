@@ -10,6 +10,7 @@ from sim.plan import Plan
 from sim.scenario import Scenario
 from sim.schedule import BuiltSchedule
 from sim.units import format_bytes, format_count, us_to_seconds
+from sim.vocab import AllocatorBackend
 
 SCHEMA_VERSION = 1
 PHASE_GROUPS = {"forward": (Phase.FORWARD,), "backward": (Phase.BACKWARD, Phase.RECOMPUTE),
@@ -148,7 +149,7 @@ def _allocator_fields(run: Run) -> dict:
     """The caching allocator's counters (PyTorch's names where it has one); only the backend for `exact`."""
     allocator, spec = run.allocator, run.scenario.allocator
     fields = {"backend": spec.backend.value, "conf": spec.conf}
-    if hasattr(allocator, "num_alloc_retries"):
+    if run.plan.allocator.backend is AllocatorBackend.CACHING:
         fields.update({"num_alloc_retries": allocator.num_alloc_retries,
                        "num_alloc_retries_before_oom": allocator.retries_before_first_oom,
                        "num_device_alloc": allocator.num_device_alloc, "segments_at_end": allocator.num_segments,
@@ -160,7 +161,7 @@ def allocator_summary(run: Run) -> str:
     """One line on the allocator: backend, cudaMalloc retries (DeepSpeed's "cache flushes"), OOMs."""
     backend = run.scenario.allocator.backend.value
     allocator = run.allocator
-    if not hasattr(allocator, "num_alloc_retries"):
+    if run.plan.allocator.backend is not AllocatorBackend.CACHING:
         return f"allocator  {backend}: live bytes only (no caching, no fragmentation)"
     conf = run.scenario.allocator.conf or "defaults"
     before = allocator.retries_before_first_oom

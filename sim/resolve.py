@@ -1,9 +1,9 @@
 """Resolve a validated Scenario once into the Plan that every floor below takes (sim/plan.py).
 
 This is the one place where settings are derived from the raw schema: the dtypes (config torch_dtype, DeepSpeed's
-bf16/fp16 sections, Qwen1's autoselection, autocast, DeepSpeed's communication dtype, PEFT's adapter dtype), host or
-device, the version behaviours, the world, ZeRO, NCCL and allocator settings, and the device runtime (sim/runtime.py). What is
-not modelled yet is refused here too, with one line naming the key.
+bf16/fp16 sections, Qwen1's autoselection, autocast, DeepSpeed's communication dtype, PEFT's adapter dtype), host
+or device, the version behaviours, the world, ZeRO, NCCL and allocator settings, and the device runtime
+(sim/runtime.py). What is not modelled yet is refused here too, with one line naming the key.
 """
 
 from sim.allocator.alloc_conf import parse_alloc_conf

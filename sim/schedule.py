@@ -12,8 +12,6 @@ from sim.workload.architecture import ARCHITECTURES, Architecture
 from sim.workload.context import RunContext
 from sim.workload.tape import Param, Tape
 
-EMBEDDING_NAMES = ("embed_tokens.weight", "wte.weight")  # lookups, not matmuls: no 6·N FLOPs
-
 
 @dataclass(slots=True)
 class BuiltSchedule:
@@ -51,7 +49,8 @@ def build_schedule(plan: Plan, repeat: bool = True) -> BuiltSchedule:
     ctx = _context(plan, tape)
     ctx.module_hooks = module_hooks_for(tape, plan)
     tape.op("model.init")
-    model = modelling_code(plan).build_model(ctx, plan.lora)
+    architecture = modelling_code(plan)
+    model = architecture.build_model(ctx, plan.lora)
     params = model.params()
     trainable = [p for p in params if p.tensor.requires_grad]
     placement = choose_placement(ctx, plan, params, trainable)
@@ -69,7 +68,7 @@ def build_schedule(plan: Plan, repeat: bool = True) -> BuiltSchedule:
                 continue
             start = tape.op_count()
             placement.before_micro_batch(last)
-            _micro_batch(ctx, plan, model, placement.before_backward)
+            _micro_batch(ctx, plan, architecture, model, placement.before_backward)
             placement.after_micro_batch(last)
             if micro >= 1 and not (last and placement.syncs_last):  # the latest built one is the template
                 template = (start, tape.op_count())
@@ -77,7 +76,8 @@ def build_schedule(plan: Plan, repeat: bool = True) -> BuiltSchedule:
         states = placement.step()
         states_after_first_step = states_after_first_step or states
     tokens = training.tokens_per_step
-    return BuiltSchedule(tape.schedule(), states_after_first_step, tokens, _model_flops(plan, params, tokens))
+    flops = _model_flops(plan, architecture, params, tokens)
+    return BuiltSchedule(tape.schedule(), states_after_first_step, tokens, flops)
 
 
 def modelling_code(plan: Plan) -> Architecture:
@@ -99,7 +99,7 @@ def modelling_code(plan: Plan) -> Architecture:
     return code
 
 
-def _micro_batch(ctx: RunContext, plan: Plan, model, before_backward) -> None:
+def _micro_batch(ctx: RunContext, plan: Plan, architecture: Architecture, model, before_backward) -> None:
     """Trainer.training_step: inputs to the device, forward with labels, loss / accumulation, backward
     (`before_backward`: what the engine's backward does before autograd runs, e.g. DeepSpeed's IPG buffers)."""
     tp = ctx.tape
@@ -107,7 +107,7 @@ def _micro_batch(ctx: RunContext, plan: Plan, model, before_backward) -> None:
     ids = P.input_tensor(tp, "input_ids", ctx.tokens)
     labels = P.input_tensor(tp, "labels", ctx.tokens)
     mask_2d = P.input_tensor(tp, "attention_mask", ctx.tokens)
-    loss = modelling_code(plan).forward_loss(ctx, model, ids, labels, plan.training.gradient_checkpointing)
+    loss = architecture.forward_loss(ctx, model, ids, labels, plan.training.gradient_checkpointing)
     if plan.training.accumulation_steps > 1:  # accelerate's backward divides the loss
         scaled = P.mul_scalar(tp, "loss.div_accumulation", loss)
         tp.drop(loss)
@@ -122,9 +122,10 @@ def _micro_batch(ctx: RunContext, plan: Plan, model, before_backward) -> None:
     tp.drop(loss, ids, labels, mask_2d)
 
 
-def _model_flops(plan: Plan, params: list[Param], tokens: int) -> float:
+def _model_flops(plan: Plan, architecture: Architecture, params: list[Param], tokens: int) -> float:
     """6·N·tokens (Kaplan et al. 2020) plus causal attention 6·2·b·s²·h·L/2 per micro-batch, forward+backward."""
     m, t = plan.model, plan.training
-    dense = 6.0 * sum(p.tensor.numel for p in params if not p.name.endswith(EMBEDDING_NAMES)) * tokens
+    embedding = architecture.EMBEDDING_WEIGHT  # a lookup, not a matmul: no 6·N FLOPs
+    dense = 6.0 * sum(p.tensor.numel for p in params if not p.name.endswith(embedding)) * tokens
     attention = 6.0 * t.seq_len * t.seq_len * m.num_attention_heads * m.head_size * m.num_hidden_layers
     return dense + attention * t.micro_batch * t.accumulation_steps

@@ -1,4 +1,4 @@
-"""Scenario in, Run out: resolve the plan once → schedule → engine ⇄ allocator → trace. No printing, no files."""
+"""Scenario in, Run out: the plan resolved once → schedule → engine ⇄ allocator → trace. Prints nothing."""
 
 import gc
 from contextlib import contextmanager

@@ -39,6 +39,7 @@ def _digest(value) -> str:
 
 def record(path: Path) -> dict:
     """Run one scenario and return its record (JSON-able)."""
+    from sim.allocator import CachingAllocator
     from sim.report import allocator_summary, format_summary, summarize
     from sim.scenario import load_scenario
     from sim.simulate import run_scenario
@@ -52,7 +53,7 @@ def record(path: Path) -> dict:
     digests["op_end_us"] = _digest(engine.op_end_us)
     digests["busy_us"] = _digest({stream.value: us for stream, us in engine.busy_us.items()})
     allocator = run.allocator
-    if hasattr(allocator, "segments"):
+    if isinstance(allocator, CachingAllocator):
         digests["allocator.memory_stats"] = _digest(allocator.memory_stats())
         digests["allocator.segments"] = _digest(allocator.segments())
     return {"result": result, "summary": format_summary(result, allocator_summary(run)),

@@ -13,6 +13,7 @@ def resolve_seq_len_alias(training: dict) -> None:
         if alias in training:
             if "seq_len" in training and training["seq_len"] != training[alias]:
                 raise ScenarioError(
-                    f"training.{alias}: conflicts with training.seq_len ({training[alias]!r} vs {training['seq_len']!r})"
+                    f"training.{alias}: conflicts with training.seq_len "
+                    f"({training[alias]!r} vs {training['seq_len']!r})"
                 )
             training["seq_len"] = training.pop(alias)

@@ -36,6 +36,7 @@ class Architecture(Protocol):
 
     LINEAR_MODULES: tuple[str, ...]  # the nn.Linear module names lora.target_modules may name
     SAVABLE_MODULES: tuple[str, ...]  # the module names lora.modules_to_save may name (the modelled ones)
+    EMBEDDING_WEIGHT: str  # the name ending of the token embedding's weight (and of a saved copy of it)
 
     def build_model(self, ctx: RunContext, lora: LoraPlan | None) -> Model:
         """Create the parameters and model buffers on the tape, in module order; LoRA freezes the base and adds

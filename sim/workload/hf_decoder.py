@@ -48,6 +48,7 @@ class HfDecoder(Decoder):
 
     LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
     SAVABLE_MODULES = ("embed_tokens", "lm_head")
+    EMBEDDING_WEIGHT = "embed_tokens.weight"
 
     def attention_shapes(self, m: ModelShape) -> LinearShapes:
         """The attention slot's linears (self_attn.*), in module order."""

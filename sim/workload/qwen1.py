@@ -45,6 +45,7 @@ class Qwen1(Decoder):
 
     LINEAR_MODULES = ("c_attn", "c_proj", "w1", "w2", "lm_head")
     SAVABLE_MODULES = ("wte", "lm_head")
+    EMBEDDING_WEIGHT = "wte.weight"
     ATTENTION_OUTPUT_FIRST = True  # QWenBlock.forward: layernorm_input = attn_output + residual
     # Reentrant checkpointing's host RNG stash (decoder._host_rng_stash) is modelled where it was measured, for the
     # HF families on a CPU host (docs/validation.md H4); Qwen1 is not calibrated on a host and leaves it out.
