@@ -66,6 +66,7 @@ def choose_placement(ctx: RunContext, plan: Plan, params: list[Param], trainable
 
 def _model_states(params: list[Param], trainable: list[Param], parameters_bytes: int, gradients_bytes: int,
                   optimizer_states_bytes: int, host_bytes: int = 0) -> ModelStates:
+    """The model states with the parameter counts of `params` and `trainable`."""
     return ModelStates(sum(p.tensor.numel for p in params), sum(p.tensor.numel for p in trainable),
                        parameters_bytes, gradients_bytes, optimizer_states_bytes, host_bytes)
 
@@ -97,7 +98,8 @@ class LocalPlacement:
             self.optimizer.clip_grad_norm(self.tape)
         self.optimizer.step(self.tape)
         zero_grad(self.tape, self.trainable)
-        return _model_states(self.params, self.trainable, sum(p.tensor.size_bytes for p in self.params), grads_bytes, self.optimizer.state_bytes())
+        return _model_states(self.params, self.trainable, sum(p.tensor.size_bytes for p in self.params), grads_bytes,
+                             self.optimizer.state_bytes())
 
 
 class DdpPlacement(LocalPlacement):
