@@ -192,4 +192,5 @@ class Zero3Placement:
         persistent = sum(z.param.tensor.size_bytes for z in zero.states.values() if z.persist)
         lp = 0 if zero.offload_param else zero.partition_numel(self.params) * zero.dtype.size_bytes
         grads = 0 if zero.offload_optimizer else zero.partition_numel(self.trainable) * zero.grad_dtype.size_bytes
-        return _model_states(self.params, self.trainable, lp + persistent, grads, self.optimizer.state_bytes(), self.optimizer.host_bytes())
+        return _model_states(self.params, self.trainable, lp + persistent, grads, self.optimizer.state_bytes(),
+                             self.optimizer.host_bytes())
