@@ -9,14 +9,24 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from sim.catalog import load_yaml_mapping
+from sim.catalog import data_dir, load_yaml_mapping
 from sim.errors import ScenarioError
 from sim.report import summarize
 from sim.scenario import Scenario, build_scenario, load_scenario
 from sim.simulate import run_scenario
 from sim.units import format_bytes
 
-VALIDATION_DIR = Path(__file__).resolve().parent.parent / "validation"
+
+
+def _validation_dir() -> Path:
+    """validation/ of a checkout, else the copy installed in the wheel (found as sim/catalog.py finds models/)."""
+    try:
+        return data_dir("validation")
+    except ScenarioError:
+        return Path(__file__).resolve().parent.parent / "validation"  # load_points says it is missing
+
+
+VALIDATION_DIR = _validation_dir()
 
 
 class Quantity(Enum):
@@ -152,7 +162,7 @@ def load_point(path: Path, root: Path = VALIDATION_DIR) -> PointFile:
 def load_points(root: Path = VALIDATION_DIR, source: str | None = None) -> list[PointFile]:
     """Every point under `root`, or those of one source, sorted by key."""
     if not root.is_dir():
-        raise ScenarioError(f"validate: no validation directory at {str(root)!r} (it ships with a checkout)")
+        raise ScenarioError(f"validate: no validation directory at {str(root)!r}")
     known = sources(root)
     if source is not None and source not in known:
         raise ScenarioError(f"source: unknown validation source {source!r} (known: {', '.join(known)})")

@@ -15,4 +15,4 @@ def test_every_sim_package_is_listed_in_pyproject() -> None:
 def test_data_folders_are_packaged() -> None:
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert config["package-dir"] == {"sim._data.models": "models", "sim._data.hardware": "hardware",
-                                     "sim._data.scenarios": "scenarios"}
+                                     "sim._data.scenarios": "scenarios", "sim._data.validation": "validation"}
