@@ -14,7 +14,8 @@ from sim.errors import ScenarioError
 from sim.validate import Quantity, ResultField, Verdict
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED_SOURCES = {"hf-blog-deepspeed-to-fsdp", "mosaicml-llm-foundry", "qwen-issue-300"}
+SHIPPED_SOURCES = {"fms-acceleration-bench", "hf-blog-deepspeed-to-fsdp", "litgpt-config-hub", "litgpt-resource-tables",
+                   "mosaicml-llm-foundry", "qwen-finetune-profiling", "qwen-issue-300"}
 
 # A valid point on a tiny inline model (simulates in well under a second); tests change one key at a time.
 TINY_POINT = {
@@ -55,7 +56,7 @@ def test_shipped_points_load_and_build() -> None:
     """Every shipped file passes the schema and its scenario builds (no simulation)."""
     points = validate.load_points()
     assert {p.key.split("/")[0] for p in points} == SHIPPED_SOURCES
-    assert len(points) == 15
+    assert len(points) == 80
     for point_file in points:
         validate.point_scenario(point_file)
 
@@ -239,4 +240,4 @@ def test_every_shipped_point_within_its_tolerance() -> None:
     rows = validate.validate(validate.load_points())
     unexpected = [(r.key, r.measured, r.simulated, r.error) for r in rows if not r.as_expected]
     assert not unexpected
-    assert sum(r.within is True for r in rows) == 8 and sum(r.within is False for r in rows) == 2
+    assert sum(r.within is True for r in rows) == 35 and sum(r.within is False for r in rows) == 40
