@@ -1,0 +1,234 @@
+"""Schedule.expand: the compact form (shared ops, moved spans) and the expanded one (every op its own, final ids) are
+the same schedule: the engine gives both the same trace, op times, OOM and allocator end state, and the expanded
+form is what building every micro-batch op by op gives."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from sim.allocator import ExactAllocator, make_allocator
+from sim.cost import CostModel
+from sim.engine import Engine
+from sim.ops import Buffer, Category, Op, Phase, ReplicaSpan, Schedule, Stream
+from sim.report import Run, allocator_summary, format_summary, summarize
+from sim.resolve import resolve_plan
+from sim.scenario import build_scenario, load_scenario
+from sim.schedule import build_schedule
+from sim.simulate import run_built
+from sim.vocab import DType
+from tests.conftest import tiny_raw
+from tests.golden_record import ROOT, case_paths
+from tests.test_engine import DEVICE
+from tests.test_zero3 import zero_raw
+
+TRACE_COLUMNS = ("time_us", "op_index", "buffer_id", "delta_bytes", "category", "allocated_bytes", "reserved_bytes")
+
+
+# ---- a hand-built schedule with one moved span ---------------------------------------------------------------------
+
+def _tiny_periodic() -> Schedule:
+    """Buffer 0 is a weight alive from t=0. A prologue allocates 1; the template ops 1-2 allocate [2, 4) and free 1
+    (what the op before left alive), leaving 2 alive; ops 3-4 repeat them (the same Op objects) with the span's
+    buffers moved by +2 and the free of 1 pointed at 2; an epilogue frees what the repetition left alive."""
+    def compute(name, allocs=(), frees=(), deps=(), stream=Stream.COMPUTE) -> Op:
+        """A 2 µs forward op with list buffers, as the tape records them."""
+        return Op(name, stream, Phase.FORWARD, None, list(allocs), list(frees), 2.0, 0, tuple(deps))
+
+    buffers = [Buffer(0, "weight", 100, Category.PARAMETERS), Buffer(1, "gathered", 8, Category.PARAMETERS),
+               Buffer(2, "gathered", 8, Category.PARAMETERS), Buffer(3, "tmp", 4, Category.TEMPORARIES),
+               Buffer(4, "gathered", 8, Category.PARAMETERS), Buffer(5, "tmp", 4, Category.TEMPORARIES)]
+    x = compute("x", allocs=[2, 3], frees=[1])
+    y = compute("y", frees=[3], deps=[-1], stream=Stream.REDUCE)  # waits for the op just before it
+    ops = [compute("prologue", allocs=[1]), x, y, x, y, compute("epilogue", frees=[4])]
+    return Schedule(buffers, [0], ops, [0] * 6, [0, 0, 0, 1, 1, 1],
+                    moved_spans=[(3, 5, ReplicaSpan(shift=2, low=2, high=4, entry={1: 2}))],
+                    op_source=[0, 1, 2, 1, 2, 5])
+
+
+def _run_exact(schedule: Schedule):
+    """The engine on a toy device (an op of F flops takes F µs) with a live-bytes allocator."""
+    return Engine(schedule, ExactAllocator(1000), CostModel(DEVICE, DType.BFLOAT16)).run()
+
+
+def _assert_same_engine_result(a, b) -> None:
+    """Every trace column, the op times, the OOM, busy times and repeated windows of two engine results agree."""
+    for column in TRACE_COLUMNS:
+        assert np.array_equal(getattr(a.trace, column), getattr(b.trace, column)), column
+    assert (a.op_start_us, a.op_end_us, a.end_time_us) == (b.op_start_us, b.op_end_us, b.end_time_us)
+    assert (a.oom, a.busy_us, a.repeated_events) == (b.oom, b.busy_us, b.repeated_events)
+    assert a.largest_free_block_at_peak_bytes == b.largest_free_block_at_peak_bytes
+
+
+def test_expanding_a_hand_built_moved_span() -> None:
+    compact = _tiny_periodic()
+    expanded = compact.expand()
+    # Position 3 is x again with every allocation moved by +2 (2, 3 -> 4, 5) and its free of 1, outside the span's
+    # own ids [2, 4), taken from the entry map (1 -> 2: the gathered buffer the template left alive). Position 4 is y
+    # again: its free of 3 lies in [2, 4), so it frees 5; its dep stays -1 (position 3, the moved x).
+    assert [(op.name, op.allocs, op.frees, op.deps) for op in expanded.ops] == [
+        ("prologue", (1,), (), ()),
+        ("x", (2, 3), (1,), ()),
+        ("y", (), (3,), (-1,)),
+        ("x", (4, 5), (2,), ()),
+        ("y", (), (5,), (-1,)),
+        ("epilogue", (), (4,), ()),
+    ]
+    assert len({id(op) for op in expanded.ops}) == 6 and all(type(op) is Op for op in expanded.ops)
+    assert expanded.is_expanded and not compact.is_expanded
+    assert (expanded.op_source, expanded.moved_spans) == (None, [])
+    assert (expanded.buffers, expanded.persistent) == (compact.buffers, compact.persistent)
+    assert (expanded.op_step, expanded.op_micro_batch) == (compact.op_step, compact.op_micro_batch)
+    # the compact ops are left as they were
+    assert (compact.ops[3].allocs, compact.ops[3].frees) == ([2, 3], [1]) and compact.ops[3] is compact.ops[1]
+    assert expanded.expand() is expanded
+
+    compact_run, expanded_run = _run_exact(compact), _run_exact(expanded)
+    _assert_same_engine_result(compact_run, expanded_run)
+    # every gathered buffer and temporary is freed once: only the 100-byte weight is left
+    assert int(compact_run.trace.allocated_bytes[-1]) == 100
+    assert sorted(compact_run.trace.buffer_id.tolist()) == [0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    # the comparison sees the moves: the same ops without them give another trace
+    unmoved = Schedule(compact.buffers, [0], [op.with_buffers(op.allocs, op.frees) for op in compact.ops],
+                       compact.op_step, compact.op_micro_batch)
+    assert not np.array_equal(_run_exact(unmoved).trace.buffer_id, compact_run.trace.buffer_id)
+
+
+def test_a_schedule_without_repetition_expands_to_distinct_plain_ops() -> None:
+    # one step of one micro-batch: nothing repeats, yet the tape's ops become plain Ops of their own
+    compact = build_schedule(resolve_plan(build_scenario(tiny_raw()))).schedule
+    assert not compact.moved_spans and compact.op_source is not None
+    expanded = compact.expand()
+    assert expanded.is_expanded and all(type(op) is Op for op in expanded.ops)
+    assert all(a is not b and (a.allocs, a.frees) == (tuple(b.allocs), tuple(b.frees))
+               for a, b in zip(expanded.ops, compact.ops))
+
+
+# ---- built schedules: the engine on both forms ---------------------------------------------------------------------
+
+def _with(raw: dict, gpus: int = 1, accumulation: int = 4, steps: int = 2, backend: str = "caching",
+          **extra) -> dict:
+    """`raw` on `gpus` GPUs with `accumulation` micro-batches per step, `steps` steps, the `backend` allocator."""
+    raw["hardware"]["gpus_per_node"] = gpus
+    raw["training"]["gradient_accumulation_steps"] = accumulation
+    raw["simulation"]["steps"] = steps
+    raw["allocator"] = {"backend": backend}
+    raw.update(extra)
+    return raw
+
+
+LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+CONFIGS = {
+    "single_exact_accumulation_3": _with(tiny_raw(), accumulation=3, backend="exact"),
+    "single_caching_accumulation_4": _with(tiny_raw()),
+    "ddp": _with(tiny_raw(), gpus=2),
+    "zero1": _with(zero_raw(2, stage=1), gpus=2),
+    "zero2": _with(zero_raw(2, stage=2), gpus=2, accumulation=3),
+    "zero3": _with(zero_raw(2), gpus=2),
+    "zero3_no_overlap": _with(zero_raw(2, overlap_comm=False), gpus=2, accumulation=3),
+    "lora": _with(tiny_raw(), accumulation=3, lora=LORA),
+    "checkpointing": _with(tiny_raw(gradient_checkpointing=True), gpus=2),
+}
+
+
+def _assert_same_run(a: Run, b: Run) -> None:
+    """Every trace column, op times, OOM, the allocator's end state and the printed result are the same."""
+    _assert_same_engine_result(a.engine, b.engine)
+    assert summarize(a) == summarize(b)
+    assert format_summary(summarize(a), allocator_summary(a)) == format_summary(summarize(b), allocator_summary(b))
+    for allocator in (a.allocator, b.allocator):
+        assert allocator.live_buffer_ids() == a.allocator.live_buffer_ids()
+        assert (allocator.allocated_bytes, allocator.reserved_bytes) == \
+            (a.allocator.allocated_bytes, a.allocator.reserved_bytes)
+    if hasattr(a.allocator, "segments"):
+        assert a.allocator.memory_stats() == b.allocator.memory_stats()
+        assert a.allocator.segments() == b.allocator.segments()
+
+
+def _compact_and_expanded(scenario) -> tuple[Run, Run]:
+    """The scenario run as built (compact) and with its schedule expanded."""
+    plan = resolve_plan(scenario)
+    built = build_schedule(plan)
+    expanded = replace(built, schedule=built.schedule.expand())
+    return run_built(scenario, plan, built), run_built(scenario, plan, expanded)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_the_engine_gives_both_forms_the_same_run(name: str) -> None:
+    compact, expanded = _compact_and_expanded(build_scenario(CONFIGS[name]))
+    assert not compact.schedule.is_expanded and expanded.schedule.is_expanded
+    assert len(compact.schedule.distinct_ops()) < len(compact.schedule.ops)  # micro-batches were repeated
+    _assert_same_run(compact, expanded)
+
+
+def test_zero3_has_moved_spans_to_expand() -> None:
+    # the ZeRO-3 configurations are the ones that exercise the id moves
+    schedule = build_schedule(resolve_plan(build_scenario(CONFIGS["zero3"]))).schedule
+    assert schedule.moved_spans
+
+
+@pytest.mark.parametrize("capacity_bytes", [80 * 10**9, 419430400 + 24 * 2**20])
+def test_stepwise_repeated_windows_give_both_forms_the_same_run(capacity_bytes: int) -> None:
+    # the caching allocator's Python model, windows repeated: the windows come from steps and micro-batches, not from
+    # shared ops, so the expanded form repeats the same windows; 424 MiB: an OOM and cache flushes
+    raw = _with(zero_raw(2), gpus=2, accumulation=6)
+    plan = resolve_plan(build_scenario(raw, overrides=[f"hardware.device.capacity_bytes={capacity_bytes}"]))
+    schedule = build_schedule(plan).schedule
+    results = []
+    for form in (schedule, schedule.expand()):
+        device = plan.device
+        allocator = make_allocator(plan.allocator.backend, plan.allocator.conf,
+                                   device.capacity_bytes - device.cuda_context_bytes, device.capacity_bytes,
+                                   plan.versions.torch)
+        cost = CostModel(device, DType.BFLOAT16, plan.world.gpus_per_node, plan.world.nodes)
+        results.append((Engine(form, allocator, cost, compiled=False).run(), allocator))
+    (compact, compact_allocator), (expanded, expanded_allocator) = results
+    assert compact.repeated_events > 0
+    _assert_same_engine_result(compact, expanded)
+    assert compact_allocator.memory_stats() == expanded_allocator.memory_stats()
+    assert compact_allocator.segments() == expanded_allocator.segments()
+    assert compact_allocator.ooms == expanded_allocator.ooms
+
+
+# ---- the expanded form is the op-by-op build -----------------------------------------------------------------------
+
+def _canonical_ops(schedule: Schedule) -> list[tuple]:
+    """Every op with its buffers named by allocation: the k-th allocation of the run is k whatever its id, a free
+    names the allocation it frees (persistent buffers: ("persistent", i)), each with its size and category. The
+    op-by-op build gives every micro-batch fresh ids; the repeated one reuses or moves them."""
+    sizes, categories = schedule.buffer_sizes(), schedule.buffer_categories()
+    latest = {b: ("persistent", i) for i, b in enumerate(schedule.persistent)}
+    count = 0
+    canonical = []
+    for op in schedule.ops:
+        allocs = []
+        for b in op.allocs:
+            latest[b] = count
+            allocs.append((count, int(sizes[b]), int(categories[b])))
+            count += 1
+        frees = tuple(latest[b] for b in op.frees)
+        canonical.append((op.name, op.stream, op.phase, op.layer, op.deps, op.flops, op.bytes_moved, op.wire_bytes,
+                          op.kind, tuple(allocs), frees))
+    return canonical
+
+
+@pytest.mark.parametrize("name", ["single_caching_accumulation_4", "ddp", "zero3", "zero3_no_overlap"])
+def test_expanding_gives_what_building_op_by_op_gives(name: str) -> None:
+    plan = resolve_plan(build_scenario(CONFIGS[name]))
+    repeated, built = build_schedule(plan).schedule, build_schedule(plan, repeat=False).schedule
+    expanded = repeated.expand()
+    assert (expanded.op_step, expanded.op_micro_batch) == (built.op_step, built.op_micro_batch)
+    assert _canonical_ops(expanded) == _canonical_ops(built)
+
+
+# ---- the golden scenarios ------------------------------------------------------------------------------------------
+
+CASES = case_paths()
+SHIPPED = {name for name, path in CASES.items() if path.parent == ROOT / "scenarios"}  # full-size models: slow
+
+
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if name in SHIPPED else name
+                                  for name in sorted(CASES)])
+def test_golden_scenarios_give_both_forms_the_same_run(name: str) -> None:
+    compact, expanded = _compact_and_expanded(load_scenario(CASES[name]))
+    _assert_same_run(compact, expanded)
