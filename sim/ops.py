@@ -218,6 +218,19 @@ class Schedule:
             self._columns["distinct"] = np.flatnonzero(sources == np.arange(len(sources)))
         return self._columns["distinct"]
 
+    def repeated_runs(self) -> list[tuple[int, int, int]]:
+        """(first op, its template's first op, count) of every maximal run of positions that repeat consecutive
+        earlier ones (op_source); none in the expanded form."""
+        sources = self.sources()
+        n = len(sources)
+        repeated = sources != np.arange(n)
+        follows = np.zeros(n, dtype=bool)  # repeats the op after the one the op before it repeats
+        follows[1:] = repeated[1:] & repeated[:-1] & (sources[1:] == sources[:-1] + 1)
+        firsts = np.flatnonzero(repeated & ~follows)
+        breaks = np.append(np.flatnonzero(~follows), n)
+        ends = breaks[np.searchsorted(breaks, firsts, side="right")]
+        return [(first, int(sources[first]), end - first) for first, end in zip(firsts.tolist(), ends.tolist())]
+
     def _enum_codes(self, attribute: str, members: tuple) -> np.ndarray:
         """Every op's `attribute` (an enum) as its index in `members`, looked up once per distinct Op object:
         repeated spans share them, and a run has a few times more ops than distinct ones."""

@@ -76,6 +76,7 @@ def test_expanding_a_hand_built_moved_span() -> None:
     ]
     assert len({id(op) for op in expanded.ops}) == 6 and all(type(op) is Op for op in expanded.ops)
     assert expanded.is_expanded and not compact.is_expanded
+    assert compact.repeated_runs() == [(3, 1, 2)] and expanded.repeated_runs() == []  # positions 3-4 repeat 1-2
     assert (expanded.op_source, expanded.moved_spans) == (None, [])
     assert (expanded.buffers, expanded.persistent) == (compact.buffers, compact.persistent)
     assert (expanded.op_step, expanded.op_micro_batch) == (compact.op_step, compact.op_micro_batch)
@@ -94,14 +95,11 @@ def test_expanding_a_hand_built_moved_span() -> None:
     assert not np.array_equal(_run_exact(unmoved).trace.buffer_id, compact_run.trace.buffer_id)
 
 
-def test_a_schedule_without_repetition_expands_to_distinct_plain_ops() -> None:
-    # one step of one micro-batch: nothing repeats, yet the tape's ops become plain Ops of their own
-    compact = build_schedule(resolve_plan(build_scenario(tiny_raw()))).schedule
-    assert not compact.moved_spans and compact.op_source is not None
-    expanded = compact.expand()
-    assert expanded.is_expanded and all(type(op) is Op for op in expanded.ops)
-    assert all(a is not b and (a.allocs, a.frees) == (tuple(b.allocs), tuple(b.frees))
-               for a, b in zip(expanded.ops, compact.ops))
+def test_a_schedule_without_repetition_is_built_expanded() -> None:
+    # one step of one micro-batch: nothing repeats, so the tape records no op_source and no moved span
+    schedule = build_schedule(resolve_plan(build_scenario(tiny_raw()))).schedule
+    assert schedule.is_expanded and schedule.expand() is schedule
+    assert len({id(op) for op in schedule.ops}) == len(schedule.ops)
 
 
 # ---- built schedules: the engine on both forms ---------------------------------------------------------------------
@@ -217,6 +215,7 @@ def test_expanding_gives_what_building_op_by_op_gives(name: str) -> None:
     plan = resolve_plan(build_scenario(CONFIGS[name]))
     repeated, built = build_schedule(plan).schedule, build_schedule(plan, repeat=False).schedule
     expanded = repeated.expand()
+    assert built.is_expanded and not repeated.is_expanded
     assert (expanded.op_step, expanded.op_micro_batch) == (built.op_step, built.op_micro_batch)
     assert _canonical_ops(expanded) == _canonical_ops(built)
 
