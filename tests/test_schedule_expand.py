@@ -156,6 +156,8 @@ def test_the_engine_gives_both_forms_the_same_run(name: str) -> None:
     compact, expanded = _compact_and_expanded(build_scenario(CONFIGS[name]))
     assert not compact.schedule.is_expanded and expanded.schedule.is_expanded
     assert len(compact.schedule.distinct_ops()) < len(compact.schedule.ops)  # micro-batches were repeated
+    ops = expanded.schedule.ops
+    assert max(b for op in ops for b in (*op.allocs, *op.frees)) < len(expanded.schedule.buffers)  # a row per id
     _assert_same_run(compact, expanded)
 
 
