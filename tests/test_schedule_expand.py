@@ -6,6 +6,8 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sim.allocator import ExactAllocator, make_allocator
 from sim.cost import CostModel
@@ -93,6 +95,49 @@ def test_expanding_a_hand_built_moved_span() -> None:
     unmoved = Schedule(compact.buffers, [0], [op.with_buffers(op.allocs, op.frees) for op in compact.ops],
                        compact.op_step, compact.op_micro_batch)
     assert not np.array_equal(_run_exact(unmoved).trace.buffer_id, compact_run.trace.buffer_id)
+
+
+@st.composite
+def periodic_schedules(draw) -> tuple[Schedule, list[tuple[tuple[int, ...], tuple[int, ...]]]]:
+    """A prologue allocating buffer 0, a template of k ops allocating ids [1, 1 + m) repeated r times with its ids
+    moved, and an epilogue; with every position's final (allocs, frees), derived here without ReplicaSpan."""
+    k, m, r = draw(st.integers(1, 5)), draw(st.integers(1, 4)), draw(st.integers(1, 3))
+    alloc_at = [draw(st.integers(0, k - 1)) for _ in range(m)]  # template op allocating id 1 + i
+    # id 1 outlives the template (the next repetition frees it); the others are freed inside it, at or after
+    # their allocation; one template op frees what the ops before the span left alive (id 0 for the template)
+    free_at = {1 + i: draw(st.integers(alloc_at[i], k - 1)) for i in range(1, m)}
+    carry_free_at = draw(st.integers(0, k - 1))
+    sizes = [draw(st.integers(1, 50)) for _ in range(m)]
+    template = []
+    for t in range(k):
+        allocs = [1 + i for i in range(m) if alloc_at[i] == t]
+        frees = [b for b, at in free_at.items() if at == t] + ([0] if carry_free_at == t else [])
+        deps = tuple(-d for d in draw(st.lists(st.integers(1, t + 1), max_size=2, unique=True)))
+        template.append(Op(f"t{t}", draw(st.sampled_from(list(Stream))), Phase.FORWARD, None, allocs, frees,
+                           float(draw(st.integers(0, 9))), 0, deps))
+    last = 1 + r * m  # what the last repetition leaves alive
+    prologue = Op("prologue", Stream.COMPUTE, Phase.FORWARD, None, [0], [], 1.0)
+    epilogue = Op("epilogue", Stream.COMPUTE, Phase.FORWARD, None, [], [last], 1.0)
+    ops = [prologue] + template * (r + 1) + [epilogue]
+    spans = [(1 + j * k, 1 + (j + 1) * k, ReplicaSpan(j * m, 1, 1 + m, {0: 1 + (j - 1) * m})) for j in range(1, r + 1)]
+    row_sizes = [sizes[0]] + sizes * (r + 1)
+    buffers = [Buffer(b, f"b{b}", size, Category.TEMPORARIES) for b, size in enumerate(row_sizes)]
+    schedule = Schedule(buffers, [], ops, [0] * len(ops), [0] + [j for j in range(r + 1) for _ in range(k)] + [r],
+                        spans, [0] + list(range(1, k + 1)) * (r + 1) + [len(ops) - 1])
+    # repetition j >= 1 allocates and frees its own ids j·m higher, and frees the id the one before left alive
+    expected = [((0,), ())] + [
+        (tuple(a + j * m for a in op.allocs), tuple(f + j * m if f or not j else 1 + (j - 1) * m for f in op.frees))
+        for j in range(r + 1) for op in template] + [((), (last,))]
+    return schedule, expected
+
+
+@given(periodic_schedules())
+def test_expanding_random_moved_spans(case) -> None:
+    compact, expected = case
+    expanded = compact.expand()
+    assert [(op.allocs, op.frees) for op in expanded.ops] == expected
+    assert [op.deps for op in expanded.ops] == [op.deps for op in compact.ops]
+    _assert_same_engine_result(_run_exact(compact), _run_exact(expanded))
 
 
 def test_a_schedule_without_repetition_is_built_expanded() -> None:
