@@ -88,9 +88,24 @@ def test_expanding_a_hand_built_moved_span() -> None:
 
     compact_run, expanded_run = _run_exact(compact), _run_exact(expanded)
     _assert_same_engine_result(compact_run, expanded_run)
-    # every gathered buffer and temporary is freed once: only the 100-byte weight is left
-    assert int(compact_run.trace.allocated_bytes[-1]) == 100
-    assert sorted(compact_run.trace.buffer_id.tolist()) == [0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    # Every op takes 2 µs. prologue [0, 2), x [2, 4) on compute; y on the reduce stream waits for x: [4, 6); the
+    # repeated x runs [4, 6) on compute, its y [6, 8) after it, the epilogue [6, 8). At t=4 x's free comes before
+    # the repeated x's allocations (issue order).
+    t = compact_run.trace
+    assert list(zip(t.time_us.tolist(), t.op_index.tolist(), t.buffer_id.tolist(), t.delta_bytes.tolist(),
+                    t.allocated_bytes.tolist())) == [
+        (0, -1, 0, 100, 100),  # the weight, before the first op
+        (0, 0, 1, 8, 108),     # prologue
+        (2, 1, 2, 8, 116),     # x allocates the span's own 2 and 3
+        (2, 1, 3, 4, 120),
+        (4, 1, 1, -8, 112),    # x frees what the prologue left alive
+        (4, 3, 4, 8, 120),     # the repeated x: 2, 3 moved to 4, 5
+        (4, 3, 5, 4, 124),
+        (6, 2, 3, -4, 120),    # y frees 3
+        (6, 3, 2, -8, 112),    # the repeated x frees 1 -> entry 2: what x left alive
+        (8, 4, 5, -4, 108),    # the repeated y frees 3 moved to 5
+        (8, 5, 4, -8, 100),    # the epilogue frees 4: only the weight is left
+    ]
     # the comparison sees the moves: the same ops without them give another trace
     unmoved = Schedule(compact.buffers, [0], [op.with_buffers(op.allocs, op.frees) for op in compact.ops],
                        compact.op_step, compact.op_micro_batch)
