@@ -222,7 +222,8 @@ def test_the_engine_gives_both_forms_the_same_run(name: str) -> None:
 
 @pytest.mark.parametrize("name", ["zero1", "zero3", "zero3_no_overlap"])
 def test_zero_configurations_have_moved_spans_to_expand(name: str) -> None:
-    # these exercise the id moves: ZeRO-1 and ZeRO-3 keep buffers across micro-batches (periodic repetitions)
+    # these exercise the id moves: buffers kept from one micro-batch to the next (ZeRO-1 IPG buffers, ZeRO-3
+    # gathered parameters) make their repetitions periodic
     schedule = build_schedule(resolve_plan(build_scenario(CONFIGS[name]))).schedule
     assert schedule.moved_spans
 
