@@ -27,17 +27,16 @@ def _no_cyclic_gc():
             gc.enable()
 
 
-def run_scenario(scenario: Scenario, repeat: bool = True) -> Run:
-    """Simulate a scenario (`repeat=False`: build every micro-batch op by op and call the allocator for every
-    event, for checking both repetitions)."""
+def run_scenario(scenario: Scenario) -> Run:
+    """Simulate a scenario: its compact schedule (repeated micro-batches recorded once) through the engine."""
     plan = resolve_plan(scenario)
     with _no_cyclic_gc():
-        return run_built(scenario, plan, build_schedule(plan, repeat), repeat)
+        return run_built(scenario, plan, build_schedule(plan))
 
 
 def run_built(scenario: Scenario, plan: Plan, built: BuiltSchedule, repeat: bool = True) -> Run:
     """Run a built schedule, compact or expanded (Schedule.expand), on the plan's device, allocator and links
-    (`repeat=False`: call the allocator for every event even where a window repeats)."""
+    (`repeat=False`: call the allocator for every event even where a window repeats, for checking)."""
     device = plan.device
     non_pytorch = plan.runtime.non_pytorch_bytes()
     allocator = make_allocator(plan.allocator.backend, plan.allocator.conf,
