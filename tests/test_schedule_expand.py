@@ -21,6 +21,7 @@ from sim.simulate import run_built
 from sim.vocab import DType
 from tests.conftest import tiny_raw
 from tests.golden_record import ROOT, case_paths
+from tests.test_properties import scenarios
 from tests.test_engine import DEVICE
 from tests.test_zero3 import zero_raw
 
@@ -218,6 +219,18 @@ def test_the_engine_gives_both_forms_the_same_run(name: str) -> None:
     ops = expanded.schedule.ops
     assert max(b for op in ops for b in (*op.allocs, *op.frees)) < len(expanded.schedule.buffers)  # a row per id
     _assert_same_run(compact, expanded)
+
+
+@given(scenarios(), st.sampled_from([None, 1, 3]))
+def test_the_engine_gives_both_forms_of_random_scenarios_the_same_run(raw: dict, zero_stage: int | None) -> None:
+    # every architecture, attention kind, optimizer and allocator of the property tests, 3 micro-batches, 2 steps
+    raw["training"]["gradient_accumulation_steps"] = 3
+    raw["simulation"]["steps"] = 2
+    if zero_stage is not None:
+        raw["hardware"]["gpus_per_node"] = 2
+        raw["deepspeed"] = {"zero_optimization": {"stage": zero_stage, "reduce_bucket_size": 5000,
+                                                  "stage3_param_persistence_threshold": 100}}
+    _assert_same_run(*_compact_and_expanded(build_scenario(raw)))
 
 
 @pytest.mark.parametrize("name", ["zero1", "zero3", "zero3_no_overlap"])
