@@ -148,18 +148,18 @@ class ReplicaSpan:
 @dataclass(slots=True)
 class Schedule:
     """Everything one simulated rank does: its buffers, the ones alive before t=0, and its ops in issue order, in
-    one of two forms with the same meaning. The engine, the report and the exports read either through this type;
-    only `expand()` turns one into the other.
+    one of two forms with the same meaning. The engine (timeline, event order, drivers) and the report read either
+    through this type; `expand()` turns the compact form into the expanded one.
 
     Position i is the i-th op issued; `op_step[i]` and `op_micro_batch[i]` say which step and micro-batch issued it.
 
-    Compact form (what Tape.schedule builds: repeated micro-batches are recorded once and repeated):
+    Compact form (what Tape.schedule builds where micro-batches repeat: recorded once, then repeated):
     - `op_source[i] = j <= i` where `ops[i] is ops[j]`, the same Op object, and `op_source[j] == j` (the first
       position holding it). Whatever differs between the positions of one shared op (step, micro-batch, times,
       moved ids) lives in per-position columns or `moved_spans`, never on the Op.
     - `moved_spans`: `(first, end, span)` for disjoint, ascending position ranges [first, end) whose shared ops
-      repeat earlier ones with fresh buffer ids (a periodic repetition: ZeRO-3 keeps parameters gathered across
-      micro-batches). The final ids of an op in the range are `span.final_ids(op.allocs, op.frees)`: every
+      repeat earlier ones with fresh buffer ids (a periodic repetition: buffers kept from one micro-batch to the
+      next, as ZeRO-1's IPG buffers or ZeRO-3's gathered parameters). The final ids of an op in the range are `span.final_ids(op.allocs, op.frees)`: every
       allocation (all in [span.low, span.high)) and every free in that range + span.shift, every other free
       span.entry[free] (a buffer the previous repetition left alive). Outside every moved span an op's ids are
       final as they stand: a self-contained repetition reuses its ids, each freed before the span starts again.
