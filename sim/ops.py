@@ -159,10 +159,11 @@ class Schedule:
       moved ids) lives in per-position columns or `moved_spans`, never on the Op.
     - `moved_spans`: `(first, end, span)` for disjoint, ascending position ranges [first, end) whose shared ops
       repeat earlier ones with fresh buffer ids (a periodic repetition: buffers kept from one micro-batch to the
-      next, as ZeRO-1's IPG buffers or ZeRO-3's gathered parameters). The final ids of an op in the range are `span.final_ids(op.allocs, op.frees)`: every
-      allocation (all in [span.low, span.high)) and every free in that range + span.shift, every other free
-      span.entry[free] (a buffer the previous repetition left alive). Outside every moved span an op's ids are
-      final as they stand: a self-contained repetition reuses its ids, each freed before the span starts again.
+      next, as ZeRO-1's IPG buffers or ZeRO-3's gathered parameters). The final ids of an op in the range are
+      `span.final_ids(op.allocs, op.frees)`: every allocation (all in [span.low, span.high)) and every free in
+      that range + span.shift, every other free span.entry[free] (a buffer the previous repetition left alive).
+      Outside every moved span an op's ids are final as they stand: a self-contained repetition reuses its ids,
+      each freed before the span starts again.
     Expanded form (`is_expanded`): `op_source` is None and `moved_spans` empty: every op's allocs and frees are
     its final ids, and each position is read on its own. `expand()` also gives every position its own Op object,
     so an op can be changed alone.
