@@ -81,8 +81,9 @@ def order_events(schedule: Schedule, starts_us: list[int], ends_us: list[int]) -
 
 
 def _move_replica_ids(schedule: Schedule, ids: np.ndarray, op_index: np.ndarray, is_free: np.ndarray) -> None:
-    """Ops of a periodic repetition carry the template's buffer ids; move them (ReplicaSpan) in place: every
-    allocation and every free inside [low, high) by the shift, other frees through the entry map."""
+    """Ops of a periodic repetition carry the template's buffer ids; move them in place (ReplicaSpan.final_ids,
+    vectorised): every allocation and every free inside [low, high) by the shift, other frees through the entry
+    map."""
     for first_op, end_op, span in schedule.moved_spans:
         lo, hi = np.searchsorted(op_index, [first_op, end_op])  # events are still in op order here
         moved = ids[lo:hi]

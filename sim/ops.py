@@ -70,7 +70,8 @@ class Buffer(NamedTuple):
 
 class Op:
     """One kernel (or host action) on one stream: allocates `allocs` when it starts, frees `frees` when it ends.
-    A plain slotted class: the tape records each op once as it is built and the schedule keeps that object."""
+    A plain slotted class: the tape records each op once as it is built and the schedule keeps that object (shared
+    by every position that repeats it; Schedule.expand gives each position its own)."""
 
     __slots__ = ("name", "stream", "phase", "layer", "allocs", "frees", "flops", "bytes_moved", "deps", "wire_bytes",
                  "kind")
@@ -92,6 +93,12 @@ class Op:
 
     def __repr__(self) -> str:
         return f"Op({self.name!r}, {self.stream.value}, {self.phase.value}, layer={self.layer})"
+
+    def with_buffers(self, allocs: Sequence[int], frees: Sequence[int]) -> "Op":
+        """A new plain Op like this one but allocating `allocs` and freeing `frees` (tuples): how
+        Schedule.expand gives a repeated op its own object and final buffer ids."""
+        return Op(self.name, self.stream, self.phase, self.layer, tuple(allocs), tuple(frees), self.flops,
+                  self.bytes_moved, self.deps, self.wire_bytes, self.kind)
 
 
 class BufferTable:
@@ -126,17 +133,48 @@ class ReplicaSpan:
     buffer outside [low, high) is looked up in `entry` (what the previous repetition left alive)."""
 
     shift: int
-    low: int
+    low: int  # the repeated ops allocate exactly the ids [low, high)
     high: int
-    entry: dict
+    entry: dict  # buffer id freed outside [low, high) -> the id to free instead
+
+    def final_ids(self, allocs: Sequence[int], frees: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The buffer ids a repeated op really allocates and frees, from the ones its shared Op object carries:
+        every allocation and every free inside [low, high) moved by `shift`, every other free through `entry`."""
+        shift, low, high, entry = self.shift, self.low, self.high, self.entry
+        return (tuple(b + shift for b in allocs),
+                tuple(b + shift if low <= b < high else entry[b] for b in frees))
 
 
 @dataclass(slots=True)
 class Schedule:
-    """Everything one simulated rank does: its buffers, the ones alive before t=0, and its ops in issue order.
+    """Everything one simulated rank does: its buffers, the ones alive before t=0, and its ops in issue order, in
+    one of two forms with the same meaning. The engine (timeline, event order, drivers) and the report read either
+    through this type; `expand()` turns the compact form into the expanded one.
 
-    Repeated micro-batches share their Op objects (and buffer ids: each buffer is freed before the span repeats),
-    so an op's step and micro-batch live beside it in `op_step` and `op_micro_batch`.
+    Position i is the i-th op issued; `op_step[i]` and `op_micro_batch[i]` say which step and micro-batch issued it.
+
+    Compact form (what Tape.schedule builds where micro-batches repeat: recorded once, then repeated):
+    - `op_source[i] = j <= i` where `ops[i] is ops[j]`, the same Op object, and `op_source[j] == j` (the first
+      position holding it). Whatever differs between the positions of one shared op (step, micro-batch, times,
+      moved ids) lives in per-position columns or `moved_spans`, never on the Op.
+    - `moved_spans`: `(first, end, span)` for disjoint, ascending position ranges [first, end) whose shared ops
+      repeat earlier ones with fresh buffer ids (a periodic repetition: buffers kept from one micro-batch to the
+      next, as ZeRO-1's IPG buffers or ZeRO-3's gathered parameters). The final ids of an op in the range are
+      `span.final_ids(op.allocs, op.frees)`: every allocation (all in [span.low, span.high)) and every free in
+      that range + span.shift, every other free span.entry[free] (a buffer the previous repetition left alive).
+      Outside every moved span an op's ids are final as they stand: a self-contained repetition reuses its ids,
+      each freed before the span starts again.
+    Expanded form (`is_expanded`): `op_source` is None and `moved_spans` empty: every op's allocs and frees are
+    its final ids, and each position is read on its own. `expand()` also gives every position its own Op object,
+    so an op can be changed alone.
+
+    In both forms:
+    - deps are relative: op i waits for op i + d for each d in `ops[i].deps` (d < 0, any stream). Expanding keeps
+      every position, so one encoding serves both; an op shared by several positions waits, from each, for the op
+      the same distance back (the tape records a repetition only where that holds). Inserting an op means
+      renumbering the deps that cross it.
+    - `buffers` has a row for every final id (a moved id has its own row: the name, size and category of the id
+      it moves from), and `persistent` lists the ids allocated before the first op and never freed.
     """
 
     buffers: "BufferTable | list[Buffer]" = field(default_factory=list)
@@ -148,6 +186,24 @@ class Schedule:
     op_source: "list[int] | None" = None  # per op: index of the first op with the same Op object (None: itself)
 
     _columns: dict = field(default_factory=dict, repr=False, compare=False)  # cache of the columns below
+
+    @property
+    def is_expanded(self) -> bool:
+        """Whether every op's buffer ids are final as they stand (no op_source, no moved spans; class docstring)."""
+        return self.op_source is None and not self.moved_spans
+
+    def expand(self) -> "Schedule":
+        """The same schedule in the expanded form: every position its own plain Op carrying its final buffer ids
+        (each moved span applied), no op_source, no moved spans; positions, deps, steps, micro-batches, buffers
+        and persistent ids unchanged. An expanded schedule is returned as it is."""
+        if self.is_expanded:
+            return self
+        span_at: list[ReplicaSpan | None] = [None] * len(self.ops)
+        for first, end, span in self.moved_spans:
+            span_at[first:end] = [span] * (end - first)
+        ops = [op.with_buffers(op.allocs, op.frees) if span is None else
+               op.with_buffers(*span.final_ids(op.allocs, op.frees)) for op, span in zip(self.ops, span_at)]
+        return Schedule(self.buffers, list(self.persistent), ops, list(self.op_step), list(self.op_micro_batch))
 
     def sources(self) -> np.ndarray:
         """`op_source` as an array (each op its own source when None)."""
@@ -162,6 +218,19 @@ class Schedule:
             sources = self.sources()
             self._columns["distinct"] = np.flatnonzero(sources == np.arange(len(sources)))
         return self._columns["distinct"]
+
+    def repeated_runs(self) -> list[tuple[int, int, int]]:
+        """(first op, its template's first op, count) of every maximal run of positions that repeat consecutive
+        earlier ones (op_source); none in the expanded form."""
+        sources = self.sources()
+        n = len(sources)
+        repeated = sources != np.arange(n)
+        follows = np.zeros(n, dtype=bool)  # repeats the op after the one the op before it repeats
+        follows[1:] = repeated[1:] & repeated[:-1] & (sources[1:] == sources[:-1] + 1)
+        firsts = np.flatnonzero(repeated & ~follows)
+        breaks = np.append(np.flatnonzero(~follows), n)
+        ends = breaks[np.searchsorted(breaks, firsts, side="right")]
+        return [(first, int(sources[first]), end - first) for first, end in zip(firsts.tolist(), ends.tolist())]
 
     def _enum_codes(self, attribute: str, members: tuple) -> np.ndarray:
         """Every op's `attribute` (an enum) as its index in `members`, looked up once per distinct Op object:

@@ -39,8 +39,9 @@ def _context(plan: Plan, tape: Tape) -> RunContext:
 
 
 def build_schedule(plan: Plan, repeat: bool = True) -> BuiltSchedule:
-    """The ops of one rank. `repeat=False` builds every micro-batch op by op instead of repeating identical
-    ones (same schedule, slower: for tests)."""
+    """The ops of one rank, in the compact form where micro-batches repeat (Schedule). `repeat=False` builds every
+    micro-batch op by op instead: the expanded form with its own buffer numbering, slower, the reference that
+    Tape.replicate and Schedule.expand are checked against. A caller that wants every op calls expand()."""
     tape = Tape()
     workspaces = plan.runtime.workspaces
     tape.blas_workspace_bytes = workspaces.cublas_bytes

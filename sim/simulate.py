@@ -10,7 +10,7 @@ from sim.plan import Holder, Plan
 from sim.report import Run
 from sim.resolve import resolve_plan
 from sim.scenario import Scenario
-from sim.schedule import build_schedule
+from sim.schedule import BuiltSchedule, build_schedule
 
 
 @contextmanager
@@ -27,15 +27,16 @@ def _no_cyclic_gc():
             gc.enable()
 
 
-def run_scenario(scenario: Scenario, repeat: bool = True) -> Run:
-    """Simulate a scenario (`repeat=False`: build every micro-batch op by op, for checking the repetition)."""
+def run_scenario(scenario: Scenario) -> Run:
+    """Simulate a scenario: its compact schedule (repeated micro-batches recorded once) through the engine."""
     plan = resolve_plan(scenario)
     with _no_cyclic_gc():
-        return _run(scenario, plan, repeat)
+        return run_built(scenario, plan, build_schedule(plan))
 
 
-def _run(scenario: Scenario, plan: Plan, repeat: bool) -> Run:
-    built = build_schedule(plan, repeat)
+def run_built(scenario: Scenario, plan: Plan, built: BuiltSchedule, repeat: bool = True) -> Run:
+    """Run a built schedule, compact or expanded (Schedule.expand), on the plan's device, allocator and links
+    (`repeat=False`: call the allocator for every event even where a window repeats, for checking)."""
     device = plan.device
     non_pytorch = plan.runtime.non_pytorch_bytes()
     allocator = make_allocator(plan.allocator.backend, plan.allocator.conf,

@@ -23,7 +23,7 @@ class Timeline(Protocol):
 
 class ListTimeline:
     """The list scheduler: ops in issue order, each at the later of its stream's previous end and its
-    dependencies' ends. A repeated span (schedule.sources()) that meets the state its previous instance met on
+    dependencies' ends. A repeated span (Schedule.repeated_runs) that meets the state its previous instance met on
     entry (the ready times of its streams and the ends of the earlier ops it waits for, relative to each other)
     runs as that instance did, shifted in time: most of a run's ops are copied, not scheduled."""
 
@@ -33,7 +33,7 @@ class ListTimeline:
         starts = [0] * len(ops)
         ends = [0] * len(ops)
         ready = [0] * len(STREAMS)
-        runs = {first: (source, count) for first, source, count in _repeated_runs(schedule.sources())}
+        runs = {first: (source, count) for first, source, count in schedule.repeated_runs()}
         templates = {key: _template_entry(schedule, *key, codes) for key in set(runs.values())}
         latest = {}  # template -> (first op, ready times there) of its latest instance (itself at first)
         template_at = {}  # a template's first op -> the templates starting there
@@ -71,19 +71,6 @@ class ListTimeline:
                 ready[code] = ends[index] = start + durations[index]
             position = cut
         return starts, ends
-
-
-def _repeated_runs(sources: np.ndarray) -> list[tuple[int, int, int]]:
-    """(first op, its template's first op, count) of every span of ops that repeats earlier ones (`sources`: per
-    op, the first op with the same Op object)."""
-    n = len(sources)
-    repeated = sources != np.arange(n)
-    follows = np.zeros(n, dtype=bool)  # repeats the op after the one the op before it repeats
-    follows[1:] = repeated[1:] & repeated[:-1] & (sources[1:] == sources[:-1] + 1)
-    firsts = np.flatnonzero(repeated & ~follows)
-    breaks = np.append(np.flatnonzero(~follows), n)
-    ends = breaks[np.searchsorted(breaks, firsts, side="right")]
-    return [(first, int(sources[first]), end - first) for first, end in zip(firsts.tolist(), ends.tolist())]
 
 
 def _template_entry(schedule: Schedule, source: int, count: int, codes: list[int]

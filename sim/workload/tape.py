@@ -507,7 +507,8 @@ class Tape:
     # ---- result -------------------------------------------------------------------------------------------
     def schedule(self) -> Schedule:
         """Freeze what was recorded into a Schedule of ops: the recorded ops themselves, repeated spans sharing
-        them; a periodic repetition's ops carry a ReplicaSpan that moves their buffer ids."""
+        them; a periodic repetition's ops carry a ReplicaSpan that moves their buffer ids. Where nothing was
+        repeated it is in the expanded form (no op_source: see Schedule)."""
         index_of = {id(c): i for i, c in enumerate(CATEGORIES)}  # hashing an Enum is slow
         storages = self.storages
         buffers = BufferTable([s.name for s in storages], [s.size_bytes for s in storages],
@@ -518,6 +519,7 @@ class Tape:
         steps: list[int] = []
         micros: list[int] = []
         spans: list[tuple[int, int, ReplicaSpan]] = []
+        repeated = False  # whether any span repeats earlier ops
         for entry in self._ops:
             if isinstance(entry, _OpDraft):
                 sources.append(len(ops))
@@ -525,6 +527,7 @@ class Tape:
                 steps.append(entry.step)
                 micros.append(entry.micro_batch)
                 continue
+            repeated = True
             count = entry.end - entry.start
             first = self._final_of[entry.start]  # a repeated span's ops are consecutive, in ops as in _ops
             ops.extend(ops[first:first + count])
@@ -534,4 +537,4 @@ class Tape:
             if isinstance(entry, _Remapped):
                 spans.append((len(ops) - count, len(ops), ReplicaSpan(entry.moved, entry.low, entry.high,
                                                                       entry.entry)))
-        return Schedule(buffers, persistent, ops, steps, micros, spans, sources)
+        return Schedule(buffers, persistent, ops, steps, micros, spans, sources if repeated else None)
