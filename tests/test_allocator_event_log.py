@@ -97,6 +97,21 @@ def test_whole_log_of_an_expandable_segment() -> None:
     ]
 
 
+def test_empty_cache_returns_segments_in_pytorchs_order() -> None:
+    # release_blocks walks large_blocks, then small_blocks, each ordered by (stream, size, address): a small
+    # segment freed first on the compute stream still goes back after every large one
+    a, log = logged(256 * MiB)
+    for buffer_id, size, stream in ((1, 512, C), (2, 40 * MiB, AG), (3, 12 * MiB, AG), (4, 30 * MiB, C)):
+        a.malloc(buffer_id, size, stream)
+    addresses = {buffer_id: a.block_of(buffer_id)[0] for buffer_id in range(1, 5)}
+    for buffer_id in range(1, 5):
+        a.free(buffer_id)
+    a.empty_cache()
+    c = log.columns()
+    freed = c["address"][c["action"] == A.SEGMENT_FREE].tolist()
+    assert freed == [addresses[4], addresses[3], addresses[2], addresses[1]]
+
+
 def test_a_logging_allocator_runs_every_call_itself() -> None:
     # repeated windows and the compiled core would skip calls the log must see
     a, _ = logged(64 * MiB)

@@ -885,18 +885,21 @@ class CachingAllocator:
 
     def _release_cached_blocks(self) -> bool:
         """empty_cache: synchronize all pending events, then cudaFree every unsplit cached block of every stream
-        (expandable: unmap every free page and drop fully unmapped segments)."""
+        (expandable: unmap every free page and drop fully unmapped segments), in PyTorch's order (release_blocks
+        walks large_blocks, then small_blocks, each ordered by (stream, size, address)), which the log shows."""
         self._synchronize_and_free_events()
         for pool in self._all_pools():
+            cached = [pool.map[k] for k in pool.keys]
             if self._expandable:
-                for b in list(pool.map.values()):
+                for b in cached:
                     self._unmap_block(b)
                     if b.prev is None and b.next is None:
                         del pool.unmapped[b.addr]
                         self._expandable_segments.remove(b.seg)
             else:
-                for b in [b for b in pool.map.values() if b.prev is None and b.next is None]:
-                    self._release_block(b)
+                for b in cached:
+                    if b.prev is None and b.next is None:
+                        self._release_block(b)
         return True
 
     def _process_events(self) -> None:

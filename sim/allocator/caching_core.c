@@ -262,10 +262,12 @@ static int release_available_cached_blocks(State *s, int32_t pool, int64_t size)
     return 1;
 }
 
-/* _release_cached_blocks: empty_cache (synchronises all streams; no events are pending here) */
+/* _release_cached_blocks: empty_cache (synchronises all streams; no events are pending here); the large pools of
+ * every stream first, then the small ones, each in (size, address) order, as PyTorch's release_blocks */
 static void release_cached_blocks(State *s) {
     s->num_sync_all_streams++;
-    for (int pool = 0; pool < s->n_pools; pool++) {
+    for (int k = 0; k < s->n_pools; k++) {
+        int pool = k < s->n_pools / 2 ? 2 * k : 2 * (k - s->n_pools / 2) + 1;
         Pool *p = &s->pools[pool];
         Py_ssize_t i = 0;
         while (i < p->n) {
