@@ -178,7 +178,8 @@ class CachingAllocator:
         `device_total_bytes` (default: capacity_bytes) is only used for the OOM message ("total capacity") and the
         memory fraction; the difference to capacity_bytes counts as non-PyTorch memory of this process.
         `event_log`: where to record PyTorch's trace entries (alloc, free_requested, ..., segment_free) as they
-        happen; every call then runs in this model (no repeated windows, no compiled core: neither writes it)."""
+        happen, each with the index of the call (malloc, free, empty_cache) that made it; every call then runs in
+        this model (no repeated windows, no compiled core: neither writes it)."""
         self.conf = conf if conf is not None else AllocConf()
         self.capacity_bytes = capacity_bytes
         self.torch_version = tuple(torch_version)
@@ -448,8 +449,9 @@ class CachingAllocator:
         self.requested_bytes += size_bytes
         if bsize >= max_split:
             self.oversize_allocations += 1
-        if self.event_log is not None:  # alloc_found_block
+        if self.event_log is not None:  # alloc_found_block; the call ends here
             self.event_log.record(AllocatorAction.ALLOC, block.addr, size_bytes, pool.sidx)
+            self.event_log.end_event()
         if self._oom is not None:
             exc, self._oom = self._oom, None
             raise exc
@@ -473,9 +475,10 @@ class CachingAllocator:
                 if s != own:
                     block.events += 1
                     self._events.setdefault(s, []).append(block)
-            if block.events:
-                return
-        self._free_block(block)
+        if not block.events:
+            self._free_block(block)
+        if self.event_log is not None:
+            self.event_log.end_event()
 
     def stream_passed(self, stream: Hashable) -> None:
         """Every event recorded on `stream` so far has completed; the blocks become free at the next malloc
@@ -487,6 +490,8 @@ class CachingAllocator:
     def empty_cache(self) -> None:
         """torch.cuda.empty_cache(): wait for all pending events, return every fully free segment / page."""
         self._release_cached_blocks()
+        if self.event_log is not None:
+            self.event_log.end_event()
 
     @property
     def num_segments(self) -> int:
