@@ -4,6 +4,7 @@ import gc
 from contextlib import contextmanager
 
 from sim.allocator import make_allocator
+from sim.allocator.event_log import AllocatorEventLog
 from sim.cost import CostModel
 from sim.engine import Engine
 from sim.plan import Holder, Plan
@@ -27,20 +28,25 @@ def _no_cyclic_gc():
             gc.enable()
 
 
-def run_scenario(scenario: Scenario, repeat: bool = True) -> Run:
-    """Simulate a scenario (`repeat=False`: build every micro-batch op by op, for checking the repetition)."""
+def run_scenario(scenario: Scenario, repeat: bool = True, event_log: bool = False) -> Run:
+    """Simulate a scenario (`repeat=False`: build every micro-batch op by op, for checking the repetition;
+    `event_log=True`: keep the caching allocator's event log of the whole run in Run.event_log; ValueError with the
+    exact allocator, which has none)."""
     plan = resolve_plan(scenario)
     with _no_cyclic_gc():
-        return _run(scenario, plan, repeat)
+        return _run(scenario, plan, repeat, AllocatorEventLog() if event_log else None)
 
 
-def _run(scenario: Scenario, plan: Plan, repeat: bool) -> Run:
+def _run(scenario: Scenario, plan: Plan, repeat: bool, event_log: AllocatorEventLog | None) -> Run:
+    """The plan's schedule through the engine against its allocator (writing `event_log` if given)."""
     built = build_schedule(plan, repeat)
     device = plan.device
     non_pytorch = plan.runtime.non_pytorch_bytes()
     allocator = make_allocator(plan.allocator.backend, plan.allocator.conf,
-                               max(device.capacity_bytes - non_pytorch, 0), device.capacity_bytes, plan.versions.torch)
+                               max(device.capacity_bytes - non_pytorch, 0), device.capacity_bytes, plan.versions.torch,
+                               event_log)
     cost = CostModel(device, plan.compute_dtype, plan.world.gpus_per_node, plan.world.nodes, plan.nccl.version,
                      plan.nccl.channels)
     result = Engine(built.schedule, allocator, cost, repeat).run()
-    return Run(scenario, plan, built, result, non_pytorch, allocator, plan.runtime.non_pytorch_bytes(Holder.NCCL))
+    return Run(scenario, plan, built, result, non_pytorch, allocator, plan.runtime.non_pytorch_bytes(Holder.NCCL),
+               event_log)
