@@ -144,11 +144,13 @@ def test_compiled_core_is_left_out_where_it_does_not_apply() -> None:
 
 
 def test_compiled_core_on_no_events_changes_nothing() -> None:
-    allocator = CachingAllocator(MiB * 100)
+    log = AllocatorEventLog()
+    allocator = CachingAllocator(MiB * 100, event_log=log)
     empty = np.zeros(0, dtype=np.int64)
     allocated, reserved, first_oom, largest = allocator.replay_compiled(empty, empty, empty)
     assert (len(allocated), len(reserved), first_oom, largest) == (0, 0, None, None)
     assert allocator.memory_stats() == CachingAllocator(MiB * 100).memory_stats()
+    assert (len(log), log.events) == (0, 0)
 
 
 def test_compiled_core_refuses_a_double_allocation_and_an_unknown_free() -> None:

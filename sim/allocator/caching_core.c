@@ -541,11 +541,13 @@ static void free_log(Log *log) {
     free(log->event);
 }
 
+/* a column as bytes (b"" before its first entry, where it is not allocated yet: y# would give None) */
+static const char *column(const void *items) { return items ? (const char *)items : ""; }
+
 /* the log's columns as bytes, in AllocatorEventLog.extend's order: action, address, size, stream, event index */
 static PyObject *export_log(const Log *log) {
-    return Py_BuildValue("(y#y#y#y#y#)", (const char *)log->action, log->n, (const char *)log->address, log->n * 8,
-                         (const char *)log->size, log->n * 8, (const char *)log->stream, log->n,
-                         (const char *)log->event, log->n * 8);
+    return Py_BuildValue("(y#y#y#y#y#)", column(log->action), log->n, column(log->address), log->n * 8,
+                         column(log->size), log->n * 8, column(log->stream), log->n, column(log->event), log->n * 8);
 }
 
 static void free_state(State *s) {
