@@ -74,6 +74,10 @@ def test_a_runs_log_balances_and_sits_at_its_events(name: str) -> None:
         stats["reserved_bytes.all.current"]
     assert total(A.ALLOC) - total(A.FREE_COMPLETED) == stats["requested_bytes.all.current"]
     assert (action == A.ALLOC).sum() - (action == A.FREE_REQUESTED).sum() == stats["allocation.all.current"]
+    # one entry per cudaMalloc (or page mapping), cudaFree (or unmapping) and OOM the allocator counted
+    assert np.isin(action, [A.SEGMENT_ALLOC, A.SEGMENT_MAP]).sum() == stats["num_device_alloc"]
+    assert np.isin(action, [A.SEGMENT_FREE, A.SEGMENT_UNMAP]).sum() == stats["num_device_free"]
+    assert (action == A.OOM).sum() == stats["num_ooms"]
     # every event is one malloc (its alloc entry) or one free (its free_requested entry), in order
     assert events == len(time_us)
     assert np.array_equal(event[np.isin(action, [A.ALLOC, A.FREE_REQUESTED])], np.arange(events))
