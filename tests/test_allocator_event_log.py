@@ -66,6 +66,8 @@ def test_whole_log_of_segments_frees_and_a_pending_free() -> None:
 
 
 def test_a_log_is_placed_in_time_for_all_its_events_and_no_others() -> None:
+    """Entries are at 0 until placed; a placement gives one time per event so far, and an event after it has no
+    time (the log refuses to guess one)."""
     a, log = logged(64 * MiB)
     assert log.columns()["time_us"].tolist() == []
     a.malloc(1, 512, C)
@@ -74,7 +76,7 @@ def test_a_log_is_placed_in_time_for_all_its_events_and_no_others() -> None:
         log.place_in_time(np.array([3, 4]))
     log.place_in_time(np.array([3]))
     assert log.columns()["time_us"].tolist() == [3, 3]
-    a.free(1)  # an event after the placement has no time: the log says so rather than guess
+    a.free(1)
     with pytest.raises(ValueError, match="placed in time at 1 allocator events, and 2 happened"):
         log.columns()
 
@@ -115,8 +117,8 @@ def test_whole_log_of_an_expandable_segment() -> None:
 
 
 def test_empty_cache_returns_segments_in_pytorchs_order() -> None:
-    # release_blocks walks large_blocks, then small_blocks, each ordered by (stream, size, address): a small
-    # segment freed first on the compute stream still goes back after every large one
+    """release_blocks walks large_blocks, then small_blocks, each ordered by (stream, size, address): a small
+    segment freed first on the compute stream still goes back after every large one."""
     a, log = logged(256 * MiB)
     for buffer_id, size, stream in ((1, 512, C), (2, 40 * MiB, AG), (3, 12 * MiB, AG), (4, 30 * MiB, C)):
         a.malloc(buffer_id, size, stream)
@@ -130,7 +132,7 @@ def test_empty_cache_returns_segments_in_pytorchs_order() -> None:
 
 
 def test_a_logging_allocator_repeats_no_window() -> None:
-    # a repeated window skips calls the log must see; the compiled core writes the log itself
+    """A repeated window skips calls the log must see; the compiled core writes the log itself."""
     a, _ = logged(64 * MiB)
     assert not a.can_repeat()
     assert a.can_replay_compiled() == (caching._sim_caching is not None)

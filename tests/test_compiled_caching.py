@@ -96,6 +96,8 @@ def assert_same_state(a: CachingAllocator, b: CachingAllocator) -> None:
        st.one_of(st.integers(-20 * MiB, 20 * MiB), st.integers(0, 2**40)), st.integers(0, 2))
 def test_compiled_core_runs_the_python_model(events, conf: str, capacity_mib: int, beyond_bytes: int,
                                              earlier_events: int) -> None:
+    """Bytes after each event, first OOM, end state and event log: the same from the core (with and without a
+    log) as from the Python model, and the same again after both go on in Python."""
     # small capacities make the cudaMalloc-failure path (release, retry, OOM, over-commit) common; the device's
     # total beyond the capacity (non-PyTorch memory; or below it) only shows in the OOM message and log entry;
     # a log that already counts events (of calls made before, elsewhere) numbers this run's after them

@@ -23,6 +23,7 @@ golden = pytest.mark.slow
 
 
 def test_a_run_keeps_a_log_only_when_asked_and_only_with_the_caching_allocator() -> None:
+    """Run.event_log is None unless asked for; the exact allocator refuses one; a caching run logs every event."""
     raw = tiny_raw()
     assert run_scenario(build_scenario(raw)).event_log is None
     with pytest.raises(ValueError, match="the exact allocator keeps no event log"):
@@ -60,6 +61,7 @@ def logged_run(name: str, compiled: bool) -> tuple[dict[str, np.ndarray], int, d
 @golden
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_a_runs_log_balances_and_sits_at_its_events(name: str) -> None:
+    """The log adds up to the allocator's end state and counters, and each entry sits at its event's time."""
     caching_plan(name)
     columns, events, stats, time_us, _ = logged_run(name, True)
     action, size, event = columns["action"], columns["size_bytes"], columns["event_index"]
@@ -88,6 +90,7 @@ def test_a_runs_log_balances_and_sits_at_its_events(name: str) -> None:
 @pytest.mark.skipif(caching._sim_caching is None, reason="the compiled core is not built")
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_the_compiled_core_logs_what_the_python_model_logs(name: str) -> None:
+    """Where the core takes the case's configuration, its log is the Python model's, every column."""
     plan = caching_plan(name)
     if not make_allocator(plan.allocator.backend, plan.allocator.conf, 0, 0, plan.versions.torch
                           ).can_replay_compiled():

@@ -533,6 +533,7 @@ static int64_t largest_free_block(const State *s) {
     return best;
 }
 
+/* the log's columns back to the heap */
 static void free_log(Log *log) {
     free(log->action);
     free(log->stream);
