@@ -4,7 +4,8 @@ allocator sees every allocation (at an op's start) and free (at its end) in time
 It knows ops, streams and bytes; nothing about models, frameworks, steps or micro-batches. Nothing waits for memory
 (an OOM is recorded and the run goes on), so the clock does not depend on the allocator: the engine lays out the
 timeline (sim/timeline.py), orders the allocator events (sim/event_order.py), then drives the allocator through
-them along the path its capabilities allow (sim/drivers.py).
+them along the path its capabilities allow (sim/drivers.py). An allocator that keeps an event log has its entries
+placed in time afterwards, each at its event's time.
 """
 
 from dataclasses import dataclass
@@ -52,10 +53,13 @@ class Engine:
         self._durations = by_position[schedule.sources()]
 
     def run(self) -> EngineResult:
-        """Timeline, then events in time order (persistent buffers at t=0 first), then the allocator."""
+        """Timeline, then events in time order (persistent buffers at t=0 first), then the allocator; its event
+        log, if it keeps one (every path calls it, or its core, once per event), placed in the events' times."""
         starts, ends = self.timeline.op_times(self.schedule, self._durations)
         events = order_events(self.schedule, starts, ends)
         driven = self._driver(events).drive(self.allocator, events)
+        if self.allocator.event_log is not None:
+            self.allocator.event_log.place_in_time(events.time_us)
         is_free = events.signed_id < 0
         ids = np.where(is_free, ~events.signed_id, events.signed_id)
         categories = self.schedule.buffer_categories()

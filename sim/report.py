@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sim.allocator.event_log import AllocatorEventLog
 from sim.engine import EngineResult
 from sim.ops import PHASES, STREAMS, Phase, Schedule
 from sim.plan import Plan
@@ -28,6 +29,7 @@ class Run:
     non_pytorch_bytes: int
     allocator: object = None  # the backend after the run (its statistics)
     nccl_bytes: int = 0  # NCCL's buffers, part of non_pytorch_bytes
+    event_log: AllocatorEventLog | None = None  # the caching allocator's trace entries, placed in time (if asked)
 
     @property
     def schedule(self) -> Schedule:

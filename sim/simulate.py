@@ -4,6 +4,7 @@ import gc
 from contextlib import contextmanager
 
 from sim.allocator import make_allocator
+from sim.allocator.event_log import AllocatorEventLog
 from sim.cost import CostModel
 from sim.engine import Engine
 from sim.plan import Holder, Plan
@@ -27,21 +28,27 @@ def _no_cyclic_gc():
             gc.enable()
 
 
-def run_scenario(scenario: Scenario) -> Run:
-    """Simulate a scenario: its compact schedule (repeated micro-batches recorded once) through the engine."""
+def run_scenario(scenario: Scenario, event_log: bool = False) -> Run:
+    """Simulate a scenario: its compact schedule (repeated micro-batches recorded once) through the engine
+    (`event_log=True`: keep the caching allocator's event log of the whole run in Run.event_log; ValueError with the
+    exact allocator, which has none)."""
     plan = resolve_plan(scenario)
     with _no_cyclic_gc():
-        return run_built(scenario, plan, build_schedule(plan))
+        return run_built(scenario, plan, build_schedule(plan), event_log=AllocatorEventLog() if event_log else None)
 
 
-def run_built(scenario: Scenario, plan: Plan, built: BuiltSchedule, repeat: bool = True) -> Run:
+def run_built(scenario: Scenario, plan: Plan, built: BuiltSchedule, repeat: bool = True,
+              event_log: AllocatorEventLog | None = None) -> Run:
     """Run a built schedule, compact or expanded (Schedule.expand), on the plan's device, allocator and links
-    (`repeat=False`: call the allocator for every event even where a window repeats, for checking)."""
+    (`repeat=False`: call the allocator for every event even where a window repeats, for checking; `event_log`:
+    written by the caching allocator)."""
     device = plan.device
     non_pytorch = plan.runtime.non_pytorch_bytes()
     allocator = make_allocator(plan.allocator.backend, plan.allocator.conf,
-                               max(device.capacity_bytes - non_pytorch, 0), device.capacity_bytes, plan.versions.torch)
+                               max(device.capacity_bytes - non_pytorch, 0), device.capacity_bytes, plan.versions.torch,
+                               event_log)
     cost = CostModel(device, plan.compute_dtype, plan.world.gpus_per_node, plan.world.nodes, plan.nccl.version,
                      plan.nccl.channels)
     result = Engine(built.schedule, allocator, cost, repeat).run()
-    return Run(scenario, plan, built, result, non_pytorch, allocator, plan.runtime.non_pytorch_bytes(Holder.NCCL))
+    return Run(scenario, plan, built, result, non_pytorch, allocator, plan.runtime.non_pytorch_bytes(Holder.NCCL),
+               event_log)

@@ -1,12 +1,14 @@
 """The caching allocator's event log (sim/allocator/event_log.py): whole logs of hand-derived cases against
-CUDACachingAllocator.cpp's record_trace calls, and properties over random runs (the log balances the reserved
-bytes, and keeping it changes nothing the allocator does)."""
+CUDACachingAllocator.cpp's record_trace calls, placing entries in time by their events, and properties over random
+runs (the log balances the reserved bytes, each entry names the call that made it, and keeping it changes nothing
+the allocator does)."""
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sim.allocator import caching
 from sim.allocator.alloc_conf import parse_alloc_conf
 from sim.allocator.base import OutOfMemory
 from sim.allocator.caching import CachingAllocator
@@ -24,42 +26,59 @@ def logged(capacity_bytes: int, conf: str = "") -> tuple[CachingAllocator, Alloc
     return CachingAllocator(capacity_bytes, parse_alloc_conf(conf), event_log=log), log
 
 
-def rows(log: AllocatorEventLog, base: int) -> list[tuple]:
-    """The log as (time, action, address - base, size, stream) rows (OOM rows keep the device's free bytes)."""
+def rows(log: AllocatorEventLog, base: int, column: str = "event_index") -> list[tuple]:
+    """The log as (event index or time, action, address - base, size, stream) rows (OOM rows keep the device's
+    free bytes)."""
     c = log.columns()
     return [(t, A(a), addr if a == A.OOM else addr - base, size, stream) for t, a, addr, size, stream in
-            zip(c["time_us"].tolist(), c["action"].tolist(), c["address"].tolist(), c["size_bytes"].tolist(),
+            zip(c[column].tolist(), c["action"].tolist(), c["address"].tolist(), c["size_bytes"].tolist(),
                 c["stream_code"].tolist())]
 
 
 def test_whole_log_of_segments_frees_and_a_pending_free() -> None:
     a, log = logged(64 * MiB)
-    a.malloc(1, 3 * MiB, C)  # large pool, below 10 MiB: a 20 MiB segment (kLargeBuffer), 3 MiB handed out
+    a.malloc(1, 3 * MiB, C)  # event 0: large pool, below 10 MiB: a 20 MiB segment (kLargeBuffer), 3 MiB handed out
     base = a.block_of(1)[0]
-    log.now_us = 5
-    a.free(1)  # requested and completed at once: no other stream used it
-    log.now_us = 7
-    a.malloc(2, 2 * MiB, C)  # cached (above 1 MiB: the large pool): the segment's front again, no new segment
-    a.free(2, pending_on=[AG])  # record_stream'ed on the all-gather stream: only requested
-    log.now_us = 9
-    a.stream_passed(AG)
-    a.malloc(3, 4 * MiB, C)  # the pending free completes first (process_events), then the block is reused
-    log.now_us = 12
-    a.free(3)
-    a.empty_cache()  # the whole segment back to the device
+    a.free(1)  # event 1: requested and completed at once: no other stream used it
+    a.malloc(2, 2 * MiB, C)  # event 2: cached (above 1 MiB: the large pool): the segment's front again
+    a.free(2, pending_on=[AG])  # event 3: record_stream'ed on the all-gather stream: only requested
+    a.stream_passed(AG)  # no allocator event: the free completes at the next malloc
+    a.malloc(3, 4 * MiB, C)  # event 4: the pending free completes first (process_events), then the block is reused
+    a.free(3)  # event 5
+    a.empty_cache()  # event 6: the whole segment back to the device
+    assert log.events == 7
     assert rows(log, base) == [
         (0, A.SEGMENT_ALLOC, 0, 20 * MiB, 0),
         (0, A.ALLOC, 0, 3 * MiB, 0),
-        (5, A.FREE_REQUESTED, 0, 3 * MiB, 0),
-        (5, A.FREE_COMPLETED, 0, 3 * MiB, 0),
-        (7, A.ALLOC, 0, 2 * MiB, 0),
-        (7, A.FREE_REQUESTED, 0, 2 * MiB, 0),
-        (9, A.FREE_COMPLETED, 0, 2 * MiB, 0),
-        (9, A.ALLOC, 0, 4 * MiB, 0),
-        (12, A.FREE_REQUESTED, 0, 4 * MiB, 0),
-        (12, A.FREE_COMPLETED, 0, 4 * MiB, 0),
-        (12, A.SEGMENT_FREE, 0, 20 * MiB, 0),
+        (1, A.FREE_REQUESTED, 0, 3 * MiB, 0),
+        (1, A.FREE_COMPLETED, 0, 3 * MiB, 0),
+        (2, A.ALLOC, 0, 2 * MiB, 0),
+        (3, A.FREE_REQUESTED, 0, 2 * MiB, 0),
+        (4, A.FREE_COMPLETED, 0, 2 * MiB, 0),
+        (4, A.ALLOC, 0, 4 * MiB, 0),
+        (5, A.FREE_REQUESTED, 0, 4 * MiB, 0),
+        (5, A.FREE_COMPLETED, 0, 4 * MiB, 0),
+        (6, A.SEGMENT_FREE, 0, 20 * MiB, 0),
     ]
+    # placed in time: each entry takes its event's time (events 2 and 3 both at 7 us, 5 and 6 at 12 us)
+    log.place_in_time(np.array([0, 5, 7, 7, 9, 12, 12]))
+    assert [row[0] for row in rows(log, base, "time_us")] == [0, 0, 5, 5, 7, 7, 9, 9, 12, 12, 12]
+
+
+def test_a_log_is_placed_in_time_for_all_its_events_and_no_others() -> None:
+    """Entries are at 0 until placed; a placement gives one time per event so far, and an event after it has no
+    time (the log refuses to guess one)."""
+    a, log = logged(64 * MiB)
+    assert log.columns()["time_us"].tolist() == []
+    a.malloc(1, 512, C)
+    assert log.columns()["time_us"].tolist() == [0, 0]  # not placed yet
+    with pytest.raises(ValueError, match="2 event times for a log of 1 allocator events"):
+        log.place_in_time(np.array([3, 4]))
+    log.place_in_time(np.array([3]))
+    assert log.columns()["time_us"].tolist() == [3, 3]
+    a.free(1)
+    with pytest.raises(ValueError, match="placed in time at 1 allocator events, and 2 happened"):
+        log.columns()
 
 
 def test_whole_log_of_an_oom_and_its_over_commit() -> None:
@@ -75,9 +94,9 @@ def test_whole_log_of_an_oom_and_its_over_commit() -> None:
     assert rows(log, base) == [
         (0, A.SEGMENT_ALLOC, 0, 40 * MiB, 1),
         (0, A.ALLOC, 0, 40 * MiB, 1),
-        (0, A.OOM, 24 * MiB, 40 * MiB, 1),
-        (0, A.SEGMENT_ALLOC, second, 40 * MiB, 1),
-        (0, A.ALLOC, second, 40 * MiB - 100, 1),
+        (1, A.OOM, 24 * MiB, 40 * MiB, 1),
+        (1, A.SEGMENT_ALLOC, second, 40 * MiB, 1),
+        (1, A.ALLOC, second, 40 * MiB - 100, 1),
     ]
 
 
@@ -91,16 +110,32 @@ def test_whole_log_of_an_expandable_segment() -> None:
     assert rows(log, base) == [
         (0, A.SEGMENT_MAP, 0, 20 * MiB, 0),
         (0, A.ALLOC, 0, 3 * MiB, 0),
-        (0, A.FREE_REQUESTED, 0, 3 * MiB, 0),
-        (0, A.FREE_COMPLETED, 0, 3 * MiB, 0),
-        (0, A.SEGMENT_UNMAP, 0, 20 * MiB, 0),
+        (1, A.FREE_REQUESTED, 0, 3 * MiB, 0),
+        (1, A.FREE_COMPLETED, 0, 3 * MiB, 0),
+        (2, A.SEGMENT_UNMAP, 0, 20 * MiB, 0),
     ]
 
 
-def test_a_logging_allocator_runs_every_call_itself() -> None:
-    # repeated windows and the compiled core would skip calls the log must see
+def test_empty_cache_returns_segments_in_pytorchs_order() -> None:
+    """release_blocks walks large_blocks, then small_blocks, each ordered by (stream, size, address): a small
+    segment freed first on the compute stream still goes back after every large one."""
+    a, log = logged(256 * MiB)
+    for buffer_id, size, stream in ((1, 512, C), (2, 40 * MiB, AG), (3, 12 * MiB, AG), (4, 30 * MiB, C)):
+        a.malloc(buffer_id, size, stream)
+    addresses = {buffer_id: a.block_of(buffer_id)[0] for buffer_id in range(1, 5)}
+    for buffer_id in range(1, 5):
+        a.free(buffer_id)
+    a.empty_cache()
+    c = log.columns()
+    freed = c["address"][c["action"] == A.SEGMENT_FREE].tolist()
+    assert freed == [addresses[4], addresses[3], addresses[2], addresses[1]]
+
+
+def test_a_logging_allocator_repeats_no_window() -> None:
+    """A repeated window skips calls the log must see; the compiled core writes the log itself."""
     a, _ = logged(64 * MiB)
-    assert not a.can_repeat() and not a.can_replay_compiled()
+    assert not a.can_repeat()
+    assert a.can_replay_compiled() == (caching._sim_caching is not None)
 
 
 def test_the_snapshot_carries_the_log_as_pytorch_names_it() -> None:
@@ -173,6 +208,16 @@ def test_the_log_balances_and_changes_nothing(sequence, conf: str, capacity_mib:
     assert (action == A.ALLOC).sum() == sum(1 for call in sequence if call[0] is not None and call[0] >= 0)
     assert (action == A.FREE_REQUESTED).sum() == sum(1 for call in sequence if call[0] is not None and call[0] < 0)
     assert (action == A.OOM).sum() == plain.num_ooms
+    # every call is one event; a malloc's entries end with its alloc, a free's begin with its request
+    event = c["event_index"]
+    assert log.events == len(sequence) and (np.diff(event) >= 0).all()
+    assert event[action == A.ALLOC].tolist() == [i for i, call in enumerate(sequence) if call[0] is not None
+                                                  and call[0] >= 0]
+    assert event[action == A.FREE_REQUESTED].tolist() == [i for i, call in enumerate(sequence)
+                                                           if call[0] is not None and call[0] < 0]
+    last_of_event = np.append(event[1:] != event[:-1], True)
+    first_of_event = np.insert(event[1:] != event[:-1], 0, True)
+    assert (last_of_event[action == A.ALLOC]).all() and (first_of_event[action == A.FREE_REQUESTED]).all()
     # a free completes at most once, after it was requested, and what has not completed is still pending
     requested = np.cumsum(action == A.FREE_REQUESTED)
     completed = np.cumsum(action == A.FREE_COMPLETED)

@@ -1,4 +1,5 @@
-"""The caching allocator's compiled core (sim/allocator/caching_core.c) against its Python model, event by event.
+"""The caching allocator's compiled core (sim/allocator/caching_core.c) against its Python model, event by event,
+event log included.
 
 Skipped where the core is not built (`pip install .` builds it; sim then runs the Python model everywhere)."""
 
@@ -11,6 +12,7 @@ from sim.allocator import caching
 from sim.allocator.alloc_conf import parse_alloc_conf
 from sim.allocator.base import OutOfMemory
 from sim.allocator.caching import CachingAllocator
+from sim.allocator.event_log import AllocatorEventLog
 from sim.ops import STREAMS
 
 pytestmark = pytest.mark.skipif(caching._sim_caching is None, reason="the compiled core is not built")
@@ -70,6 +72,15 @@ def compiled_run(allocator: CachingAllocator, events: list[tuple[int, int, int]]
     return allocated.tolist(), reserved.tolist(), first_oom, largest
 
 
+def assert_same_log(a: AllocatorEventLog, b: AllocatorEventLog) -> None:
+    """Every column of the two logs, entry for entry, and the events they count."""
+    columns_a, columns_b = a.columns(), b.columns()
+    assert columns_a.keys() == columns_b.keys()
+    for name, column in columns_a.items():
+        assert column.dtype == columns_b[name].dtype and column.tolist() == columns_b[name].tolist(), name
+    assert a.events == b.events
+
+
 def assert_same_state(a: CachingAllocator, b: CachingAllocator) -> None:
     a.check_invariants()
     assert a.memory_stats() == b.memory_stats()
@@ -81,13 +92,31 @@ def assert_same_state(a: CachingAllocator, b: CachingAllocator) -> None:
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(runs(), st.sampled_from(CONFS), st.integers(30, 400))
-def test_compiled_core_runs_the_python_model(events, conf: str, capacity_mib: int) -> None:
-    # small capacities make the cudaMalloc-failure path (release, retry, OOM, over-commit) common
-    python, compiled = (CachingAllocator(capacity_mib * MiB, parse_alloc_conf(conf)) for _ in range(2))
-    assert compiled_run(compiled, events) == python_run(python, events)
+@given(runs(), st.sampled_from(CONFS), st.integers(30, 400),
+       st.one_of(st.integers(-20 * MiB, 20 * MiB), st.integers(0, 2**40)), st.integers(0, 2))
+def test_compiled_core_runs_the_python_model(events, conf: str, capacity_mib: int, beyond_bytes: int,
+                                             earlier_events: int) -> None:
+    """Bytes after each event, first OOM, end state and event log: the same from the core (with and without a
+    log) as from the Python model, and the same again after both go on in Python."""
+    # small capacities make the cudaMalloc-failure path (release, retry, OOM, over-commit) common; the device's
+    # total beyond the capacity (non-PyTorch memory; or below it) only shows in the OOM message and log entry;
+    # a log that already counts events (of calls made before, elsewhere) numbers this run's after them
+    logs = [AllocatorEventLog() for _ in range(2)]
+    for log in logs:
+        for _ in range(earlier_events):
+            log.end_event()
+    python, compiled = (CachingAllocator(capacity_mib * MiB, parse_alloc_conf(conf), event_log=log,
+                                         device_total_bytes=capacity_mib * MiB + beyond_bytes) for log in logs)
+    unlogged = CachingAllocator(capacity_mib * MiB, parse_alloc_conf(conf),
+                                device_total_bytes=capacity_mib * MiB + beyond_bytes)
+    results = python_run(python, events)
+    assert compiled_run(compiled, events) == results
+    assert compiled_run(unlogged, events) == results  # keeping a log changes nothing the core does
     assert_same_state(compiled, python)
-    # the adopted state goes on in Python as the model's own: free everything, then allocate again
+    assert_same_state(unlogged, python)
+    assert_same_log(*logs)
+    # the adopted state goes on in Python as the model's own: free everything, then allocate again, then
+    # empty the cache; the log goes on from the core's last event
     raised = []
     for allocator in (python, compiled):
         for buffer_id in sorted(allocator.live_buffer_ids()):
@@ -97,8 +126,10 @@ def test_compiled_core_runs_the_python_model(events, conf: str, capacity_mib: in
                 allocator.malloc(buffer_id, size, stream)
             except OutOfMemory:
                 raised.append((allocator is compiled, buffer_id))
+        allocator.empty_cache()
     assert [b for c, b in raised if c] == [b for c, b in raised if not c]
     assert_same_state(compiled, python)
+    assert_same_log(*logs)
 
 
 def test_compiled_core_is_left_out_where_it_does_not_apply() -> None:
@@ -109,14 +140,19 @@ def test_compiled_core_is_left_out_where_it_does_not_apply() -> None:
     used = CachingAllocator(MiB * 100)
     used.malloc(0, 512, STREAMS[0])
     assert not used.can_replay_compiled()
+    emptied = CachingAllocator(MiB * 100)  # empty_cache synchronised the streams: the core would not count it
+    emptied.empty_cache()
+    assert not emptied.can_replay_compiled()
 
 
 def test_compiled_core_on_no_events_changes_nothing() -> None:
-    allocator = CachingAllocator(MiB * 100)
+    log = AllocatorEventLog()
+    allocator = CachingAllocator(MiB * 100, event_log=log)
     empty = np.zeros(0, dtype=np.int64)
     allocated, reserved, first_oom, largest = allocator.replay_compiled(empty, empty, empty)
     assert (len(allocated), len(reserved), first_oom, largest) == (0, 0, None, None)
     assert allocator.memory_stats() == CachingAllocator(MiB * 100).memory_stats()
+    assert (len(log), log.events) == (0, 0)
 
 
 def test_compiled_core_refuses_a_double_allocation_and_an_unknown_free() -> None:

@@ -6,6 +6,7 @@ from typing import Protocol
 
 import numpy as np
 
+from sim.allocator.event_log import AllocatorEventLog
 from sim.ops import Stream
 
 
@@ -24,6 +25,7 @@ class Allocator(Protocol):
     capacity_bytes: int  # what the allocator can get from the device
     allocated_bytes: int  # bytes of live blocks, as PyTorch counts them
     reserved_bytes: int  # bytes held from the device (allocated plus cached)
+    event_log: AllocatorEventLog | None  # the log it writes, one allocator event per malloc/free (None: none)
 
     def malloc(self, buffer_id: int, size_bytes: int, stream: Stream) -> None:
         """Allocate; raises OutOfMemory when the device cannot hold it (the allocation then still happens,

@@ -178,7 +178,8 @@ class CachingAllocator:
         `device_total_bytes` (default: capacity_bytes) is only used for the OOM message ("total capacity") and the
         memory fraction; the difference to capacity_bytes counts as non-PyTorch memory of this process.
         `event_log`: where to record PyTorch's trace entries (alloc, free_requested, ..., segment_free) as they
-        happen; every call then runs in this model (no repeated windows, no compiled core: neither writes it)."""
+        happen, each with the index of the call (malloc, free, empty_cache) that made it; no window is then
+        repeated (that skips calls), and the compiled core writes the same entries."""
         self.conf = conf if conf is not None else AllocConf()
         self.capacity_bytes = capacity_bytes
         self.torch_version = tuple(torch_version)
@@ -297,10 +298,9 @@ class CachingAllocator:
 
     def can_replay_compiled(self) -> bool:
         """Whether `replay_compiled` applies: the core is built, nothing has happened yet, and the configuration
-        needs none of the paths the core leaves out (expandable segments, garbage collection, record_stream, the
-        event log)."""
+        needs none of the paths the core leaves out (expandable segments, garbage collection, record_stream)."""
         return (_sim_caching is not None and not self._slow_search and self.num_device_alloc == 0
-                and self.event_log is None
+                and self.num_sync_all_streams == 0
                 and not self._live and not self._events and not self._ready and tuple(self._streams) == STREAMS)
 
     def replay_compiled(self, signed_ids: np.ndarray, sizes_bytes: np.ndarray, stream_codes: np.ndarray
@@ -310,15 +310,19 @@ class CachingAllocator:
         accepts. Returns the allocated and reserved bytes after each event, the first OOM (its event index and
         the error malloc would raise; None: none), and the largest free block at the first event with the most
         reserved (None without events, as the stepwise driver gives); the allocator then holds the state the
-        events leave, as if malloc and free had been called for each."""
+        events leave, and its event log the entries they make, as if malloc and free had been called for each."""
         n = len(signed_ids)
         allocated, reserved = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
-        state, oom, largest = _sim_caching.replay(
+        log = self.event_log
+        state, oom, largest, entries = _sim_caching.replay(
             np.ascontiguousarray(signed_ids, dtype=np.int64), np.ascontiguousarray(sizes_bytes, dtype=np.int64),
             np.ascontiguousarray(stream_codes, dtype=np.int64), allocated, reserved, len(STREAMS),
             self.capacity_bytes, min(self._max_split, _INT64_MAX), self.conf.max_split_size_bytes is not None,
-            self._non_split_rounding, list(self.conf.roundup_power2_divisions))
+            self._non_split_rounding, list(self.conf.roundup_power2_divisions), log is not None,
+            0 if log is None else log.events, self.device_total_bytes - self.non_pytorch_bytes)
         self._adopt(*state)
+        if log is not None:
+            log.extend(*entries, n)
         largest = largest if n else None
         if oom is None:
             return allocated, reserved, None, largest
@@ -448,8 +452,9 @@ class CachingAllocator:
         self.requested_bytes += size_bytes
         if bsize >= max_split:
             self.oversize_allocations += 1
-        if self.event_log is not None:  # alloc_found_block
+        if self.event_log is not None:  # alloc_found_block; the call ends here
             self.event_log.record(AllocatorAction.ALLOC, block.addr, size_bytes, pool.sidx)
+            self.event_log.end_event()
         if self._oom is not None:
             exc, self._oom = self._oom, None
             raise exc
@@ -473,9 +478,10 @@ class CachingAllocator:
                 if s != own:
                     block.events += 1
                     self._events.setdefault(s, []).append(block)
-            if block.events:
-                return
-        self._free_block(block)
+        if not block.events:
+            self._free_block(block)
+        if self.event_log is not None:
+            self.event_log.end_event()
 
     def stream_passed(self, stream: Hashable) -> None:
         """Every event recorded on `stream` so far has completed; the blocks become free at the next malloc
@@ -487,6 +493,8 @@ class CachingAllocator:
     def empty_cache(self) -> None:
         """torch.cuda.empty_cache(): wait for all pending events, return every fully free segment / page."""
         self._release_cached_blocks()
+        if self.event_log is not None:
+            self.event_log.end_event()
 
     @property
     def num_segments(self) -> int:
@@ -885,18 +893,21 @@ class CachingAllocator:
 
     def _release_cached_blocks(self) -> bool:
         """empty_cache: synchronize all pending events, then cudaFree every unsplit cached block of every stream
-        (expandable: unmap every free page and drop fully unmapped segments)."""
+        (expandable: unmap every free page and drop fully unmapped segments), in PyTorch's order (release_blocks
+        walks large_blocks, then small_blocks, each ordered by (stream, size, address)), which the log shows."""
         self._synchronize_and_free_events()
         for pool in self._all_pools():
+            cached = [pool.map[k] for k in pool.keys]
             if self._expandable:
-                for b in list(pool.map.values()):
+                for b in cached:
                     self._unmap_block(b)
                     if b.prev is None and b.next is None:
                         del pool.unmapped[b.addr]
                         self._expandable_segments.remove(b.seg)
             else:
-                for b in [b for b in pool.map.values() if b.prev is None and b.next is None]:
-                    self._release_block(b)
+                for b in cached:
+                    if b.prev is None and b.next is None:
+                        self._release_block(b)
         return True
 
     def _process_events(self) -> None:

@@ -7,6 +7,8 @@
  * with free neighbours, the cudaMalloc-failure path and the simulator's over-commit after the first OOM).
  * CachingAllocator.replay_compiled drives it and adopts the final state into the Python model;
  * tests/test_compiled_caching.py checks event by event that both give the same results.
+ * When asked, it also writes the model's event log (sim/allocator/event_log.py: PyTorch's trace entries, where
+ * CUDACachingAllocator.cpp calls record_trace) into growing columns, each entry with the index of its event.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -25,6 +27,10 @@
 #define VA_ALIGN 2097152LL
 #define ADDR_LIMIT (1LL << 48)
 #define ROUNDUP_INTERVALS 16
+
+/* AllocatorAction codes (sim/allocator/event_log.py; TraceEntry::Action in CUDACachingAllocator.h) */
+enum { ACTION_ALLOC = 0, ACTION_FREE_REQUESTED = 1, ACTION_FREE_COMPLETED = 2, ACTION_SEGMENT_ALLOC = 3,
+       ACTION_SEGMENT_FREE = 4, ACTION_OOM = 7 };
 
 typedef struct {
     int64_t addr, size, req;
@@ -48,6 +54,14 @@ typedef struct {
     int8_t alive;
 } Segment;
 
+/* the event log's columns (AllocatorEventLog's layout): one row per trace entry */
+typedef struct {
+    int8_t *action, *stream;
+    int64_t *address, *size, *event;
+    Py_ssize_t n, cap;
+    int failed; /* a column could not grow: MemoryError is set, later entries are dropped */
+} Log;
+
 typedef struct {
     /* configuration */
     int64_t capacity, max_split, non_split_rounding;
@@ -70,6 +84,10 @@ typedef struct {
     int unlimited, forcing;
     /* the first OOM: event index, caller's size, allocation size, allocated and reserved then */
     int64_t oom_event, oom_requested, oom_alloc_size, oom_allocated, oom_reserved;
+    /* the event log, when asked for: the index the current event has in it, and the device's bytes outside
+     * what PyTorch reserves (device total minus non-PyTorch memory), for an OOM entry's device_free */
+    Log *log;
+    int64_t event, device_free_base;
 } State;
 
 static int grow(void **items, int32_t *cap, size_t item_size) {
@@ -82,6 +100,44 @@ static int grow(void **items, int32_t *cap, size_t item_size) {
     *items = moved;
     *cap = new_cap;
     return 0;
+}
+
+/* record_trace: one entry of the current event; on a failed growth, MemoryError is set once and the entry dropped
+ * (the caller checks Log.failed after the run) */
+static void log_entry(State *s, int action, int64_t address, int64_t size, int32_t pool) {
+    Log *log = s->log;
+    if (log->failed)
+        return;
+    if (log->n == log->cap) {
+        Py_ssize_t cap = log->cap ? log->cap * 2 : 4096;
+        int8_t *action_col = realloc(log->action, (size_t)cap);
+        if (action_col)
+            log->action = action_col;
+        int8_t *stream_col = realloc(log->stream, (size_t)cap);
+        if (stream_col)
+            log->stream = stream_col;
+        int64_t *address_col = realloc(log->address, (size_t)cap * 8);
+        if (address_col)
+            log->address = address_col;
+        int64_t *size_col = realloc(log->size, (size_t)cap * 8);
+        if (size_col)
+            log->size = size_col;
+        int64_t *event_col = realloc(log->event, (size_t)cap * 8);
+        if (event_col)
+            log->event = event_col;
+        if (!action_col || !stream_col || !address_col || !size_col || !event_col) {
+            log->failed = 1;
+            PyErr_NoMemory();
+            return;
+        }
+        log->cap = cap;
+    }
+    Py_ssize_t i = log->n++;
+    log->action[i] = (int8_t)action;
+    log->stream[i] = (int8_t)(pool / 2); /* pool = stream code * 2 + small */
+    log->address[i] = address;
+    log->size[i] = size;
+    log->event[i] = s->event;
 }
 
 static int32_t new_block(State *s, int64_t addr, int64_t size, int32_t pool, int32_t seg) {
@@ -218,12 +274,16 @@ static int32_t alloc_block(State *s, int32_t pool, int64_t alloc_size, int is_re
         s->peak_reserved = s->reserved;
     if (alloc_size >= s->max_split)
         s->oversize_segments++;
+    if (s->log)
+        log_entry(s, ACTION_SEGMENT_ALLOC, addr, alloc_size, pool);
     return b;
 }
 
 /* _release_block: cudaFree a whole cached segment */
 static void release_block(State *s, int32_t b) {
     Block *block = &s->blocks[b];
+    if (s->log)
+        log_entry(s, ACTION_SEGMENT_FREE, block->addr, block->size, block->pool);
     pool_remove(s, b);
     s->segs[block->seg].alive = 0;
     s->reserved -= block->size;
@@ -262,10 +322,12 @@ static int release_available_cached_blocks(State *s, int32_t pool, int64_t size)
     return 1;
 }
 
-/* _release_cached_blocks: empty_cache (synchronises all streams; no events are pending here) */
+/* _release_cached_blocks: empty_cache (synchronises all streams; no events are pending here); the large pools of
+ * every stream first, then the small ones, each in (size, address) order, as PyTorch's release_blocks */
 static void release_cached_blocks(State *s) {
     s->num_sync_all_streams++;
-    for (int pool = 0; pool < s->n_pools; pool++) {
+    for (int k = 0; k < s->n_pools; k++) {
+        int pool = k < s->n_pools / 2 ? 2 * k : 2 * (k - s->n_pools / 2) + 1;
         Pool *p = &s->pools[pool];
         Py_ssize_t i = 0;
         while (i < p->n) {
@@ -298,6 +360,10 @@ static int32_t alloc_new(State *s, int32_t pool, int64_t size, int64_t orig_size
             s->oom_allocated = s->allocated;
             s->oom_reserved = s->reserved;
             s->unlimited = 1;
+            if (s->log) { /* malloc's record_trace(OOM): the device's free bytes (cudaMemGetInfo) and the size */
+                int64_t device_free = s->device_free_base - s->reserved;
+                log_entry(s, ACTION_OOM, device_free > 0 ? device_free : 0, size, pool);
+            }
         }
         s->forcing = 1;
         b = alloc_block(s, pool, alloc_size, 0);
@@ -379,6 +445,8 @@ static int do_malloc(State *s, int64_t buffer_id, int64_t size_bytes, int64_t st
     s->requested += size_bytes;
     if (bsize >= max_split)
         s->oversize_allocations++;
+    if (s->log) /* alloc_found_block */
+        log_entry(s, ACTION_ALLOC, block->addr, size_bytes, pool);
     return 0;
 }
 
@@ -405,6 +473,8 @@ static int64_t absorb(State *s, int32_t b, int32_t n) {
 /* _free_block: back to its pool, merged with free neighbours */
 static int free_block(State *s, int32_t b) {
     Block *block = &s->blocks[b];
+    if (s->log)
+        log_entry(s, ACTION_FREE_COMPLETED, block->addr, block->req, block->pool);
     int64_t orig_size = block->size;
     int64_t net_blocks = 0, net_size = 0;
     int32_t neighbours[2] = {block->prev, block->next};
@@ -443,6 +513,8 @@ static int do_free(State *s, int64_t buffer_id) {
     s->live[buffer_id] = -1;
     Block *block = &s->blocks[b];
     block->allocated = 0;
+    if (s->log)
+        log_entry(s, ACTION_FREE_REQUESTED, block->addr, block->req, block->pool);
     int64_t bsize = block->size;
     s->allocated -= bsize;
     s->allocation--;
@@ -459,6 +531,24 @@ static int64_t largest_free_block(const State *s) {
             best = p->keys[p->n - 1].size;
     }
     return best;
+}
+
+/* the log's columns back to the heap */
+static void free_log(Log *log) {
+    free(log->action);
+    free(log->stream);
+    free(log->address);
+    free(log->size);
+    free(log->event);
+}
+
+/* a column as bytes (b"" before its first entry, where it is not allocated yet: y# would give None) */
+static const char *column(const void *items) { return items ? (const char *)items : ""; }
+
+/* the log's columns as bytes, in AllocatorEventLog.extend's order: action, address, size, stream, event index */
+static PyObject *export_log(const Log *log) {
+    return Py_BuildValue("(y#y#y#y#y#)", column(log->action), log->n, column(log->address), log->n * 8,
+                         column(log->size), log->n * 8, column(log->stream), log->n, column(log->event), log->n * 8);
 }
 
 static void free_state(State *s) {
@@ -545,18 +635,20 @@ done:
 
 static const char replay_doc[] =
     "replay(signed_ids, sizes, stream_codes, allocated_out, reserved_out, n_streams, capacity, max_split, "
-    "max_split_set, non_split_rounding, divisions)\n"
+    "max_split_set, non_split_rounding, divisions, log, first_event, device_free_base)\n"
     "Run every event on a fresh allocator (signed id >= 0: malloc of that buffer, ~id: its free) and write the "
     "allocated and reserved bytes after each. Returns (state, first OOM (event, requested, alloc size, allocated, "
-    "reserved) or None, largest free block at the first event with the most reserved).";
+    "reserved) or None, largest free block at the first event with the most reserved, event log or None). With "
+    "`log`, the event log: the columns (action, address, size, stream, event index) as bytes (int8, int64, int64, "
+    "int8, int64), event i of this run numbered first_event + i.";
 
 static PyObject *replay(PyObject *self, PyObject *args) {
     PyObject *signed_obj, *sizes_obj, *streams_obj, *allocated_obj, *reserved_obj, *divisions_obj;
-    long long capacity, max_split, non_split_rounding;
-    int n_streams, max_split_set;
-    if (!PyArg_ParseTuple(args, "OOOOOiLLpLO", &signed_obj, &sizes_obj, &streams_obj, &allocated_obj,
+    long long capacity, max_split, non_split_rounding, first_event, device_free_base;
+    int n_streams, max_split_set, want_log;
+    if (!PyArg_ParseTuple(args, "OOOOOiLLpLOpLL", &signed_obj, &sizes_obj, &streams_obj, &allocated_obj,
                           &reserved_obj, &n_streams, &capacity, &max_split, &max_split_set, &non_split_rounding,
-                          &divisions_obj))
+                          &divisions_obj, &want_log, &first_event, &device_free_base))
         return NULL;
     PyObject *divisions = PySequence_Fast(divisions_obj, "divisions must be a sequence");
     if (!divisions)
@@ -568,6 +660,10 @@ static PyObject *replay(PyObject *self, PyObject *args) {
     }
     State s;
     memset(&s, 0, sizeof(s));
+    Log log;
+    memset(&log, 0, sizeof(log));
+    s.log = want_log ? &log : NULL;
+    s.device_free_base = device_free_base;
     s.capacity = capacity;
     s.max_split = max_split;
     s.max_split_set = max_split_set;
@@ -623,6 +719,7 @@ static PyObject *replay(PyObject *self, PyObject *args) {
     int64_t most_reserved = -1, largest_at_peak = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         int64_t id = signed_ids[i];
+        s.event = first_event + i;
         if ((id >= 0 ? do_malloc(&s, id, sizes[i], streams[i], i) : do_free(&s, ~id)) < 0)
             goto done;
         allocated_out[i] = s.allocated;
@@ -632,19 +729,32 @@ static PyObject *replay(PyObject *self, PyObject *args) {
             largest_at_peak = largest_free_block(&s);
         }
     }
-    PyObject *state = export_state(&s);
-    if (!state)
+    if (log.failed)
         goto done;
+    PyObject *entries = Py_None;
+    Py_INCREF(entries);
+    if (s.log) {
+        Py_DECREF(entries);
+        entries = export_log(&log);
+        if (!entries)
+            goto done;
+    }
+    PyObject *state = export_state(&s);
+    if (!state) {
+        Py_DECREF(entries);
+        goto done;
+    }
     if (s.oom_event >= 0)
-        result = Py_BuildValue("(N(LLLLL)L)", state, (long long)s.oom_event, (long long)s.oom_requested,
+        result = Py_BuildValue("(N(LLLLL)LN)", state, (long long)s.oom_event, (long long)s.oom_requested,
                                (long long)s.oom_alloc_size, (long long)s.oom_allocated, (long long)s.oom_reserved,
-                               (long long)largest_at_peak);
+                               (long long)largest_at_peak, entries);
     else
-        result = Py_BuildValue("(NOL)", state, Py_None, (long long)largest_at_peak);
+        result = Py_BuildValue("(NOLN)", state, Py_None, (long long)largest_at_peak, entries);
 done:
     for (int i = 0; i < got; i++)
         PyBuffer_Release(&views[i]);
     free_state(&s);
+    free_log(&log);
     return result;
 }
 

@@ -1,5 +1,10 @@
 """The caching allocator's own event log: what PyTorch records as trace entries when memory history is on
-(torch.cuda.memory._record_memory_history; the snapshot's `device_traces`), one row per entry, as columns."""
+(torch.cuda.memory._record_memory_history; the snapshot's `device_traces`), one row per entry, as columns.
+
+Entries carry no clock: each holds the index of the allocator event (its malloc, free or empty_cache call, counted
+from 0; one engine event each when the engine drives it) that made it. Whoever knows when those events happened
+places the log in time once, after the run (`place_in_time`: one gather), so keeping a log costs nothing per event
+beyond the entries themselves."""
 
 from array import array
 from enum import IntEnum
@@ -22,46 +27,76 @@ class AllocatorAction(IntEnum):
 
 
 class AllocatorEventLog:
-    """Log entries in the order the allocator makes them, as typed columns (a run makes millions). Each entry is
-    stamped with `now_us`, the simulated time the caller driving the allocator sets."""
+    """Log entries in the order the allocator makes them, as typed columns (a run makes millions), each with the
+    index of the allocator event that made it; `place_in_time` gives them times."""
 
-    __slots__ = ("now_us", "_action", "_address", "_size_bytes", "_stream_code", "_time_us")
+    __slots__ = ("events", "_action", "_address", "_size_bytes", "_stream_code", "_event_index", "_event_time_us")
 
     def __init__(self) -> None:
-        """An empty log at time 0."""
-        self.now_us = 0
+        """An empty log, before the allocator's first event, not yet placed in time."""
+        self.events = 0  # allocator events so far: the index the next one gets
         self._action = array("b")
         self._address = array("q")
         self._size_bytes = array("q")
-        self._stream_code = array("q")
-        self._time_us = array("q")
+        self._stream_code = array("b")
+        self._event_index = array("q")
+        self._event_time_us: np.ndarray | None = None
 
     def record(self, action: AllocatorAction, address: int, size_bytes: int, stream_code: int) -> None:
-        """Append one entry at `now_us` (`stream_code`: the stream's index in the allocator's registration order,
-        which is STREAMS order for the simulator's streams)."""
+        """Append one entry of the current event (`stream_code`: the stream's index in the allocator's
+        registration order, which is STREAMS order for the simulator's streams)."""
         self._action.append(action)
         self._address.append(address)
         self._size_bytes.append(size_bytes)
         self._stream_code.append(stream_code)
-        self._time_us.append(self.now_us)
+        self._event_index.append(self.events)
+
+    def end_event(self) -> None:
+        """The current allocator event is over: later entries belong to the next one."""
+        self.events += 1
+
+    def extend(self, action: bytes, address: bytes, size_bytes: bytes, stream_code: bytes, event_index: bytes,
+               events: int) -> None:
+        """Append the entries of `events` whole allocator events at once, as raw native-endian columns (int8
+        action and stream codes, int64 the rest; the compiled core's output), event indices already counted from
+        `self.events`."""
+        self._action.frombytes(action)
+        self._address.frombytes(address)
+        self._size_bytes.frombytes(size_bytes)
+        self._stream_code.frombytes(stream_code)
+        self._event_index.frombytes(event_index)
+        self.events += events
+
+    def place_in_time(self, event_time_us: np.ndarray) -> None:
+        """Give every entry the time of its event: `event_time_us[i]` is when allocator event i happened (one
+        per event so far)."""
+        if len(event_time_us) != self.events:
+            raise ValueError(f"{len(event_time_us)} event times for a log of {self.events} allocator events")
+        self._event_time_us = np.asarray(event_time_us, dtype=np.int64)
 
     def __len__(self) -> int:
         """The number of entries."""
         return len(self._action)
 
     def columns(self) -> dict[str, np.ndarray]:
-        """Copies of the columns: action (int8 AllocatorAction codes), address, size_bytes, stream_code, time_us
-        (int64)."""
+        """Copies of the columns: action (int8 AllocatorAction codes), address, size_bytes (int64), stream_code
+        (int8), event_index and time_us (int64; 0 until the log is placed in time)."""
+        event_index = np.array(self._event_index, dtype=np.int64)
+        placed = self._event_time_us
+        if placed is not None and len(placed) != self.events:
+            raise ValueError(f"placed in time at {len(placed)} allocator events, and {self.events} happened")
         return {"action": np.array(self._action, dtype=np.int8), "address": np.array(self._address, dtype=np.int64),
                 "size_bytes": np.array(self._size_bytes, dtype=np.int64),
-                "stream_code": np.array(self._stream_code, dtype=np.int64),
-                "time_us": np.array(self._time_us, dtype=np.int64)}
+                "stream_code": np.array(self._stream_code, dtype=np.int8), "event_index": event_index,
+                "time_us": np.zeros_like(event_index) if placed is None else placed[event_index]}
 
     def device_trace(self) -> list[dict]:
         """The entries as one device's `device_traces` list of a PyTorch memory snapshot (what memory_viz reads):
         action, addr (device_free for an OOM), size, stream, time_us; no frames are recorded."""
+        c = self.columns()
         return [{"action": AllocatorAction(action).name.lower(),
                  ("device_free" if action == AllocatorAction.OOM else "addr"): address, "size": size,
                  "stream": stream, "time_us": time_us, "frames": []}
-                for action, address, size, stream, time_us in zip(self._action, self._address, self._size_bytes,
-                                                                  self._stream_code, self._time_us)]
+                for action, address, size, stream, time_us in zip(c["action"].tolist(), c["address"].tolist(),
+                                                                  c["size_bytes"].tolist(), c["stream_code"].tolist(),
+                                                                  c["time_us"].tolist())]

@@ -3,6 +3,7 @@
 import numpy as np
 
 from sim.allocator.base import OutOfMemory
+from sim.allocator.event_log import AllocatorEventLog
 from sim.ops import Stream
 from sim.units import format_bytes
 
@@ -15,6 +16,8 @@ class ExactAllocator:
         self.capacity_bytes = capacity_bytes
         self.allocated_bytes = 0
         self.reserved_bytes = 0
+        # none: PyTorch's trace entries name blocks and segments by address, and live bytes have neither
+        self.event_log: AllocatorEventLog | None = None
         self._sizes: dict[int, int] = {}
 
     def malloc(self, buffer_id: int, size_bytes: int, stream: Stream) -> None:
