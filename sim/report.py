@@ -66,6 +66,9 @@ def summarize(run: Run) -> dict:
                   "trainable_parameters": states.trainable_parameters},
         "hardware": {"device": sc.hardware.device_name, "gpus": sc.hardware.gpus, "capacity_bytes": capacity},
         "fits": fits,
+        "max_memory": {"allocated_bytes": int(trace.allocated_bytes.max(initial=0)),
+                       "reserved_bytes": int(trace.reserved_bytes.max(initial=0)),
+                       "device_used_bytes": peak_total, "decides_oom": "device_used_bytes"},
         "peak": {"total_bytes": peak_total, "reserved_bytes": reserved, "allocated_bytes": allocated,
                  "non_pytorch_bytes": run.non_pytorch_bytes,
                  "time_s": us_to_seconds(int(trace.time_us[peak_index])), **_op_fields(run, op_index)},
@@ -189,6 +192,11 @@ def format_summary(result: dict, allocator_line: str = "", host_bytes: int = 0) 
         f"of {format_bytes(cap)} ({100 * peak['total_bytes'] / cap:.1f}%)"
         + ("" if result["fits"] else f", short by {format_bytes(result['deficit_bytes'])}"),
     ]
+    most = result["max_memory"]
+    lines += [f"memory     max allocated {format_bytes(most['allocated_bytes'])} (torch max_memory_allocated), "
+              f"max reserved {format_bytes(most['reserved_bytes'])} (max_memory_reserved),",
+              f"           device used {format_bytes(most['device_used_bytes'])} (nvidia-smi: reserved + non-PyTorch "
+              "memory; this one decides the OOM)"]
     where = f"layer {peak['layer']}, " if peak["layer"] is not None else ""
     lines.append(f"peak at    {peak['time_s']:.3f} s: step {peak['step']}, micro-batch {peak['micro_batch']}, "
                  f"{peak['phase']}, {where}op {peak['op']}")

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = sorted((ROOT / "scenarios").glob("*.yaml"))
 RESULT_KEYS = {"schema_version", "scenario", "model", "hardware", "fits", "peak", "phase_peaks", "breakdown_at_peak",
                "model_states_bytes", "fragmentation", "oom", "deficit_bytes", "step_time_s", "tokens_per_s", "mfu",
-               "events", "stream_busy_share", "non_pytorch", "allocator"}  # schema 1 plus additive keys
+               "events", "stream_busy_share", "non_pytorch", "allocator", "max_memory"}  # schema 1 plus additive keys
 PEAK_KEYS = {"total_bytes", "reserved_bytes", "allocated_bytes", "non_pytorch_bytes", "time_s", "step",
              "micro_batch", "phase", "layer", "op"}
 SMALL = ["--set", "model.num_hidden_layers=2", "--set", "training.gradient_accumulation_steps=2"]
@@ -32,6 +32,12 @@ def test_every_scenario_runs(scenario: Path, tmp_path: Path, capsys) -> None:
     assert sum(result["breakdown_at_peak"].values()) == result["peak"]["allocated_bytes"]
     assert result["fits"] == (result["peak"]["total_bytes"] <= result["hardware"]["capacity_bytes"])
     assert 0 < result["mfu"] < 1 and result["step_time_s"] > 0
+    # torch's two maxima and what nvidia-smi would show: allocated <= reserved <= device used, which is the peak's
+    # total and decides the OOM; on a GPU the CUDA context alone makes device used larger than reserved
+    most = result["max_memory"]
+    assert most["allocated_bytes"] <= most["reserved_bytes"] < most["device_used_bytes"] == result["peak"]["total_bytes"]
+    assert most["reserved_bytes"] >= result["peak"]["reserved_bytes"] and most["decides_oom"] == "device_used_bytes"
+    assert "device used" in printed and "decides the OOM" in printed
 
 
 def test_lora_scenario_parameters(tmp_path: Path, capsys) -> None:
