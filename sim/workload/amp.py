@@ -1,0 +1,30 @@
+"""Mixed precision around the forward as the HF Trainer runs it through accelerate: torch.autocast's fp32 ops, and
+convert_outputs_to_fp32's copies of the forward's half-precision outputs."""
+
+from sim.vocab import DType
+from sim.workload import primitives as P
+from sim.workload.context import RunContext
+from sim.workload.tape import Tensor
+
+
+def fp32_op_dtype(ctx: RunContext) -> DType | None:
+    """The dtype autocast passes to an op of its fp32_set_opt_dtype list (log_softmax, softmax, sum, ...): float32
+    when autocast is on and the call names no dtype, else none (aten/src/ATen/autocast_mode.cpp, from torch 2.3
+    autocast_mode.h AT_FORALL_FP32_SET_OPT_DTYPE; the same list since torch 1.10). Ops of its fp32 list (nll_loss,
+    pow, rsqrt) get fp32 inputs from these in the modelled code, so autocast casts nothing there."""
+    return DType.FLOAT32 if ctx.autocast is not None else None
+
+
+def convert_outputs(ctx: RunContext) -> None:
+    """convert_outputs_to_fp32 once the autocast-wrapped forward has returned: every bf16/fp16 tensor of the output
+    (a ModelOutput, a Mapping: recursively_apply) becomes tensor.float(), a new fp32 tensor held by the new output
+    until Trainer.compute_loss returns; the original output, and with it the half logits unless saved for backward,
+    goes when the call returns (accelerate/utils/operations.py convert_to_fp32, v0.20 ... v1.x). The loss is fp32
+    already under autocast (nll_loss on autocast's fp32 list)."""
+    logits, ctx.output_logits = ctx.output_logits, None
+    if logits is None:
+        return
+    ctx.clear_cast_cache()  # the autocast region around the forward has exited
+    if logits.dtype in (DType.BFLOAT16, DType.FLOAT16):
+        ctx.output_copies.append(P.to_dtype(ctx.tape, "accelerate.convert_to_fp32.logits", logits, DType.FLOAT32))
+    ctx.tape.drop(logits)
