@@ -20,7 +20,8 @@ def convert_outputs(ctx: RunContext) -> None:
     (a ModelOutput, a Mapping: recursively_apply) becomes tensor.float(), a new fp32 tensor held by the new output
     until Trainer.compute_loss returns; the original output, and with it the half logits unless saved for backward,
     goes when the call returns (accelerate/utils/operations.py convert_to_fp32, v0.20 ... v1.x). The loss is fp32
-    already under autocast (nll_loss on autocast's fp32 list)."""
+    already under autocast (nll_loss on autocast's fp32 list). Not modelled: a past_key_values the output holds as
+    a legacy tuple (use_cache without checkpointing, in the transformers versions that return one) is copied too."""
     logits, ctx.output_logits = ctx.output_logits, None
     if logits is None:
         return

@@ -13,8 +13,8 @@ def lm_head_loss(ctx: RunContext, lm_head: Param, hidden: Tensor, labels: Tensor
 
     Everything the forward binds to a local (logits, shift_logits) lives until ForCausalLM.forward returns;
     the returned output object (holding `logits`) is dropped by Trainer.compute_loss, i.e. before backward.
-    Where accelerate converts the outputs, the returned logits stay in ctx.output_logits for
-    amp.convert_outputs. Under autocast the loss runs in fp32: log_softmax(x, -1, dtype=float32), nll_loss on
+    Where accelerate converts the outputs, half-precision returned logits stay in ctx.output_logits for
+    amp.convert_outputs (fp32 ones it leaves alone). Under autocast the loss runs in fp32: log_softmax(x, -1, dtype=float32), nll_loss on
     its fp32 output (sim/workload/amp.py).
     """
     tp, m, beh = ctx.tape, ctx.model, ctx.behaviour
@@ -45,7 +45,7 @@ def lm_head_loss(ctx: RunContext, lm_head: Param, hidden: Tensor, labels: Tensor
     log_probs = P.log_softmax(tp, "loss.log_softmax", shift_logits, fp32_op_dtype(ctx))
     loss = P.nll_loss(tp, "loss.nll_loss", log_probs, shift_labels)
     tp.drop(log_probs, shift_labels)
-    if ctx.outputs_to_fp32:  # the output's logits outlive the forward's locals
+    if ctx.outputs_to_fp32 and logits.dtype is not DType.FLOAT32:  # half logits outlive the forward's locals
         tp.drop(*held[1:])
         ctx.output_logits = logits
     else:
