@@ -118,3 +118,25 @@ def test_autocast_leaves_qwen1_log_softmax_alone_without_the_flag() -> None:
     ops, buffers = _ops(raw)
     [log_softmax] = [op for op in ops if op.name == "loss.log_softmax" and op.phase is Phase.FORWARD]
     assert [buffers[a].size_bytes for a in log_softmax.allocs] == [2 * B * (S - 1) * V]
+
+
+KV = [f"past_key_values.{layer}.{part}" for layer in range(2) for part in ("key", "value")]
+
+
+@pytest.mark.parametrize("version, copied", [
+    ("4.39.3", KV),  # fp32 logits (the model upcasts), the cache returned as a legacy tuple: its 4 tensors copied
+    ("4.46.0", ["logits"] + KV),  # bf16 logits and the legacy tuple
+    ("4.48.0", ["logits"]),  # the output holds the DynamicCache itself, which convert_to_fp32 leaves alone
+])
+def test_convert_outputs_copies_a_legacy_past_key_values_tuple(version: str, copied: list[str]) -> None:
+    # No checkpointing: use_cache, so the training forward fills a DynamicCache with each layer's post-RoPE key and
+    # value, (b, kv_heads, s, d) = 2 × 4 × 16 × 16 = 2,048 bf16 values each: an fp32 copy is 8,192 bytes; the
+    # logits' copy is 4 × 2 × 16 × 1000 = 128,000 bytes.
+    raw = tiny_raw()
+    raw["software"]["transformers"] = version
+    ops, buffers = _ops(raw)
+    prefix = "accelerate.convert_to_fp32."
+    converts = [(op.name.removeprefix(prefix), [buffers[a].size_bytes for a in op.allocs])
+                for op in ops if op.name.startswith(prefix)]
+    sizes = {"logits": [4 * B * S * V]} | {name: [4 * B * 4 * S * 16] for name in KV}
+    assert converts == [(name, sizes[name]) for name in copied]

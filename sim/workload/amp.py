@@ -17,15 +17,21 @@ def fp32_op_dtype(ctx: RunContext) -> DType | None:
 
 def convert_outputs(ctx: RunContext) -> None:
     """convert_outputs_to_fp32 once the autocast-wrapped forward has returned: every bf16/fp16 tensor of the output
-    (a ModelOutput, a Mapping: recursively_apply) becomes tensor.float(), a new fp32 tensor held by the new output
-    until Trainer.compute_loss returns; the original output, and with it the half logits unless saved for backward,
-    goes when the call returns (accelerate/utils/operations.py convert_to_fp32, v0.20 ... v1.x). The loss is fp32
-    already under autocast (nll_loss on autocast's fp32 list). Not modelled: a past_key_values the output holds as
-    a legacy tuple (use_cache without checkpointing, in the transformers versions that return one) is copied too."""
-    logits, ctx.output_logits = ctx.output_logits, None
-    if logits is None:
+    (a ModelOutput is a Mapping, a legacy past_key_values a tuple of tuples: recursively_apply) becomes
+    tensor.float(), a new fp32 tensor held by the new output until Trainer.compute_loss returns; the original output,
+    and with it the half logits unless saved for backward, goes when the call returns (accelerate/utils/operations.py
+    convert_to_fp32, v0.20 ... v1.x). In field order: logits, then each layer's key and value where the output holds
+    the cache as a tuple (a DynamicCache, neither tuple nor Mapping, is left alone). The loss is fp32 already under
+    autocast (nll_loss on autocast's fp32 list)."""
+    if not ctx.outputs_to_fp32:
         return
-    ctx.clear_cast_cache()  # the autocast region around the forward has exited
-    if logits.dtype in (DType.BFLOAT16, DType.FLOAT16):
-        ctx.output_copies.append(P.to_dtype(ctx.tape, "accelerate.convert_to_fp32.logits", logits, DType.FLOAT32))
+    logits, ctx.output_logits = ctx.output_logits, None
+    fields = [("logits", logits)] if logits is not None else []
+    if ctx.behaviour.legacy_cache_output:
+        fields += [(f"past_key_values.{i // 2}.{('key', 'value')[i % 2]}", t) for i, t in enumerate(ctx.kv_cache)]
+    halves = [(name, t) for name, t in fields if t.dtype in (DType.BFLOAT16, DType.FLOAT16)]
+    if halves:
+        ctx.clear_cast_cache()  # the autocast region around the forward has exited
+    for name, tensor in halves:
+        ctx.output_copies.append(P.to_dtype(ctx.tape, f"accelerate.convert_to_fp32.{name}", tensor, DType.FLOAT32))
     ctx.tape.drop(logits)
