@@ -1,9 +1,9 @@
 """Resolve a validated Scenario once into the Plan that every floor below takes (sim/plan.py).
 
 This is the one place where settings are derived from the raw schema: the dtypes (config torch_dtype, DeepSpeed's
-bf16/fp16 sections, Qwen1's autoselection, autocast and accelerate's mixed precision, DeepSpeed's communication dtype, PEFT's adapter dtype), host
-or device, the version behaviours, the world, ZeRO, NCCL and allocator settings, and the device runtime
-(sim/runtime.py). What is not modelled yet is refused here too, with one line naming the key.
+bf16/fp16 sections, Qwen1's autoselection, accelerate's mixed precision, DeepSpeed's communication dtype, PEFT's
+adapter dtype), host or device, the version behaviours, the world, ZeRO, NCCL and allocator settings, and the device
+runtime (sim/runtime.py). What is not modelled yet is refused here too, with one line naming the key.
 """
 
 from sim.allocator.alloc_conf import parse_alloc_conf
@@ -134,7 +134,8 @@ def weights_dtype(scenario: Scenario) -> DType:
 def amp(scenario: Scenario) -> AmpPlan | None:
     """Mixed precision around the forward. The HF Trainer hands its bf16/fp16 flag to accelerate
     (transformers training_args.py __post_init__ sets ACCELERATE_MIXED_PRECISION; Trainer._inner_training_loop
-    calls accelerator.prepare(model)). Accelerate turns native_amp on for bf16 and, on a GPU, fp16 except under
+    calls accelerator.prepare(model); read in 4.32.0, whose Trainer keeps its own cuda_amp only for fairscale's
+    sharded_ddp). Accelerate turns native_amp on for bf16 and, on a GPU, fp16 except under
     DeepSpeed or Megatron (accelerate/accelerator.py Accelerator.__init__, v0.20.3 ... v1.x), and then
     prepare_model wraps model.forward in torch.autocast and in convert_outputs_to_fp32, whatever the weights'
     dtype (accelerator.py prepare_model `if self.native_amp:`). Under DeepSpeed the engine converts the model

@@ -34,9 +34,9 @@ def parameter_counts(plan: Plan) -> tuple[int, int]:
 def _context(plan: Plan, tape: Tape) -> RunContext:
     """What the modelling code reads besides the tape, from the plan."""
     training = plan.training
-    amp = plan.amp
+    amp, lora = plan.amp, plan.lora
     return RunContext(tape, plan.model, training.micro_batch, training.seq_len, training.attn, plan.behaviour,
-                      amp.dtype if amp is not None else None, plan.lora.adapter_dtype if plan.lora is not None else None,
+                      amp.dtype if amp is not None else None, lora.adapter_dtype if lora is not None else None,
                       plan.on_host, outputs_to_fp32=amp is not None and amp.outputs_to_fp32)
 
 

@@ -4,14 +4,14 @@ convert_outputs_to_fp32's copies of the forward's half-precision outputs."""
 from sim.vocab import DType
 from sim.workload import primitives as P
 from sim.workload.context import RunContext
-from sim.workload.tape import Tensor
 
 
 def fp32_op_dtype(ctx: RunContext) -> DType | None:
-    """The dtype autocast passes to an op of its fp32_set_opt_dtype list (log_softmax, softmax, sum, ...): float32
-    when autocast is on and the call names no dtype, else none (aten/src/ATen/autocast_mode.cpp, from torch 2.3
-    autocast_mode.h AT_FORALL_FP32_SET_OPT_DTYPE; the same list since torch 1.10). Ops of its fp32 list (nll_loss,
-    pow, rsqrt) get fp32 inputs from these in the modelled code, so autocast casts nothing there."""
+    """The dtype autocast passes to an op of its fp32_set_opt_dtype list (log_softmax, softmax, sum, ...) on a
+    floating CUDA input: float32 when autocast is on, unless the call names a dtype itself (set_opt_dtype keeps it),
+    else none. The list: KERNEL2 / KERNEL_CUDA2 lines of aten/src/ATen/autocast_mode.cpp up to torch 2.2,
+    AT_FORALL_FP32_SET_OPT_DTYPE of autocast_mode.h from 2.3 (read in the 2.13 wheel's header). Ops of its fp32 list
+    (nll_loss, pow, rsqrt: AT_FORALL_FP32) get fp32 inputs in the modelled code, so autocast casts nothing there."""
     return DType.FLOAT32 if ctx.autocast is not None else None
 
 

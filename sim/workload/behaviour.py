@@ -130,6 +130,7 @@ def _qwen1(torch: tuple, peft: tuple, tf: tuple) -> Behaviour:
         rotary=Rotary.MODEL_LEVEL, unused_rotary_buffers=False, llama_full_mask_buffer=False,
         llama_full_mask_bool=False, sdpa_mask_always=True, sdpa_sliding_window_check=False,
         eager_mask_via_bool=False, sdpa_repeats_kv=False, sdpa_contiguous=SdpaContiguous.NEVER,
-        fa2_repeats_kv=False, kv_cache=KvCache.NONE, legacy_cache_output=False, peft_adapters_fp32=peft >= (0, 12, 0),
+        fa2_repeats_kv=False, kv_cache=KvCache.NONE, legacy_cache_output=False,
+        peft_adapters_fp32=peft >= (0, 12, 0),
         default_optim=Optim.ADAMW_TORCH_FUSED if tf >= (4, 53, 1) and torch >= (2, 8, 0) else Optim.ADAMW_TORCH,
     )

@@ -14,8 +14,8 @@ def lm_head_loss(ctx: RunContext, lm_head: Param, hidden: Tensor, labels: Tensor
     Everything the forward binds to a local (logits, shift_logits) lives until ForCausalLM.forward returns;
     the returned output object (holding `logits`) is dropped by Trainer.compute_loss, i.e. before backward.
     Where accelerate converts the outputs, half-precision returned logits stay in ctx.output_logits for
-    amp.convert_outputs (fp32 ones it leaves alone). Under autocast the loss runs in fp32: log_softmax(x, -1, dtype=float32), nll_loss on
-    its fp32 output (sim/workload/amp.py).
+    amp.convert_outputs (fp32 ones it leaves alone). Under autocast the loss runs in fp32:
+    log_softmax(x, -1, dtype=float32), then nll_loss on its fp32 output (sim/workload/amp.py).
     """
     tp, m, beh = ctx.tape, ctx.model, ctx.behaviour
     logits = plain_linear(ctx, "lm_head", hidden, lm_head, m.hidden_size, m.vocab_size)
