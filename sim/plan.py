@@ -208,6 +208,15 @@ class DeviceRuntime:
 
 
 @dataclass(frozen=True, slots=True)
+class AmpPlan:
+    """Mixed precision around the model's forward: torch.autocast's dtype, and whether accelerate's
+    convert_outputs_to_fp32 copies the forward's bf16/fp16 outputs to fp32 (sim/resolve.py:amp decides)."""
+
+    dtype: DType
+    outputs_to_fp32: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Plan:
     """A scenario resolved once: everything the schedule, the engine and the allocator need, and nothing raw."""
 
@@ -216,7 +225,7 @@ class Plan:
     lora: LoraPlan | None
     training: TrainingPlan
     behaviour: "Behaviour"  # the modelling code's version-dependent choices
-    autocast_dtype: DType | None  # torch.autocast's dtype where mixed precision casts fp32 weights, else None
+    amp: AmpPlan | None  # torch.autocast around the forward (and accelerate's fp32 outputs), else None
     on_host: bool  # a plain CPU host (calibration) rather than a CUDA device
     versions: Versions
     world: World
@@ -233,4 +242,4 @@ class Plan:
     @property
     def compute_dtype(self) -> DType:
         """The dtype the GEMMs run in: autocast's, else the weights'."""
-        return self.autocast_dtype or self.model.weights_dtype
+        return self.amp.dtype if self.amp is not None else self.model.weights_dtype

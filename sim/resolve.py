@@ -1,15 +1,16 @@
 """Resolve a validated Scenario once into the Plan that every floor below takes (sim/plan.py).
 
 This is the one place where settings are derived from the raw schema: the dtypes (config torch_dtype, DeepSpeed's
-bf16/fp16 sections, Qwen1's autoselection, autocast, DeepSpeed's communication dtype, PEFT's adapter dtype), host
-or device, the version behaviours, the world, ZeRO, NCCL and allocator settings, and the device runtime
-(sim/runtime.py). What is not modelled yet is refused here too, with one line naming the key.
+bf16/fp16 sections, Qwen1's autoselection, accelerate's mixed precision, DeepSpeed's communication dtype, PEFT's
+adapter dtype), host or device, the version behaviours, the world, ZeRO, NCCL and allocator settings, and the device
+runtime (sim/runtime.py). What is not modelled yet is refused here too, with one line naming the key.
 """
 
 from sim.allocator.alloc_conf import parse_alloc_conf
 from sim.errors import ScenarioError
 from sim.plan import (
     AllocatorPlan,
+    AmpPlan,
     DevicePlan,
     LoraPlan,
     ModelShape,
@@ -64,7 +65,7 @@ def resolve_plan(scenario: Scenario) -> Plan:
             optim=training.optim or behaviour.default_optim, weight_decay=training.weight_decay,
             max_grad_norm=training.max_grad_norm, steps=scenario.simulation.steps),
         behaviour=behaviour,
-        autocast_dtype=autocast_dtype(scenario),
+        amp=amp(scenario),
         on_host=host,
         versions=versions,
         world=world,
@@ -130,14 +131,25 @@ def weights_dtype(scenario: Scenario) -> DType:
     return model.weights_dtype
 
 
-def autocast_dtype(scenario: Scenario) -> DType | None:
-    """torch.autocast dtype when the Trainer's bf16/fp16 flag meets weights of another dtype (fp32 weights).
-    Under DeepSpeed the engine converts the model itself and the Trainer runs no autocast."""
+def amp(scenario: Scenario) -> AmpPlan | None:
+    """Mixed precision around the forward. The HF Trainer hands its bf16/fp16 flag to accelerate
+    (transformers training_args.py __post_init__ sets ACCELERATE_MIXED_PRECISION; Trainer._inner_training_loop
+    calls accelerator.prepare(model); read in 4.32.0, whose Trainer keeps its own cuda_amp only for fairscale's
+    sharded_ddp). Accelerate turns native_amp on for bf16 and, on a GPU, fp16 except under
+    DeepSpeed or Megatron (accelerate/accelerator.py Accelerator.__init__, v0.20.3 ... v1.x), and then
+    prepare_model wraps model.forward in torch.autocast and in convert_outputs_to_fp32, whatever the weights'
+    dtype (accelerator.py prepare_model `if self.native_amp:`). Under DeepSpeed the engine converts the model
+    itself and nothing is wrapped. A plain host stands for the calibration, which drives the model without
+    the Trainer (sim/calibrate.py): there autocast only where the flag meets weights of another dtype, and no
+    output conversion."""
     if scenario.deepspeed is not None:
         return None
-    weights = weights_dtype(scenario)
     wanted = DType.BFLOAT16 if scenario.training.bf16 else DType.FLOAT16 if scenario.training.fp16 else None
-    return wanted if wanted is not None and wanted is not weights else None
+    if wanted is None:
+        return None
+    if on_host(scenario):
+        return AmpPlan(wanted, outputs_to_fp32=False) if wanted is not weights_dtype(scenario) else None
+    return AmpPlan(wanted, outputs_to_fp32=True)
 
 
 def communication_dtype(scenario: Scenario) -> DType:

@@ -34,8 +34,10 @@ def parameter_counts(plan: Plan) -> tuple[int, int]:
 def _context(plan: Plan, tape: Tape) -> RunContext:
     """What the modelling code reads besides the tape, from the plan."""
     training = plan.training
+    amp, lora = plan.amp, plan.lora
     return RunContext(tape, plan.model, training.micro_batch, training.seq_len, training.attn, plan.behaviour,
-                      plan.autocast_dtype, plan.lora.adapter_dtype if plan.lora is not None else None, plan.on_host)
+                      amp.dtype if amp is not None else None, lora.adapter_dtype if lora is not None else None,
+                      plan.on_host, outputs_to_fp32=amp is not None and amp.outputs_to_fp32)
 
 
 def build_schedule(plan: Plan, repeat: bool = True) -> BuiltSchedule:

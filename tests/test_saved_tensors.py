@@ -83,15 +83,24 @@ def test_loss_versions(version: str, loss: int) -> None:
     assert activation_bytes_after_forward(raw) == 2 * (2 * N * H) + IDS + NORM + loss + rotary
 
 
-def test_qwen1_keeps_bf16_log_probs() -> None:
-    # Qwen1's remote code: no fp32 upcast; log_softmax over the shifted bf16 logits keeps 2 bytes per value,
-    # and nll_loss's total_weight is a bf16 scalar. Checkpointing keeps each block's input (2Nh) and the
-    # (b, 1, 1, s) bf16 additive mask passed to every checkpoint (2N).
-    raw = tiny_raw(gradient_checkpointing=True)
-    raw["model"] = {"model_type": "qwen", "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
-                    "num_attention_heads": 4, "vocab_size": 1000, "max_position_embeddings": 256,
-                    "kv_channels": 16, "no_bias": True}
-    loss = 2 * B * (S - 1) * V + 8 * B * (S - 1) + 2
+QWEN1 = {"model_type": "qwen", "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "vocab_size": 1000, "max_position_embeddings": 256, "kv_channels": 16,
+         "no_bias": True}
+
+
+@pytest.mark.parametrize("bf16_flag, loss", [
+    # No flag, no autocast: Qwen1's remote code has no fp32 upcast; log_softmax over the shifted bf16 logits
+    # keeps 2 bytes per value, and nll_loss's total_weight is a bf16 scalar.
+    (False, 2 * B * (S - 1) * V + 8 * B * (S - 1) + 2),
+    # --bf16 True: accelerate's autocast passes dtype=float32 to log_softmax (fp32_set_opt_dtype), so its
+    # saved output is fp32 (4 bytes per value) and nll_loss's total_weight an fp32 scalar.
+    (True, 4 * B * (S - 1) * V + 8 * B * (S - 1) + 4),
+])
+def test_qwen1_log_probs_dtype_follows_autocast(bf16_flag: bool, loss: int) -> None:
+    # Checkpointing keeps each block's input (2Nh) and the (b, 1, 1, s) bf16 additive mask passed to every
+    # checkpoint (2N); Qwen1 autoselects bf16 weights either way.
+    raw = tiny_raw(gradient_checkpointing=True, bf16=bf16_flag)
+    raw["model"] = dict(QWEN1)
     assert activation_bytes_after_forward(raw) == 2 * (2 * N * H) + 2 * N + IDS + NORM + loss
 
 

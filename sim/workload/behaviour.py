@@ -53,6 +53,7 @@ class Behaviour:
     sdpa_contiguous: SdpaContiguous
     fa2_repeats_kv: bool
     kv_cache: KvCache
+    legacy_cache_output: bool  # the output holds that cache as a tuple of (k, v) tuples (to_legacy_cache)
     peft_adapters_fp32: bool
     default_optim: Optim  # TrainingArguments.optim's default in this version
 
@@ -109,6 +110,10 @@ def behaviour_for(versions: Versions, model_type: ModelType, checkpointing: bool
         sdpa_contiguous=contiguous,
         fa2_repeats_kv=(qwen2 or mistral) and tf < (4, 48, 0),
         kv_cache=kv_cache,
+        # 4.36-4.47: with use_cache and no Cache passed in, XModel.forward returns
+        # next_decoder_cache.to_legacy_cache(), a tuple of the cached tensors; from 4.48 the DynamicCache itself
+        # (models/{llama,mistral,qwen2}/modeling_*.py of 4.36.2, 4.41.2, 4.42.4, 4.46.3, 4.47.1, 4.48.0).
+        legacy_cache_output=tf < (4, 48, 0),
         # PEFT >= 0.12 LoraConfig(autocast_adapter_dtype=True) keeps bf16/fp16 adapters in fp32.
         peft_adapters_fp32=peft >= (0, 12, 0),
         # TrainingArguments.optim default: adamw_torch_fused from 4.53.1 when torch >= 2.8.
@@ -125,6 +130,7 @@ def _qwen1(torch: tuple, peft: tuple, tf: tuple) -> Behaviour:
         rotary=Rotary.MODEL_LEVEL, unused_rotary_buffers=False, llama_full_mask_buffer=False,
         llama_full_mask_bool=False, sdpa_mask_always=True, sdpa_sliding_window_check=False,
         eager_mask_via_bool=False, sdpa_repeats_kv=False, sdpa_contiguous=SdpaContiguous.NEVER,
-        fa2_repeats_kv=False, kv_cache=KvCache.NONE, peft_adapters_fp32=peft >= (0, 12, 0),
+        fa2_repeats_kv=False, kv_cache=KvCache.NONE, legacy_cache_output=False,
+        peft_adapters_fp32=peft >= (0, 12, 0),
         default_optim=Optim.ADAMW_TORCH_FUSED if tf >= (4, 53, 1) and torch >= (2, 8, 0) else Optim.ADAMW_TORCH,
     )

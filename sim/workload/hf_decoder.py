@@ -11,6 +11,7 @@ from sim.ops import Category
 from sim.plan import LoraPlan, ModelShape
 from sim.vocab import AttnImplementation, DType, ModelType
 from sim.workload import primitives as P
+from sim.workload.amp import convert_outputs
 from sim.workload.behaviour import KvCache, Rotary, SdpaContiguous
 from sim.workload.context import RunContext
 from sim.workload.decoder import Decoder, DecoderLayer
@@ -131,6 +132,7 @@ class HfDecoder(Decoder):
         tp.drop(hidden, mask, *(rotary or ()))  # locals of XModel.forward, released when it returns
         loss = lm_head_loss(ctx, model.lm_head, normed, labels)
         tp.drop(normed)
+        convert_outputs(ctx)
         ctx.release_kv_cache()
         ctx.clear_cast_cache()
         return loss

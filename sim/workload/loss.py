@@ -2,6 +2,7 @@
 
 from sim.vocab import DType
 from sim.workload import primitives as P
+from sim.workload.amp import fp32_op_dtype
 from sim.workload.context import RunContext
 from sim.workload.modules import plain_linear
 from sim.workload.tape import Param, Tensor
@@ -12,6 +13,9 @@ def lm_head_loss(ctx: RunContext, lm_head: Param, hidden: Tensor, labels: Tensor
 
     Everything the forward binds to a local (logits, shift_logits) lives until ForCausalLM.forward returns;
     the returned output object (holding `logits`) is dropped by Trainer.compute_loss, i.e. before backward.
+    Where accelerate converts the outputs, half-precision returned logits stay in ctx.output_logits for
+    amp.convert_outputs (fp32 ones it leaves alone). Under autocast the loss runs in fp32:
+    log_softmax(x, -1, dtype=float32), then nll_loss on its fp32 output (sim/workload/amp.py).
     """
     tp, m, beh = ctx.tape, ctx.model, ctx.behaviour
     logits = plain_linear(ctx, "lm_head", hidden, lm_head, m.hidden_size, m.vocab_size)
@@ -38,8 +42,12 @@ def lm_head_loss(ctx: RunContext, lm_head: Param, hidden: Tensor, labels: Tensor
     held.append(shift_logits)
     tp.op("loss.shift_labels", bytes_moved=2 * label_count * 8)
     shift_labels = tp.empty("shift_labels", label_count, DType.INT64)
-    log_probs = P.log_softmax(tp, "loss.log_softmax", shift_logits)
+    log_probs = P.log_softmax(tp, "loss.log_softmax", shift_logits, fp32_op_dtype(ctx))
     loss = P.nll_loss(tp, "loss.nll_loss", log_probs, shift_labels)
     tp.drop(log_probs, shift_labels)
-    tp.drop(*held)
+    if ctx.outputs_to_fp32 and logits.dtype is not DType.FLOAT32:  # half logits outlive the forward's locals
+        tp.drop(*held[1:])
+        ctx.output_logits = logits
+    else:
+        tp.drop(*held)
     return loss

@@ -11,6 +11,7 @@ from sim.ops import Category
 from sim.plan import LoraPlan
 from sim.vocab import AttnImplementation, DType
 from sim.workload import primitives as P
+from sim.workload.amp import convert_outputs
 from sim.workload.context import RunContext
 from sim.workload.decoder import Decoder, DecoderLayer
 from sim.workload.hf_decoder import apply_rotary
@@ -99,6 +100,7 @@ class Qwen1(Decoder):
         tp.drop(hidden, mask)
         loss = lm_head_loss(ctx, model.lm_head, normed, labels)
         tp.drop(normed)
+        convert_outputs(ctx)
         ctx.release_kv_cache()
         ctx.clear_cast_cache()
         return loss
