@@ -3,7 +3,7 @@
 import json
 
 import numpy as np
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from sim.ops import CATEGORIES, Category
@@ -81,11 +81,32 @@ def test_allocated_never_negative_and_ends_at_model_states(raw: dict) -> None:
     assert allocated[-1] >= states.parameters_bytes + states.optimizer_states_bytes
 
 
+# hypothesis's counterexample to "the total never drops" with the caching allocator (see below)
+FEWER_SEGMENTS = {
+    "name": "tiny", "hardware": {"device": "a100-sxm4-80gb"}, "allocator": {"backend": "caching"},
+    "model": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 1, "vocab_size": 1000, "max_position_embeddings": 256,
+              "torch_dtype": "float32", "tie_word_embeddings": True},
+    "software": {"torch": "2.2.2", "transformers": "4.38.2", "peft": "0.10.0"},
+    "training": {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 2, "seq_len": 5, "bf16": True,
+                 "attn_implementation": "sdpa", "gradient_checkpointing": True, "optim": "sgd"},
+    "simulation": {"steps": 1},
+}
+
+
 @given(scenarios(), st.sampled_from(["seq_len", "per_device_train_batch_size"]))
+@example(FEWER_SEGMENTS, "seq_len")
 def test_peak_does_not_decrease_as_work_grows(raw: dict, key: str) -> None:
-    small = summarize(run(raw))["peak"]["total_bytes"]
+    # More tokens never lower the most PyTorch allocates. What the caching allocator reserves can drop: larger
+    # tensors pack differently into its segments (hypothesis found a tiny llama whose 2 MiB small-pool segments
+    # went from 12 to 11 when seq_len grew from 5 to 8, with allocated up), as the real allocator does; with the
+    # exact count, reserved is allocated and the total never drops either.
+    small = summarize(run(raw))
     raw["training"][key] += raw["training"][key] // 2 + 1
-    assert summarize(run(raw))["peak"]["total_bytes"] >= small
+    large = summarize(run(raw))
+    assert large["max_memory"]["allocated_bytes"] >= small["max_memory"]["allocated_bytes"]
+    if raw["allocator"]["backend"] == "exact":
+        assert large["peak"]["total_bytes"] >= small["peak"]["total_bytes"]
 
 
 def activation_peak(raw: dict) -> int:
