@@ -114,8 +114,7 @@ def behaviour_for(versions: Versions, model_type: ModelType, checkpointing: bool
         # next_decoder_cache.to_legacy_cache(), a tuple of the cached tensors; from 4.48 the DynamicCache itself
         # (models/{llama,mistral,qwen2}/modeling_*.py of 4.36.2, 4.41.2, 4.42.4, 4.46.3, 4.47.1, 4.48.0).
         legacy_cache_output=tf < (4, 48, 0),
-        # PEFT >= 0.12 LoraConfig(autocast_adapter_dtype=True) keeps bf16/fp16 adapters in fp32.
-        peft_adapters_fp32=peft >= (0, 12, 0),
+        peft_adapters_fp32=_peft_adapters_fp32(peft),
         # TrainingArguments.optim default: adamw_torch_fused from 4.53.1 when torch >= 2.8.
         default_optim=Optim.ADAMW_TORCH_FUSED if fused_default else Optim.ADAMW_TORCH,
     )
@@ -131,6 +130,15 @@ def _qwen1(torch: tuple, peft: tuple, tf: tuple) -> Behaviour:
         llama_full_mask_bool=False, sdpa_mask_always=True, sdpa_sliding_window_check=False,
         eager_mask_via_bool=False, sdpa_repeats_kv=False, sdpa_contiguous=SdpaContiguous.NEVER,
         fa2_repeats_kv=False, kv_cache=KvCache.NONE, legacy_cache_output=False,
-        peft_adapters_fp32=peft >= (0, 12, 0),
+        peft_adapters_fp32=_peft_adapters_fp32(peft),
         default_optim=Optim.ADAMW_TORCH_FUSED if tf >= (4, 53, 1) and torch >= (2, 8, 0) else Optim.ADAMW_TORCH,
     )
+
+
+def _peft_adapters_fp32(peft: tuple) -> bool:
+    """Whether LoRA adapters stay fp32 on bf16/fp16 weights. PEFT 0.5 creates lora_A/lora_B as nn.Linear in the
+    default dtype and moves them to the weight's device only (src/peft/tuners/lora.py v0.5.0 update_layer:
+    self.to(self.weight.device)); 0.6 moves them to the weight's dtype too (tuners/lora/layer.py v0.6.0:
+    self.to(weight.device, dtype=weight.dtype)); from 0.12 LoraConfig(autocast_adapter_dtype=True) upcasts bf16/fp16
+    adapters to fp32 again."""
+    return peft < (0, 6, 0) or peft >= (0, 12, 0)
