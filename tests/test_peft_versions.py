@@ -34,3 +34,20 @@ def test_fp32_adapters_hold_two_more_bytes_per_element() -> None:
 def test_fp32_weights_keep_fp32_adapters_in_every_version() -> None:
     for peft in ("0.5.0", "0.6.0", "0.12.0"):
         assert resolve_plan(build_scenario(lora_raw(peft, "float32"))).lora.adapter_dtype is DType.FLOAT32
+
+
+def test_qwen1_modules_to_save_keeps_the_original_beside_the_trained_copy() -> None:
+    # PEFT's ModulesToSaveWrapper on Qwen1's wte: the original (1000 × 64 bf16, frozen) stays on the device and a copy
+    # of it trains, as for the HF families: 64,000 more trainable parameters, and both weights held from the start
+    raw = lora_raw("0.10.0")
+    raw["model"] = {"model_type": "qwen", "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
+                    "num_attention_heads": 4, "vocab_size": 1000, "max_position_embeddings": 256,
+                    "torch_dtype": "bfloat16"}
+    raw["lora"]["target_modules"] = ["c_attn"]
+    plain = run_scenario(build_scenario(raw))
+    raw["lora"]["modules_to_save"] = ["wte"]
+    saved = run_scenario(build_scenario(raw))
+    trainable = saved.built.model_states.trainable_parameters - plain.built.model_states.trainable_parameters
+    assert trainable == 1000 * 64
+    held = {saved.schedule.buffers[b].name: saved.schedule.buffers[b].size_bytes for b in saved.schedule.persistent}
+    assert held["transformer.wte.weight"] == held["transformer.wte.modules_to_save.default.weight"] == 1000 * 64 * 2

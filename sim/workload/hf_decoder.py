@@ -16,7 +16,7 @@ from sim.workload.behaviour import KvCache, Rotary, SdpaContiguous
 from sim.workload.context import RunContext
 from sim.workload.decoder import Decoder, DecoderLayer
 from sim.workload.loss import lm_head_loss
-from sim.workload.modules import apply_linear, in_module, make_linear, make_param, rms_norm
+from sim.workload.modules import apply_linear, in_module, make_linear, make_param, maybe_saved_copy, rms_norm
 from sim.workload.tape import Param, Tensor
 
 LinearShapes = dict[str, tuple[int, int, bool]]  # module name → (in_features, out_features, has_bias)
@@ -70,7 +70,7 @@ class HfDecoder(Decoder):
         full = lora is None
         h, d = m.hidden_size, m.head_size
         shapes = [("self_attn", self.attention_shapes(m)), ("mlp", self.mlp_shapes(m))]
-        embed = _maybe_saved_copy(ctx, "model.embed_tokens.weight", m.vocab_size * h, dtype, full, lora,
+        embed = maybe_saved_copy(ctx, "model.embed_tokens.weight", m.vocab_size * h, dtype, full, lora,
                                   "embed_tokens")
         layers = []
         for index in range(m.num_hidden_layers):
@@ -102,7 +102,7 @@ class HfDecoder(Decoder):
         if m.tie_word_embeddings:
             lm_head = embed
         else:
-            lm_head = _maybe_saved_copy(ctx, "lm_head.weight", m.vocab_size * h, dtype, full, lora, "lm_head")
+            lm_head = maybe_saved_copy(ctx, "lm_head.weight", m.vocab_size * h, dtype, full, lora, "lm_head")
         mask_buffer = None
         if ctx.behaviour.llama_full_mask_buffer:
             flag = DType.BOOL if ctx.behaviour.llama_full_mask_bool else DType.INT64
@@ -204,15 +204,6 @@ class HfDecoder(Decoder):
 def _inv_freq(ctx: RunContext, module: str) -> None:
     """register_buffer("inv_freq", 1 / base**(arange(0, d, 2).float() / d)): d/2 fp32 values per rotary module."""
     ctx.tape.persistent_buffer(f"{module}.inv_freq", ctx.model.head_size // 2, DType.FLOAT32, Category.PARAMETERS)
-
-
-def _maybe_saved_copy(ctx: RunContext, name: str, numel: int, dtype: DType, full: bool, lora: LoraPlan | None,
-                      module: str) -> Param:
-    """PEFT modules_to_save wraps the module and trains a copy of it; the original stays frozen beside it."""
-    base = make_param(ctx, name, numel, dtype, full)
-    if lora is not None and module in lora.modules_to_save:
-        return make_param(ctx, name.replace(".weight", ".modules_to_save.default.weight"), numel, dtype, True)
-    return base
 
 
 # ---- rotary -----------------------------------------------------------------------------------------------------------

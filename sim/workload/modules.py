@@ -160,3 +160,14 @@ def _rms_norm(ctx: RunContext, name: str, x: Tensor, w: Param) -> Tensor:
     out = P.mul(tp, f"{name}.weight_mul", w.tensor, back)
     tp.drop(back, normed, variance)
     return out
+
+
+def maybe_saved_copy(ctx: RunContext, name: str, numel: int, dtype: DType, full: bool, lora: LoraPlan | None,
+                      module: str) -> Param:
+    """The parameter a module's forward uses: with PEFT modules_to_save naming the module, ModulesToSaveWrapper keeps
+    the original frozen and trains a deepcopy of it (peft/utils/other.py ModulesToSaveWrapper: original_module and
+    modules_to_save[adapter] = copy.deepcopy(original_module)); else the module's own."""
+    base = make_param(ctx, name, numel, dtype, full)
+    if lora is not None and module in lora.modules_to_save:
+        return make_param(ctx, name.replace(".weight", ".modules_to_save.default.weight"), numel, dtype, True)
+    return base

@@ -16,7 +16,7 @@ from sim.workload.context import RunContext
 from sim.workload.decoder import Decoder, DecoderLayer
 from sim.workload.hf_decoder import apply_rotary
 from sim.workload.loss import lm_head_loss
-from sim.workload.modules import apply_linear, in_module, make_linear, make_param, rms_norm
+from sim.workload.modules import apply_linear, in_module, make_linear, make_param, maybe_saved_copy, rms_norm
 from sim.workload.tape import Param, Tensor
 
 LOGN_POSITIONS = 32767  # logn_list over range(1, 32768) (QWenAttention.__init__)
@@ -57,7 +57,7 @@ class Qwen1(Decoder):
         m = ctx.model
         dtype, full, h = m.weights_dtype, lora is None, m.hidden_size
         ffn = m.intermediate_size // 2  # w1 and w2 are Linear(h, intermediate_size // 2)
-        wte = make_param(ctx, "transformer.wte.weight", m.vocab_size * h, dtype, full or _saved(lora, "wte"))
+        wte = maybe_saved_copy(ctx, "transformer.wte.weight", m.vocab_size * h, dtype, full, lora, "wte")
         blocks = []
         for index in range(m.num_hidden_layers):
             prefix = f"transformer.h.{index}"
@@ -77,7 +77,7 @@ class Qwen1(Decoder):
         ctx.tape.persistent_buffer("transformer.rotary_emb.inv_freq", m.head_size // 2, DType.FLOAT32,
                                    Category.PARAMETERS)
         ln_f = make_param(ctx, "transformer.ln_f.weight", h, dtype, full)
-        lm_head = make_param(ctx, "lm_head.weight", m.vocab_size * h, dtype, full or _saved(lora, "lm_head"))
+        lm_head = maybe_saved_copy(ctx, "lm_head.weight", m.vocab_size * h, dtype, full, lora, "lm_head")
         return QWenLMHeadModel(wte, blocks, ln_f, lm_head, [])
 
     def forward_loss(self, ctx: RunContext, model: QWenLMHeadModel, ids: Tensor, labels: Tensor,
@@ -140,11 +140,6 @@ class Qwen1(Decoder):
         out = apply_linear(ctx, lin["mlp.c_proj"], product)
         tp.drop(product)
         return out
-
-
-def _saved(lora: LoraPlan | None, module: str) -> bool:
-    """Whether lora.modules_to_save names `module`: this port makes the module itself trainable."""
-    return lora is not None and module in lora.modules_to_save
 
 
 def _rotary_cache(ctx: RunContext, model: QWenLMHeadModel) -> list[Tensor]:
