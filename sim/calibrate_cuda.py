@@ -394,8 +394,8 @@ def build_model(config: CudaConfig, device_type: str):
     return model
 
 
-def _outputs_to_fp32(out):
-    """accelerate's convert_outputs_to_fp32: every bf16/fp16 tensor of the forward's output copied to fp32."""
+def outputs_to_fp32(out):
+    """accelerate's convertoutputs_to_fp32: every bf16/fp16 tensor of the forward's output copied to fp32."""
     import torch
 
     for key, value in list(out.items()):
@@ -424,7 +424,7 @@ def run_step(config: CudaConfig, probe: MemoryProbe) -> tuple[dict, float]:
         if config.bf16:
             with torch.autocast(probe.device_type, dtype=torch.bfloat16):
                 out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-            out = _outputs_to_fp32(out)
+            out = outputs_to_fp32(out)
         else:
             out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
         loss = out.loss
