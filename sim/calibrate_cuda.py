@@ -488,7 +488,8 @@ def measure_in_process(config: CudaConfig, snapshot_path: str | None) -> dict:
     reason = missing_requirement(config, int(free_bytes))
     if reason is not None:
         return {"status": Status.SKIPPED.value, "reason": reason, "device": device, "versions": versions}
-    torch.cuda.memory._record_memory_history(max_entries=HISTORY_MAX_ENTRIES, stacks="python")
+    # Python stacks of allocations only: the op that allocated each block, at a size the device tool can return
+    torch.cuda.memory._record_memory_history(context="alloc", stacks="python", max_entries=HISTORY_MAX_ENTRIES)
     probe = CudaProbe()
     try:
         phases, loss = run_step(config, probe)

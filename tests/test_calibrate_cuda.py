@@ -268,3 +268,32 @@ def testoutputs_to_fp32_copies_half_tensors_only():
     loss, logits = torch.tensor(1.0), torch.ones(2, 3, dtype=torch.bfloat16)
     out = cc.outputs_to_fp32({"loss": loss, "logits": logits})
     assert out["loss"] is loss and out["logits"].dtype is torch.float32
+
+
+def test_measure_only_then_compare(tmp_path, monkeypatch, capsys):
+    """The device machine's two steps with the child substituted: --measure-only records the measured side without
+    simulating (names each snapshot after its configuration), then --measurements adds the simulated side."""
+    recorded = {row["config"]["name"]: row["measured"] for row in _fixture_rows()}
+    asked = []
+
+    def fake_measure(config, snapshot_path, python=None):
+        asked.append((config.name, snapshot_path))
+        return recorded[config.name]
+
+    def no_simulation(*args):
+        raise AssertionError("--measure-only must not simulate")
+
+    monkeypatch.setattr(cc, "cuda_unavailable_reason", lambda python=None: None)
+    monkeypatch.setattr(cc, "measure", fake_measure)
+    monkeypatch.setattr(cc, "simulate", no_simulation)
+    measured_json = tmp_path / "measured.json"
+    assert main(["calibrate", "--device", "cuda", "--measure-only", "--config", "tiny_base", "--config", "q05_fa2_2k",
+                 "--snapshot-dir", str(tmp_path), "--json", str(measured_json)]) == 0
+    assert asked == [("tiny_base", tmp_path / "tiny_base.pickle"), ("q05_fa2_2k", tmp_path / "q05_fa2_2k.pickle")]
+    rows = json.loads(measured_json.read_text())
+    assert rows == _fixture_rows()
+    assert "measured; not simulated" in capsys.readouterr().out
+    monkeypatch.undo()
+    compared = tmp_path / "compared.json"
+    assert main(["calibrate", "--device", "cuda", "--measurements", str(measured_json), "--json", str(compared)]) == 0
+    assert "simulated" in json.loads(compared.read_text())[0]
