@@ -156,8 +156,8 @@ CUDA_CONFIGS: tuple[CudaConfig, ...] = (
                weights=_BF16, bf16=True),
     CudaConfig("q05_amp_2k", "fp32 weights under bf16 autocast", **QWEN2_0_5B, seq=2048, batch=1, attn=_SDPA,
                gc=False, weights=_FP32, bf16=True),
-    CudaConfig("q05_b4_1k", "batch", **QWEN2_0_5B, seq=1024, batch=4, attn=_SDPA, gc=False, weights=_BF16,
-               bf16=True),
+    CudaConfig("q05_b8_512", "batch, short sequence", **QWEN2_0_5B, seq=512, batch=8, attn=_SDPA, gc=False,
+               weights=_BF16, bf16=True),
     CudaConfig("q05_gc_8k", "checkpointing, long sequence", **QWEN2_0_5B, seq=8192, batch=1, attn=_SDPA, gc=True,
                weights=_BF16, bf16=True),
     CudaConfig("q05_lora_4k", "LoRA with dropout + checkpointing", **QWEN2_0_5B, seq=4096, batch=1, attn=_SDPA,
@@ -656,14 +656,19 @@ def format_markdown(rows: list[dict], command: str) -> str:
         "|---|" + "---:|" * 9,
         *table_lines(rows),
         "",
-        "| config | checks | settings | child wall s | loss | alloc retries |",
-        "|---|---|---|---:|---:|---:|",
+        "Context: mem_get_info used before any tensor; at the end: used − reserved after the step (the context",
+        "with the kernels loaded since, cuBLAS handles). MiB.",
+        "",
+        "| config | checks | settings | child wall s | loss | alloc retries | context | non-PyTorch at the end |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         config, measured = config_from_json(row["config"]), row["measured"]
         loss = f"{measured['loss']:.4f}" if "loss" in measured else ""
+        end = _mib(measured["end_non_pytorch_bytes"]) if "end_non_pytorch_bytes" in measured else ""
         lines.append(f"| {config.name} | {config.factor} | {describe(config)} | {measured.get('wall_s', '')} "
-                     f"| {loss} | {measured.get('alloc_retries', '')} |")
+                     f"| {loss} | {measured.get('alloc_retries', '')} | {_mib(measured['device']['context_bytes'])} "
+                     f"| {end} |")
     return "\n".join(lines) + "\n"
 
 
