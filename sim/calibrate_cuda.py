@@ -36,7 +36,8 @@ class Status(Enum):
     """What became of one configuration on the measured side."""
 
     MEASURED = "measured"
-    SKIPPED = "skipped"
+    SKIPPED = "skipped"  # a requirement is missing: flash-attn or peft, memory
+    FAILED = "failed"  # the child failed or ran out of time; the reason is its last line
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,10 +206,6 @@ def describe(config: CudaConfig) -> str:
     if config.lora_r:
         parts.append(f"lora{config.lora_r}/p{config.lora_dropout}")
     return " ".join(parts)
-
-
-class MeasureError(RuntimeError):
-    """The measured side could not run (torch missing, no CUDA, or the child failed)."""
 
 
 # ---- the simulated side ------------------------------------------------------------------------------------
@@ -554,18 +551,23 @@ def cuda_unavailable_reason(python: str | None = None) -> str | None:
 
 def measure(config: CudaConfig, snapshot_path: Path | None, python: str | None = None,
             timeout_s: float = 600.0) -> dict:
-    """Run the measured side of `config` in a child Python process; its result with the child's wall_s."""
+    """Run the measured side of `config` in a child Python process; its result with the child's wall_s, or a
+    failed one with the child's last line (one configuration's failure does not end the run)."""
     request = {"config": config_to_json(config), "snapshot_path": str(snapshot_path) if snapshot_path else None}
     started = time.monotonic()
-    proc = subprocess.run([python or sys.executable, "-c", "import sim.calibrate_cuda as c; c.child_main()"],
-                          input=json.dumps(request), capture_output=True, text=True, env=_child_env(),
-                          timeout=timeout_s, check=False)
+    try:
+        proc = subprocess.run([python or sys.executable, "-c", "import sim.calibrate_cuda as c; c.child_main()"],
+                              input=json.dumps(request), capture_output=True, text=True, env=_child_env(),
+                              timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        return {"status": Status.FAILED.value, "reason": f"no result within {timeout_s:.0f} s",
+                "wall_s": round(time.monotonic() - started, 1)}
+    wall_s = round(time.monotonic() - started, 1)
     for line in proc.stdout.splitlines():
         if line.startswith(_RESULT_MARK):
-            result = json.loads(line[len(_RESULT_MARK):])
-            result["wall_s"] = round(time.monotonic() - started, 1)
-            return result
-    raise MeasureError(f"{config.name}: measuring child failed (exit {proc.returncode}): {_last_line(proc)}")
+            return {**json.loads(line[len(_RESULT_MARK):]), "wall_s": wall_s}
+    return {"status": Status.FAILED.value, "reason": f"child exit {proc.returncode}: {_last_line(proc)}",
+            "wall_s": wall_s}
 
 
 # ---- comparison ----------------------------------------------------------------------------------------------
@@ -666,9 +668,9 @@ def format_markdown(rows: list[dict], command: str) -> str:
         config, measured = config_from_json(row["config"]), row["measured"]
         loss = f"{measured['loss']:.4f}" if "loss" in measured else ""
         end = _mib(measured["end_non_pytorch_bytes"]) if "end_non_pytorch_bytes" in measured else ""
+        context = _mib(measured["device"]["context_bytes"]) if "device" in measured else ""
         lines.append(f"| {config.name} | {config.factor} | {describe(config)} | {measured.get('wall_s', '')} "
-                     f"| {loss} | {measured.get('alloc_retries', '')} | {_mib(measured['device']['context_bytes'])} "
-                     f"| {end} |")
+                     f"| {loss} | {measured.get('alloc_retries', '')} | {context} | {end} |")
     return "\n".join(lines) + "\n"
 
 

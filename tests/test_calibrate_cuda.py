@@ -297,3 +297,20 @@ def test_measure_only_then_compare(tmp_path, monkeypatch, capsys):
     compared = tmp_path / "compared.json"
     assert main(["calibrate", "--device", "cuda", "--measurements", str(measured_json), "--json", str(compared)]) == 0
     assert "simulated" in json.loads(compared.read_text())[0]
+
+
+def test_a_failing_child_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    """The real child on this CPU-only machine fails at its first CUDA call (or at importing torch): the row is
+    recorded as failed with the child's last line, the next configuration is still tried, and the exit code is 1."""
+    monkeypatch.setattr(cc, "cuda_unavailable_reason", lambda python=None: None)
+    out_json = tmp_path / "rows.json"
+    assert main(["calibrate", "--device", "cuda", "--config", "tiny_base", "--config", "tiny_llama",
+                 "--json", str(out_json)]) == 1
+    rows = json.loads(out_json.read_text())
+    assert [r["config"]["name"] for r in rows] == ["tiny_base", "tiny_llama"]
+    for row in rows:
+        assert row["measured"]["status"] == "failed" and row["measured"]["reason"].startswith("child exit 1: ")
+        assert "simulated" not in row
+    captured = capsys.readouterr()
+    assert "| tiny_base | failed: child exit 1: " in captured.out
+    assert "failed: tiny_base, tiny_llama" in captured.err
