@@ -83,12 +83,12 @@ class CudaConfig:
 
     def model_states_bytes(self) -> int:
         """Weights, gradients and AdamW's two moments (in the trainable parameters' dtype) after one step."""
-        width = self.weights_itemsize()
+        width = self.weight_element_bytes()
         trainable = self.lora_parameters() if self.lora_r else self.parameters()
         trainable_width = 4 if self.lora_r else width  # PEFT keeps adapters in fp32 (autocast_adapter_dtype)
         return self.parameters() * width + self.lora_parameters() * 4 + 3 * trainable * trainable_width
 
-    def weights_itemsize(self) -> int:
+    def weight_element_bytes(self) -> int:
         """Bytes per weight element."""
         return {DType.FLOAT32: 4, DType.BFLOAT16: 2}[self.weights]
 

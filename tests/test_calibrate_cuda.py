@@ -71,10 +71,12 @@ def test_parameter_count_hand_derived():
     ("NVIDIA L4", 23_580_639_232, None),
 ])
 def test_catalog_device_by_measured_name(name, total_bytes, entry):
+    """H100, H200 and the 80 GB A100 have catalog entries; other GPUs (a 40 GB A100, an L4) none."""
     assert cc.catalog_device(name, total_bytes) == entry
 
 
 def test_unknown_gpu_is_an_inline_device_with_the_measured_memory():
+    """A GPU without a catalog entry simulates as an inline device carrying the measured context."""
     device = {"name": "NVIDIA L4", "total_bytes": 23_580_639_232, "context_bytes": 300 << 20}
     simulated = cc.simulate(cc.config_by_name("tiny_base"), VERSIONS, device)
     assert simulated["device"] == "NVIDIA L4"
@@ -82,6 +84,7 @@ def test_unknown_gpu_is_an_inline_device_with_the_measured_memory():
 
 
 def test_config_json_round_trip():
+    """The JSON form of every configuration reads back to the same configuration (enums included)."""
     for config in cc.CUDA_CONFIGS:
         assert cc.config_from_json(json.loads(json.dumps(cc.config_to_json(config)))) == config
 
@@ -115,12 +118,14 @@ def test_cuda_without_cuda_is_one_line_exit_2(capsys):
     ["calibrate", "--device", "cuda", "--measurements", "does-not-exist.json"],
 ])
 def test_bad_options_are_one_line_exit_2(argv, capsys):
+    """Options of the other device, an unknown configuration, conflicting or missing inputs: one line, exit 2."""
     assert main(argv) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
 # ---- comparison and formatting from a recorded measurement ----------------------------------------------------
 def _phase(start: int, most: int, used: int) -> dict:
+    """A recorded phase starting at `start` bytes, peaking at `most` (reserved 2 MiB above), `used` at its end."""
     return {"start_allocated_bytes": start, "start_reserved_bytes": start, "max_allocated_bytes": most,
             "max_reserved_bytes": most + (2 << 20), "end_allocated_bytes": start, "end_reserved_bytes": most,
             "end_device_used_bytes": used, "alloc_retries": 0}
@@ -140,6 +145,7 @@ def _fixture_rows() -> list[dict]:
 
 
 def test_overall_takes_the_largest_phase():
+    """The run's maxima are the largest of its phases', build and inputs included."""
     measured = _fixture_rows()[0]["measured"]
     assert measured["max_allocated_bytes"] == 72 << 20 and measured["max_reserved_bytes"] == 74 << 20
     assert measured["max_device_used_bytes"] == 690 << 20 and measured["alloc_retries"] == 0
@@ -173,6 +179,7 @@ def test_compare_from_recorded_measurements(tmp_path, capsys):
 
 
 def test_measurements_of_one_configuration(tmp_path, capsys):
+    """--config picks rows of a recorded JSON; a configuration it does not hold is one line, exit 2."""
     recorded = tmp_path / "measured.json"
     recorded.write_text(json.dumps(_fixture_rows()))
     assert main(["calibrate", "--device", "cuda", "--measurements", str(recorded), "--config", "q05_fa2_2k"]) == 0
@@ -188,16 +195,20 @@ class ScriptedProbe:
     device_type = "cpu"
 
     def __init__(self) -> None:
+        """An empty log."""
         self.log: list[str] = []
         self.calls = 0
 
     def synchronize(self) -> None:
+        """Log it."""
         self.log.append("sync")
 
     def reset_peak(self) -> None:
+        """Log it."""
         self.log.append("reset")
 
     def stats(self) -> dict[str, int]:
+        """The next scripted statistics."""
         self.calls += 1
         self.log.append("stats")
         k = self.calls
@@ -205,11 +216,13 @@ class ScriptedProbe:
                 "max_reserved": 10 * k + 6, "alloc_retries": k}
 
     def device_used_bytes(self) -> int:
+        """1000 + the number of stats calls so far."""
         self.log.append("used")
         return 1000 + self.calls
 
 
 def test_phase_recorder_reads_at_entry_and_exit():
+    """Entry: synchronise, reset the peaks, read the start; exit: synchronise, read the peaks, then the device use."""
     probe = ScriptedProbe()
     recorder = cc.PhaseRecorder(probe)
     with recorder.phase("forward"):
@@ -234,7 +247,9 @@ def test_child_step_bounds_its_phases_on_the_cpu(name, monkeypatch):
     step, zero_grad = torch.optim.AdamW.step, torch.optim.AdamW.zero_grad
 
     def logged(label, fn):
+        """`fn`, logging `label` (marked when autocast is on) into the probe's log first."""
         def wrapper(*args, **kwargs):
+            """Log, then call."""
             probe.log.append(label + (":autocast" if torch.is_autocast_enabled("cpu") else ""))
             return fn(*args, **kwargs)
         return wrapper
@@ -251,6 +266,7 @@ def test_child_step_bounds_its_phases_on_the_cpu(name, monkeypatch):
     assert len(entries) == len(exits) == 5
 
     def work(start: int, end: int) -> list[str]:
+        """The step's own calls logged between two positions."""
         return [e for e in probe.log[start:end] if e not in ("sync", "reset", "stats", "used")]
 
     amp = ":autocast" if cc.config_by_name(name).bf16 else ""
@@ -277,10 +293,12 @@ def test_measure_only_then_compare(tmp_path, monkeypatch, capsys):
     asked = []
 
     def fake_measure(config, snapshot_path, python=None):
+        """The recorded measurement of `config`, noting what was asked."""
         asked.append((config.name, snapshot_path))
         return recorded[config.name]
 
     def no_simulation(*args):
+        """Fails the test if called."""
         raise AssertionError("--measure-only must not simulate")
 
     monkeypatch.setattr(cc, "cuda_unavailable_reason", lambda python=None: None)
