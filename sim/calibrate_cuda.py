@@ -405,12 +405,12 @@ def run_step(config: CudaConfig, probe: MemoryProbe) -> tuple[dict, float]:
     """Build, then one training step with its phases recorded through `probe`; (phases, loss). Imports torch."""
     import torch
 
-    from sim.calibrate import _optimizer  # Trainer.create_optimizer's groups, shared with the CPU calibration
+    from sim.calibrate import trainer_optimizer  # Trainer.create_optimizer, shared with the CPU calibration
 
     recorder = PhaseRecorder(probe)
     with recorder.phase("build"):
         model = build_model(config, probe.device_type)
-        optimizer = _optimizer(model)
+        optimizer = trainer_optimizer(model)
     with recorder.phase("inputs"):
         generator = torch.Generator().manual_seed(1)
         input_ids = torch.randint(0, config.vocab, (config.batch, config.seq), generator=generator)
