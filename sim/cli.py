@@ -184,8 +184,9 @@ def _calibrate_cuda(args: argparse.Namespace) -> int:
     for flag, value in (("--ci", args.ci), ("--max-error", args.max_error is not None)):
         if value:
             raise ScenarioError(f"{flag}: only with --device cpu")
-    if args.measure_only and args.measurements:
-        raise ScenarioError("--measure-only: not with --measurements (which compares what was measured)")
+    if args.measurements and (args.measure_only or args.snapshot_dir):
+        flag = "--measure-only" if args.measure_only else "--snapshot-dir"
+        raise ScenarioError(f"{flag}: not with --measurements (which compares what was measured before)")
     known = [c.name for c in cc.CUDA_CONFIGS]
     unknown = [n for n in args.configs if n not in known]
     if unknown:

@@ -124,6 +124,7 @@ def test_cuda_without_cuda_is_one_line_exit_2(capsys):
     ["calibrate", "--device", "cuda", "--ci"],
     ["calibrate", "--device", "cuda", "--config", "nope"],
     ["calibrate", "--device", "cuda", "--measure-only", "--measurements", "x.json"],
+    ["calibrate", "--device", "cuda", "--snapshot-dir", ".", "--measurements", "x.json"],
     ["calibrate", "--device", "cuda", "--measurements", "does-not-exist.json"],
 ])
 def test_bad_options_are_one_line_exit_2(argv, capsys):
