@@ -36,13 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "(exit 1 when a configuration's child failed)")
     cal.add_argument("--config", dest="configs", action="append", default=[], metavar="NAME",
                      help="run only this configuration (repeatable); default: all, see --list")
-    cal.add_argument("--ci", action="store_true", help="the representative subset the CI tests run")
+    cal.add_argument("--ci", action="store_true", help="cpu: the representative subset the CI tests run")
     cal.add_argument("--list", action="store_true", help="list the configurations and exit")
     cal.add_argument("--json", dest="json_path", metavar="PATH", help="write the rows as JSON")
     cal.add_argument("--markdown", dest="markdown_path", metavar="PATH",
-                     help="write the table as Markdown with versions and hardware (validation/cpu-calibration.md)")
+                     help="write the table as Markdown with versions and hardware "
+                          "(validation/cpu-calibration.md, validation/cuda/cuda-calibration.md)")
     cal.add_argument("--max-error", type=float, default=None, metavar="FRACTION",
-                     help="exit 1 when any per-phase |relative error| exceeds this (e.g. 0.03)")
+                     help="cpu: exit 1 when any per-phase |relative error| exceeds this (e.g. 0.03)")
     cal.add_argument("--python", default=None, metavar="PATH",
                      help="interpreter with torch/transformers/peft for the measured side (default: this one)")
     cal.add_argument("--snapshot-dir", metavar="PATH",
