@@ -1,4 +1,4 @@
-"""The CUDA calibration on the CPU (sim/calibrate_cuda.py): everything that does not need a GPU.
+"""The CUDA calibration on the CPU (sim/calibrate_cuda.py, sim/calibrate_cuda_child.py): all that needs no GPU.
 
 The configurations' scenarios, the command line without CUDA, the comparison and its formatting from a recorded
 measurement (a hand-written fixture, not data), and the child's phase bounding through a substitute probe.
@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from sim import calibrate_cuda as cc
+from sim import calibrate_cuda_child as child
 from sim.cli import main
 from sim.report import summarize
 from sim.scenario import build_scenario
@@ -147,7 +148,7 @@ def _fixture_rows() -> list[dict]:
               "forward": _phase(1 << 20, 40 << 20, 650 << 20), "backward": _phase(2 << 20, 70 << 20, 680 << 20),
               "optimizer": _phase(2 << 20, 72 << 20, 690 << 20)}
     measured = {"status": "measured", "device": H100, "versions": VERSIONS, "phases": phases, "loss": 6.94,
-                "end_non_pytorch_bytes": 600 << 20, "wall_s": 9.5, **cc.overall(phases)}
+                "end_non_pytorch_bytes": 600 << 20, "wall_s": 9.5, **child.overall(phases)}
     skipped = {"status": "skipped", "reason": "flash_attention_2 needs the flash-attn package, which is not installed",
                "device": H100, "versions": VERSIONS, "wall_s": 6.0}
     return [{"config": cc.config_to_json(cc.config_by_name(n)), "measured": m}
@@ -234,7 +235,7 @@ class ScriptedProbe:
 def test_phase_recorder_reads_at_entry_and_exit():
     """Entry: synchronise, reset the peaks, read the start; exit: synchronise, read the peaks, then the device use."""
     probe = ScriptedProbe()
-    recorder = cc.PhaseRecorder(probe)
+    recorder = child.PhaseRecorder(probe)
     with recorder.phase("forward"):
         probe.log.append("work")
     assert probe.log == ["sync", "reset", "stats", "work", "sync", "stats", "used"]
@@ -268,7 +269,7 @@ def test_child_step_bounds_its_phases_on_the_cpu(name, monkeypatch):
     monkeypatch.setattr(torch.Tensor, "backward", logged("backward", backward))
     monkeypatch.setattr(torch.optim.AdamW, "step", logged("step", step))
     monkeypatch.setattr(torch.optim.AdamW, "zero_grad", logged("zero_grad", zero_grad))
-    phases, loss = cc.run_step(cc.config_by_name(name), probe)
+    phases, loss = child.run_step(cc.config_by_name(name), probe)
     assert list(phases) == ["build", "inputs", "forward", "backward", "optimizer"]
     assert abs(loss - math.log(1000)) < 0.1  # random init: about ln(vocab)
     entries = [i for i, entry in enumerate(probe.log) if entry == "reset"]
@@ -292,7 +293,7 @@ def testoutputs_to_fp32_copies_half_tensors_only():
     """accelerate's convertoutputs_to_fp32 as the child applies it: bf16 logits become fp32, the fp32 loss stays."""
     torch = pytest.importorskip("torch")
     loss, logits = torch.tensor(1.0), torch.ones(2, 3, dtype=torch.bfloat16)
-    out = cc.outputs_to_fp32({"loss": loss, "logits": logits})
+    out = child.outputs_to_fp32({"loss": loss, "logits": logits})
     assert out["loss"] is loss and out["logits"].dtype is torch.float32
 
 
