@@ -345,3 +345,18 @@ def test_a_failing_child_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch, 
     captured = capsys.readouterr()
     assert "| tiny_base | failed: child exit 1: " in captured.out
     assert "failed: tiny_base, tiny_llama" in captured.err
+
+
+def test_measure_only_needs_neither_pydantic_nor_numpy(tmp_path):
+    """The lent GPU machine's Python lacks pydantic: --measure-only (child substituted) runs with both blocked."""
+    out = tmp_path / "m.json"
+    code = ("import sys; sys.modules['pydantic'] = sys.modules['numpy'] = None\n"
+            "from sim import calibrate_cuda as cc\n"
+            "cc.cuda_unavailable_reason = lambda python=None: None\n"
+            "cc.measure = lambda config, snapshot, python=None: {'status': 'skipped', 'reason': 'r', 'wall_s': 1.0}\n"
+            "from sim.cli import main\n"
+            f"sys.exit(main(['calibrate', '--device', 'cuda', '--measure-only', '--json', {str(out)!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(out.read_text())) == len(cc.CUDA_CONFIGS)
