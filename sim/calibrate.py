@@ -193,9 +193,9 @@ def _build(config: Config):
     return model
 
 
-def _optimizer(model):
-    """Trainer.create_optimizer: torch AdamW (foreach=None: the for-loop on CPU tensors) over a weight-decay
-    group and a no-decay group (biases and norm weights), Trainer.get_decay_parameter_names' rule."""
+def trainer_optimizer(model):
+    """Trainer.create_optimizer: torch AdamW (foreach=None: the for-loop on CPU tensors, foreach on CUDA ones)
+    over a weight-decay group and a no-decay group (biases and norm weights), Trainer.get_decay_parameter_names'."""
     import re
 
     import torch
@@ -221,7 +221,7 @@ def measure_in_process(config: Config) -> dict:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
         with mark("build"):
             model = _build(config)
-            optimizer = _optimizer(model)
+            optimizer = trainer_optimizer(model)
         with mark("inputs"):
             generator = torch.Generator().manual_seed(1)
             input_ids = torch.randint(0, config.vocab, (config.batch, config.seq), generator=generator)

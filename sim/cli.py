@@ -30,18 +30,28 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--fail-on-oom", action="store_true")
     cat = sub.add_parser("catalog", help="list catalog models and hardware")
     cat.add_argument("kind", nargs="?", choices=["models", "hardware"])
-    cal = sub.add_parser("calibrate", help="measure real HF training steps on the CPU (torch) against the simulator")
+    cal = sub.add_parser("calibrate", help="measure real HF training steps (torch, CPU or CUDA) against the simulator")
+    cal.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                     help="cpu (default): byte-exact CPU steps; cuda: torch.cuda's per-phase peaks on this GPU "
+                          "(exit 1 when a configuration's child failed)")
     cal.add_argument("--config", dest="configs", action="append", default=[], metavar="NAME",
                      help="run only this configuration (repeatable); default: all, see --list")
-    cal.add_argument("--ci", action="store_true", help="the representative subset the CI tests run")
+    cal.add_argument("--ci", action="store_true", help="cpu: the representative subset the CI tests run")
     cal.add_argument("--list", action="store_true", help="list the configurations and exit")
     cal.add_argument("--json", dest="json_path", metavar="PATH", help="write the rows as JSON")
     cal.add_argument("--markdown", dest="markdown_path", metavar="PATH",
-                     help="write the table as Markdown with versions and hardware (validation/cpu-calibration.md)")
+                     help="write the table as Markdown with versions and hardware "
+                          "(validation/cpu-calibration.md, validation/cuda/cuda-calibration.md)")
     cal.add_argument("--max-error", type=float, default=None, metavar="FRACTION",
-                     help="exit 1 when any per-phase |relative error| exceeds this (e.g. 0.03)")
+                     help="cpu: exit 1 when any per-phase |relative error| exceeds this (e.g. 0.03)")
     cal.add_argument("--python", default=None, metavar="PATH",
                      help="interpreter with torch/transformers/peft for the measured side (default: this one)")
+    cal.add_argument("--snapshot-dir", metavar="PATH",
+                     help="cuda: pickle torch.cuda.memory._snapshot() of each configuration here (memory_viz)")
+    cal.add_argument("--measure-only", action="store_true",
+                     help="cuda: record the measured side only (a GPU machine without the simulator's dependencies)")
+    cal.add_argument("--measurements", metavar="PATH",
+                     help="cuda: compare the measurements recorded in this JSON (--json's) instead of measuring")
     val = sub.add_parser("validate", help="simulate every published measurement under validation/ and compare")
     val.add_argument("--source", default=None, metavar="NAME",
                      help="only the points of this source (a folder of validation/)")
@@ -126,6 +136,12 @@ def _calibrate(args: argparse.Namespace) -> int:
     """Measured (torch on the CPU, in a child process) vs simulated per-phase peaks; see sim/calibrate.py."""
     from sim import calibrate
 
+    if args.device == "cuda":
+        return _calibrate_cuda(args)
+    for flag, value in (("--snapshot-dir", args.snapshot_dir), ("--measure-only", args.measure_only),
+                        ("--measurements", args.measurements)):
+        if value:
+            raise ScenarioError(f"{flag}: only with --device cuda")
     if args.list:
         for config in calibrate.CONFIGS:
             subset = " [ci]" if config.name in calibrate.CI_SUBSET else ""
@@ -157,6 +173,74 @@ def _calibrate(args: argparse.Namespace) -> int:
     if args.max_error is not None and any(calibrate.max_abs_error(r) > args.max_error for r in rows):
         return EXIT_OOM  # 1: outside the tolerance
     return EXIT_OK
+
+
+def _calibrate_cuda(args: argparse.Namespace) -> int:
+    """Measured (torch.cuda, one child process per configuration) vs simulated; see sim/calibrate_cuda.py."""
+    from sim import calibrate_cuda as cc
+
+    if args.list:
+        print("\n".join(cc.list_lines()))
+        return EXIT_OK
+    for flag, value in (("--ci", args.ci), ("--max-error", args.max_error is not None)):
+        if value:
+            raise ScenarioError(f"{flag}: only with --device cpu")
+    if args.measurements and (args.measure_only or args.snapshot_dir):
+        flag = "--measure-only" if args.measure_only else "--snapshot-dir"
+        raise ScenarioError(f"{flag}: not with --measurements (which compares what was measured before)")
+    known = [c.name for c in cc.CUDA_CONFIGS]
+    unknown = [n for n in args.configs if n not in known]
+    if unknown:
+        raise ScenarioError(f"--config: unknown configuration {unknown[0]!r} (see --device cuda --list)")
+    for flag, path in (("--json", args.json_path), ("--markdown", args.markdown_path)):
+        if path and not Path(path).resolve().parent.is_dir():
+            raise ScenarioError(f"{flag}: output directory does not exist: {str(Path(path).parent)!r}")
+    if args.snapshot_dir and not Path(args.snapshot_dir).is_dir():
+        raise ScenarioError(f"--snapshot-dir: not a directory: {args.snapshot_dir!r}")
+    if args.measurements:
+        recorded = _recorded_measurements(Path(args.measurements))
+        names = list(args.configs) or [n for n in known if n in recorded]
+        missing = [n for n in names if n not in recorded]
+        if missing:
+            raise ScenarioError(f"--measurements: no measurement of {missing[0]!r} in {args.measurements!r}")
+        pending = [(cc.config_by_name(n), recorded[n]) for n in names]
+    else:
+        reason = cc.cuda_unavailable_reason(args.python)
+        if reason is not None:
+            raise ScenarioError(f"calibrate --device cuda: {reason}")
+        pending = [(cc.config_by_name(n), None) for n in (list(args.configs) or known)]
+    rows = []
+    for config, measured in pending:
+        if measured is None:
+            print(f"measuring {config.name} ...", file=sys.stderr, flush=True)
+            snapshot = Path(args.snapshot_dir) / f"{config.name}.pickle" if args.snapshot_dir else None
+            measured = cc.measure(config, snapshot, args.python)
+        rows.append({"config": cc.config_to_json(config), "measured": measured} if args.measure_only
+                    else cc.compare(config, measured))
+        if args.json_path:  # after every configuration: a run cut short keeps what it measured
+            _write_atomic(Path(args.json_path), (json.dumps(rows, indent=2) + "\n").encode())
+    print(cc.format_table(rows))
+    if args.markdown_path:
+        command = "python -m sim calibrate --device cuda" + "".join(f" --config {n}" for n in args.configs)
+        if args.measurements:
+            command += f" --measurements {args.measurements}"
+        _write_atomic(Path(args.markdown_path), cc.format_markdown(rows, command).encode())
+    failed = [r["config"]["name"] for r in rows if r["measured"]["status"] == cc.Status.FAILED.value]
+    if failed:
+        print(f"failed: {', '.join(failed)} (reasons in the table)", file=sys.stderr)
+        return EXIT_OOM  # 1: a configuration's child failed
+    return EXIT_OK
+
+
+def _recorded_measurements(path: Path) -> dict[str, dict]:
+    """{configuration name: measured side} from a JSON that --json wrote; a bad file is one line."""
+    try:
+        rows = json.loads(path.read_text())
+        return {row["config"]["name"]: row["measured"] for row in rows}
+    except OSError as exc:
+        raise ScenarioError(f"--measurements: cannot read {str(path)!r}: {exc.strerror}") from None
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ScenarioError(f"--measurements: {str(path)!r} is not a calibrate --device cuda JSON ({exc!r})") from None
 
 
 def _validate(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ import pytest
 
 SIM = Path(__file__).resolve().parents[1] / "sim"
 SCHEMA = {"sim.scenario", "sim.catalog", "sim.resolve", "sim.simulate", "sim.report", "sim.cli", "sim.calibrate",
+          "sim.calibrate_cuda", "sim.calibrate_cuda_child",
           "sim.plot", "sim.validate"}  # the schema and the floors above it
 MODELLING = ("sim.workload", "sim.schedule", "sim.parallel")
 
