@@ -14,8 +14,10 @@ from typing import ClassVar
 from sim.ops import Phase
 from sim.vocab import DType
 from sim.workload import primitives as P
+from sim.workload.amp import convert_outputs
 from sim.workload.checkpoint import checkpoint
 from sim.workload.context import RunContext
+from sim.workload.loss import lm_head_loss
 from sim.workload.modules import Linear, rms_norm
 from sim.workload.tape import Param, Tensor
 
@@ -130,6 +132,17 @@ class Decoder(ABC):
             hidden = out
         tp.layer = None
         return hidden
+
+    def loss_and_return(self, ctx: RunContext, lm_head: Param, normed: Tensor, labels: Tensor) -> Tensor:
+        """The LM head and the loss on the final norm's output (which it takes over), then what ends the forward
+        in Trainer.compute_loss: accelerate's fp32 output copies, the output's KV cache and autocast's cast cache
+        dropped; returns the loss."""
+        loss = lm_head_loss(ctx, lm_head, normed, labels)
+        ctx.tape.drop(normed)
+        convert_outputs(ctx)
+        ctx.release_kv_cache()
+        ctx.clear_cast_cache()
+        return loss
 
 
 def _module_of(param: Param) -> str:

@@ -11,11 +11,9 @@ from sim.ops import Category
 from sim.plan import LoraPlan, ModelShape
 from sim.vocab import AttnImplementation, DType, ModelType
 from sim.workload import primitives as P
-from sim.workload.amp import convert_outputs
 from sim.workload.behaviour import KvCache, Rotary, SdpaContiguous
 from sim.workload.context import RunContext
 from sim.workload.decoder import Decoder, DecoderLayer
-from sim.workload.loss import lm_head_loss
 from sim.workload.modules import apply_linear, in_module, make_linear, make_param, maybe_saved_copy, rms_norm
 from sim.workload.tape import Param, Tensor
 
@@ -130,12 +128,7 @@ class HfDecoder(Decoder):
         hidden = self.run_layers(ctx, model.layers, embeds, mask, rotary, extra, checkpointing)
         normed = rms_norm(ctx, "model.norm", hidden, model.norm)
         tp.drop(hidden, mask, *(rotary or ()))  # locals of XModel.forward, released when it returns
-        loss = lm_head_loss(ctx, model.lm_head, normed, labels)
-        tp.drop(normed)
-        convert_outputs(ctx)
-        ctx.release_kv_cache()
-        ctx.clear_cast_cache()
-        return loss
+        return self.loss_and_return(ctx, model.lm_head, normed, labels)
 
     # ---- slots ------------------------------------------------------------------------------------------------
     def layer_mask(self, ctx: RunContext, layer: DecoderLayer, mask: Tensor | None) -> Tensor | None:

@@ -11,11 +11,9 @@ from sim.ops import Category
 from sim.plan import LoraPlan
 from sim.vocab import AttnImplementation, DType
 from sim.workload import primitives as P
-from sim.workload.amp import convert_outputs
 from sim.workload.context import RunContext
 from sim.workload.decoder import Decoder, DecoderLayer
 from sim.workload.hf_decoder import apply_rotary
-from sim.workload.loss import lm_head_loss
 from sim.workload.modules import apply_linear, in_module, make_linear, make_param, maybe_saved_copy, rms_norm
 from sim.workload.tape import Param, Tensor
 
@@ -98,12 +96,7 @@ class Qwen1(Decoder):
         hidden = self.run_layers(ctx, model.blocks, embeds, mask, rotary, [mask], checkpointing)
         normed = rms_norm(ctx, "transformer.ln_f", hidden, model.ln_f)
         tp.drop(hidden, mask)
-        loss = lm_head_loss(ctx, model.lm_head, normed, labels)
-        tp.drop(normed)
-        convert_outputs(ctx)
-        ctx.release_kv_cache()
-        ctx.clear_cast_cache()
-        return loss
+        return self.loss_and_return(ctx, model.lm_head, normed, labels)
 
     # ---- slots ---------------------------------------------------------------------------------------------------
     def attention(self, ctx: RunContext, layer: DecoderLayer, x: Tensor, mask: Tensor | None,
