@@ -7,7 +7,7 @@ import numpy as np
 from sim.allocator.event_log import AllocatorEventLog
 from sim.engine import EngineResult
 from sim.ops import PHASES, STREAMS, Phase, Schedule
-from sim.plan import Plan
+from sim.plan import Holder, Plan
 from sim.scenario import Scenario
 from sim.schedule import BuiltSchedule
 from sim.units import format_bytes, format_count, us_to_seconds
@@ -26,14 +26,22 @@ class Run:
     plan: Plan
     built: BuiltSchedule
     engine: EngineResult
-    non_pytorch_bytes: int
     allocator: object = None  # the backend after the run (its statistics)
-    nccl_bytes: int = 0  # NCCL's buffers, part of non_pytorch_bytes
     event_log: AllocatorEventLog | None = None  # the caching allocator's trace entries, placed in time (if asked)
 
     @property
     def schedule(self) -> Schedule:
         return self.built.schedule
+
+    @property
+    def non_pytorch_bytes(self) -> int:
+        """What the device runtime holds outside PyTorch's statistics (CUDA context, NCCL's buffers)."""
+        return self.plan.runtime.non_pytorch_bytes()
+
+    @property
+    def nccl_bytes(self) -> int:
+        """NCCL's buffers, part of non_pytorch_bytes."""
+        return self.plan.runtime.non_pytorch_bytes(Holder.NCCL)
 
 
 def _op_fields(run: Run, op_index: int) -> dict:

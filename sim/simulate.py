@@ -7,7 +7,7 @@ from sim.allocator import make_allocator
 from sim.allocator.event_log import AllocatorEventLog
 from sim.cost import CostModel
 from sim.engine import Engine
-from sim.plan import Holder, Plan
+from sim.plan import Plan
 from sim.report import Run
 from sim.resolve import resolve_plan
 from sim.scenario import Scenario
@@ -50,5 +50,4 @@ def run_built(scenario: Scenario, plan: Plan, built: BuiltSchedule, repeat: bool
     cost = CostModel(device, plan.compute_dtype, plan.world.gpus_per_node, plan.world.nodes, plan.nccl.version,
                      plan.nccl.channels)
     result = Engine(built.schedule, allocator, cost, repeat).run()
-    return Run(scenario, plan, built, result, non_pytorch, allocator, plan.runtime.non_pytorch_bytes(Holder.NCCL),
-               event_log)
+    return Run(scenario, plan, built, result, allocator, event_log)

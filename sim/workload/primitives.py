@@ -373,19 +373,10 @@ def _softmax_backward(tp: Tape, node: Node, grad: Tensor) -> list:
 
 
 def log_softmax(tp: Tape, name: str, x: Tensor, dtype: DType | None = None) -> Tensor:
-    """F.log_softmax(x, -1, dtype): like softmax, ATen converts a bf16 input to `dtype` first (a copy; only
-    Half→Float has a fused half_to_float kernel, aten/src/ATen/native/SoftMax.cpp log_softmax); _log_softmax saves
-    its output and _log_softmax_backward_data allocates the grad input in the input's dtype."""
-    source = x
-    if dtype is not None and dtype is not x.dtype and x.dtype is not DType.FLOAT16:
-        x = to_dtype(tp, f"{name}.to", x, dtype)
-    out_dtype = dtype or x.dtype
-    tp.op(name, flops=5 * x.numel, bytes_moved=x.numel * (x.dtype.size_bytes + out_dtype.size_bytes))
-    out = tp.empty(f"{name}.out", x.numel, out_dtype)
-    node = tp.record(name, [x], [out], _softmax_backward, numel=x.numel, dtype=x.dtype)
-    if x is not source:
-        tp.drop(x)
-    return tp.output(out, node)
+    """F.log_softmax(x, -1, dtype): the same buffers as softmax (aten/src/ATen/native/SoftMax.cpp log_softmax: the
+    bf16 input converted to `dtype` first; _log_softmax saves its output, _log_softmax_backward_data allocates the
+    grad input in the input's dtype)."""
+    return softmax(tp, name, x, dtype)
 
 
 def nll_loss(tp: Tape, name: str, log_probs: Tensor, target: Tensor) -> Tensor:
