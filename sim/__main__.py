@@ -12,12 +12,12 @@ import sys
 
 gc.disable()
 
-from sim.cli import main  # noqa: E402
-
 try:
-    code = main()
-    sys.stdout.flush()
-except BrokenPipeError:  # the reader went away (`| head`): nothing left to say
-    code = 0
+    from sim.cli import console
+except KeyboardInterrupt:  # Ctrl-C while the command line loads, before it can take it (sim.cli.console)
+    print("interrupted", file=sys.stderr)
+    os._exit(130)
+
+code = console()
 sys.stderr.flush()
 os._exit(code)

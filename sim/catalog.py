@@ -1,13 +1,12 @@
-"""Finds the data directories models/, hardware/ and scenarios/ (checkout or installed wheel) and their entries."""
+"""Finds the data directories models/, hardware/ and scenarios/ (checkout or installed wheel) and their entries;
+`load_yaml_mapping` (sim/ingest/files.py) is the one reader of every input file."""
 
-import json
 from functools import cache
 from importlib import resources
 from pathlib import Path
 
-import yaml
-
 from sim.errors import ScenarioError
+from sim.ingest.files import load_yaml_mapping
 
 _CHECKOUT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,31 +35,3 @@ def load_entry(kind: str, name: str, key_path: str) -> dict:
         known = ", ".join(names(kind))
         raise ScenarioError(f"{key_path}: unknown {kind} catalog name {name!r} (known: {known})")
     return load_yaml_mapping(path, key_path)
-
-
-def load_yaml_mapping(path: Path, key_path: str) -> dict:
-    """Parse a YAML (or JSON, a YAML subset) file that must hold a mapping."""
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ScenarioError(f"{key_path}: cannot read {str(path)!r}: {exc.strerror}") from None
-    if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ScenarioError(
-                f"{key_path}: {str(path)!r} is not valid JSON: line {exc.lineno} column {exc.colno}: {exc.msg}"
-            ) from None
-        if not isinstance(data, dict):
-            raise ScenarioError(f"{key_path}: {str(path)!r} must hold a mapping, got {type(data).__name__}")
-        return data
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "malformed"
-        raise ScenarioError(f"{key_path}: {str(path)!r} is not valid YAML/JSON:{where}: {problem}") from None
-    if not isinstance(data, dict):
-        raise ScenarioError(f"{key_path}: {str(path)!r} must hold a mapping, got {type(data).__name__}")
-    return data

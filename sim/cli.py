@@ -7,10 +7,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from sim import catalog
+from sim import __version__, catalog
 from sim.errors import ScenarioError
 
 EXIT_OK, EXIT_OOM, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a job stopped by Ctrl-C
 
 
 class _Parser(argparse.ArgumentParser):
@@ -21,6 +22,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m sim", description="GPU memory of LLM training, simulated op by op.")
+    parser.add_argument("--version", action="version", version=f"sim {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="simulate a scenario and print the verdict, peak and breakdown")
     run.add_argument("scenario")
@@ -58,6 +60,22 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--markdown", dest="markdown_path", metavar="PATH", help="also write the table as Markdown")
     val.add_argument("--json", dest="json_path", metavar="PATH", help="write the rows as JSON")
     return parser
+
+
+def console(argv: list[str] | None = None) -> int:
+    """The command line as a process runs it (`python -m sim` and the `sim` script): `main`, and the two ways a
+    user ends it early, each without a traceback. Output files are written atomically (`_write_atomic`), so an
+    interrupted run leaves none half-written."""
+    try:
+        code = main(argv)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:  # the reader went away (`| head`): point stdout at devnull so the exit flush is quiet
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def main(argv: list[str] | None = None) -> int:

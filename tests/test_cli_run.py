@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from sim import cli
 from sim.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,3 +79,41 @@ def test_catalog_lists_models_and_hardware() -> None:
     done = subprocess.run([sys.executable, "-m", "sim", "catalog"], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0
     assert "qwen1.5-32b" in done.stdout and "a800-sxm4-80gb" in done.stdout
+
+
+def test_version_prints_the_package_version() -> None:
+    out = subprocess.run([sys.executable, "-m", "sim", "--version"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=60)
+    assert out.returncode == 0 and out.stdout == "sim 0.1.0\n"
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys) -> None:
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "main", interrupted)
+    assert cli.console([]) == 130
+    captured = capsys.readouterr()
+    assert captured.err == "interrupted\n" and captured.out == ""
+
+
+def test_an_interrupted_run_writes_no_output_file(monkeypatch, tmp_path: Path) -> None:
+    # Ctrl-C while the JSON is being written (after the run): the atomic write leaves neither the file nor its temp
+    import os as os_module
+
+    def interrupted_fdopen(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os_module, "fdopen", interrupted_fdopen)
+    out = tmp_path / "result.json"
+    assert cli.console(["run", str(SCENARIOS[0]), *SMALL, "--json", str(out)]) == 130
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_closed_pipe_ends_quietly() -> None:
+    # `python -m sim run S | head -1` where head has gone before the summary is printed: no BrokenPipeError
+    # traceback, exit 0
+    run = subprocess.Popen([sys.executable, "-m", "sim", "run", str(SCENARIOS[0]), *SMALL], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, cwd=ROOT)
+    run.stdout.close()
+    assert run.wait(timeout=120) == 0 and run.stderr.read() == b""
