@@ -9,6 +9,7 @@ from pathlib import Path
 
 from sim import __version__, catalog
 from sim.errors import ScenarioError
+from sim.ingest.files import shown
 
 EXIT_OK, EXIT_OOM, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a job stopped by Ctrl-C
@@ -99,23 +100,55 @@ def _run(args: argparse.Namespace) -> int:
     from sim.simulate import run_scenario
 
     scenario = load_scenario(args.scenario, args.overrides)
-    for flag, path in (("--json", args.json_path), ("--plot", args.plot_path)):
-        if path and not Path(path).resolve().parent.is_dir():
-            raise ScenarioError(f"{flag}: output directory does not exist: {str(Path(path).parent)!r}")
-        if path and Path(path).is_dir():
-            raise ScenarioError(f"{flag}: {path!r} is a directory, not a file path")
+    _check_outputs(("--json", args.json_path), ("--plot", args.plot_path))
     run = run_scenario(scenario)
     result = summarize(run)
-    if args.json_path:
-        _write_atomic(Path(args.json_path), (json.dumps(result, indent=2) + "\n").encode())
-    if args.plot_path:
+    if args.json_path is not None:
+        _write_output("--json", Path(args.json_path), (json.dumps(result, indent=2) + "\n").encode())
+    if args.plot_path is not None:
         from sim.plot import render_memory_timeline
 
-        _write_atomic(Path(args.plot_path), render_memory_timeline(run, result))
+        _write_output("--plot", Path(args.plot_path), render_memory_timeline(run, result))
     print(format_summary(result, allocator_summary(run), run.built.model_states.host_bytes))
     if args.fail_on_oom and not result["fits"]:
         return EXIT_OOM
     return EXIT_OK
+
+
+def _check_outputs(*flags_and_paths: tuple[str, str | None]) -> None:
+    """Refuse, before the work, an output path given that cannot be written: empty, a directory, or in a directory
+    that does not exist or is not writable. A device or pipe that exists (`--json /dev/stdout`) is written in place."""
+    for flag, path in flags_and_paths:
+        if path is not None:
+            _check_output(flag, path)
+
+
+def _check_output(flag: str, path: str) -> None:
+    """One output path of `_check_outputs`."""
+    if not path:
+        raise ScenarioError(f"{flag}: empty path")
+    target = Path(path)
+    if target.is_dir():
+        raise ScenarioError(f"{flag}: {shown(path)} is a directory, not a file path")
+    if target.exists() and not target.is_file():
+        return
+    parent = target.resolve().parent
+    if not parent.is_dir():
+        raise ScenarioError(f"{flag}: output directory does not exist: {shown(str(target.parent))}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ScenarioError(f"{flag}: cannot write in directory {shown(str(parent))}")
+
+
+def _write_output(flag: str, path: Path, data: bytes) -> None:
+    """Write an output file atomically, or a device or pipe (`/dev/stdout`) directly; a failure is one line."""
+    try:
+        if path.exists() and not path.is_file():
+            with path.open("wb") as handle:
+                handle.write(data)
+        else:
+            _write_atomic(path, data)
+    except OSError as exc:
+        raise ScenarioError(f"{flag}: cannot write {shown(str(path))}: {exc.strerror}") from None
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -169,9 +202,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     unknown = [n for n in names if n not in calibrate.config_names()]
     if unknown:
         raise ScenarioError(f"--config: unknown configuration {unknown[0]!r} (see --list)")
-    for flag, path in (("--json", args.json_path), ("--markdown", args.markdown_path)):
-        if path and not Path(path).resolve().parent.is_dir():
-            raise ScenarioError(f"{flag}: output directory does not exist: {str(Path(path).parent)!r}")
+    _check_outputs(("--json", args.json_path), ("--markdown", args.markdown_path))
     if args.python is None and not calibrate.torch_available():
         raise ScenarioError("calibrate: torch and transformers are not installed; pip install '.[calibrate]'")
     rows = []
@@ -182,12 +213,12 @@ def _calibrate(args: argparse.Namespace) -> int:
         except calibrate.MeasureError as exc:
             raise ScenarioError(f"calibrate: {exc}") from None
     print(calibrate.format_table(rows))
-    if args.json_path:
-        _write_atomic(Path(args.json_path), (json.dumps(rows, indent=2) + "\n").encode())
-    if args.markdown_path:
+    if args.json_path is not None:
+        _write_output("--json", Path(args.json_path), (json.dumps(rows, indent=2) + "\n").encode())
+    if args.markdown_path is not None:
         command = "python -m sim calibrate" + "".join(f" --config {n}" for n in args.configs) + (
             " --ci" if args.ci and not args.configs else "")
-        _write_atomic(Path(args.markdown_path), calibrate.format_markdown(rows, command).encode())
+        _write_output("--markdown", Path(args.markdown_path), calibrate.format_markdown(rows, command).encode())
     if args.max_error is not None and any(calibrate.max_abs_error(r) > args.max_error for r in rows):
         return EXIT_OOM  # 1: outside the tolerance
     return EXIT_OK
@@ -210,9 +241,7 @@ def _calibrate_cuda(args: argparse.Namespace) -> int:
     unknown = [n for n in args.configs if n not in known]
     if unknown:
         raise ScenarioError(f"--config: unknown configuration {unknown[0]!r} (see --device cuda --list)")
-    for flag, path in (("--json", args.json_path), ("--markdown", args.markdown_path)):
-        if path and not Path(path).resolve().parent.is_dir():
-            raise ScenarioError(f"{flag}: output directory does not exist: {str(Path(path).parent)!r}")
+    _check_outputs(("--json", args.json_path), ("--markdown", args.markdown_path))
     if args.snapshot_dir and not Path(args.snapshot_dir).is_dir():
         raise ScenarioError(f"--snapshot-dir: not a directory: {args.snapshot_dir!r}")
     if args.measurements:
@@ -235,14 +264,14 @@ def _calibrate_cuda(args: argparse.Namespace) -> int:
             measured = cc.measure(config, snapshot, args.python)
         rows.append({"config": cc.config_to_json(config), "measured": measured} if args.measure_only
                     else cc.compare(config, measured))
-        if args.json_path:  # after every configuration: a run cut short keeps what it measured
-            _write_atomic(Path(args.json_path), (json.dumps(rows, indent=2) + "\n").encode())
+        if args.json_path is not None:  # after every configuration: a run cut short keeps what it measured
+            _write_output("--json", Path(args.json_path), (json.dumps(rows, indent=2) + "\n").encode())
     print(cc.format_table(rows))
-    if args.markdown_path:
+    if args.markdown_path is not None:
         command = "python -m sim calibrate --device cuda" + "".join(f" --config {n}" for n in args.configs)
         if args.measurements:
             command += f" --measurements {args.measurements}"
-        _write_atomic(Path(args.markdown_path), cc.format_markdown(rows, command).encode())
+        _write_output("--markdown", Path(args.markdown_path), cc.format_markdown(rows, command).encode())
     failed = [r["config"]["name"] for r in rows if r["measured"]["status"] == cc.Status.FAILED.value]
     if failed:
         print(f"failed: {', '.join(failed)} (reasons in the table)", file=sys.stderr)
@@ -265,14 +294,12 @@ def _validate(args: argparse.Namespace) -> int:
     """Every point (or one source's) simulated and compared; exit 1 when one is not as its file expects."""
     from sim import validate
 
-    for flag, path in (("--json", args.json_path), ("--markdown", args.markdown_path)):
-        if path and not Path(path).resolve().parent.is_dir():
-            raise ScenarioError(f"{flag}: output directory does not exist: {str(Path(path).parent)!r}")
+    _check_outputs(("--json", args.json_path), ("--markdown", args.markdown_path))
     rows = validate.validate(validate.load_points(source=args.source))
     table = validate.format_table(rows)
     print(table)
-    if args.json_path:
-        _write_atomic(Path(args.json_path), (json.dumps(validate.rows_json(rows), indent=2) + "\n").encode())
-    if args.markdown_path:
-        _write_atomic(Path(args.markdown_path), (table + "\n").encode())
+    if args.json_path is not None:
+        _write_output("--json", Path(args.json_path), (json.dumps(validate.rows_json(rows), indent=2) + "\n").encode())
+    if args.markdown_path is not None:
+        _write_output("--markdown", Path(args.markdown_path), (table + "\n").encode())
     return EXIT_OK if all(row.as_expected for row in rows) else EXIT_OOM  # 1: a point not as its file expects

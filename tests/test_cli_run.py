@@ -117,3 +117,18 @@ def test_a_closed_pipe_ends_quietly() -> None:
                            stderr=subprocess.PIPE, cwd=ROOT)
     run.stdout.close()
     assert run.wait(timeout=120) == 0 and run.stderr.read() == b""
+
+
+def test_an_empty_output_path_is_refused_before_the_run(capsys) -> None:
+    assert main(["run", str(SCENARIOS[0]), "--json", ""]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == "error: --json: empty path\n" and captured.out == ""
+
+
+def test_json_to_stdout_is_written_in_place() -> None:
+    # /dev/stdout is not a regular file: no temporary file beside it, the JSON goes down the pipe, then the summary
+    out = subprocess.run([sys.executable, "-m", "sim", "run", str(SCENARIOS[0]), *SMALL, "--json", "/dev/stdout"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0 and out.stderr == ""
+    result, end = json.JSONDecoder().raw_decode(out.stdout)
+    assert result["fits"] in (True, False) and "verdict" in out.stdout[end:]
