@@ -3,3 +3,14 @@
 
 class ScenarioError(Exception):
     """A user error in a scenario or a referenced file; the message names the key path and the value."""
+
+
+# The largest tensor, and the most the simulated device's addresses and the engine's int64 byte counts hold (the
+# caching allocator's C core and the traces count bytes in int64: 2^63 - 1). No device comes near: the largest GPU
+# memories are below 2^38 bytes (256 GiB), and x86-64 GPU virtual addresses span 2^49.
+MAX_TENSOR_BYTES = 1 << 62
+
+
+class TensorTooLarge(ScenarioError):
+    """A tensor the scenario's shapes make larger than MAX_TENSOR_BYTES: no device can address it, so the question
+    'how far off am I' has no byte answer; the message names the tensor."""

@@ -3,10 +3,13 @@
 import gc
 from contextlib import contextmanager
 
+import numpy as np
+
 from sim.allocator import make_allocator
 from sim.allocator.event_log import AllocatorEventLog
 from sim.cost import CostModel
 from sim.engine import Engine
+from sim.errors import MAX_TENSOR_BYTES, ScenarioError, TensorTooLarge
 from sim.plan import Plan
 from sim.report import Run
 from sim.resolve import resolve_plan
@@ -34,7 +37,19 @@ def run_scenario(scenario: Scenario, event_log: bool = False) -> Run:
     exact allocator, which has none)."""
     plan = resolve_plan(scenario)
     with _no_cyclic_gc():
-        return run_built(scenario, plan, build_schedule(plan), event_log=AllocatorEventLog() if event_log else None)
+        try:
+            built = build_schedule(plan)
+        except TensorTooLarge as exc:
+            raise TensorTooLarge(f"{exc}; its shape comes from {_shapes(scenario)}") from None
+        return run_built(scenario, plan, built, event_log=AllocatorEventLog() if event_log else None)
+
+
+def _shapes(scenario: Scenario) -> str:
+    """The scenario keys tensor shapes are made of, with their values, for an error line."""
+    t, m = scenario.training, scenario.model
+    return (f"training.seq_len ({t.seq_len}), training.per_device_train_batch_size ({t.per_device_train_batch_size}) "
+            f"and the model's widths (hidden_size {m.hidden_size}, intermediate_size {m.intermediate_size}, "
+            f"vocab_size {m.vocab_size}, num_attention_heads {m.num_attention_heads})")
 
 
 def run_built(scenario: Scenario, plan: Plan, built: BuiltSchedule, repeat: bool = True,
@@ -42,6 +57,10 @@ def run_built(scenario: Scenario, plan: Plan, built: BuiltSchedule, repeat: bool
     """Run a built schedule, compact or expanded (Schedule.expand), on the plan's device, allocator and links
     (`repeat=False`: call the allocator for every event even where a window repeats, for checking; `event_log`:
     written by the caching allocator)."""
+    held_at_most_bytes = float(built.schedule.buffer_sizes().sum(dtype=np.float64))  # each buffer live once at a time
+    if held_at_most_bytes > MAX_TENSOR_BYTES:  # the traces and the allocator count bytes in int64
+        raise ScenarioError(f"the run's tensors add up to {held_at_most_bytes:.3e} bytes, more than the 2^62 bytes "
+                            f"any device could address; they are sized by {_shapes(scenario)}")
     device = plan.device
     non_pytorch = plan.runtime.non_pytorch_bytes()
     allocator = make_allocator(plan.allocator.backend, plan.allocator.conf,

@@ -475,3 +475,29 @@ def test_e2e_json_into_missing_directory(tmp_path):
 
 def test_e2e_usage_error():
     assert_cli_one_line_error(run_cli("run"))
+
+
+def test_a_tensor_beyond_any_address_space_names_itself_and_the_shape_keys(tmp_path, capsys) -> None:
+    # eager attention scores of the tiny model at 10^9 tokens: 1 · 4 heads · (10^9)^2 · 4 bytes (fp32) = 1.6e19
+    # bytes, more than 2^62 = 4.6e18 (issue #19: an OverflowError deep in the engine before)
+    path = write_yaml(tmp_path / "s.yaml", with_training(seq_len=10**9, attn_implementation="eager"))
+    message = assert_one_line_error(*run_main(capsys, ["run", str(path)]))
+    assert_mentions(message, "a tensor of 1.600e+19 bytes, more than the 2^62 bytes", "training.seq_len (1000000000)",
+                    "training.per_device_train_batch_size (1)")
+
+
+def test_tensors_that_add_up_beyond_the_address_space_are_refused(tmp_path, capsys) -> None:
+    # at 10^9 tokens each eager scores tensor is 1.6e19 bytes (too large alone); at 5·10^8, 1 · 4 · (5·10^8)^2 · 4
+    # = 4e18 bytes, just under 2^62, but the run holds several of them (scores, softmax, its fp32 copy ...) and their
+    # sum passes 2^62: the int64 byte counts of the traces could not hold the peak
+    path = write_yaml(tmp_path / "s.yaml", with_training(seq_len=5 * 10**8, attn_implementation="eager"))
+    message = assert_one_line_error(*run_main(capsys, ["run", str(path)]))
+    assert_mentions(message, "the run's tensors add up to", "more than the 2^62 bytes", "training.seq_len (500000000)")
+
+
+def test_a_far_out_of_memory_job_gets_its_deficit(tmp_path, capsys) -> None:
+    # 4 · (2^20 tokens)^2 · 4 bytes = 16 TiB of eager scores on an 80 GiB device: an answer, not a crash
+    path = write_yaml(tmp_path / "s.yaml", {**with_training(seq_len=2**20, attn_implementation="eager"),
+                                           "allocator": {"backend": "caching"}})
+    code, out, err = run_main(capsys, ["run", str(path)])
+    assert code == 0 and err == "" and "OUT OF MEMORY" in out and "short by" in out

@@ -161,3 +161,23 @@ def test_compiled_core_refuses_a_double_allocation_and_an_unknown_free() -> None
         compiled_run(allocator, [(3, 512, 0), (3, 512, 0)])
     with pytest.raises(KeyError):
         compiled_run(CachingAllocator(MiB * 100), [(3, 512, 0), (~4, 0, 0)])
+
+
+def test_a_far_out_of_memory_run_has_addresses_for_everything() -> None:
+    """A job hundreds of TiB over an 80 GiB device (issue #19: 64 x 65,536 tokens with eager attention) over-commits
+    after its OOM; its segments need more addresses than the 2^48 - 0x7F00_0000_0000 (129 TiB) the synthetic
+    address space once had. Eight 32 TiB tensors live at once: 256 TiB of segments, each at its own address, the
+    same in the core and the Python model."""
+    tib = 2**40
+    events = [(i, 32 * tib, 0) for i in range(8)] + [(~i, 0, 0) for i in range(8)] + [(8, 32 * tib + 1, 0)]
+    python, compiled = (CachingAllocator(80 * 1024 * MiB, parse_alloc_conf("")) for _ in range(2))
+    results = python_run(python, events)
+    assert compiled_run(compiled, events) == results
+    assert_same_state(compiled, python)
+    allocated, reserved, first_oom, _ = results
+    assert first_oom[0] == 0 and max(allocated) == 8 * 32 * tib
+    # the ninth request (2 MiB larger after rounding) fits no cached block: the OOM path releases the eight
+    # cached segments and retries, still over capacity, so it over-commits one new segment. Its address lies past
+    # the 8 · 32 TiB handed out before: 288 TiB of addresses in all, more than the old 129 TiB
+    assert reserved[-1] == 32 * tib + 2 * MiB
+    assert python._next_va - caching._VA_BASE >= 9 * 32 * tib > 2**48 - caching._VA_BASE

@@ -42,8 +42,8 @@ K_MIN_LARGE_ALLOC = 10485760  # kMinLargeAlloc: large requests below 10 MiB get 
 K_LARGE_BUFFER = 20971520  # kLargeBuffer: 20 MiB segment; large expandable page
 K_ROUND_LARGE = 2097152  # kRoundLarge: larger segments round up to 2 MiB
 
-_SHIFT = 48  # free-list key = (size << 48) | address; synthetic addresses stay below 2**48
-_ADDR_LIMIT = 1 << _SHIFT
+_SHIFT = 64  # free-list key = (size << 64) | address: (size, address) order in one Python int
+_ADDR_LIMIT = 1 << 62  # synthetic addresses stay below sim.errors.MAX_TENSOR_BYTES, as in caching_core.c
 _VA_BASE = 0x7F00_0000_0000
 _VA_ALIGN = 2 * 1024 * 1024
 _INT64_MAX = (1 << 63) - 1  # the compiled core's sizes are int64: an unset max_split_size (SIZE_MAX) passes as this
@@ -92,7 +92,7 @@ def round_size(size: int, conf: AllocConf) -> int:
 
 
 class _Pool:
-    """Free blocks of one (stream, small|large) pool: sorted keys (size << 48 | addr) plus key -> block."""
+    """Free blocks of one (stream, small|large) pool: sorted keys (size << 64 | addr) plus key -> block."""
 
     __slots__ = ("keys", "map", "small", "stream", "sidx", "unmapped")
 

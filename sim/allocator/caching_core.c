@@ -25,7 +25,7 @@
 #define K_ROUND_LARGE 2097152LL
 #define VA_BASE 0x7F0000000000LL
 #define VA_ALIGN 2097152LL
-#define ADDR_LIMIT (1LL << 48)
+#define ADDR_LIMIT (1LL << 62) /* as caching.py _ADDR_LIMIT: beyond any user-reachable reserve */
 #define ROUNDUP_INTERVALS 16
 
 /* AllocatorAction codes (sim/allocator/event_log.py; TraceEntry::Action in CUDACachingAllocator.h) */
@@ -166,7 +166,7 @@ static void drop_block(State *s, int32_t b) {
     s->free_slot = b;
 }
 
-/* first key >= (size, addr): bisect_left on the Python model's (size << 48 | addr) keys */
+/* first key >= (size, addr): bisect_left on the Python model's (size << 64 | addr) keys */
 static Py_ssize_t lower_bound(const Pool *p, int64_t size, int64_t addr) {
     Py_ssize_t lo = 0, hi = p->n;
     while (lo < hi) {

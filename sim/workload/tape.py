@@ -12,6 +12,7 @@ from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from sim.errors import MAX_TENSOR_BYTES, TensorTooLarge
 from sim.ops import CATEGORIES, BufferTable, Category, Op, OpKind, Phase, ReplicaSpan, Schedule, Stream
 from sim.vocab import DType
 
@@ -143,7 +144,10 @@ class Tape:
 
     # ---- storages ---------------------------------------------------------------------------------------
     def new_storage(self, name: str, size_bytes: int, category: Category, persistent: bool = False) -> Storage:
-        """A new storage with one holder, the caller."""
+        """A new storage with one holder, the caller; TensorTooLarge beyond MAX_TENSOR_BYTES."""
+        if size_bytes > MAX_TENSOR_BYTES:
+            raise TensorTooLarge(f"{name}: a tensor of {size_bytes:.3e} bytes, more than the 2^62 bytes any device "
+                                 "could address")
         storages, source = self.storages, self._buffer_source
         storage = Storage(len(source), name, size_bytes, category, 1, persistent, False, len(storages))
         storages.append(storage)
