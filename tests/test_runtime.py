@@ -126,3 +126,11 @@ def test_result_and_summary_name_the_eager_context(tmp_path, capsys) -> None:
     # device used = reserved + the context, and it decides the OOM
     assert result["max_memory"]["device_used_bytes"] == result["max_memory"]["reserved_bytes"] + 799_014_912
     assert "CUDA context 762.00 MiB" in capsys.readouterr().out
+
+
+def test_a_negative_context_is_one_line_naming_the_key(tmp_path, capsys) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(tiny_raw()))
+    assert main(["run", str(path), "--set", "hardware.device.cuda_context_bytes=-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "hardware.device.cuda_context_bytes" in err and "-1" in err
