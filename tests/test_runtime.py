@@ -61,14 +61,14 @@ def test_one_gpu_holds_no_nccl_and_a_host_holds_nothing() -> None:
     assert (runtime.workspaces.cublas_bytes, runtime.workspaces.cublaslt_bytes) == (0, 0)
 
 
+HOST = {"name": "host", "capacity_bytes": 10**12, "peak_flops": {"fp32": 1e12}, "hbm_bytes_per_s": 1e11}
+
+
 def context_parts(torch: str, **device) -> list[tuple[str, int]]:
     """The CUDA context's named parts on one A100 (or an inline device) under the named torch build."""
     hardware = {"device": {**HOST, "name": "gpu", **device}} if device else None
     plan = plan_of(torch=torch, **({"hardware": hardware} if hardware else {}))
     return [(r.name, r.size_bytes) for r in plan.runtime.reservations if r.holder is Holder.CUDA_CONTEXT]
-
-
-HOST = {"name": "host", "capacity_bytes": 10**12, "peak_flops": {"fp32": 1e12}, "hbm_bytes_per_s": 1e11}
 
 
 @pytest.mark.parametrize("torch, parts", [
