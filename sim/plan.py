@@ -104,11 +104,12 @@ class World:
 
 @dataclass(frozen=True, slots=True)
 class DevicePlan:
-    """One device's capacity and rates (hardware/*.yaml): what the cost model, NCCL and workspaces read."""
+    """One device's capacity and rates (hardware/*.yaml) and the CUDA context it holds under the scenario's versions:
+    what the cost model, NCCL, workspaces and the runtime read."""
 
     capacity_bytes: int
     compute_capability: str
-    cuda_context_bytes: int
+    cuda_context: tuple["Reservation", ...]  # its named parts (sim/runtime.py cuda_context)
     peak_flops: dict[str, float]  # by "bf16", "fp16", "tf32", "fp32"
     hbm_bytes_per_s: float
     intra_node_bytes_per_s: float
@@ -120,6 +121,11 @@ class DevicePlan:
     hbm_efficiency: float
     nvlink_efficiency: float
     network_efficiency: float
+
+    @property
+    def cuda_context_bytes(self) -> int:
+        """The CUDA context this device holds outside PyTorch's statistics, all parts together."""
+        return sum(part.size_bytes for part in self.cuda_context)
 
     @property
     def compute_capability_major(self) -> int:
@@ -175,6 +181,13 @@ class Workspaces:
     cublas_bytes: int
     cublaslt_bytes: int
     cublaslt_persistent: bool  # kept per (handle, stream) instead of allocated per call
+
+
+class ModuleLoading(Enum):
+    """CUDA_MODULE_LOADING as the process runs with it: kernels loaded when first used, or all at context creation."""
+
+    LAZY = "lazy"
+    EAGER = "eager"
 
 
 class Holder(Enum):

@@ -6,6 +6,8 @@ adapter dtype), host or device, the version behaviours, the world, ZeRO, NCCL an
 runtime (sim/runtime.py). What is not modelled yet is refused here too, with one line naming the key.
 """
 
+import re
+
 from sim.allocator.alloc_conf import parse_alloc_conf
 from sim.errors import ScenarioError
 from sim.plan import (
@@ -14,6 +16,7 @@ from sim.plan import (
     DevicePlan,
     LoraPlan,
     ModelShape,
+    ModuleLoading,
     NcclPlan,
     Plan,
     TrainingPlan,
@@ -21,7 +24,7 @@ from sim.plan import (
     World,
     ZeroPlan,
 )
-from sim.runtime import device_runtime
+from sim.runtime import cuda_context, device_runtime, module_loading
 from sim.scenario import DeviceSpec, Scenario
 from sim.versions import parse_version
 from sim.vocab import AllocatorBackend, DType, ModelType, Optim
@@ -38,6 +41,8 @@ _NCCL_OF_TORCH = [((2, 2), (2, 19, 3)), ((2, 3), (2, 20, 5)), ((2, 5), (2, 21, 5
                   ((2, 8), (2, 27, 3))]
 _DEFAULT_NCCL_CHANNELS = 24  # HGX A100 8-GPU NVSwitch: "Channel 23/24" (NVIDIA/nccl-tests#100); 8×H200:
 #                              nvlsPerRankSize 288 MiB = 24 channels × 2 × 6 MiB (vllm-project/vllm#9699)
+# The CUDA runtime in a torch build's local version: "+cu118" is 11.8, "+cu121" 12.1, "+cu130" 13.0
+_CUDA_TAG = re.compile(r"\+cu(\d+)(\d)\s*$")
 
 
 def resolve_plan(scenario: Scenario) -> Plan:
@@ -48,7 +53,8 @@ def resolve_plan(scenario: Scenario) -> Plan:
     behaviour = behaviour_for(versions, scenario.model.model_type, training.gradient_checkpointing)
     weights = weights_dtype(scenario)
     host = on_host(scenario)
-    device = device_plan(scenario.hardware.device)
+    loading = module_loading(versions.torch, cuda_of_torch(scenario.software.torch))
+    device = device_plan(scenario.hardware.device, loading)
     world = World(scenario.hardware.gpus_per_node, scenario.hardware.nodes)
     zero = _zero(scenario, behaviour.default_optim)
     nccl = _nccl(scenario, versions)
@@ -185,12 +191,20 @@ def model_shape(scenario: Scenario, weights: DType) -> ModelShape:
         sliding_window=extra.get("sliding_window"), use_sliding_window=bool(extra.get("use_sliding_window")))
 
 
-def device_plan(device: DeviceSpec) -> DevicePlan:
-    """A catalog or inline device as the rooms below read it."""
+def cuda_of_torch(torch: str) -> tuple[int, int] | None:
+    """The CUDA runtime a torch build names in its local version, as torch.__version__ prints it ("2.1.0+cu118" →
+    (11, 8), "+cu121" → (12, 1)); None where it names none (the PyPI wheel's)."""
+    match = _CUDA_TAG.search(torch)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def device_plan(device: DeviceSpec, loading: ModuleLoading = ModuleLoading.LAZY) -> DevicePlan:
+    """A catalog or inline device as the rooms below read it, with the CUDA context it holds under `loading`
+    (sim/runtime.py cuda_context)."""
     eff = device.efficiency
     return DevicePlan(
         capacity_bytes=device.capacity_bytes, compute_capability=device.compute_capability,
-        cuda_context_bytes=device.cuda_context_bytes, peak_flops=dict(device.peak_flops),
+        cuda_context=cuda_context(device.cuda_context_bytes, loading), peak_flops=dict(device.peak_flops),
         hbm_bytes_per_s=device.hbm_bytes_per_s, intra_node_bytes_per_s=device.intra_node_bytes_per_s,
         inter_node_bytes_per_s=device.inter_node_bytes_per_s, intra_node_latency_us=device.intra_node_latency_us,
         inter_node_latency_us=device.inter_node_latency_us, gemm_efficiency=eff.gemm,

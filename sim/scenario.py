@@ -124,13 +124,14 @@ class DeviceEfficiency(Frozen):
 
 
 class DeviceSpec(Frozen):
-    """A device as hardware/*.yaml describes it; `cuda_context_bytes: 0` with the exact allocator is a plain host."""
+    """A device as hardware/*.yaml describes it. `cuda_context_bytes` overrides the CUDA context that sim/runtime.py
+    models from the versions (absent: modelled); `cuda_context_bytes: 0` with the exact allocator is a plain host."""
 
     name: str
     description: str = ""
     capacity_bytes: PositiveCount
     compute_capability: str = ""
-    cuda_context_bytes: Count = Field(default=0, ge=0)
+    cuda_context_bytes: Annotated[int, BeforeValidator(_whole_number), Field(ge=0)] | None = None
     peak_flops: dict[Literal["bf16", "fp16", "tf32", "fp32"], Annotated[float, Field(gt=0)]]
     hbm_bytes_per_s: Annotated[float, Field(gt=0)]
     intra_node_bytes_per_s: Annotated[float, Field(gt=0)] = 1e11
