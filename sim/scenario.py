@@ -15,7 +15,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from sim import catalog
 from sim.errors import ScenarioError
 from sim.ingest.deepspeed import read_deepspeed, resolve_auto
-from sim.ingest.hf_config import read_model
+from sim.ingest.hf_config import normalize_config, read_model
 from sim.ingest.training_args import PER_DEVICE_TRAIN_BATCH_SIZE_DEFAULT, SEQ_LEN_ALIASES, resolve_seq_len_alias
 from sim.vocab import AllocatorBackend, AttnImplementation, DType, ModelType, Optim
 from sim.versions import (
@@ -311,6 +311,9 @@ def build_scenario(
             raise ScenarioError(f"{key}: required key is missing")
     if isinstance(data.get("training"), dict):
         resolve_seq_len_alias(data["training"])
+    model_file = data.pop("_model_file", "")
+    if isinstance(data.get("model"), dict):
+        normalize_config(data["model"], model_file)
     data.setdefault("name", default_name)
     model_name = data.pop("_model_name", "inline")
     device_name = data.get("hardware", {}).pop("_device_name", "inline") if isinstance(data.get("hardware"), dict) else ""
@@ -345,7 +348,7 @@ def _describe(exc: ValidationError) -> str:
 
 def _resolve_model(data: dict, base_dir: Path) -> None:
     """model: catalog name | path to a config.json | inline mapping → mapping, remembering the name."""
-    data["model"], data["_model_name"] = read_model(data["model"], base_dir)
+    data["model"], data["_model_name"], data["_model_file"] = read_model(data["model"], base_dir)
 
 
 def _resolve_device(data: dict) -> None:
@@ -378,7 +381,7 @@ def _apply_override(data: dict, override: str, base_dir: Path) -> None:
     if parts[0] not in _TOP_KEYS:
         raise ScenarioError(f"--set {key}: unknown key {parts[0]!r}")
     if parts == ["model"]:
-        data["model"], data["_model_name"] = read_model(value, base_dir)
+        data["model"], data["_model_name"], data["_model_file"] = read_model(value, base_dir)
         return
     if parts == ["hardware", "device"]:
         data.setdefault("hardware", {})
@@ -387,8 +390,11 @@ def _apply_override(data: dict, override: str, base_dir: Path) -> None:
     if parts == ["deepspeed"]:
         data["deepspeed"] = read_deepspeed(value, base_dir)
         return
-    if parts[0] == "model" and isinstance(data.get("model"), dict) and parts[1] not in data["model"] and parts[1] not in ModelSpec.model_fields:
+    if parts[0] == "model" and isinstance(data.get("model"), dict) and parts[1] not in data["model"] and parts[1] not in ModelSpec.model_fields and parts[1] != "dtype":
         raise ScenarioError(f"--set {key}: unknown model key {parts[1]!r}")
+    if parts in (["model", "dtype"], ["model", "torch_dtype"]) and isinstance(data.get("model"), dict):
+        data["model"].pop("dtype", None)  # --set replaces the dtype under whichever spelling the file used
+        parts = ["model", "torch_dtype"]
     node = data
     for depth, part in enumerate(parts[:-1]):
         child = node.get(part)
