@@ -14,9 +14,17 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from sim import catalog
 from sim.errors import ScenarioError
-from sim.ingest.deepspeed import read_deepspeed, resolve_auto
+from sim.ingest.deepspeed import classify_deepspeed, read_deepspeed, resolve_auto
 from sim.ingest.hf_config import normalize_config, read_model
-from sim.ingest.training_args import PER_DEVICE_TRAIN_BATCH_SIZE_DEFAULT, SEQ_LEN_ALIASES, resolve_seq_len_alias
+from sim.ingest.keys import IgnoredKey
+from sim.ingest.peft import classify_lora
+from sim.ingest.training_args import (
+    PER_DEVICE_TRAIN_BATCH_SIZE_DEFAULT,
+    SEQ_LEN_ALIASES,
+    classify_training,
+    resolve_seq_len_alias,
+    take_deepspeed,
+)
 from sim.vocab import AllocatorBackend, AttnImplementation, DType, ModelType, Optim
 from sim.versions import (
     NEWEST_DEEPSPEED,
@@ -267,6 +275,7 @@ class Scenario(Frozen):
     nccl: Nccl = Nccl()
     simulation: Simulation = Simulation()
     strategies: list[Strategy] = []
+    ignored_keys: tuple[IgnoredKey, ...] = ()  # accepted with no memory effect (sim/ingest/keys.py), not a user key
 
     @model_validator(mode="after")
     def _default_allocator(self) -> "Scenario":
@@ -303,9 +312,10 @@ def build_scenario(
         _resolve_model(data, base_dir)
     if "hardware" in data:
         _resolve_device(data)
-    data["deepspeed"] = read_deepspeed(data.get("deepspeed"), base_dir)
+    _read_deepspeed(data, base_dir)
     for override in overrides:
         _apply_override(data, override, base_dir)
+    _read_deepspeed(data, base_dir, overridden=True)
     for key in ("model", "hardware"):
         if key not in data:
             raise ScenarioError(f"{key}: required key is missing")
@@ -317,9 +327,7 @@ def build_scenario(
     data.setdefault("name", default_name)
     model_name = data.pop("_model_name", "inline")
     device_name = data.get("hardware", {}).pop("_device_name", "inline") if isinstance(data.get("hardware"), dict) else ""
-    if isinstance(data.get("deepspeed"), dict):
-        resolve_auto(data["deepspeed"], *(data.get(k) if isinstance(data.get(k), dict) else {}
-                                          for k in ("training", "hardware", "model")))
+    data["ignored_keys"] = tuple(_classify(data))
     try:
         hardware = data.get("hardware")
         if isinstance(hardware, dict):
@@ -329,6 +337,36 @@ def build_scenario(
         raise ScenarioError(_describe(exc)) from None
     except TypeError as exc:
         raise ScenarioError(f"scenario: {exc}") from None
+
+
+def _read_deepspeed(data: dict, base_dir: Path, overridden: bool = False) -> None:
+    """TrainingArguments' `deepspeed` moved to the top level (after the overrides, a `--set training.deepspeed`
+    replaces it), and a path read, remembering its file."""
+    training = data.get("training")
+    if isinstance(training, dict) and overridden and "deepspeed" in training:
+        data["deepspeed"] = training.pop("deepspeed")
+    elif isinstance(training, dict):
+        data["deepspeed"] = take_deepspeed(training, data.get("deepspeed"))
+    if not isinstance(data.get("deepspeed"), dict):
+        data["deepspeed"], data["_deepspeed_file"] = read_deepspeed(data.get("deepspeed"), base_dir)
+
+
+def _classify(data: dict) -> list[IgnoredKey]:
+    """Every key of training, lora and deepspeed classified (sim/ingest/keys.py); DeepSpeed's "auto" filled and its
+    batch sizes reconciled with TrainingArguments, whose neutral keys (learning_rate...) HF compares too."""
+    training = data.get("training") if isinstance(data.get("training"), dict) else {}
+    ignored = classify_training(training)
+    if isinstance(data.get("lora"), dict):
+        ignored += classify_lora(data["lora"])
+    ds_file = data.pop("_deepspeed_file", "")
+    if isinstance(data.get("deepspeed"), dict):
+        where = f" (in {ds_file})" if ds_file else ""
+        ignored += classify_deepspeed(data["deepspeed"], where)
+        hf_view = {item.path.removeprefix("training."): item.value for item in ignored
+                   if item.path.startswith("training.")} | training
+        resolve_auto(data["deepspeed"], hf_view, *(data.get(k) if isinstance(data.get(k), dict) else {}
+                                                   for k in ("hardware", "model")), where=where)
+    return ignored
 
 
 def _describe(exc: ValidationError) -> str:
@@ -388,7 +426,7 @@ def _apply_override(data: dict, override: str, base_dir: Path) -> None:
         data["hardware"]["device"], data["hardware"]["_device_name"] = _device_mapping(value)
         return
     if parts == ["deepspeed"]:
-        data["deepspeed"] = read_deepspeed(value, base_dir)
+        data["deepspeed"], data["_deepspeed_file"] = read_deepspeed(value, base_dir)
         return
     if parts[0] == "model" and isinstance(data.get("model"), dict) and parts[1] not in data["model"] and parts[1] not in ModelSpec.model_fields and parts[1] != "dtype":
         raise ScenarioError(f"--set {key}: unknown model key {parts[1]!r}")
