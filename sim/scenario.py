@@ -31,6 +31,7 @@ from sim.versions import (
     NEWEST_PEFT,
     NEWEST_TORCH,
     NEWEST_TRANSFORMERS,
+    known_release,
     parse_version,
 )
 
@@ -164,6 +165,13 @@ class Software(Frozen):
     transformers: str = NEWEST_TRANSFORMERS
     deepspeed: str = NEWEST_DEEPSPEED
     peft: str = NEWEST_PEFT
+
+    @model_validator(mode="after")
+    def _known_releases(self) -> "Software":
+        """Each version a release the simulator knows (sim/versions.py), never silently another."""
+        for package in ("torch", "transformers", "deepspeed", "peft"):
+            known_release(package, getattr(self, package), f"software.{package}")
+        return self
 
     def version(self, package: str) -> tuple[int, int, int]:
         """The named package's version as a comparable tuple."""

@@ -1,6 +1,7 @@
 """PEFT LoraConfig as scenarios name it (`lora:`): every field of PEFT 0.21.2 src/peft/tuners/lora/config.py
 LoraConfig (with PeftConfig's) classified (sim/ingest/keys.py)."""
 
+from sim.errors import ScenarioError
 from sim.ingest.keys import IgnoredKey, KeyRule, classify, modelled, neutral, not_modelled
 
 _BOOK = "PEFT's bookkeeping of the adapter"
@@ -46,5 +47,11 @@ LORA: dict[str, KeyRule] = {
 
 
 def classify_lora(lora: dict, where: str = "") -> list[IgnoredKey]:
-    """In place: LoraConfig names classified."""
-    return classify(lora, LORA, "lora", where)
+    """In place: LoraConfig names classified; `target_modules: all` (LLaMA-Factory's spelling of its lora_target)
+    refused with the PEFT spelling it means (PEFT matches "all" as a module name and finds none)."""
+    ignored = classify(lora, LORA, "lora", where)
+    targets = lora.get("target_modules")
+    if targets == "all" or targets == ["all"]:
+        raise ScenarioError(f"lora.target_modules: {targets!r}{where}: 'all' is LLaMA-Factory's spelling (lora_target:"
+                            " all); PEFT's LoraConfig says 'all-linear'")
+    return ignored
