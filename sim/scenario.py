@@ -18,6 +18,7 @@ from sim.ingest.deepspeed import classify_deepspeed, read_deepspeed, resolve_aut
 from sim.ingest.hf_config import normalize_config, read_model
 from sim.ingest.keys import IgnoredKey
 from sim.ingest.peft import classify_lora
+from sim.ingest.provenance import origins
 from sim.ingest.training_args import (
     PER_DEVICE_TRAIN_BATCH_SIZE_DEFAULT,
     SEQ_LEN_ALIASES,
@@ -284,6 +285,7 @@ class Scenario(Frozen):
     simulation: Simulation = Simulation()
     strategies: list[Strategy] = []
     ignored_keys: tuple[IgnoredKey, ...] = ()  # accepted with no memory effect (sim/ingest/keys.py), not a user key
+    origins: dict[str, str] = {}  # deciding setting -> where it came from (sim/ingest/provenance.py), not a user key
 
     @model_validator(mode="after")
     def _default_allocator(self) -> "Scenario":
@@ -305,13 +307,14 @@ def load_scenario(path: str | Path, overrides: list[str] = ()) -> Scenario:
     """Read a scenario file, resolve its references, apply `--set KEY=VALUE` overrides, validate."""
     path = Path(path)
     raw = catalog.load_yaml_mapping(path, "scenario")
-    return build_scenario(raw, base_dir=path.parent, overrides=overrides, default_name=path.stem)
+    return build_scenario(raw, base_dir=path.parent, overrides=overrides, default_name=path.stem, source=path.name)
 
 
 def build_scenario(
-    raw: dict, base_dir: Path = Path("."), overrides: list[str] = (), default_name: str = "scenario"
+    raw: dict, base_dir: Path = Path("."), overrides: list[str] = (), default_name: str = "scenario",
+    source: str = "the scenario",
 ) -> Scenario:
-    """Validate a raw scenario mapping (as loaded from YAML) into a frozen Scenario."""
+    """Validate a raw scenario mapping (as loaded from YAML; `source` names its file) into a frozen Scenario."""
     data = copy.deepcopy(raw)
     unknown = sorted(set(data) - _TOP_KEYS)
     if unknown:
@@ -335,7 +338,8 @@ def build_scenario(
     data.setdefault("name", default_name)
     model_name = data.pop("_model_name", "inline")
     device_name = data.get("hardware", {}).pop("_device_name", "inline") if isinstance(data.get("hardware"), dict) else ""
-    data["ignored_keys"] = tuple(_classify(data))
+    ignored, data["origins"] = _classify(data, source, model_file)
+    data["ignored_keys"] = tuple(ignored)
     try:
         hardware = data.get("hardware")
         if isinstance(hardware, dict):
@@ -359,22 +363,25 @@ def _read_deepspeed(data: dict, base_dir: Path, overridden: bool = False) -> Non
         data["deepspeed"], data["_deepspeed_file"] = read_deepspeed(data.get("deepspeed"), base_dir)
 
 
-def _classify(data: dict) -> list[IgnoredKey]:
-    """Every key of training, lora and deepspeed classified (sim/ingest/keys.py); DeepSpeed's "auto" filled and its
-    batch sizes reconciled with TrainingArguments, whose neutral keys (learning_rate...) HF compares too."""
+def _classify(data: dict, source: str, model_file: str) -> tuple[list[IgnoredKey], dict[str, str]]:
+    """Every key of training, lora and deepspeed classified (sim/ingest/keys.py); where each deciding setting came
+    from (before "auto" is filled); DeepSpeed's "auto" filled and its batch sizes reconciled with TrainingArguments,
+    whose neutral keys (learning_rate...) HF compares too."""
     training = data.get("training") if isinstance(data.get("training"), dict) else {}
     ignored = classify_training(training)
     if isinstance(data.get("lora"), dict):
         ignored += classify_lora(data["lora"])
     ds_file = data.pop("_deepspeed_file", "")
+    where = f" (in {ds_file})" if ds_file else ""
     if isinstance(data.get("deepspeed"), dict):
-        where = f" (in {ds_file})" if ds_file else ""
         ignored += classify_deepspeed(data["deepspeed"], where)
+    found = origins(data, data.pop("_set", []), {"model": model_file, "deepspeed": ds_file}, source)
+    if isinstance(data.get("deepspeed"), dict):
         hf_view = {item.path.removeprefix("training."): item.value for item in ignored
                    if item.path.startswith("training.")} | training
         resolve_auto(data["deepspeed"], hf_view, *(data.get(k) if isinstance(data.get(k), dict) else {}
                                                    for k in ("hardware", "model")), where=where)
-    return ignored
+    return ignored, found
 
 
 def _describe(exc: ValidationError) -> str:
@@ -426,6 +433,8 @@ def _apply_override(data: dict, override: str, base_dir: Path) -> None:
         parts[1] = "seq_len"  # an alias on the command line overrides whatever the file says
     if parts[0] not in _TOP_KEYS:
         raise ScenarioError(f"--set {key}: unknown key {parts[0]!r}")
+    set_paths = data.setdefault("_set", [])
+    set_paths.append("model.torch_dtype" if parts == ["model", "dtype"] else ".".join(parts))
     if parts == ["model"]:
         data["model"], data["_model_name"], data["_model_file"] = read_model(value, base_dir)
         return

@@ -133,10 +133,9 @@ PRECISION: dict[str, KeyRule] = {
 
 
 def read_deepspeed(ref: Any, base_dir: Path) -> tuple[dict | None, str]:
-    """The `deepspeed:` reference as a mapping (None: no DeepSpeed), and the file it came from ('' inline)."""
+    """The `deepspeed:` reference as a mapping (None: no DeepSpeed), and its file as written ('' inline)."""
     if isinstance(ref, str):
-        path = existing_path(ref, base_dir, "deepspeed")
-        return catalog.load_yaml_mapping(path, "deepspeed"), str(path)
+        return catalog.load_yaml_mapping(existing_path(ref, base_dir, "deepspeed"), "deepspeed"), ref
     if ref is not None and not isinstance(ref, dict):
         raise ScenarioError(f"deepspeed: expected a path or a mapping (got {ref!r})")
     return ref, ""

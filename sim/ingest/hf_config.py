@@ -17,7 +17,7 @@ NOT_MODELLED_CONFIG_KEYS = {
 
 
 def read_model(ref: Any, base_dir: Path) -> tuple[dict, str, str]:
-    """(config.json mapping, the name the result reports, the file it came from or '') for a `model:` reference."""
+    """(config.json mapping, the name the result reports, the file it came from: '' inline) for `model:`."""
     if isinstance(ref, dict):
         return ref, str(ref.get("_name_or_path", "inline")), ""
     if not isinstance(ref, str):
@@ -27,8 +27,9 @@ def read_model(ref: Any, base_dir: Path) -> tuple[dict, str, str]:
         if file.is_dir():
             file = file / "config.json"
         mapping = catalog.load_yaml_mapping(file, "model")
-        return mapping, str(mapping.get("_name_or_path", file.parent.name)), str(file)
-    return catalog.load_entry("models", ref, "model"), ref.lower(), ""
+        written = ref if file.name == Path(ref).name else str(Path(ref) / "config.json")  # as the user wrote it
+        return mapping, str(mapping.get("_name_or_path", file.parent.name)), written
+    return catalog.load_entry("models", ref, "model"), ref.lower(), f"models/{ref.lower()}.yaml"
 
 
 def normalize_config(model: dict, file: str = "") -> None:
