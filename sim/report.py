@@ -15,6 +15,7 @@ from sim.units import format_bytes, format_count, us_to_seconds
 from sim.vocab import AllocatorBackend
 
 SCHEMA_VERSION = 1
+ALLOC_CONF_IGNORED_WHY = "pinned host memory, the allocator's lock or graph-capture reuse"
 PHASE_GROUPS = {"forward": (Phase.FORWARD,), "backward": (Phase.BACKWARD, Phase.RECOMPUTE),
                 "optimizer": (Phase.OPTIMIZER,)}
 
@@ -98,7 +99,9 @@ def summarize(run: Run) -> dict:
         "allocator": _allocator_fields(run),
         "events": len(trace),
         "settings": settings(run),
-        "ignored_keys": [{"path": item.path, "value": item.value, "why": item.why} for item in sc.ignored_keys],
+        "ignored_keys": [{"path": item.path, "value": item.value, "why": item.why} for item in sc.ignored_keys]
+        + [{"path": f"allocator.conf.{key}", "value": value, "why": ALLOC_CONF_IGNORED_WHY}
+           for key, value in run.plan.allocator.conf.ignored],
     }
 
 

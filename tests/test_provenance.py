@@ -56,3 +56,12 @@ def test_summary_without_ignored_keys_has_no_accepted_line():
     run = run_scenario(build_scenario(tiny_scenario()))
     summary = format_summary(summarize(run))
     assert "assumed (" in summary and "accepted, no memory effect" not in summary
+
+
+def test_alloc_conf_keys_that_change_nothing_modelled_are_listed():
+    """PYTORCH_CUDA_ALLOC_CONF's pinned-memory and lock keys are accepted and listed like other neutral keys."""
+    data = tiny_scenario(allocator={"backend": "caching",
+                                    "conf": "expandable_segments:True,release_lock_on_cudamalloc:True"})
+    result = summarize(run_scenario(build_scenario(data)))
+    assert [item["path"] for item in result["ignored_keys"]] == ["allocator.conf.release_lock_on_cudamalloc"]
+    assert result["ignored_keys"][0]["value"] == "True"
