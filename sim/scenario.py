@@ -368,9 +368,10 @@ def _classify(data: dict, source: str, model_file: str) -> tuple[list[IgnoredKey
     from (before "auto" is filled); DeepSpeed's "auto" filled and its batch sizes reconciled with TrainingArguments,
     whose neutral keys (learning_rate...) HF compares too."""
     training = data.get("training") if isinstance(data.get("training"), dict) else {}
-    ignored = classify_training(training)
+    in_scenario = f" (in {source})" if source.endswith((".yaml", ".yml", ".json")) else ""
+    ignored = classify_training(training, in_scenario)
     if isinstance(data.get("lora"), dict):
-        ignored += classify_lora(data["lora"])
+        ignored += classify_lora(data["lora"], in_scenario)
     ds_file = data.pop("_deepspeed_file", "")
     where = f" (in {ds_file})" if ds_file else ""
     if isinstance(data.get("deepspeed"), dict):

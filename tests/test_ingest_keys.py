@@ -268,3 +268,10 @@ def test_neutral_learning_rate_is_still_compared_with_the_deepspeed_optimizer():
                                                 "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}},
                                                learning_rate=1e-4))
     assert "training.learning_rate" in ignored_paths(scenario)
+
+
+def test_not_modelled_key_names_the_scenario_file(tmp_path, capsys):
+    """One line naming the file, the key and the value."""
+    path = write_yaml(tmp_path / "train.yaml", with_training(torch_compile=True))
+    message = assert_one_line_error(*run_main(capsys, ["run", str(path)]))
+    assert_mentions(message, "training.torch_compile", "True", "train.yaml")
