@@ -374,15 +374,19 @@ def _classify(data: dict, source: str, model_file: str) -> tuple[list[IgnoredKey
         ignored += classify_lora(data["lora"], in_scenario)
     ds_file = data.pop("_deepspeed_file", "")
     where = f" (in {ds_file})" if ds_file else ""
-    if isinstance(data.get("deepspeed"), dict):
-        ignored += classify_deepspeed(data["deepspeed"], where)
+    ds = data.get("deepspeed")
+    ds_ignored = classify_deepspeed(ds, where) if isinstance(ds, dict) else []
     found = origins(data, data.pop("_set", []), {"model": model_file, "deepspeed": ds_file}, source)
-    if isinstance(data.get("deepspeed"), dict):
+    if isinstance(ds, dict):
+        # HF compares neutral keys too (learning_rate with the optimizer's and the scheduler's lr): both sides whole
         hf_view = {item.path.removeprefix("training."): item.value for item in ignored
                    if item.path.startswith("training.")} | training
-        resolve_auto(data["deepspeed"], hf_view, *(data.get(k) if isinstance(data.get(k), dict) else {}
-                                                   for k in ("hardware", "model")), where=where)
-    return ignored, found
+        ds_view = {item.path.removeprefix("deepspeed."): item.value for item in ds_ignored
+                   if item.path.count(".") == 1} | ds
+        resolve_auto(ds_view, hf_view, *(data.get(k) if isinstance(data.get(k), dict) else {}
+                                         for k in ("hardware", "model")), where=where)
+        ds.update({key: ds_view[key] for key in ds})
+    return ignored + ds_ignored, found
 
 
 def _describe(exc: ValidationError) -> str:

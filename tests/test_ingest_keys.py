@@ -251,6 +251,9 @@ def test_deepspeed_explicit_batch_sizes_that_match_are_accepted():
     # the optimizer's lr against TrainingArguments.learning_rate (default 5e-05)
     ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}}, ["ds optimizer.params.lr=0.0001",
                                                                "hf learning_rate=5e-05"]),
+    # the scheduler is neutral for memory but HF still compares its warmup_max_lr
+    ({"scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": 1e-4}}},
+     ["ds scheduler.params.warmup_max_lr=0.0001", "hf learning_rate=5e-05"]),
 ])
 def test_deepspeed_and_training_arguments_mismatch_is_one_line_error(tmp_path, capsys, ds, needles):
     (tmp_path / "ds_config.json").write_text(__import__("json").dumps({"zero_optimization": {"stage": 2}, **ds}))
