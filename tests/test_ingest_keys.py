@@ -3,6 +3,7 @@ as not modelled, never called unknown; keys in no table stay unknown. DeepSpeed'
 TrainingArguments as HF's Trainer and DeepSpeed do."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -278,3 +279,39 @@ def test_not_modelled_key_names_the_scenario_file(tmp_path, capsys):
     path = write_yaml(tmp_path / "train.yaml", with_training(torch_compile=True))
     message = assert_one_line_error(*run_main(capsys, ["run", str(path)]))
     assert_mentions(message, "training.torch_compile", "True", "train.yaml")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# DeepSpeed configs as shipped: transformers tests/deepspeed/ds_config_zero2.json and ds_config_zero3.json
+# (huggingface/transformers@00e12e7c and @61c7ec94), copied whole into tests/data/deepspeed/
+
+DS_DATA = Path(__file__).resolve().parent / "data" / "deepspeed"
+
+
+def test_shipped_zero2_config_runs_as_the_hand_written_equivalent():
+    """Every key of HF's ZeRO-2 example is understood; the plan equals the one of the same settings written by
+    hand (the "auto" values are TrainingArguments', the monitoring and scheduler keys change nothing)."""
+    shipped = build_scenario(two_gpu_scenario(str(DS_DATA / "ds_config_zero2.json")))
+    by_hand = build_scenario(two_gpu_scenario({
+        "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}, "allgather_bucket_size": 2e8,
+                              "overlap_comm": True, "reduce_bucket_size": 2e8},
+        "optimizer": {"type": "AdamW"}}))
+    assert resolve_plan(shipped) == resolve_plan(by_hand)
+    assert {"deepspeed.scheduler", "deepspeed.steps_per_print", "deepspeed.wall_clock_breakdown",
+            "deepspeed.fp16.loss_scale", "deepspeed.zero_optimization.allgather_partitions",
+            "deepspeed.zero_optimization.offload_optimizer.pin_memory"} <= ignored_paths(shipped)
+
+
+def test_shipped_zero3_config_needs_matching_training_arguments(tmp_path, capsys):
+    """HF's ZeRO-3 example hard-codes fp16 and the optimizer's lr 3e-5, betas (0.8, 0.999), weight decay 3e-7:
+    with TrainingArguments' defaults HF's Trainer refuses it; with the same values it runs."""
+    ds = str(DS_DATA / "ds_config_zero3.json")
+    message = assert_one_line_error(*run_main(capsys, ["run", str(write_yaml(tmp_path / "s.yaml",
+                                                                            two_gpu_scenario(ds)))]))
+    assert_mentions(message, "ds_config_zero3.json", "ds fp16.enabled=True vs hf fp16|fp16_full_eval=False",
+                    "ds optimizer.params.lr=3e-05 vs hf learning_rate=5e-05")
+    matching = two_gpu_scenario(ds, fp16=True, learning_rate=3e-5, adam_beta1=0.8, weight_decay=3e-7)
+    scenario = build_scenario(matching)
+    plan = resolve_plan(scenario)
+    assert (plan.zero.stage, plan.zero.offload_param, plan.zero.offload_optimizer) == (3, True, True)
+    assert "deepspeed.zero_optimization.stage3_gather_fp16_weights_on_model_save" in ignored_paths(scenario)
