@@ -450,7 +450,8 @@ def _apply_override(data: dict, override: str, base_dir: Path) -> None:
     if parts == ["deepspeed"]:
         data["deepspeed"], data["_deepspeed_file"] = read_deepspeed(value, base_dir)
         return
-    if parts[0] == "model" and isinstance(data.get("model"), dict) and parts[1] not in data["model"] and parts[1] not in ModelSpec.model_fields and parts[1] != "dtype":
+    if (parts[0] == "model" and isinstance(data.get("model"), dict) and parts[1] not in data["model"]
+            and parts[1] not in ModelSpec.model_fields and parts[1] != "dtype"):
         raise ScenarioError(f"--set {key}: unknown model key {parts[1]!r}")
     if parts in (["model", "dtype"], ["model", "torch_dtype"]) and isinstance(data.get("model"), dict):
         data["model"].pop("dtype", None)  # --set replaces the dtype under whichever spelling the file used
