@@ -180,7 +180,7 @@ class Software(Frozen):
 
 
 class CheckpointingKwargs(Frozen):
-    use_reentrant: bool = True
+    use_reentrant: bool | None = None  # None: the transformers version's default (sim/resolve.py)
 
 
 class Training(Frozen):

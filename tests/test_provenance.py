@@ -65,3 +65,21 @@ def test_alloc_conf_keys_that_change_nothing_modelled_are_listed():
     result = summarize(run_scenario(build_scenario(data)))
     assert [item["path"] for item in result["ignored_keys"]] == ["allocator.conf.release_lock_on_cudamalloc"]
     assert result["ignored_keys"][0]["value"] == "True"
+
+
+def test_use_reentrant_default_follows_the_transformers_version():
+    """No kwargs: the Trainer passes none and the model's checkpointing_enable picks use_reentrant, true in 4.57.6,
+    false from 5.0.0; the origin says so; a given value wins."""
+    from sim.resolve import resolve_plan
+
+    def plan(transformers, **training):
+        data = tiny_scenario(software={"transformers": transformers})
+        data["training"].update(gradient_checkpointing=True, **training)
+        return build_scenario(data)
+
+    assert resolve_plan(plan("4.57.6")).training.use_reentrant is True
+    assert resolve_plan(plan("5.0.0")).training.use_reentrant is False
+    given = plan("5.0.0", gradient_checkpointing_kwargs={"use_reentrant": True})
+    assert resolve_plan(given).training.use_reentrant is True
+    assert plan("5.24.0").origins["training.gradient_checkpointing_kwargs.use_reentrant"] == (
+        "default of transformers 5.24.0: true before 5.0, false from 5.0")

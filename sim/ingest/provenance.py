@@ -17,7 +17,7 @@ DECIDING: dict[str, tuple[str, str]] = {
     "training.bf16": ("transformers", "TrainingArguments"),
     "training.fp16": ("transformers", "TrainingArguments"),
     "training.gradient_checkpointing": ("transformers", "TrainingArguments"),
-    "training.gradient_checkpointing_kwargs.use_reentrant": ("", "the simulator's default, true"),
+    "training.gradient_checkpointing_kwargs.use_reentrant": ("transformers", "true before 5.0, false from 5.0"),
     "training.attn_implementation": ("transformers", "from_pretrained: sdpa"),
     "training.optim": ("transformers", "TrainingArguments, with the scenario's torch"),
     "software.torch": ("", "the newest the simulator knows"),
