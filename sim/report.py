@@ -6,6 +6,7 @@ import numpy as np
 
 from sim.allocator.event_log import AllocatorEventLog
 from sim.engine import EngineResult
+from sim.ingest.provenance import lookup
 from sim.ops import PHASES, STREAMS, Phase, Schedule
 from sim.plan import Holder, Plan
 from sim.scenario import Scenario
@@ -14,6 +15,7 @@ from sim.units import format_bytes, format_count, us_to_seconds
 from sim.vocab import AllocatorBackend
 
 SCHEMA_VERSION = 1
+ALLOC_CONF_IGNORED_WHY = "pinned host memory, the allocator's lock or graph-capture reuse"
 PHASE_GROUPS = {"forward": (Phase.FORWARD,), "backward": (Phase.BACKWARD, Phase.RECOMPUTE),
                 "optimizer": (Phase.OPTIMIZER,)}
 
@@ -96,7 +98,33 @@ def summarize(run: Run) -> dict:
                         "nccl_communicators": run.plan.nccl.communicators},
         "allocator": _allocator_fields(run),
         "events": len(trace),
+        "settings": settings(run),
+        "ignored_keys": [{"path": item.path, "value": item.value, "why": item.why} for item in sc.ignored_keys]
+        + [{"path": f"allocator.conf.{key}", "value": value, "why": ALLOC_CONF_IGNORED_WHY}
+           for key, value in run.plan.allocator.conf.ignored],
     }
+
+
+def settings(run: Run) -> dict[str, dict]:
+    """Each setting that decided the result: its value as the run used it and where it came from."""
+    sc, plan = run.scenario, run.plan
+    dumped = sc.model_dump(mode="json")
+    resolved = {
+        "training.per_device_train_batch_size": plan.training.micro_batch,
+        "training.gradient_accumulation_steps": plan.training.accumulation_steps,
+        "training.seq_len": plan.training.seq_len,
+        "training.gradient_checkpointing": plan.training.gradient_checkpointing,
+        "training.gradient_checkpointing_kwargs.use_reentrant": plan.training.use_reentrant,
+        "training.attn_implementation": plan.training.attn.value,
+        "training.optim": plan.training.optim.value,
+        "nccl.version": ".".join(str(part) for part in plan.nccl.version),
+    }
+    out = {path: {"value": resolved[path] if path in resolved else lookup(dumped, path), "from": origin}
+           for path, origin in sc.origins.items()}
+    out["weights_dtype"] = {"value": plan.model.weights_dtype.value,
+                            "from": "deepspeed bf16/fp16 sections with the Trainer's flag" if sc.deepspeed
+                            else "model.torch_dtype"}
+    return out
 
 
 def run_peak_flops(run: Run) -> float:
@@ -237,8 +265,23 @@ def format_summary(result: dict, allocator_line: str = "", host_bytes: int = 0) 
         lines.append(allocator_line)
     busy = ", ".join(f"{stream} {100 * share:.0f}%" for stream, share in result["stream_busy_share"].items())
     host = "; host-side work of the offload (CPU Adam, copies) not timed" if host_bytes else ""
+    lines += ["", "assumed (each setting that decided the result: value, where it came from)"]
+    lines += [f"  {path} = {_shown(entry['value'])}  ({entry['from']})" for path, entry in result["settings"].items()]
+    by_reason: dict[str, list[str]] = {}
+    for item in result["ignored_keys"]:
+        by_reason.setdefault(item["why"], []).append(item["path"])
+    if by_reason:
+        lines.append("accepted, no memory effect:")
+        lines += [f"  {', '.join(paths)} ({why})" for why, paths in by_reason.items()]
     lines += ["", f"step time  {result['step_time_s']:.3f} s, {result['tokens_per_s']:.0f} tokens/s, "
                   f"MFU {100 * result['mfu']:.1f}% (roofline at measured efficiencies, NCCL cost model{host})",
               f"busy       {busy} of the step",
               f"events     {result['events']}"]
     return "\n".join(lines)
+
+
+def _shown(value) -> str:
+    """A setting's value in the summary: lists joined, null as 'none', the empty string quoted."""
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value) or "[]"
+    return "none" if value is None else '""' if value == "" else str(value)

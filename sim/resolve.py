@@ -67,7 +67,7 @@ def resolve_plan(scenario: Scenario) -> Plan:
             micro_batch=training.per_device_train_batch_size,
             accumulation_steps=training.gradient_accumulation_steps, seq_len=training.seq_len,
             gradient_checkpointing=training.gradient_checkpointing,
-            use_reentrant=training.gradient_checkpointing_kwargs.use_reentrant, attn=training.attn_implementation,
+            use_reentrant=use_reentrant(scenario, versions.transformers), attn=training.attn_implementation,
             optim=training.optim or behaviour.default_optim, weight_decay=training.weight_decay,
             max_grad_norm=training.max_grad_norm, steps=scenario.simulation.steps),
         behaviour=behaviour,
@@ -110,6 +110,14 @@ def check_supported(scenario: Scenario) -> None:
         raise ScenarioError(f"strategies: unknown strategy kind {scenario.strategies[0].kind!r} (none are defined yet)")
     if scenario.allocator.backend is AllocatorBackend.EXACT and scenario.allocator.conf:
         raise ScenarioError(f"allocator.conf: only meaningful with backend caching (got {scenario.allocator.conf!r})")
+
+
+def use_reentrant(scenario: Scenario, transformers: tuple[int, int, int]) -> bool:
+    """gradient_checkpointing_kwargs.use_reentrant as given, else what the model's checkpointing_enable passes when
+    the Trainer hands it no kwargs: true up to 4.x (4.57.6 modeling_utils.py gradient_checkpointing_enable), false
+    from 5.0 (5.0.0 and 5.24.0 _activation_checkpointing_enable)."""
+    given = scenario.training.gradient_checkpointing_kwargs.use_reentrant
+    return given if given is not None else transformers < (5, 0, 0)
 
 
 def weights_dtype(scenario: Scenario) -> DType:

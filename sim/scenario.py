@@ -14,15 +14,25 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from sim import catalog
 from sim.errors import ScenarioError
-from sim.ingest.deepspeed import read_deepspeed, resolve_auto
-from sim.ingest.hf_config import read_model
-from sim.ingest.training_args import PER_DEVICE_TRAIN_BATCH_SIZE_DEFAULT, SEQ_LEN_ALIASES, resolve_seq_len_alias
+from sim.ingest.deepspeed import classify_deepspeed, read_deepspeed, resolve_auto
+from sim.ingest.hf_config import normalize_config, read_model
+from sim.ingest.keys import IgnoredKey
+from sim.ingest.peft import classify_lora
+from sim.ingest.provenance import origins
+from sim.ingest.training_args import (
+    PER_DEVICE_TRAIN_BATCH_SIZE_DEFAULT,
+    SEQ_LEN_ALIASES,
+    classify_training,
+    resolve_seq_len_alias,
+    take_deepspeed,
+)
 from sim.vocab import AllocatorBackend, AttnImplementation, DType, ModelType, Optim
 from sim.versions import (
     NEWEST_DEEPSPEED,
     NEWEST_PEFT,
     NEWEST_TORCH,
     NEWEST_TRANSFORMERS,
+    known_release,
     parse_version,
 )
 
@@ -158,13 +168,20 @@ class Software(Frozen):
     deepspeed: str = NEWEST_DEEPSPEED
     peft: str = NEWEST_PEFT
 
+    @model_validator(mode="after")
+    def _known_releases(self) -> "Software":
+        """Each version a release the simulator knows (sim/versions.py), never silently another."""
+        for package in ("torch", "transformers", "deepspeed", "peft"):
+            known_release(package, getattr(self, package), f"software.{package}")
+        return self
+
     def version(self, package: str) -> tuple[int, int, int]:
         """The named package's version as a comparable tuple."""
         return parse_version(getattr(self, package), f"software.{package}")
 
 
 class CheckpointingKwargs(Frozen):
-    use_reentrant: bool = True
+    use_reentrant: bool | None = None  # None: the transformers version's default (sim/resolve.py)
 
 
 class Training(Frozen):
@@ -268,6 +285,8 @@ class Scenario(Frozen):
     nccl: Nccl = Nccl()
     simulation: Simulation = Simulation()
     strategies: list[Strategy] = []
+    ignored_keys: tuple[IgnoredKey, ...] = ()  # accepted with no memory effect (sim/ingest/keys.py), not a user key
+    origins: dict[str, str] = {}  # deciding setting -> where it came from (sim/ingest/provenance.py), not a user key
 
     @model_validator(mode="after")
     def _default_allocator(self) -> "Scenario":
@@ -289,13 +308,14 @@ def load_scenario(path: str | Path, overrides: list[str] = ()) -> Scenario:
     """Read a scenario file, resolve its references, apply `--set KEY=VALUE` overrides, validate."""
     path = Path(path)
     raw = catalog.load_yaml_mapping(path, "scenario")
-    return build_scenario(raw, base_dir=path.parent, overrides=overrides, default_name=path.stem)
+    return build_scenario(raw, base_dir=path.parent, overrides=overrides, default_name=path.stem, source=path.name)
 
 
 def build_scenario(
-    raw: dict, base_dir: Path = Path("."), overrides: list[str] = (), default_name: str = "scenario"
+    raw: dict, base_dir: Path = Path("."), overrides: list[str] = (), default_name: str = "scenario",
+    source: str = "the scenario",
 ) -> Scenario:
-    """Validate a raw scenario mapping (as loaded from YAML) into a frozen Scenario."""
+    """Validate a raw scenario mapping (as loaded from YAML; `source` names its file) into a frozen Scenario."""
     data = copy.deepcopy(raw)
     unknown = sorted(set(data) - _TOP_KEYS)
     if unknown:
@@ -304,20 +324,23 @@ def build_scenario(
         _resolve_model(data, base_dir)
     if "hardware" in data:
         _resolve_device(data)
-    data["deepspeed"] = read_deepspeed(data.get("deepspeed"), base_dir)
+    _read_deepspeed(data, base_dir)
     for override in overrides:
         _apply_override(data, override, base_dir)
+    _read_deepspeed(data, base_dir, overridden=True)
     for key in ("model", "hardware"):
         if key not in data:
             raise ScenarioError(f"{key}: required key is missing")
     if isinstance(data.get("training"), dict):
         resolve_seq_len_alias(data["training"])
+    model_file = data.pop("_model_file", "")
+    if isinstance(data.get("model"), dict):
+        normalize_config(data["model"], model_file)
     data.setdefault("name", default_name)
     model_name = data.pop("_model_name", "inline")
     device_name = data.get("hardware", {}).pop("_device_name", "inline") if isinstance(data.get("hardware"), dict) else ""
-    if isinstance(data.get("deepspeed"), dict):
-        resolve_auto(data["deepspeed"], *(data.get(k) if isinstance(data.get(k), dict) else {}
-                                          for k in ("training", "hardware", "model")))
+    ignored, data["origins"] = _classify(data, source, model_file)
+    data["ignored_keys"] = tuple(ignored)
     try:
         hardware = data.get("hardware")
         if isinstance(hardware, dict):
@@ -327,6 +350,44 @@ def build_scenario(
         raise ScenarioError(_describe(exc)) from None
     except TypeError as exc:
         raise ScenarioError(f"scenario: {exc}") from None
+
+
+def _read_deepspeed(data: dict, base_dir: Path, overridden: bool = False) -> None:
+    """TrainingArguments' `deepspeed` moved to the top level (after the overrides, a `--set training.deepspeed`
+    replaces it), and a path read, remembering its file."""
+    training = data.get("training")
+    if isinstance(training, dict) and overridden and "deepspeed" in training:
+        data["deepspeed"] = training.pop("deepspeed")
+    elif isinstance(training, dict):
+        data["deepspeed"] = take_deepspeed(training, data.get("deepspeed"))
+    if not isinstance(data.get("deepspeed"), dict):
+        data["deepspeed"], data["_deepspeed_file"] = read_deepspeed(data.get("deepspeed"), base_dir)
+
+
+def _classify(data: dict, source: str, model_file: str) -> tuple[list[IgnoredKey], dict[str, str]]:
+    """Every key of training, lora and deepspeed classified (sim/ingest/keys.py); where each deciding setting came
+    from (before "auto" is filled); DeepSpeed's "auto" filled and its batch sizes reconciled with TrainingArguments,
+    whose neutral keys (learning_rate...) HF compares too."""
+    training = data.get("training") if isinstance(data.get("training"), dict) else {}
+    in_scenario = f" (in {source})" if source.endswith((".yaml", ".yml", ".json")) else ""
+    ignored = classify_training(training, in_scenario)
+    if isinstance(data.get("lora"), dict):
+        ignored += classify_lora(data["lora"], in_scenario)
+    ds_file = data.pop("_deepspeed_file", "")
+    where = f" (in {ds_file})" if ds_file else ""
+    ds = data.get("deepspeed")
+    ds_ignored = classify_deepspeed(ds, where) if isinstance(ds, dict) else []
+    found = origins(data, data.pop("_set", []), {"model": model_file, "deepspeed": ds_file}, source)
+    if isinstance(ds, dict):
+        # HF compares neutral keys too (learning_rate with the optimizer's and the scheduler's lr): both sides whole
+        hf_view = {item.path.removeprefix("training."): item.value for item in ignored
+                   if item.path.startswith("training.")} | training
+        ds_view = {item.path.removeprefix("deepspeed."): item.value for item in ds_ignored
+                   if item.path.count(".") == 1} | ds
+        resolve_auto(ds_view, hf_view, *(data.get(k) if isinstance(data.get(k), dict) else {}
+                                         for k in ("hardware", "model")), where=where)
+        ds.update({key: ds_view[key] for key in ds})
+    return ignored + ds_ignored, found
 
 
 def _describe(exc: ValidationError) -> str:
@@ -346,7 +407,7 @@ def _describe(exc: ValidationError) -> str:
 
 def _resolve_model(data: dict, base_dir: Path) -> None:
     """model: catalog name | path to a config.json | inline mapping → mapping, remembering the name."""
-    data["model"], data["_model_name"] = read_model(data["model"], base_dir)
+    data["model"], data["_model_name"], data["_model_file"] = read_model(data["model"], base_dir)
 
 
 def _resolve_device(data: dict) -> None:
@@ -378,18 +439,24 @@ def _apply_override(data: dict, override: str, base_dir: Path) -> None:
         parts[1] = "seq_len"  # an alias on the command line overrides whatever the file says
     if parts[0] not in _TOP_KEYS:
         raise ScenarioError(f"--set {key}: unknown key {parts[0]!r}")
+    set_paths = data.setdefault("_set", [])
+    set_paths.append("model.torch_dtype" if parts == ["model", "dtype"] else ".".join(parts))
     if parts == ["model"]:
-        data["model"], data["_model_name"] = read_model(value, base_dir)
+        data["model"], data["_model_name"], data["_model_file"] = read_model(value, base_dir)
         return
     if parts == ["hardware", "device"]:
         data.setdefault("hardware", {})
         data["hardware"]["device"], data["hardware"]["_device_name"] = _device_mapping(value)
         return
     if parts == ["deepspeed"]:
-        data["deepspeed"] = read_deepspeed(value, base_dir)
+        data["deepspeed"], data["_deepspeed_file"] = read_deepspeed(value, base_dir)
         return
-    if parts[0] == "model" and isinstance(data.get("model"), dict) and parts[1] not in data["model"] and parts[1] not in ModelSpec.model_fields:
+    if (parts[0] == "model" and isinstance(data.get("model"), dict) and parts[1] not in data["model"]
+            and parts[1] not in ModelSpec.model_fields and parts[1] != "dtype"):
         raise ScenarioError(f"--set {key}: unknown model key {parts[1]!r}")
+    if parts in (["model", "dtype"], ["model", "torch_dtype"]) and isinstance(data.get("model"), dict):
+        data["model"].pop("dtype", None)  # --set replaces the dtype under whichever spelling the file used
+        parts = ["model", "torch_dtype"]
     node = data
     for depth, part in enumerate(parts[:-1]):
         child = node.get(part)

@@ -229,6 +229,7 @@ def test_unmodelled_gradient_accumulation_dtype_is_refused(tmp_path, capsys):
     # bf16 model, fp32 accumulation: DeepSpeed's BF16_Optimizer with ZeRO-1, fp32 partitions with ZeRO-3
     data = tiny_scenario(deepspeed={"zero_optimization": {"stage": 1}, "bf16": {"enabled": True},
                                     "data_types": {"grad_accum_dtype": "fp32"}})
+    data["training"]["bf16"] = True  # HF's Trainer requires bf16.enabled to match TrainingArguments.bf16
     message = assert_one_line_error(*run_main(capsys, ["run", str(write_yaml(tmp_path / "s.yaml", data))]))
     assert_mentions(message, "deepspeed.data_types.grad_accum_dtype", "'fp32'")
     assert NOT_MODELLED.search(message), message

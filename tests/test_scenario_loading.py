@@ -340,7 +340,9 @@ def test_deepspeed_explicit_values_are_kept():
     deepspeed = copy.deepcopy(AUTO_DEEPSPEED)
     deepspeed["zero_optimization"]["reduce_bucket_size"] = 12345
     deepspeed["gradient_clipping"] = 0.5
-    scenario = build_scenario(auto_raw(deepspeed))
+    raw = auto_raw(deepspeed)
+    raw["training"]["max_grad_norm"] = 0.5  # HF's Trainer requires an explicit gradient_clipping to match it
+    scenario = build_scenario(raw)
     assert scenario.deepspeed.zero_optimization.reduce_bucket_size == 12345
     assert scenario.deepspeed.model_dump()["gradient_clipping"] == 0.5
 

@@ -40,6 +40,7 @@ class AllocConf:
     garbage_collection_threshold: float = 0.0  # 0: off
     expandable_segments: bool = False
     raw: str = ""  # the string as given, for snapshots
+    ignored: tuple[tuple[str, str], ...] = ()  # (key, value) accepted that change nothing modelled, for the result
 
     @property
     def max_split_size(self) -> int:
@@ -200,6 +201,7 @@ def parse_alloc_conf(text: str | None) -> AllocConf:
         return AllocConf(raw=text or "")
     r = _Reader(_lex(text))
     values: dict[str, object] = {}
+    ignored: list[tuple[str, str]] = []
     while r.more():
         key = r.take("a key")
         if key in ",:[]":
@@ -228,13 +230,17 @@ def parse_alloc_conf(text: str | None) -> AllocConf:
             if tok != "native":
                 raise _fail(f"backend must be native or cudaMallocAsync (got {tok!r})")
         elif key in _IGNORED_BOOL_KEYS:
-            _bool(key, r.value(key))
+            tok = r.value(key)
+            _bool(key, tok)
+            ignored.append((key, tok))
         elif key in _IGNORED_INT_KEYS:
-            _int(key, r.value(key))
+            tok = r.value(key)
+            _int(key, tok)
+            ignored.append((key, tok))
         else:
             raise _fail(f"unrecognized option {key!r}")
         if r.more():
             tok = r.take("','")
             if tok != ",":
                 raise _fail(f"expected ',' after {key} (got {tok!r})")
-    return AllocConf(raw=text, **values)  # type: ignore[arg-type]
+    return AllocConf(raw=text, ignored=tuple(ignored), **values)  # type: ignore[arg-type]
