@@ -7,8 +7,9 @@ import pytest
 import yaml
 
 from sim.cli import main
-from sim.plan import Holder
+from sim.plan import Holder, ModuleLoading
 from sim.resolve import cuda_of_torch, resolve_plan
+from sim.runtime import module_loading
 from sim.scenario import build_scenario
 from sim.vocab import AllocatorBackend
 from tests.conftest import tiny_raw
@@ -77,17 +78,23 @@ def context_parts(torch: str, **device) -> list[tuple[str, int]]:
     ("1.13.1", [("cuda_context", 400 * MIB)]),
     ("2.1.0+cu118", [("cuda_context", 400 * MIB)]),
     ("1.13.1+cu117", [("cuda_context", 400 * MIB)]),
-    # CUDA 11.6 has no lazy loading; torch 1.12 sets nothing and CUDA < 12.2 loads eagerly: 400 MiB + 379,584,512 B
+    # CUDA 11.6 has no lazy loading (CUDA < 12.2 loads eagerly by default): 400 MiB + 379,584,512 B
     ("1.13.1+cu116", [("cuda_context", 400 * MIB), ("cuda_context.eager_modules", EAGER_MODULES)]),
-    ("1.12.1", [("cuda_context", 400 * MIB), ("cuda_context.eager_modules", EAGER_MODULES)]),
 ])
 def test_context_by_torch_and_cuda_version(torch: str, parts: list[tuple[str, int]]) -> None:
     assert context_parts(torch) == parts
 
 
+def test_torch_before_1_13_loads_eagerly() -> None:
+    # torch 1.12 sets no CUDA_MODULE_LOADING (scenarios refuse it as older than the versions known, sim/versions.py,
+    # but the rule itself holds): eager whatever its CUDA
+    assert module_loading((1, 12, 1), None) is ModuleLoading.EAGER
+    assert module_loading((1, 12, 1), (11, 7)) is ModuleLoading.EAGER
+
+
 def test_a_stated_context_overrides_the_model_whatever_the_versions() -> None:
     # an inline device stating 300 MiB holds 300 MiB as one part, lazy or eager
-    for torch in ("2.2.2", "1.12.1"):
+    for torch in ("2.2.2", "1.13.1+cu116"):
         assert context_parts(torch, cuda_context_bytes=300 * MIB) == [("cuda_context", 300 * MIB)]
     # an inline device that states none gets the modelled context
     assert context_parts("2.2.2", compute_capability="8.0") == [("cuda_context", 400 * MIB)]
