@@ -77,8 +77,43 @@ def resolve_plan(scenario: Scenario) -> Plan:
     )
 
 
+# config.json keys that change the architecture (and its memory) in the families that define them, and that the
+# modelling code of the other model types never reads: a config carrying one under another model_type (a Mixtral
+# config relabelled `mistral`) would run there as a dense model, silently. Key → (what it is, the model types whose
+# code reads it and that the simulator models).
+_ARCHITECTURE_KEYS: dict[str, tuple[str, frozenset[ModelType]]] = {
+    # transformers models/mixtral/configuration_mixtral.py: num_local_experts, num_experts_per_tok
+    "num_local_experts": ("mixture-of-experts layers (Mixtral)", frozenset()),
+    # models/qwen2_moe/configuration_qwen2_moe.py, qwen3_moe: num_experts, moe_intermediate_size,
+    # shared_expert_intermediate_size
+    "num_experts": ("mixture-of-experts layers (Qwen2-MoE, Qwen3-MoE)", frozenset()),
+    "moe_intermediate_size": ("mixture-of-experts layers (Qwen-MoE, DeepSeek)", frozenset()),
+    "shared_expert_intermediate_size": ("shared experts (Qwen2-MoE)", frozenset()),
+    # models/deepseek_v2/configuration_deepseek_v2.py, deepseek_v3: n_routed_experts, n_shared_experts,
+    # kv_lora_rank, q_lora_rank (multi-head latent attention)
+    "n_routed_experts": ("mixture-of-experts layers (DeepSeek-V2/V3)", frozenset()),
+    "n_shared_experts": ("shared experts (DeepSeek-V2/V3)", frozenset()),
+    "kv_lora_rank": ("multi-head latent attention (DeepSeek-V2/V3)", frozenset()),
+    "q_lora_rank": ("multi-head latent attention (DeepSeek-V2/V3)", frozenset()),
+}
+
+
+def check_model_keys(scenario: Scenario) -> None:
+    """Refuse a config.json key that changes the architecture where the named model_type's code ignores it."""
+    model = scenario.model
+    extra = model.model_extra or {}
+    for key, (meaning, readers) in _ARCHITECTURE_KEYS.items():
+        value = extra.get(key)
+        if value in (None, 0) or model.model_type in readers:
+            continue
+        raise ScenarioError(f"model.{key}: {value!r} configures {meaning}, which model_type "
+                            f"{model.model_type.value} does not run (its modelling code would ignore it and run a "
+                            "dense model) and the simulator does not model yet")
+
+
 def check_supported(scenario: Scenario) -> None:
     """Refuse, with a clear message, what is not modelled yet rather than simulate it wrongly."""
+    check_model_keys(scenario)
     if scenario.deepspeed is not None:
         zero = scenario.deepspeed.zero_optimization
         for key in ("offload_param", "offload_optimizer"):

@@ -100,3 +100,21 @@ def test_a_registered_family_runs_through_the_normal_path(monkeypatch: pytest.Mo
     assert not any("gate_proj" in name for name in names)
     with pytest.raises(ScenarioError, match=r"'gate_proj' is not a linear module of model_type mistral"):
         build_schedule(resolve_plan(build_scenario(_lora_raw("mistral", target_modules=["gate_proj"]))))
+
+
+@pytest.mark.parametrize("key, value", [("num_local_experts", 8), ("num_experts", 60), ("n_routed_experts", 64),
+                                        ("kv_lora_rank", 512), ("moe_intermediate_size", 1408)])
+def test_a_relabelled_moe_or_mla_config_is_refused_not_run_dense(key: str, value: int) -> None:
+    # A Mixtral config.json relabelled `mistral`: MistralForCausalLM never reads num_local_experts and would build
+    # a dense MLP, so the run is refused with the key rather than simulated as a dense 7B.
+    raw = tiny_raw()
+    raw["model"].update(model_type="mistral", **{key: value})
+    with pytest.raises(ScenarioError, match=rf"model.{key}: {value} configures .* model_type mistral does not run"):
+        resolve_plan(build_scenario(raw))
+
+
+def test_an_absent_or_null_architecture_key_is_not_refused() -> None:
+    # Dense configs may carry the keys as null or 0 (a config class default dumped): nothing to refuse.
+    raw = tiny_raw()
+    raw["model"].update(num_local_experts=None, num_experts=0)
+    assert resolve_plan(build_scenario(raw)).model.model_type is ModelType.QWEN2
