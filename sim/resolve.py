@@ -109,6 +109,14 @@ def check_model_keys(scenario: Scenario) -> None:
         raise ScenarioError(f"model.{key}: {value!r} configures {meaning}, which model_type "
                             f"{model.model_type.value} does not run (its modelling code would ignore it and run a "
                             "dense model) and the simulator does not model yet")
+    scaling = extra.get("rope_scaling")
+    rope_type = (scaling.get("rope_type") or scaling.get("type")) if isinstance(scaling, dict) else None
+    transformers = scenario.software.version("transformers")
+    if rope_type == "llama3" and transformers < (4, 43, 0):
+        # LlamaConfig._rope_scaling_validation of 4.42 accepts only linear and dynamic (a ValueError at load);
+        # 4.43 adds the llama3 type with Llama 3.1 (modeling_rope_utils.py _compute_llama3_parameters)
+        raise ScenarioError(f"model.rope_scaling: rope_type 'llama3' needs transformers >= 4.43 (got "
+                            f"{scenario.software.transformers}), which refuses the config at load")
 
 
 def check_supported(scenario: Scenario) -> None:

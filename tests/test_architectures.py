@@ -118,3 +118,13 @@ def test_an_absent_or_null_architecture_key_is_not_refused() -> None:
     raw = tiny_raw()
     raw["model"].update(num_local_experts=None, num_experts=0)
     assert resolve_plan(build_scenario(raw)).model.model_type is ModelType.QWEN2
+
+
+def test_llama3_rope_scaling_needs_the_transformers_that_added_it() -> None:
+    # Llama 3.1/3.2 configs carry rope_scaling {rope_type: llama3}: 4.42's LlamaConfig refuses it at load.
+    raw = tiny_raw()
+    raw["model"].update(model_type="llama", rope_scaling={"rope_type": "llama3", "factor": 8.0})
+    with pytest.raises(ScenarioError, match=r"model.rope_scaling: rope_type 'llama3' needs transformers >= 4.43 "
+                                            r"\(got 4.42.4\)"):
+        resolve_plan(build_scenario(raw, overrides=["software.transformers=4.42.4"]))
+    assert resolve_plan(build_scenario(raw, overrides=["software.transformers=4.43.0"])).model.vocab_size == 1000

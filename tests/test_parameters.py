@@ -16,6 +16,19 @@ EXACT = {
     "llama-3-70b": 70_553_706_496,
     "mistral-7b": 7_241_732_096,
     "codellama-34b": 33_743_970_304,
+    # Llama 3.1 keeps Llama 3's shapes; 3.2 ties lm_head to embed_tokens (counted once, as the safetensors hold it)
+    "llama-3.1-8b": 8_030_261_248,
+    "llama-3.1-70b": 70_553_706_496,
+    "llama-3.2-1b": 1_235_814_400,
+    "llama-3.2-3b": 3_212_749_824,
+    # Qwen2.5 (model_type qwen2): the HF pages' safetensors totals ("Model size"); 0.5B-3B tie their embeddings
+    "qwen2.5-0.5b": 494_032_768,
+    "qwen2.5-1.5b": 1_543_714_304,
+    "qwen2.5-3b": 3_085_938_688,
+    "qwen2.5-7b": 7_615_616_512,
+    "qwen2.5-14b": 14_770_033_664,
+    "qwen2.5-32b": 32_763_876_352,
+    "qwen2.5-72b": 72_706_203_648,
 }
 ROUNDED_BILLIONS = {  # (model, published count in billions, digits printed)
     "qwen1.5-0.5b": (0.46, 2), "qwen1.5-7b": (7.72, 2), "qwen1.5-14b": (14.17, 2), "qwen1.5-32b": (32.51, 2),
@@ -60,3 +73,10 @@ def test_lora_adds_adapters_and_freezes_the_base() -> None:
     adapters = 32 * 2 * (8 * 4096 + 4096 * 8)
     assert trainable == adapters == 4_194_304
     assert total == EXACT["llama-2-7b"] + adapters
+
+
+def test_llama_3_2_1b_by_hand() -> None:
+    # tied: embed 128256·2048 once + norm 2048 + 16 × (q 2048·32·64 + k, v 2·2048·8·64 + o 32·64·2048
+    # + MLP 3·2048·8192 + 2 norms 2·2048)
+    per_layer = 2048 * 2048 + 2 * 2048 * 512 + 2048 * 2048 + 3 * 2048 * 8192 + 2 * 2048
+    assert _count("llama-3.2-1b")[0] == 128256 * 2048 + 2048 + 16 * per_layer == 1_235_814_400
