@@ -10,6 +10,7 @@ class ModelType(Enum):
     LLAMA = "llama"
     MISTRAL = "mistral"
     QWEN = "qwen"  # Qwen1's own remote code (modeling_qwen.py)
+    QWEN3 = "qwen3"  # transformers models/qwen3 (4.51+): q/k RMSNorm over head_dim
 
 
 class DType(Enum):

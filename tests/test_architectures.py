@@ -128,3 +128,17 @@ def test_llama3_rope_scaling_needs_the_transformers_that_added_it() -> None:
                                             r"\(got 4.42.4\)"):
         resolve_plan(build_scenario(raw, overrides=["software.transformers=4.42.4"]))
     assert resolve_plan(build_scenario(raw, overrides=["software.transformers=4.43.0"])).model.vocab_size == 1000
+
+
+def test_qwen3_needs_the_transformers_that_added_it_and_its_norms_are_not_linears() -> None:
+    # models/qwen3 first ships in transformers 4.51.0; q_norm/k_norm are RMSNorms, not LoRA targets.
+    raw = _lora_raw("qwen3", target_modules=["q_proj", "k_proj"])
+    with pytest.raises(ScenarioError, match=r"software.transformers: model_type qwen3 needs transformers >= 4.51.0 "
+                                            r"\(got 4.39.3\)"):
+        resolve_plan(build_scenario(raw))
+    raw["software"]["transformers"] = "4.51.3"
+    names = {op.name for op in run_scenario(build_scenario(raw)).schedule.ops}
+    assert {"model.layers.1.self_attn.q_norm.rsqrt", "model.layers.1.self_attn.k_norm.weight_mul"} <= names
+    raw["lora"]["target_modules"] = ["q_norm"]
+    with pytest.raises(ScenarioError, match=r"'q_norm' is not a linear module of model_type qwen3"):
+        build_schedule(resolve_plan(build_scenario(raw)))

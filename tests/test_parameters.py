@@ -29,6 +29,17 @@ EXACT = {
     "qwen2.5-14b": 14_770_033_664,
     "qwen2.5-32b": 32_763_876_352,
     "qwen2.5-72b": 72_706_203_648,
+    # Qwen3: q_norm/k_norm add 2·128 per layer; 4B ties its embeddings and stores lm_head once
+    "qwen3-4b": 4_022_468_096,
+    "qwen3-8b": 8_190_735_360,
+    "qwen3-14b": 14_768_307_200,
+    "qwen3-32b": 32_762_123_264,
+}
+# Tied models whose safetensors also store lm_head.weight (the HF page's total counts it twice, the loaded model
+# once): (safetensors total, its vocab × hidden, the model card's rounded "Number of Parameters" in billions).
+STORED_TWICE = {
+    "qwen3-0.6b": (751_632_384, 151936 * 1024, 0.6),
+    "qwen3-1.7b": (2_031_739_904, 151936 * 2048, 1.7),
 }
 ROUNDED_BILLIONS = {  # (model, published count in billions, digits printed)
     "qwen1.5-0.5b": (0.46, 2), "qwen1.5-7b": (7.72, 2), "qwen1.5-14b": (14.17, 2), "qwen1.5-32b": (32.51, 2),
@@ -50,6 +61,20 @@ def test_exact_counts(name: str) -> None:
 def test_rounded_counts(name: str) -> None:
     billions, digits = ROUNDED_BILLIONS[name]
     assert round(_count(name)[0] / 1e9, digits) == billions
+
+
+@pytest.mark.parametrize("name", sorted(STORED_TWICE))
+def test_tied_counts_with_a_stored_lm_head(name: str) -> None:
+    total, lm_head, billions = STORED_TWICE[name]
+    assert _count(name)[0] == total - lm_head
+    assert round(_count(name)[0] / 1e9, 1) == billions
+
+
+def test_qwen3_8b_by_hand() -> None:
+    # per layer: q 4096·32·128, k/v 2·4096·8·128, o 32·128·4096, MLP 3·4096·12288, norms 2·4096 + q/k norms 2·128;
+    # embed and lm_head 2·151936·4096, final norm 4096
+    per_layer = 2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 12288 + 2 * 4096 + 2 * 128
+    assert _count("qwen3-8b")[0] == 2 * 151936 * 4096 + 4096 + 36 * per_layer == 8_190_735_360
 
 
 def test_llama2_7b_by_hand() -> None:

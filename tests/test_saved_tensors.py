@@ -142,3 +142,19 @@ def test_cublaslt_workspace_of_bias_linears() -> None:
     raw["hardware"]["gpus_per_node"] = 2
     raw["deepspeed"] = {"zero_optimization": {"stage": 3}}
     assert not [b for b in run_scenario(build_scenario(raw)).schedule.buffers if b.name.startswith("cublaslt")]
+
+
+def test_qwen3_qk_norms_save_an_rmsnorm_per_head() -> None:
+    # Qwen3 (4.51.3) against Qwen2 at the same version: q_norm and k_norm are RMSNorms over each head's d = 16 on
+    # the (b, s, heads, d) projections; each saves the fp32 copy (4·N·a·d = 4Nh), the per-head rsqrt (4·N·a) and the
+    # bf16 normalised tensor (2Nh, by the weight mul). Its output goes to the rotary embedding, which saves cos/sin
+    # only, as for Qwen2's un-normed q and k. MHA here, so k is as large as q. Two norms per layer, two layers.
+    qk_norms = 2 * (4 * N * H + 4 * N * A + 2 * N * H)
+    assert qk_norms == 25_600
+    raws = {}
+    for model_type in ("qwen2", "qwen3"):
+        raws[model_type] = tiny_raw()
+        raws[model_type]["model"]["model_type"] = model_type
+        raws[model_type]["software"]["transformers"] = "4.51.3"
+    assert activation_bytes_after_forward(raws["qwen3"]) - activation_bytes_after_forward(raws["qwen2"]) == \
+        2 * qk_norms

@@ -20,6 +20,7 @@ from sim.vocab import ModelType
 from sim.workload.context import RunContext
 from sim.workload.hf_decoder import HfDecoder
 from sim.workload.qwen1 import Qwen1
+from sim.workload.qwen3 import Qwen3
 from sim.workload.tape import Param, Tensor
 
 
@@ -52,4 +53,5 @@ ARCHITECTURES: dict[ModelType, Architecture] = {
     ModelType.LLAMA: HfDecoder(),
     ModelType.MISTRAL: HfDecoder(),
     ModelType.QWEN: Qwen1(),
+    ModelType.QWEN3: Qwen3(),
 }

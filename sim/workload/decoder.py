@@ -35,13 +35,15 @@ class DecoderLayer:
     post_attention_norm: Param  # post_attention_layernorm (HF), ln_2 (Qwen1)
     linears: dict[str, Linear]
     rotary_cache: list[Tensor] = field(default_factory=list)  # per-layer cos_cached/sin_cached buffers (old HF code)
+    norms: dict[str, Param] = field(default_factory=dict)  # a family's other norms (Qwen3's q_norm/k_norm), by name
 
     def params(self) -> list[Param]:
-        """In module order: the input norm, the linears, the post-attention norm."""
+        """The input norm, the linears, the post-attention norm, then the family's other norms."""
         out = [self.input_norm]
         for lin in self.linears.values():
             out += lin.params()
         out.append(self.post_attention_norm)
+        out += self.norms.values()
         return out
 
 

@@ -61,6 +61,10 @@ class HfDecoder(Decoder):
         h, i = m.hidden_size, m.intermediate_size
         return {"gate_proj": (h, i, m.mlp_bias), "up_proj": (h, i, m.mlp_bias), "down_proj": (i, h, m.mlp_bias)}
 
+    def layer_norms(self, ctx: RunContext, prefix: str, full: bool) -> dict[str, Param]:
+        """A layer's norms besides the input and post-attention norms: none here."""
+        return {}
+
     def build_model(self, ctx: RunContext, lora: LoraPlan | None) -> CausalLM:
         """Create the parameters in module order, in the weights dtype; LoRA freezes the base and adds adapters."""
         m = ctx.model
@@ -80,7 +84,7 @@ class HfDecoder(Decoder):
                     linears[name] = make_linear(ctx, f"{prefix}.{parent}.{name}", fan_in, fan_out, has_bias, dtype,
                                                 full, lora, name)
             norm2 = make_param(ctx, f"{prefix}.post_attention_layernorm.weight", h, dtype, full)
-            layer = DecoderLayer(index, prefix, norm1, norm2, linears)
+            layer = DecoderLayer(index, prefix, norm1, norm2, linears, norms=self.layer_norms(ctx, prefix, full))
             beh = ctx.behaviour
             if beh.rotary is not Rotary.MODEL_LEVEL:  # each attention layer owns a rotary module and its inv_freq
                 _inv_freq(ctx, f"{prefix}.self_attn.rotary_emb")
@@ -149,11 +153,9 @@ class HfDecoder(Decoder):
         # eager. The q and k grads leave the rotary backward in (b, heads, s, d) layout whatever layout the
         # attention kernel gave them (TensorIterator's output strides, shared by CPU and CUDA; measured on CPU: a
         # ViewBackward0 clone of b·s·a·d and b·s·k·d per layer, docs/validation.md), so their view-backward copies.
-        q = P.view(tp, apply_linear(ctx, lin["q_proj"], x), backward_copies=True)
-        k = P.view(tp, apply_linear(ctx, lin["k_proj"], x), backward_copies=True)
+        q, k = self.query_key(ctx, layer, x)
         v = P.view(tp, apply_linear(ctx, lin["v_proj"], x), backward_copies=eager)
-        for t in (q, k, v):  # the view holds the projection output; drop the projection's own reference
-            tp.release(t.storage)
+        tp.release(v.storage)  # the view holds the projection output; drop the projection's own reference
         beh = ctx.behaviour
         if rotary is not None:
             cos, sin = tp.alias(rotary[0]), tp.alias(rotary[1])
@@ -179,6 +181,16 @@ class HfDecoder(Decoder):
         result = apply_linear(ctx, lin["o_proj"], out)
         tp.drop(out, v, q_rot, k_rot)  # locals of the attention forward, released when it returns
         return result
+
+    def query_key(self, ctx: RunContext, layer: DecoderLayer, x: Tensor) -> tuple[Tensor, Tensor]:
+        """q_proj(x) and k_proj(x) as (b, heads, s, d) views, before the rotary embedding. Their grads come back
+        in another layout (see attention), so each view's backward copies."""
+        tp, lin = ctx.tape, layer.linears
+        q = P.view(tp, apply_linear(ctx, lin["q_proj"], x), backward_copies=True)
+        k = P.view(tp, apply_linear(ctx, lin["k_proj"], x), backward_copies=True)
+        for t in (q, k):  # the view holds the projection output; drop the projection's own reference
+            tp.release(t.storage)
+        return q, k
 
     def mlp(self, ctx: RunContext, layer: DecoderLayer, x: Tensor) -> Tensor:
         """down_proj(act_fn(gate_proj(x)) * up_proj(x))."""
