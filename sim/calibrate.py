@@ -91,14 +91,22 @@ CONFIGS: tuple[Config, ...] = (
     _vary("qwen3_lora", "model type + LoRA", model_type="qwen3", lora_r=8),
     # small vocabulary, longer sequence: the forward peak sits in the layers, where the q/k norms live
     _vary("qwen3_s128_v64", "model type + sequence + vocabulary", model_type="qwen3", seq=128, vocab=64),
+    _vary("gemma", "model type", model_type="gemma"),
+    _vary("gemma_sdpa_bf16", "model type + attention + dtype", model_type="gemma", attn="sdpa", dtype="bf16"),
+    _vary("gemma2", "model type", model_type="gemma2"),  # soft-capping: eager (SDPA refuses it)
+    _vary("gemma2_gc_bf16", "model type + checkpointing + dtype", model_type="gemma2", gc=True, dtype="bf16"),
+    _vary("gemma3", "model type", model_type="gemma3_text"),  # 2 layers: both sliding (pattern 6)
+    _vary("gemma3_layers7_gc", "model type + layers + checkpointing", model_type="gemma3_text", layers=7, gc=True),
+    _vary("gemma3_s128_v64", "model type + sequence + vocabulary", model_type="gemma3_text", seq=128, vocab=64),
 )
 
 # Families whose config.json carries head_dim (the scenario and the HF config both get it written out).
-_EXPLICIT_HEAD_DIM = frozenset({"qwen3"})
+_EXPLICIT_HEAD_DIM = frozenset({"qwen3", "gemma", "gemma2", "gemma3_text"})
+_GELU = frozenset({"gemma", "gemma2", "gemma3_text"})  # hidden_act gelu_pytorch_tanh (the config classes' default)
 
 # The subset the `calibrate` pytest marker runs in CI: every factor at least once, a few minutes in all.
 CI_SUBSET = ("base", "seq64", "sdpa", "gc", "sdpa_gc", "batch1", "mha", "tied", "bf16", "lora", "llama", "mistral", "qwen3",
-             "qwen3_s128_v64")
+             "qwen3_s128_v64", "gemma", "gemma2", "gemma3_layers7_gc")
 
 
 def config_by_name(name: str) -> Config:
@@ -124,6 +132,8 @@ def scenario_mapping(config: Config, versions: dict[str, str]) -> dict:
     }
     if config.model_type in _EXPLICIT_HEAD_DIM:
         model["head_dim"] = config.head_dim
+    if config.model_type in _GELU:
+        model["hidden_act"] = "gelu_pytorch_tanh"
     raw = {
         "name": f"calibrate {config.name}",
         "model": model,
@@ -186,12 +196,15 @@ _PHASE_MARK = "calibrate:"
 def _build(config: Config):
     """The model as Trainer would train it, built from a config object (random weights, seed 0)."""
     import torch
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+    from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GemmaConfig,
+                              GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                              Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
     config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM),
                              "mistral": (MistralConfig, MistralForCausalLM),
-                             "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[config.model_type]
+                             "qwen3": (Qwen3Config, Qwen3ForCausalLM), "gemma": (GemmaConfig, GemmaForCausalLM),
+                             "gemma2": (Gemma2Config, Gemma2ForCausalLM),
+                             "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM)}[config.model_type]
     extra = {"head_dim": config.head_dim} if config.model_type in _EXPLICIT_HEAD_DIM else {}
     hf_config = config_cls(
         vocab_size=config.vocab, hidden_size=config.hidden, intermediate_size=config.intermediate,

@@ -142,3 +142,35 @@ def test_qwen3_needs_the_transformers_that_added_it_and_its_norms_are_not_linear
     raw["lora"]["target_modules"] = ["q_norm"]
     with pytest.raises(ScenarioError, match=r"'q_norm' is not a linear module of model_type qwen3"):
         build_schedule(resolve_plan(build_scenario(raw)))
+
+
+@pytest.mark.parametrize("model_type, training, software, message", [
+    ("gemma2", {}, "5.24.0", r"training.attn_implementation: sdpa does not support attention soft-capping "
+                             r"\(model.attn_logit_softcapping 50.0\)"),
+    ("gemma3_text", {"seq_len": 4096}, "5.24.0", r"training.seq_len: 4096 reaches the sliding window \(4096\) under "
+                                                 r"sdpa"),
+    ("gemma", {}, "4.57.1", r"software.transformers: model_type gemma is modelled for transformers >= 5.0.0 "
+                            r"\(got 4.57.1; its 4.x code is not modelled yet\)"),
+])
+def test_gemma_paths_that_are_refused(model_type: str, training: dict, software: str, message: str) -> None:
+    raw = tiny_raw(**training)
+    raw["model"].update(model_type=model_type, max_position_embeddings=8192)
+    raw["software"]["transformers"] = software
+    with pytest.raises(ScenarioError, match=message):
+        resolve_plan(build_scenario(raw))
+
+
+def test_gelu_is_refused_outside_the_gemma_families() -> None:
+    raw = tiny_raw()
+    raw["model"]["hidden_act"] = "gelu"
+    with pytest.raises(ScenarioError, match=r"model.hidden_act: 'gelu' is modelled for the Gemma families only"):
+        resolve_plan(build_scenario(raw))
+
+
+def test_gemma_configs_tie_their_embeddings_by_default() -> None:
+    # GemmaConfig's tie_word_embeddings defaults to True (Qwen2Config's to False) when config.json leaves it out.
+    raw = tiny_raw()
+    raw["model"].update(model_type="gemma", hidden_act="gelu")
+    raw["software"]["transformers"] = "5.24.0"
+    assert resolve_plan(build_scenario(raw)).model.tie_word_embeddings
+    assert not resolve_plan(build_scenario(tiny_raw())).model.tie_word_embeddings

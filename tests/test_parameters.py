@@ -34,6 +34,14 @@ EXACT = {
     "qwen3-8b": 8_190_735_360,
     "qwen3-14b": 14_768_307_200,
     "qwen3-32b": 32_762_123_264,
+    # Gemma (tied, head_dim 256, 256k vocabulary); Gemma 2 adds the two feed-forward norms per layer; Gemma 3 1B
+    # adds q_norm/k_norm (262k vocabulary)
+    "gemma-2b": 2_506_172_416,
+    "gemma-7b": 8_537_680_896,
+    "gemma-2-2b": 2_614_341_888,
+    "gemma-2-9b": 9_241_705_984,
+    "gemma-2-27b": 27_227_128_320,
+    "gemma-3-1b": 999_885_952,
 }
 # Tied models whose safetensors also store lm_head.weight (the HF page's total counts it twice, the loaded model
 # once): (safetensors total, its vocab × hidden, the model card's rounded "Number of Parameters" in billions).
@@ -48,7 +56,9 @@ ROUNDED_BILLIONS = {  # (model, published count in billions, digits printed)
 
 
 def _count(name: str, overrides: tuple[str, ...] = (), **extra) -> tuple[int, int]:
-    raw = {"model": name, "hardware": {"device": "a100-sxm4-80gb"}, "training": {"seq_len": 16}, **extra}
+    # eager: the one attention every family runs (Gemma 2 refuses sdpa)
+    raw = {"model": name, "hardware": {"device": "a100-sxm4-80gb"},
+           "training": {"seq_len": 16, "attn_implementation": "eager"}, **extra}
     return parameter_counts(resolve_plan(build_scenario(raw, overrides=list(overrides))))
 
 
@@ -105,3 +115,10 @@ def test_llama_3_2_1b_by_hand() -> None:
     # + MLP 3·2048·8192 + 2 norms 2·2048)
     per_layer = 2048 * 2048 + 2 * 2048 * 512 + 2048 * 2048 + 3 * 2048 * 8192 + 2 * 2048
     assert _count("llama-3.2-1b")[0] == 128256 * 2048 + 2048 + 16 * per_layer == 1_235_814_400
+
+
+def test_gemma_2_2b_by_hand() -> None:
+    # tied embed 256000·2304 + final norm 2304 + 26 × (q 2304·8·256, k/v 2·2304·4·256, o 8·256·2304,
+    # GeGLU 3·2304·9216, four norms 4·2304)
+    per_layer = 2304 * 2048 + 2 * 2304 * 1024 + 2048 * 2304 + 3 * 2304 * 9216 + 4 * 2304
+    assert _count("gemma-2-2b")[0] == 256000 * 2304 + 2304 + 26 * per_layer == 2_614_341_888

@@ -158,3 +158,28 @@ def test_qwen3_qk_norms_save_an_rmsnorm_per_head() -> None:
         raws[model_type]["software"]["transformers"] = "4.51.3"
     assert activation_bytes_after_forward(raws["qwen3"]) - activation_bytes_after_forward(raws["qwen2"]) == \
         2 * qk_norms
+
+
+def _at_5_24(model_type: str, attn: str = "sdpa", **model) -> dict:
+    raw = tiny_raw(attn_implementation=attn)
+    raw["model"].update(model_type=model_type, **model)
+    raw["software"]["transformers"] = "5.24.0"
+    return raw
+
+
+def test_gemma_rmsnorm_saves_its_fp32_normalised_tensor() -> None:
+    # GemmaRMSNorm computes (x·rsqrt) * (1 + w.float()) in fp32 and casts at the end: it saves the fp32 x (4Nh) and
+    # rsqrt (4N) as Llama's does, then the fp32 normalised tensor (4Nh) and 1 + w (4h), where Llama's saves the
+    # normalised tensor cast back to bf16 (2Nh). Per norm: 2Nh + 4h more; 2 layers × 2 norms + the final norm.
+    # The scaled embedding saves only the 0-dim scale; GELU saves its input as SiLU does.
+    per_norm = 2 * N * H + 4 * H
+    assert per_norm == 4352
+    assert activation_bytes_after_forward(_at_5_24("gemma")) - activation_bytes_after_forward(_at_5_24("llama")) == \
+        5 * per_norm
+
+
+def test_gemma2_final_soft_capping_saves_the_tanh_of_the_logits() -> None:
+    # logits / 30, tanh, * 30 in the logits' dtype (bf16): TanhBackward0 keeps its result, 2·N·V bytes.
+    capped = activation_bytes_after_forward(_at_5_24("gemma2", "eager"))
+    uncapped = activation_bytes_after_forward(_at_5_24("gemma2", "eager", final_logit_softcapping=None))
+    assert capped - uncapped == 2 * N * V == 64_000

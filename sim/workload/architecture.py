@@ -18,6 +18,7 @@ from typing import Protocol, runtime_checkable
 from sim.plan import LoraPlan
 from sim.vocab import ModelType
 from sim.workload.context import RunContext
+from sim.workload.gemma import Gemma
 from sim.workload.hf_decoder import HfDecoder
 from sim.workload.qwen1 import Qwen1
 from sim.workload.qwen3 import Qwen3
@@ -54,4 +55,7 @@ ARCHITECTURES: dict[ModelType, Architecture] = {
     ModelType.MISTRAL: HfDecoder(),
     ModelType.QWEN: Qwen1(),
     ModelType.QWEN3: Qwen3(),
+    ModelType.GEMMA: Gemma(),
+    ModelType.GEMMA2: Gemma(),
+    ModelType.GEMMA3_TEXT: Gemma(),
 }

@@ -62,6 +62,9 @@ class Behaviour:
 # after 4.48 has the model-level rotary, ForCausalLMLoss and no per-family exception from its first release, so it
 # takes the shared rows below.
 _FIRST_RELEASE = {ModelType.QWEN2: (4, 37, 0), ModelType.QWEN3: (4, 51, 0)}
+# Families modelled from a later release than their first: Gemma 1 (4.38), 2 (4.42) and 3 (4.50) as 5.x runs them
+# (read at 5.24.0); their 4.x code (per-layer rotary, the normalizer tensor, the older mask paths) is not read yet.
+_MODELLED_FROM = {ModelType.GEMMA: (5, 0, 0), ModelType.GEMMA2: (5, 0, 0), ModelType.GEMMA3_TEXT: (5, 0, 0)}
 
 
 def behaviour_for(versions: Versions, model_type: ModelType, checkpointing: bool) -> Behaviour:
@@ -74,6 +77,10 @@ def behaviour_for(versions: Versions, model_type: ModelType, checkpointing: bool
     if first is not None and tf < first:
         raise ScenarioError(f"software.transformers: model_type {model_type.value} needs transformers >= "
                             f"{format_version(first)} (got {format_version(tf)})")
+    modelled = _MODELLED_FROM.get(model_type)
+    if modelled is not None and tf < modelled:
+        raise ScenarioError(f"software.transformers: model_type {model_type.value} is modelled for transformers >= "
+                            f"{format_version(modelled)} (got {format_version(tf)}; its 4.x code is not modelled yet)")
     # Loss: <=4.45 the model upcasts the full logits and shifts them; mistral kept that through 4.47.
     # ForCausalLMLoss (4.46+, mistral 4.48+) upcasts inside the loss; from 4.49 it pads the labels instead
     # of slicing the logits, so there is no shifted copy.

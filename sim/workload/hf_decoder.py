@@ -29,6 +29,7 @@ class CausalLM:
     norm: Param
     lm_head: Param
     mask_buffer: Tensor | None = None  # llama 4.38.x persistent (M, M) causal_mask buffer
+    embed_scale: Tensor | None = None  # Gemma's 0-dim sqrt(hidden) buffer of the scaled embedding
 
     def params(self) -> list[Param]:
         """In module order; a tied lm_head is embed_tokens and counted once."""
@@ -87,7 +88,7 @@ class HfDecoder(Decoder):
             layer = DecoderLayer(index, prefix, norm1, norm2, linears, norms=self.layer_norms(ctx, prefix, full))
             beh = ctx.behaviour
             if beh.rotary is not Rotary.MODEL_LEVEL:  # each attention layer owns a rotary module and its inv_freq
-                _inv_freq(ctx, f"{prefix}.self_attn.rotary_emb")
+                inv_freq_buffer(ctx, f"{prefix}.self_attn.rotary_emb")
             if beh.rotary is Rotary.CACHED_PER_LAYER or beh.unused_rotary_buffers:
                 # register_buffer(cos_cached/sin_cached, (max_position_embeddings, d)) in the load dtype, per layer;
                 # forward rebuilds them for seq_len rows when a sequence is longer (_set_cos_sin_cache)
@@ -100,7 +101,7 @@ class HfDecoder(Decoder):
             layers.append(layer)
         norm = make_param(ctx, "model.norm.weight", h, dtype, full)
         if ctx.behaviour.rotary is Rotary.MODEL_LEVEL:
-            _inv_freq(ctx, "model.rotary_emb")
+            inv_freq_buffer(ctx, "model.rotary_emb")
         if m.tie_word_embeddings:
             lm_head = embed
         else:
@@ -149,6 +150,7 @@ class HfDecoder(Decoder):
         prefix = f"{layer.prefix}.self_attn"
         lin = layer.linears
         eager = ctx.attn is AttnImplementation.EAGER
+        rotary = self.layer_rotary(ctx, layer, rotary)
         # q/k/v: linear, then .view(b, s, heads, d).transpose(1, 2): views whose grads come back through a copy in
         # eager. The q and k grads leave the rotary backward in (b, heads, s, d) layout whatever layout the
         # attention kernel gave them (TensorIterator's output strides, shared by CPU and CUDA; measured on CPU: a
@@ -182,6 +184,11 @@ class HfDecoder(Decoder):
         tp.drop(out, v, q_rot, k_rot)  # locals of the attention forward, released when it returns
         return result
 
+    def layer_rotary(self, ctx: RunContext, layer: DecoderLayer,
+                     rotary: Sequence[Tensor] | None) -> Sequence[Tensor] | None:
+        """The model-level (cos, sin) this layer's attention reads: the one pair here."""
+        return rotary
+
     def query_key(self, ctx: RunContext, layer: DecoderLayer, x: Tensor) -> tuple[Tensor, Tensor]:
         """q_proj(x) and k_proj(x) as (b, heads, s, d) views, before the rotary embedding. Their grads come back
         in another layout (see attention), so each view's backward copies."""
@@ -206,7 +213,7 @@ class HfDecoder(Decoder):
         return out
 
 
-def _inv_freq(ctx: RunContext, module: str) -> None:
+def inv_freq_buffer(ctx: RunContext, module: str) -> None:
     """register_buffer("inv_freq", 1 / base**(arange(0, d, 2).float() / d)): d/2 fp32 values per rotary module."""
     ctx.tape.persistent_buffer(f"{module}.inv_freq", ctx.model.head_size // 2, DType.FLOAT32, Category.PARAMETERS)
 
@@ -283,6 +290,10 @@ def _eager(ctx: RunContext, prefix: str, q: Tensor, k: Tensor, v: Tensor, mask: 
     tp.drop(q_mat, k_mat, k_rep)
     scaled = P.mul_scalar(tp, f"{prefix}.scale", scores)
     tp.drop(scores)
+    if m.attn_logit_softcapping is not None:  # Gemma 2's eager_attention_forward: before the mask
+        capped = P.softcap(tp, f"{prefix}.softcap", scaled)
+        tp.drop(scaled)
+        scaled = capped
     if mask is not None:
         masked = P.add(tp, f"{prefix}.add_mask", scaled, mask)
         tp.drop(scaled)
