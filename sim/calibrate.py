@@ -98,6 +98,10 @@ CONFIGS: tuple[Config, ...] = (
     _vary("gemma3", "model type", model_type="gemma3_text"),  # 2 layers: both sliding (pattern 6)
     _vary("gemma3_layers7_gc", "model type + layers + checkpointing", model_type="gemma3_text", layers=7, gc=True),
     _vary("gemma3_s128_v64", "model type + sequence + vocabulary", model_type="gemma3_text", seq=128, vocab=64),
+    _vary("phi3", "model type", model_type="phi3"),
+    _vary("phi3_sdpa_gc", "model type + attention + checkpointing", model_type="phi3", attn="sdpa", gc=True),
+    _vary("phi3_lora", "model type + LoRA", model_type="phi3", lora_r=8),
+    _vary("phi3_s128_v64", "model type + sequence + vocabulary", model_type="phi3", seq=128, vocab=64),
 )
 
 # Families whose config.json carries head_dim (the scenario and the HF config both get it written out).
@@ -198,14 +202,18 @@ def _build(config: Config):
     import torch
     from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GemmaConfig,
                               GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                              Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+                              Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                              Qwen3ForCausalLM)
 
     config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM),
                              "mistral": (MistralConfig, MistralForCausalLM),
                              "qwen3": (Qwen3Config, Qwen3ForCausalLM), "gemma": (GemmaConfig, GemmaForCausalLM),
                              "gemma2": (Gemma2Config, Gemma2ForCausalLM),
-                             "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM)}[config.model_type]
+                             "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM),
+                             "phi3": (Phi3Config, Phi3ForCausalLM)}[config.model_type]
     extra = {"head_dim": config.head_dim} if config.model_type in _EXPLICIT_HEAD_DIM else {}
+    if config.model_type == "phi3":  # Phi3Config's pad_token_id 32000 lies outside the tiny vocabulary
+        extra["pad_token_id"] = 0
     hf_config = config_cls(
         vocab_size=config.vocab, hidden_size=config.hidden, intermediate_size=config.intermediate,
         num_hidden_layers=config.layers, num_attention_heads=config.heads, num_key_value_heads=config.kv_heads,

@@ -113,6 +113,15 @@ def check_model_keys(scenario: Scenario) -> None:
     if model.hidden_act != "silu" and not gemma:
         raise ScenarioError(f"model.hidden_act: {model.hidden_act!r} is modelled for the Gemma families only "
                             f"(model_type {model.model_type.value} is modelled with silu)")
+    if model.model_type is ModelType.PHI3:
+        rope = extra.get("rope_parameters") or extra.get("rope_scaling") or {}
+        partial = extra.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0) if isinstance(rope, dict)
+                            else 1.0)
+        for key, value in (("partial_rotary_factor", partial), ("resid_pdrop", extra.get("resid_pdrop", 0.0)),
+                           ("embd_pdrop", extra.get("embd_pdrop", 0.0))):
+            if value != (1.0 if key == "partial_rotary_factor" else 0.0):
+                raise ScenarioError(f"model.{key}: {value!r} is not modelled yet for model_type phi3 (the published "
+                                    "Phi-3 configs use full rotary and no dropout)")
     scaling = extra.get("rope_scaling")
     rope_type = (scaling.get("rope_type") or scaling.get("type")) if isinstance(scaling, dict) else None
     transformers = scenario.software.version("transformers")
@@ -242,15 +251,15 @@ def model_shape(scenario: Scenario, weights: DType) -> ModelShape:
     """The config.json's shapes with the dtype the weights load in."""
     m = scenario.model
     extra = m.model_extra or {}
-    gemma = _gemma_shape(m.model_type, m.num_hidden_layers, extra)
+    sliding = _sliding_shape(m.model_type, m.num_hidden_layers, extra)
     return ModelShape(
         model_type=m.model_type, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
         num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads, kv_heads=m.kv_heads,
         head_size=m.head_size, vocab_size=m.vocab_size, max_position_embeddings=m.max_position_embeddings,
         tie_word_embeddings=_tied(m), weights_dtype=weights, attention_bias=m.attention_bias,
         mlp_bias=m.mlp_bias, attention_dropout=m.attention_dropout, no_bias=m.no_bias,
-        sliding_window=gemma.pop("sliding_window", extra.get("sliding_window")),
-        use_sliding_window=bool(extra.get("use_sliding_window")), **gemma)
+        sliding_window=sliding.pop("sliding_window", extra.get("sliding_window")),
+        use_sliding_window=bool(extra.get("use_sliding_window")), **sliding)
 
 
 # Config classes whose tie_word_embeddings defaults to True (transformers 5.24.0 GemmaConfig, Gemma2Config,
@@ -272,8 +281,11 @@ def _tied(model: ModelSpec) -> bool:
 _GEMMA_DEFAULTS = {ModelType.GEMMA2: (50.0, 30.0, 4096, 2), ModelType.GEMMA3_TEXT: (None, None, 4096, 6)}
 
 
-def _gemma_shape(model_type: ModelType, layers: int, extra: dict) -> dict:
-    """Gemma 2/3's sliding layers and soft-capping as its config class reads them; nothing for other families."""
+def _sliding_shape(model_type: ModelType, layers: int, extra: dict) -> dict:
+    """The sliding layers (Gemma 2/3, Phi-3) and soft-capping (Gemma 2/3) as the config classes read them; nothing
+    for the other families."""
+    if model_type is ModelType.PHI3:  # Phi3Model: a sliding-window mask for every layer when sliding_window is set
+        return {"sliding_layers": frozenset(range(layers)) if extra.get("sliding_window") else frozenset()}
     if model_type not in _GEMMA_DEFAULTS:
         return {}
     attn_cap, final_cap, window, pattern = _GEMMA_DEFAULTS[model_type]

@@ -174,3 +174,16 @@ def test_gemma_configs_tie_their_embeddings_by_default() -> None:
     raw["software"]["transformers"] = "5.24.0"
     assert resolve_plan(build_scenario(raw)).model.tie_word_embeddings
     assert not resolve_plan(build_scenario(tiny_raw())).model.tie_word_embeddings
+
+
+def test_phi3_fused_projections_are_its_lora_targets_and_unmodelled_keys_are_refused() -> None:
+    raw = _lora_raw("phi3", target_modules=["qkv_proj", "gate_up_proj"])
+    raw["software"]["transformers"] = "5.24.0"
+    run_scenario(build_scenario(raw))
+    raw["lora"]["target_modules"] = ["q_proj"]
+    with pytest.raises(ScenarioError, match=r"'q_proj' is not a linear module of model_type phi3 \(it has: qkv_proj"):
+        build_schedule(resolve_plan(build_scenario(raw)))
+    raw["lora"]["target_modules"] = ["qkv_proj"]
+    raw["model"]["partial_rotary_factor"] = 0.75  # Phi-4-mini's: a partly rotated head, not modelled yet
+    with pytest.raises(ScenarioError, match=r"model.partial_rotary_factor: 0.75 is not modelled yet for model_type phi3"):
+        resolve_plan(build_scenario(raw))

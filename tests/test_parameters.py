@@ -42,6 +42,9 @@ EXACT = {
     "gemma-2-9b": 9_241_705_984,
     "gemma-2-27b": 27_227_128_320,
     "gemma-3-1b": 999_885_952,
+    # Phi-3: fused qkv_proj (h → (a + 2k)·d) and gate_up_proj (h → 2i), untied, 32064 vocabulary
+    "phi-3-mini-4k": 3_821_079_552,
+    "phi-3-medium-4k": 13_960_238_080,
 }
 # Tied models whose safetensors also store lm_head.weight (the HF page's total counts it twice, the loaded model
 # once): (safetensors total, its vocab × hidden, the model card's rounded "Number of Parameters" in billions).
@@ -122,3 +125,10 @@ def test_gemma_2_2b_by_hand() -> None:
     # GeGLU 3·2304·9216, four norms 4·2304)
     per_layer = 2304 * 2048 + 2 * 2304 * 1024 + 2048 * 2304 + 3 * 2304 * 9216 + 4 * 2304
     assert _count("gemma-2-2b")[0] == 256000 * 2304 + 2304 + 26 * per_layer == 2_614_341_888
+
+
+def test_phi3_mini_by_hand() -> None:
+    # embed + lm_head 2·32064·3072 + norm 3072 + 32 × (qkv 3072·(32 + 2·32)·96 + o 3072·3072
+    # + gate_up 3072·2·8192 + down 8192·3072 + 2 norms 2·3072)
+    per_layer = 3072 * 9216 + 3072 * 3072 + 3072 * 16384 + 8192 * 3072 + 2 * 3072
+    assert _count("phi-3-mini-4k")[0] == 2 * 32064 * 3072 + 3072 + 32 * per_layer == 3_821_079_552

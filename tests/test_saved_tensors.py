@@ -183,3 +183,14 @@ def test_gemma2_final_soft_capping_saves_the_tanh_of_the_logits() -> None:
     capped = activation_bytes_after_forward(_at_5_24("gemma2", "eager"))
     uncapped = activation_bytes_after_forward(_at_5_24("gemma2", "eager", final_logit_softcapping=None))
     assert capped - uncapped == 2 * N * V == 64_000
+
+
+def test_phi3_v_slice_keeps_the_whole_qkv_output() -> None:
+    # Phi-3 against Llama (5.24, SDPA flash): the flash kernel saves v, which in Phi-3 is a slice view of the fused
+    # qkv_proj output, so the whole (b, s, (a + 2k)·d) output stays (Llama's v_proj output is k·d wide): 2·N·(a + k)·d
+    # more bf16 bytes per layer. The MLP saves 4·2Ni either way (Phi-3: the gate_up output whole, held by the gate
+    # and up views, the activation and the product). Two layers, a = k = 4, d = 16.
+    per_layer = 2 * N * (A + A) * D
+    assert per_layer == 8192
+    assert activation_bytes_after_forward(_at_5_24("phi3")) - activation_bytes_after_forward(_at_5_24("llama")) == \
+        2 * per_layer

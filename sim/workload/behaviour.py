@@ -64,7 +64,9 @@ class Behaviour:
 _FIRST_RELEASE = {ModelType.QWEN2: (4, 37, 0), ModelType.QWEN3: (4, 51, 0)}
 # Families modelled from a later release than their first: Gemma 1 (4.38), 2 (4.42) and 3 (4.50) as 5.x runs them
 # (read at 5.24.0); their 4.x code (per-layer rotary, the normalizer tensor, the older mask paths) is not read yet.
-_MODELLED_FROM = {ModelType.GEMMA: (5, 0, 0), ModelType.GEMMA2: (5, 0, 0), ModelType.GEMMA3_TEXT: (5, 0, 0)}
+# Phi-3 (4.40) likewise, read at 5.24.0.
+_MODELLED_FROM = {ModelType.GEMMA: (5, 0, 0), ModelType.GEMMA2: (5, 0, 0), ModelType.GEMMA3_TEXT: (5, 0, 0),
+                  ModelType.PHI3: (5, 0, 0)}
 
 
 def behaviour_for(versions: Versions, model_type: ModelType, checkpointing: bool) -> Behaviour:

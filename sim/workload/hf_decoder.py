@@ -6,6 +6,7 @@ Shapes: b batch, s sequence, h hidden, a heads, k kv heads, d head dim, i interm
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 from sim.ops import Category
 from sim.plan import LoraPlan, ModelShape
@@ -49,6 +50,9 @@ class HfDecoder(Decoder):
     LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
     SAVABLE_MODULES = ("embed_tokens", "lm_head")
     EMBEDDING_WEIGHT = "embed_tokens.weight"
+    # The rotated q/k are contiguous in (b, heads, s, d) (Phi-3's rotary ends in a cat) rather than transposed views
+    # of the (b, s, heads, d) projections
+    ROTARY_OUTPUT_CONTIGUOUS: ClassVar[bool] = False
 
     def attention_shapes(self, m: ModelShape) -> LinearShapes:
         """The attention slot's linears (self_attn.*), in module order."""
@@ -155,9 +159,7 @@ class HfDecoder(Decoder):
         # eager. The q and k grads leave the rotary backward in (b, heads, s, d) layout whatever layout the
         # attention kernel gave them (TensorIterator's output strides, shared by CPU and CUDA; measured on CPU: a
         # ViewBackward0 clone of b·s·a·d and b·s·k·d per layer, docs/validation.md), so their view-backward copies.
-        q, k = self.query_key(ctx, layer, x)
-        v = P.view(tp, apply_linear(ctx, lin["v_proj"], x), backward_copies=eager)
-        tp.release(v.storage)  # the view holds the projection output; drop the projection's own reference
+        q, k, v = self.query_key_value(ctx, layer, x)
         beh = ctx.behaviour
         if rotary is not None:
             cos, sin = tp.alias(rotary[0]), tp.alias(rotary[1])
@@ -165,8 +167,8 @@ class HfDecoder(Decoder):
             cos, sin = rotary_cached(ctx, layer, v.dtype)
         else:  # self.rotary_emb(value_states, position_ids)
             cos, sin = rotary_computed(ctx, f"{prefix}.rotary_emb", v.dtype, scaled=False)
-        q_rot = apply_rotary(ctx, f"{prefix}.q_rotary", q, cos, sin)
-        k_rot = apply_rotary(ctx, f"{prefix}.k_rotary", k, cos, sin)
+        q_rot = self.rotate(ctx, f"{prefix}.q_rotary", q, cos, sin)
+        k_rot = self.rotate(ctx, f"{prefix}.k_rotary", k, cos, sin)
         tp.drop(cos, sin, q, k)  # query_states, key_states = apply_rotary_pos_emb(...) rebinds both
         if beh.kv_cache is KvCache.REFERENCES:
             ctx.kv_cache += [tp.alias(k_rot), tp.alias(v)]
@@ -178,6 +180,12 @@ class HfDecoder(Decoder):
             out = _eager(ctx, prefix, q_rot, k_rot, v, mask, groups)
         elif ctx.attn is AttnImplementation.SDPA:
             out = _sdpa(ctx, prefix, q_rot, k_rot, v, mask, groups)
+            if ctx.on_host and mask is None and self.ROTARY_OUTPUT_CONTIGUOUS:
+                # the CPU flash kernel allocates its output like q (empty_like): a q in its own (b, heads, s, d)
+                # layout gives a (b, heads, s, d) output, which transpose(1, 2).contiguous() then copies
+                copied = P.contiguous_copy(tp, f"{prefix}.transpose_contiguous", out)
+                tp.drop(out)
+                out = copied
         else:
             out = _flash_kernel(ctx, prefix, q_rot, k_rot, v, groups, beh.fa2_repeats_kv, "flash_attn_func")
         result = apply_linear(ctx, lin["o_proj"], out)
@@ -188,6 +196,19 @@ class HfDecoder(Decoder):
                      rotary: Sequence[Tensor] | None) -> Sequence[Tensor] | None:
         """The model-level (cos, sin) this layer's attention reads: the one pair here."""
         return rotary
+
+    def query_key_value(self, ctx: RunContext, layer: DecoderLayer, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k (query_key) and v_proj(x) as a (b, heads, s, d) view, whose backward copies in eager only (the grad
+        comes from eager's bmm in another layout; SDPA and flash hand it back in the view's own)."""
+        q, k = self.query_key(ctx, layer, x)
+        eager = ctx.attn is AttnImplementation.EAGER
+        v = P.view(ctx.tape, apply_linear(ctx, layer.linears["v_proj"], x), backward_copies=eager)
+        ctx.tape.release(v.storage)  # the view holds the projection output; drop the projection's own reference
+        return q, k, v
+
+    def rotate(self, ctx: RunContext, name: str, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """apply_rotary_pos_emb's rotation of q or k."""
+        return apply_rotary(ctx, name, x, cos, sin)
 
     def query_key(self, ctx: RunContext, layer: DecoderLayer, x: Tensor) -> tuple[Tensor, Tensor]:
         """q_proj(x) and k_proj(x) as (b, heads, s, d) views, before the rotary embedding. Their grads come back
