@@ -110,7 +110,7 @@ _GELU = frozenset({"gemma", "gemma2", "gemma3_text"})  # hidden_act gelu_pytorch
 
 # The subset the `calibrate` pytest marker runs in CI: every factor at least once, a few minutes in all.
 CI_SUBSET = ("base", "seq64", "sdpa", "gc", "sdpa_gc", "batch1", "mha", "tied", "bf16", "lora", "llama", "mistral", "qwen3",
-             "qwen3_s128_v64", "gemma", "gemma2", "gemma3_layers7_gc")
+             "qwen3_s128_v64", "gemma", "gemma2", "gemma3_layers7_gc", "phi3", "phi3_sdpa_gc")
 
 
 def config_by_name(name: str) -> Config:
