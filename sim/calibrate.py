@@ -49,6 +49,12 @@ class Config:
     tied: bool = False
     lora_r: int = 0
 
+    @property
+    def head_dim(self) -> int:
+        """hidden / heads, written out for the families whose config class defaults head_dim otherwise
+        (Qwen3Config: 128)."""
+        return self.hidden // self.heads
+
 
 def _vary(name: str, factor: str, **changes) -> Config:
     return replace(Config(), name=name, factor=factor, **changes)
@@ -79,10 +85,32 @@ CONFIGS: tuple[Config, ...] = (
     _vary("llama", "model type", model_type="llama"),
     _vary("llama_sdpa_gc", "model type + attention + checkpointing", model_type="llama", attn="sdpa", gc=True),
     _vary("mistral", "model type", model_type="mistral"),
+    _vary("qwen3", "model type", model_type="qwen3"),
+    _vary("qwen3_sdpa_gc", "model type + attention + checkpointing", model_type="qwen3", attn="sdpa", gc=True),
+    _vary("qwen3_bf16", "model type + dtype", model_type="qwen3", dtype="bf16"),
+    _vary("qwen3_lora", "model type + LoRA", model_type="qwen3", lora_r=8),
+    # small vocabulary, longer sequence: the forward peak sits in the layers, where the q/k norms live
+    _vary("qwen3_s128_v64", "model type + sequence + vocabulary", model_type="qwen3", seq=128, vocab=64),
+    _vary("gemma", "model type", model_type="gemma"),
+    _vary("gemma_sdpa_bf16", "model type + attention + dtype", model_type="gemma", attn="sdpa", dtype="bf16"),
+    _vary("gemma2", "model type", model_type="gemma2"),  # soft-capping: eager (SDPA refuses it)
+    _vary("gemma2_gc_bf16", "model type + checkpointing + dtype", model_type="gemma2", gc=True, dtype="bf16"),
+    _vary("gemma3", "model type", model_type="gemma3_text"),  # 2 layers: both sliding (pattern 6)
+    _vary("gemma3_layers7_gc", "model type + layers + checkpointing", model_type="gemma3_text", layers=7, gc=True),
+    _vary("gemma3_s128_v64", "model type + sequence + vocabulary", model_type="gemma3_text", seq=128, vocab=64),
+    _vary("phi3", "model type", model_type="phi3"),
+    _vary("phi3_sdpa_gc", "model type + attention + checkpointing", model_type="phi3", attn="sdpa", gc=True),
+    _vary("phi3_lora", "model type + LoRA", model_type="phi3", lora_r=8),
+    _vary("phi3_s128_v64", "model type + sequence + vocabulary", model_type="phi3", seq=128, vocab=64),
 )
 
+# Families whose config.json carries head_dim (the scenario and the HF config both get it written out).
+_EXPLICIT_HEAD_DIM = frozenset({"qwen3", "gemma", "gemma2", "gemma3_text"})
+_GELU = frozenset({"gemma", "gemma2", "gemma3_text"})  # hidden_act gelu_pytorch_tanh (the config classes' default)
+
 # The subset the `calibrate` pytest marker runs in CI: every factor at least once, a few minutes in all.
-CI_SUBSET = ("base", "seq64", "sdpa", "gc", "sdpa_gc", "batch1", "mha", "tied", "bf16", "lora", "llama", "mistral")
+CI_SUBSET = ("base", "seq64", "sdpa", "gc", "sdpa_gc", "batch1", "mha", "tied", "bf16", "lora", "llama", "mistral", "qwen3",
+             "qwen3_s128_v64", "gemma", "gemma2", "gemma3_layers7_gc", "phi3", "phi3_sdpa_gc")
 
 
 def config_by_name(name: str) -> Config:
@@ -106,6 +134,10 @@ def scenario_mapping(config: Config, versions: dict[str, str]) -> dict:
         "max_position_embeddings": max(2 * config.seq, 128), "tie_word_embeddings": config.tied,
         "torch_dtype": {"fp32": "float32", "bf16": "bfloat16"}[config.dtype],
     }
+    if config.model_type in _EXPLICIT_HEAD_DIM:
+        model["head_dim"] = config.head_dim
+    if config.model_type in _GELU:
+        model["hidden_act"] = "gelu_pytorch_tanh"
     raw = {
         "name": f"calibrate {config.name}",
         "model": model,
@@ -168,15 +200,25 @@ _PHASE_MARK = "calibrate:"
 def _build(config: Config):
     """The model as Trainer would train it, built from a config object (random weights, seed 0)."""
     import torch
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
+    from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GemmaConfig,
+                              GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                              Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                              Qwen3ForCausalLM)
 
     config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM),
-                             "mistral": (MistralConfig, MistralForCausalLM)}[config.model_type]
+                             "mistral": (MistralConfig, MistralForCausalLM),
+                             "qwen3": (Qwen3Config, Qwen3ForCausalLM), "gemma": (GemmaConfig, GemmaForCausalLM),
+                             "gemma2": (Gemma2Config, Gemma2ForCausalLM),
+                             "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM),
+                             "phi3": (Phi3Config, Phi3ForCausalLM)}[config.model_type]
+    extra = {"head_dim": config.head_dim} if config.model_type in _EXPLICIT_HEAD_DIM else {}
+    if config.model_type == "phi3":  # Phi3Config's pad_token_id 32000 lies outside the tiny vocabulary
+        extra["pad_token_id"] = 0
     hf_config = config_cls(
         vocab_size=config.vocab, hidden_size=config.hidden, intermediate_size=config.intermediate,
         num_hidden_layers=config.layers, num_attention_heads=config.heads, num_key_value_heads=config.kv_heads,
-        tie_word_embeddings=config.tied, max_position_embeddings=max(2 * config.seq, 128), use_cache=False)
+        tie_word_embeddings=config.tied, max_position_embeddings=max(2 * config.seq, 128), use_cache=False,
+        **extra)
     hf_config._attn_implementation = config.attn
     torch.manual_seed(0)
     model = model_cls(hf_config)

@@ -25,9 +25,9 @@ from sim.plan import (
     ZeroPlan,
 )
 from sim.runtime import cuda_context, device_runtime, module_loading
-from sim.scenario import DeviceSpec, Scenario
+from sim.scenario import DeviceSpec, ModelSpec, Scenario
 from sim.versions import parse_version
-from sim.vocab import AllocatorBackend, DType, ModelType, Optim
+from sim.vocab import AllocatorBackend, AttnImplementation, DType, ModelType, Optim
 from sim.workload.behaviour import behaviour_for
 
 # deepspeed/runtime/config.py DtypeEnum: the names data_types.grad_accum_dtype accepts
@@ -83,8 +83,83 @@ def resolve_plan(scenario: Scenario) -> Plan:
     )
 
 
+# config.json keys that change the architecture (and its memory) in the families that define them, and that the
+# modelling code of the other model types never reads: a config carrying one under another model_type (a Mixtral
+# config relabelled `mistral`) would run there as a dense model, silently. Key → (what it is, the model types whose
+# code reads it and that the simulator models).
+_ARCHITECTURE_KEYS: dict[str, tuple[str, frozenset[ModelType]]] = {
+    # transformers models/mixtral/configuration_mixtral.py: num_local_experts, num_experts_per_tok
+    "num_local_experts": ("mixture-of-experts layers (Mixtral)", frozenset()),
+    # models/qwen2_moe/configuration_qwen2_moe.py, qwen3_moe: num_experts, moe_intermediate_size,
+    # shared_expert_intermediate_size
+    "num_experts": ("mixture-of-experts layers (Qwen2-MoE, Qwen3-MoE)", frozenset()),
+    "moe_intermediate_size": ("mixture-of-experts layers (Qwen-MoE, DeepSeek)", frozenset()),
+    "shared_expert_intermediate_size": ("shared experts (Qwen2-MoE)", frozenset()),
+    # models/deepseek_v2/configuration_deepseek_v2.py, deepseek_v3: n_routed_experts, n_shared_experts,
+    # kv_lora_rank, q_lora_rank (multi-head latent attention)
+    "n_routed_experts": ("mixture-of-experts layers (DeepSeek-V2/V3)", frozenset()),
+    "n_shared_experts": ("shared experts (DeepSeek-V2/V3)", frozenset()),
+    "kv_lora_rank": ("multi-head latent attention (DeepSeek-V2/V3)", frozenset()),
+    "q_lora_rank": ("multi-head latent attention (DeepSeek-V2/V3)", frozenset()),
+}
+
+
+def check_model_keys(scenario: Scenario) -> None:
+    """Refuse a config.json key that changes the architecture where the named model_type's code ignores it."""
+    model = scenario.model
+    extra = model.model_extra or {}
+    for key, (meaning, readers) in _ARCHITECTURE_KEYS.items():
+        value = extra.get(key)
+        if value in (None, 0) or model.model_type in readers:
+            continue
+        raise ScenarioError(f"model.{key}: {value!r} configures {meaning}, which model_type "
+                            f"{model.model_type.value} does not run (its modelling code would ignore it and run a "
+                            "dense model) and the simulator does not model yet")
+    gemma = model.model_type in (ModelType.GEMMA, ModelType.GEMMA2, ModelType.GEMMA3_TEXT)
+    if model.hidden_act != "silu" and not gemma:
+        raise ScenarioError(f"model.hidden_act: {model.hidden_act!r} is modelled for the Gemma families only "
+                            f"(model_type {model.model_type.value} is modelled with silu)")
+    if model.model_type is ModelType.PHI3:
+        rope = extra.get("rope_parameters") or extra.get("rope_scaling") or {}
+        partial = extra.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0) if isinstance(rope, dict)
+                            else 1.0)
+        for key, value in (("partial_rotary_factor", partial), ("resid_pdrop", extra.get("resid_pdrop", 0.0)),
+                           ("embd_pdrop", extra.get("embd_pdrop", 0.0))):
+            if value != (1.0 if key == "partial_rotary_factor" else 0.0):
+                raise ScenarioError(f"model.{key}: {value!r} is not modelled yet for model_type phi3 (the published "
+                                    "Phi-3 configs use full rotary and no dropout)")
+    scaling = extra.get("rope_scaling")
+    rope_type = (scaling.get("rope_type") or scaling.get("type")) if isinstance(scaling, dict) else None
+    transformers = scenario.software.version("transformers")
+    if rope_type == "llama3" and transformers < (4, 43, 0):
+        # LlamaConfig._rope_scaling_validation of 4.42 accepts only linear and dynamic (a ValueError at load);
+        # 4.43 adds the llama3 type with Llama 3.1 (modeling_rope_utils.py _compute_llama3_parameters)
+        raise ScenarioError(f"model.rope_scaling: rope_type 'llama3' needs transformers >= 4.43 (got "
+                            f"{scenario.software.transformers}), which refuses the config at load")
+
+
+def check_attention(scenario: Scenario, shape: ModelShape) -> None:
+    """Refuse the attention paths of the sliding-window families that transformers refuses or that are not
+    modelled: SDPA with soft-capped scores (Gemma2PreTrainedModel._supports_sdpa = False, "sdpa does not support
+    softcapping"; integrations/sdpa_attention.py raises ValueError on a softcap), and SDPA once the sequence reaches the sliding window, where masking_utils.sdpa_mask
+    materialises the sliding layers' mask (_ignore_causal_mask_sdpa: kv_length >= local size)."""
+    attn, seq = scenario.training.attn_implementation, scenario.training.seq_len
+    if attn is not AttnImplementation.SDPA or not shape.sliding_layers and shape.attn_logit_softcapping is None:
+        return
+    if shape.attn_logit_softcapping is not None:
+        raise ScenarioError(f"training.attn_implementation: sdpa does not support attention soft-capping "
+                            f"(model.attn_logit_softcapping {shape.attn_logit_softcapping}): transformers refuses "
+                            "it for this model; use eager (its default here) or flash_attention_2")
+    if seq >= shape.sliding_window:
+        raise ScenarioError(f"training.seq_len: {seq} reaches the sliding window ({shape.sliding_window}) under sdpa, "
+                            "where the sliding layers get a materialised mask, which is not modelled yet (eager and "
+                            "flash_attention_2 are)")
+
+
 def check_supported(scenario: Scenario) -> None:
     """Refuse, with a clear message, what is not modelled yet rather than simulate it wrongly."""
+    check_model_keys(scenario)
+    check_attention(scenario, model_shape(scenario, weights_dtype(scenario)))
     if scenario.deepspeed is not None:
         zero = scenario.deepspeed.zero_optimization
         for key in ("offload_param", "offload_optimizer"):
@@ -190,13 +265,53 @@ def model_shape(scenario: Scenario, weights: DType) -> ModelShape:
     """The config.json's shapes with the dtype the weights load in."""
     m = scenario.model
     extra = m.model_extra or {}
+    sliding = _sliding_shape(m.model_type, m.num_hidden_layers, extra)
     return ModelShape(
         model_type=m.model_type, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
         num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads, kv_heads=m.kv_heads,
         head_size=m.head_size, vocab_size=m.vocab_size, max_position_embeddings=m.max_position_embeddings,
-        tie_word_embeddings=m.tie_word_embeddings, weights_dtype=weights, attention_bias=m.attention_bias,
+        tie_word_embeddings=_tied(m), weights_dtype=weights, attention_bias=m.attention_bias,
         mlp_bias=m.mlp_bias, attention_dropout=m.attention_dropout, no_bias=m.no_bias,
-        sliding_window=extra.get("sliding_window"), use_sliding_window=bool(extra.get("use_sliding_window")))
+        sliding_window=sliding.pop("sliding_window", extra.get("sliding_window")),
+        use_sliding_window=bool(extra.get("use_sliding_window")), **sliding)
+
+
+# Config classes whose tie_word_embeddings defaults to True (transformers 5.24.0 GemmaConfig, Gemma2Config,
+# Gemma3TextConfig: `tie_word_embeddings: bool = True`); the others default to False.
+_TIED_BY_DEFAULT = frozenset({ModelType.GEMMA, ModelType.GEMMA2, ModelType.GEMMA3_TEXT})
+
+
+def _tied(model: ModelSpec) -> bool:
+    """config.json's tie_word_embeddings, or where it is absent the family's config-class default."""
+    if "tie_word_embeddings" in model.model_fields_set:
+        return model.tie_word_embeddings
+    return model.model_type in _TIED_BY_DEFAULT
+
+
+# The Gemma 2 and Gemma 3 config classes' defaults for keys a config.json may leave out (transformers 5.24.0
+# models/gemma2/configuration_gemma2.py Gemma2Config, models/gemma3/configuration_gemma3.py Gemma3TextConfig):
+# soft-capping (attention, final), sliding_window, and the layer pattern when layer_types is absent (Gemma 2: every
+# other layer from the first, `bool((i + 1) % 2)`; Gemma 3: `bool((i + 1) % sliding_window_pattern)`, pattern 6).
+_GEMMA_DEFAULTS = {ModelType.GEMMA2: (50.0, 30.0, 4096, 2), ModelType.GEMMA3_TEXT: (None, None, 4096, 6)}
+
+
+def _sliding_shape(model_type: ModelType, layers: int, extra: dict) -> dict:
+    """The sliding layers (Gemma 2/3, Phi-3) and soft-capping (Gemma 2/3) as the config classes read them; nothing
+    for the other families."""
+    if model_type is ModelType.PHI3:  # Phi3Model: a sliding-window mask for every layer when sliding_window is set
+        return {"sliding_layers": frozenset(range(layers)) if extra.get("sliding_window") else frozenset()}
+    if model_type not in _GEMMA_DEFAULTS:
+        return {}
+    attn_cap, final_cap, window, pattern = _GEMMA_DEFAULTS[model_type]
+    types = extra.get("layer_types")
+    if types is None:
+        pattern = extra.get("sliding_window_pattern", pattern)
+        sliding = frozenset(i for i in range(layers) if (i + 1) % pattern)
+    else:
+        sliding = frozenset(i for i, kind in enumerate(types) if kind == "sliding_attention")
+    return {"sliding_layers": sliding, "attn_logit_softcapping": extra.get("attn_logit_softcapping", attn_cap),
+            "final_logit_softcapping": extra.get("final_logit_softcapping", final_cap),
+            "sliding_window": extra.get("sliding_window", window)}
 
 
 def cuda_of_torch(torch: str) -> tuple[int, int] | None:

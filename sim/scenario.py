@@ -78,7 +78,7 @@ class ModelSpec(BaseModel):
     torch_dtype: DType | None = None
     attention_bias: bool = False  # llama/mistral: bias on q/k/v/o (LlamaConfig default False)
     mlp_bias: bool = False
-    hidden_act: Literal["silu"] = "silu"
+    hidden_act: Literal["silu", "gelu", "gelu_pytorch_tanh"] = "silu"  # the GELUs: Gemma only (sim/resolve.py)
     attention_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     kv_channels: PositiveCount | None = None  # Qwen1
     no_bias: bool = True  # Qwen1: no bias except c_attn

@@ -10,6 +10,11 @@ class ModelType(Enum):
     LLAMA = "llama"
     MISTRAL = "mistral"
     QWEN = "qwen"  # Qwen1's own remote code (modeling_qwen.py)
+    QWEN3 = "qwen3"  # transformers models/qwen3 (4.51+): q/k RMSNorm over head_dim
+    GEMMA = "gemma"  # models/gemma: scaled embedding, (1 + w) RMSNorm in fp32, GeGLU, head_dim 256
+    GEMMA2 = "gemma2"  # models/gemma2: + post-attention/pre/post-feedforward norms, soft-capping, sliding layers
+    PHI3 = "phi3"  # models/phi3: fused qkv_proj and gate_up_proj
+    GEMMA3_TEXT = "gemma3_text"  # models/gemma3 Gemma3ForCausalLM: + q/k norms, local and global rotary
 
 
 class DType(Enum):

@@ -100,3 +100,90 @@ def test_a_registered_family_runs_through_the_normal_path(monkeypatch: pytest.Mo
     assert not any("gate_proj" in name for name in names)
     with pytest.raises(ScenarioError, match=r"'gate_proj' is not a linear module of model_type mistral"):
         build_schedule(resolve_plan(build_scenario(_lora_raw("mistral", target_modules=["gate_proj"]))))
+
+
+@pytest.mark.parametrize("key, value", [("num_local_experts", 8), ("num_experts", 60), ("n_routed_experts", 64),
+                                        ("kv_lora_rank", 512), ("moe_intermediate_size", 1408)])
+def test_a_relabelled_moe_or_mla_config_is_refused_not_run_dense(key: str, value: int) -> None:
+    # A Mixtral config.json relabelled `mistral`: MistralForCausalLM never reads num_local_experts and would build
+    # a dense MLP, so the run is refused with the key rather than simulated as a dense 7B.
+    raw = tiny_raw()
+    raw["model"].update(model_type="mistral", **{key: value})
+    with pytest.raises(ScenarioError, match=rf"model.{key}: {value} configures .* model_type mistral does not run"):
+        resolve_plan(build_scenario(raw))
+
+
+def test_an_absent_or_null_architecture_key_is_not_refused() -> None:
+    # Dense configs may carry the keys as null or 0 (a config class default dumped): nothing to refuse.
+    raw = tiny_raw()
+    raw["model"].update(num_local_experts=None, num_experts=0)
+    assert resolve_plan(build_scenario(raw)).model.model_type is ModelType.QWEN2
+
+
+def test_llama3_rope_scaling_needs_the_transformers_that_added_it() -> None:
+    # Llama 3.1/3.2 configs carry rope_scaling {rope_type: llama3}: 4.42's LlamaConfig refuses it at load.
+    raw = tiny_raw()
+    raw["model"].update(model_type="llama", rope_scaling={"rope_type": "llama3", "factor": 8.0})
+    with pytest.raises(ScenarioError, match=r"model.rope_scaling: rope_type 'llama3' needs transformers >= 4.43 "
+                                            r"\(got 4.42.4\)"):
+        resolve_plan(build_scenario(raw, overrides=["software.transformers=4.42.4"]))
+    assert resolve_plan(build_scenario(raw, overrides=["software.transformers=4.43.0"])).model.vocab_size == 1000
+
+
+def test_qwen3_needs_the_transformers_that_added_it_and_its_norms_are_not_linears() -> None:
+    # models/qwen3 first ships in transformers 4.51.0; q_norm/k_norm are RMSNorms, not LoRA targets.
+    raw = _lora_raw("qwen3", target_modules=["q_proj", "k_proj"])
+    with pytest.raises(ScenarioError, match=r"software.transformers: model_type qwen3 needs transformers >= 4.51.0 "
+                                            r"\(got 4.39.3\)"):
+        resolve_plan(build_scenario(raw))
+    raw["software"]["transformers"] = "4.51.3"
+    names = {op.name for op in run_scenario(build_scenario(raw)).schedule.ops}
+    assert {"model.layers.1.self_attn.q_norm.rsqrt", "model.layers.1.self_attn.k_norm.weight_mul"} <= names
+    raw["lora"]["target_modules"] = ["q_norm"]
+    with pytest.raises(ScenarioError, match=r"'q_norm' is not a linear module of model_type qwen3"):
+        build_schedule(resolve_plan(build_scenario(raw)))
+
+
+@pytest.mark.parametrize("model_type, training, software, message", [
+    ("gemma2", {}, "5.24.0", r"training.attn_implementation: sdpa does not support attention soft-capping "
+                             r"\(model.attn_logit_softcapping 50.0\)"),
+    ("gemma3_text", {"seq_len": 4096}, "5.24.0", r"training.seq_len: 4096 reaches the sliding window \(4096\) under "
+                                                 r"sdpa"),
+    ("gemma", {}, "4.57.1", r"software.transformers: model_type gemma is modelled for transformers >= 5.0.0 "
+                            r"\(got 4.57.1; its 4.x code is not modelled yet\)"),
+])
+def test_gemma_paths_that_are_refused(model_type: str, training: dict, software: str, message: str) -> None:
+    raw = tiny_raw(**training)
+    raw["model"].update(model_type=model_type, max_position_embeddings=8192)
+    raw["software"]["transformers"] = software
+    with pytest.raises(ScenarioError, match=message):
+        resolve_plan(build_scenario(raw))
+
+
+def test_gelu_is_refused_outside_the_gemma_families() -> None:
+    raw = tiny_raw()
+    raw["model"]["hidden_act"] = "gelu"
+    with pytest.raises(ScenarioError, match=r"model.hidden_act: 'gelu' is modelled for the Gemma families only"):
+        resolve_plan(build_scenario(raw))
+
+
+def test_gemma_configs_tie_their_embeddings_by_default() -> None:
+    # GemmaConfig's tie_word_embeddings defaults to True (Qwen2Config's to False) when config.json leaves it out.
+    raw = tiny_raw()
+    raw["model"].update(model_type="gemma", hidden_act="gelu")
+    raw["software"]["transformers"] = "5.24.0"
+    assert resolve_plan(build_scenario(raw)).model.tie_word_embeddings
+    assert not resolve_plan(build_scenario(tiny_raw())).model.tie_word_embeddings
+
+
+def test_phi3_fused_projections_are_its_lora_targets_and_unmodelled_keys_are_refused() -> None:
+    raw = _lora_raw("phi3", target_modules=["qkv_proj", "gate_up_proj"])
+    raw["software"]["transformers"] = "5.24.0"
+    run_scenario(build_scenario(raw))
+    raw["lora"]["target_modules"] = ["q_proj"]
+    with pytest.raises(ScenarioError, match=r"'q_proj' is not a linear module of model_type phi3 \(it has: qkv_proj"):
+        build_schedule(resolve_plan(build_scenario(raw)))
+    raw["lora"]["target_modules"] = ["qkv_proj"]
+    raw["model"]["partial_rotary_factor"] = 0.75  # Phi-4-mini's: a partly rotated head, not modelled yet
+    with pytest.raises(ScenarioError, match=r"model.partial_rotary_factor: 0.75 is not modelled yet for model_type phi3"):
+        resolve_plan(build_scenario(raw))

@@ -142,3 +142,55 @@ def test_cublaslt_workspace_of_bias_linears() -> None:
     raw["hardware"]["gpus_per_node"] = 2
     raw["deepspeed"] = {"zero_optimization": {"stage": 3}}
     assert not [b for b in run_scenario(build_scenario(raw)).schedule.buffers if b.name.startswith("cublaslt")]
+
+
+def test_qwen3_qk_norms_save_an_rmsnorm_per_head() -> None:
+    # Qwen3 (4.51.3) against Qwen2 at the same version: q_norm and k_norm are RMSNorms over each head's d = 16 on
+    # the (b, s, heads, d) projections; each saves the fp32 copy (4·N·a·d = 4Nh), the per-head rsqrt (4·N·a) and the
+    # bf16 normalised tensor (2Nh, by the weight mul). Its output goes to the rotary embedding, which saves cos/sin
+    # only, as for Qwen2's un-normed q and k. MHA here, so k is as large as q. Two norms per layer, two layers.
+    qk_norms = 2 * (4 * N * H + 4 * N * A + 2 * N * H)
+    assert qk_norms == 25_600
+    raws = {}
+    for model_type in ("qwen2", "qwen3"):
+        raws[model_type] = tiny_raw()
+        raws[model_type]["model"]["model_type"] = model_type
+        raws[model_type]["software"]["transformers"] = "4.51.3"
+    assert activation_bytes_after_forward(raws["qwen3"]) - activation_bytes_after_forward(raws["qwen2"]) == \
+        2 * qk_norms
+
+
+def _at_5_24(model_type: str, attn: str = "sdpa", **model) -> dict:
+    raw = tiny_raw(attn_implementation=attn)
+    raw["model"].update(model_type=model_type, **model)
+    raw["software"]["transformers"] = "5.24.0"
+    return raw
+
+
+def test_gemma_rmsnorm_saves_its_fp32_normalised_tensor() -> None:
+    # GemmaRMSNorm computes (x·rsqrt) * (1 + w.float()) in fp32 and casts at the end: it saves the fp32 x (4Nh) and
+    # rsqrt (4N) as Llama's does, then the fp32 normalised tensor (4Nh) and 1 + w (4h), where Llama's saves the
+    # normalised tensor cast back to bf16 (2Nh). Per norm: 2Nh + 4h more; 2 layers × 2 norms + the final norm.
+    # The scaled embedding saves only the 0-dim scale; GELU saves its input as SiLU does.
+    per_norm = 2 * N * H + 4 * H
+    assert per_norm == 4352
+    assert activation_bytes_after_forward(_at_5_24("gemma")) - activation_bytes_after_forward(_at_5_24("llama")) == \
+        5 * per_norm
+
+
+def test_gemma2_final_soft_capping_saves_the_tanh_of_the_logits() -> None:
+    # logits / 30, tanh, * 30 in the logits' dtype (bf16): TanhBackward0 keeps its result, 2·N·V bytes.
+    capped = activation_bytes_after_forward(_at_5_24("gemma2", "eager"))
+    uncapped = activation_bytes_after_forward(_at_5_24("gemma2", "eager", final_logit_softcapping=None))
+    assert capped - uncapped == 2 * N * V == 64_000
+
+
+def test_phi3_v_slice_keeps_the_whole_qkv_output() -> None:
+    # Phi-3 against Llama (5.24, SDPA flash): the flash kernel saves v, which in Phi-3 is a slice view of the fused
+    # qkv_proj output, so the whole (b, s, (a + 2k)·d) output stays (Llama's v_proj output is k·d wide): 2·N·(a + k)·d
+    # more bf16 bytes per layer. The MLP saves 4·2Ni either way (Phi-3: the gate_up output whole, held by the gate
+    # and up views, the activation and the product). Two layers, a = k = 4, d = 16.
+    per_layer = 2 * N * (A + A) * D
+    assert per_layer == 8192
+    assert activation_bytes_after_forward(_at_5_24("phi3")) - activation_bytes_after_forward(_at_5_24("llama")) == \
+        2 * per_layer

@@ -18,8 +18,11 @@ from typing import Protocol, runtime_checkable
 from sim.plan import LoraPlan
 from sim.vocab import ModelType
 from sim.workload.context import RunContext
+from sim.workload.gemma import Gemma
 from sim.workload.hf_decoder import HfDecoder
+from sim.workload.phi3 import Phi3
 from sim.workload.qwen1 import Qwen1
+from sim.workload.qwen3 import Qwen3
 from sim.workload.tape import Param, Tensor
 
 
@@ -52,4 +55,9 @@ ARCHITECTURES: dict[ModelType, Architecture] = {
     ModelType.LLAMA: HfDecoder(),
     ModelType.MISTRAL: HfDecoder(),
     ModelType.QWEN: Qwen1(),
+    ModelType.QWEN3: Qwen3(),
+    ModelType.GEMMA: Gemma(),
+    ModelType.GEMMA2: Gemma(),
+    ModelType.GEMMA3_TEXT: Gemma(),
+    ModelType.PHI3: Phi3(),
 }

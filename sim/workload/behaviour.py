@@ -58,14 +58,31 @@ class Behaviour:
     default_optim: Optim  # TrainingArguments.optim's default in this version
 
 
+# The first transformers release with each family's modelling code (models/<family>/ in the wheel). A family added
+# after 4.48 has the model-level rotary, ForCausalLMLoss and no per-family exception from its first release, so it
+# takes the shared rows below.
+_FIRST_RELEASE = {ModelType.QWEN2: (4, 37, 0), ModelType.QWEN3: (4, 51, 0)}
+# Families modelled from a later release than their first: Gemma 1 (4.38), 2 (4.42) and 3 (4.50) as 5.x runs them
+# (read at 5.24.0); their 4.x code (per-layer rotary, the normalizer tensor, the older mask paths) is not read yet.
+# Phi-3 (4.40) likewise, read at 5.24.0.
+_MODELLED_FROM = {ModelType.GEMMA: (5, 0, 0), ModelType.GEMMA2: (5, 0, 0), ModelType.GEMMA3_TEXT: (5, 0, 0),
+                  ModelType.PHI3: (5, 0, 0)}
+
+
 def behaviour_for(versions: Versions, model_type: ModelType, checkpointing: bool) -> Behaviour:
     """The modelling code's choices for these versions, model type and checkpointing."""
     tf, torch, peft = versions.transformers, versions.torch, versions.peft
     if model_type is ModelType.QWEN:
         return _qwen1(torch, peft, tf)
     llama, qwen2, mistral = (model_type is t for t in (ModelType.LLAMA, ModelType.QWEN2, ModelType.MISTRAL))
-    if qwen2 and tf < (4, 37, 0):
-        raise ScenarioError(f"software.transformers: model_type qwen2 needs transformers >= 4.37 (got {format_version(tf)})")
+    first = _FIRST_RELEASE.get(model_type)
+    if first is not None and tf < first:
+        raise ScenarioError(f"software.transformers: model_type {model_type.value} needs transformers >= "
+                            f"{format_version(first)} (got {format_version(tf)})")
+    modelled = _MODELLED_FROM.get(model_type)
+    if modelled is not None and tf < modelled:
+        raise ScenarioError(f"software.transformers: model_type {model_type.value} is modelled for transformers >= "
+                            f"{format_version(modelled)} (got {format_version(tf)}; its 4.x code is not modelled yet)")
     # Loss: <=4.45 the model upcasts the full logits and shifts them; mistral kept that through 4.47.
     # ForCausalLMLoss (4.46+, mistral 4.48+) upcasts inside the loss; from 4.49 it pads the labels instead
     # of slicing the logits, so there is no shifted copy.

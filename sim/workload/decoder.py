@@ -35,14 +35,32 @@ class DecoderLayer:
     post_attention_norm: Param  # post_attention_layernorm (HF), ln_2 (Qwen1)
     linears: dict[str, Linear]
     rotary_cache: list[Tensor] = field(default_factory=list)  # per-layer cos_cached/sin_cached buffers (old HF code)
+    norms: dict[str, Param] = field(default_factory=dict)  # a family's other norms (Qwen3's q_norm/k_norm), by name
 
     def params(self) -> list[Param]:
-        """In module order: the input norm, the linears, the post-attention norm."""
+        """The input norm, the linears, the post-attention norm, then the family's other norms."""
         out = [self.input_norm]
         for lin in self.linears.values():
             out += lin.params()
         out.append(self.post_attention_norm)
+        out += self.norms.values()
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class LayerTypeMasks:
+    """causal_mask_mapping of the families with sliding-window layers (Gemma 2/3): the mask of the full-attention
+    layers and the mask of the sliding-window layers (None where the attention needs none)."""
+
+    full: Tensor | None
+    sliding: Tensor | None
+
+    def tensors(self) -> list[Tensor]:
+        """The masks that exist."""
+        return [t for t in (self.full, self.sliding) if t is not None]
+
+
+Mask = Tensor | LayerTypeMasks | None  # what the model hands every layer; layer_mask picks the layer's
 
 
 class Decoder(ABC):
@@ -60,7 +78,7 @@ class Decoder(ABC):
         """The norm before attention: RMSNorm over the layer's input_norm weight."""
         return rms_norm(ctx, _module_of(layer.input_norm), x, layer.input_norm)
 
-    def layer_mask(self, ctx: RunContext, layer: DecoderLayer, mask: Tensor | None) -> Tensor | None:
+    def layer_mask(self, ctx: RunContext, layer: DecoderLayer, mask: Mask) -> Tensor | None:
         """The mask this layer's attention reads, a tensor the skeleton drops after attention: by default the
         model's own mask under another reference."""
         return ctx.tape.alias(mask) if mask is not None else None
@@ -79,7 +97,7 @@ class Decoder(ABC):
         """The MLP of the normed hidden state, up to and including its down projection."""
 
     # ---- skeleton ---------------------------------------------------------------------------------------------
-    def decoder_layer(self, ctx: RunContext, layer: DecoderLayer, x: Tensor, mask: Tensor | None,
+    def decoder_layer(self, ctx: RunContext, layer: DecoderLayer, x: Tensor, mask: Mask,
                       rotary: Sequence[Tensor] | None) -> Tensor:
         """residual + attention(input_norm(x)), then residual + mlp(post_attention_norm(·)); each local is dropped
         where the modelling code rebinds it or returns."""
@@ -98,7 +116,7 @@ class Decoder(ABC):
         tp.drop(hidden, mlp_out)
         return out
 
-    def run_layers(self, ctx: RunContext, layers: list[DecoderLayer], embeds: Tensor, mask: Tensor | None,
+    def run_layers(self, ctx: RunContext, layers: list[DecoderLayer], embeds: Tensor, mask: Mask,
                    rotary: Sequence[Tensor] | None, extra: list[Tensor], checkpointing: bool) -> Tensor:
         """The decoder stack over the embeddings (whose reference it takes over): each layer in turn, under
         checkpointing with `extra` as its other tensor arguments when that is on; returns the last layer's output."""
@@ -122,7 +140,10 @@ class Decoder(ABC):
                     tp.drop(stash)  # fork_rng's copy goes when the recompute's forward returns
                 return out
 
-            out = checkpoint(ctx, run_layer, hidden, extra) if checkpointing else run_layer(hidden)
+            if checkpointing:
+                out = checkpoint(ctx, run_layer, hidden, self.checkpoint_extra(ctx, layer, mask, rotary, extra))
+            else:
+                out = run_layer(hidden)
             if stashes and graph_end is None:
                 graph_end = embeds.node or out.node  # the node autograd runs last
             if graph_end is not None:
@@ -132,6 +153,11 @@ class Decoder(ABC):
             hidden = out
         tp.layer = None
         return hidden
+
+    def checkpoint_extra(self, ctx: RunContext, layer: DecoderLayer, mask: Mask, rotary: Sequence[Tensor] | None,
+                         extra: list[Tensor]) -> list[Tensor]:
+        """The tensors a layer's checkpoint keeps besides its input: the model's `extra`, the same for every layer."""
+        return extra
 
     def loss_and_return(self, ctx: RunContext, lm_head: Param, normed: Tensor, labels: Tensor) -> Tensor:
         """The LM head and the loss on the final norm's output (which it takes over), then what ends the forward

@@ -6,6 +6,7 @@ Shapes: b batch, s sequence, h hidden, a heads, k kv heads, d head dim, i interm
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 from sim.ops import Category
 from sim.plan import LoraPlan, ModelShape
@@ -29,6 +30,7 @@ class CausalLM:
     norm: Param
     lm_head: Param
     mask_buffer: Tensor | None = None  # llama 4.38.x persistent (M, M) causal_mask buffer
+    embed_scale: Tensor | None = None  # Gemma's 0-dim sqrt(hidden) buffer of the scaled embedding
 
     def params(self) -> list[Param]:
         """In module order; a tied lm_head is embed_tokens and counted once."""
@@ -48,6 +50,9 @@ class HfDecoder(Decoder):
     LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
     SAVABLE_MODULES = ("embed_tokens", "lm_head")
     EMBEDDING_WEIGHT = "embed_tokens.weight"
+    # The rotated q/k are contiguous in (b, heads, s, d) (Phi-3's rotary ends in a cat) rather than transposed views
+    # of the (b, s, heads, d) projections
+    ROTARY_OUTPUT_CONTIGUOUS: ClassVar[bool] = False
 
     def attention_shapes(self, m: ModelShape) -> LinearShapes:
         """The attention slot's linears (self_attn.*), in module order."""
@@ -60,6 +65,10 @@ class HfDecoder(Decoder):
         """The MLP slot's linears (mlp.*), in module order."""
         h, i = m.hidden_size, m.intermediate_size
         return {"gate_proj": (h, i, m.mlp_bias), "up_proj": (h, i, m.mlp_bias), "down_proj": (i, h, m.mlp_bias)}
+
+    def layer_norms(self, ctx: RunContext, prefix: str, full: bool) -> dict[str, Param]:
+        """A layer's norms besides the input and post-attention norms: none here."""
+        return {}
 
     def build_model(self, ctx: RunContext, lora: LoraPlan | None) -> CausalLM:
         """Create the parameters in module order, in the weights dtype; LoRA freezes the base and adds adapters."""
@@ -80,10 +89,10 @@ class HfDecoder(Decoder):
                     linears[name] = make_linear(ctx, f"{prefix}.{parent}.{name}", fan_in, fan_out, has_bias, dtype,
                                                 full, lora, name)
             norm2 = make_param(ctx, f"{prefix}.post_attention_layernorm.weight", h, dtype, full)
-            layer = DecoderLayer(index, prefix, norm1, norm2, linears)
+            layer = DecoderLayer(index, prefix, norm1, norm2, linears, norms=self.layer_norms(ctx, prefix, full))
             beh = ctx.behaviour
             if beh.rotary is not Rotary.MODEL_LEVEL:  # each attention layer owns a rotary module and its inv_freq
-                _inv_freq(ctx, f"{prefix}.self_attn.rotary_emb")
+                inv_freq_buffer(ctx, f"{prefix}.self_attn.rotary_emb")
             if beh.rotary is Rotary.CACHED_PER_LAYER or beh.unused_rotary_buffers:
                 # register_buffer(cos_cached/sin_cached, (max_position_embeddings, d)) in the load dtype, per layer;
                 # forward rebuilds them for seq_len rows when a sequence is longer (_set_cos_sin_cache)
@@ -96,7 +105,7 @@ class HfDecoder(Decoder):
             layers.append(layer)
         norm = make_param(ctx, "model.norm.weight", h, dtype, full)
         if ctx.behaviour.rotary is Rotary.MODEL_LEVEL:
-            _inv_freq(ctx, "model.rotary_emb")
+            inv_freq_buffer(ctx, "model.rotary_emb")
         if m.tie_word_embeddings:
             lm_head = embed
         else:
@@ -145,15 +154,12 @@ class HfDecoder(Decoder):
         prefix = f"{layer.prefix}.self_attn"
         lin = layer.linears
         eager = ctx.attn is AttnImplementation.EAGER
+        rotary = self.layer_rotary(ctx, layer, rotary)
         # q/k/v: linear, then .view(b, s, heads, d).transpose(1, 2): views whose grads come back through a copy in
         # eager. The q and k grads leave the rotary backward in (b, heads, s, d) layout whatever layout the
         # attention kernel gave them (TensorIterator's output strides, shared by CPU and CUDA; measured on CPU: a
         # ViewBackward0 clone of b·s·a·d and b·s·k·d per layer, docs/validation.md), so their view-backward copies.
-        q = P.view(tp, apply_linear(ctx, lin["q_proj"], x), backward_copies=True)
-        k = P.view(tp, apply_linear(ctx, lin["k_proj"], x), backward_copies=True)
-        v = P.view(tp, apply_linear(ctx, lin["v_proj"], x), backward_copies=eager)
-        for t in (q, k, v):  # the view holds the projection output; drop the projection's own reference
-            tp.release(t.storage)
+        q, k, v = self.query_key_value(ctx, layer, x)
         beh = ctx.behaviour
         if rotary is not None:
             cos, sin = tp.alias(rotary[0]), tp.alias(rotary[1])
@@ -161,8 +167,8 @@ class HfDecoder(Decoder):
             cos, sin = rotary_cached(ctx, layer, v.dtype)
         else:  # self.rotary_emb(value_states, position_ids)
             cos, sin = rotary_computed(ctx, f"{prefix}.rotary_emb", v.dtype, scaled=False)
-        q_rot = apply_rotary(ctx, f"{prefix}.q_rotary", q, cos, sin)
-        k_rot = apply_rotary(ctx, f"{prefix}.k_rotary", k, cos, sin)
+        q_rot = self.rotate(ctx, f"{prefix}.q_rotary", q, cos, sin)
+        k_rot = self.rotate(ctx, f"{prefix}.k_rotary", k, cos, sin)
         tp.drop(cos, sin, q, k)  # query_states, key_states = apply_rotary_pos_emb(...) rebinds both
         if beh.kv_cache is KvCache.REFERENCES:
             ctx.kv_cache += [tp.alias(k_rot), tp.alias(v)]
@@ -174,11 +180,45 @@ class HfDecoder(Decoder):
             out = _eager(ctx, prefix, q_rot, k_rot, v, mask, groups)
         elif ctx.attn is AttnImplementation.SDPA:
             out = _sdpa(ctx, prefix, q_rot, k_rot, v, mask, groups)
+            if ctx.on_host and mask is None and self.ROTARY_OUTPUT_CONTIGUOUS:
+                # the CPU flash kernel allocates its output like q (empty_like): a q in its own (b, heads, s, d)
+                # layout gives a (b, heads, s, d) output, which transpose(1, 2).contiguous() then copies
+                copied = P.contiguous_copy(tp, f"{prefix}.transpose_contiguous", out)
+                tp.drop(out)
+                out = copied
         else:
             out = _flash_kernel(ctx, prefix, q_rot, k_rot, v, groups, beh.fa2_repeats_kv, "flash_attn_func")
         result = apply_linear(ctx, lin["o_proj"], out)
         tp.drop(out, v, q_rot, k_rot)  # locals of the attention forward, released when it returns
         return result
+
+    def layer_rotary(self, ctx: RunContext, layer: DecoderLayer,
+                     rotary: Sequence[Tensor] | None) -> Sequence[Tensor] | None:
+        """The model-level (cos, sin) this layer's attention reads: the one pair here."""
+        return rotary
+
+    def query_key_value(self, ctx: RunContext, layer: DecoderLayer, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k (query_key) and v_proj(x) as a (b, heads, s, d) view, whose backward copies in eager only (the grad
+        comes from eager's bmm in another layout; SDPA and flash hand it back in the view's own)."""
+        q, k = self.query_key(ctx, layer, x)
+        eager = ctx.attn is AttnImplementation.EAGER
+        v = P.view(ctx.tape, apply_linear(ctx, layer.linears["v_proj"], x), backward_copies=eager)
+        ctx.tape.release(v.storage)  # the view holds the projection output; drop the projection's own reference
+        return q, k, v
+
+    def rotate(self, ctx: RunContext, name: str, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """apply_rotary_pos_emb's rotation of q or k."""
+        return apply_rotary(ctx, name, x, cos, sin)
+
+    def query_key(self, ctx: RunContext, layer: DecoderLayer, x: Tensor) -> tuple[Tensor, Tensor]:
+        """q_proj(x) and k_proj(x) as (b, heads, s, d) views, before the rotary embedding. Their grads come back
+        in another layout (see attention), so each view's backward copies."""
+        tp, lin = ctx.tape, layer.linears
+        q = P.view(tp, apply_linear(ctx, lin["q_proj"], x), backward_copies=True)
+        k = P.view(tp, apply_linear(ctx, lin["k_proj"], x), backward_copies=True)
+        for t in (q, k):  # the view holds the projection output; drop the projection's own reference
+            tp.release(t.storage)
+        return q, k
 
     def mlp(self, ctx: RunContext, layer: DecoderLayer, x: Tensor) -> Tensor:
         """down_proj(act_fn(gate_proj(x)) * up_proj(x))."""
@@ -194,7 +234,7 @@ class HfDecoder(Decoder):
         return out
 
 
-def _inv_freq(ctx: RunContext, module: str) -> None:
+def inv_freq_buffer(ctx: RunContext, module: str) -> None:
     """register_buffer("inv_freq", 1 / base**(arange(0, d, 2).float() / d)): d/2 fp32 values per rotary module."""
     ctx.tape.persistent_buffer(f"{module}.inv_freq", ctx.model.head_size // 2, DType.FLOAT32, Category.PARAMETERS)
 
@@ -271,6 +311,10 @@ def _eager(ctx: RunContext, prefix: str, q: Tensor, k: Tensor, v: Tensor, mask: 
     tp.drop(q_mat, k_mat, k_rep)
     scaled = P.mul_scalar(tp, f"{prefix}.scale", scores)
     tp.drop(scores)
+    if m.attn_logit_softcapping is not None:  # Gemma 2's eager_attention_forward: before the mask
+        capped = P.softcap(tp, f"{prefix}.softcap", scaled)
+        tp.drop(scaled)
+        scaled = capped
     if mask is not None:
         masked = P.add(tp, f"{prefix}.add_mask", scaled, mask)
         tp.drop(scaled)

@@ -19,6 +19,10 @@ def lm_head_loss(ctx: RunContext, lm_head: Param, hidden: Tensor, labels: Tensor
     """
     tp, m, beh = ctx.tape, ctx.model, ctx.behaviour
     logits = plain_linear(ctx, "lm_head", hidden, lm_head, m.hidden_size, m.vocab_size)
+    if m.final_logit_softcapping is not None:  # Gemma2ForCausalLM.forward, in the logits' dtype
+        capped = P.softcap(tp, "logits.softcap", logits)
+        tp.drop(logits)
+        logits = capped
     if beh.logits_upcast_in_model:  # logits = logits.float(): the half-precision logits are released
         upcast = P.to_dtype(tp, "logits.float", logits, DType.FLOAT32)
         tp.drop(logits)

@@ -138,15 +138,16 @@ def apply_linear(ctx: RunContext, lin: Linear, x: Tensor) -> Tensor:
     return out
 
 
-def rms_norm(ctx: RunContext, name: str, x: Tensor, w: Param) -> Tensor:
+def rms_norm(ctx: RunContext, name: str, x: Tensor, w: Param, dim: int | None = None) -> Tensor:
     """Qwen2RMSNorm/LlamaRMSNorm: x.to(fp32); var = x.pow(2).mean(-1, keepdim=True);
-    x = x * rsqrt(var + eps); return weight * x.to(input_dtype)."""
-    return in_module(ctx, name, [w], x, lambda x: _rms_norm(ctx, name, x, w))
+    x = x * rsqrt(var + eps); return weight * x.to(input_dtype). `dim`: the normalised last dimension (hidden
+    size unless given: Qwen3's q_norm/k_norm normalise each head's head_dim)."""
+    return in_module(ctx, name, [w], x, lambda x: _rms_norm(ctx, name, x, w, dim or ctx.model.hidden_size))
 
 
-def _rms_norm(ctx: RunContext, name: str, x: Tensor, w: Param) -> Tensor:
-    """The ops of rms_norm, run inside the module's ZeRO-3 hooks."""
-    tp, h = ctx.tape, ctx.model.hidden_size
+def _rms_norm(ctx: RunContext, name: str, x: Tensor, w: Param, h: int) -> Tensor:
+    """The ops of rms_norm over a last dimension of h, run inside the module's ZeRO-3 hooks."""
+    tp = ctx.tape
     x32 = P.to_dtype(tp, f"{name}.to_fp32", x, DType.FLOAT32)
     squared = P.pow2(tp, f"{name}.pow", x32)
     variance = P.mean_last(tp, f"{name}.mean", squared, h)

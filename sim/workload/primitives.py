@@ -261,6 +261,25 @@ def _same_size_backward(tp: Tape, node: Node, grad: Tensor) -> list:
     return [_grad_for(tp, f"{node.name}.backward", node.ctx["numel"], target.dtype, target, flops=node.ctx["numel"])]
 
 
+def tanh(tp: Tape, name: str, x: Tensor) -> Tensor:
+    """torch.tanh: TanhBackward0 saves its result; tanh_backward(grad, result) allocates the grad input."""
+    tp.op(name, flops=4 * x.numel, bytes_moved=2 * x.size_bytes)
+    out = tp.empty(f"{name}.out", x.numel, x.dtype)
+    node = tp.record(name, [x], [out], _same_size_backward, numel=x.numel)
+    return tp.output(out, node)
+
+
+def softcap(tp: Tape, name: str, x: Tensor) -> Tensor:
+    """Gemma 2's soft-capping, x = x / cap; x = torch.tanh(x); x = x * cap: three tensors of x's size and dtype
+    in turn, each local rebound; only tanh's result is saved."""
+    divided = mul_scalar(tp, f"{name}.div", x)
+    capped = tanh(tp, f"{name}.tanh", divided)
+    tp.drop(divided)
+    out = mul_scalar(tp, f"{name}.mul", capped)
+    tp.drop(capped)
+    return out
+
+
 def gelu(tp: Tape, name: str, x: Tensor) -> Tensor:
     """F.gelu: saves its input; gelu_backward allocates the grad input."""
     tp.op(name, flops=8 * x.numel, bytes_moved=2 * x.size_bytes)
@@ -297,14 +316,16 @@ def pow2(tp: Tape, name: str, x: Tensor) -> Tensor:
 
 
 def _pow2_backward(tp: Tape, node: Node, grad: Tensor) -> list:
+    # torch/csrc/autograd/FunctionsManual.cpp pow_backward: `grad * (exp * self.pow(exp - 1)).conj()`, one C++
+    # full expression: self.pow(1) and the scaled copy are temporaries destroyed at its end, after the product
+    # exists (measured on CPU: three x-sized buffers live at once, then two frees).
     numel, dtype = node.ctx["numel"], node.inputs[0].dtype
     tp.op(f"{node.name}.backward.pow1", bytes_moved=2 * numel * dtype.size_bytes)
     pow1 = tp.empty("pow1", numel, dtype)
     tp.op(f"{node.name}.backward.scale", bytes_moved=2 * numel * dtype.size_bytes)
     scaled = tp.empty("pow_scaled", numel, dtype)
-    tp.drop(pow1)
     out = _grad_for(tp, f"{node.name}.backward", numel, dtype, node.inputs[0], flops=numel)
-    tp.drop(scaled)
+    tp.drop(pow1, scaled)
     return [out]
 
 
