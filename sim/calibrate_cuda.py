@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, replace
 from enum import Enum
 from pathlib import Path
 
+from sim.versions import nearest_release
 from sim.vocab import AttnImplementation, DType, ModelType
 
 PHASES = ("forward", "backward", "optimizer")  # compared; "build" and "inputs" are recorded, not compared
@@ -229,9 +230,11 @@ def hardware_mapping(device: dict) -> dict:
                        "hbm_bytes_per_s": 3.35e12}}
 
 
-def _release(version: str) -> str:
-    """'2.11.0+cu130' → '2.11.0': the scenario names release versions."""
-    return version.split("+", 1)[0]
+def _release(package: str, version: str) -> str:
+    """The release a measured version is simulated as: '2.11.0+cu130' → '2.11.0' (the CUDA build tag left out: every
+    torch the GPU machines run loads modules lazily), and a version later than the simulator knows → the newest it
+    knows (sim/versions.py nearest_release; the row keeps the measured versions beside it)."""
+    return nearest_release(package, version.split("+", 1)[0])
 
 
 def scenario_mapping(config: CudaConfig, versions: dict[str, str], device: dict) -> dict:
@@ -245,7 +248,7 @@ def scenario_mapping(config: CudaConfig, versions: dict[str, str], device: dict)
         "name": f"calibrate cuda {config.name}",
         "model": model,
         "hardware": hardware_mapping(device),
-        "software": {k: _release(versions[k]) for k in ("torch", "transformers", "peft") if k in versions},
+        "software": {k: _release(k, versions[k]) for k in ("torch", "transformers", "peft") if k in versions},
         "training": {"per_device_train_batch_size": config.batch, "gradient_accumulation_steps": 1,
                      "seq_len": config.seq, "bf16": config.bf16, "gradient_checkpointing": config.gc,
                      "gradient_checkpointing_kwargs": {"use_reentrant": True},

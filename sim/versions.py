@@ -57,3 +57,15 @@ def known_release(package: str, text: str, key_path: str) -> tuple[int, int, int
     if last_patch.get(version[:2], -1) < version[2]:
         raise ScenarioError(f"{key_path}: {text!r} is no {package} release {known}")
     return version
+
+
+def nearest_release(package: str, text: str) -> str:
+    """The newest release of `package` the simulator knows that is not later than `text` (the oldest known where
+    `text` is older than all): what a measured machine's newer version is simulated as (sim/calibrate_cuda.py)."""
+    version = parse_version(text, package)
+    releases = sorted(tuple(int(part) for part in release.split(".")) for release in _RELEASES[package].split())
+    not_later = [release for release in releases if release[:2] < version[:2]]
+    same_series = [release for release in releases if release[:2] == version[:2]]
+    if same_series:
+        not_later.append((*version[:2], min(version[2], same_series[0][2])))
+    return ".".join(str(part) for part in (not_later[-1] if not_later else releases[0]))

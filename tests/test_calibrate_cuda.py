@@ -19,6 +19,7 @@ from sim.cli import main
 from sim.report import summarize
 from sim.scenario import build_scenario
 from sim.simulate import run_scenario
+from sim.versions import nearest_release
 from sim.vocab import AttnImplementation, DType, ModelType
 
 H100 = {"name": "NVIDIA H100 80GB HBM3", "total_bytes": 85_520_809_984, "context_bytes": 524_288_000}
@@ -360,3 +361,15 @@ def test_measure_only_needs_neither_pydantic_nor_numpy(tmp_path):
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr
     assert len(json.loads(out.read_text())) == len(cc.CUDA_CONFIGS)
+
+
+def test_a_measured_version_newer_than_known_is_simulated_as_the_newest_known() -> None:
+    # a GPU machine on torch 2.15.0+cu130 and transformers 5.25.0 (newer than sim/versions.py knows): simulated as
+    # torch 2.13.0 and transformers 5.24.0 instead of refused; a known version passes unchanged, its build tag dropped
+    config = cc.CUDA_CONFIGS[0]
+    newer = {"torch": "2.15.0+cu130", "transformers": "5.25.0", "peft": "0.21.2"}
+    assert cc.scenario_mapping(config, newer, H100)["software"] == {"torch": "2.13.0", "transformers": "5.24.0",
+                                                                   "peft": "0.21.2"}
+    assert cc.scenario_mapping(config, {"torch": "2.8.0+cu128"}, H100)["software"] == {"torch": "2.8.0"}
+    # a patch after its series' last known: the series' last
+    assert nearest_release("torch", "2.12.7") == "2.12.1" and nearest_release("peft", "0.5.0") == "0.5.0"
