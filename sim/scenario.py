@@ -17,7 +17,7 @@ from sim.errors import ScenarioError
 from sim.ingest.deepspeed import read_deepspeed, resolve_auto
 from sim.ingest.hf_config import read_model
 from sim.ingest.training_args import PER_DEVICE_TRAIN_BATCH_SIZE_DEFAULT, SEQ_LEN_ALIASES, resolve_seq_len_alias
-from sim.vocab import AllocatorBackend, AttnImplementation, DType, ModelType, Optim
+from sim.vocab import AllocatorBackend, AttnImplementation, DType, ModelType, Optim, QwenRemoteCode
 from sim.versions import (
     NEWEST_DEEPSPEED,
     NEWEST_PEFT,
@@ -156,6 +156,7 @@ class Software(Frozen):
     transformers: str = NEWEST_TRANSFORMERS
     deepspeed: str = NEWEST_DEEPSPEED
     peft: str = NEWEST_PEFT
+    qwen_remote_code: QwenRemoteCode = QwenRemoteCode.FINAL  # model_type qwen only
 
     def version(self, package: str) -> tuple[int, int, int]:
         """The named package's version as a comparable tuple."""
