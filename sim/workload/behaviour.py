@@ -129,10 +129,10 @@ def _qwen1(torch: tuple, peft: tuple, tf: tuple, revision: QwenRemoteCode) -> Be
     """Qwen1's remote code does not change with transformers: bf16 logits, shifted copy, no fp32 upcast. Its own
     revisions differ in the causal-mask buffer: the 2023-10 code's QWenModel.__init__ registers
     registered_causal_mask = tril(ones((P, P), bool)) with P = max_position_embeddings whatever the attention
-    (tomaarsen/attention_sinks@0125bd6 attention_sinks/models/qwen/modeling_qwen.py, a copy of Qwen/Qwen-7B's of
-    2023-10-11; intel/ipex-llm PR #9513 calls it the "10-12 version"); Qwen/Qwen-7B-Chat@2abd8e5 set it to None under
-    flash-attn and Qwen/Qwen-7B@f7bc352 (before 2023-11-23) dropped it for a mask built per forward (tomaarsen/attention_sinks
-    PR #33), as the final revision that sim/workload/qwen1.py models."""
+    (tomaarsen/attention_sinks@0125bd6 attention_sinks/models/qwen/modeling_qwen.py, a copy of it made 2023-10-11;
+    intel/ipex-llm PR #9513 calls it the "10-12 version"); Qwen/Qwen-7B-Chat@2abd8e5 set it to None under
+    flash-attn and Qwen/Qwen-7B@f7bc352 (before 2023-11-23) dropped it for a mask built per forward
+    (tomaarsen/attention_sinks PR #33), as the final revision that sim/workload/qwen1.py models."""
     if torch < (2, 1, 0):
         raise ScenarioError("software.torch: model_type qwen is modelled for torch >= 2.1 (SDPA with a mask)")
     return Behaviour(
