@@ -105,6 +105,22 @@ def test_autocast_runs_qwen1_cross_entropy_log_softmax_in_half_and_nll_loss_in_f
     assert [buffers[a].size_bytes for a in upcast.allocs] == [4 * B * (S - 1) * V] == [120_000]
 
 
+def test_qwen1_cross_entropy_backward_returns_to_bf16_after_nll_loss() -> None:
+    # NllLossBackward: zeros_like(its fp32 input) = 2 × 15 × 1000 × 4 = 120,000 bytes; autocast's ToCopyBackward
+    # brings the grad back to bf16 (60,000); LogSoftmaxBackward's grad input is bf16 too (60,000); the slice of
+    # logits[..., :-1, :] scatters it into a zeroed (2, 16, 1000) bf16 grad: 64,000 bytes
+    raw = tiny_raw(gradient_checkpointing=True, bf16=True)
+    raw["model"] = dict(QWEN1, bf16=True)
+    ops, buffers = _ops(raw)
+    backward = {op.name: [buffers[a].size_bytes for a in op.allocs] for op in ops
+                if op.phase is Phase.BACKWARD and op.name.startswith("loss.")}
+    assert backward["loss.nll_loss.backward"] == [4 * B * (S - 1) * V] == [120_000]
+    assert backward["loss.nll_loss.autocast_to_fp32.backward"] == [2 * B * (S - 1) * V] == [60_000]
+    assert backward["loss.log_softmax.backward"] == [2 * B * (S - 1) * V] == [60_000]
+    [first_slice] = [op for op in ops if op.phase is Phase.BACKWARD and op.name == "slice.backward"][:1]
+    assert [buffers[a].size_bytes for a in first_slice.allocs] == [2 * B * S * V] == [64_000]
+
+
 def test_autocast_leaves_qwen1_log_softmax_alone_without_the_flag() -> None:
     # Qwen1 on bf16 weights with no flag: the log_softmax output stays bf16, 2 × 15 × 1000 × 2 = 60,000 bytes.
     raw = tiny_raw(gradient_checkpointing=True, bf16=False)
