@@ -11,7 +11,7 @@ from enum import Enum
 from typing import TYPE_CHECKING
 
 from sim.allocator.alloc_conf import AllocConf
-from sim.vocab import AllocatorBackend, AttnImplementation, DType, ModelType, Optim
+from sim.vocab import AllocatorBackend, AttnImplementation, DType, ModelType, Optim, QwenRemoteCode
 
 if TYPE_CHECKING:  # the workload decides its behaviours (sim/workload/behaviour.py); the plan only carries them
     from sim.workload.behaviour import Behaviour
@@ -85,12 +85,13 @@ class TrainingPlan:
 
 @dataclass(frozen=True, slots=True)
 class Versions:
-    """The versions whose behaviour is reproduced, as comparable tuples."""
+    """The versions whose behaviour is reproduced: packages as comparable tuples, Qwen1's remote code by revision."""
 
     torch: Version
     transformers: Version
     deepspeed: Version
     peft: Version
+    qwen_remote_code: QwenRemoteCode
 
 
 @dataclass(frozen=True, slots=True)

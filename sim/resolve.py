@@ -48,7 +48,9 @@ _CUDA_TAG = re.compile(r"\+cu(\d+)(\d)\s*$")
 def resolve_plan(scenario: Scenario) -> Plan:
     """The scenario resolved once; raises ScenarioError for what is not modelled."""
     check_supported(scenario)
-    versions = Versions(*(scenario.software.version(p) for p in ("torch", "transformers", "deepspeed", "peft")))
+    software = scenario.software
+    versions = Versions(*(software.version(p) for p in ("torch", "transformers", "deepspeed", "peft")),
+                        qwen_remote_code=software.qwen_remote_code)
     training = scenario.training
     behaviour = behaviour_for(versions, scenario.model.model_type, training.gradient_checkpointing)
     weights = weights_dtype(scenario)

@@ -26,7 +26,7 @@ from sim.ingest.training_args import (
     resolve_seq_len_alias,
     take_deepspeed,
 )
-from sim.vocab import AllocatorBackend, AttnImplementation, DType, ModelType, Optim
+from sim.vocab import AllocatorBackend, AttnImplementation, DType, ModelType, Optim, QwenRemoteCode
 from sim.versions import (
     NEWEST_DEEPSPEED,
     NEWEST_PEFT,
@@ -167,6 +167,7 @@ class Software(Frozen):
     transformers: str = NEWEST_TRANSFORMERS
     deepspeed: str = NEWEST_DEEPSPEED
     peft: str = NEWEST_PEFT
+    qwen_remote_code: QwenRemoteCode = QwenRemoteCode.FINAL  # model_type qwen only
 
     @model_validator(mode="after")
     def _known_releases(self) -> "Software":

@@ -52,6 +52,14 @@ class Optim(Enum):
     SGD = "sgd"
 
 
+class QwenRemoteCode(Enum):
+    """Revisions of Qwen1's remote code (modeling_qwen.py on the Hugging Face hub) that differ in device memory;
+    named by the month they were current (docs/scenarios.md)."""
+
+    OCT_2023 = "2023-10"  # one (P, P) bool registered_causal_mask on QWenModel, registered whatever the attention
+    FINAL = "2023-12"  # no registered mask: built per forward where SDPA needs it (the newest revision)
+
+
 class AllocatorBackend(Enum):
     CACHING = "caching"
     EXACT = "exact"

@@ -89,26 +89,36 @@ def test_no_flag_no_copy() -> None:
     assert [op for op in _ops(raw)[0] if op.name == CONVERT] == []
 
 
-@pytest.mark.parametrize("weights, flag, converted", [
-    # bf16 under autocast: log_softmax(x, -1, dtype=float32) copies x to fp32 first (b·(s-1)·V × 4 =
-    # 2 × 15 × 1000 × 4 = 120,000 bytes), then its output is fp32 (120,000).
-    ("bf16", "bf16", True),
-    # fp16 on CUDA: ATen's half_to_float kernel, no copy; the output is fp32 all the same.
-    ("fp16", "fp16", False),
-])
-def test_autocast_runs_qwen1_log_softmax_in_fp32(weights: str, flag: str, converted: bool) -> None:
+@pytest.mark.parametrize("weights, flag", [("bf16", "bf16"), ("fp16", "fp16")])
+def test_autocast_runs_qwen1_cross_entropy_log_softmax_in_half_and_nll_loss_in_fp32(weights: str, flag: str) -> None:
+    # CrossEntropyLoss passes the logits' dtype to log_softmax, which CUDA autocast keeps: its output is half,
+    # b·(s-1)·V × 2 = 2 × 15 × 1000 × 2 = 60,000 bytes, and no fp32 copy of the logits is made before it; nll_loss
+    # (autocast's fp32 list) then copies the log-probs to fp32: 2 × 15 × 1000 × 4 = 120,000 bytes
     raw = tiny_raw(gradient_checkpointing=True, bf16=flag == "bf16", fp16=flag == "fp16")
     raw["model"] = dict(QWEN1, **{weights: True})
     ops, buffers = _ops(raw)
     forward = [op for op in ops if op.phase is Phase.FORWARD]
-    to_fp32 = [op for op in forward if op.name == "loss.log_softmax.to"]
+    assert [op for op in forward if op.name == "loss.log_softmax.to"] == []
     [log_softmax] = [op for op in forward if op.name == "loss.log_softmax"]
-    assert [buffers[a].size_bytes for a in log_softmax.allocs] == [4 * B * (S - 1) * V] == [120_000]
-    if converted:
-        [op] = to_fp32
-        assert [buffers[a].size_bytes for a in op.allocs] == [4 * B * (S - 1) * V]
-    else:
-        assert to_fp32 == []
+    assert [buffers[a].size_bytes for a in log_softmax.allocs] == [2 * B * (S - 1) * V] == [60_000]
+    [upcast] = [op for op in forward if op.name == "loss.nll_loss.autocast_to_fp32"]
+    assert [buffers[a].size_bytes for a in upcast.allocs] == [4 * B * (S - 1) * V] == [120_000]
+
+
+def test_qwen1_cross_entropy_backward_returns_to_bf16_after_nll_loss() -> None:
+    # NllLossBackward: zeros_like(its fp32 input) = 2 × 15 × 1000 × 4 = 120,000 bytes; autocast's ToCopyBackward
+    # brings the grad back to bf16 (60,000); LogSoftmaxBackward's grad input is bf16 too (60,000); the slice of
+    # logits[..., :-1, :] scatters it into a zeroed (2, 16, 1000) bf16 grad: 64,000 bytes
+    raw = tiny_raw(gradient_checkpointing=True, bf16=True)
+    raw["model"] = dict(QWEN1, bf16=True)
+    ops, buffers = _ops(raw)
+    backward = {op.name: [buffers[a].size_bytes for a in op.allocs] for op in ops
+                if op.phase is Phase.BACKWARD and op.name.startswith("loss.")}
+    assert backward["loss.nll_loss.backward"] == [4 * B * (S - 1) * V] == [120_000]
+    assert backward["loss.nll_loss.autocast_to_fp32.backward"] == [2 * B * (S - 1) * V] == [60_000]
+    assert backward["loss.log_softmax.backward"] == [2 * B * (S - 1) * V] == [60_000]
+    [first_slice] = [op for op in ops if op.phase is Phase.BACKWARD and op.name == "slice.backward"][:1]
+    assert [buffers[a].size_bytes for a in first_slice.allocs] == [2 * B * S * V] == [64_000]
 
 
 def test_autocast_leaves_qwen1_log_softmax_alone_without_the_flag() -> None:

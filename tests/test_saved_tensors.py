@@ -92,9 +92,10 @@ QWEN1 = {"model_type": "qwen", "hidden_size": 64, "intermediate_size": 256, "num
     # No flag, no autocast: Qwen1's remote code has no fp32 upcast; log_softmax over the shifted bf16 logits
     # keeps 2 bytes per value, and nll_loss's total_weight is a bf16 scalar.
     (False, 2 * B * (S - 1) * V + 8 * B * (S - 1) + 2),
-    # --bf16 True: accelerate's autocast passes dtype=float32 to log_softmax (fp32_set_opt_dtype), so its
-    # saved output is fp32 (4 bytes per value) and nll_loss's total_weight an fp32 scalar.
-    (True, 4 * B * (S - 1) * V + 8 * B * (S - 1) + 4),
+    # --bf16 True: CrossEntropyLoss hands log_softmax the logits' bf16 dtype, which autocast keeps, so its saved
+    # output stays bf16 (2 bytes per value); nll_loss (autocast's fp32 list) saves its fp32 copy of the log-probs
+    # (4 bytes per value), and its total_weight is an fp32 scalar.
+    (True, (2 + 4) * B * (S - 1) * V + 8 * B * (S - 1) + 4),
 ])
 def test_qwen1_log_probs_dtype_follows_autocast(bf16_flag: bool, loss: int) -> None:
     # Checkpointing keeps each block's input (2Nh) and the (b, 1, 1, s) bf16 additive mask passed to every

@@ -11,7 +11,8 @@ def fp32_op_dtype(ctx: RunContext) -> DType | None:
     floating CUDA input: float32 when autocast is on, unless the call names a dtype itself (set_opt_dtype keeps it),
     else none. The list: KERNEL2 / KERNEL_CUDA2 lines of aten/src/ATen/autocast_mode.cpp up to torch 2.2,
     AT_FORALL_FP32_SET_OPT_DTYPE of autocast_mode.h from 2.3 (read in the 2.13 wheel's header). Ops of its fp32 list
-    (nll_loss, pow, rsqrt: AT_FORALL_FP32) get fp32 inputs in the modelled code, so autocast casts nothing there."""
+    (nll_loss, pow, rsqrt: AT_FORALL_FP32) get fp32 inputs in the modelled code, so autocast casts nothing there,
+    except nll_loss on the half log-probs of CrossEntropyLoss on half logits (sim/workload/loss.py)."""
     return DType.FLOAT32 if ctx.autocast is not None else None
 
 

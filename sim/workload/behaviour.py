@@ -11,7 +11,7 @@ from enum import Enum
 
 from sim.errors import ScenarioError
 from sim.plan import Versions, format_version
-from sim.vocab import ModelType, Optim
+from sim.vocab import ModelType, Optim, QwenRemoteCode
 
 
 class Rotary(Enum):
@@ -56,6 +56,7 @@ class Behaviour:
     legacy_cache_output: bool  # the output holds that cache as a tuple of (k, v) tuples (to_legacy_cache)
     peft_adapters_fp32: bool
     default_optim: Optim  # TrainingArguments.optim's default in this version
+    qwen_causal_mask_buffer: bool  # Qwen1's QWenModel registers a (P, P) bool registered_causal_mask buffer
 
 
 # The first transformers release with each family's modelling code (models/<family>/ in the wheel). A family added
@@ -73,7 +74,10 @@ def behaviour_for(versions: Versions, model_type: ModelType, checkpointing: bool
     """The modelling code's choices for these versions, model type and checkpointing."""
     tf, torch, peft = versions.transformers, versions.torch, versions.peft
     if model_type is ModelType.QWEN:
-        return _qwen1(torch, peft, tf)
+        return _qwen1(torch, peft, tf, versions.qwen_remote_code)
+    if versions.qwen_remote_code is not QwenRemoteCode.FINAL:
+        raise ScenarioError(f"software.qwen_remote_code: only for model_type qwen (got "
+                            f"{versions.qwen_remote_code.value!r} with model_type {model_type.value!r})")
     llama, qwen2, mistral = (model_type is t for t in (ModelType.LLAMA, ModelType.QWEN2, ModelType.MISTRAL))
     first = _FIRST_RELEASE.get(model_type)
     if first is not None and tf < first:
@@ -134,11 +138,18 @@ def behaviour_for(versions: Versions, model_type: ModelType, checkpointing: bool
         peft_adapters_fp32=_peft_adapters_fp32(peft),
         # TrainingArguments.optim default: adamw_torch_fused from 4.53.1 when torch >= 2.8.
         default_optim=Optim.ADAMW_TORCH_FUSED if fused_default else Optim.ADAMW_TORCH,
+        qwen_causal_mask_buffer=False,
     )
 
 
-def _qwen1(torch: tuple, peft: tuple, tf: tuple) -> Behaviour:
-    """Qwen1's remote code does not change with transformers: bf16 logits, shifted copy, no fp32 upcast."""
+def _qwen1(torch: tuple, peft: tuple, tf: tuple, revision: QwenRemoteCode) -> Behaviour:
+    """Qwen1's remote code does not change with transformers: bf16 logits, shifted copy, no fp32 upcast. Its own
+    revisions differ in the causal-mask buffer: the 2023-10 code's QWenModel.__init__ registers
+    registered_causal_mask = tril(ones((P, P), bool)) with P = max_position_embeddings whatever the attention
+    (tomaarsen/attention_sinks@0125bd6 attention_sinks/models/qwen/modeling_qwen.py, a copy of it made 2023-10-11;
+    intel/ipex-llm PR #9513 calls it the "10-12 version"); Qwen/Qwen-7B-Chat@2abd8e5 set it to None under
+    flash-attn and Qwen/Qwen-7B@f7bc352 (before 2023-11-23) dropped it for a mask built per forward
+    (tomaarsen/attention_sinks PR #33), as the final revision that sim/workload/qwen1.py models."""
     if torch < (2, 1, 0):
         raise ScenarioError("software.torch: model_type qwen is modelled for torch >= 2.1 (SDPA with a mask)")
     return Behaviour(
@@ -149,6 +160,7 @@ def _qwen1(torch: tuple, peft: tuple, tf: tuple) -> Behaviour:
         fa2_repeats_kv=False, kv_cache=KvCache.NONE, legacy_cache_output=False,
         peft_adapters_fp32=_peft_adapters_fp32(peft),
         default_optim=Optim.ADAMW_TORCH_FUSED if tf >= (4, 53, 1) and torch >= (2, 8, 0) else Optim.ADAMW_TORCH,
+        qwen_causal_mask_buffer=revision is QwenRemoteCode.OCT_2023,
     )
 
 

@@ -46,7 +46,10 @@ def lm_head_loss(ctx: RunContext, lm_head: Param, hidden: Tensor, labels: Tensor
     held.append(shift_logits)
     tp.op("loss.shift_labels", bytes_moved=2 * label_count * 8)
     shift_labels = tp.empty("shift_labels", label_count, DType.INT64)
-    log_probs = P.log_softmax(tp, "loss.log_softmax", shift_logits, fp32_op_dtype(ctx))
+    if ctx.autocast is not None and not ctx.on_host and shift_logits.dtype is not DType.FLOAT32:
+        log_probs = _cuda_autocast_cross_entropy_log_probs(ctx, shift_logits)
+    else:
+        log_probs = P.log_softmax(tp, "loss.log_softmax", shift_logits, fp32_op_dtype(ctx))
     loss = P.nll_loss(tp, "loss.nll_loss", log_probs, shift_labels)
     tp.drop(log_probs, shift_labels)
     if ctx.outputs_to_fp32 and logits.dtype is not DType.FLOAT32:  # half logits outlive the forward's locals
@@ -55,3 +58,17 @@ def lm_head_loss(ctx: RunContext, lm_head: Param, hidden: Tensor, labels: Tensor
     else:
         tp.drop(*held)
     return loss
+
+
+def _cuda_autocast_cross_entropy_log_probs(ctx: RunContext, logits: Tensor) -> Tensor:
+    """nn.CrossEntropyLoss on half-precision logits under CUDA autocast: aten's cross_entropy_loss calls
+    log_softmax(x, 1, x.scalar_type()) (aten/src/ATen/native/LossNLL.cpp cross_entropy_loss_symint), a dtype that
+    autocast's fp32_set_opt_dtype keeps, so log_softmax runs and saves its output in the logits' dtype; nll_loss, on
+    autocast's CUDA fp32 list (KERNEL_CUDA(nll_loss, fp32) in autocast_mode.cpp; AT_FORALL_FP32 of autocast_mode.h
+    from 2.3, which has no cross_entropy_loss for CUDA), then takes an fp32 copy of the log-probs, which it saves.
+    (Autocast's CPU list has cross_entropy_loss itself, so a host casts the logits first: the other branch.)"""
+    tp = ctx.tape
+    log_probs = P.log_softmax(tp, "loss.log_softmax", logits, logits.dtype)
+    upcast = P.to_dtype(tp, "loss.nll_loss.autocast_to_fp32", log_probs, DType.FLOAT32)
+    tp.drop(log_probs)
+    return upcast

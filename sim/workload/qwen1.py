@@ -1,13 +1,17 @@
 """Qwen1's own remote code (modeling_qwen.py, final revision of 2023-12, Qwen/Qwen-7B … Qwen-72B) as the tensor
 ops its training forward runs: fused c_attn, fp32 rotary, SDPA with a materialised (b, 1, s, s) mask on
 torch >= 2 without flash-attn, flash-attn (direct for batch 1, unpadded varlen otherwise), w1 * silu(w2),
-and the loss on bf16 logits (no fp32 upcast).
+and the loss on bf16 logits (no fp32 upcast). software.qwen_remote_code 2023-10 adds that revision's
+registered_causal_mask buffer (sim/workload/behaviour.py _qwen1) and otherwise runs this module's flash-attn path:
+that revision's rotary cache and logn_tensor are the final's (tomaarsen/attention_sinks@0125bd6), its flash path was
+not read (that copy removes it).
 """
 
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sim.ops import Category
+from sim.errors import ScenarioError
 from sim.plan import LoraPlan
 from sim.vocab import AttnImplementation, DType
 from sim.workload import primitives as P
@@ -56,6 +60,8 @@ class Qwen1(Decoder):
         dtype, full, h = m.weights_dtype, lora is None, m.hidden_size
         ffn = m.intermediate_size // 2  # w1 and w2 are Linear(h, intermediate_size // 2)
         wte = maybe_saved_copy(ctx, "transformer.wte.weight", m.vocab_size * h, dtype, full, lora, "wte")
+        if ctx.behaviour.qwen_causal_mask_buffer:
+            _registered_causal_mask(ctx)
         blocks = []
         for index in range(m.num_hidden_layers):
             prefix = f"transformer.h.{index}"
@@ -133,6 +139,19 @@ class Qwen1(Decoder):
         out = apply_linear(ctx, lin["mlp.c_proj"], product)
         tp.drop(product)
         return out
+
+
+def _registered_causal_mask(ctx: RunContext) -> None:
+    """The 2023-10 QWenModel.__init__: register_buffer("registered_causal_mask", tril(ones((P, P), bool))
+    .view(1, 1, P, P), persistent=False) with P = max_position_embeddings, one for the model, kept on the GPU for the
+    run (.bfloat16() leaves a bool buffer bool). Its non-flash path is eager attention (QWenAttention._attn, matmul
+    and softmax), which is not modelled, so that revision is refused without flash-attn."""
+    if ctx.attn is not AttnImplementation.FLASH_ATTENTION_2:
+        raise ScenarioError("software.qwen_remote_code: revision 2023-10 is modelled with training.attn_implementation "
+                            f"flash_attention_2 only (got {ctx.attn.value!r})")
+    positions = ctx.model.max_position_embeddings
+    ctx.tape.persistent_buffer("transformer.registered_causal_mask", positions * positions, DType.BOOL,
+                               Category.PARAMETERS)
 
 
 def _rotary_cache(ctx: RunContext, model: QWenLMHeadModel) -> list[Tensor]:
