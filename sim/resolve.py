@@ -158,6 +158,22 @@ def check_attention(scenario: Scenario, shape: ModelShape) -> None:
                             "flash_attention_2 are)")
 
 
+# ZeRO stage 0 in half precision: DeepSpeed's engine wraps the optimizer (engine.py _do_optimizer_sanity_check →
+# _configure_bf16_optimizer / _configure_fp16_optimizer) in optimizers that keep fp32 master weights, not the plain
+# half-precision AdamW of torch DDP that the DDP placement would model.
+_STAGE0_WRAPPERS = {
+    # deepspeedai/DeepSpeed deepspeed/runtime/bf16_optimizer.py BF16_Optimizer._setup_for_real_optimizer: the
+    # trainable weights flattened into one bf16 buffer, an fp32 gradient buffer of its full size, the fp32 master
+    # weights and the optimizer states on this rank's 1/world partition only
+    DType.BFLOAT16: ("bf16", "DeepSpeed's BF16_Optimizer keeps full-size fp32 gradient buffers and a 1/world "
+                             "partition of fp32 master weights and optimizer states"),
+    # deepspeed/runtime/fp16/fused_optimizer.py FP16_Optimizer.__init__: fp32_groups_flat, a full fp32 copy of the
+    # flat fp16 weights, with fp32 optimizer states on it
+    DType.FLOAT16: ("fp16", "DeepSpeed's FP16_Optimizer keeps a full fp32 master copy of the weights with fp32 "
+                            "optimizer states"),
+}
+
+
 def check_supported(scenario: Scenario) -> None:
     """Refuse, with a clear message, what is not modelled yet rather than simulate it wrongly."""
     check_model_keys(scenario)
@@ -176,6 +192,10 @@ def check_supported(scenario: Scenario) -> None:
             if config.get("ratio", 1.0) != 1.0:
                 raise ScenarioError(f"deepspeed.zero_optimization.{key}.ratio: partial offload ({config['ratio']!r}) "
                                     "is not modelled yet")
+        if zero.stage == 0 and weights_dtype(scenario) in _STAGE0_WRAPPERS:
+            section, wrapper = _STAGE0_WRAPPERS[weights_dtype(scenario)]
+            raise ScenarioError(f"deepspeed.zero_optimization.stage: 0 with {section} is not modelled yet: {wrapper} "
+                                "(use stage 1-3, or no deepspeed section for torch DDP)")
         if not zero.reduce_scatter:
             raise ScenarioError("deepspeed.zero_optimization.reduce_scatter: false is not modelled yet (gradients are "
                                 "reduced as with the default, true)")

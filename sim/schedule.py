@@ -3,14 +3,16 @@ for `simulation.steps` steps, on a symbolic autograd tape (sim/workload)."""
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from sim.errors import ScenarioError
-from sim.ops import Phase, Schedule
+from sim.ops import PHASES, OpKind, Phase, Schedule
 from sim.plan import Plan
 from sim.parallel.placement import ModelStates, choose_placement, module_hooks_for
 from sim.workload import primitives as P
 from sim.workload.architecture import ARCHITECTURES, Architecture
 from sim.workload.context import RunContext
-from sim.workload.tape import Param, Tape
+from sim.workload.tape import Tape
 
 
 @dataclass(slots=True)
@@ -20,7 +22,7 @@ class BuiltSchedule:
     schedule: Schedule
     model_states: ModelStates
     tokens_per_step: int  # this rank's tokens per optimizer step
-    model_flops_per_step: float  # 6·N·tokens + attention, this rank
+    model_flops_per_step: float  # model FLOPs of one step, this rank (_model_flops)
 
 
 def parameter_counts(plan: Plan) -> tuple[int, int]:
@@ -78,9 +80,8 @@ def build_schedule(plan: Plan, repeat: bool = True) -> BuiltSchedule:
         tape.phase, tape.layer = Phase.OPTIMIZER, None
         states = placement.step()
         states_after_first_step = states_after_first_step or states
-    tokens = training.tokens_per_step
-    flops = _model_flops(plan, architecture, params, tokens)
-    return BuiltSchedule(tape.schedule(), states_after_first_step, tokens, flops)
+    schedule = tape.schedule()
+    return BuiltSchedule(schedule, states_after_first_step, training.tokens_per_step, _model_flops(plan, schedule))
 
 
 def modelling_code(plan: Plan) -> Architecture:
@@ -125,10 +126,29 @@ def _micro_batch(ctx: RunContext, plan: Plan, architecture: Architecture, model,
     tp.drop(loss, ids, labels, mask_2d)
 
 
-def _model_flops(plan: Plan, architecture: Architecture, params: list[Param], tokens: int) -> float:
-    """6·N·tokens (Kaplan et al. 2020) plus causal attention 6·2·b·s²·h·L/2 per micro-batch, forward+backward."""
+# hf_decoder._eager's two attention matmuls (and their backward ops): GEMM-kind ops that belong to the attention term
+_EAGER_ATTENTION_GEMMS = (".matmul_qk", ".matmul_pv")
+_FORWARD, _BACKWARD = PHASES.index(Phase.FORWARD), PHASES.index(Phase.BACKWARD)
+
+
+def _model_flops(plan: Plan, schedule: Schedule) -> float:
+    """Model FLOPs of the last step, PaLM's MFU numerator (Chowdhery et al. 2022, App. B: the forward and backward
+    the model needs, recomputation excluded) for frozen weights too: every linear GEMM the step's forward and
+    backward run (2·N·tokens forward; the activation gradient 2·N·tokens only where the linear's input needs a
+    gradient; the weight gradient 2·N·tokens only for a trainable weight, LoRA adapters included), plus causal
+    attention per layer, 2·b·a·s²·d forward and 4·b·a·s²·d backward where the layer's attention backward runs."""
     m, t = plan.model, plan.training
-    embedding = architecture.EMBEDDING_WEIGHT  # a lookup, not a matmul: no 6·N FLOPs
-    dense = 6.0 * sum(p.tensor.numel for p in params if not p.name.endswith(embedding)) * tokens
-    attention = 6.0 * t.seq_len * t.seq_len * m.num_attention_heads * m.head_size * m.num_hidden_layers
-    return dense + attention * t.micro_batch * t.accumulation_steps
+    causal_forward = 2.0 * t.micro_batch * m.num_attention_heads * t.seq_len * t.seq_len * m.head_size
+    phases, steps = schedule.phase_codes(), np.asarray(schedule.op_step)
+    counted = np.flatnonzero((steps == steps[-1]) & ((phases == _FORWARD) | (phases == _BACKWARD)))
+    dense = 0.0
+    attention: set[tuple[int, int | None, int]] = set()  # (micro-batch, layer, phase) where attention ran
+    ops, micro_batches = schedule.ops, schedule.op_micro_batch
+    for i in counted.tolist():
+        op = ops[i]
+        if op.kind is OpKind.ATTENTION or (op.kind is OpKind.GEMM and
+                                           any(part in op.name for part in _EAGER_ATTENTION_GEMMS)):
+            attention.add((micro_batches[i], op.layer, int(phases[i])))
+        elif op.kind is OpKind.GEMM:
+            dense += op.flops
+    return dense + sum(causal_forward if phase == _FORWARD else 2 * causal_forward for _, _, phase in attention)

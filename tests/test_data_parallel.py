@@ -61,14 +61,13 @@ def test_ddp_buckets_follow_reverse_order_and_caps() -> None:
 
 def test_zero12_model_states() -> None:
     # ZeRO-1/2 keep the whole bf16 model; the flat group is padded to a multiple of 2·P elements and split:
-    # fp32 master + Adam = 12 B per partition element; ZeRO-2 keeps the bf16 gradient partition, ZeRO-1 the
-    # whole bf16 gradients.
+    # fp32 master + Adam = 12 B per partition element; at the step both stages hold the bf16 gradient partition
+    # (averaged_gradients; ZeRO-1's full gradients are freed by then, stage_1_and_2.py step).
     for stage in (1, 2):
         raw = raw_for(stage, 3)
         total = sum(numels(raw))
         partition = math.ceil(total / 6) * 6 // 3
-        expected_grads = 2 * total if stage == 1 else 2 * partition
-        assert states(raw) == {"parameters": 2 * total, "gradients": expected_grads,
+        assert states(raw) == {"parameters": 2 * total, "gradients": 2 * partition,
                                "optimizer_states": 12 * partition}
 
 
@@ -99,7 +98,7 @@ def offload_raw(stage: int, accumulation: int = 2, deepspeed: str = "0.14.0") ->
 
 def test_zero12_cpu_offload_model_states_and_host_bytes() -> None:
     # offload_optimizer cpu: fp32 master, its fp32 gradient and the Adam moments on the host (16 B per partition
-    # element); the GPU keeps the bf16 model (ZeRO-1: and its full bf16 gradients) and no gradient partition.
+    # element); the GPU keeps the bf16 model and, at the step, no gradients (ZeRO-1's full ones are freed).
     # Host also: the staging buffer of the largest parameter (bf16) and, with accumulation, a bf16 copy of every
     # parameter with elements in rank 0's partition (accumulated_grads_in_cpu holds whole parameters).
     shapes = numels(offload_raw(2))
@@ -109,8 +108,7 @@ def test_zero12_cpu_offload_model_states_and_host_bytes() -> None:
     whole = sum(n for n, o in zip(shapes, offsets) if o < partition)
     for stage in (1, 2):
         run = run_scenario(build_scenario(offload_raw(stage)))
-        grads = 2 * total if stage == 1 else 0
-        assert summarize(run)["model_states_bytes"] == {"parameters": 2 * total, "gradients": grads,
+        assert summarize(run)["model_states_bytes"] == {"parameters": 2 * total, "gradients": 0,
                                                        "optimizer_states": 0}
         assert run.built.model_states.host_bytes == 16 * partition + 2 * max(shapes) + 2 * whole
     single = run_scenario(build_scenario(offload_raw(2, accumulation=1)))

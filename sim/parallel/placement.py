@@ -144,15 +144,15 @@ class Zero12Placement:
 
     def after_micro_batch(self, last: bool) -> None:
         if self.zero.stage == 2 or last:
-            # ZeRO-1's full bf16 gradients, held through the accumulation until this boundary
-            self.full_grads_bytes = sum(p.grad.size_bytes for p in self.trainable if p.grad is not None)
             self.tape.op("zero.backward_epilogue")
             self.zero.end_of_backward([p for p in self.trainable if p.grad is not None])
 
     def step(self) -> ModelStates:
-        grads = self.full_grads_bytes
-        if self.zero.stage == 2:
-            grads = 0 if self.zero.offload else self.zero.partition * self.zero.dtype.size_bytes
+        """The optimizer step; the gradients at it are this rank's 16-bit partition for stage 1 as for stage 2
+        (stage_1_and_2.py step: the parameters' full gradients are freed, free_grad_in_param_list, and
+        averaged_gradients, the partition, is flattened and cast to fp32 for the inner optimizer), none on the GPU
+        with offload."""
+        grads = 0 if self.zero.offload else self.zero.partition * self.zero.dtype.size_bytes
         self.zero.step()
         zero_grad(self.tape, self.trainable)
         return _model_states(self.params, self.trainable, sum(p.tensor.size_bytes for p in self.params), grads,
