@@ -24,6 +24,14 @@ def adam_impl(optim: Optim, on_host: bool) -> AdamImpl:
     return AdamImpl.FOR_LOOP if on_host else AdamImpl.FOREACH
 
 
+def adamw_foreach_denom_list(torch: tuple[int, int, int]) -> bool:
+    """Whether _multi_tensor_adamw makes `denom` out of place: before torch 2.1 it ran
+    `denom = torch._foreach_add(exp_avg_sq_sqrt, eps)`, a second full-size list alive with exp_avg_sq_sqrt until the
+    function returns; pytorch/pytorch#104898 (merged 2023-07-10, first in 2.1.0; issue #97712) made it
+    `torch._foreach_add_(exp_avg_sq_sqrt, eps)`."""
+    return torch < (2, 1, 0)
+
+
 def param_groups(params: list[Param]) -> list[list[Param]]:
     """Trainer.create_optimizer: weights with weight decay, then biases and norm weights without."""
     decay = [p for p in params if not _no_decay(p.name)]
@@ -93,12 +101,17 @@ class Optimizer:
             tp.op(f"{name}.fused", flops=12.0 * elements, bytes_moved=7 * total)
         elif self.impl is AdamImpl.FOREACH:
             # _multi_tensor_adamw: in-place lerp/mul/addcmul, then exp_avg_sq_sqrt = _foreach_sqrt(exp_avg_sqs)
-            # (new tensors for the whole group), in-place div/add, addcdiv into the params.
+            # (new tensors for the whole group), in-place div/add, addcdiv into the params. Before torch 2.1 the
+            # add was out of place: denom = _foreach_add(exp_avg_sq_sqrt, eps), a second list; both are locals
+            # alive at addcdiv_ and freed when the function returns (adamw_foreach_denom_list).
             tp.op(f"{name}.foreach_update_moments", flops=5.0 * elements, bytes_moved=5 * total)
             tp.op(f"{name}.foreach_sqrt", bytes_moved=2 * total)
-            denoms = [tp.empty(f"{p.name}.exp_avg_sq_sqrt", p.tensor.numel, p.tensor.dtype) for p in params]
+            roots = [tp.empty(f"{p.name}.exp_avg_sq_sqrt", p.tensor.numel, p.tensor.dtype) for p in params]
+            if tp.adamw_foreach_denom_list:
+                tp.op(f"{name}.foreach_add", bytes_moved=2 * total)
+                roots += [tp.empty(f"{p.name}.denom", p.tensor.numel, p.tensor.dtype) for p in params]
             tp.op(f"{name}.foreach_addcdiv_", flops=4.0 * elements, bytes_moved=4 * total)
-            tp.drop(*denoms)
+            tp.drop(*roots)
         else:
             # _single_tensor_adamw, per param: denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps).
             # `denom` is a loop variable: param i's is released when param i+1's div rebinds it, the last one

@@ -1,0 +1,48 @@
+"""CUDA-only allocations inside a step (issue #13, deliverable 2): each case is a tiny scenario or a single primitive
+whose bytes are derived by hand from the kernel source the modelling code cites."""
+
+from sim.resolve import resolve_plan
+from sim.scenario import build_scenario
+from sim.schedule import build_schedule
+from sim.ops import Schedule
+from tests.conftest import tiny_raw
+
+# The tiny qwen2 of tests/conftest.py (h 64, i 128, 2 layers, 4 heads, 4 kv heads, V 1000, bf16), untied head:
+#   per layer: q/k/v 3·(64·64 + 64) = 12,480; o 4,096; gate/up/down 3·64·128 = 24,576; 2 norms 128 → 41,280
+#   decay group (every weight, no bias, no norm): 2·(3·4,096 + 4,096 + 24,576) + embed 64,000 + lm_head 64,000
+#     = 2·40,960 + 128,000 = 209,920 elements
+#   no-decay group: 2·(3·64 + 128) + final norm 64 = 704 elements
+DECAY_NUMEL = 209_920
+NO_DECAY_NUMEL = 704
+
+
+def live_during(schedule: Schedule, op_name: str) -> int:
+    """Bytes allocated while the first op named `op_name` runs (allocs at its start, frees at its end)."""
+    schedule = schedule.expand()
+    sizes = schedule.buffer_sizes()
+    live = int(sum(int(sizes[b]) for b in schedule.persistent))
+    for op in schedule.ops:
+        live += sum(int(sizes[b]) for b in op.allocs)
+        if op.name == op_name:
+            return live
+        live -= sum(int(sizes[b]) for b in op.frees)
+    raise AssertionError(f"no op named {op_name}")
+
+
+def _full_ft(torch: str) -> Schedule:
+    raw = tiny_raw()
+    raw["software"]["torch"] = torch
+    return build_schedule(resolve_plan(build_scenario(raw))).schedule
+
+
+def test_foreach_adamw_before_torch_2_1_keeps_denom_beside_exp_avg_sq_sqrt() -> None:
+    # torch 2.0.1 _multi_tensor_adamw: exp_avg_sq_sqrt = _foreach_sqrt(...), denom = _foreach_add(exp_avg_sq_sqrt,
+    # eps): at the decay group's addcdiv_ both lists are alive, 2 · 209,920 · 2 B = 839,680 B of temporaries;
+    # torch 2.1.0 adds eps in place, so only exp_avg_sq_sqrt (419,840 B) is. Everything else alive is the same.
+    old, new = _full_ft("2.0.1"), _full_ft("2.1.0")
+    addcdiv = "optimizer.group0.adamw.foreach_addcdiv_"
+    assert live_during(old, addcdiv) - live_during(new, addcdiv) == DECAY_NUMEL * 2
+    names = [b.name for b in old.buffers]
+    assert sum(old.buffer_sizes()[i] for i, n in enumerate(names) if n.endswith(".denom")) == \
+        (DECAY_NUMEL + NO_DECAY_NUMEL) * 2
+    assert not any(b.name.endswith(".denom") for b in new.buffers)
