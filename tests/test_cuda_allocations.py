@@ -46,3 +46,31 @@ def test_foreach_adamw_before_torch_2_1_keeps_denom_beside_exp_avg_sq_sqrt() -> 
     assert sum(old.buffer_sizes()[i] for i, n in enumerate(names) if n.endswith(".denom")) == \
         (DECAY_NUMEL + NO_DECAY_NUMEL) * 2
     assert not any(b.name.endswith(".denom") for b in new.buffers)
+
+
+def _lora(peft: str, torch_dtype: str = "bfloat16") -> Schedule:
+    raw = tiny_raw()
+    raw["model"]["torch_dtype"] = torch_dtype
+    raw["software"]["peft"] = peft
+    raw["lora"] = {"r": 4, "target_modules": ["q_proj"]}
+    return build_schedule(resolve_plan(build_scenario(raw))).schedule
+
+
+def test_peft_before_0_9_adds_the_lora_output_in_place() -> None:
+    # bf16 weights and (0.6 - 0.11) bf16 adapters. PEFT 0.9.0: result = result + lora_B(...) * scaling makes a new
+    # (b·s, out) bf16 tensor, 2 · 16 · 64 · 2 B = 4,096 B, beside result and the scaled adapter output;
+    # 0.8.2: result += ... writes into result, nothing new. Everything before layer 0's q_proj is the same.
+    q = "model.layers.0.self_attn.q_proj"
+    old, new = _lora("0.8.2"), _lora("0.9.0")
+    assert live_during(new, f"{q}.lora_add") - live_during(old, f"{q}.lora_add_") == 2 * 16 * 64 * 2
+    assert not any(b.name == f"{q}.lora_add.out" for b in old.buffers)
+
+
+def test_peft_before_0_9_casts_the_sum_to_the_input_dtype() -> None:
+    # fp32 weights under bf16 autocast: q_proj's input (RMSNorm's weight · x) is fp32, the base and adapter GEMMs
+    # run in bf16. 0.8.2 ends with result.to(previous_dtype = x.dtype): an fp32 copy of the bf16 sum,
+    # 2 · 16 · 64 · 4 B = 8,192 B per q_proj; 0.9.0 keeps the bf16 result's dtype, so no copy.
+    cast = "model.layers.0.self_attn.q_proj.lora_result_cast.out"
+    old, new = _lora("0.8.2", "float32"), _lora("0.9.0", "float32")
+    assert [b.size_bytes for b in old.buffers if b.name == cast][:1] == [2 * 16 * 64 * 4]
+    assert not any(b.name == cast for b in new.buffers)

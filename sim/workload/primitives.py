@@ -220,6 +220,14 @@ def add(tp: Tape, name: str, a: Tensor, b: Tensor) -> Tensor:
     return tp.output(out, node)
 
 
+def add_(tp: Tape, name: str, a: Tensor, b: Tensor) -> Tensor:
+    """a += b in place: no new tensor, `a` keeps its dtype (b is cast inside the kernel); the result is `a`'s
+    storage with AddBackward0 as its history (saves nothing, hands the grad to both inputs)."""
+    tp.op(name, flops=a.numel, bytes_moved=2 * a.size_bytes + b.size_bytes)
+    node = tp.record(name, [a, b], [], _add_backward, numel=a.numel)
+    return tp.output(tp.alias(a), node)
+
+
 def _add_backward(tp: Tape, node: Node, grad: Tensor) -> list:
     grads: list = []
     for target in node.inputs:
