@@ -1,10 +1,13 @@
 """CUDA-only allocations inside a step (issue #13, deliverable 2): each case is a tiny scenario or a single primitive
 whose bytes are derived by hand from the kernel source the modelling code cites."""
 
+from sim.ops import Schedule
 from sim.resolve import resolve_plan
 from sim.scenario import build_scenario
 from sim.schedule import build_schedule
-from sim.ops import Schedule
+from sim.vocab import DType
+from sim.workload import primitives as P
+from sim.workload.tape import Tape
 from tests.conftest import tiny_raw
 
 # The tiny qwen2 of tests/conftest.py (h 64, i 128, 2 layers, 4 heads, 4 kv heads, V 1000, bf16), untied head:
@@ -74,3 +77,39 @@ def test_peft_before_0_9_casts_the_sum_to_the_input_dtype() -> None:
     old, new = _lora("0.8.2", "float32"), _lora("0.9.0", "float32")
     assert [b.size_bytes for b in old.buffers if b.name == cast][:1] == [2 * 16 * 64 * 4]
     assert not any(b.name == cast for b in new.buffers)
+
+
+def _embedding_backward_buffers(tokens: int) -> dict[str, int]:
+    """The buffers (name → bytes) the CUDA backward of a bf16 embedding (vocab 1000, hidden 64) over `tokens`
+    indices allocates, by running the primitive alone on a tape."""
+    tp = Tape()
+    tp.op("init")
+    weight = tp.parameter("wte.weight", 1000 * 64, DType.BFLOAT16, True)
+    ids = tp.empty("ids", tokens, DType.INT64)
+    out = P.embedding(tp, "wte", ids, weight, 1000, 64)
+    tp.op("grad_out")
+    grad = tp.empty("grad_out", tokens * 64, DType.BFLOAT16)
+    start = len(tp.storages)
+    tp.backward(out, grad)
+    return {st.name: st.size_bytes for st in tp.storages[start:]}
+
+
+def test_embedding_backward_up_to_3072_tokens_allocates_only_the_zeros() -> None:
+    # Embedding.cu: num_indices <= 3072 takes the feature kernel: grad_weight = zeros (1000, 64) bf16 = 128,000 B
+    assert _embedding_backward_buffers(3072) == {"wte.backward.out": 1000 * 64 * 2}
+
+
+def test_embedding_backward_sort_path_sizes() -> None:
+    # 4096 tokens, vocab 1000, hidden 64: max_segments = min(4096, 1000) = 1000,
+    # max_partial_segment = 4096 // 10 + 1000 = 1409
+    #   sorted_indices, orig_indices, range, segment_offsets: 4096 · 8 = 32,768 B each
+    #   partials_per_segment(_offset): 1000 · 8 = 8,000 B each; two int64 scalars 8 B each
+    #   partial_segment_offset: 1409 · 8 = 11,272 B; grad_weight_per_segment: 1409 · 64 · 4 = 360,704 B (fp32)
+    #   grad_weight zeros: 1000 · 64 · 2 = 128,000 B
+    assert _embedding_backward_buffers(4096) == {
+        "embedding_backward.sorted_indices": 32_768, "embedding_backward.orig_indices": 32_768,
+        "embedding_backward.range": 32_768, "wte.backward.out": 128_000,
+        "embedding_backward.segment_offsets": 32_768, "embedding_backward.num_of_segments": 8,
+        "embedding_backward.partials_per_segment": 8_000, "embedding_backward.partials_per_segment_offset": 8_000,
+        "embedding_backward.num_of_partial_segments": 8, "embedding_backward.partial_segment_offset": 11_272,
+        "embedding_backward.grad_weight_per_segment": 360_704}

@@ -459,11 +459,10 @@ def _bmm_backward(tp: Tape, node: Node, grad: Tensor) -> list:
 
 
 def embedding(tp: Tape, name: str, ids: Tensor, w: Param, vocab: int, hidden: int, on_host: bool = False) -> Tensor:
-    """F.embedding: saves the indices. embedding_dense_backward_cuda allocates zeros (vocab, hidden) in the grad's
-    dtype plus sorted/original index copies and a per-token fp32 partial-sum buffer
-    (aten/src/ATen/native/cuda/Embedding.cu, EmbeddingBackwardKernel.cu). On a CPU host (`on_host`)
-    embedding_dense_backward_cpu (aten/src/ATen/native/Embedding.cpp) allocates only the zeros (vocab, hidden)
-    and index_add's the (already contiguous) grad rows into it."""
+    """F.embedding: saves the indices. The backward allocates zeros (vocab, hidden) in the grad's dtype, and on CUDA
+    for more than 3072 tokens the sort path's index arrays and fp32 partial sums (_embedding_backward). On a CPU
+    host (`on_host`) embedding_dense_backward_cpu (aten/src/ATen/native/Embedding.cpp) allocates only the zeros
+    (vocab, hidden) and index_add's the (already contiguous) grad rows into it."""
     tokens = ids.numel
     tp.op(name, bytes_moved=2 * tokens * hidden * w.tensor.dtype.size_bytes)
     out = tp.empty(f"{name}.out", tokens * hidden, w.tensor.dtype)
@@ -472,18 +471,46 @@ def embedding(tp: Tape, name: str, ids: Tensor, w: Param, vocab: int, hidden: in
     return tp.output(out, node)
 
 
+# embedding_dense_backward_cuda takes the atomic feature kernel, which allocates only the zeros, for at most this
+# many indices (aten/src/ATen/native/cuda/Embedding.cu: `num_indices <= 3072 && !scale_grad_by_freq`)
+EMBEDDING_FEATURE_KERNEL_MAX_INDICES = 3072
+# rows per partial segment (aten/src/ATen/native/cuda/EmbeddingBackwardKernel.cu NROWS_PER_THREAD)
+EMBEDDING_ROWS_PER_PARTIAL = 10
+
+
 def _embedding_backward(tp: Tape, node: Node, grad: Tensor) -> list:
+    """embedding_dense_backward_cuda (Embedding.cu) for more than 3072 indices: sorted_indices and orig_indices
+    (int64, one per token, alive to the end), `range` = arange(tokens) freed after the radix sort; then
+    embedding_backward_cuda_kernel (EmbeddingBackwardKernel.cu): grad_weight = zeros (vocab, hidden), segment_offsets
+    (tokens), partials_per_segment and partials_per_segment_offset (max_segments = min(tokens, vocab) each),
+    partial_segment_offset (max_partial_segment = tokens // 10 + max_segments) and grad_weight_per_segment
+    (max_partial_segment, hidden) in fp32 for bf16/fp16 grads, plus two int64 scalars, all freed on return. These
+    bounds replaced a `numel` bound in pytorch#78588 (2022, torch 1.13); earlier code sized them by a synchronising
+    .item() count. Not modelled: cub's temporary storage for the radix sort, unique_by_key and exclusive_sum
+    (sized inside cub), and the fused atomic variant pytorch#170589 adds for few, large segments."""
     tokens, vocab, hidden = node.ctx["tokens"], node.ctx["vocab"], node.ctx["hidden"]
-    if node.ctx["on_host"]:  # embedding_dense_backward_cpu: grad_weight = at::zeros({num_weights, h}) only
+    weight_dtype = node.inputs[0].dtype
+    if node.ctx["on_host"] or tokens <= EMBEDDING_FEATURE_KERNEL_MAX_INDICES:  # only grad_weight = zeros
         tp.op(f"{node.name}.backward", bytes_moved=vocab * hidden * grad.dtype.size_bytes)
-        return [tp.empty(f"{node.name}.backward.out", vocab * hidden, node.inputs[0].dtype)]
+        return [tp.empty(f"{node.name}.backward.out", vocab * hidden, weight_dtype)]
+    max_segments = min(tokens, vocab)
+    max_partial_segment = tokens // EMBEDDING_ROWS_PER_PARTIAL + max_segments
+    partial_dtype = grad.dtype if grad.dtype is DType.FLOAT64 else F32  # acc_type: fp32 but for fp64
     tp.op(f"{node.name}.backward.sort", bytes_moved=4 * tokens * I64.size_bytes)
-    indices = tp.empty("embedding_backward.sorted_indices", 2 * tokens, I64)
-    tp.op(f"{node.name}.backward.partials", bytes_moved=tokens * hidden * 4)
-    partials = tp.empty("embedding_backward.partial_segments", tokens * hidden, F32)
-    tp.op(f"{node.name}.backward", bytes_moved=vocab * hidden * grad.dtype.size_bytes)
-    out = tp.empty(f"{node.name}.backward.out", vocab * hidden, node.inputs[0].dtype)
-    tp.drop(indices, partials)
+    indices = [tp.empty("embedding_backward.sorted_indices", tokens, I64),
+               tp.empty("embedding_backward.orig_indices", tokens, I64)]
+    tp.drop(tp.empty("embedding_backward.range", tokens, I64))
+    tp.op(f"{node.name}.backward", bytes_moved=vocab * hidden * grad.dtype.size_bytes
+          + tokens * hidden * (grad.dtype.size_bytes + partial_dtype.size_bytes))
+    out = tp.empty(f"{node.name}.backward.out", vocab * hidden, weight_dtype)
+    scratch = [tp.empty("embedding_backward.segment_offsets", tokens, I64),
+               tp.empty("embedding_backward.num_of_segments", 1, I64),
+               tp.empty("embedding_backward.partials_per_segment", max_segments, I64),
+               tp.empty("embedding_backward.partials_per_segment_offset", max_segments, I64),
+               tp.empty("embedding_backward.num_of_partial_segments", 1, I64),
+               tp.empty("embedding_backward.partial_segment_offset", max_partial_segment, I64),
+               tp.empty("embedding_backward.grad_weight_per_segment", max_partial_segment * hidden, partial_dtype)]
+    tp.drop(*reversed(scratch), *indices)
     return [out]
 
 
