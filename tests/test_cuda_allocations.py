@@ -113,3 +113,22 @@ def test_embedding_backward_sort_path_sizes() -> None:
         "embedding_backward.partials_per_segment": 8_000, "embedding_backward.partials_per_segment_offset": 8_000,
         "embedding_backward.num_of_partial_segments": 8, "embedding_backward.partial_segment_offset": 11_272,
         "embedding_backward.grad_weight_per_segment": 360_704}
+
+
+def test_clip_grad_norm_foreach_norm_scratch() -> None:
+    # tiny qwen2 full fine-tune, 2 layers: 2·(3 q/k/v weights + 3 biases + o + gate/up/down + 2 norms) = 24, plus
+    # embed, lm_head and the final norm: 27 bf16 grads. The largest has 64,000 elements (embed, lm_head):
+    # ceil(64,000 / 65,536) = 1 chunk, so output_per_tensor holds 27 · 1 fp32 = 108 B; the stack of 27 bf16
+    # norms is 54 B.
+    sizes = {b.name: b.size_bytes for b in _full_ft("2.2.2").buffers}
+    assert sizes["foreach_norm.output_per_tensor"] == 27 * 4
+    assert sizes["grad_norm_stack"] == 27 * 2
+
+
+def test_clip_grad_norm_chunks_per_tensor() -> None:
+    # vocab 70,000: the embedding's 70,000 · 64 = 4,480,000 elements take ceil(4,480,000 / 65,536) = 69 chunks, so
+    # output_per_tensor is 27 · 69 fp32 = 7,452 B, freed when _foreach_norm returns
+    raw = tiny_raw()
+    raw["model"]["vocab_size"] = 70_000
+    schedule = build_schedule(resolve_plan(build_scenario(raw))).schedule
+    assert [b.size_bytes for b in schedule.buffers if b.name == "foreach_norm.output_per_tensor"] == [27 * 69 * 4]
