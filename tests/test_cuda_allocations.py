@@ -132,3 +132,30 @@ def test_clip_grad_norm_chunks_per_tensor() -> None:
     raw["model"]["vocab_size"] = 70_000
     schedule = build_schedule(resolve_plan(build_scenario(raw))).schedule
     assert [b.size_bytes for b in schedule.buffers if b.name == "foreach_norm.output_per_tensor"] == [27 * 69 * 4]
+
+
+def test_efficient_backward_workspace_llama_7b() -> None:
+    # Llama-2-7B, b 1, s 4096, 32 heads, d 128 on the 128 × 128 kernel: ceil(4096/128) · ceil(128/128) = 32 tiles
+    # of 128 · 128 + 4 floats (the tile plus GradQTempStorage's lock, counter, pad[2]) = 524,416 floats per (b, h);
+    # · 32 heads · 4 B = 67,125,248 B (64 MiB + 16 KiB)
+    assert P.efficient_backward_workspace_bytes(1, 32, 4096, 128) == 67_125_248
+
+
+def test_efficient_backward_allocates_the_workspace_with_delta() -> None:
+    # b 2, 4 heads, s 16, d 16: one tile per (b, h), padded to 128 × 128: 2 · 4 · (16,384 + 4) · 4 B = 524,416 B;
+    # delta 2 · 4 · 16 fp32 = 512 B; grads of q, k, v 2 · 16 · 4 · 16 · 2 B = 4,096 B each
+    tp = Tape()
+    tp.op("init")
+    q, k, v = (tp.empty(n, 2 * 16 * 4 * 16, DType.BFLOAT16) for n in "qkv")
+    for t in (q, k, v):
+        t.requires_grad = True
+    mask = tp.empty("mask", 2 * 16 * 16, DType.BFLOAT16)
+    out = P.efficient_attention(tp, "sdpa", q, k, v, mask, 2, 4, 16, 16, 1.0)
+    tp.op("grad_out")
+    grad = tp.empty("grad_out", out.numel, DType.BFLOAT16)
+    start = len(tp.storages)
+    tp.backward(out, grad)
+    made = {st.name: st.size_bytes for st in tp.storages[start:]}
+    assert made["sdpa.workspace"] == 524_416 and made["sdpa.delta"] == 512
+    assert [size for name, size in made.items() if name == "sdpa.grad"] == [4_096]  # one name, three tensors
+    assert sum(1 for st in tp.storages[start:] if st.name == "sdpa.grad") == 3

@@ -627,7 +627,8 @@ def efficient_attention(tp: Tape, name: str, q: Tensor, k: Tensor, v: Tensor, ma
                         seq: int, head_dim: int, flops: float) -> Tensor:
     """torch SDPA's memory-efficient kernel, chosen when an explicit attn_mask is given: output + fp32
     logsumexp (b, heads, round32(s)) + philox seed/offset, saving q, k, v, the mask (attn_bias), out and lse.
-    Backward (_efficient_attention_backward) allocates grad q, k, v and an fp32 delta (b, heads, s)."""
+    Backward (_efficient_attention_backward) allocates grad q, k, v, an fp32 delta (b, heads, s) and the kernel's
+    gradient-of-q workspace (_efficient_backward)."""
     out_numel = batch * seq * heads * head_dim
     tp.op(name, flops=flops, bytes_moved=(q.numel + k.numel + v.numel + out_numel) * q.dtype.size_bytes
           + mask.size_bytes, kind=OpKind.ATTENTION)
@@ -636,15 +637,44 @@ def efficient_attention(tp: Tape, name: str, q: Tensor, k: Tensor, v: Tensor, ma
     rng = tp.empty(f"{name}.philox", 2, I64)
     # backward: 5 matmuls against forward's 2, as for flash attention
     node = tp.record(name, [q, k, v], [q, k, v, mask, out, lse, rng], _efficient_backward, batch=batch,
-                     heads=heads, seq=seq, flops=2.5 * flops)
+                     heads=heads, seq=seq, head_dim=head_dim, flops=2.5 * flops)
     tp.drop(lse, rng)
     return tp.output(out, node)
 
 
+# the cutlass backward kernel (I x J tile) _efficient_attention_backward launches for bf16/fp16 with head_dim <= 128:
+# the first of dispatch_cutlassB's aligned list whose kMaxK covers it is 128x128_k32/k64/k128 (seqaligned or not)
+# (aten/src/ATen/native/transformers/cuda/mem_eff_attention/kernels/cutlassB.h, sm80 list, also used on sm90)
+EFFICIENT_BACKWARD_BLOCK_I = 128
+EFFICIENT_BACKWARD_BLOCK_J = 128
+
+
+def efficient_backward_workspace_bytes(batch: int, heads: int, seq: int, head_dim: int) -> int:
+    """p.workspace_size() of the mem-efficient backward (mem_eff_attention/kernel_backward.h): B · H ·
+    workspace_strideBH · 4 B, strideBH = align4(gk + gv + gq) floats. gq = ceil(M / I) · ceil(K / J) ·
+    sizeof(GradQTempStorage) / 4, GradQTempStorage being {lock, counter, pad[2]} (4 ints) + the I × J fp32 tile
+    (MatmulGradQ::AccumTileGmem::kElementsStored = kNumThreads · 32 = I · J): I · J + 4 floats per tile.
+    gq is needed for bf16/fp16 (kNeedsAccumGradQ: kEnableSplitKeys, and output_t is not fp32). gk and gv are 0 when
+    kOutputInRF (half types and kMaxK <= I), true for head_dim <= 128 on the 128 × 128 kernel.
+    Open, not modelled: for head_dim > 128 (the k256/k65536 kernels) gk = gv = num_splits_key · J · round_up(K, I)
+    with num_splits_key = min(ceil(N / J), 200 / (B · H)); and on a device whose shared memory (sharedMemPerBlockOptin)
+    cannot hold the 128 × 128 kernel, the next one (64 × 128, kOutputInRF false) adds those gk/gv terms too."""
+    tiles = -(-seq // EFFICIENT_BACKWARD_BLOCK_I) * -(-head_dim // EFFICIENT_BACKWARD_BLOCK_J)
+    grad_q_floats = tiles * (EFFICIENT_BACKWARD_BLOCK_I * EFFICIENT_BACKWARD_BLOCK_J + 4)
+    return batch * heads * _round_up(grad_q_floats, 4) * 4
+
+
 def _efficient_backward(tp: Tape, node: Node, grad: Tensor) -> list:
+    """_efficient_attention_backward (aten/src/ATen/native/transformers/cuda/attention_backward.cu, CUDA branch):
+    grad q, k, v; in the launched kernel's lambda delta = at::empty({B, nH, M}, float) (kKernelComputesDelta for
+    half types), freed when the lambda returns; the byte workspace at::empty({workspace_size()}) of
+    efficient_backward_workspace_bytes, zeroed when split over keys, freed when the function returns."""
     c = node.ctx
     tp.op(f"{node.name}.backward", flops=c["flops"], bytes_moved=4 * grad.size_bytes, kind=OpKind.ATTENTION)
-    delta = tp.empty(f"{node.name}.delta", c["batch"] * c["heads"] * c["seq"], F32)
     grads = [tp.empty(f"{node.name}.grad", t.numel, t.dtype) if t is not None else None for t in node.inputs]
-    tp.drop(delta)
+    delta = tp.empty(f"{node.name}.delta", c["batch"] * c["heads"] * c["seq"], F32)
+    workspace = tp.empty(f"{node.name}.workspace",
+                         efficient_backward_workspace_bytes(c["batch"], c["heads"], c["seq"], c["head_dim"]),
+                         DType.BOOL)
+    tp.drop(delta, workspace)
     return grads
