@@ -55,6 +55,7 @@ class Behaviour:
     kv_cache: KvCache
     legacy_cache_output: bool  # the output holds that cache as a tuple of (k, v) tuples (to_legacy_cache)
     peft_adapters_fp32: bool
+    peft_lora_add_in_place: bool  # PEFT <= 0.8: result += lora(x); result.to(x.dtype) (_peft_lora_add_in_place)
     default_optim: Optim  # TrainingArguments.optim's default in this version
     qwen_causal_mask_buffer: bool  # Qwen1's QWenModel registers a (P, P) bool registered_causal_mask buffer
 
@@ -136,6 +137,7 @@ def behaviour_for(versions: Versions, model_type: ModelType, checkpointing: bool
         # (models/{llama,mistral,qwen2}/modeling_*.py of 4.36.2, 4.41.2, 4.42.4, 4.46.3, 4.47.1, 4.48.0).
         legacy_cache_output=tf < (4, 48, 0),
         peft_adapters_fp32=_peft_adapters_fp32(peft),
+        peft_lora_add_in_place=_peft_lora_add_in_place(peft),
         # TrainingArguments.optim default: adamw_torch_fused from 4.53.1 when torch >= 2.8.
         default_optim=Optim.ADAMW_TORCH_FUSED if fused_default else Optim.ADAMW_TORCH,
         qwen_causal_mask_buffer=False,
@@ -158,7 +160,7 @@ def _qwen1(torch: tuple, peft: tuple, tf: tuple, revision: QwenRemoteCode) -> Be
         llama_full_mask_bool=False, sdpa_mask_always=True, sdpa_sliding_window_check=False,
         eager_mask_via_bool=False, sdpa_repeats_kv=False, sdpa_contiguous=SdpaContiguous.NEVER,
         fa2_repeats_kv=False, kv_cache=KvCache.NONE, legacy_cache_output=False,
-        peft_adapters_fp32=_peft_adapters_fp32(peft),
+        peft_adapters_fp32=_peft_adapters_fp32(peft), peft_lora_add_in_place=_peft_lora_add_in_place(peft),
         default_optim=Optim.ADAMW_TORCH_FUSED if tf >= (4, 53, 1) and torch >= (2, 8, 0) else Optim.ADAMW_TORCH,
         qwen_causal_mask_buffer=revision is QwenRemoteCode.OCT_2023,
     )
@@ -171,3 +173,12 @@ def _peft_adapters_fp32(peft: tuple) -> bool:
     self.to(weight.device, dtype=weight.dtype)); from 0.12 LoraConfig(autocast_adapter_dtype=True) upcasts bf16/fp16
     adapters to fp32 again."""
     return peft < (0, 6, 0) or peft >= (0, 12, 0)
+
+
+def _peft_lora_add_in_place(peft: tuple) -> bool:
+    """Whether lora.Linear.forward adds the adapter output into the base result in place and casts the sum to the
+    layer input's dtype: PEFT 0.5.0 - 0.8.2 `previous_dtype = x.dtype ... result += lora_B(lora_A(dropout(x))) *
+    scaling; result = result.to(previous_dtype)` (src/peft/tuners/lora.py v0.5.0, tuners/lora/layer.py v0.6.2,
+    v0.7.1, v0.8.2); from 0.9.0 (#1010, "Better respect result dtype in LoRA layers") `result = result + ...;
+    result = result.to(torch_result_dtype)` with the base result's dtype (tuners/lora/layer.py v0.9.0)."""
+    return peft < (0, 9, 0)

@@ -114,13 +114,17 @@ def plain_linear(ctx: RunContext, name: str, x: Tensor, weight: Param, in_featur
 
 
 def apply_linear(ctx: RunContext, lin: Linear, x: Tensor) -> Tensor:
-    """nn.Linear, or PEFT's lora.Linear.forward: base(x) + lora_B(lora_A(dropout(x.to(A.dtype)))) * scaling,
-    cast back to the base result's dtype (peft/tuners/lora/layer.py)."""
+    """nn.Linear, or PEFT's lora.Linear.forward: base(x) + lora_B(lora_A(dropout(x.to(A.dtype)))) * scaling, a new
+    tensor cast back to the base result's dtype (peft/tuners/lora/layer.py, 0.9+); PEFT <= 0.8 adds in place into
+    the base result and casts the sum to x's dtype (behaviour._peft_lora_add_in_place)."""
     tp = ctx.tape
     result = plain_linear(ctx, lin.name, x, lin.weight, lin.in_features, lin.out_features, lin.bias)
     if lin.lora_a is None or lin.lora_b is None:
         return result
-    result_dtype = result.dtype
+    in_place = ctx.behaviour.peft_lora_add_in_place
+    # the sum is cast to previous_dtype = x.dtype (taken before x.to(lora_A.weight.dtype)) up to 0.8, else to the
+    # base result's dtype
+    cast_to = x.dtype if in_place else result.dtype
     rank = lin.lora_a.tensor.numel // lin.in_features
     x_adapter = P.to_dtype(tp, f"{lin.name}.lora_input_cast", x, lin.lora_a.tensor.dtype)
     dropped = P.dropout(tp, f"{lin.name}.lora_dropout", x_adapter, lin.lora_dropout)
@@ -131,9 +135,12 @@ def apply_linear(ctx: RunContext, lin: Linear, x: Tensor) -> Tensor:
     tp.drop(a_out)
     scaled = P.mul_scalar(tp, f"{lin.name}.lora_scaling", b_out)
     tp.drop(b_out)
-    summed = P.add(tp, f"{lin.name}.lora_add", result, scaled)
+    if in_place:
+        summed = P.add_(tp, f"{lin.name}.lora_add_", result, scaled)
+    else:
+        summed = P.add(tp, f"{lin.name}.lora_add", result, scaled)
     tp.drop(result, scaled)
-    out = P.to_dtype(tp, f"{lin.name}.lora_result_cast", summed, result_dtype)
+    out = P.to_dtype(tp, f"{lin.name}.lora_result_cast", summed, cast_to)
     tp.drop(summed)
     return out
 

@@ -8,6 +8,10 @@ from sim.vocab import DType, Optim
 from sim.workload.tape import Param, Tape, Tensor
 
 
+# elements per chunk of a multi_tensor_apply kernel (aten/src/ATen/native/cuda/MultiTensorApply.cuh kChunkSize)
+FOREACH_CHUNK_ELEMENTS = 65536
+
+
 class AdamImpl(Enum):
     FOR_LOOP = "for-loop"
     FOREACH = "foreach"
@@ -22,6 +26,14 @@ def adam_impl(optim: Optim, on_host: bool) -> AdamImpl:
     if optim is Optim.ADAMW_TORCH_FOREACH:
         return AdamImpl.FOREACH
     return AdamImpl.FOR_LOOP if on_host else AdamImpl.FOREACH
+
+
+def adamw_foreach_denom_list(torch: tuple[int, int, int]) -> bool:
+    """Whether _multi_tensor_adamw makes `denom` out of place: before torch 2.1 it ran
+    `denom = torch._foreach_add(exp_avg_sq_sqrt, eps)`, a second full-size list alive with exp_avg_sq_sqrt until the
+    function returns; pytorch/pytorch#104898 (merged 2023-07-10, first in 2.1.0; issue #97712) made it
+    `torch._foreach_add_(exp_avg_sq_sqrt, eps)`."""
+    return torch < (2, 1, 0)
 
 
 def param_groups(params: list[Param]) -> list[list[Param]]:
@@ -42,22 +54,44 @@ class Optimizer:
         self.optim = optim
         self.groups = param_groups(params)
         self.impl = adam_impl(optim, on_host)
+        self.on_host = on_host
         self.weight_decay = weight_decay
         self.state: dict[str, list[Tensor]] = {}
 
     def clip_grad_norm(self, tp: Tape) -> None:
-        """clip_grad_norm_: torch._foreach_norm makes one scalar per grad, stacked into a total norm;
-        the grads are then scaled in place."""
+        """clip_grad_norm_ (torch/nn/utils/clip_grad.py): per dtype group torch._foreach_norm, whose CUDA kernel
+        (aten/src/ATen/native/cuda/ForeachReduceOp.cu foreach_tensor_norm_cuda) fills an opmath (fp32)
+        output_per_tensor of ntensors · ceil(max numel / 65536) chunk partials (kChunkSize, multi_tensor_apply.cuh),
+        freed on return, and returns one 0-dim norm per grad in the grad's dtype; then
+        vector_norm(stack(norms)) (a stacked tensor of ntensors norms, freed once reduced), clip_coef =
+        max_norm / (total_norm + 1e-6) and clamp(clip_coef, max=1.0), and the grads are scaled in place by
+        _foreach_mul_. Older torch returned the norms as views of one ntensors tensor (not modelled: the same
+        bytes or fewer, in 512 B blocks). On a CPU host _foreach_norm is the per-tensor slow path: no scratch."""
         grads = [p.grad for group in self.groups for p in group if p.grad is not None]
         if not grads:
             return
-        tp.op("clip_grad_norm.foreach_norm", bytes_moved=sum(g.size_bytes for g in grads))
-        norms = [tp.empty("grad_norm", 1, DType.FLOAT32) for _ in grads]
-        tp.op("clip_grad_norm.stack_norm", bytes_moved=8 * len(grads))
-        total = tp.empty("total_norm", 1, DType.FLOAT32)
-        tp.drop(*norms)
+        norms = []
+        for dtype in dict.fromkeys(g.dtype for g in grads):  # _group_tensors_by_device_and_dtype, in order
+            group = [g for g in grads if g.dtype is dtype]
+            max_chunks = max(-(-g.numel // FOREACH_CHUNK_ELEMENTS) for g in group)
+            tp.op(f"clip_grad_norm.foreach_norm.{dtype.value}", bytes_moved=sum(g.size_bytes for g in group))
+            partials = None if self.on_host else \
+                tp.empty("foreach_norm.output_per_tensor", len(group) * max_chunks, DType.FLOAT32)
+            norms += [tp.empty("grad_norm", 1, dtype) for _ in group]
+            tp.drop(partials)
+        norm_dtype = norms[0].dtype if len({n.dtype for n in norms}) == 1 else DType.FLOAT32
+        tp.op("clip_grad_norm.stack_norm", bytes_moved=sum(n.size_bytes for n in norms))
+        stacked = tp.empty("grad_norm_stack", len(norms), norm_dtype)
+        tp.op("clip_grad_norm.vector_norm", bytes_moved=stacked.size_bytes)
+        total = tp.empty("total_norm", 1, norm_dtype)
+        tp.drop(stacked, *norms)  # norms is a local of _get_total_norm (earlier torch: of clip_grad_norm_ itself)
+        tp.op("clip_grad_norm.clip_coef")
+        shifted = tp.empty("total_norm_plus_eps", 1, norm_dtype)
+        coef = tp.empty("clip_coef", 1, norm_dtype)
+        tp.drop(shifted)
+        clamped = tp.empty("clip_coef_clamped", 1, norm_dtype)
         tp.op("clip_grad_norm.foreach_mul_", bytes_moved=2 * sum(g.size_bytes for g in grads))
-        tp.drop(total)
+        tp.drop(total, coef, clamped)
 
     def step(self, tp: Tape) -> None:
         for index, group in enumerate(self.groups):
@@ -93,12 +127,17 @@ class Optimizer:
             tp.op(f"{name}.fused", flops=12.0 * elements, bytes_moved=7 * total)
         elif self.impl is AdamImpl.FOREACH:
             # _multi_tensor_adamw: in-place lerp/mul/addcmul, then exp_avg_sq_sqrt = _foreach_sqrt(exp_avg_sqs)
-            # (new tensors for the whole group), in-place div/add, addcdiv into the params.
+            # (new tensors for the whole group), in-place div/add, addcdiv into the params. Before torch 2.1 the
+            # add was out of place: denom = _foreach_add(exp_avg_sq_sqrt, eps), a second list; both are locals
+            # alive at addcdiv_ and freed when the function returns (adamw_foreach_denom_list).
             tp.op(f"{name}.foreach_update_moments", flops=5.0 * elements, bytes_moved=5 * total)
             tp.op(f"{name}.foreach_sqrt", bytes_moved=2 * total)
-            denoms = [tp.empty(f"{p.name}.exp_avg_sq_sqrt", p.tensor.numel, p.tensor.dtype) for p in params]
+            roots = [tp.empty(f"{p.name}.exp_avg_sq_sqrt", p.tensor.numel, p.tensor.dtype) for p in params]
+            if tp.adamw_foreach_denom_list:
+                tp.op(f"{name}.foreach_add", bytes_moved=2 * total)
+                roots += [tp.empty(f"{p.name}.denom", p.tensor.numel, p.tensor.dtype) for p in params]
             tp.op(f"{name}.foreach_addcdiv_", flops=4.0 * elements, bytes_moved=4 * total)
-            tp.drop(*denoms)
+            tp.drop(*roots)
         else:
             # _single_tensor_adamw, per param: denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps).
             # `denom` is a loop variable: param i's is released when param i+1's div rebinds it, the last one

@@ -220,6 +220,14 @@ def add(tp: Tape, name: str, a: Tensor, b: Tensor) -> Tensor:
     return tp.output(out, node)
 
 
+def add_(tp: Tape, name: str, a: Tensor, b: Tensor) -> Tensor:
+    """a += b in place: no new tensor, `a` keeps its dtype (b is cast inside the kernel); the result is `a`'s
+    storage with AddBackward0 as its history (saves nothing, hands the grad to both inputs)."""
+    tp.op(name, flops=a.numel, bytes_moved=2 * a.size_bytes + b.size_bytes)
+    node = tp.record(name, [a, b], [], _add_backward, numel=a.numel)
+    return tp.output(tp.alias(a), node)
+
+
 def _add_backward(tp: Tape, node: Node, grad: Tensor) -> list:
     grads: list = []
     for target in node.inputs:
@@ -472,11 +480,10 @@ def _bmm_backward(tp: Tape, node: Node, grad: Tensor) -> list:
 
 
 def embedding(tp: Tape, name: str, ids: Tensor, w: Param, vocab: int, hidden: int, on_host: bool = False) -> Tensor:
-    """F.embedding: saves the indices. embedding_dense_backward_cuda allocates zeros (vocab, hidden) in the grad's
-    dtype plus sorted/original index copies and a per-token fp32 partial-sum buffer
-    (aten/src/ATen/native/cuda/Embedding.cu, EmbeddingBackwardKernel.cu). On a CPU host (`on_host`)
-    embedding_dense_backward_cpu (aten/src/ATen/native/Embedding.cpp) allocates only the zeros (vocab, hidden)
-    and index_add's the (already contiguous) grad rows into it."""
+    """F.embedding: saves the indices. The backward allocates zeros (vocab, hidden) in the grad's dtype, and on CUDA
+    for more than 3072 tokens the sort path's index arrays and fp32 partial sums (_embedding_backward). On a CPU
+    host (`on_host`) embedding_dense_backward_cpu (aten/src/ATen/native/Embedding.cpp) allocates only the zeros
+    (vocab, hidden) and index_add's the (already contiguous) grad rows into it."""
     tokens = ids.numel
     tp.op(name, bytes_moved=2 * tokens * hidden * w.tensor.dtype.size_bytes)
     out = tp.empty(f"{name}.out", tokens * hidden, w.tensor.dtype)
@@ -485,18 +492,46 @@ def embedding(tp: Tape, name: str, ids: Tensor, w: Param, vocab: int, hidden: in
     return tp.output(out, node)
 
 
+# embedding_dense_backward_cuda takes the atomic feature kernel, which allocates only the zeros, for at most this
+# many indices (aten/src/ATen/native/cuda/Embedding.cu: `num_indices <= 3072 && !scale_grad_by_freq`)
+EMBEDDING_FEATURE_KERNEL_MAX_INDICES = 3072
+# rows per partial segment (aten/src/ATen/native/cuda/EmbeddingBackwardKernel.cu NROWS_PER_THREAD)
+EMBEDDING_ROWS_PER_PARTIAL = 10
+
+
 def _embedding_backward(tp: Tape, node: Node, grad: Tensor) -> list:
+    """embedding_dense_backward_cuda (Embedding.cu) for more than 3072 indices: sorted_indices and orig_indices
+    (int64, one per token, alive to the end), `range` = arange(tokens) freed after the radix sort; then
+    embedding_backward_cuda_kernel (EmbeddingBackwardKernel.cu): grad_weight = zeros (vocab, hidden), segment_offsets
+    (tokens), partials_per_segment and partials_per_segment_offset (max_segments = min(tokens, vocab) each),
+    partial_segment_offset (max_partial_segment = tokens // 10 + max_segments) and grad_weight_per_segment
+    (max_partial_segment, hidden) in fp32 for bf16/fp16 grads, plus two int64 scalars, all freed on return. These
+    bounds replaced a `numel` bound in pytorch#78588 (2022, torch 1.13); earlier code sized them by a synchronising
+    .item() count. Not modelled: cub's temporary storage for the radix sort, unique_by_key and exclusive_sum
+    (sized inside cub), and the fused atomic variant pytorch#170589 adds for few, large segments."""
     tokens, vocab, hidden = node.ctx["tokens"], node.ctx["vocab"], node.ctx["hidden"]
-    if node.ctx["on_host"]:  # embedding_dense_backward_cpu: grad_weight = at::zeros({num_weights, h}) only
+    weight_dtype = node.inputs[0].dtype
+    if node.ctx["on_host"] or tokens <= EMBEDDING_FEATURE_KERNEL_MAX_INDICES:  # only grad_weight = zeros
         tp.op(f"{node.name}.backward", bytes_moved=vocab * hidden * grad.dtype.size_bytes)
-        return [tp.empty(f"{node.name}.backward.out", vocab * hidden, node.inputs[0].dtype)]
+        return [tp.empty(f"{node.name}.backward.out", vocab * hidden, weight_dtype)]
+    max_segments = min(tokens, vocab)
+    max_partial_segment = tokens // EMBEDDING_ROWS_PER_PARTIAL + max_segments
+    partial_dtype = grad.dtype if grad.dtype is DType.FLOAT64 else F32  # acc_type: fp32 but for fp64
     tp.op(f"{node.name}.backward.sort", bytes_moved=4 * tokens * I64.size_bytes)
-    indices = tp.empty("embedding_backward.sorted_indices", 2 * tokens, I64)
-    tp.op(f"{node.name}.backward.partials", bytes_moved=tokens * hidden * 4)
-    partials = tp.empty("embedding_backward.partial_segments", tokens * hidden, F32)
-    tp.op(f"{node.name}.backward", bytes_moved=vocab * hidden * grad.dtype.size_bytes)
-    out = tp.empty(f"{node.name}.backward.out", vocab * hidden, node.inputs[0].dtype)
-    tp.drop(indices, partials)
+    indices = [tp.empty("embedding_backward.sorted_indices", tokens, I64),
+               tp.empty("embedding_backward.orig_indices", tokens, I64)]
+    tp.drop(tp.empty("embedding_backward.range", tokens, I64))
+    tp.op(f"{node.name}.backward", bytes_moved=vocab * hidden * grad.dtype.size_bytes
+          + tokens * hidden * (grad.dtype.size_bytes + partial_dtype.size_bytes))
+    out = tp.empty(f"{node.name}.backward.out", vocab * hidden, weight_dtype)
+    scratch = [tp.empty("embedding_backward.segment_offsets", tokens, I64),
+               tp.empty("embedding_backward.num_of_segments", 1, I64),
+               tp.empty("embedding_backward.partials_per_segment", max_segments, I64),
+               tp.empty("embedding_backward.partials_per_segment_offset", max_segments, I64),
+               tp.empty("embedding_backward.num_of_partial_segments", 1, I64),
+               tp.empty("embedding_backward.partial_segment_offset", max_partial_segment, I64),
+               tp.empty("embedding_backward.grad_weight_per_segment", max_partial_segment * hidden, partial_dtype)]
+    tp.drop(*reversed(scratch), *indices)
     return [out]
 
 
@@ -613,7 +648,8 @@ def efficient_attention(tp: Tape, name: str, q: Tensor, k: Tensor, v: Tensor, ma
                         seq: int, head_dim: int, flops: float) -> Tensor:
     """torch SDPA's memory-efficient kernel, chosen when an explicit attn_mask is given: output + fp32
     logsumexp (b, heads, round32(s)) + philox seed/offset, saving q, k, v, the mask (attn_bias), out and lse.
-    Backward (_efficient_attention_backward) allocates grad q, k, v and an fp32 delta (b, heads, s)."""
+    Backward (_efficient_attention_backward) allocates grad q, k, v, an fp32 delta (b, heads, s) and the kernel's
+    gradient-of-q workspace (_efficient_backward)."""
     out_numel = batch * seq * heads * head_dim
     tp.op(name, flops=flops, bytes_moved=(q.numel + k.numel + v.numel + out_numel) * q.dtype.size_bytes
           + mask.size_bytes, kind=OpKind.ATTENTION)
@@ -622,15 +658,44 @@ def efficient_attention(tp: Tape, name: str, q: Tensor, k: Tensor, v: Tensor, ma
     rng = tp.empty(f"{name}.philox", 2, I64)
     # backward: 5 matmuls against forward's 2, as for flash attention
     node = tp.record(name, [q, k, v], [q, k, v, mask, out, lse, rng], _efficient_backward, batch=batch,
-                     heads=heads, seq=seq, flops=2.5 * flops)
+                     heads=heads, seq=seq, head_dim=head_dim, flops=2.5 * flops)
     tp.drop(lse, rng)
     return tp.output(out, node)
 
 
+# the cutlass backward kernel (I x J tile) _efficient_attention_backward launches for bf16/fp16 with head_dim <= 128:
+# the first of dispatch_cutlassB's aligned list whose kMaxK covers it is 128x128_k32/k64/k128 (seqaligned or not)
+# (aten/src/ATen/native/transformers/cuda/mem_eff_attention/kernels/cutlassB.h, sm80 list, also used on sm90)
+EFFICIENT_BACKWARD_BLOCK_I = 128
+EFFICIENT_BACKWARD_BLOCK_J = 128
+
+
+def efficient_backward_workspace_bytes(batch: int, heads: int, seq: int, head_dim: int) -> int:
+    """p.workspace_size() of the mem-efficient backward (mem_eff_attention/kernel_backward.h): B · H ·
+    workspace_strideBH · 4 B, strideBH = align4(gk + gv + gq) floats. gq = ceil(M / I) · ceil(K / J) ·
+    sizeof(GradQTempStorage) / 4, GradQTempStorage being {lock, counter, pad[2]} (4 ints) + the I × J fp32 tile
+    (MatmulGradQ::AccumTileGmem::kElementsStored = kNumThreads · 32 = I · J): I · J + 4 floats per tile.
+    gq is needed for bf16/fp16 (kNeedsAccumGradQ: kEnableSplitKeys, and output_t is not fp32). gk and gv are 0 when
+    kOutputInRF (half types and kMaxK <= I), true for head_dim <= 128 on the 128 × 128 kernel.
+    Open, not modelled: for head_dim > 128 (the k256/k65536 kernels) gk = gv = num_splits_key · J · round_up(K, I)
+    with num_splits_key = min(ceil(N / J), 200 / (B · H)); and on a device whose shared memory (sharedMemPerBlockOptin)
+    cannot hold the 128 × 128 kernel, the next one (64 × 128, kOutputInRF false) adds those gk/gv terms too."""
+    tiles = -(-seq // EFFICIENT_BACKWARD_BLOCK_I) * -(-head_dim // EFFICIENT_BACKWARD_BLOCK_J)
+    grad_q_floats = tiles * (EFFICIENT_BACKWARD_BLOCK_I * EFFICIENT_BACKWARD_BLOCK_J + 4)
+    return batch * heads * _round_up(grad_q_floats, 4) * 4
+
+
 def _efficient_backward(tp: Tape, node: Node, grad: Tensor) -> list:
+    """_efficient_attention_backward (aten/src/ATen/native/transformers/cuda/attention_backward.cu, CUDA branch):
+    grad q, k, v; in the launched kernel's lambda delta = at::empty({B, nH, M}, float) (kKernelComputesDelta for
+    half types), freed when the lambda returns; the byte workspace at::empty({workspace_size()}) of
+    efficient_backward_workspace_bytes, zeroed when split over keys, freed when the function returns."""
     c = node.ctx
     tp.op(f"{node.name}.backward", flops=c["flops"], bytes_moved=4 * grad.size_bytes, kind=OpKind.ATTENTION)
-    delta = tp.empty(f"{node.name}.delta", c["batch"] * c["heads"] * c["seq"], F32)
     grads = [tp.empty(f"{node.name}.grad", t.numel, t.dtype) if t is not None else None for t in node.inputs]
-    tp.drop(delta)
+    delta = tp.empty(f"{node.name}.delta", c["batch"] * c["heads"] * c["seq"], F32)
+    workspace = tp.empty(f"{node.name}.workspace",
+                         efficient_backward_workspace_bytes(c["batch"], c["heads"], c["seq"], c["head_dim"]),
+                         DType.BOOL)
+    tp.drop(delta, workspace)
     return grads
