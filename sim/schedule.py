@@ -12,7 +12,6 @@ from sim.parallel.placement import ModelStates, choose_placement, module_hooks_f
 from sim.workload import primitives as P
 from sim.workload.architecture import ARCHITECTURES, Architecture
 from sim.workload.context import RunContext
-from sim.workload.optimizer import adamw_foreach_denom_list
 from sim.workload.tape import Tape
 
 
@@ -51,7 +50,6 @@ def build_schedule(plan: Plan, repeat: bool = True) -> BuiltSchedule:
     workspaces = plan.runtime.workspaces
     tape.blas_workspace_bytes = workspaces.cublas_bytes
     tape.lt_workspace_bytes, tape.lt_workspace_persistent = workspaces.cublaslt_bytes, workspaces.cublaslt_persistent
-    tape.adamw_foreach_denom_list = adamw_foreach_denom_list(plan.versions.torch)
     training = plan.training
     ctx = _context(plan, tape)
     ctx.module_hooks = module_hooks_for(tape, plan)

@@ -10,7 +10,7 @@ from sim.parallel.data_parallel import Ddp, Zero12
 from sim.parallel.zero3 import Zero3, Zero3Optimizer
 from sim.plan import Plan
 from sim.workload.context import RunContext
-from sim.workload.optimizer import Optimizer, zero_grad
+from sim.workload.optimizer import Optimizer, adamw_foreach_denom_list, zero_grad
 from sim.workload.tape import Param, Tape
 
 
@@ -80,7 +80,8 @@ class LocalPlacement:
         self.tape, self.params, self.trainable = ctx.tape, params, trainable
         training = plan.training
         self.clip = training.max_grad_norm > 0
-        self.optimizer = Optimizer(training.optim, trainable, plan.on_host, training.weight_decay)
+        self.optimizer = Optimizer(training.optim, trainable, plan.on_host, training.weight_decay,
+                                   adamw_foreach_denom_list(plan.versions.torch))
 
     def before_micro_batch(self, last: bool) -> None:
         pass

@@ -364,7 +364,8 @@ def _sdpa(ctx: RunContext, prefix: str, q: Tensor, k: Tensor, v: Tensor, mask: T
         out = P.flash_attention(tp, f"{prefix}.sdpa", q_in, k_in, v_in, b, a, kv_heads, s, d, flops,
                                 on_host=ctx.on_host)
     else:
-        out = P.efficient_attention(tp, f"{prefix}.sdpa", q_in, k_in, v_in, mask, b, a, s, d, flops)
+        out = P.efficient_attention(tp, f"{prefix}.sdpa", q_in, k_in, v_in, mask, b, a, s, d, flops,
+                                    on_host=ctx.on_host)
     tp.drop(q_in, k_in, v_in)
     return out
 

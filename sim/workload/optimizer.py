@@ -50,8 +50,11 @@ def _no_decay(name: str) -> bool:
 class Optimizer:
     """Holds the lazily created state of one rank's optimizer over its trainable parameters."""
 
-    def __init__(self, optim: Optim, params: list[Param], on_host: bool, weight_decay: float) -> None:
+    def __init__(self, optim: Optim, params: list[Param], on_host: bool, weight_decay: float,
+                 foreach_denom_list: bool = False) -> None:
+        """`foreach_denom_list`: foreach AdamW makes `denom` as a second list (adamw_foreach_denom_list)."""
         self.optim = optim
+        self.foreach_denom_list = foreach_denom_list
         self.groups = param_groups(params)
         self.impl = adam_impl(optim, on_host)
         self.on_host = on_host
@@ -133,7 +136,7 @@ class Optimizer:
             tp.op(f"{name}.foreach_update_moments", flops=5.0 * elements, bytes_moved=5 * total)
             tp.op(f"{name}.foreach_sqrt", bytes_moved=2 * total)
             roots = [tp.empty(f"{p.name}.exp_avg_sq_sqrt", p.tensor.numel, p.tensor.dtype) for p in params]
-            if tp.adamw_foreach_denom_list:
+            if self.foreach_denom_list:
                 tp.op(f"{name}.foreach_add", bytes_moved=2 * total)
                 roots += [tp.empty(f"{p.name}.denom", p.tensor.numel, p.tensor.dtype) for p in params]
             tp.op(f"{name}.foreach_addcdiv_", flops=4.0 * elements, bytes_moved=4 * total)

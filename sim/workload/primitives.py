@@ -645,11 +645,11 @@ def _cpu_flash_backward(tp: Tape, node: Node, grad: Tensor) -> list:
 
 
 def efficient_attention(tp: Tape, name: str, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, batch: int, heads: int,
-                        seq: int, head_dim: int, flops: float) -> Tensor:
+                        seq: int, head_dim: int, flops: float, on_host: bool = False) -> Tensor:
     """torch SDPA's memory-efficient kernel, chosen when an explicit attn_mask is given: output + fp32
     logsumexp (b, heads, round32(s)) + philox seed/offset, saving q, k, v, the mask (attn_bias), out and lse.
-    Backward (_efficient_attention_backward) allocates grad q, k, v, an fp32 delta (b, heads, s) and the kernel's
-    gradient-of-q workspace (_efficient_backward)."""
+    Backward (_efficient_attention_backward) allocates grad q, k, v, an fp32 delta (b, heads, s) and, on CUDA, the
+    kernel's gradient-of-q workspace (_efficient_backward); a CPU host (`on_host`) has no such workspace."""
     out_numel = batch * seq * heads * head_dim
     tp.op(name, flops=flops, bytes_moved=(q.numel + k.numel + v.numel + out_numel) * q.dtype.size_bytes
           + mask.size_bytes, kind=OpKind.ATTENTION)
@@ -658,7 +658,7 @@ def efficient_attention(tp: Tape, name: str, q: Tensor, k: Tensor, v: Tensor, ma
     rng = tp.empty(f"{name}.philox", 2, I64)
     # backward: 5 matmuls against forward's 2, as for flash attention
     node = tp.record(name, [q, k, v], [q, k, v, mask, out, lse, rng], _efficient_backward, batch=batch,
-                     heads=heads, seq=seq, head_dim=head_dim, flops=2.5 * flops)
+                     heads=heads, seq=seq, head_dim=head_dim, flops=2.5 * flops, on_host=on_host)
     tp.drop(lse, rng)
     return tp.output(out, node)
 
@@ -694,6 +694,9 @@ def _efficient_backward(tp: Tape, node: Node, grad: Tensor) -> list:
     tp.op(f"{node.name}.backward", flops=c["flops"], bytes_moved=4 * grad.size_bytes, kind=OpKind.ATTENTION)
     grads = [tp.empty(f"{node.name}.grad", t.numel, t.dtype) if t is not None else None for t in node.inputs]
     delta = tp.empty(f"{node.name}.delta", c["batch"] * c["heads"] * c["seq"], F32)
+    if c["on_host"]:
+        tp.drop(delta)
+        return grads
     workspace = tp.empty(f"{node.name}.workspace",
                          efficient_backward_workspace_bytes(c["batch"], c["heads"], c["seq"], c["head_dim"]),
                          DType.BOOL)

@@ -208,7 +208,7 @@ def _sdpa_with_mask(ctx: RunContext, prefix: str, q: Tensor, k: Tensor, v: Tenso
     tp.op(f"{prefix}.attention_mask.masked_fill", bytes_moved=b * s * s * 3)
     full_mask = tp.empty("qwen.attention_mask", b * s * s, mask.dtype)
     tp.drop(inverted)
-    out = P.efficient_attention(tp, f"{prefix}.sdpa", q, k, v, full_mask, b, a, s, d, flops)
+    out = P.efficient_attention(tp, f"{prefix}.sdpa", q, k, v, full_mask, b, a, s, d, flops, on_host=ctx.on_host)
     tp.drop(full_mask, causal)
     return out
 

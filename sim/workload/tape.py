@@ -140,8 +140,6 @@ class Tape:
         self._blas_workspaces: dict[str, Tensor] = {}  # by buffer name: cu(BLAS|BLASLt)_workspace[thread]
         self.lt_workspace_bytes = 0  # cuBLASLt workspace of a bias GEMM (0: none; see schedule.cublaslt_workspace)
         self.lt_workspace_persistent = False  # kept per (handle, stream) instead of allocated per call
-        # torch < 2.1's foreach AdamW makes `denom` as a second full-size list (schedule.build_schedule sets it)
-        self.adamw_foreach_denom_list = False
         self._template: tuple | None = None  # ((start, end), allocated ids, freed ids) of the last replicated span
 
     # ---- storages ---------------------------------------------------------------------------------------
