@@ -142,6 +142,10 @@ class DeviceSpec(Frozen):
     capacity_bytes: PositiveCount
     compute_capability: str = ""
     cuda_context_bytes: Annotated[int, BeforeValidator(_whole_number), Field(ge=0)] | None = None
+    # NVLink SHARP (NVSwitch multicast): NCCL builds its NVLS buffers only where the device reports
+    # CU_DEVICE_ATTRIBUTE_MULTICAST_SUPPORTED (NVIDIA/nccl src/transport/nvls.cc), i.e. Hopper behind NVSwitch (HGX);
+    # false for PCIe and NVLink-bridge parts
+    nvlink_sharp: bool = True
     peak_flops: dict[Literal["bf16", "fp16", "tf32", "fp32"], Annotated[float, Field(gt=0)]]
     hbm_bytes_per_s: Annotated[float, Field(gt=0)]
     intra_node_bytes_per_s: Annotated[float, Field(gt=0)] = 1e11
