@@ -15,6 +15,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from sim import catalog
 from sim.errors import ScenarioError
 from sim.ingest.deepspeed import classify_deepspeed, read_deepspeed, resolve_auto
+from sim.ingest.formats import Converted, Format, convert
 from sim.ingest.hf_config import normalize_config, read_model
 from sim.ingest.keys import IgnoredKey
 from sim.ingest.peft import classify_lora
@@ -305,18 +306,22 @@ _TOP_KEYS = {
 }
 
 
-def load_scenario(path: str | Path, overrides: list[str] = ()) -> Scenario:
-    """Read a scenario file, resolve its references, apply `--set KEY=VALUE` overrides, validate."""
+def load_scenario(path: str | Path, overrides: list[str] = (), fmt: Format | None = None) -> Scenario:
+    """Read a scenario file or a training tool's file (sim/ingest/formats.py), resolve its references, apply
+    `--set KEY=VALUE` overrides, validate."""
     path = Path(path)
-    raw = catalog.load_yaml_mapping(path, "scenario")
-    return build_scenario(raw, base_dir=path.parent, overrides=overrides, default_name=path.stem, source=path.name)
+    converted = convert(catalog.load_yaml_mapping(path, "scenario"), path, fmt)
+    return build_scenario(converted.raw, base_dir=path.parent, overrides=overrides, default_name=path.stem,
+                          source=path.name, converted=converted)
 
 
 def build_scenario(
     raw: dict, base_dir: Path = Path("."), overrides: list[str] = (), default_name: str = "scenario",
-    source: str = "the scenario",
+    source: str = "the scenario", converted: Converted | None = None,
 ) -> Scenario:
-    """Validate a raw scenario mapping (as loaded from YAML; `source` names its file) into a frozen Scenario."""
+    """Validate a raw scenario mapping (as loaded from YAML; `source` names its file; `converted`: what a tool's
+    file's conversion adds) into a frozen Scenario."""
+    converted = converted or Converted(raw)
     data = copy.deepcopy(raw)
     unknown = sorted(set(data) - _TOP_KEYS)
     if unknown:
@@ -331,7 +336,7 @@ def build_scenario(
     _read_deepspeed(data, base_dir, overridden=True)
     for key in ("model", "hardware"):
         if key not in data:
-            raise ScenarioError(f"{key}: required key is missing")
+            raise ScenarioError(converted.missing.get(key, f"{key}: required key is missing"))
     if isinstance(data.get("training"), dict):
         resolve_seq_len_alias(data["training"])
     model_file = data.pop("_model_file", "")
@@ -340,8 +345,12 @@ def build_scenario(
     data.setdefault("name", default_name)
     model_name = data.pop("_model_name", "inline")
     device_name = data.get("hardware", {}).pop("_device_name", "inline") if isinstance(data.get("hardware"), dict) else ""
+    set_paths = list(data.get("_set", []))
     ignored, data["origins"] = _classify(data, source, model_file)
-    data["ignored_keys"] = tuple(ignored)
+    data["origins"].update({path: origin for path, origin in converted.defaults.items()
+                            if path in data["origins"] and not any(path == s or path.startswith(s + ".")
+                                                                   for s in set_paths)})
+    data["ignored_keys"] = tuple(converted.ignored + ignored)
     try:
         hardware = data.get("hardware")
         if isinstance(hardware, dict):

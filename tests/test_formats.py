@@ -1,0 +1,110 @@
+"""Files of the tools people launch with (LLaMA-Factory, axolotl, accelerate), run directly: each real example, as
+its project ships it (tests/data/<tool>/), gives the result of the hand-written scenario that says the same, with
+the tool's own defaults made explicit; bad input in them is one line naming the file, key and value."""
+
+from pathlib import Path
+
+import pytest
+
+from sim.errors import ScenarioError
+from sim.ingest.formats import Format, detect
+from sim.report import summarize
+from sim.scenario import build_scenario, load_scenario
+from sim.simulate import run_scenario
+from tests.test_bad_input import assert_mentions, assert_one_line_error, run_main, write_yaml
+
+DATA = Path(__file__).parent / "data"
+LF = DATA / "llamafactory"
+ONE_A100 = ["model=llama-3-8b", "hardware.device=a100-sxm4-80gb", "simulation.steps=1"]
+
+
+def result_of(scenario) -> dict:
+    """The simulated result without what only names the inputs (the name, the settings' origins, ignored keys)."""
+    result = summarize(run_scenario(scenario))
+    return {k: v for k, v in result.items() if k not in ("scenario", "name", "settings", "ignored_keys")}
+
+
+def hand_written(**sections) -> dict:
+    """LLaMA-Factory's llama3 LoRA SFT example written as a scenario: its file's values and LLaMA-Factory 0.9.5's
+    defaults (checkpointing on with use_reentrant, lora_alpha 2 x rank, lora_target all = every Linear but lm_head,
+    flash_attn auto = HF's sdpa)."""
+    data = {
+        "model": "llama-3-8b",
+        "hardware": {"device": "a100-sxm4-80gb"},
+        "training": {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 8, "seq_len": 2048,
+                     "bf16": True, "gradient_checkpointing": True,
+                     "gradient_checkpointing_kwargs": {"use_reentrant": True}},
+        "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear"},
+        "simulation": {"steps": 1},
+    }
+    data.update(sections)
+    return data
+
+
+def test_formats_are_detected_from_their_keys():
+    assert detect({"model_name_or_path": "x", "stage": "sft"}) is Format.LLAMAFACTORY
+    assert detect({"base_model": "x"}) is Format.AXOLOTL
+    assert detect({"compute_environment": "LOCAL_MACHINE"}) is Format.ACCELERATE
+    assert detect({"model": "qwen-7b"}) is Format.SCENARIO
+
+
+def test_llamafactory_lora_example_equals_its_scenario():
+    """examples/train_lora/llama3_lora_sft.yaml (LLaMA-Factory v0.9.3, verbatim); its hub id
+    meta-llama/Meta-Llama-3-8B-Instruct has no catalog entry of its own, so the model is named with --set."""
+    from_file = load_scenario(LF / "llama3_lora_sft.yaml", ONE_A100)
+    assert from_file.training.gradient_checkpointing  # LLaMA-Factory's default, not HF's (off)
+    assert from_file.origins["training.gradient_checkpointing"].startswith("default of LLaMA-Factory 0.9.5")
+    assert from_file.origins["lora.lora_alpha"] == "default of LLaMA-Factory 0.9.5: lora_alpha = 2 x lora_rank"
+    assert from_file.origins["training.per_device_train_batch_size"] == "llama3_lora_sft.yaml"
+    assert any(item.path == "llamafactory.template" for item in from_file.ignored_keys)
+    assert result_of(from_file) == result_of(build_scenario(hand_written()))
+
+
+def test_llamafactory_deepspeed_path_is_followed():
+    """examples/train_lora/llama3_lora_sft_ds3.yaml (v0.9.3) names examples/deepspeed/ds_z3_config.json (v0.9.5),
+    found beside the file as in LLaMA-Factory's checkout; 8 GPUs: its ZeRO-3 with HF's "auto" filled."""
+    eight = [*ONE_A100, "hardware.gpus_per_node=8"]
+    from_file = load_scenario(LF / "llama3_lora_sft_ds3.yaml", eight)
+    assert from_file.deepspeed.zero_optimization.stage == 3
+    assert from_file.origins["deepspeed.zero_optimization.stage"] == "examples/deepspeed/ds_z3_config.json"
+    training = hand_written()["training"] | {"gradient_accumulation_steps": 2}
+    scenario = hand_written(hardware={"device": "a100-sxm4-80gb", "gpus_per_node": 8}, training=training,
+                            deepspeed="examples/deepspeed/ds_z3_config.json")
+    assert result_of(from_file) == result_of(build_scenario(scenario, base_dir=LF))
+
+
+def test_llamafactory_full_tuning_upcasts_weights_to_float32(tmp_path):
+    """Full fine-tuning without ZeRO-3: adapter.py casts every trainable parameter to float32 after loading."""
+    raw = {"model_name_or_path": "Qwen/Qwen2.5-0.5B", "stage": "sft", "finetuning_type": "full", "bf16": True,
+           "cutoff_len": 64, "per_device_train_batch_size": 1}
+    scenario = load_scenario(write_yaml(tmp_path / "full.yaml", raw), ["hardware.device=a100-sxm4-80gb"])
+    assert scenario.model.torch_dtype.value == "float32" and scenario.lora is None
+    assert scenario.model_name == "qwen2.5-0.5b"  # the hub id's catalog entry (models/qwen2.5-0.5b.yaml's source)
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("flash_attn", "fa3", "llamafactory.flash_attn: 'fa3'"),
+    ("use_dora", True, "llamafactory.use_dora: True: not modelled"),
+    ("finetuning_type", "freeze", "llamafactory.finetuning_type: 'freeze': not modelled"),
+    ("stage", "dpo", "llamafactory.stage: 'dpo': not modelled"),
+    ("lora_target", "all", None),
+])
+def test_llamafactory_bad_input_is_one_line_naming_file_key_and_value(tmp_path, capsys, key, value, needle):
+    raw = {"model_name_or_path": "Qwen/Qwen2.5-0.5B", "stage": "sft", "cutoff_len": 64, key: value}
+    path = write_yaml(tmp_path / "lf.yaml", raw)
+    out = tmp_path / "r.json"
+    code, stdout, err = run_main(capsys, ["run", str(path), "--set", "hardware.device=a100-sxm4-80gb",
+                                          "--json", str(out)])
+    if needle is None:  # the default spelled out: runs
+        assert code == 0 and out.exists()
+        return
+    assert_mentions(assert_one_line_error(code, stdout, err), needle, "(in lf.yaml)")
+    assert not out.exists()
+
+
+def test_llamafactory_unknown_hub_id_and_missing_gpu_are_clear(tmp_path):
+    path = LF / "llama3_lora_sft.yaml"
+    with pytest.raises(ScenarioError, match="Meta-Llama-3-8B-Instruct.*--set model=PATH/config.json"):
+        load_scenario(path, ["hardware.device=a100-sxm4-80gb"])
+    with pytest.raises(ScenarioError, match="a LLaMA-Factory YAML names no GPU: add --set hardware.device"):
+        load_scenario(path, ["model=llama-3-8b"])
