@@ -102,7 +102,7 @@ def _run(args: argparse.Namespace) -> int:
     from sim.scenario import load_scenario
     from sim.simulate import run_scenario
 
-    scenario = load_scenario(args.scenario, args.overrides, Format(args.format) if args.format else None)
+    scenario = load_scenario(catalog.scenario_path(args.scenario), args.overrides, Format(args.format) if args.format else None)
     _check_outputs(("--json", args.json_path), ("--plot", args.plot_path))
     run = run_scenario(scenario)
     result = summarize(run)

@@ -108,3 +108,11 @@ def test_llamafactory_unknown_hub_id_and_missing_gpu_are_clear(tmp_path):
         load_scenario(path, ["hardware.device=a100-sxm4-80gb"])
     with pytest.raises(ScenarioError, match="a LLaMA-Factory YAML names no GPU: add --set hardware.device"):
         load_scenario(path, ["model=llama-3-8b"])
+
+
+def test_shipped_scenario_runs_by_name_from_any_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run_main(capsys, ["run", "qwen7b_lora_1xa100", "--set", "simulation.steps=1"])
+    assert code == 0 and out.startswith("scenario   Qwen1.5-7B LoRA r64")
+    message = assert_one_line_error(*run_main(capsys, ["run", "qwen7b_lora_1xa10"]))
+    assert_mentions(message, "'qwen7b_lora_1xa10'", "no shipped scenario of that name", "qwen7b_lora_1xa100")
