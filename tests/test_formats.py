@@ -116,3 +116,51 @@ def test_shipped_scenario_runs_by_name_from_any_directory(tmp_path, monkeypatch,
     assert code == 0 and out.startswith("scenario   Qwen1.5-7B LoRA r64")
     message = assert_one_line_error(*run_main(capsys, ["run", "qwen7b_lora_1xa10"]))
     assert_mentions(message, "'qwen7b_lora_1xa10'", "no shipped scenario of that name", "qwen7b_lora_1xa100")
+
+
+AX = DATA / "axolotl"
+
+
+def test_axolotl_phi3_example_equals_its_scenario():
+    """examples/phi/phi3-ft.yml (axolotl v0.18.0, verbatim): microsoft/Phi-3-mini-4k-instruct is the catalog's
+    phi-3-mini-4k; bf16 auto on an A100 is bf16, and the weights are loaded in it (resolve_dtype)."""
+    from_file = load_scenario(AX / "phi3-ft.yml", ["hardware.device=a100-sxm4-80gb", "simulation.steps=1"])
+    assert from_file.model_name == "phi-3-mini-4k"
+    assert from_file.origins["training.bf16"].startswith("default of axolotl 0.18.0: bf16 auto")
+    scenario = {
+        "model": "phi-3-mini-4k", "hardware": {"device": "a100-sxm4-80gb"}, "simulation": {"steps": 1},
+        "training": {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "seq_len": 4096,
+                     "bf16": True, "gradient_checkpointing": True,
+                     "gradient_checkpointing_kwargs": {"use_reentrant": True},
+                     "attn_implementation": "flash_attention_2", "optim": "adamw_torch_fused", "weight_decay": 0.1,
+                     "max_grad_norm": 1.0},
+        "lora": {"r": 64, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"},
+    }
+    assert result_of(from_file) == result_of(build_scenario(scenario))
+
+
+def test_axolotl_checkpointing_defaults_to_non_reentrant(tmp_path):
+    """core/builders/base.py: gradient_checkpointing without kwargs passes use_reentrant false (HF's own 4.x
+    default is true)."""
+    raw = {"base_model": "Qwen/Qwen2.5-0.5B", "gradient_checkpointing": True, "sequence_len": 64}
+    scenario = load_scenario(write_yaml(tmp_path / "ax.yaml", raw), ["hardware.device=a100-sxm4-80gb"])
+    assert scenario.training.gradient_checkpointing_kwargs.use_reentrant is False
+    assert scenario.training.seq_len == 64 and scenario.training.per_device_train_batch_size == 1
+
+
+@pytest.mark.parametrize("changes, needle", [
+    ({}, "axolotl.load_in_8bit: True: not modelled"),  # the shipped lora-8b.yml itself: 8-bit base weights
+    ({"load_in_8bit": False, "attn_implementation": "sdpa"}, "axolotl.sample_packing: True (in lora-8b.yml): not modelled"),
+    ({"load_in_8bit": False, "adapter": "qlora"}, "axolotl.adapter: 'qlora' (in lora-8b.yml): not modelled"),
+    ({"load_in_8bit": False, "some_new_key": 3}, "axolotl.some_new_key: 3"),
+])
+def test_axolotl_bad_input_is_one_line_naming_file_key_and_value(tmp_path, capsys, changes, needle):
+    import yaml
+
+    raw = yaml.safe_load((AX / "lora-8b.yml").read_text()) | changes
+    path = write_yaml(tmp_path / "lora-8b.yml", raw)
+    out = tmp_path / "r.json"
+    code, stdout, err = run_main(capsys, ["run", str(path), "--set", "hardware.device=a100-sxm4-80gb", "--json",
+                                          str(out)])
+    assert_mentions(assert_one_line_error(code, stdout, err), needle, "(in lora-8b.yml)")
+    assert not out.exists()

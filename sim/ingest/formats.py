@@ -31,6 +31,16 @@ class Converted:
     missing: dict[str, str] = field(default_factory=dict)
 
 
+def model_with_dtype(ref: str, base_dir: Path, dtype: str) -> dict:
+    """The model `ref` names (catalog name or config.json path) as an inline config whose weights a tool loads in
+    `dtype` whatever config.json says, keeping the name the result reports."""
+    from sim.ingest.hf_config import read_model
+
+    mapping, name, _ = read_model(ref, base_dir)
+    model = {key: value for key, value in mapping.items() if key != "dtype"}
+    return {**model, "_name_or_path": name, "torch_dtype": dtype}
+
+
 def detect(raw: dict) -> Format:
     """The format by its distinctive keys: LLaMA-Factory's model_name_or_path with stage or finetuning_type,
     axolotl's base_model, accelerate's distributed_type or compute_environment; else a scenario."""

@@ -14,7 +14,7 @@ from typing import Any
 from sim import catalog
 from sim.errors import ScenarioError
 from sim.ingest.deepspeed import read_deepspeed
-from sim.ingest.hf_config import read_model
+from sim.ingest.formats import model_with_dtype
 from sim.ingest.keys import IgnoredKey, KeyRule, classify, modelled, neutral, not_modelled
 
 VERSION = "0.9.5"
@@ -199,9 +199,7 @@ def to_scenario(raw: dict, file: str, base_dir: Path) -> tuple[dict, list[Ignore
     elif kind == "full" and "model" in scenario and not _zero3(training.get("deepspeed"), base_dir):
         # adapter.py init_adapter: without ZeRO-3 (pure_bf16 and BAdam are refused above) the trainable parameters,
         # here all, are cast to float32 after loading (loader.py loads with torch_dtype="auto"): float32 weights
-        scenario["model"], name, _ = read_model(scenario["model"], base_dir)
-        scenario["model"] = {**scenario["model"], "_name_or_path": name, "torch_dtype": "float32"}
-        scenario["model"].pop("dtype", None)
+        scenario["model"] = model_with_dtype(scenario["model"], base_dir, "float32")
         defaults["model.torch_dtype"] = (f"LLaMA-Factory {VERSION} adapter.py: full fine-tuning casts the trainable "
                                          "parameters to float32 (no ZeRO-3)")
     elif kind != "full":
