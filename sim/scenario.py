@@ -14,6 +14,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from sim import catalog
 from sim.errors import ScenarioError
+from sim.ingest.accelerate_config import apply_launch
 from sim.ingest.deepspeed import classify_deepspeed, read_deepspeed, resolve_auto
 from sim.ingest.formats import Converted, Format, convert
 from sim.ingest.hf_config import normalize_config, read_model
@@ -306,11 +307,14 @@ _TOP_KEYS = {
 }
 
 
-def load_scenario(path: str | Path, overrides: list[str] = (), fmt: Format | None = None) -> Scenario:
-    """Read a scenario file or a training tool's file (sim/ingest/formats.py), resolve its references, apply
-    `--set KEY=VALUE` overrides, validate."""
+def load_scenario(path: str | Path, overrides: list[str] = (), fmt: Format | None = None,
+                  launch: str | Path | None = None) -> Scenario:
+    """Read a scenario file or a training tool's file (sim/ingest/formats.py; `launch`: an accelerate config),
+    resolve its references, apply `--set KEY=VALUE` overrides, validate."""
     path = Path(path)
     converted = convert(catalog.load_yaml_mapping(path, "scenario"), path, fmt)
+    if launch is not None:
+        apply_launch(converted, Path(launch))
     return build_scenario(converted.raw, base_dir=path.parent, overrides=overrides, default_name=path.stem,
                           source=path.name, converted=converted)
 
@@ -328,12 +332,15 @@ def build_scenario(
         raise ScenarioError(f"{unknown[0]}: unknown key (allowed: {', '.join(sorted(_TOP_KEYS))})")
     if "model" in data:
         _resolve_model(data, base_dir)
-    if "hardware" in data:
+    no_device = bool(converted.missing) and isinstance(data.get("hardware"), dict) and "device" not in data["hardware"]
+    if "hardware" in data and not no_device:  # a tool's file: only the GPU count from --launch, the device --set
         _resolve_device(data)
     _read_deepspeed(data, base_dir)
     for override in overrides:
         _apply_override(data, override, base_dir)
     _read_deepspeed(data, base_dir, overridden=True)
+    if no_device and isinstance(data.get("hardware"), dict) and "device" not in data["hardware"]:
+        data.pop("hardware")
     for key in ("model", "hardware"):
         if key not in data:
             raise ScenarioError(converted.missing.get(key, f"{key}: required key is missing"))

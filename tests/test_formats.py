@@ -164,3 +164,54 @@ def test_axolotl_bad_input_is_one_line_naming_file_key_and_value(tmp_path, capsy
                                           str(out)])
     assert_mentions(assert_one_line_error(code, stdout, err), needle, "(in lora-8b.yml)")
     assert not out.exists()
+
+
+ACC = DATA / "accelerate"
+PHI3 = {
+    "model": "phi-3-mini-4k", "hardware": {"device": "a100-sxm4-80gb"}, "simulation": {"steps": 1},
+    "training": {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "seq_len": 4096, "bf16": True,
+                 "gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": True},
+                 "attn_implementation": "flash_attention_2", "optim": "adamw_torch_fused", "weight_decay": 0.1,
+                 "max_grad_norm": 1.0},
+    "lora": {"r": 64, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"},
+}
+
+
+def test_accelerate_deepspeed_launch_equals_its_scenario():
+    """TRL's examples/accelerate_configs/deepspeed_zero3.yaml (huggingface/trl 7d75884, verbatim; what
+    `accelerate config` writes) launching axolotl's phi3-ft.yml: 8 processes on one machine, the plugin's ZeRO-3
+    without offload, its accumulation 1 equal to the file's. The same as the scenario with 8 GPUs and ZeRO-3."""
+    from_file = load_scenario(AX / "phi3-ft.yml", ["hardware.device=a100-sxm4-80gb", "simulation.steps=1"],
+                              launch=ACC / "deepspeed_zero3.yaml")
+    assert from_file.hardware.gpus == 8 and from_file.deepspeed.zero_optimization.stage == 3
+    assert from_file.origins["deepspeed.zero_optimization.stage"] == "deepspeed_zero3.yaml: deepspeed_config.zero_stage"
+    scenario = PHI3 | {"hardware": {"device": "a100-sxm4-80gb", "gpus_per_node": 8},
+                       "deepspeed": {"zero_optimization": {"stage": 3}}}
+    assert result_of(from_file) == result_of(build_scenario(scenario))
+
+
+def test_accelerate_multi_gpu_sets_the_count_and_the_mixed_precision(tmp_path):
+    """accelerate's examples/config_yaml_templates/multi_gpu.yaml (v1.14.0, verbatim): DDP on 2 GPUs, bf16 where the
+    training file turns on no precision of its own."""
+    scenario = {key: value for key, value in hand_written().items() if key != "hardware"}
+    scenario["training"] = {k: v for k, v in scenario["training"].items() if k != "bf16"}
+    path = write_yaml(tmp_path / "s.yaml", scenario)
+    from_file = load_scenario(path, ["hardware.device=a100-sxm4-80gb"], launch=ACC / "multi_gpu.yaml")
+    assert from_file.training.bf16 and from_file.origins["training.bf16"] == "multi_gpu.yaml: mixed_precision bf16"
+    expected = hand_written(hardware={"device": "a100-sxm4-80gb", "gpus_per_node": 2})
+    assert result_of(from_file) == result_of(build_scenario(expected))
+
+
+@pytest.mark.parametrize("train, launch, needle", [
+    (AX / "phi3-ft.yml", ACC / "fsdp.yaml", "accelerate.distributed_type: 'FSDP' (in fsdp.yaml): not modelled"),
+    (ACC / "multi_gpu.yaml", None, "multi_gpu.yaml: an accelerate config describes the launch, not the model"),
+    (LF / "llama3_lora_sft.yaml", ACC / "deepspeed_zero3.yaml",  # the plugin's accumulation 1 vs the file's 8
+     "ds gradient_accumulation_steps=1 vs hf gradient_accumulation_steps=8"),
+])
+def test_accelerate_bad_launch_is_one_line(tmp_path, capsys, train, launch, needle):
+    out = tmp_path / "r.json"
+    argv = ["run", str(train), "--set", "hardware.device=a100-sxm4-80gb", "--set", "model=llama-3-8b"]
+    argv = argv[:4] if train.parent == AX else argv  # axolotl's file names its model
+    code, stdout, err = run_main(capsys, argv + (["--launch", str(launch)] if launch else []) + ["--json", str(out)])
+    assert_mentions(assert_one_line_error(code, stdout, err), needle)
+    assert not out.exists()

@@ -66,8 +66,9 @@ def convert(raw: dict, path: Path, fmt: Format | None) -> Converted:
     else:
         from sim.ingest import axolotl as module  # type: ignore[no-redef]
     scenario, ignored, defaults = module.to_scenario(raw, path.name, path.parent)
-    missing = {"hardware": f"hardware: {_TOOL[fmt]} names no GPU: add --set hardware.device=NAME (see python -m sim "
-                           "catalog hardware) and hardware.gpus_per_node=N, or --launch an accelerate config"}
+    missing = {"hardware": f"hardware: {_TOOL[fmt]} names no GPU: add --set hardware.device=NAME (python -m sim "
+                           "catalog hardware lists them); the count: hardware.gpus_per_node=N or --launch an "
+                           "accelerate config"}
     if "_model_missing" in scenario:
         missing["model"] = scenario.pop("_model_missing")
     return Converted(scenario, ignored, defaults, missing)
