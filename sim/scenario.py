@@ -315,8 +315,11 @@ def load_scenario(path: str | Path, overrides: list[str] = (), fmt: Format | Non
     converted = convert(catalog.load_yaml_mapping(path, "scenario"), path, fmt)
     if launch is not None:
         apply_launch(converted, Path(launch))
-    return build_scenario(converted.raw, base_dir=path.parent, overrides=overrides, default_name=path.stem,
-                          source=path.name, converted=converted)
+    try:
+        return build_scenario(converted.raw, base_dir=path.parent, overrides=overrides, default_name=path.stem,
+                              source=path.name, converted=converted)
+    except ScenarioError as exc:
+        raise ScenarioError(converted.locate(str(exc))) from None
 
 
 def build_scenario(

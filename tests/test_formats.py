@@ -215,3 +215,17 @@ def test_accelerate_bad_launch_is_one_line(tmp_path, capsys, train, launch, need
     code, stdout, err = run_main(capsys, argv + (["--launch", str(launch)] if launch else []) + ["--json", str(out)])
     assert_mentions(assert_one_line_error(code, stdout, err), needle)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("raw, needle", [
+    ({"model_name_or_path": "Qwen/Qwen2.5-0.5B", "stage": "sft", "lora_rank": -1},
+     "lora.r (llamafactory.lora_rank in bad.yaml): Input should be greater than 0 (got -1)"),
+    ({"model_name_or_path": "Qwen/Qwen2.5-0.5B", "stage": "sft", "learning_ratee": 1},
+     "training.learning_ratee: unknown key (in bad.yaml)"),
+    ({"base_model": "Qwen/Qwen2.5-0.5B", "micro_batch_size": 0},
+     "training.per_device_train_batch_size (axolotl.micro_batch_size in bad.yaml): Input should be greater than 0"),
+])
+def test_schema_errors_of_a_tool_file_name_the_file_and_its_key(tmp_path, capsys, raw, needle):
+    path = write_yaml(tmp_path / "bad.yaml", raw)
+    code, stdout, err = run_main(capsys, ["run", str(path), "--set", "hardware.device=a100-sxm4-80gb"])
+    assert_mentions(assert_one_line_error(code, stdout, err), needle)

@@ -88,6 +88,15 @@ AXOLOTL: dict[str, KeyRule] = {
     "bfloat16": not_modelled("pure bfloat16 weights", False, None),
 }
 
+# The scenario path each axolotl key of another name becomes (for error lines)
+SCENARIO_PATHS = {"sequence_len": "training.seq_len", "micro_batch_size": "training.per_device_train_batch_size",
+                  "gradient_accumulation_steps": "training.gradient_accumulation_steps", "optimizer": "training.optim",
+                  "weight_decay": "training.weight_decay", "max_grad_norm": "training.max_grad_norm",
+                  "gradient_checkpointing": "training.gradient_checkpointing", "lora_r": "lora.r",
+                  "lora_alpha": "lora.lora_alpha", "lora_dropout": "lora.lora_dropout",
+                  "lora_target_modules": "lora.target_modules", "lora_modules_to_save": "lora.modules_to_save",
+                  "attn_implementation": "training.attn_implementation"}
+
 # The legacy boolean attention flags as attn_implementation (schemas/config.py normalize_attn_implementation)
 _ATTENTION_FLAGS = {"flash_attention": "flash_attention_2", "sdp_attention": "sdpa", "eager_attention": "eager"}
 

@@ -29,6 +29,16 @@ class Converted:
     ignored: list[IgnoredKey] = field(default_factory=list)
     defaults: dict[str, str] = field(default_factory=dict)
     missing: dict[str, str] = field(default_factory=dict)
+    file: str = ""  # the tool's file; '' for a scenario
+    source_keys: dict[str, str] = field(default_factory=dict)  # scenario path -> the tool's key it came from
+
+    def locate(self, message: str) -> str:
+        """A schema error about a tool's file, naming the file and the tool's own key where the line has neither."""
+        if not self.file or "(in " in message:
+            return message
+        path, sep, rest = message.partition(":")
+        key = self.source_keys.get(path)
+        return f"{path} ({key} in {self.file}){sep}{rest}" if key and sep else f"{message} (in {self.file})"
 
 
 def model_with_dtype(ref: str, base_dir: Path, dtype: str) -> dict:
@@ -66,9 +76,10 @@ def convert(raw: dict, path: Path, fmt: Format | None) -> Converted:
     else:
         from sim.ingest import axolotl as module  # type: ignore[no-redef]
     scenario, ignored, defaults = module.to_scenario(raw, path.name, path.parent)
+    source_keys = {target: f"{fmt.value}.{key}" for key, target in module.SCENARIO_PATHS.items() if key in raw}
     missing = {"hardware": f"hardware: {_TOOL[fmt]} names no GPU: add --set hardware.device=NAME (python -m sim "
                            "catalog hardware lists them); the count: hardware.gpus_per_node=N or --launch an "
                            "accelerate config"}
     if "_model_missing" in scenario:
         missing["model"] = scenario.pop("_model_missing")
-    return Converted(scenario, ignored, defaults, missing)
+    return Converted(scenario, ignored, defaults, missing, path.name, source_keys)

@@ -129,6 +129,14 @@ LLAMAFACTORY: dict[str, KeyRule] = {
     "enable_torch_profiler": not_modelled("the torch profiler's buffers", False),
 }
 
+# The scenario path each LLaMA-Factory key of another name becomes (for error lines)
+SCENARIO_PATHS = {"cutoff_len": "training.seq_len", "lora_rank": "lora.r", "lora_alpha": "lora.lora_alpha",
+                  "lora_dropout": "lora.lora_dropout", "lora_target": "lora.target_modules",
+                  "additional_target": "lora.modules_to_save", "use_reentrant_gc":
+                  "training.gradient_checkpointing_kwargs.use_reentrant",
+                  **{key: f"training.{key}" for key in ("per_device_train_batch_size", "gradient_accumulation_steps",
+                                                        "bf16", "fp16", "optim", "weight_decay", "max_grad_norm")}}
+
 # finetuning_args.py FinetuningArguments.stage: sft and pt train the causal-LM loss of one model; rm, ppo, dpo, kto
 # add a value head, reference or reward models
 _STAGES = ("sft", "pt")
