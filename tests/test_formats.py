@@ -184,7 +184,8 @@ def test_accelerate_deepspeed_launch_equals_its_scenario():
     from_file = load_scenario(AX / "phi3-ft.yml", ["hardware.device=a100-sxm4-80gb", "simulation.steps=1"],
                               launch=ACC / "deepspeed_zero3.yaml")
     assert from_file.hardware.gpus == 8 and from_file.deepspeed.zero_optimization.stage == 3
-    assert from_file.origins["deepspeed.zero_optimization.stage"] == "deepspeed_zero3.yaml: deepspeed_config.zero_stage"
+    origin = from_file.origins["deepspeed.zero_optimization.stage"]
+    assert origin == "deepspeed_zero3.yaml: deepspeed_config.zero_stage"
     scenario = PHI3 | {"hardware": {"device": "a100-sxm4-80gb", "gpus_per_node": 8},
                        "deepspeed": {"zero_optimization": {"stage": 3}}}
     assert result_of(from_file) == result_of(build_scenario(scenario))

@@ -15,6 +15,7 @@ from typing import Any
 from sim import catalog
 from sim.errors import ScenarioError
 from sim.ingest.formats import Converted
+from sim.ingest.llamafactory import FULL_FLOAT32
 from sim.ingest.keys import classify, modelled, neutral, not_modelled
 from sim.ingest.paths import existing_path
 
@@ -68,6 +69,10 @@ def apply_launch(converted: Converted, path: Path) -> None:
             raise ScenarioError(f"accelerate.distributed_type: 'DEEPSPEED'{where}: the training file names a "
                                 "DeepSpeed config too; give one")
         scenario["deepspeed"] = _deepspeed(config.get("deepspeed_config") or {}, path, where, converted)
+        if converted.defaults.get("model.torch_dtype") == FULL_FLOAT32:
+            raise ScenarioError(f"accelerate.distributed_type: 'DEEPSPEED'{where}: not modelled beside a LLaMA-Factory "
+                                "full fine-tuning file (whether ZeRO-3 keeps its weights out of float32 is decided "
+                                "from its own deepspeed:); name the DeepSpeed config there")
     elif kind == "FSDP":
         raise ScenarioError(f"accelerate.distributed_type: 'FSDP'{where}: not modelled (affects memory: FSDP shards "
                             "parameters, gradients and optimizer states; fsdp_config is not read)")

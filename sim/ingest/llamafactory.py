@@ -39,7 +39,10 @@ LLAMAFACTORY: dict[str, KeyRule] = {
     **{key: modelled() for key in (
         "model_name_or_path", "stage", "finetuning_type", "lora_rank", "lora_alpha", "lora_dropout", "lora_target",
         "additional_target", "use_rslora", "cutoff_len", "flash_attn", "disable_gradient_checkpointing",
-        "use_reentrant_gc", "model_max_length")},
+        "use_reentrant_gc")},
+    "model_max_length": neutral("parser.py overwrites it with cutoff_len"),
+    "packing": neutral("samples concatenated into rows of at most cutoff_len tokens (on for stage pt): the "
+                       "simulated rows of cutoff_len"),
     # neutral
     **{key: neutral(_LF) for key in (
         "trust_remote_code", "adapter_folder", "cache_dir", "use_fast_tokenizer", "split_special_tokens",
@@ -102,7 +105,6 @@ LLAMAFACTORY: dict[str, KeyRule] = {
     "upcast_lmhead_output": not_modelled("the lm_head output (the logits) upcast to float32 by a hook", False),
     "block_diag_attn": not_modelled("block-diagonal attention masks", False),
     "neat_packing": not_modelled("packing without cross-attention: block-diagonal masks", False),
-    "packing": not_modelled("several samples packed into one cutoff_len sequence (on for stage pt)", None, False),
     "quantization_bit": not_modelled("quantized base weights (QLoRA)", None),
     "fp8": not_modelled("FP8 training", False),
     "use_kt": not_modelled("KTransformers' CPU experts", False),
@@ -136,6 +138,9 @@ SCENARIO_PATHS = {"cutoff_len": "training.seq_len", "lora_rank": "lora.r", "lora
                   "training.gradient_checkpointing_kwargs.use_reentrant",
                   **{key: f"training.{key}" for key in ("per_device_train_batch_size", "gradient_accumulation_steps",
                                                         "bf16", "fp16", "optim", "weight_decay", "max_grad_norm")}}
+
+FULL_FLOAT32 = (f"LLaMA-Factory {VERSION} adapter.py: full fine-tuning casts the trainable parameters to float32 "
+                "(no ZeRO-3)")
 
 # finetuning_args.py FinetuningArguments.stage: sft and pt train the causal-LM loss of one model; rm, ppo, dpo, kto
 # add a value head, reference or reward models
@@ -181,9 +186,10 @@ def to_scenario(raw: dict, file: str, base_dir: Path) -> tuple[dict, list[Ignore
                             f"value-head models; modelled: {', '.join(_STAGES)}){where}")
     kind = take("finetuning_type", "lora", "finetuning_type", "finetuning_type lora")
     training = {key: data.pop(key) for key in list(data)}  # the rest: HF (Seq2Seq)TrainingArguments
-    training["seq_len"] = take_from(training, data_key="cutoff_len", default=CUTOFF_LEN_DEFAULT, defaults=defaults,
-                                    text=f"cutoff_len {CUTOFF_LEN_DEFAULT}")
-    checkpointing_off = _pop(training, "disable_gradient_checkpointing", None)
+    if "cutoff_len" not in training:  # every sample truncated to it: the longest step
+        defaults["training.seq_len"] = f"{_DEFAULT}: cutoff_len {CUTOFF_LEN_DEFAULT}"
+    training["seq_len"] = training.pop("cutoff_len", CUTOFF_LEN_DEFAULT)
+    checkpointing_off = training.pop("disable_gradient_checkpointing", None)
     if checkpointing_off is None:
         defaults["training.gradient_checkpointing"] = (
             f"{_DEFAULT}: disable_gradient_checkpointing false (checkpointing on, checkpointing.py)")
@@ -194,7 +200,7 @@ def to_scenario(raw: dict, file: str, base_dir: Path) -> tuple[dict, list[Ignore
                             "the latter; give one)")
     training["gradient_checkpointing"] = not checkpointing_off
     if not checkpointing_off:
-        reentrant = _pop(training, "use_reentrant_gc", None)
+        reentrant = training.pop("use_reentrant_gc", None)
         if reentrant is None:
             defaults["training.gradient_checkpointing_kwargs.use_reentrant"] = f"{_DEFAULT}: use_reentrant_gc true"
             reentrant = True
@@ -208,8 +214,7 @@ def to_scenario(raw: dict, file: str, base_dir: Path) -> tuple[dict, list[Ignore
         # adapter.py init_adapter: without ZeRO-3 (pure_bf16 and BAdam are refused above) the trainable parameters,
         # here all, are cast to float32 after loading (loader.py loads with torch_dtype="auto"): float32 weights
         scenario["model"] = model_with_dtype(scenario["model"], base_dir, "float32")
-        defaults["model.torch_dtype"] = (f"LLaMA-Factory {VERSION} adapter.py: full fine-tuning casts the trainable "
-                                         "parameters to float32 (no ZeRO-3)")
+        defaults["model.torch_dtype"] = FULL_FLOAT32
     elif kind != "full":
         raise ScenarioError(f"llamafactory.finetuning_type: {kind!r}: not modelled (affects memory: only some layers "
                             f"or another adapter trained; modelled: lora, full){where}")
@@ -227,23 +232,6 @@ def _zero3(ref: Any, base_dir: Path) -> bool:
     config = ref if isinstance(ref, dict) else read_deepspeed(ref, base_dir)[0]
     stage = config.get("zero_optimization", {}).get("stage") if isinstance(config, dict) else None
     return stage == 3
-
-
-def take_from(training: dict, data_key: str, default: Any, defaults: dict[str, str], text: str) -> Any:
-    """The sequence length: cutoff_len (LLaMA-Factory truncates every sample to it: the longest step)."""
-    if data_key in training:
-        value = training.pop(data_key)
-        if "model_max_length" in training and training["model_max_length"] != value:
-            raise ScenarioError(f"llamafactory.model_max_length: {training['model_max_length']!r} conflicts with "
-                                f"cutoff_len {value!r} (parser.py sets model_max_length from cutoff_len; give one)")
-        training.pop("model_max_length", None)
-        return value
-    defaults["training.seq_len"] = f"{_DEFAULT}: {text}"
-    return default
-
-
-def _pop(mapping: dict, key: str, default: Any) -> Any:
-    return mapping.pop(key) if key in mapping else default
 
 
 def _model_ref(ref: Any, base_dir: Path, where: str) -> Any:
