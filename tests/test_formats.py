@@ -153,6 +153,8 @@ def test_axolotl_checkpointing_defaults_to_non_reentrant(tmp_path):
     ({"load_in_8bit": False, "attn_implementation": "sdpa"}, "axolotl.sample_packing: True (in lora-8b.yml): not modelled"),
     ({"load_in_8bit": False, "adapter": "qlora"}, "axolotl.adapter: 'qlora' (in lora-8b.yml): not modelled"),
     ({"load_in_8bit": False, "some_new_key": 3}, "axolotl.some_new_key: 3"),
+    ({"load_in_8bit": False, "gradient_checkpointing": "offload"},
+     "axolotl.gradient_checkpointing: 'offload': not modelled"),
 ])
 def test_axolotl_bad_input_is_one_line_naming_file_key_and_value(tmp_path, capsys, changes, needle):
     import yaml

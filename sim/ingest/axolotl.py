@@ -137,7 +137,7 @@ def to_scenario(raw: dict, file: str, base_dir: Path) -> tuple[dict, list[Ignore
         "seq_len": take("sequence_len", SEQUENCE_LEN_DEFAULT, "training.seq_len", "sequence_len 512"),
     }
     _precision(data, training, defaults)
-    _checkpointing(data, training, defaults)
+    _checkpointing(data, training, defaults, where)
     _attention(data, training, where)
     ignored += _packing(data, training, where)
     for key, field in (("optimizer", "optim"), ("weight_decay", "weight_decay"), ("max_grad_norm", "max_grad_norm"),
@@ -180,13 +180,13 @@ def _precision(data: dict, training: dict, defaults: dict[str, str]) -> None:
     training["bf16"], training["fp16"] = bool(bf16), bool(fp16)
 
 
-def _checkpointing(data: dict, training: dict, defaults: dict[str, str]) -> None:
+def _checkpointing(data: dict, training: dict, defaults: dict[str, str], where: str) -> None:
     """gradient_checkpointing (default false) and, when on without kwargs, use_reentrant false (base.py)."""
     on = data.pop("gradient_checkpointing", False)
     kwargs = data.pop("gradient_checkpointing_kwargs", None)
     if on not in (True, False, None):
-        training["gradient_checkpointing"] = on  # 'offload' / 'offload_disk': refused by the schema's bool
-        return
+        raise ScenarioError(f"axolotl.gradient_checkpointing: {on!r}: not modelled (affects memory: the checkpointed "
+                            f"layers' inputs offloaded to the host or disk){where}")
     training["gradient_checkpointing"] = bool(on)
     if on and kwargs is None:
         kwargs = {"use_reentrant": False}
