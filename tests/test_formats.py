@@ -126,7 +126,7 @@ def test_axolotl_phi3_example_equals_its_scenario():
     phi-3-mini-4k; bf16 auto on an A100 is bf16, and the weights are loaded in it (resolve_dtype)."""
     from_file = load_scenario(AX / "phi3-ft.yml", ["hardware.device=a100-sxm4-80gb", "simulation.steps=1"])
     assert from_file.model_name == "phi-3-mini-4k"
-    assert from_file.origins["training.bf16"].startswith("default of axolotl 0.18.0: bf16 auto")
+    assert from_file.origins["training.bf16"] == "phi3-ft.yml: bf16 auto (on: a GPU with bf16, Ampere or newer)"
     scenario = {
         "model": "phi-3-mini-4k", "hardware": {"device": "a100-sxm4-80gb"}, "simulation": {"steps": 1},
         "training": {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "seq_len": 4096,

@@ -136,7 +136,7 @@ def to_scenario(raw: dict, file: str, base_dir: Path) -> tuple[dict, list[Ignore
                                             "training.gradient_accumulation_steps", "gradient_accumulation_steps 1"),
         "seq_len": take("sequence_len", SEQUENCE_LEN_DEFAULT, "training.seq_len", "sequence_len 512"),
     }
-    _precision(data, training, defaults)
+    _precision(data, training, defaults, file)
     _checkpointing(data, training, defaults, where)
     _attention(data, training, where)
     ignored += _packing(data, training, where)
@@ -169,14 +169,15 @@ def _model_ref(ref: Any, base_dir: Path, where: str) -> Any:
     return catalog_name_of(ref)
 
 
-def _precision(data: dict, training: dict, defaults: dict[str, str]) -> None:
+def _precision(data: dict, training: dict, defaults: dict[str, str], file: str) -> None:
     """bf16 'auto' (the default): on where torch.cuda.is_bf16_supported (Ampere and newer; resolve_dtype)."""
+    origin = f"{file}: bf16" if "bf16" in data else f"{_DEFAULT}: bf16"
     bf16 = data.pop("bf16", "auto")
     fp16 = data.pop("fp16", None)
     if bf16 == "auto":
         bf16 = not fp16
         if not fp16:
-            defaults["training.bf16"] = f"{_DEFAULT}: bf16 auto (on: a GPU with bf16, Ampere or newer)"
+            defaults["training.bf16"] = f"{origin} auto (on: a GPU with bf16, Ampere or newer)"
     training["bf16"], training["fp16"] = bool(bf16), bool(fp16)
 
 
