@@ -48,6 +48,7 @@ class Config:
     dtype: str = "fp32"
     tied: bool = False
     lora_r: int = 0
+    reentrant: bool = True  # gradient_checkpointing_kwargs.use_reentrant (False: the saved-tensor-hooks path)
 
     @property
     def head_dim(self) -> int:
@@ -102,6 +103,16 @@ CONFIGS: tuple[Config, ...] = (
     _vary("phi3_sdpa_gc", "model type + attention + checkpointing", model_type="phi3", attn="sdpa", gc=True),
     _vary("phi3_lora", "model type + LoRA", model_type="phi3", lora_r=8),
     _vary("phi3_s128_v64", "model type + sequence + vocabulary", model_type="phi3", seq=128, vocab=64),
+    # use_reentrant=False: torch.utils.checkpoint's saved-tensor-hooks path (transformers 5.x's default)
+    _vary("gc_nr", "non-reentrant checkpointing", gc=True, reentrant=False),
+    _vary("sdpa_gc_nr", "attention + non-reentrant checkpointing", attn="sdpa", gc=True, reentrant=False),
+    _vary("gc_nr_bf16", "non-reentrant checkpointing + dtype", gc=True, reentrant=False, dtype="bf16"),
+    _vary("lora_gc_nr", "LoRA + non-reentrant checkpointing", lora_r=8, gc=True, reentrant=False),
+    _vary("layers4_gc_nr", "layers + non-reentrant checkpointing", layers=4, gc=True, reentrant=False),
+    _vary("gemma3_layers7_gc_nr", "model type + layers + non-reentrant checkpointing", model_type="gemma3_text",
+          layers=7, gc=True, reentrant=False),
+    _vary("phi3_sdpa_gc_nr", "model type + attention + non-reentrant checkpointing", model_type="phi3",
+          attn="sdpa", gc=True, reentrant=False),
 )
 
 # Families whose config.json carries head_dim (the scenario and the HF config both get it written out).
@@ -110,7 +121,8 @@ _GELU = frozenset({"gemma", "gemma2", "gemma3_text"})  # hidden_act gelu_pytorch
 
 # The subset the `calibrate` pytest marker runs in CI: every factor at least once, a few minutes in all.
 CI_SUBSET = ("base", "seq64", "sdpa", "gc", "sdpa_gc", "batch1", "mha", "tied", "bf16", "lora", "llama", "mistral", "qwen3",
-             "qwen3_s128_v64", "gemma", "gemma2", "gemma3_layers7_gc", "phi3", "phi3_sdpa_gc")
+             "qwen3_s128_v64", "gemma", "gemma2", "gemma3_layers7_gc", "phi3", "phi3_sdpa_gc", "gc_nr",
+             "lora_gc_nr")
 
 
 def config_by_name(name: str) -> Config:
@@ -146,7 +158,7 @@ def scenario_mapping(config: Config, versions: dict[str, str]) -> dict:
         "software": {k: versions[k] for k in ("torch", "transformers", "peft") if k in versions},
         "training": {"per_device_train_batch_size": config.batch, "gradient_accumulation_steps": 1,
                      "seq_len": config.seq, "bf16": config.dtype == "bf16",
-                     "gradient_checkpointing": config.gc, "gradient_checkpointing_kwargs": {"use_reentrant": True},
+                     "gradient_checkpointing": config.gc, "gradient_checkpointing_kwargs": {"use_reentrant": config.reentrant},
                      "attn_implementation": config.attn, "optim": "adamw_torch", "weight_decay": 0.0,
                      "max_grad_norm": 0.0},
         "allocator": {"backend": "exact"},
@@ -225,7 +237,7 @@ def _build(config: Config):
     if config.dtype == "bf16":
         model = model.to(torch.bfloat16)
     if config.gc:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": config.reentrant})
     if config.lora_r:  # get_peft_model after enabling checkpointing makes the embedding output require grad
         from peft import LoraConfig, get_peft_model
 
@@ -396,6 +408,8 @@ def describe(config: Config) -> str:
         parts.append("tied")
     if config.lora_r:
         parts.append(f"lora{config.lora_r}")
+    if config.gc and not config.reentrant:
+        parts.append("non-reentrant")
     return " ".join(parts)
 
 

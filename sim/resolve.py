@@ -61,6 +61,9 @@ def resolve_plan(scenario: Scenario) -> Plan:
     zero = _zero(scenario, behaviour.default_optim)
     nccl = _nccl(scenario, versions)
     zero3 = zero is not None and zero.stage == 3
+    reentrant = use_reentrant(scenario, versions.transformers)
+    if training.gradient_checkpointing and not reentrant and scenario.model.model_type is not ModelType.QWEN:
+        _check_non_reentrant(versions.torch, zero3)  # Qwen1 checkpoints reentrantly whatever the kwargs say
     return Plan(
         name=scenario.name,
         model=model_shape(scenario, weights),
@@ -69,7 +72,7 @@ def resolve_plan(scenario: Scenario) -> Plan:
             micro_batch=training.per_device_train_batch_size,
             accumulation_steps=training.gradient_accumulation_steps, seq_len=training.seq_len,
             gradient_checkpointing=training.gradient_checkpointing,
-            use_reentrant=use_reentrant(scenario, versions.transformers), attn=training.attn_implementation,
+            use_reentrant=reentrant, attn=training.attn_implementation,
             optim=training.optim or behaviour.default_optim, weight_decay=training.weight_decay,
             max_grad_norm=training.max_grad_norm, steps=scenario.simulation.steps),
         behaviour=behaviour,
@@ -83,6 +86,19 @@ def resolve_plan(scenario: Scenario) -> Plan:
         allocator=AllocatorPlan(scenario.allocator.backend, parse_alloc_conf(scenario.allocator.conf)),
         runtime=device_runtime(host, device, nccl, world, versions.torch, zero3),
     )
+
+
+def _check_non_reentrant(torch: tuple[int, int, int], zero3: bool) -> None:
+    """use_reentrant false is modelled as torch >= 2.1 runs it (sim/workload/checkpoint.py); refuse the rest."""
+    key = "training.gradient_checkpointing_kwargs.use_reentrant: false (non-reentrant checkpointing)"
+    if torch < (2, 1, 0):
+        # torch <= 2.0's _checkpoint_without_reentrant re-runs the whole function with no early stop and keeps
+        # what it recomputed in a dict keyed by holder: another path, not modelled
+        raise ScenarioError(f"{key} on torch {'.'.join(map(str, torch))} (< 2.1) is not modelled yet")
+    if zero3:
+        # the early stop raises out of the re-run inside the last module that saves a tensor, so ZeRO-3's
+        # post-forward hooks of the modules it leaves do not run: what stays gathered is not modelled
+        raise ScenarioError(f"{key} under deepspeed ZeRO stage 3 is not modelled yet")
 
 
 # config.json keys that change the architecture (and its memory) in the families that define them, and that the

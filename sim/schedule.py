@@ -39,7 +39,8 @@ def _context(plan: Plan, tape: Tape) -> RunContext:
     amp, lora = plan.amp, plan.lora
     return RunContext(tape, plan.model, training.micro_batch, training.seq_len, training.attn, plan.behaviour,
                       amp.dtype if amp is not None else None, lora.adapter_dtype if lora is not None else None,
-                      plan.on_host, outputs_to_fp32=amp is not None and amp.outputs_to_fp32)
+                      plan.on_host, outputs_to_fp32=amp is not None and amp.outputs_to_fp32,
+                      reentrant_checkpointing=training.use_reentrant)
 
 
 def build_schedule(plan: Plan, repeat: bool = True) -> BuiltSchedule:

@@ -27,6 +27,7 @@ class RunContext:
     on_host: bool = False  # a CPU host (calibration) rather than a CUDA device
     outputs_to_fp32: bool = False  # accelerate's convert_outputs_to_fp32 wraps the forward (sim/workload/amp.py)
     module_hooks: "ModuleHooks | None" = None  # ZeRO-3's gathers and releases (sim/workload/hooks.py); None: none
+    reentrant_checkpointing: bool = True  # gradient_checkpointing_kwargs.use_reentrant (sim/workload/checkpoint.py)
     cast_cache: dict[str, Tensor] = field(default_factory=dict)
     kv_cache: list[Tensor] = field(default_factory=list)  # what a training-time DynamicCache keeps alive
     output_logits: Tensor | None = None  # the returned logits, held for convert_outputs_to_fp32

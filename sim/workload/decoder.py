@@ -15,7 +15,7 @@ from sim.ops import Phase
 from sim.vocab import DType
 from sim.workload import primitives as P
 from sim.workload.amp import convert_outputs
-from sim.workload.checkpoint import checkpoint
+from sim.workload.checkpoint import checkpoint, checkpoint_without_reentrant
 from sim.workload.context import RunContext
 from sim.workload.loss import lm_head_loss
 from sim.workload.modules import Linear, rms_norm
@@ -72,6 +72,9 @@ class Decoder(ABC):
     ATTENTION_OUTPUT_FIRST: ClassVar[bool] = False
     # Reentrant checkpointing on a CPU host stashes torch.get_rng_state() per layer (see _host_rng_stash).
     STASHES_HOST_RNG: ClassVar[bool] = True
+    # The family's code passes gradient_checkpointing_kwargs.use_reentrant on to torch.utils.checkpoint (False:
+    # it calls checkpoint itself without use_reentrant, and torch's default is the reentrant path).
+    HONOURS_USE_REENTRANT: ClassVar[bool] = True
 
     # ---- slots ------------------------------------------------------------------------------------------------
     def input_norm(self, ctx: RunContext, layer: DecoderLayer, x: Tensor) -> Tensor:
@@ -140,7 +143,10 @@ class Decoder(ABC):
                     tp.drop(stash)  # fork_rng's copy goes when the recompute's forward returns
                 return out
 
-            if checkpointing:
+            if checkpointing and self.HONOURS_USE_REENTRANT and not ctx.reentrant_checkpointing:
+                out = checkpoint_without_reentrant(ctx, run_layer, hidden,
+                                                   self.frame_extra(ctx, layer, mask, rotary, extra), stashes)
+            elif checkpointing:
                 out = checkpoint(ctx, run_layer, hidden, self.checkpoint_extra(ctx, layer, mask, rotary, extra))
             else:
                 out = run_layer(hidden)
@@ -157,6 +163,12 @@ class Decoder(ABC):
     def checkpoint_extra(self, ctx: RunContext, layer: DecoderLayer, mask: Mask, rotary: Sequence[Tensor] | None,
                          extra: list[Tensor]) -> list[Tensor]:
         """The tensors a layer's checkpoint keeps besides its input: the model's `extra`, the same for every layer."""
+        return extra
+
+    def frame_extra(self, ctx: RunContext, layer: DecoderLayer, mask: Mask, rotary: Sequence[Tensor] | None,
+                    extra: list[Tensor]) -> list[Tensor]:
+        """The tensors a layer's non-reentrant checkpoint frame keeps besides its input, the keyword arguments
+        bound into its function (GradientCheckpointingLayer's partial): by default the model's `extra`."""
         return extra
 
     def loss_and_return(self, ctx: RunContext, lm_head: Param, normed: Tensor, labels: Tensor) -> Tensor:
@@ -181,7 +193,9 @@ def _host_rng_stash(ctx: RunContext) -> Tensor | None:
     cache, aten/src/ATen/CPUGeneratorImpl.cpp CPUGeneratorImplState). Reentrant checkpointing
     (torch/utils/checkpoint.py, preserve_rng_state=True) takes one in CheckpointFunction.forward
     (ctx.fwd_cpu_state, kept until the graph is freed) and one in backward, where torch.random.fork_rng holds the
-    current state while the layer is recomputed. On a GPU run both are host memory, so only a host counts them."""
+    current state while the layer is recomputed. Non-reentrant checkpointing takes the same two: fwd_cpu_state in
+    _checkpoint_without_reentrant_generator before the layer runs (kept by the frame), and fork_rng's in
+    recompute_fn. On a GPU run both are host memory, so only a host counts them."""
     if not ctx.on_host:
         return None
     tp = ctx.tape

@@ -123,6 +123,12 @@ class Gemma(HfDecoder):
                 for t in self._layer_tensors(ctx, i, mask, rotary)}
         return list(kept.values())
 
+    def frame_extra(self, ctx: RunContext, layer: DecoderLayer, mask: Mask, rotary: Sequence[Tensor] | None,
+                    extra: list[Tensor]) -> list[Tensor]:
+        """Non-reentrant: the frame's partial binds only this layer's mask and cos/sin, and the frame goes once
+        the layer's backward is done (torch/utils/checkpoint.py _checkpoint_without_reentrant_generator)."""
+        return self._layer_tensors(ctx, layer.index, mask, rotary)
+
     def _layer_tensors(self, ctx: RunContext, index: int, mask: Mask,
                        rotary: Sequence[Tensor] | None) -> list[Tensor]:
         """The mask and cos/sin layer `index` reads."""

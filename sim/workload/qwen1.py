@@ -53,6 +53,11 @@ class Qwen1(Decoder):
     # Reentrant checkpointing's host RNG stash (decoder._host_rng_stash) is modelled where it was measured, for the
     # HF families on a CPU host (docs/validation.md H4); Qwen1 is not calibrated on a host and leaves it out.
     STASHES_HOST_RNG = False
+    # QWenModel.forward calls torch.utils.checkpoint.checkpoint itself without use_reentrant (torch's default, True
+    # through 2.13: torch/utils/checkpoint.py checkpoint), and its old-format _set_gradient_checkpointing(module,
+    # value) makes transformers ignore gradient_checkpointing_kwargs (4.35+ modeling_utils.py
+    # gradient_checkpointing_enable): Qwen1 is reentrant whatever use_reentrant says.
+    HONOURS_USE_REENTRANT = False
 
     def build_model(self, ctx: RunContext, lora: LoraPlan | None) -> QWenLMHeadModel:
         """Parameters in the autoselected dtype (bf16 on bf16-capable GPUs); c_attn always has a bias."""

@@ -11,6 +11,7 @@ AccumulateGrad do.
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from sim.errors import MAX_TENSOR_BYTES, TensorTooLarge
 from sim.ops import CATEGORIES, BufferTable, Category, Op, OpKind, Phase, ReplicaSpan, Schedule, Stream
@@ -75,6 +76,19 @@ class Node:
     ctx: dict = field(default_factory=dict)
     grad: Tensor | None = None  # the input buffer: accumulated gradient of this node's output
     output_grads: "list[Tensor | None] | None" = None  # input buffers of a multi-output node, one per output
+    frame: "SavedTensorsHooks | None" = None  # whose saved-tensor hooks packed what this node saved (unpacked here)
+
+
+class SavedTensorsHooks(Protocol):
+    """torch.autograd.graph.saved_tensors_hooks as the tape sees them: `pack` takes what a node being recorded
+    saves (instead of the node holding it); `unpack` runs before the node's backward and hands it its saved
+    storages back; `unpacked` runs once the node has released them."""
+
+    def pack(self, tape: "Tape", node: Node, saved: Sequence[Tensor]) -> None: ...
+
+    def unpack(self, tape: "Tape", node: Node) -> None: ...
+
+    def unpacked(self, tape: "Tape", node: Node) -> None: ...
 
 
 class _OpDraft(Op):
@@ -141,6 +155,8 @@ class Tape:
         self.lt_workspace_bytes = 0  # cuBLASLt workspace of a bias GEMM (0: none; see schedule.cublaslt_workspace)
         self.lt_workspace_persistent = False  # kept per (handle, stream) instead of allocated per call
         self._template: tuple | None = None  # ((start, end), allocated ids, freed ids) of the last replicated span
+        self.saved_tensors_hooks: SavedTensorsHooks | None = None  # the innermost active saved_tensors_hooks
+        self.journal: dict[Storage, int] | None = None  # while set: holders gained (+) or lost (-) per storage
 
     # ---- storages ---------------------------------------------------------------------------------------
     def new_storage(self, name: str, size_bytes: int, category: Category, persistent: bool = False) -> Storage:
@@ -152,14 +168,20 @@ class Tape:
         storage = Storage(len(source), name, size_bytes, category, 1, persistent, False, len(storages))
         storages.append(storage)
         source.append(storage)
+        if self.journal is not None:
+            self.journal[storage] = 1
         return storage
 
     def hold(self, storage: Storage) -> None:
         storage.refs += 1
+        if self.journal is not None:
+            self.journal[storage] = self.journal.get(storage, 0) + 1
 
     def release(self, storage: Storage) -> None:
         """Drop one holder; free at the end of the current op when none is left."""
         storage.refs -= 1
+        if self.journal is not None:
+            self.journal[storage] = self.journal.get(storage, 0) - 1
         assert storage.refs >= 0, storage.name
         if storage.refs == 0 and not storage.persistent:
             self._ops[self._compute].frees.append(storage.buffer_id)
@@ -249,6 +271,19 @@ class Tape:
         self._final_of.append(own)
         self._final_total = own + 1
 
+    def current_allocs(self) -> list[int]:
+        """The buffer ids the current compute op allocates."""
+        return self._ops[self._compute].allocs
+
+    def cancel_op(self) -> None:
+        """The current compute op never ran its kernel (an autograd pack hook raised before it): no cost, and the
+        buffers it both allocated and freed are never made."""
+        op = self._ops[self._compute]
+        transient = set(op.allocs) & set(op.frees)
+        op.allocs = [i for i in op.allocs if i not in transient]
+        op.frees = [i for i in op.frees if i not in transient]
+        op.flops, op.bytes_moved = 0.0, 0
+
     def side_op(self, name: str, stream: Stream, bytes_moved: int = 0, wire_bytes: int = 0,
                 deps: tuple[int, ...] = (), kind: OpKind = OpKind.MEMORY) -> int:
         """An op on another stream (a collective). Returns its index for `empty_in`, `release_in`, `wait_for`.
@@ -288,6 +323,12 @@ class Tape:
         if not any(grad_inputs):
             return None
         self._seq += 1
+        if self.saved_tensors_hooks is not None:
+            node = Node(self._seq, name, grad_inputs, [], backward, self.layer, ctx)
+            self._nodes.append(node)
+            if saved:
+                self.saved_tensors_hooks.pack(self, node, saved)
+            return node
         for tensor in saved:
             storage = tensor.storage
             storage.refs += 1
@@ -321,10 +362,15 @@ class Tape:
     def _run_node(self, node: Node, pending: dict[int, "Node"]) -> None:
         grad, node.grad = node.grad, None
         layer, self.layer = self.layer, node.layer
+        if node.frame is not None:
+            node.frame.unpack(self, node)
         grads = node.backward(self, node, grad)  # a multi-output node reads and releases node.output_grads
         for storage in node.saved:
             self.release(storage)
         node.saved = []
+        if node.frame is not None:
+            node.frame.unpacked(self, node)
+            node.frame = None
         for tensor, grad_in in zip(node.inputs, grads, strict=True):
             if grad_in is None or tensor is None:
                 continue
