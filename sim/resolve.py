@@ -90,15 +90,17 @@ def resolve_plan(scenario: Scenario) -> Plan:
 
 def _check_non_reentrant(torch: tuple[int, int, int], zero3: bool) -> None:
     """use_reentrant false is modelled as torch >= 2.1 runs it (sim/workload/checkpoint.py); refuse the rest."""
-    key = "training.gradient_checkpointing_kwargs.use_reentrant: false (non-reentrant checkpointing)"
+    key = ("training.gradient_checkpointing_kwargs.use_reentrant: false (non-reentrant checkpointing; unset, it is "
+           "transformers >= 5.0's default)")
+    hint = "; `--set training.gradient_checkpointing_kwargs.use_reentrant=true` simulates the reentrant path"
     if torch < (2, 1, 0):
         # torch <= 2.0's _checkpoint_without_reentrant re-runs the whole function with no early stop and keeps
         # what it recomputed in a dict keyed by holder: another path, not modelled
-        raise ScenarioError(f"{key} on torch {'.'.join(map(str, torch))} (< 2.1) is not modelled yet")
+        raise ScenarioError(f"{key} on torch {'.'.join(map(str, torch))} (< 2.1) is not modelled yet{hint}")
     if zero3:
         # the early stop raises out of the re-run inside the last module that saves a tensor, so ZeRO-3's
         # post-forward hooks of the modules it leaves do not run: what stays gathered is not modelled
-        raise ScenarioError(f"{key} under deepspeed ZeRO stage 3 is not modelled yet")
+        raise ScenarioError(f"{key} under deepspeed ZeRO stage 3 is not modelled yet{hint}")
 
 
 # config.json keys that change the architecture (and its memory) in the families that define them, and that the

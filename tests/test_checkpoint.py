@@ -105,7 +105,8 @@ def test_non_reentrant_on_old_torch_is_refused() -> None:
     raw = tiny_raw(**NON_REENTRANT)
     raw["software"]["torch"] = "2.0.1"
     with pytest.raises(ScenarioError, match=r"^training\.gradient_checkpointing_kwargs\.use_reentrant: false "
-                                            r"\(non-reentrant checkpointing\) on torch 2\.0\.1 \(< 2\.1\)"):
+                                            r"\(non-reentrant checkpointing; unset, it is transformers >= 5\.0's default\) on torch "
+                                            r"2\.0\.1 \(< 2\.1\)"):
         _resolve(raw)
 
 
@@ -114,7 +115,7 @@ def test_non_reentrant_under_zero3_is_refused() -> None:
     raw["hardware"]["gpus_per_node"] = 2
     raw["software"]["deepspeed"] = "0.14.0"
     raw["deepspeed"] = {"zero_optimization": {"stage": 3}}
-    with pytest.raises(ScenarioError, match=r"under deepspeed ZeRO stage 3 is not modelled yet$"):
+    with pytest.raises(ScenarioError, match=r"under deepspeed ZeRO stage 3 is not modelled yet; `--set training\.gradient_checkpointing_kwargs\.use_reentrant=true` simulates the reentrant path$"):
         _resolve(raw)
 
 
