@@ -34,6 +34,7 @@ def run_forked(case: Case) -> dict:
     if pid == 0:
         os.close(read_end)
         resource.setrlimit(resource.RLIMIT_AS, (LIMIT_AS_BYTES, LIMIT_AS_BYTES))
+        signal.alarm(int(3 * SLOW_S))  # ends the fork by itself should this process die before stopping it
         try:
             report = {"outcome": check(case)}
         except Violation as exc:

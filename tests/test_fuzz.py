@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 
 from tests.fuzz_cases import Case, Category, cases, check
 
-# Per category; the whole file runs in about 10 s on a 2-core machine (tiny models: tens of ms a run).
+# Per category; the whole file runs in about 15 s of CPU on a 2-core machine (tiny models: tens of ms a run).
 EXAMPLES = {Category.VALID: 150, Category.TYPES: 150, Category.BOUNDS: 150, Category.UNKNOWN_KEYS: 80,
             Category.FILES: 100, Category.SET: 150, Category.ARGV: 150}
 
