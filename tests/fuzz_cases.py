@@ -284,18 +284,19 @@ def _check_api(raw: dict, doubled: str = "") -> str:
     again = summarize(run_scenario(build_scenario(raw)))
     if json.dumps(again, allow_nan=False) != json.dumps(first, allow_nan=False):
         raise Violation("a rerun of the same scenario gave a different result")
-    if doubled and first["fits"]:
+    if doubled and first["fits"] and first["hardware"]["gpus"] == 1:
         _check_doubling(raw, first, doubled)
     return "ran"
 
 
 def _check_doubling(raw: dict, first: dict, key: str) -> None:
-    """Twice the sequence or the micro-batch never lowers the peak allocated, with either allocator (every
-    activation grows or stays, the model states stay); with the exact allocator reserved is allocated, so its
-    reserve cannot drop either. The caching allocator's reserve is not checked: it depends on how blocks packed
-    into segments (PyTorch's CUDACachingAllocator.cpp best-fit with splitting, rounding, max_split_size_mb and
-    garbage collection), which a larger request can pack more tightly; the suite found it 2 MiB lower (one
-    small-pool segment, kSmallBuffer) on doubling, and issue #19 reports a larger drop with max_split_size_mb."""
+    """On one GPU, twice the sequence or the micro-batch never lowers the peak allocated, with either allocator
+    (every activation grows or stays, the model states stay); with the exact allocator reserved is allocated, so its
+    reserve cannot drop either. Not checked, as docs/validation.md "Reliability" derives: with several GPUs, how
+    many gradients await their reduction depends on how long compute takes (the peak falls with the exact
+    allocator too); the caching allocator's reserve depends on how blocks pack into segments (PyTorch's
+    CUDACachingAllocator.cpp rounding: 20 MiB kLargeBuffer for 1-10 MiB requests, 2 MiB steps above), so a larger
+    request can take a tighter segment."""
     data = copy.deepcopy(raw)
     data["training"][key] *= 2
     try:
