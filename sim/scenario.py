@@ -201,11 +201,27 @@ class DeviceSpec(Frozen):
     efficiency: DeviceEfficiency = DeviceEfficiency()
 
 
+# The largest NVLink domain: NVLink Switch connects up to 576 GPUs (https://www.nvidia.com/en-us/data-center/nvlink/,
+# fifth-generation NVLink); a node of the simulator is the GPUs on one NVLink fabric.
+MAX_GPUS_PER_NODE = 576
+# The largest training clusters announced hold about 2e5 GPUs (xAI Colossus: 200,000, 2025); 2^20 is five times that
+# and keeps every per-rank count and byte figure far inside int64.
+MAX_GPUS = 1 << 20
+
+
 class Hardware(Frozen):
     device: DeviceSpec
     device_name: str
-    gpus_per_node: PositiveCount = 1
+    gpus_per_node: Annotated[PositiveCount, AfterValidator(
+        _at_most(MAX_GPUS_PER_NODE, "576, the most GPUs one NVLink domain connects"))] = 1
     nodes: PositiveCount = 1
+
+    @model_validator(mode="after")
+    def _cluster_size(self) -> "Hardware":
+        if self.gpus > MAX_GPUS:
+            raise ValueError(f"nodes: {self.nodes} nodes x {self.gpus_per_node} GPUs is more than 2^20 GPUs, five "
+                             "times the largest cluster built")
+        return self
 
     @property
     def gpus(self) -> int:

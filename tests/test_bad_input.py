@@ -527,6 +527,9 @@ BOUNDS = [
     ("peak-flops-1e19", ["hardware.device.peak_flops={bf16: 1.0e+19}"], ["hardware.device.peak_flops.bf16", "1e+19"]),
     ("hbm-tiny", ["hardware.device.hbm_bytes_per_s=1.0e-300"], ["hardware.device.hbm_bytes_per_s", "1e-300"]),
     ("latency-inf", ["hardware.device.inter_node_latency_us=.inf"], ["hardware.device.inter_node_latency_us", "inf"]),
+    # 2^40 GPUs overflowed a C long in the run (OverflowError); 576 is the largest NVLink domain, 2^20 GPUs in all
+    ("gpus-per-node-2^40", ["hardware.gpus_per_node=1099511627776"], ["hardware.gpus_per_node", "576"]),
+    ("nodes-2^40", ["hardware.nodes=1099511627776"], ["hardware.nodes", "1099511627776", "2^20"]),
     ("data-types-list", ["deepspeed={zero_optimization: {stage: 2}, data_types: [fp32]}"],
      ["deepspeed.data_types", "mapping", "['fp32']"]),
 ]
