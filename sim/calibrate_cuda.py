@@ -207,7 +207,9 @@ def describe(config: CudaConfig) -> str:
 
 
 # ---- the simulated side ------------------------------------------------------------------------------------
-CATALOG_BY_NAME = (("H200", "h200-sxm-141gb"), ("H100", "h100-sxm-80gb"), ("A100", "a100-sxm4-80gb"))
+# first match wins: torch names the parts "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H100 80GB HBM3"
+CATALOG_BY_NAME = (("H200", "h200-sxm-141gb"), ("H100 PCIe", "h100-pcie-80gb"), ("H100 NVL", "h100-nvl-94gb"),
+                   ("H100", "h100-sxm-80gb"), ("A100", "a100-sxm4-80gb"))
 
 
 def catalog_device(device_name: str, total_bytes: int) -> str | None:

@@ -28,6 +28,19 @@ def names(kind: str) -> list[str]:
     return sorted(p.stem for p in data_dir(kind).glob("*.yaml"))
 
 
+def scenario_path(ref: str) -> Path:
+    """What `run` was given: a file path as is, else the name of a shipped scenario (scenarios/NAME.yaml), so that
+    `python -m sim run qwen32b_8xa800` works from any directory; neither is one line listing the names."""
+    path = Path(ref)
+    if path.exists():
+        return path
+    name = path.name.removesuffix(".yaml")
+    if path.parent == Path(".") and name.lower() in names("scenarios"):
+        return data_dir("scenarios") / f"{name.lower()}.yaml"
+    raise ScenarioError(f"scenario: no file {ref!r} and no shipped scenario of that name (known: "
+                        f"{', '.join(names('scenarios'))})")
+
+
 def load_entry(kind: str, name: str, key_path: str) -> dict:
     """The mapping stored for catalog `name`; unknown names are a user error naming `key_path`."""
     path = data_dir(kind) / f"{name.lower()}.yaml"

@@ -26,7 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sim {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="simulate a scenario and print the verdict, peak and breakdown")
-    run.add_argument("scenario")
+    run.add_argument("scenario", help="a scenario file or shipped scenario name, a LLaMA-Factory or axolotl YAML")
+    run.add_argument("--format", choices=["scenario", "llamafactory", "axolotl"], default=None,
+                     help="the file's format (default: detected from its keys)")
+    run.add_argument("--launch", metavar="PATH",
+                     help="an accelerate config: GPU count, DeepSpeed plugin and mixed precision of the launch")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     run.add_argument("--json", dest="json_path", metavar="PATH")
     run.add_argument("--plot", dest="plot_path", metavar="PATH")
@@ -96,10 +100,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from sim.report import allocator_summary, format_summary, summarize
+    from sim.ingest.formats import Format
     from sim.scenario import load_scenario
     from sim.simulate import run_scenario
 
-    scenario = load_scenario(args.scenario, args.overrides)
+    fmt = Format(args.format) if args.format else None
+    scenario = load_scenario(catalog.scenario_path(args.scenario), args.overrides, fmt, args.launch)
     _check_outputs(("--json", args.json_path), ("--plot", args.plot_path))
     run = run_scenario(scenario)
     result = summarize(run)

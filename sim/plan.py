@@ -114,6 +114,7 @@ class DevicePlan:
     capacity_bytes: int
     compute_capability: str
     cuda_context: tuple["Reservation", ...]  # its named parts (sim/runtime.py cuda_context)
+    nvlink_sharp: bool  # NVSwitch multicast: NCCL's NVLS buffers possible (hardware/*.yaml)
     peak_flops: dict[str, float]  # by "bf16", "fp16", "tf32", "fp32"
     hbm_bytes_per_s: float
     intra_node_bytes_per_s: float

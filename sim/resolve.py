@@ -349,7 +349,8 @@ def device_plan(device: DeviceSpec, loading: ModuleLoading = ModuleLoading.LAZY)
     eff = device.efficiency
     return DevicePlan(
         capacity_bytes=device.capacity_bytes, compute_capability=device.compute_capability,
-        cuda_context=cuda_context(device.cuda_context_bytes, loading), peak_flops=dict(device.peak_flops),
+        cuda_context=cuda_context(device.cuda_context_bytes, loading), nvlink_sharp=device.nvlink_sharp,
+        peak_flops=dict(device.peak_flops),
         hbm_bytes_per_s=device.hbm_bytes_per_s, intra_node_bytes_per_s=device.intra_node_bytes_per_s,
         inter_node_bytes_per_s=device.inter_node_bytes_per_s, intra_node_latency_us=device.intra_node_latency_us,
         inter_node_latency_us=device.inter_node_latency_us, gemm_efficiency=eff.gemm,

@@ -15,7 +15,9 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from sim import catalog
 from sim.errors import MAX_TENSOR_BYTES, ScenarioError
+from sim.ingest.accelerate_config import apply_launch
 from sim.ingest.deepspeed import classify_deepspeed, read_deepspeed, resolve_auto
+from sim.ingest.formats import Converted, Format, convert
 from sim.ingest.hf_config import normalize_config, read_model
 from sim.ingest.keys import IgnoredKey
 from sim.ingest.peft import classify_lora
@@ -191,6 +193,10 @@ class DeviceSpec(Frozen):
     capacity_bytes: Annotated[DeviceBytes, Field(gt=0)]
     compute_capability: str = ""
     cuda_context_bytes: Annotated[DeviceBytes, Field(ge=0)] | None = None
+    # NVLink SHARP (NVSwitch multicast): NCCL builds its NVLS buffers only where the device reports
+    # CU_DEVICE_ATTRIBUTE_MULTICAST_SUPPORTED (NVIDIA/nccl src/transport/nvls.cc), i.e. Hopper behind NVSwitch (HGX);
+    # false for PCIe and NVLink-bridge parts
+    nvlink_sharp: bool = True
     # at least one peak: sim/cost.py falls back to the largest given for a precision the device does not list
     peak_flops: Annotated[dict[Literal["bf16", "fp16", "tf32", "fp32"], Flops], Field(min_length=1)]
     hbm_bytes_per_s: BytesPerS
@@ -402,33 +408,46 @@ _TOP_KEYS = {
 }
 
 
-def load_scenario(path: str | Path, overrides: list[str] = ()) -> Scenario:
-    """Read a scenario file, resolve its references, apply `--set KEY=VALUE` overrides, validate."""
+def load_scenario(path: str | Path, overrides: list[str] = (), fmt: Format | None = None,
+                  launch: str | Path | None = None) -> Scenario:
+    """Read a scenario file or a training tool's file (sim/ingest/formats.py; `launch`: an accelerate config),
+    resolve its references, apply `--set KEY=VALUE` overrides, validate."""
     path = Path(path)
-    raw = catalog.load_yaml_mapping(path, "scenario")
-    return build_scenario(raw, base_dir=path.parent, overrides=overrides, default_name=path.stem, source=path.name)
+    converted = convert(catalog.load_yaml_mapping(path, "scenario"), path, fmt)
+    if launch is not None:
+        apply_launch(converted, Path(launch))
+    try:
+        return build_scenario(converted.raw, base_dir=path.parent, overrides=overrides, default_name=path.stem,
+                              source=path.name, converted=converted)
+    except ScenarioError as exc:
+        raise ScenarioError(converted.locate(str(exc))) from None
 
 
 def build_scenario(
     raw: dict, base_dir: Path = Path("."), overrides: list[str] = (), default_name: str = "scenario",
-    source: str = "the scenario",
+    source: str = "the scenario", converted: Converted | None = None,
 ) -> Scenario:
-    """Validate a raw scenario mapping (as loaded from YAML; `source` names its file) into a frozen Scenario."""
+    """Validate a raw scenario mapping (as loaded from YAML; `source` names its file; `converted`: what a tool's
+    file's conversion adds) into a frozen Scenario."""
+    converted = converted or Converted(raw)
     data = copy.deepcopy(raw)
     unknown = sorted(set(data) - _TOP_KEYS)
     if unknown:
         raise ScenarioError(f"{unknown[0]}: unknown key (allowed: {', '.join(sorted(_TOP_KEYS))})")
     if "model" in data:
         _resolve_model(data, base_dir)
-    if "hardware" in data:
+    no_device = bool(converted.missing) and isinstance(data.get("hardware"), dict) and "device" not in data["hardware"]
+    if "hardware" in data and not no_device:  # a tool's file: only the GPU count from --launch, the device --set
         _resolve_device(data)
     _read_deepspeed(data, base_dir)
     for override in overrides:
         _apply_override(data, override, base_dir)
     _read_deepspeed(data, base_dir, overridden=True)
+    if no_device and isinstance(data.get("hardware"), dict) and "device" not in data["hardware"]:
+        data.pop("hardware")
     for key in ("model", "hardware"):
         if key not in data:
-            raise ScenarioError(f"{key}: required key is missing")
+            raise ScenarioError(converted.missing.get(key, f"{key}: required key is missing"))
     if isinstance(data.get("training"), dict):
         resolve_seq_len_alias(data["training"])
     model_file = data.pop("_model_file", "")
@@ -437,8 +456,12 @@ def build_scenario(
     data.setdefault("name", default_name)
     model_name = data.pop("_model_name", "inline")
     device_name = data.get("hardware", {}).pop("_device_name", "inline") if isinstance(data.get("hardware"), dict) else ""
+    set_paths = list(data.get("_set", []))
     ignored, data["origins"] = _classify(data, source, model_file)
-    data["ignored_keys"] = tuple(ignored)
+    data["origins"].update({path: origin for path, origin in converted.defaults.items()
+                            if path in data["origins"] and not any(path == s or path.startswith(s + ".")
+                                                                   for s in set_paths)})
+    data["ignored_keys"] = tuple(converted.ignored + ignored)
     try:
         hardware = data.get("hardware")
         if isinstance(hardware, dict):

@@ -95,3 +95,13 @@ def test_bad_nccl_settings_are_one_line_errors(tmp_path, capsys, setting: str, m
     assert main(["run", str(path), "--set", setting]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+@pytest.mark.parametrize("device", ["h100-pcie-80gb", "h100-nvl-94gb"])
+def test_no_nvls_without_nvswitch(device: str) -> None:
+    # The same 8 Hopper GPUs on NCCL 2.21.5 (torch 2.6.0) without NVSwitch multicast (nvlink_sharp false): no NVLS
+    # buffers at all, only the 24 x 2 x 12 MiB of ring and tree connections per communicator (the SXM part adds
+    # 1152 MiB: 8 heads x 24 channels x 2 x (1 + 2) MiB)
+    s = scenario(device, torch="2.6.0")
+    assert not s.device.nvlink_sharp
+    assert nccl_buffer_bytes(s) == 2 * 24 * 2 * 12 * MIB

@@ -127,15 +127,22 @@ def test_checkpointing_never_raises_the_activation_peak(raw: dict, layers: int) 
     assert activation_peak(raw) <= plain
 
 
-@given(scenarios(), st.integers(128, 256))
+@given(scenarios(), st.integers(256, 384))
 def test_eager_never_peaks_below_sdpa(raw: dict, seq_len: int) -> None:
-    # Below 128 tokens the flash backward's workspace, padded to 128 rows (dq_accum, softmax_d), can exceed
-    # eager's s² tensors: hypothesis found it at s=4 (a finding, not a bug), so the property starts at 128.
+    # Short sequences are excluded: the flash backward's workspace is padded to 128 rows (dq_accum, softmax_d), and
+    # the mem-efficient backward's (taken with a mask) to 128 x 128 fp32 tiles per (batch, head), ceil(s/128) ·
+    # ceil(d/128) · (128² + 4) · 4 B, which exceeds eager's s² tensors (about 8·s² B per (batch, head): bf16 scores,
+    # fp32 softmax, bf16 probabilities) up to s = 128 and comes within a few percent of them up to s = 181: hypothesis
+    # found both (findings, not bugs). The allocated peak is compared; the total also with the exact allocator, as the
+    # caching one may round a peak up by a segment either way (a 2 MiB small-pool segment at s = 132 in one case).
     raw["training"]["seq_len"] = seq_len
     raw["training"]["attn_implementation"] = "sdpa"
-    sdpa = summarize(run(raw))["peak"]["total_bytes"]
+    sdpa = summarize(run(raw))
     raw["training"]["attn_implementation"] = "eager"
-    assert summarize(run(raw))["peak"]["total_bytes"] >= sdpa
+    eager = summarize(run(raw))
+    assert eager["max_memory"]["allocated_bytes"] >= sdpa["max_memory"]["allocated_bytes"]
+    if raw["allocator"]["backend"] == "exact":
+        assert eager["peak"]["total_bytes"] >= sdpa["peak"]["total_bytes"]
 
 
 @given(scenarios())

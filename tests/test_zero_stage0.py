@@ -19,8 +19,9 @@ def stage0(dtype: str | None) -> dict:
     raw["model"]["torch_dtype"] = "float32"
     raw["hardware"] = {"device": "a100-sxm4-80gb", "gpus_per_node": 2}
     raw["deepspeed"] = {"zero_optimization": {"stage": 0}, "train_micro_batch_size_per_gpu": 2}
-    if dtype is not None:
+    if dtype is not None:  # HF's Trainer requires its own flag to match DeepSpeed's (trainer_config_process)
         raw["deepspeed"][dtype] = {"enabled": True}
+        raw["training"][dtype] = True
     return raw
 
 

@@ -37,7 +37,7 @@ def connection_bytes(nccl: NcclPlan, device: DevicePlan) -> int:
 def nvls_bytes(nccl: NcclPlan, device: DevicePlan, world: World) -> int:
     """NVLink SHARP buffers per communicator (nHeads = GPUs in the node), by NCCL version (src/transport/nvls.cc)."""
     gpus, version, channels = world.gpus_per_node, nccl.version, nccl.channels
-    supported = (device.compute_capability or "8.0").startswith("9.") and gpus >= _NVLS_MIN_GPUS
+    supported = device.nvlink_sharp and (device.compute_capability or "8.0").startswith("9.") and gpus >= _NVLS_MIN_GPUS
     enabled = nccl.nvls if nccl.nvls is not None else supported
     if not (enabled and supported) or version < (2, 17, 0):
         return 0
