@@ -553,3 +553,16 @@ def test_unused_deepspeed_version_is_listed_as_ignored():
     with_section = build_scenario(tiny_scenario(software={"deepspeed": "0.14.0"},
                                                 deepspeed={"zero_optimization": {"stage": 2}}))
     assert "software.deepspeed" not in [k.path for k in with_section.ignored_keys]
+
+
+def test_argument_with_control_characters_is_one_line(capsys):
+    """Found by bench/fuzz.py: argparse echoed an unrecognized argument holding \\r and \\v, breaking the line."""
+    message = assert_one_line_error(*run_main(capsys, ["run", "s.yaml", "a\rb\x0bc"]))
+    assert_mentions(message, "unrecognized arguments", "a\\rb\\x0bc")
+
+
+def test_set_key_with_control_characters_is_one_line(tmp_path, capsys):
+    """`--set` names the key it refuses as typed: its \\r is escaped, not a line break."""
+    scenario = write_yaml(tmp_path / "ok.yaml", tiny_scenario())
+    message = assert_one_line_error(*run_main(capsys, ["run", str(scenario), "--set", "a\rb=1"]))
+    assert_mentions(message, "--set a\\rb")
