@@ -7,13 +7,14 @@ naming the key path and the value. Settings derived from it are decided once, la
 
 import copy
 from pathlib import Path
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from sim import catalog
-from sim.errors import ScenarioError
+from sim.errors import MAX_TENSOR_BYTES, ScenarioError
 from sim.ingest.accelerate_config import apply_launch
 from sim.ingest.deepspeed import classify_deepspeed, read_deepspeed, resolve_auto
 from sim.ingest.formats import Converted, Format, convert
@@ -54,8 +55,50 @@ def _whole_number(value: Any) -> Any:
     return value
 
 
-Count = Annotated[int, BeforeValidator(_whole_number)]
-PositiveCount = Annotated[int, BeforeValidator(_whole_number), Field(gt=0)]
+def _at_most(limit: int, what: str) -> Callable[[Any], Any]:
+    """A bound on a whole number, checked after `_whole_number`, whose message says why the limit is physical."""
+
+    def check(value: Any) -> Any:
+        if isinstance(value, int) and value > limit:
+            raise ValueError(f"more than {what}")
+        return value
+
+    return check
+
+
+def _no_boolean(value: Any) -> Any:
+    """YAML's `true` is not the number 1.0 (pydantic's lax float would take it)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not a boolean")
+    return value
+
+
+# Every count of elements or bytes (shapes, buckets, batch, sequence): no tensor, bucket or buffer is larger than the
+# largest tensor a device could address (sim/errors.py MAX_TENSOR_BYTES, 2^62), so no larger count is physical, and
+# any product of two of them is checked by the tape in Python integers before it reaches the int64 core.
+_MAX_COUNT = _at_most(MAX_TENSOR_BYTES, "2^62, the most elements or bytes any device could address")
+# DeepSpeed's stage3_model_persistence_threshold defaults to sys.maxsize (deepspeed/runtime/zero/config.py
+# DeepSpeedZeroConfig: model_persistence_threshold = Field(pp_int(sys.maxsize, ...))): an int64 bound, no more.
+_MAX_INT64 = _at_most(2**63 - 1, "2^63 - 1, the largest 64-bit integer")
+# A device memory: the largest GPU memories are below 2^38 bytes (H200: 141 GB); 2^50 bytes (1 PiB) is far above any
+# device built and keeps every byte count of a run within int64.
+MAX_DEVICE_BYTES = 1 << 50
+_MAX_DEVICE_BYTES = _at_most(MAX_DEVICE_BYTES, "2^50 bytes (1 PiB), far above any device memory")
+
+Count = Annotated[int, BeforeValidator(_whole_number), AfterValidator(_MAX_COUNT), Field(ge=0)]
+PositiveCount = Annotated[int, BeforeValidator(_whole_number), AfterValidator(_MAX_COUNT), Field(gt=0)]
+DeviceBytes = Annotated[int, BeforeValidator(_whole_number), AfterValidator(_MAX_DEVICE_BYTES)]
+# A real number as a scenario writes it: finite (no .inf/.nan: they would reach the report as Infinity, not JSON)
+# and never a boolean.
+Real = Annotated[float, BeforeValidator(_no_boolean), Field(allow_inf_nan=False)]
+# Device figures within what is physical, so every op time is finite and positive: the fastest GPUs peak below
+# 1e16 FLOP/s (H200 dense FP8: 1.98e15) and move below 1e13 B/s (H200 HBM3e: 4.8e12); the bounds leave three orders
+# of magnitude above that (tests/test_model_flops.py's roofline-free device uses 1e18) and refuse figures so small
+# that a step's time would leave float range. Latencies: NCCL's per-step figures are microseconds
+# (NVIDIA/nccl src/graph/tuning.cc hwLat); one second is far above any link.
+Flops = Annotated[Real, Field(ge=1e6, le=1e18)]
+BytesPerS = Annotated[Real, Field(ge=1e6, le=1e18)]
+LatencyUs = Annotated[Real, Field(ge=0.0, le=1e6)]
 
 
 class Frozen(BaseModel):
@@ -81,7 +124,7 @@ class ModelSpec(BaseModel):
     attention_bias: bool = False  # llama/mistral: bias on q/k/v/o (LlamaConfig default False)
     mlp_bias: bool = False
     hidden_act: Literal["silu", "gelu", "gelu_pytorch_tanh"] = "silu"  # the GELUs: Gemma only (sim/resolve.py)
-    attention_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    attention_dropout: Real = Field(default=0.0, ge=0.0, lt=1.0)
     kv_channels: PositiveCount | None = None  # Qwen1
     no_bias: bool = True  # Qwen1: no bias except c_attn
 
@@ -99,6 +142,12 @@ class ModelSpec(BaseModel):
         if self.model_type is ModelType.QWEN and kv != heads:
             raise ValueError(f"model_type qwen is multi-head attention: num_key_value_heads {kv} must equal "
                              f"num_attention_heads {heads}")
+        if self.num_hidden_layers * self.hidden_size * self.intermediate_size > MAX_TENSOR_BYTES:
+            # every layer holds its MLP, at least hidden x intermediate weights of at least one byte (Qwen1's
+            # w1/w2/c_proj: 1.5x that; gate/up/down: 3x), so the weights alone pass what a device could address
+            raise ValueError(f"num_hidden_layers {self.num_hidden_layers} x hidden_size {self.hidden_size} x "
+                             f"intermediate_size {self.intermediate_size}: the MLP weights alone are more than 2^62 "
+                             "bytes, the most any device could address")
         if self.model_type is ModelType.QWEN and self.intermediate_size % 2:
             raise ValueError(
                 f"intermediate_size {self.intermediate_size} must be even for model_type qwen (w1 and w2 each take half)"
@@ -119,7 +168,7 @@ class ModelSpec(BaseModel):
         return self.torch_dtype or DType.FLOAT32
 
 
-Fraction = Annotated[float, Field(gt=0, le=1)]
+Fraction = Annotated[Real, Field(gt=0, le=1)]
 
 
 class DeviceEfficiency(Frozen):
@@ -141,27 +190,44 @@ class DeviceSpec(Frozen):
 
     name: str
     description: str = ""
-    capacity_bytes: PositiveCount
+    capacity_bytes: Annotated[DeviceBytes, Field(gt=0)]
     compute_capability: str = ""
-    cuda_context_bytes: Annotated[int, BeforeValidator(_whole_number), Field(ge=0)] | None = None
+    cuda_context_bytes: Annotated[DeviceBytes, Field(ge=0)] | None = None
     # NVLink SHARP (NVSwitch multicast): NCCL builds its NVLS buffers only where the device reports
     # CU_DEVICE_ATTRIBUTE_MULTICAST_SUPPORTED (NVIDIA/nccl src/transport/nvls.cc), i.e. Hopper behind NVSwitch (HGX);
     # false for PCIe and NVLink-bridge parts
     nvlink_sharp: bool = True
-    peak_flops: dict[Literal["bf16", "fp16", "tf32", "fp32"], Annotated[float, Field(gt=0)]]
-    hbm_bytes_per_s: Annotated[float, Field(gt=0)]
-    intra_node_bytes_per_s: Annotated[float, Field(gt=0)] = 1e11
-    inter_node_bytes_per_s: Annotated[float, Field(gt=0)] = 1e10
-    intra_node_latency_us: Annotated[float, Field(ge=0)] = 0.0
-    inter_node_latency_us: Annotated[float, Field(ge=0)] = 0.0
+    # at least one peak: sim/cost.py falls back to the largest given for a precision the device does not list
+    peak_flops: Annotated[dict[Literal["bf16", "fp16", "tf32", "fp32"], Flops], Field(min_length=1)]
+    hbm_bytes_per_s: BytesPerS
+    intra_node_bytes_per_s: BytesPerS = 1e11
+    inter_node_bytes_per_s: BytesPerS = 1e10
+    intra_node_latency_us: LatencyUs = 0.0
+    inter_node_latency_us: LatencyUs = 0.0
     efficiency: DeviceEfficiency = DeviceEfficiency()
+
+
+# The largest NVLink domain: NVLink Switch connects up to 576 GPUs (https://www.nvidia.com/en-us/data-center/nvlink/,
+# fifth-generation NVLink); a node of the simulator is the GPUs on one NVLink fabric.
+MAX_GPUS_PER_NODE = 576
+# The largest training clusters announced hold about 2e5 GPUs (xAI Colossus: 200,000, 2025); 2^20 is five times that
+# and keeps every per-rank count and byte figure far inside int64.
+MAX_GPUS = 1 << 20
 
 
 class Hardware(Frozen):
     device: DeviceSpec
     device_name: str
-    gpus_per_node: PositiveCount = 1
+    gpus_per_node: Annotated[PositiveCount, AfterValidator(
+        _at_most(MAX_GPUS_PER_NODE, "576, the most GPUs one NVLink domain connects"))] = 1
     nodes: PositiveCount = 1
+
+    @model_validator(mode="after")
+    def _cluster_size(self) -> "Hardware":
+        if self.gpus > MAX_GPUS:
+            raise ValueError(f"nodes: {self.nodes} nodes x {self.gpus_per_node} GPUs is more than 2^20 GPUs, five "
+                             "times the largest cluster built")
+        return self
 
     @property
     def gpus(self) -> int:
@@ -201,8 +267,8 @@ class Training(Frozen):
     gradient_checkpointing_kwargs: CheckpointingKwargs = CheckpointingKwargs()
     attn_implementation: AttnImplementation = AttnImplementation.SDPA
     optim: Optim | None = None  # None: the TrainingArguments default of the transformers version
-    weight_decay: float = Field(default=0.0, ge=0.0)
-    max_grad_norm: float = Field(default=1.0, ge=0.0)
+    weight_decay: Real = Field(default=0.0, ge=0.0)
+    max_grad_norm: Real = Field(default=1.0, ge=0.0)
 
     @model_validator(mode="after")
     def _one_precision(self) -> "Training":
@@ -211,13 +277,23 @@ class Training(Frozen):
         return self
 
 
+def _some_target(value: Any) -> Any:
+    """At least one target module: PEFT refuses a LoraConfig that matches no module (huggingface/peft
+    src/peft/tuners/tuners_utils.py BaseTuner.inject_adapter raises "Target modules ... not found in the base
+    model" when no module matched, as an empty list never does), where the simulator would train nothing."""
+    if isinstance(value, (list, tuple)) and not value:
+        raise ValueError("an empty list matches no module, and PEFT refuses it (Target modules [] not found in the "
+                         "base model); name at least one, or \"all-linear\"")
+    return value
+
+
 class Lora(Frozen):
     """PEFT LoraConfig names."""
 
     r: PositiveCount = 8
-    lora_alpha: float = 8
-    lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] | Literal["all-linear"] = ["q_proj", "v_proj"]
+    lora_alpha: Real = 8
+    lora_dropout: Real = Field(default=0.0, ge=0.0, lt=1.0)
+    target_modules: Annotated[list[str] | Literal["all-linear"], BeforeValidator(_some_target)] = ["q_proj", "v_proj"]
     modules_to_save: list[str] = []
     bias: Literal["none"] = "none"
     use_rslora: bool = False
@@ -237,7 +313,8 @@ class ZeroOptimization(Frozen):
     sub_group_size: Count = 1_000_000_000
     stage3_prefetch_bucket_size: Count = 50_000_000
     stage3_param_persistence_threshold: Count = 100_000
-    stage3_model_persistence_threshold: Count = 2**63 - 1
+    stage3_model_persistence_threshold: Annotated[int, BeforeValidator(_whole_number), AfterValidator(_MAX_INT64),
+                                                  Field(ge=0)] = 2**63 - 1
     stage3_max_live_parameters: Count = 1_000_000_000
     stage3_max_reuse_distance: Count = 1_000_000_000
     stage3_gather_16bit_weights_on_model_save: bool = False
@@ -252,6 +329,16 @@ class DeepSpeed(BaseModel):
 
     zero_optimization: ZeroOptimization = ZeroOptimization()
 
+    @model_validator(mode="after")
+    def _sections_are_mappings(self) -> "DeepSpeed":
+        """The sections sim/resolve.py reads are JSON objects in DeepSpeed's config (deepspeed/runtime/config.py
+        reads param_dict[DATA_TYPES], [BFLOAT16], [FP16] and [OPTIMIZER] with .get): anything else is refused."""
+        for section in ("data_types", "bf16", "bfloat16", "fp16", "optimizer"):
+            value = (self.model_extra or {}).get(section)
+            if value is not None and not isinstance(value, dict):
+                raise ValueError(f"{section}: expected a mapping (got {value!r})")
+        return self
+
 
 class Allocator(Frozen):
     backend: AllocatorBackend | None = None  # None: caching on a GPU, exact on a plain host
@@ -265,7 +352,7 @@ class Nccl(Frozen):
     channels: PositiveCount | None = None  # NCCL_MIN/MAX_NCHANNELS; default 24 (8-GPU NVSwitch nodes)
     buffsize_bytes: PositiveCount = 4194304  # NCCL_BUFFSIZE (src/include/device.h DEFAULT_BUFFSIZE 1 << 22)
     nvls: bool | None = None  # NCCL_NVLS_ENABLE; default: on where NVLink SHARP exists (sm90, > 2 GPUs in a node)
-    communicators: Annotated[int, BeforeValidator(_whole_number), Field(ge=0)] | None = None  # default: as created
+    communicators: Count | None = None  # default: as created
 
 
 class Simulation(Frozen):
@@ -302,6 +389,16 @@ class Scenario(Frozen):
             host = self.hardware.device.cuda_context_bytes == 0
             backend = AllocatorBackend.EXACT if host else AllocatorBackend.CACHING
             object.__setattr__(self, "allocator", self.allocator.model_copy(update={"backend": backend}))
+        return self
+
+    @model_validator(mode="after")
+    def _unused_deepspeed_version(self) -> "Scenario":
+        """`software.deepspeed` given with no deepspeed section changes nothing (DeepSpeed does not run): listed
+        with the other ignored keys, not silently accepted."""
+        if self.deepspeed is None and "deepspeed" in self.software.model_fields_set:
+            unused = IgnoredKey("software.deepspeed", self.software.deepspeed,
+                                "no deepspeed section: DeepSpeed does not run, so its version changes nothing")
+            object.__setattr__(self, "ignored_keys", (*self.ignored_keys, unused))
         return self
 
 
@@ -425,8 +522,12 @@ def _describe(exc: ValidationError) -> str:
     if err["type"] == "missing":
         return f"{loc}: required key is missing"
     value = err.get("input")
-    shown = repr(value) if not isinstance(value, dict) else "{...}"
-    return f"{loc or 'scenario'}: {msg} (got {shown})"
+    if isinstance(value, dict):  # a section's own check: its message names the key and the value
+        key, sep, rest = msg.partition(": ")
+        if sep and key.isidentifier():
+            return f"{loc}.{key}: {rest}" if loc else msg
+        return f"{loc or 'scenario'}: {msg}"
+    return f"{loc or 'scenario'}: {msg} (got {value!r})"
 
 
 def _resolve_model(data: dict, base_dir: Path) -> None:

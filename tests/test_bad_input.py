@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from sim import cli
+from sim import catalog, cli
+from sim.scenario import build_scenario
 
 ROOT = Path(__file__).resolve().parents[1]
 EXIT_BAD_INPUT = 2
@@ -502,3 +503,66 @@ def test_a_far_out_of_memory_job_gets_its_deficit(tmp_path, capsys) -> None:
                                            "allocator": {"backend": "caching"}})
     code, out, err = run_main(capsys, ["run", str(path)])
     assert code == 0 and err == "" and "OUT OF MEMORY" in out and "short by" in out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Numbers at the schema (issue #19 items 2 and 8): bounded by what is physical, finite, never a boolean
+
+BOUNDS = [
+    # 1e30 elements is past 2^62 (sim/errors.py MAX_TENSOR_BYTES): no device addresses a tensor that wide
+    ("hidden-size-1e30", ["model.hidden_size=1e30"], ["model.hidden_size", "2^62", "1e30"]),
+    ("lora-r-1e30", ["lora={r: 1e30, target_modules: [q_proj]}"], ["lora.r", "2^62", "1e30"]),
+    ("bucket-1e20", ["deepspeed={zero_optimization: {stage: 2, reduce_bucket_size: 1e20}}"],
+     ["deepspeed.zero_optimization.reduce_bucket_size", "2^62", "1e20"]),
+    # 1e30 bytes against the 2^50-byte (1 PiB) bound on a device memory
+    ("capacity-1e30", ["hardware.device.capacity_bytes=1e30"], ["hardware.device.capacity_bytes", "2^50", "1e30"]),
+    # 1e6 layers x 64 x 128 = 8.2e9 < 2^62 runs; 1e15 x 64 x 128 = 8.2e18 > 2^62 = 4.6e18 is refused
+    ("layers-past-2^62", ["model.num_hidden_layers=1e15"], ["model", "num_hidden_layers 1000000000000000", "2^62"]),
+    ("weight-decay-inf", ["training.weight_decay=.inf"], ["training.weight_decay", "finite", "inf"]),
+    ("lora-alpha-nan", ["lora={lora_alpha: .nan}"], ["lora.lora_alpha", "finite", "nan"]),
+    ("lora-alpha-true", ["lora={lora_alpha: true}"], ["lora.lora_alpha", "boolean", "True"]),
+    ("target-modules-empty", ["lora={target_modules: []}"], ["lora.target_modules", "PEFT", "[]"]),
+    ("peak-flops-empty", ["hardware.device.peak_flops={}"], ["hardware.device.peak_flops", "at least 1"]),
+    ("peak-flops-inf", ["hardware.device.peak_flops={bf16: .inf}"], ["hardware.device.peak_flops.bf16", "inf"]),
+    ("peak-flops-1e19", ["hardware.device.peak_flops={bf16: 1.0e+19}"], ["hardware.device.peak_flops.bf16", "1e+19"]),
+    ("hbm-tiny", ["hardware.device.hbm_bytes_per_s=1.0e-300"], ["hardware.device.hbm_bytes_per_s", "1e-300"]),
+    ("latency-inf", ["hardware.device.inter_node_latency_us=.inf"], ["hardware.device.inter_node_latency_us", "inf"]),
+    # 2^40 GPUs overflowed a C long in the run (OverflowError); 576 is the largest NVLink domain, 2^20 GPUs in all
+    ("gpus-per-node-2^40", ["hardware.gpus_per_node=1099511627776"], ["hardware.gpus_per_node", "576"]),
+    ("nodes-2^40", ["hardware.nodes=1099511627776"], ["hardware.nodes", "1099511627776", "2^20"]),
+    ("data-types-list", ["deepspeed={zero_optimization: {stage: 2}, data_types: [fp32]}"],
+     ["deepspeed.data_types", "mapping", "['fp32']"]),
+]
+
+
+@pytest.mark.parametrize("sets,needles", [c[1:] for c in BOUNDS], ids=[c[0] for c in BOUNDS])
+def test_impossible_number_is_one_line_error(tmp_path, capsys, sets, needles):
+    scenario = write_yaml(tmp_path / "ok.yaml", tiny_scenario(
+        hardware={"device": dict(catalog.load_entry("hardware", "a100-sxm4-80gb", "hardware.device"))}))
+    argv = ["run", str(scenario)]
+    for item in sets:
+        argv += ["--set", item]
+    message = assert_one_line_error(*run_main(capsys, argv))
+    assert_mentions(message, *needles)
+
+
+def test_unused_deepspeed_version_is_listed_as_ignored():
+    """`software.deepspeed` with no deepspeed section changes nothing: listed, not silently accepted."""
+    scenario = build_scenario(tiny_scenario(software={"deepspeed": "0.14.0"}))
+    assert [(k.path, k.value) for k in scenario.ignored_keys] == [("software.deepspeed", "0.14.0")]
+    with_section = build_scenario(tiny_scenario(software={"deepspeed": "0.14.0"},
+                                                deepspeed={"zero_optimization": {"stage": 2}}))
+    assert "software.deepspeed" not in [k.path for k in with_section.ignored_keys]
+
+
+def test_argument_with_control_characters_is_one_line(capsys):
+    """Found by bench/fuzz.py: argparse echoed an unrecognized argument holding \\r and \\v, breaking the line."""
+    message = assert_one_line_error(*run_main(capsys, ["run", "s.yaml", "a\rb\x0bc"]))
+    assert_mentions(message, "unrecognized arguments", "a\\rb\\x0bc")
+
+
+def test_set_key_with_control_characters_is_one_line(tmp_path, capsys):
+    """`--set` names the key it refuses as typed: its \\r is escaped, not a line break."""
+    scenario = write_yaml(tmp_path / "ok.yaml", tiny_scenario())
+    message = assert_one_line_error(*run_main(capsys, ["run", str(scenario), "--set", "a\rb=1"]))
+    assert_mentions(message, "--set a\\rb")

@@ -236,10 +236,13 @@ class Zero12:
         tp, size = self.tape, self.dtype.size_bytes
         comm = self.comm_dtype
         groups: list[list[int]] = [[]]
+        grouped = 0  # elements in groups[-1], kept as a running total: slices grow with the world size
         for numel in self._slices():
             groups[-1].append(numel)
-            if sum(groups[-1]) > self.config.reduce_bucket_size:
+            grouped += numel
+            if grouped > self.config.reduce_bucket_size:
                 groups.append([])
+                grouped = 0
         last = None
         for group in (g for g in groups if g):
             numel = sum(group)
