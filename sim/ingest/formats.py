@@ -10,6 +10,8 @@ from sim.ingest.keys import IgnoredKey
 
 
 class Format(Enum):
+    """The formats `run` reads: the scenario vocabulary, or a training tool's own file."""
+
     SCENARIO = "scenario"
     LLAMAFACTORY = "llamafactory"
     AXOLOTL = "axolotl"

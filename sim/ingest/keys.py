@@ -11,6 +11,9 @@ from sim.errors import ScenarioError
 
 
 class KeyClass(Enum):
+    """What the simulator does with a key a user's file may hold: maps it, accepts it as changing no memory, or
+    refuses it as changing memory in a way not modelled."""
+
     MODELLED = "modelled"
     NEUTRAL = "neutral"
     NOT_MODELLED = "not modelled"
