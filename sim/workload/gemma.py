@@ -26,7 +26,7 @@ from sim.workload.context import RunContext
 from sim.workload.decoder import DecoderLayer, LayerTypeMasks, Mask
 from sim.workload.hf_decoder import CausalLM, HfDecoder, inv_freq_buffer, causal_mask, rotary_computed
 from sim.workload.modules import apply_linear, in_module, make_param
-from sim.workload.tape import Param, Tensor
+from sim.workload.tape import Param, Tape, Tensor
 
 _FEEDFORWARD_NORMS = ("pre_feedforward_layernorm", "post_feedforward_layernorm")
 
@@ -154,18 +154,10 @@ class Gemma(HfDecoder):
             tp.drop(heads)
         return out[0], out[1]
 
-    def mlp(self, ctx: RunContext, layer: DecoderLayer, x: Tensor) -> Tensor:
-        """down_proj(gelu_pytorch_tanh(gate_proj(x)) * up_proj(x)): GELU saves its input, as SiLU does."""
-        tp, lin, prefix = ctx.tape, layer.linears, f"{layer.prefix}.mlp"
-        gate = apply_linear(ctx, lin["gate_proj"], x)
-        act = P.gelu(tp, f"{prefix}.act_fn", gate)
-        tp.drop(gate)
-        up = apply_linear(ctx, lin["up_proj"], x)
-        product = P.mul(tp, f"{prefix}.mul", act, up)
-        tp.drop(act, up)
-        out = apply_linear(ctx, lin["down_proj"], product)
-        tp.drop(product)
-        return out
+    def activation(self, tp: Tape, name: str, x: Tensor) -> Tensor:
+        """gelu_pytorch_tanh, the MLP's act_fn (down_proj(act_fn(gate_proj(x)) * up_proj(x)) as the HF families):
+        GELU saves its input, as SiLU does."""
+        return P.gelu(tp, name, x)
 
     def decoder_layer(self, ctx: RunContext, layer: DecoderLayer, x: Tensor, mask: Mask,
                       rotary: Sequence[Tensor] | None) -> Tensor:

@@ -16,7 +16,7 @@ from sim.workload.behaviour import KvCache, Rotary, SdpaContiguous
 from sim.workload.context import RunContext
 from sim.workload.decoder import Decoder, DecoderLayer
 from sim.workload.modules import apply_linear, in_module, make_linear, make_param, maybe_saved_copy, rms_norm
-from sim.workload.tape import Param, Tensor
+from sim.workload.tape import Param, Tape, Tensor
 
 LinearShapes = dict[str, tuple[int, int, bool]]  # module name → (in_features, out_features, has_bias)
 
@@ -224,7 +224,7 @@ class HfDecoder(Decoder):
         """down_proj(act_fn(gate_proj(x)) * up_proj(x))."""
         tp, lin, prefix = ctx.tape, layer.linears, f"{layer.prefix}.mlp"
         gate = apply_linear(ctx, lin["gate_proj"], x)
-        act = P.silu(tp, f"{prefix}.act_fn", gate)
+        act = self.activation(tp, f"{prefix}.act_fn", gate)
         tp.drop(gate)
         up = apply_linear(ctx, lin["up_proj"], x)
         product = P.mul(tp, f"{prefix}.mul", act, up)
@@ -232,6 +232,10 @@ class HfDecoder(Decoder):
         out = apply_linear(ctx, lin["down_proj"], product)
         tp.drop(product)
         return out
+
+    def activation(self, tp: Tape, name: str, x: Tensor) -> Tensor:
+        """The MLP's act_fn: SiLU (hidden_act silu), which saves its input."""
+        return P.silu(tp, name, x)
 
 
 def inv_freq_buffer(ctx: RunContext, module: str) -> None:
