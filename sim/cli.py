@@ -27,6 +27,40 @@ def _one_line(message: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
 
 
+def _event_budget(text: str) -> int:
+    """--max-events: a whole number of events, 0 for no budget."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"negative: {value}")
+    return value
+
+
+class _ProgressBar:
+    """simulate.Progress as a tqdm bar on stderr: drawn only on a terminal and only once a stage has run for two
+    seconds (tqdm's delay), removed when done."""
+
+    def __init__(self, delay_s: float = 2.0) -> None:
+        self._bar, self._delay_s = None, delay_s
+
+    def stage(self, description: str, total: int) -> None:
+        from tqdm import tqdm
+
+        self.close()
+        self._bar = tqdm(total=total, desc=description, unit="micro-batch", delay=self._delay_s, leave=False,
+                         disable=not sys.stderr.isatty())
+
+    def advance(self) -> None:
+        self._bar.update()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m sim", description="GPU memory of LLM training, simulated op by op.")
     parser.add_argument("--version", action="version", version=f"sim {__version__}")
@@ -41,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", dest="json_path", metavar="PATH")
     run.add_argument("--plot", dest="plot_path", metavar="PATH")
     run.add_argument("--fail-on-oom", action="store_true")
+    run.add_argument("--max-events", type=_event_budget, default=None, metavar="N",
+                     help="simulate at most N allocator events (default 4,000,000, about 8 s; 0: no budget)")
     cat = sub.add_parser("catalog", help="list catalog models and hardware")
     cat.add_argument("kind", nargs="?", choices=["models", "hardware"])
     cal = sub.add_parser("calibrate", help="measure real HF training steps (torch, CPU or CUDA) against the simulator")
@@ -105,15 +141,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from sim.report import allocator_summary, format_summary, summarize
+    from sim.report import allocator_summary, format_summary, steady_summary, summarize
     from sim.ingest.formats import Format
     from sim.scenario import load_scenario
-    from sim.simulate import run_scenario
+    from sim.simulate import MAX_EVENTS, run_scenario
 
     fmt = Format(args.format) if args.format else None
     scenario = load_scenario(catalog.scenario_path(args.scenario), args.overrides, fmt, args.launch)
     _check_outputs(("--json", args.json_path), ("--plot", args.plot_path))
-    run = run_scenario(scenario)
+    budget = MAX_EVENTS if args.max_events is None else (args.max_events or None)
+    progress = _ProgressBar()
+    try:
+        run = run_scenario(scenario, max_events=budget, progress=progress)
+    finally:
+        progress.close()
     result = summarize(run)
     if args.json_path is not None:
         _write_output("--json", Path(args.json_path), (json.dumps(result, indent=2) + "\n").encode())
@@ -121,7 +162,7 @@ def _run(args: argparse.Namespace) -> int:
         from sim.plot import render_memory_timeline
 
         _write_output("--plot", Path(args.plot_path), render_memory_timeline(run, result))
-    print(format_summary(result, allocator_summary(run), run.built.model_states.host_bytes))
+    print(format_summary(result, allocator_summary(run), run.built.model_states.host_bytes, steady_summary(run)))
     if args.fail_on_oom and not result["fits"]:
         return EXIT_OOM
     return EXIT_OK

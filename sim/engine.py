@@ -14,7 +14,7 @@ import numpy as np
 
 from sim.allocator.base import Allocator
 from sim.cost import CostModel
-from sim.drivers import AllocatorDriver, CompiledReplay, OomEvent, StepwiseDriver, VectorisedReplay
+from sim.drivers import AllocatorDriver, AllocatorRun, CompiledReplay, OomEvent, StepwiseDriver, VectorisedReplay
 from sim.event_order import AllocatorEvents, order_events
 from sim.ops import STREAMS, Schedule, Stream
 from sim.timeline import ListTimeline, Timeline
@@ -57,7 +57,7 @@ class Engine:
         log, if it keeps one (every path calls it, or its core, once per event), placed in the events' times."""
         starts, ends = self.timeline.op_times(self.schedule, self._durations)
         events = order_events(self.schedule, starts, ends)
-        driven = self._driver(events).drive(self.allocator, events)
+        driven = self.replay(self.allocator, events)
         if self.allocator.event_log is not None:
             self.allocator.event_log.place_in_time(events.time_us)
         is_free = events.signed_id < 0
@@ -72,12 +72,16 @@ class Engine:
         return EngineResult(trace, starts, ends, end, driven.oom, busy, driven.repeated_events,
                             driven.largest_free_block_at_peak_bytes)
 
-    def _driver(self, events: AllocatorEvents) -> AllocatorDriver:
+    def replay(self, allocator: Allocator, events: AllocatorEvents) -> AllocatorRun:
+        """Drive `allocator` through `events` (this schedule's, or their head) along the fastest path it allows."""
+        return self._driver(allocator, events).drive(allocator, events)
+
+    def _driver(self, allocator: Allocator, events: AllocatorEvents) -> AllocatorDriver:
         """The fastest path the allocator declares it can take: a vectorised pass, its compiled core (unless
         `compiled=False`), else event by event in the schedule's repetition windows (mapped here from the ops
         where each window begins to the events where it does)."""
-        if self.allocator.can_replay_vectorised():
+        if allocator.can_replay_vectorised():
             return VectorisedReplay()
-        if self.compiled and self.allocator.can_replay_compiled():
+        if self.compiled and allocator.can_replay_compiled():
             return CompiledReplay()
         return StepwiseDriver(events.windows(self.schedule.window_first_ops()), self.repeat)

@@ -14,3 +14,8 @@ MAX_TENSOR_BYTES = 1 << 62
 class TensorTooLarge(ScenarioError):
     """A tensor the scenario's shapes make larger than MAX_TENSOR_BYTES: no device can address it, so the question
     'how far off am I' has no byte answer; the message names the tensor."""
+
+
+class WorkTooLarge(ScenarioError):
+    """A run whose simulation would pass the event budget (sim/simulate.py MAX_EVENTS): refused before the work,
+    its message completed with the scenario keys that drive the count."""

@@ -28,6 +28,11 @@ class AllocatorEvents:
         """The number of events."""
         return len(self.signed_id)
 
+    def head(self, count: int) -> "AllocatorEvents":
+        """The first `count` events."""
+        return AllocatorEvents(self.time_us[:count], self.op_index[:count], self.signed_id[:count],
+                               self.size_bytes[:count], self.stream_code[:count])
+
     def windows(self, first_ops: np.ndarray) -> list[tuple[int, int]]:
         """[start, end) event ranges of the op windows that begin at `first_ops` (ascending op indices; the
         persistent buffers form a window of their own before them): from the first event of a window's ops to the

@@ -46,7 +46,10 @@ def render_memory_timeline(run: Run, result: dict) -> bytes:
     _stream_lanes(lanes, run)
     lanes.set_xlabel("simulated time (s)")
     ax.set_ylabel("GiB")
-    ax.set_title(result["scenario"])
+    steady = run.steady
+    ax.set_title(result["scenario"] if steady is None else
+                 f"{result['scenario']}: steps {steady.first_repeat}-{steady.steps - 1} repeat step "
+                 f"{steady.first_repeat - 1} exactly (not drawn)")
     ax.set_ylim(0, max(capacity, peak["total_bytes"] / GIB) * 1.08)
     ax.legend(loc="upper left", fontsize=8, ncol=3)
     buffer = io.BytesIO()

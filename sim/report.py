@@ -11,6 +11,7 @@ from sim.ops import PHASES, STREAMS, Phase, Schedule
 from sim.plan import Holder, Plan
 from sim.scenario import Scenario
 from sim.schedule import BuiltSchedule
+from sim.steady import SteadyState
 from sim.units import format_bytes, format_count, us_to_seconds
 from sim.vocab import AllocatorBackend
 
@@ -30,6 +31,7 @@ class Run:
     engine: EngineResult
     allocator: object = None  # the backend after the run (its statistics)
     event_log: AllocatorEventLog | None = None  # the caching allocator's trace entries, placed in time (if asked)
+    steady: SteadyState | None = None  # the steps after the simulated ones, repeats of the last (sim/steady.py)
 
     @property
     def schedule(self) -> Schedule:
@@ -97,7 +99,7 @@ def summarize(run: Run) -> dict:
         "non_pytorch": {"cuda_context_bytes": run.non_pytorch_bytes - run.nccl_bytes, "nccl_bytes": run.nccl_bytes,
                         "nccl_communicators": run.plan.nccl.communicators},
         "allocator": _allocator_fields(run),
-        "events": len(trace),
+        "events": len(trace) + (run.steady.repeated_steps * run.steady.events_per_step if run.steady else 0),
         "settings": settings(run),
         "ignored_keys": [{"path": item.path, "value": item.value, "why": item.why} for item in sc.ignored_keys]
         + [{"path": f"allocator.conf.{key}", "value": value, "why": ALLOC_CONF_IGNORED_WHY}
@@ -214,7 +216,17 @@ def allocator_summary(run: Run) -> str:
             f"{format_bytes(largest or 0)}")
 
 
-def format_summary(result: dict, allocator_line: str = "", host_bytes: int = 0) -> str:
+def steady_summary(run: Run) -> str:
+    """One line on the steps the steady-state shortcut counted without simulating (sim/steady.py); "" if none."""
+    steady = run.steady
+    if steady is None:
+        return ""
+    last = steady.first_repeat - 1
+    return (f"steady     steps {steady.first_repeat}-{steady.steps - 1} repeat step {last} exactly (same ops, "
+            f"events and allocator state): counted, not simulated; {steady.events_per_step} events each")
+
+
+def format_summary(result: dict, allocator_line: str = "", host_bytes: int = 0, steady_line: str = "") -> str:
     """The table `sim run` prints."""
     peak, cap = result["peak"], result["hardware"]["capacity_bytes"]
     lines = [
@@ -277,6 +289,8 @@ def format_summary(result: dict, allocator_line: str = "", host_bytes: int = 0) 
                   f"MFU {100 * result['mfu']:.1f}% (roofline at measured efficiencies, NCCL cost model{host})",
               f"busy       {busy} of the step",
               f"events     {result['events']}"]
+    if steady_line:
+        lines.append(steady_line)
     return "\n".join(lines)
 
 

@@ -1,11 +1,12 @@
 """The ops one rank runs: micro-batches × gradient accumulation, HF gradient checkpointing, the optimizer step,
 for `simulation.steps` steps, on a symbolic autograd tape (sim/workload)."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from sim.errors import ScenarioError
+from sim.errors import ScenarioError, WorkTooLarge
 from sim.ops import PHASES, OpKind, Phase, Schedule
 from sim.plan import Plan
 from sim.parallel.placement import ModelStates, choose_placement, module_hooks_for
@@ -43,15 +44,35 @@ def _context(plan: Plan, tape: Tape) -> RunContext:
                       reentrant_checkpointing=training.use_reentrant)
 
 
-def build_schedule(plan: Plan, repeat: bool = True) -> BuiltSchedule:
+# A layer's forward allocates at least ten tensors (q, k, v, attention output, o_proj, residual, norm, MLP up, act,
+# down: sim/workload/hf_decoder.py) and frees each later: 20 events per layer and micro-batch at the very least.
+_LEAST_EVENTS_PER_LAYER = 20
+# Ops recorded before the first micro-batch has been counted: at most this share of the event budget (each op
+# allocates or frees about two buffers on average: 341,228 ops, 616,740 events in the headline's 3-step prefix).
+_OPS_PER_BUDGET_EVENT = 1 / 8
+
+
+def build_schedule(plan: Plan, repeat: bool = True, max_events: int | None = None,
+                   on_micro_batch: Callable[[], None] | None = None) -> BuiltSchedule:
     """The ops of one rank, in the compact form where micro-batches repeat (Schedule). `repeat=False` builds every
     micro-batch op by op instead: the expanded form with its own buffer numbering, slower, the reference that
-    Tape.replicate and Schedule.expand are checked against. A caller that wants every op calls expand()."""
+    Tape.replicate and Schedule.expand are checked against. A caller that wants every op calls expand().
+    `max_events`: WorkTooLarge as soon as the run is known to need more allocator events (a bound from the layers
+    before anything is built, then an estimate from the first micro-batch, whose own recording is capped).
+    `on_micro_batch`: called as each micro-batch begins (for a progress bar)."""
+    training = plan.training
+    micro_batches = training.accumulation_steps * training.steps
+    if max_events is not None:
+        least = _LEAST_EVENTS_PER_LAYER * plan.model.num_hidden_layers * micro_batches
+        if least > max_events:
+            raise WorkTooLarge(f"the run would simulate at least {least:,} allocator events "
+                               f"({_LEAST_EVENTS_PER_LAYER} per layer and micro-batch)")
     tape = Tape()
+    if max_events is not None:
+        tape.op_limit = int(max_events * _OPS_PER_BUDGET_EVENT)
     workspaces = plan.runtime.workspaces
     tape.blas_workspace_bytes = workspaces.cublas_bytes
     tape.lt_workspace_bytes, tape.lt_workspace_persistent = workspaces.cublaslt_bytes, workspaces.cublaslt_persistent
-    training = plan.training
     ctx = _context(plan, tape)
     ctx.module_hooks = module_hooks_for(tape, plan)
     tape.op("model.init")
@@ -67,6 +88,8 @@ def build_schedule(plan: Plan, repeat: bool = True) -> BuiltSchedule:
         for micro in range(training.accumulation_steps):
             tape.micro_batch = micro
             last = micro == training.accumulation_steps - 1
+            if on_micro_batch is not None:
+                on_micro_batch()
             # micro-batches after the second repeat it exactly (grads exist) when nothing crosses its ends;
             # the last one of an accumulation differs where gradients are reduced only there (DDP, ZeRO-1)
             if repeat and micro >= 1 and template is not None and not (last and placement.syncs_last) and \
@@ -78,11 +101,24 @@ def build_schedule(plan: Plan, repeat: bool = True) -> BuiltSchedule:
             placement.after_micro_batch(last)
             if micro >= 1 and not (last and placement.syncs_last):  # the latest built one is the template
                 template = (start, tape.op_count())
+            if max_events is not None and step == 0 and micro == 0:
+                _check_estimate(tape, start, micro_batches, max_events)
         tape.phase, tape.layer = Phase.OPTIMIZER, None
         states = placement.step()
         states_after_first_step = states_after_first_step or states
     schedule = tape.schedule()
     return BuiltSchedule(schedule, states_after_first_step, training.tokens_per_step, _model_flops(plan, schedule))
+
+
+def _check_estimate(tape: Tape, first_micro_batch: int, micro_batches: int, max_events: int) -> None:
+    """WorkTooLarge unless the events recorded so far plus every later micro-batch as many as the first (tape ops
+    from `first_micro_batch` on) stay within `max_events`; the recording cap is lifted once this holds."""
+    per_micro_batch = tape.events_since(first_micro_batch)
+    estimate = tape.events_since(0) + per_micro_batch * (micro_batches - 1)
+    if estimate > max_events:
+        raise WorkTooLarge(f"the run would simulate about {estimate:,} allocator events ({per_micro_batch:,} per "
+                           "micro-batch)")
+    tape.op_limit = 1 << 62
 
 
 def modelling_code(plan: Plan) -> Architecture:

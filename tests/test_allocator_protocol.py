@@ -20,7 +20,7 @@ from sim.timeline import ListTimeline
 from tests.conftest import tiny_raw
 
 SIM = Path(__file__).resolve().parent.parent / "sim"
-ENGINE_MODULES = ["engine.py", "timeline.py", "event_order.py", "drivers.py"]
+ENGINE_MODULES = ["engine.py", "timeline.py", "event_order.py", "drivers.py", "steady.py"]
 
 
 def protocol_members() -> set[str]:

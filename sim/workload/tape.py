@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from sim.errors import MAX_TENSOR_BYTES, TensorTooLarge
+from sim.errors import MAX_TENSOR_BYTES, TensorTooLarge, WorkTooLarge
 from sim.ops import CATEGORIES, BufferTable, Category, Op, OpKind, Phase, ReplicaSpan, Schedule, Stream
 from sim.vocab import DType
 
@@ -157,6 +157,7 @@ class Tape:
         self._template: tuple | None = None  # ((start, end), allocated ids, freed ids) of the last replicated span
         self.saved_tensors_hooks: SavedTensorsHooks | None = None  # the innermost active saved_tensors_hooks
         self.journal: dict[Storage, int] | None = None  # while set: holders gained (+) or lost (-) per storage
+        self.op_limit = 1 << 62  # more recorded ops than this: WorkTooLarge (sim/schedule.py sets it)
 
     # ---- storages ---------------------------------------------------------------------------------------
     def new_storage(self, name: str, size_bytes: int, category: Category, persistent: bool = False) -> Storage:
@@ -265,6 +266,8 @@ class Tape:
         if self._waits:
             deps, self._waits = tuple([w - own for w in self._waits]), []
         ops = self._ops
+        if len(ops) >= self.op_limit:
+            raise WorkTooLarge(f"the run's first micro-batch alone records more than {self.op_limit:,} ops")
         self._compute = len(ops)
         ops.append(_OpDraft(name, Stream.COMPUTE, self.phase, self.layer, self.step, self.micro_batch, flops,
                             bytes_moved, deps, wire_bytes, kind))
@@ -453,6 +456,16 @@ class Tape:
     # ---- repetition -----------------------------------------------------------------------------------------
     def op_count(self) -> int:
         return len(self._ops)
+
+    def events_since(self, start: int) -> int:
+        """Allocations and frees of the ops recorded from entry `start` of op_count() on (repetitions counted)."""
+        total = 0
+        for entry in self._ops[start:]:
+            if isinstance(entry, _OpDraft):
+                total += len(entry.allocs) + len(entry.frees)
+            else:
+                total += sum(len(d.allocs) + len(d.frees) for d in self._ops[entry.start:entry.end])
+        return total
 
     def replicate(self, start: int, end: int, step: int, micro_batch: int) -> bool:
         """Run ops[start:end] again as the next micro-batch; False if the span does not repeat.
