@@ -1,7 +1,9 @@
 """Wall time of whole runs (load, schedule, engine, summary) for the shipped scenarios; prints figures.
 
 Usage: python bench/bench_scenarios.py [SCENARIO ...] [--repeat N] [--cold N]
-Reports the best and median of N in-process runs and the median of N cold `python -m sim run` (imports included).
+Reports the best and median of N in-process runs and the median of N cold `python -m sim run` (imports included),
+then the steady-state shortcut (sim/steady.py) on the headline: 2 against 100 steps (issue #19: 100 steps must cost
+less than 3x two), and 8 steps with the shortcut against all 8 simulated.
 The caching allocator's compiled core (`pip install .` or `python setup.py build_ext --inplace`) is used where it
 is built; the first line says which. Virtual machines drift in speed by a factor of two or more within minutes, so
 it also prints the time of a fixed pure-Python loop before and after: compare runs across machines or moments in
@@ -48,7 +50,23 @@ def main() -> None:
             colds.append(time.perf_counter() - start)
         print(f"{Path(path).name:<40}{result['events']:>9}{min(times):>9.3f}{statistics.median(times):>10.3f}"
               f"{statistics.median(colds):>12.3f}")
+    steps_figures(args.repeat)
     print(f"reference loop: {reference_loop_s():.3f} s")
+
+
+def steps_figures(repeat: int) -> None:
+    """Best in-process time of the headline at 2, 8 and 100 steps, with and without the steady-state shortcut."""
+    headline = ROOT / "scenarios" / "qwen32b_8xa800.yaml"
+    print(f"{'headline, steps':<40}{'events':>11}{'best s':>9}")
+    for steps, steady in ((2, True), (8, False), (8, True), (100, True)):
+        scenario = load_scenario(headline, [f"simulation.steps={steps}"])
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            result = summarize(run_scenario(scenario, steady_state=steady))
+            times.append(time.perf_counter() - start)
+        label = f"{steps} steps, " + ("steady-state shortcut" if steady else "every step simulated")
+        print(f"{label:<40}{result['events']:>11}{min(times):>9.3f}")
 
 
 def reference_loop_s() -> float:

@@ -46,14 +46,16 @@ class _ProgressBar:
         self._bar, self._delay_s = None, delay_s
 
     def stage(self, description: str, total: int) -> None:
+        self.close()
+        if not sys.stderr.isatty():  # a pipe or a file: no bar, and no import of tqdm either
+            return
         from tqdm import tqdm
 
-        self.close()
-        self._bar = tqdm(total=total, desc=description, unit="micro-batch", delay=self._delay_s, leave=False,
-                         disable=not sys.stderr.isatty())
+        self._bar = tqdm(total=total, desc=description, unit="micro-batch", delay=self._delay_s, leave=False)
 
     def advance(self) -> None:
-        self._bar.update()
+        if self._bar is not None:
+            self._bar.update()
 
     def close(self) -> None:
         if self._bar is not None:

@@ -9,6 +9,7 @@ from operator import attrgetter
 
 import numpy as np
 
+from sim.errors import MAX_CLOCK_US, ClockOverflow
 from sim.ops import Op, OpKind
 from sim.plan import DevicePlan
 from sim.vocab import DType
@@ -123,6 +124,9 @@ class CostModel:
             n = self.ranks
             message = np.round(wire[all_reduce] * n / (2 * (n - 1)))
             seconds[all_reduce] = self.all_reduce_us(message, wire[all_reduce]) / 1e6
+        if count and seconds.max() * 1e6 > MAX_CLOCK_US:
+            raise ClockOverflow(f"an op would run for {seconds.max():.3e} s, more than the 2^62 µs the simulated "
+                                "clock counts")
         micros = np.ceil(seconds * 1e6).astype(np.int64)
         micros[(seconds > 0) & (micros < 1)] = 1
         return micros.tolist()

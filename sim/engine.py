@@ -15,6 +15,7 @@ import numpy as np
 from sim.allocator.base import Allocator
 from sim.cost import CostModel
 from sim.drivers import AllocatorDriver, AllocatorRun, CompiledReplay, OomEvent, StepwiseDriver, VectorisedReplay
+from sim.errors import MAX_CLOCK_US, ClockOverflow
 from sim.event_order import AllocatorEvents, order_events
 from sim.ops import STREAMS, Schedule, Stream
 from sim.timeline import ListTimeline, Timeline
@@ -51,6 +52,10 @@ class Engine:
         by_position = np.zeros(len(schedule.ops), dtype=np.int64)
         by_position[distinct] = cost.durations_us([schedule.ops[i] for i in distinct.tolist()])
         self._durations = by_position[schedule.sources()]
+        total_us = float(self._durations.sum(dtype=np.float64))
+        if total_us > MAX_CLOCK_US:
+            raise ClockOverflow(f"the run's ops would run for {total_us / 1e6:.3e} s in all, more than the 2^62 µs "
+                                "the simulated clock counts")
 
     def run(self) -> EngineResult:
         """Timeline, then events in time order (persistent buffers at t=0 first), then the allocator; its event

@@ -16,6 +16,16 @@ class TensorTooLarge(ScenarioError):
     'how far off am I' has no byte answer; the message names the tensor."""
 
 
+# The simulated clock counts whole µs in int64 (sim/timeline.py, sim/event_order.py): 2^62 µs is 146,000 years,
+# beyond any training run, and a sum of two such times still fits.
+MAX_CLOCK_US = 1 << 62
+
+
+class ClockOverflow(ScenarioError):
+    """Ops whose modelled durations pass MAX_CLOCK_US: the step would run for longer than the clock counts, so no
+    timeline exists; the message names the keys that sized the ops."""
+
+
 class WorkTooLarge(ScenarioError):
     """A run whose simulation would pass the event budget (sim/simulate.py MAX_EVENTS): refused before the work,
     its message completed with the scenario keys that drive the count."""

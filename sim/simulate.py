@@ -13,7 +13,7 @@ from sim.allocator.base import Allocator
 from sim.allocator.event_log import AllocatorEventLog
 from sim.cost import CostModel
 from sim.engine import Engine
-from sim.errors import MAX_TENSOR_BYTES, ScenarioError, TensorTooLarge, WorkTooLarge
+from sim.errors import MAX_TENSOR_BYTES, ClockOverflow, ScenarioError, TensorTooLarge, WorkTooLarge
 from sim.plan import Plan
 from sim.report import Run
 from sim.resolve import resolve_plan
@@ -118,7 +118,10 @@ def run_built(scenario: Scenario, plan: Plan, built: BuiltSchedule, repeat: bool
     allocator = _allocator(plan, event_log)
     cost = CostModel(plan.device, plan.compute_dtype, plan.world.gpus_per_node, plan.world.nodes, plan.nccl.version,
                      plan.nccl.channels)
-    engine = Engine(built.schedule, allocator, cost, repeat)
+    try:
+        engine = Engine(built.schedule, allocator, cost, repeat)
+    except ClockOverflow as exc:
+        raise ClockOverflow(f"{exc}; the ops are sized by {_shapes(scenario)}") from None
     result = engine.run()
     steady = None
     if steps_total is not None and steps_total > plan.training.steps:

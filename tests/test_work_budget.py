@@ -9,7 +9,12 @@ from pathlib import Path
 import pytest
 
 from sim.cli import _ProgressBar, main
-from sim.errors import WorkTooLarge
+from sim.cost import CostModel
+from sim.errors import ClockOverflow, WorkTooLarge
+from sim.ops import Op, OpKind, Phase, Stream
+from sim.resolve import device_plan
+from sim.scenario import DeviceSpec
+from sim.vocab import DType
 from sim.scenario import build_scenario, load_scenario
 from sim.schedule import build_schedule
 from sim.resolve import resolve_plan
@@ -92,7 +97,7 @@ def test_progress_counts_every_micro_batch_and_the_engine() -> None:
     assert progress.stages == [("building 3 of 12 steps", 10)] and progress.advanced == [10]
 
 
-class Stream(io.StringIO):
+class FakeStderr(io.StringIO):
     def __init__(self, terminal: bool) -> None:
         super().__init__()
         self.terminal = terminal
@@ -104,7 +109,7 @@ class Stream(io.StringIO):
 @pytest.mark.parametrize("terminal", [True, False])
 def test_the_bar_is_drawn_on_a_terminal_only(monkeypatch, terminal: bool) -> None:
     # without the two seconds' delay, a terminal shows the stage at once; a pipe or file never gets a bar
-    stream = Stream(terminal)
+    stream = FakeStderr(terminal)
     monkeypatch.setattr(sys, "stderr", stream)
     bar = _ProgressBar(delay_s=0.0)
     bar.stage("building 3 of 12 steps", 10)
@@ -117,3 +122,21 @@ def test_a_pipe_gets_no_bar_from_the_command() -> None:
     done = subprocess.run([sys.executable, "-m", "sim", "run", str(HEADLINE), "--set", "simulation.steps=5"],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 0 and done.stderr == ""
+
+
+def test_a_run_longer_than_the_clock_counts_is_refused_naming_its_shape() -> None:
+    # tiny model, 2^40 tokens: eager-free sdpa attention costs ~4·b·a·s²·d = 4·2·4·2^80·16 FLOPs forward, about
+    # 1.2e13 s at the A100's rates: past the 2^62 µs (1.5e5 years) the int64 µs clock holds, once summed
+    raw = tiny_raw(seq_len=2**40)
+    raw["model"]["max_position_embeddings"] = 2**40
+    with pytest.raises(ClockOverflow, match=r"more than the 2\^62 µs the simulated clock counts; the ops are sized "
+                                            r"by training\.seq_len \(1099511627776\)"):
+        run_scenario(build_scenario(raw))
+
+
+def test_one_op_past_the_clock_is_refused_by_the_cost_model() -> None:
+    # 1e30 FLOPs at a 1e6 FLOP/s peak: 1e24 s, beyond int64 µs; without the check the cast gave a negative time
+    device = device_plan(DeviceSpec(name="toy", capacity_bytes=1000, peak_flops={"bf16": 1e6}, hbm_bytes_per_s=1e12))
+    op = Op("huge", Stream.COMPUTE, Phase.FORWARD, None, (), (), 1e30, 0, (), 0, OpKind.GEMM)
+    with pytest.raises(ClockOverflow, match="an op would run for"):
+        CostModel(device, DType.BFLOAT16).durations_us([op])
