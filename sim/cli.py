@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     run.add_argument("--json", dest="json_path", metavar="PATH")
     run.add_argument("--plot", dest="plot_path", metavar="PATH")
+    run.add_argument("--snapshot", dest="snapshot_path", metavar="PATH",
+                     help="write a PyTorch memory snapshot pickle (pytorch.org/memory_viz); simulates every step")
     run.add_argument("--fail-on-oom", action="store_true")
     run.add_argument("--max-events", type=_event_budget, default=None, metavar="N",
                      help="simulate at most N allocator events (default 4,000,000, about 8 s; 0: no budget)")
@@ -150,11 +152,15 @@ def _run(args: argparse.Namespace) -> int:
 
     fmt = Format(args.format) if args.format else None
     scenario = load_scenario(catalog.scenario_path(args.scenario), args.overrides, fmt, args.launch)
-    _check_outputs(("--json", args.json_path), ("--plot", args.plot_path))
+    _check_outputs(("--json", args.json_path), ("--plot", args.plot_path), ("--snapshot", args.snapshot_path))
+    if args.snapshot_path is not None:
+        from sim.snapshot import check_exportable
+
+        check_exportable(scenario.allocator.backend)
     budget = MAX_EVENTS if args.max_events is None else (args.max_events or None)
     progress = _ProgressBar()
     try:
-        run = run_scenario(scenario, max_events=budget, progress=progress)
+        run = run_scenario(scenario, event_log=args.snapshot_path is not None, max_events=budget, progress=progress)
     finally:
         progress.close()
     result = summarize(run)
@@ -164,6 +170,10 @@ def _run(args: argparse.Namespace) -> int:
         from sim.plot import render_memory_timeline
 
         _write_output("--plot", Path(args.plot_path), render_memory_timeline(run, result))
+    if args.snapshot_path is not None:
+        from sim.snapshot import memory_snapshot, snapshot_bytes
+
+        _write_output("--snapshot", Path(args.snapshot_path), snapshot_bytes(memory_snapshot(run)))
     print(format_summary(result, allocator_summary(run), run.built.model_states.host_bytes, steady_summary(run)))
     if args.fail_on_oom and not result["fits"]:
         return EXIT_OOM

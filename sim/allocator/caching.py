@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, insort
 from dataclasses import dataclass
-from typing import Any, Hashable, Iterable
+from typing import Any, Callable, Hashable, Iterable
 
 import numpy as np
 
@@ -544,9 +544,11 @@ class CachingAllocator:
             "max_split_size": self._max_split if self.conf.max_split_size_bytes is not None else -1,
         }
 
-    def segments(self) -> list[dict[str, Any]]:
+    def segments(self, frames_of_buffer: Callable[[int], list[dict]] | None = None) -> list[dict[str, Any]]:
         """Segments in the memory-snapshot schema (torch.cuda.memory._snapshot()['segments']), by address.
-        An expandable segment is reported as one segment per contiguous mapped range."""
+        An expandable segment is reported as one segment per contiguous mapped range. `frames_of_buffer`: the
+        frames of an allocated block, from the buffer it holds (default: none recorded)."""
+        owner = {id(block): buffer_id for buffer_id, block in self._live.items()}
         by_seg: dict[int, list[_Block]] = {}
         for b in self._all_blocks():
             by_seg.setdefault(id(b.seg), []).append(b)
@@ -564,18 +566,20 @@ class CachingAllocator:
                     runs.append([])
             for run in runs:
                 if run:
-                    out.append(self._segment_info(seg, run))
+                    out.append(self._segment_info(seg, run, owner, frames_of_buffer))
         out.sort(key=lambda s: s["address"])
         return out
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, frames_of_buffer: Callable[[int], list[dict]] | None = None,
+                 frames_of_event: Callable[[int], list[dict]] | None = None) -> dict[str, Any]:
         """A memory snapshot dict; this device's `device_traces` list holds the event log's entries (empty
-        without one)."""
+        without one). `frames_of_buffer` names allocated blocks, `frames_of_event` the entries of each allocator
+        event (default: no frames)."""
         traces: list[list[dict]] = [[] for _ in range(self.device_index + 1)]
         if self.event_log is not None:
-            traces[self.device_index] = self.event_log.device_trace()
+            traces[self.device_index] = self.event_log.device_trace(frames_of_event)
         return {
-            "segments": self.segments(),
+            "segments": self.segments(frames_of_buffer),
             "device_traces": traces,
             "allocator_settings": self.conf.allocator_settings(),
         }
@@ -704,7 +708,8 @@ class CachingAllocator:
                     seen.add(id(b))
                     yield b
 
-    def _segment_info(self, seg: _Segment, run: list[_Block]) -> dict[str, Any]:
+    def _segment_info(self, seg: _Segment, run: list[_Block], owner: dict[int, int],
+                      frames_of_buffer: Callable[[int], list[dict]] | None) -> dict[str, Any]:
         blocks = []
         allocated = active = requested = 0
         for b in run:
@@ -721,7 +726,7 @@ class CachingAllocator:
                     "size": b.size,
                     "requested_size": b.req if is_active else 0,
                     "state": state,
-                    "frames": [],
+                    "frames": frames_of_buffer(owner[id(b)]) if frames_of_buffer and b.allocated else [],
                 }
             )
             if b.allocated:

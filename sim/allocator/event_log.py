@@ -7,6 +7,7 @@ places the log in time once, after the run (`place_in_time`: one gather), so kee
 beyond the entries themselves."""
 
 from array import array
+from collections.abc import Callable
 from enum import IntEnum
 
 import numpy as np
@@ -90,13 +91,15 @@ class AllocatorEventLog:
                 "stream_code": np.array(self._stream_code, dtype=np.int8), "event_index": event_index,
                 "time_us": np.zeros_like(event_index) if placed is None else placed[event_index]}
 
-    def device_trace(self) -> list[dict]:
+    def device_trace(self, frames_of_event: Callable[[int], list[dict]] | None = None) -> list[dict]:
         """The entries as one device's `device_traces` list of a PyTorch memory snapshot (what memory_viz reads):
-        action, addr (device_free for an OOM), size, stream, time_us; no frames are recorded."""
+        action, addr (device_free for an OOM), size, stream, time_us, and the frames `frames_of_event` gives the
+        allocator event that made the entry (default: none recorded)."""
         c = self.columns()
-        return [{"action": AllocatorAction(action).name.lower(),
-                 ("device_free" if action == AllocatorAction.OOM else "addr"): address, "size": size,
-                 "stream": stream, "time_us": time_us, "frames": []}
-                for action, address, size, stream, time_us in zip(c["action"].tolist(), c["address"].tolist(),
-                                                                  c["size_bytes"].tolist(), c["stream_code"].tolist(),
-                                                                  c["time_us"].tolist())]
+        names = [action.name.lower() for action in AllocatorAction]
+        return [{"action": names[action], ("device_free" if action == AllocatorAction.OOM else "addr"): address,
+                 "size": size, "stream": stream, "time_us": time_us,
+                 "frames": frames_of_event(event) if frames_of_event is not None else []}
+                for action, address, size, stream, time_us, event in zip(
+                    c["action"].tolist(), c["address"].tolist(), c["size_bytes"].tolist(),
+                    c["stream_code"].tolist(), c["time_us"].tolist(), c["event_index"].tolist())]
