@@ -105,6 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="cuda: record the measured side only (a GPU machine without the simulator's dependencies)")
     cal.add_argument("--measurements", metavar="PATH",
                      help="cuda: compare the measurements recorded in this JSON (--json's) instead of measuring")
+    imp = sub.add_parser("import-snapshot", help="summarise a real PyTorch memory snapshot pickle and replay its "
+                                                 "allocations under other PYTORCH_CUDA_ALLOC_CONF settings")
+    imp.add_argument("snapshot", help="a pickle from torch.cuda.memory._dump_snapshot (read with builtins only)")
+    imp.add_argument("--conf", action="append", default=[], metavar="PYTORCH_CUDA_ALLOC_CONF",
+                     help="replay under this setting too (repeatable); the snapshot's own and "
+                          "expandable_segments:True are always replayed")
+    imp.add_argument("--device", type=int, default=0, metavar="N", help="which device's trace to replay (default 0)")
+    imp.add_argument("--json", dest="json_path", metavar="PATH", help="write the summary and replays as JSON")
     val = sub.add_parser("validate", help="simulate every published measurement under validation/ and compare")
     val.add_argument("--source", default=None, metavar="NAME",
                      help="only the points of this source (a folder of validation/)")
@@ -138,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             return _calibrate(args)
         if args.command == "validate":
             return _validate(args)
+        if args.command == "import-snapshot":
+            return _import_snapshot(args)
         return _run(args)
     except ScenarioError as exc:
         print(f"error: {_one_line(str(exc))}", file=sys.stderr)
@@ -177,6 +187,43 @@ def _run(args: argparse.Namespace) -> int:
     print(format_summary(result, allocator_summary(run), run.built.model_states.host_bytes, steady_summary(run)))
     if args.fail_on_oom and not result["fits"]:
         return EXIT_OOM
+    return EXIT_OK
+
+
+def _import_snapshot(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from sim.allocator.alloc_conf import parse_alloc_conf
+    from sim.snapshot_import import read_snapshot, replay_trace, summarize_snapshot
+    from sim.units import format_bytes
+
+    _check_outputs(("--json", args.json_path))
+    for conf in args.conf:
+        parse_alloc_conf(conf)  # a bad setting is refused before the file is read
+    snapshot = read_snapshot(Path(args.snapshot))
+    summary = summarize_snapshot(snapshot)
+    own = str(snapshot.get("allocator_settings", {}).get("PYTORCH_CUDA_ALLOC_CONF", "") or "")
+    confs = list(dict.fromkeys([own, "expandable_segments:True", *args.conf]))
+    replays = [replay_trace(snapshot, conf, args.device) for conf in confs]
+    lines = [f"snapshot   {args.snapshot}: {summary['trace_entries']} trace entries"]
+    for device, figures in summary["devices"].items():
+        lines.append(f"device {device}   {figures['segments']} segments: reserved {format_bytes(figures['reserved_bytes'])}"
+                     f", allocated {format_bytes(figures['allocated_bytes'])}, fragmentation "
+                     f"{100 * figures['fragmentation_ratio']:.1f}% at the end")
+    if summary["largest_allocations"]:
+        lines += ["", "largest allocations alive at the end"]
+        lines += [f"  {format_bytes(item['size_bytes']):>12}  {item['frame']}" for item in summary["largest_allocations"]]
+    lines += ["", f"replayed (device {args.device}){'':<20}{'max allocated':>16}{'max reserved':>16}{'cudaMalloc':>12}"]
+    for replay in replays:
+        label = (replay.conf or "defaults") + (" (the snapshot's own)" if replay.conf == own else "")
+        lines.append(f"  {label:<38}{format_bytes(replay.max_allocated_bytes):>16}"
+                     f"{format_bytes(replay.max_reserved_bytes):>16}{replay.cuda_mallocs:>12}")
+    if replays and replays[0].carried:
+        lines.append(f"  ({replays[0].carried} allocations were alive before the trace begins: made first, by address)")
+    print("\n".join(lines))
+    if args.json_path is not None:
+        result = {"summary": summary, "replays": [asdict(replay) for replay in replays]}
+        _write_output("--json", Path(args.json_path), (json.dumps(result, indent=2) + "\n").encode())
     return EXIT_OK
 
 
