@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     run.add_argument("--json", dest="json_path", metavar="PATH")
     run.add_argument("--plot", dest="plot_path", metavar="PATH")
+    run.add_argument("--chrome-trace", dest="chrome_trace_path", metavar="PATH",
+                     help="write a Chrome trace JSON (ops per stream, memory counters) for Perfetto / chrome://tracing; "
+                          "gzip-compressed when PATH ends in .gz")
     run.add_argument("--snapshot", dest="snapshot_path", metavar="PATH",
                      help="write a PyTorch memory snapshot pickle (pytorch.org/memory_viz); simulates every step")
     run.add_argument("--fail-on-oom", action="store_true")
@@ -162,7 +165,8 @@ def _run(args: argparse.Namespace) -> int:
 
     fmt = Format(args.format) if args.format else None
     scenario = load_scenario(catalog.scenario_path(args.scenario), args.overrides, fmt, args.launch)
-    _check_outputs(("--json", args.json_path), ("--plot", args.plot_path), ("--snapshot", args.snapshot_path))
+    _check_outputs(("--json", args.json_path), ("--plot", args.plot_path), ("--snapshot", args.snapshot_path),
+                   ("--chrome-trace", args.chrome_trace_path))
     if args.snapshot_path is not None:
         from sim.snapshot import check_exportable
 
@@ -180,6 +184,11 @@ def _run(args: argparse.Namespace) -> int:
         from sim.plot import render_memory_timeline
 
         _write_output("--plot", Path(args.plot_path), render_memory_timeline(run, result))
+    if args.chrome_trace_path is not None:
+        from sim.chrome_trace import chrome_trace_bytes
+
+        path = Path(args.chrome_trace_path)
+        _write_output("--chrome-trace", path, chrome_trace_bytes(run, gzipped=path.suffix == ".gz"))
     if args.snapshot_path is not None:
         from sim.snapshot import memory_snapshot, snapshot_bytes
 

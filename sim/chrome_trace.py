@@ -1,0 +1,50 @@
+"""A run as a Chrome trace (the Trace Event Format that Perfetto and chrome://tracing open): one slice per op on
+its stream's track, and counter tracks of allocated bytes by category and of reserved bytes, in simulated µs."""
+
+import gzip
+import json
+
+import numpy as np
+
+from sim.ops import CATEGORIES, STREAMS
+from sim.report import Run
+
+_PID = 0  # one simulated rank: one process
+
+
+def chrome_trace(run: Run) -> dict:
+    """The trace: thread names per stream, 'X' (complete) events per op with its step, micro-batch, phase and layer,
+    and 'C' (counter) events after the last allocator event of each distinct time."""
+    schedule, engine, trace = run.schedule, run.engine, run.engine.trace
+    events: list[dict] = [{"name": "process_name", "ph": "M", "pid": _PID, "args": {"name": run.scenario.name}}]
+    codes = schedule.stream_codes()
+    used = sorted(set(codes.tolist()))
+    events += [{"name": "thread_name", "ph": "M", "pid": _PID, "tid": code, "args": {"name": STREAMS[code].value}}
+               for code in used]
+    starts, ends = engine.op_start_us, engine.op_end_us
+    steps, micro_batches = schedule.op_step, schedule.op_micro_batch
+    for index, op in enumerate(schedule.ops):
+        events.append({"name": op.name, "cat": op.phase.value, "ph": "X", "ts": starts[index],
+                       "dur": ends[index] - starts[index], "pid": _PID, "tid": int(codes[index]),
+                       "args": {"step": steps[index], "micro_batch": micro_batches[index], "layer": op.layer}})
+    if len(trace):
+        deltas = np.zeros((len(CATEGORIES), len(trace)), dtype=np.int64)
+        deltas[trace.category.astype(np.int64), np.arange(len(trace))] = trace.allocated_delta()
+        by_category = np.cumsum(deltas, axis=1)
+        times = trace.time_us
+        last_at_time = np.flatnonzero(np.append(times[1:] != times[:-1], True))
+        names = [c.value for c in CATEGORIES]
+        for i in last_at_time.tolist():
+            t = int(times[i])
+            events.append({"name": "allocated bytes", "ph": "C", "ts": t, "pid": _PID,
+                           "args": dict(zip(names, by_category[:, i].tolist()))})
+            events.append({"name": "reserved bytes", "ph": "C", "ts": t, "pid": _PID,
+                           "args": {"reserved": int(trace.reserved_bytes[i])}})
+    return {"traceEvents": events, "displayTimeUnit": "ms",
+            "otherData": {"scenario": run.scenario.name, "clock": "simulated µs from the run's start"}}
+
+
+def chrome_trace_bytes(run: Run, gzipped: bool = False) -> bytes:
+    """The trace as the JSON file Perfetto loads, gzip-compressed if asked (Perfetto opens .json.gz as well)."""
+    data = json.dumps(chrome_trace(run), separators=(",", ":")).encode()
+    return gzip.compress(data, compresslevel=6) if gzipped else data
