@@ -20,11 +20,12 @@ class OomEvent:
     op_index: int
     requested_bytes: int
     message: str
+    event_index: int  # the failing allocation's position among the run's events (its trace row)
 
     @classmethod
     def at(cls, events: AllocatorEvents, index: int, exc: OutOfMemory) -> "OomEvent":
         """The OOM `exc` raised at event `index`, placed in time and op."""
-        return cls(int(events.time_us[index]), int(events.op_index[index]), exc.requested_bytes, str(exc))
+        return cls(int(events.time_us[index]), int(events.op_index[index]), exc.requested_bytes, str(exc), index)
 
 
 @dataclass(frozen=True, slots=True)

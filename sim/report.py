@@ -7,7 +7,7 @@ import numpy as np
 from sim.allocator.event_log import AllocatorEventLog
 from sim.engine import EngineResult
 from sim.ingest.provenance import lookup
-from sim.ops import PHASES, STREAMS, Phase, Schedule
+from sim.ops import CATEGORIES, PHASES, STREAMS, Phase, Schedule
 from sim.plan import Holder, Plan
 from sim.scenario import Scenario
 from sim.schedule import BuiltSchedule
@@ -17,6 +17,9 @@ from sim.vocab import AllocatorBackend
 
 SCHEMA_VERSION = 1
 ALLOC_CONF_IGNORED_WHY = "pinned host memory, the allocator's lock or graph-capture reuse"
+LARGEST_TENSORS = 10  # live tensors listed at the allocated peak and before an OOM (issue #17)
+LOW_HEADROOM = 0.05  # a job that fits with less than this share of the device free gets a warning line
+_NOTHING = np.zeros(len(CATEGORIES), dtype=np.int64)  # bytes by category before the first event
 PHASE_GROUPS = {"forward": (Phase.FORWARD,), "backward": (Phase.BACKWARD, Phase.RECOMPUTE),
                 "optimizer": (Phase.OPTIMIZER,)}
 
@@ -85,7 +88,9 @@ def summarize(run: Run) -> dict:
                  "non_pytorch_bytes": run.non_pytorch_bytes,
                  "time_s": us_to_seconds(int(trace.time_us[peak_index])), **_op_fields(run, op_index)},
         "phase_peaks": _phase_peaks(run),
-        "breakdown_at_peak": trace.category_bytes_at(peak_index, np.zeros(6, dtype=np.int64)),
+        "breakdown_at_peak": trace.category_bytes_at(peak_index, _NOTHING),
+        "allocated_peak": _allocated_peak(run),
+        "headroom_bytes": capacity - peak_total,
         "model_states_bytes": {"parameters": states.parameters_bytes, "gradients": states.gradients_bytes,
                                "optimizer_states": states.optimizer_states_bytes},
         "fragmentation": {"reserved_minus_allocated_at_peak_bytes": reserved - allocated,
@@ -181,11 +186,51 @@ def _phase_peaks(run: Run) -> dict:
 
 
 def _oom(run: Run) -> dict | None:
+    """The first failing allocation, and what was live just before it: the state a user cuts from."""
     oom = run.engine.oom
     if oom is None:
         return None
+    trace, before = run.engine.trace, oom.event_index - 1
+    live = {"allocated_bytes": int(trace.allocated_bytes[before]) if before >= 0 else 0,
+            "reserved_bytes": int(trace.reserved_bytes[before]) if before >= 0 else 0,
+            "by_category": trace.category_bytes_at(before, _NOTHING) if before >= 0 else
+            {c.value: 0 for c in CATEGORIES},
+            "largest_tensors": largest_live_tensors(run, before)}
     return {"time_s": us_to_seconds(oom.time_us), **_op_fields(run, oom.op_index),
-            "requested_bytes": oom.requested_bytes, "message": oom.message}
+            "requested_bytes": oom.requested_bytes, "message": oom.message, "live_before": live}
+
+
+def _allocated_peak(run: Run) -> dict:
+    """The first event with the most allocated (torch.cuda.max_memory_allocated): what the tensors themselves need,
+    by category, and the largest of them."""
+    trace = run.engine.trace
+    index = int(np.argmax(trace.allocated_bytes)) if len(trace) else -1
+    if index < 0:
+        return {"allocated_bytes": 0, "time_s": 0.0, **_op_fields(run, -1),
+                "breakdown": {c.value: 0 for c in CATEGORIES}, "largest_tensors": []}
+    return {"allocated_bytes": int(trace.allocated_bytes[index]), "time_s": us_to_seconds(int(trace.time_us[index])),
+            **_op_fields(run, int(trace.op_index[index])), "breakdown": trace.category_bytes_at(index, _NOTHING),
+            "largest_tensors": largest_live_tensors(run, index)}
+
+
+def largest_live_tensors(run: Run, index: int, count: int = LARGEST_TENSORS) -> list[dict]:
+    """The `count` largest buffers live just after trace row `index` (none before the first row): name, bytes,
+    category, and the op that allocated it."""
+    if index < 0:
+        return []
+    trace, buffers = run.engine.trace, run.schedule.buffers
+    ids = trace.buffer_id[:index + 1]
+    _, from_end = np.unique(ids[::-1], return_index=True)  # each buffer's last event up to the row
+    last = index - from_end
+    allocations = last[trace.delta_bytes[last] > 0]
+    largest = allocations[np.argsort(-trace.delta_bytes[allocations], kind="stable")[:count]]
+    out = []
+    for row in largest.tolist():
+        buffer = buffers[int(trace.buffer_id[row])]
+        op = _op_fields(run, int(trace.op_index[row]))
+        out.append({"name": buffer.name, "size_bytes": int(trace.delta_bytes[row]), "category": buffer.category.value,
+                    "op": op["op"], "layer": op["layer"], "step": op["step"], "micro_batch": op["micro_batch"]})
+    return out
 
 
 def _allocator_fields(run: Run) -> dict:
@@ -240,20 +285,34 @@ def format_summary(result: dict, allocator_line: str = "", host_bytes: int = 0, 
         f"of {format_bytes(cap)} ({100 * peak['total_bytes'] / cap:.1f}%)"
         + ("" if result["fits"] else f", short by {format_bytes(result['deficit_bytes'])}"),
     ]
-    most = result["max_memory"]
-    lines += [f"memory     max allocated {format_bytes(most['allocated_bytes'])} (torch max_memory_allocated), "
-              f"max reserved {format_bytes(most['reserved_bytes'])} (max_memory_reserved),",
-              f"           device used {format_bytes(most['device_used_bytes'])} (nvidia-smi: reserved + non-PyTorch "
-              "memory; this one decides the OOM)"]
-    where = f"layer {peak['layer']}, " if peak["layer"] is not None else ""
-    lines.append(f"peak at    {peak['time_s']:.3f} s: step {peak['step']}, micro-batch {peak['micro_batch']}, "
-                 f"{peak['phase']}, {where}op {peak['op']}")
+    headroom = result["headroom_bytes"]
+    if result["fits"] and headroom < LOW_HEADROOM * cap:
+        lines.append(f"warning    fits with {format_bytes(headroom)} free ({100 * headroom / cap:.1f}% of the device, "
+                     f"under {LOW_HEADROOM:.0%}): a longer sample, allocator rounding or another process can tip it")
     if result["oom"]:
         oom = result["oom"]
-        where = f"layer {oom['layer']}, " if oom["layer"] is not None else ""
-        lines.append(f"first OOM  step {oom['step']}, micro-batch {oom['micro_batch']}, {oom['phase']}, {where}"
-                     f"op {oom['op']}: {oom['message']}")
-    lines += ["", f"{'at the peak':<22}{'bytes':>14}"]
+        live = oom["live_before"]
+        lines += ["", f"first OOM  step {oom['step']}, micro-batch {oom['micro_batch']}, {oom['phase']}, "
+                      f"{_where(oom)}op {oom['op']}: tried to allocate {format_bytes(oom['requested_bytes'])}",
+                  f"           live just before: allocated {format_bytes(live['allocated_bytes'])} ("
+                  + ", ".join(f"{name} {format_bytes(value)}" for name, value in live["by_category"].items() if value)
+                  + f"), reserved {format_bytes(live['reserved_bytes'])}",
+                  f"           PyTorch would say: {oom['message']}"]
+        lines += _tensor_lines("largest tensors live just before", live["largest_tensors"])
+    most = result["max_memory"]
+    lines += ["", f"memory     max allocated {format_bytes(most['allocated_bytes'])} (torch max_memory_allocated), "
+                  f"max reserved {format_bytes(most['reserved_bytes'])} (max_memory_reserved),",
+              f"           device used {format_bytes(most['device_used_bytes'])} (nvidia-smi: reserved + non-PyTorch "
+              "memory; this one decides the OOM)"]
+    top = result["allocated_peak"]
+    lines += ["", f"allocated peak {format_bytes(top['allocated_bytes'])} at {top['time_s']:.3f} s: step {top['step']}, "
+                  f"micro-batch {top['micro_batch']}, {top['phase']}, {_where(top)}op {top['op']} (what the tensors "
+                  "need: cut from here)"]
+    lines += [f"  {name:<20}{format_bytes(value):>14}" for name, value in top["breakdown"].items()]
+    lines += _tensor_lines("largest tensors then", top["largest_tensors"])
+    lines += ["", f"peak at    {peak['time_s']:.3f} s: step {peak['step']}, micro-batch {peak['micro_batch']}, "
+                  f"{peak['phase']}, {_where(peak)}op {peak['op']} (device used: reserved + non-PyTorch)"]
+    lines += [f"{'at the peak':<22}{'bytes':>14}"]
     lines += [f"  {name:<20}{format_bytes(value):>14}" for name, value in result["breakdown_at_peak"].items()]
     lines += [f"  {'allocated':<20}{format_bytes(peak['allocated_bytes']):>14}",
               f"  {'reserved':<20}{format_bytes(peak['reserved_bytes']):>14}",
@@ -292,6 +351,19 @@ def format_summary(result: dict, allocator_line: str = "", host_bytes: int = 0, 
     if steady_line:
         lines.append(steady_line)
     return "\n".join(lines)
+
+
+def _where(fields: dict) -> str:
+    """'layer N, ' for an op inside a decoder layer, else ''."""
+    return f"layer {fields['layer']}, " if fields["layer"] is not None else ""
+
+
+def _tensor_lines(title: str, tensors: list[dict]) -> list[str]:
+    """The largest live tensors as summary lines: size, name, category, the op that made it."""
+    if not tensors:
+        return []
+    return [f"  {title}:"] + [f"  {format_bytes(t['size_bytes']):>14}  {t['name']} ({t['category']}; {_where(t)}"
+                              f"step {t['step']} micro-batch {t['micro_batch']} op {t['op']})" for t in tensors]
 
 
 def _shown(value) -> str:
