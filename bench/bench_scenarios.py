@@ -51,7 +51,23 @@ def main() -> None:
         print(f"{Path(path).name:<40}{result['events']:>9}{min(times):>9.3f}{statistics.median(times):>10.3f}"
               f"{statistics.median(colds):>12.3f}")
     steps_figures(args.repeat)
+    plot_figures()
     print(f"reference loop: {reference_loop_s():.3f} s")
+
+
+def plot_figures() -> None:
+    """Issue #17: the plot time of the 72B-LoRA scenario at 10 steps (goal: under 5 s), each format."""
+    from sim.plot import render_memory_timeline
+
+    scenario = load_scenario(ROOT / "scenarios" / "qwen72b_lora_8xa800.yaml", ["simulation.steps=10"])
+    for steady in (True, False):  # 3 steps drawn, or all 10 (about 4M events)
+        run = run_scenario(scenario, steady_state=steady, max_events=None)
+        result = summarize(run)
+        for fmt in ("png", "svg", "pdf"):
+            start = time.perf_counter()
+            render_memory_timeline(run, result, fmt)
+            print(f"plot of qwen72b_lora_8xa800 at 10 steps ({len(run.engine.trace)} events drawn), {fmt}: "
+                  f"{time.perf_counter() - start:.2f} s")
 
 
 def steps_figures(repeat: int) -> None:

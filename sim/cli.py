@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="an accelerate config: GPU count, DeepSpeed plugin and mixed precision of the launch")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     run.add_argument("--json", dest="json_path", metavar="PATH")
-    run.add_argument("--plot", dest="plot_path", metavar="PATH")
+    run.add_argument("--plot", dest="plot_path", metavar="PATH",
+                     help="draw the memory timeline: png, svg or pdf by the extension")
     run.add_argument("--chrome-trace", dest="chrome_trace_path", metavar="PATH",
                      help="write a Chrome trace JSON (ops per stream, memory counters) for Perfetto / chrome://tracing; "
                           "gzip-compressed when PATH ends in .gz")
@@ -171,6 +172,10 @@ def _run(args: argparse.Namespace) -> int:
         from sim.snapshot import check_exportable
 
         check_exportable(scenario.allocator.backend)
+    if args.plot_path is not None:
+        from sim.plot import plot_format
+
+        plot_format(args.plot_path)
     budget = MAX_EVENTS if args.max_events is None else (args.max_events or None)
     progress = _ProgressBar()
     try:
@@ -181,9 +186,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.json_path is not None:
         _write_output("--json", Path(args.json_path), (json.dumps(result, indent=2) + "\n").encode())
     if args.plot_path is not None:
-        from sim.plot import render_memory_timeline
+        from sim.plot import plot_format, render_memory_timeline
 
-        _write_output("--plot", Path(args.plot_path), render_memory_timeline(run, result))
+        _write_output("--plot", Path(args.plot_path),
+                      render_memory_timeline(run, result, plot_format(args.plot_path)))
     if args.chrome_trace_path is not None:
         from sim.chrome_trace import chrome_trace_bytes
 

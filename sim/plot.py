@@ -1,11 +1,14 @@
-"""Memory over time as a stacked area chart by category, with the capacity line, phase bands and the peak, and
-below it one lane per stream showing when its ops run. matplotlib is imported lazily (only `--plot` needs it)."""
+"""Memory over time as a stacked area chart by category, with the reserved, device-used and capacity lines, phase
+bands, step ticks, the peak and the first OOM, and below it one lane per stream showing when its ops run (where there
+is more than one). matplotlib is imported lazily (only `--plot` needs it)."""
 
 import io
 
 import numpy as np
 
-from sim.ops import CATEGORIES, STREAMS, Phase
+from sim.errors import ScenarioError
+from sim.ingest.files import shown
+from sim.ops import CATEGORIES, PHASES, STREAMS, Phase
 from sim.report import Run
 from sim.units import GIB
 
@@ -15,27 +18,48 @@ _MAX_POINTS = 20_000
 _LANE_BINS = 1500  # time bins of the stream lanes, about one per pixel
 
 
-def render_memory_timeline(run: Run, result: dict) -> bytes:
-    """PNG bytes of the allocated memory by category over simulated time."""
+FORMATS = ("png", "svg", "pdf")  # what --plot writes, by the path's extension
+
+
+def plot_format(path: str) -> str:
+    """The format a --plot path names by its extension (none: png); ScenarioError for any other."""
+    suffix = path.rsplit(".", 1)[-1].lower() if "." in path.rsplit("/", 1)[-1] else "png"
+    if suffix not in FORMATS:
+        raise ScenarioError(f"--plot: {shown(path)} names format {suffix!r}; --plot writes {', '.join(FORMATS)}")
+    return suffix
+
+
+def render_memory_timeline(run: Run, result: dict, fmt: str = "png") -> bytes:
+    """The memory timeline in `fmt` (FORMATS): allocated memory stacked by category, the reserved and device-used
+    lines, the capacity, the peak and the first OOM marked, phase bands with a legend, step and micro-batch ticks,
+    and, where more than one stream runs, a lane per stream showing when it is busy."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     trace = run.engine.trace
     deltas = np.zeros((len(CATEGORIES), len(trace)), dtype=np.int64)
     deltas[trace.category.astype(np.int64), np.arange(len(trace))] = trace.allocated_delta()
     stacked = np.cumsum(deltas, axis=1)
-    keep = _sample(trace.allocated_bytes)
+    keep = _sample(np.maximum(trace.allocated_bytes, trace.reserved_bytes))
     seconds = trace.time_us[keep] / 1e6
-    fig, (ax, lanes) = plt.subplots(2, 1, figsize=(12, 6.5), dpi=100, sharex=True,
-                                    gridspec_kw={"height_ratios": [4, 1]})
-    _phase_bands(ax, run)
+    streams = len(set(run.schedule.stream_codes().tolist()))
+    if streams > 1:
+        fig, (ax, lanes) = plt.subplots(2, 1, figsize=(14, 6.5), dpi=100, sharex=True,
+                                        gridspec_kw={"height_ratios": [4, 1]})
+    else:
+        fig, ax = plt.subplots(figsize=(14, 5.5), dpi=100)
+        lanes = None
+    phases = _phase_bands(ax, run)
+    _step_ticks(ax, run)
     ax.stackplot(seconds, stacked[:, keep] / GIB, labels=[c.value for c in CATEGORIES], step="post", alpha=0.85)
-    non_pytorch = run.non_pytorch_bytes / GIB
-    if non_pytorch:
+    ax.plot(seconds, trace.reserved_bytes[keep] / GIB, color="dimgray", lw=0.8, drawstyle="steps-post",
+            label="reserved")
+    if run.non_pytorch_bytes:
         ax.plot(seconds, (trace.reserved_bytes[keep] + run.non_pytorch_bytes) / GIB, color="black", lw=0.8,
-                label="total incl. non-PyTorch")
+                drawstyle="steps-post", label="device used (reserved + non-PyTorch)")
     capacity = result["hardware"]["capacity_bytes"] / GIB
     ax.axhline(capacity, color="red", ls="--", lw=1, label=f"capacity {capacity:.1f} GiB")
     peak = result["peak"]
@@ -43,18 +67,31 @@ def render_memory_timeline(run: Run, result: dict) -> bytes:
     where = f" L{peak['layer']}" if peak["layer"] is not None else ""
     ax.annotate(f"peak {peak['total_bytes'] / GIB:.2f} GiB\n{peak['phase']}{where} {peak['op']}",
                 (peak["time_s"], peak["total_bytes"] / GIB), textcoords="offset points", xytext=(8, 8), fontsize=8)
-    _stream_lanes(lanes, run)
-    lanes.set_xlabel("simulated time (s)")
+    oom = result["oom"]
+    if oom is not None:
+        at = run.engine.oom.event_index
+        level = (trace.reserved_bytes[at] + run.non_pytorch_bytes) / GIB
+        ax.plot([oom["time_s"]], [level], "X", color="darkred", ms=11, label="first OOM")
+        where = f" L{oom['layer']}" if oom["layer"] is not None else ""
+        ax.annotate(f"first OOM: {oom['phase']}{where} {oom['op']}", (oom["time_s"], level),
+                    textcoords="offset points", xytext=(8, -16), fontsize=8, color="darkred")
+    if lanes is not None:
+        _stream_lanes(lanes, run)
+    (lanes if lanes is not None else ax).set_xlabel("simulated time (s)")
     ax.set_ylabel("GiB")
     steady = run.steady
     ax.set_title(result["scenario"] if steady is None else
                  f"{result['scenario']}: steps {steady.first_repeat}-{steady.steps - 1} repeat step "
                  f"{steady.first_repeat - 1} exactly (not drawn)")
     ax.set_ylim(0, max(capacity, peak["total_bytes"] / GIB) * 1.08)
-    ax.legend(loc="upper left", fontsize=8, ncol=3)
+    handles, labels = ax.get_legend_handles_labels()
+    handles += [Patch(color=_PHASE_COLOURS[phase], label=f"{phase.value} phase") for phase in phases]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
     buffer = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buffer, format="png")
+    # SVG keeps its text as text (searchable, editable) and its ids stable from run to run
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "sim"}):
+        fig.savefig(buffer, format=fmt)
     plt.close(fig)
     return buffer.getvalue()
 
@@ -94,15 +131,38 @@ def _stream_lanes(ax, run: Run) -> None:
     ax.set_ylabel("busy")
 
 
-def _phase_bands(ax, run: Run) -> None:
-    ops, starts = run.schedule.ops, run.engine.op_start_us
-    if not ops:
+def _phase_bands(ax, run: Run) -> list[Phase]:
+    """A band per run of ops of one phase, drawn per phase in one call (a checkpointed backward alternates phases
+    thousands of times); the phases drawn, for the legend."""
+    codes = run.schedule.phase_codes()
+    if not len(codes):
+        return []
+    starts = np.asarray(run.engine.op_start_us, dtype=np.int64)
+    change = np.flatnonzero(np.append(True, codes[1:] != codes[:-1]))
+    begin = starts[change]
+    end = np.append(begin[1:], run.engine.end_time_us)
+    drawn = []
+    for code, phase in enumerate(PHASES):
+        mine = codes[change] == code
+        if mine.any():
+            spans = list(zip((begin[mine] / 1e6).tolist(), ((end[mine] - begin[mine]) / 1e6).tolist()))
+            ax.broken_barh(spans, (0, 1), transform=ax.get_xaxis_transform(), color=_PHASE_COLOURS[phase], lw=0)
+            drawn.append(phase)
+    return drawn
+
+
+def _step_ticks(ax, run: Run) -> None:
+    """A solid line where each step begins and a dotted one where each later micro-batch does (at most 200 of
+    those: beyond, only the steps)."""
+    steps, micro_batches = np.asarray(run.schedule.op_step), np.asarray(run.schedule.op_micro_batch)
+    if not len(steps):
         return
-    begin, phase = starts[0], ops[0].phase
-    for index in range(1, len(ops) + 1):
-        current = ops[index].phase if index < len(ops) else None
-        if current is not phase:
-            end = starts[index] if index < len(ops) else run.engine.end_time_us
-            ax.axvspan(begin / 1e6, end / 1e6, color=_PHASE_COLOURS[phase], lw=0)
-            if index < len(ops):
-                begin, phase = starts[index], current
+    starts = np.asarray(run.engine.op_start_us) / 1e6
+    step_first = np.flatnonzero(np.append(True, steps[1:] != steps[:-1]))
+    micro_first = np.flatnonzero(np.append(False, (micro_batches[1:] != micro_batches[:-1]) &
+                                           (steps[1:] == steps[:-1]) & (micro_batches[1:] > micro_batches[:-1])))
+    for x in starts[step_first].tolist():
+        ax.axvline(x, color="gray", lw=0.8)
+    if len(micro_first) <= 200:
+        for x in starts[micro_first].tolist():
+            ax.axvline(x, color="gray", lw=0.5, ls=":")
