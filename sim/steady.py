@@ -173,6 +173,5 @@ def steady_state(engine: Engine, result: EngineResult, allocator: Allocator, new
     counted_before, counted_after = entered.counters(), allocator.counters()
     simulated = int(schedule.op_step[-1]) + 1
     repeated = SteadyState(simulated, steps_total, end - start, period_us)
-    for _ in range(repeated.repeated_steps):
-        allocator.add_counters(counted_before, counted_after)
+    allocator.add_counters(counted_before, counted_after, repeated.repeated_steps)
     return repeated

@@ -141,3 +141,14 @@ def test_shipped_scenarios_at_eight_steps(path: Path) -> None:
     shortcut = run_scenario(scenario)
     assert shortcut.steady is not None and shortcut.steady.first_repeat == 3
     assert json.dumps(summarize(shortcut)) == json.dumps(summarize(run_scenario(scenario, steady_state=False)))
+
+
+def test_a_trillion_steps_cost_three() -> None:
+    # the repeated steps are counted, not looped over: 2^40 steps run as 3 (the fuzz found a loop per repeat)
+    raw = tiny_raw()
+    raw["allocator"] = {"backend": "caching"}
+    raw["simulation"] = {"steps": 2**40}
+    run = run_scenario(build_scenario(raw))
+    steady = run.steady
+    assert steady.repeated_steps == 2**40 - 3
+    assert summarize(run)["events"] == len(run.engine.trace) + (2**40 - 3) * steady.events_per_step

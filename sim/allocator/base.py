@@ -77,5 +77,6 @@ class Allocator(Protocol):
     def counters(self) -> tuple:
         """A reading of the allocator's running counts (retries, cudaMalloc calls, OOMs, ...)."""
 
-    def add_counters(self, before: tuple, after: tuple) -> None:
-        """Count again what happened between two `counters()` readings (a repeated window of calls)."""
+    def add_counters(self, before: tuple, after: tuple, times: int = 1) -> None:
+        """Count again, `times` times, what happened between two `counters()` readings (a repeated window of
+        calls)."""

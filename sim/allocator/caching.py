@@ -278,11 +278,13 @@ class CachingAllocator:
         addresses used, OOMs)."""
         return tuple(getattr(self, name) for name in self._COUNTERS) + (len(self.ooms),)
 
-    def add_counters(self, before: tuple, after: tuple) -> None:
-        """Count again what happened between two `counters()` readings (a repeated window of calls)."""
+    def add_counters(self, before: tuple, after: tuple, times: int = 1) -> None:
+        """Count again, `times` times, what happened between two `counters()` readings (a repeated window of
+        calls). Only the first OOM is recorded (then the model over-commits), so a repeated window adds no record
+        but the first one's own."""
         for name, old, new in zip(self._COUNTERS, before, after):
-            setattr(self, name, getattr(self, name) + new - old)
-        self.ooms.extend(self.ooms[before[-1]:after[-1]])
+            setattr(self, name, getattr(self, name) + (new - old) * times)
+        self.ooms.extend(self.ooms[before[-1]:after[-1]] * times)
 
     # ----------------------------------------------------------- whole runs at once (the compiled core: caching_core.c)
 
