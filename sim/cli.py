@@ -73,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the file's format (default: detected from its keys)")
     run.add_argument("--launch", metavar="PATH",
                      help="an accelerate config: GPU count, DeepSpeed plugin and mixed precision of the launch")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    run.add_argument("--json", dest="json_path", metavar="PATH")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override any scenario key, e.g. training.seq_len=8192 or model=qwen1.5-14b (repeatable)")
+    run.add_argument("--json", dest="json_path", metavar="PATH", help="write the result JSON (docs/scenarios.md)")
     run.add_argument("--plot", dest="plot_path", metavar="PATH",
                      help="draw the memory timeline: png, svg or pdf by the extension")
     run.add_argument("--chrome-trace", dest="chrome_trace_path", metavar="PATH",
@@ -82,11 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "gzip-compressed when PATH ends in .gz")
     run.add_argument("--snapshot", dest="snapshot_path", metavar="PATH",
                      help="write a PyTorch memory snapshot pickle (pytorch.org/memory_viz); simulates every step")
-    run.add_argument("--fail-on-oom", action="store_true")
+    run.add_argument("--fail-on-oom", action="store_true", help="exit 1 when the job does not fit")
     run.add_argument("--max-events", type=_event_budget, default=None, metavar="N",
                      help="simulate at most N allocator events (default 4,000,000, about 8 s; 0: no budget)")
     cat = sub.add_parser("catalog", help="list catalog models and hardware")
-    cat.add_argument("kind", nargs="?", choices=["models", "hardware"])
+    cat.add_argument("kind", nargs="?", choices=["models", "hardware"], help="only the models or only the devices")
     cal = sub.add_parser("calibrate", help="measure real HF training steps (torch, CPU or CUDA) against the simulator")
     cal.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                      help="cpu (default): byte-exact CPU steps; cuda: torch.cuda's per-phase peaks on this GPU "
@@ -142,7 +143,11 @@ def console(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):  # a bare `python -m sim`: the usage, as help would print it
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    args = parser.parse_args(argv)
     try:
         if args.command == "catalog":
             return _catalog(args.kind)

@@ -133,3 +133,17 @@ def test_json_to_stdout_is_written_in_place() -> None:
     assert out.returncode == 0 and out.stderr == ""
     result, end = json.JSONDecoder().raw_decode(out.stdout)
     assert result["fits"] in (True, False) and "verdict" in out.stdout[end:]
+
+
+def test_a_bare_command_prints_the_usage(capsys) -> None:
+    assert main([]) == 2
+    assert capsys.readouterr().out.startswith("usage: python -m sim")
+
+
+def test_every_option_of_every_command_has_help() -> None:
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices  # argparse keeps subparsers here
+    for name, command in commands.items():
+        for action in command._actions:
+            if action.dest != "help":
+                assert action.help, f"{name} {action.option_strings or action.dest}"
