@@ -86,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--fail-on-oom", action="store_true", help="exit 1 when the job does not fit")
     run.add_argument("--max-events", type=_event_budget, default=None, metavar="N",
                      help="simulate at most N allocator events (default 4,000,000, about 8 s; 0: no budget)")
+    cmp = sub.add_parser("compare", help="two scenarios side by side: verdicts, peaks and the terms that differ")
+    cmp.add_argument("scenarios", nargs=2, metavar="SCENARIO", help="two scenario files or shipped scenario names")
+    cmp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a key in both scenarios (repeatable)")
+    cmp.add_argument("--json", dest="json_path", metavar="PATH", help="write both results and the comparison")
+    cmp.add_argument("--plot", dest="plot_path", metavar="PATH",
+                     help="both timelines on one normalised time axis: png, svg or pdf by the extension")
     cat = sub.add_parser("catalog", help="list catalog models and hardware")
     cat.add_argument("kind", nargs="?", choices=["models", "hardware"], help="only the models or only the devices")
     cal = sub.add_parser("calibrate", help="measure real HF training steps (torch, CPU or CUDA) against the simulator")
@@ -157,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
             return _validate(args)
         if args.command == "import-snapshot":
             return _import_snapshot(args)
+        if args.command == "compare":
+            return _compare(args)
         return _run(args)
     except ScenarioError as exc:
         print(f"error: {_one_line(str(exc))}", file=sys.stderr)
@@ -207,6 +216,29 @@ def _run(args: argparse.Namespace) -> int:
     print(format_summary(result, allocator_summary(run), run.built.model_states.host_bytes, steady_summary(run)))
     if args.fail_on_oom and not result["fits"]:
         return EXIT_OOM
+    return EXIT_OK
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from sim.compare import compare_results, format_comparison
+    from sim.plot import plot_format, render_comparison
+    from sim.report import summarize
+    from sim.scenario import load_scenario
+    from sim.simulate import run_scenario
+
+    scenarios = [load_scenario(catalog.scenario_path(name), args.overrides) for name in args.scenarios]
+    _check_outputs(("--json", args.json_path), ("--plot", args.plot_path))
+    if args.plot_path is not None:
+        plot_format(args.plot_path)
+    runs = [run_scenario(scenario) for scenario in scenarios]
+    results = [summarize(run) for run in runs]
+    comparison = compare_results(*results)
+    if args.json_path is not None:
+        document = {"a": results[0], "b": results[1], "comparison": comparison}
+        _write_output("--json", Path(args.json_path), (json.dumps(document, indent=2) + "\n").encode())
+    if args.plot_path is not None:
+        _write_output("--plot", Path(args.plot_path), render_comparison(runs, results, plot_format(args.plot_path)))
+    print(format_comparison(comparison))
     return EXIT_OK
 
 

@@ -96,6 +96,45 @@ def render_memory_timeline(run: Run, result: dict, fmt: str = "png") -> bytes:
     return buffer.getvalue()
 
 
+def render_comparison(runs: list[Run], results: list[dict], fmt: str = "png") -> bytes:
+    """Two (or more) runs on one axis of normalised time (each run's start to its end): device used and allocated
+    of each, each capacity, each peak marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(14, 5.5), dpi=100)
+    top = 0.0
+    for index, (run, result, label) in enumerate(zip(runs, results, "ABCDEFGH")):
+        trace = run.engine.trace
+        keep = _sample(trace.reserved_bytes)
+        fraction = trace.time_us[keep] / max(run.engine.end_time_us, 1)
+        colour = f"C{index}"
+        ax.plot(fraction, (trace.reserved_bytes[keep] + run.non_pytorch_bytes) / GIB, color=colour, lw=1,
+                drawstyle="steps-post", label=f"{label} device used: {result['scenario']}")
+        ax.plot(fraction, trace.allocated_bytes[keep] / GIB, color=colour, lw=0.8, ls="--", drawstyle="steps-post",
+                label=f"{label} allocated")
+        capacity = result["hardware"]["capacity_bytes"] / GIB
+        ax.axhline(capacity, color=colour, ls=":", lw=1, label=f"{label} capacity {capacity:.1f} GiB")
+        peak = result["peak"]
+        at = peak["time_s"] * 1e6 / max(run.engine.end_time_us, 1)
+        ax.plot([at], [peak["total_bytes"] / GIB], "v", color=colour, ms=9)
+        ax.annotate(f"{label} peak {peak['total_bytes'] / GIB:.2f} GiB", (at, peak["total_bytes"] / GIB),
+                    textcoords="offset points", xytext=(6, 6 + 12 * index), fontsize=8, color=colour)
+        top = max(top, capacity, peak["total_bytes"] / GIB)
+    ax.set_xlabel("fraction of each run's simulated time")
+    ax.set_ylabel("GiB")
+    ax.set_ylim(0, top * 1.1)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "sim"}):
+        fig.savefig(buffer, format=fmt)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 def _sample(allocated: np.ndarray) -> np.ndarray:
     """Indices of about _MAX_POINTS events: in each window, its first and its highest-memory event."""
     count = len(allocated)
