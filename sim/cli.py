@@ -125,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "expandable_segments:True are always replayed")
     imp.add_argument("--device", type=int, default=0, metavar="N", help="which device's trace to replay (default 0)")
     imp.add_argument("--json", dest="json_path", metavar="PATH", help="write the summary and replays as JSON")
+    imp.add_argument("--scenario", metavar="SCENARIO",
+                     help="also simulate this scenario and set its prediction beside the snapshot")
+    imp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a key of --scenario (repeatable)")
+    imp.add_argument("--plot", dest="plot_path", metavar="PATH",
+                     help="the snapshot's memory (and --scenario's) on one normalised time axis: png, svg or pdf")
     val = sub.add_parser("validate", help="simulate every published measurement under validation/ and compare")
     val.add_argument("--source", default=None, metavar="NAME",
                      help="only the points of this source (a folder of validation/)")
@@ -221,7 +227,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from sim.compare import compare_results, format_comparison
-    from sim.plot import plot_format, render_comparison
+    from sim.plot import plot_format, render_comparison, run_series
     from sim.report import summarize
     from sim.scenario import load_scenario
     from sim.simulate import run_scenario
@@ -237,7 +243,8 @@ def _compare(args: argparse.Namespace) -> int:
         document = {"a": results[0], "b": results[1], "comparison": comparison}
         _write_output("--json", Path(args.json_path), (json.dumps(document, indent=2) + "\n").encode())
     if args.plot_path is not None:
-        _write_output("--plot", Path(args.plot_path), render_comparison(runs, results, plot_format(args.plot_path)))
+        series = [run_series(run, result, label) for run, result, label in zip(runs, results, "AB")]
+        _write_output("--plot", Path(args.plot_path), render_comparison(series, plot_format(args.plot_path)))
     print(format_comparison(comparison))
     return EXIT_OK
 
@@ -246,17 +253,24 @@ def _import_snapshot(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from sim.allocator.alloc_conf import parse_alloc_conf
-    from sim.snapshot_import import read_snapshot, replay_trace, summarize_snapshot
+    from sim.plot import MemorySeries, plot_format, render_comparison, run_series
+    from sim.report import summarize
+    from sim.scenario import load_scenario
+    from sim.simulate import run_scenario
+    from sim.snapshot_import import read_snapshot, replay_trace, summarize_snapshot, trace_series
     from sim.units import format_bytes
 
-    _check_outputs(("--json", args.json_path))
+    _check_outputs(("--json", args.json_path), ("--plot", args.plot_path))
     for conf in args.conf:
         parse_alloc_conf(conf)  # a bad setting is refused before the file is read
+    if args.plot_path is not None:
+        plot_format(args.plot_path)
+    scenario = load_scenario(catalog.scenario_path(args.scenario), args.overrides) if args.scenario else None
     snapshot = read_snapshot(Path(args.snapshot))
     summary = summarize_snapshot(snapshot)
     own = str(snapshot.get("allocator_settings", {}).get("PYTORCH_CUDA_ALLOC_CONF", "") or "")
     confs = list(dict.fromkeys([own, "expandable_segments:True", *args.conf]))
-    replays = [replay_trace(snapshot, conf, args.device) for conf in confs]
+    replays = [replay_trace(snapshot, conf, args.device)[0] for conf in confs]
     lines = [f"snapshot   {args.snapshot}: {summary['trace_entries']} trace entries"]
     for device, figures in summary["devices"].items():
         lines.append(f"device {device}   {figures['segments']} segments: reserved {format_bytes(figures['reserved_bytes'])}"
@@ -272,9 +286,24 @@ def _import_snapshot(args: argparse.Namespace) -> int:
                      f"{format_bytes(replay.max_reserved_bytes):>16}{replay.cuda_mallocs:>12}")
     if replays and replays[0].carried:
         lines.append(f"  ({replays[0].carried} allocations were alive before the trace begins: made first, by address)")
+    times, reserved, requested = trace_series(snapshot, args.device)
+    series = [MemorySeries(f"snapshot: {Path(args.snapshot).name}", times, reserved, requested, "reserved")]
+    predicted = None
+    if scenario is not None:
+        run = run_scenario(scenario)
+        predicted = summarize(run)
+        series.append(run_series(run, predicted, "prediction"))
+        most = predicted["max_memory"]
+        lines += ["", f"{'snapshot against prediction':<38}{'max allocated':>16}{'max reserved':>16}",
+                  f"  {'snapshot (its own settings)':<36}{format_bytes(replays[0].max_allocated_bytes):>16}"
+                  f"{format_bytes(int(reserved.max()) if len(reserved) else 0):>16}",
+                  f"  {predicted['scenario'][:36]:<36}{format_bytes(most['allocated_bytes']):>16}"
+                  f"{format_bytes(most['reserved_bytes']):>16}"]
     print("\n".join(lines))
+    if args.plot_path is not None:
+        _write_output("--plot", Path(args.plot_path), render_comparison(series, plot_format(args.plot_path)))
     if args.json_path is not None:
-        result = {"summary": summary, "replays": [asdict(replay) for replay in replays]}
+        result = {"summary": summary, "replays": [asdict(replay) for replay in replays], "prediction": predicted}
         _write_output("--json", Path(args.json_path), (json.dumps(result, indent=2) + "\n").encode())
     return EXIT_OK
 

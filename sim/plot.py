@@ -3,6 +3,7 @@ bands, step ticks, the peak and the first OOM, and below it one lane per stream 
 is more than one). matplotlib is imported lazily (only `--plot` needs it)."""
 
 import io
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -96,9 +97,29 @@ def render_memory_timeline(run: Run, result: dict, fmt: str = "png") -> bytes:
     return buffer.getvalue()
 
 
-def render_comparison(runs: list[Run], results: list[dict], fmt: str = "png") -> bytes:
-    """Two (or more) runs on one axis of normalised time (each run's start to its end): device used and allocated
-    of each, each capacity, each peak marked."""
+@dataclass(frozen=True)
+class MemorySeries:
+    """One memory curve for an overlay: time (any origin, µs), reserved (or device used) and allocated bytes after
+    each event, the capacity line (None: none) and a label."""
+
+    label: str
+    time_us: np.ndarray
+    upper_bytes: np.ndarray  # device used for a run, reserved for a snapshot
+    allocated_bytes: np.ndarray
+    upper_name: str
+    capacity_bytes: int | None = None
+
+
+def run_series(run: Run, result: dict, label: str) -> MemorySeries:
+    """A simulated run's device used and allocated over its simulated time."""
+    trace = run.engine.trace
+    return MemorySeries(f"{label}: {result['scenario']}", trace.time_us, trace.reserved_bytes + run.non_pytorch_bytes,
+                        trace.allocated_bytes, "device used", result["hardware"]["capacity_bytes"])
+
+
+def render_comparison(series: list[MemorySeries], fmt: str = "png") -> bytes:
+    """Several memory curves on one axis of normalised time (each series' first event to its last): the upper
+    (device used or reserved) and allocated lines of each, each capacity, each maximum marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,26 +127,31 @@ def render_comparison(runs: list[Run], results: list[dict], fmt: str = "png") ->
 
     fig, ax = plt.subplots(figsize=(14, 5.5), dpi=100)
     top = 0.0
-    for index, (run, result, label) in enumerate(zip(runs, results, "ABCDEFGH")):
-        trace = run.engine.trace
-        keep = _sample(trace.reserved_bytes)
-        fraction = trace.time_us[keep] / max(run.engine.end_time_us, 1)
+    for index, curve in enumerate(series):
+        keep = _sample(curve.upper_bytes)
+        start, span = int(curve.time_us[0]) if len(curve.time_us) else 0, 1
+        if len(curve.time_us):
+            span = max(int(curve.time_us[-1]) - start, 1)
+        fraction = (curve.time_us[keep] - start) / span
         colour = f"C{index}"
-        ax.plot(fraction, (trace.reserved_bytes[keep] + run.non_pytorch_bytes) / GIB, color=colour, lw=1,
-                drawstyle="steps-post", label=f"{label} device used: {result['scenario']}")
-        ax.plot(fraction, trace.allocated_bytes[keep] / GIB, color=colour, lw=0.8, ls="--", drawstyle="steps-post",
-                label=f"{label} allocated")
-        capacity = result["hardware"]["capacity_bytes"] / GIB
-        ax.axhline(capacity, color=colour, ls=":", lw=1, label=f"{label} capacity {capacity:.1f} GiB")
-        peak = result["peak"]
-        at = peak["time_s"] * 1e6 / max(run.engine.end_time_us, 1)
-        ax.plot([at], [peak["total_bytes"] / GIB], "v", color=colour, ms=9)
-        ax.annotate(f"{label} peak {peak['total_bytes'] / GIB:.2f} GiB", (at, peak["total_bytes"] / GIB),
-                    textcoords="offset points", xytext=(6, 6 + 12 * index), fontsize=8, color=colour)
-        top = max(top, capacity, peak["total_bytes"] / GIB)
-    ax.set_xlabel("fraction of each run's simulated time")
+        ax.plot(fraction, curve.upper_bytes[keep] / GIB, color=colour, lw=1, drawstyle="steps-post",
+                label=f"{curve.upper_name} {curve.label}")
+        ax.plot(fraction, curve.allocated_bytes[keep] / GIB, color=colour, lw=0.8, ls="--", drawstyle="steps-post",
+                label=f"allocated {curve.label}")
+        if curve.capacity_bytes is not None:
+            ax.axhline(curve.capacity_bytes / GIB, color=colour, ls=":", lw=1,
+                       label=f"capacity {curve.capacity_bytes / GIB:.1f} GiB")
+            top = max(top, curve.capacity_bytes / GIB)
+        if len(keep):
+            most = int(np.argmax(curve.upper_bytes))
+            at, level = (int(curve.time_us[most]) - start) / span, curve.upper_bytes[most] / GIB
+            ax.plot([at], [level], "v", color=colour, ms=9)
+            ax.annotate(f"{curve.upper_name} max {level:.2f} GiB", (at, level), textcoords="offset points",
+                        xytext=(6, 6 + 12 * index), fontsize=8, color=colour)
+            top = max(top, level)
+    ax.set_xlabel("fraction of each one's time")
     ax.set_ylabel("GiB")
-    ax.set_ylim(0, top * 1.1)
+    ax.set_ylim(0, max(top, 1e-9) * 1.1)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
     buffer = io.BytesIO()
     fig.tight_layout()

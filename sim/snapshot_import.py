@@ -13,6 +13,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from sim.allocator.alloc_conf import parse_alloc_conf
 from sim.allocator.base import OutOfMemory
 from sim.allocator.caching import CachingAllocator
@@ -141,11 +143,12 @@ class Replay:
     cuda_mallocs: int
 
 
-def replay_trace(snapshot: dict, conf: str, device: int = 0) -> Replay:
+def replay_trace(snapshot: dict, conf: str, device: int = 0) -> tuple[Replay, CachingAllocator]:
     """Device `device`'s alloc and free_completed entries through a fresh caching allocator with `conf` (on a
-    device too large to run out: the question is how much it reserves). Allocations alive before the trace's first entry (known from
-    a free without its alloc, or an allocated block of the final state without one) are made first, in address
-    order: exact when the trace starts from an empty cache (history recorded from the process's start)."""
+    device too large to run out: the question is how much it reserves): the figures, and the allocator in the state
+    the trace leaves it. Allocations alive before the trace's first entry (known from a free without its alloc, or an
+    allocated block of the final state without one) are made first, in address order: exact when the trace starts
+    from an empty cache (history recorded from the process's start)."""
     traces = snapshot.get("device_traces", [])
     trace = traces[device] if device < len(traces) else []
     allocator = CachingAllocator(REPLAY_CAPACITY_BYTES, parse_alloc_conf(conf))
@@ -174,7 +177,28 @@ def replay_trace(snapshot: dict, conf: str, device: int = 0) -> Replay:
         most_reserved = max(most_reserved, allocator.reserved_bytes)
     return Replay(conf, allocations, len(before), max(most_allocated, allocator.allocated_bytes),
                   max(most_reserved, allocator.reserved_bytes), allocator.reserved_bytes, allocator.num_segments,
-                  allocator.num_device_alloc)
+                  allocator.num_device_alloc), allocator
+
+
+def trace_series(snapshot: dict, device: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Device `device`'s memory as the trace records it: per entry its time (µs), the bytes its segments reserve
+    (segment_alloc and segment_map add, segment_free and segment_unmap remove) and the requested bytes alive (alloc
+    adds, free_completed removes), each counted back from the final state so that a trace missing its start still
+    ends where the snapshot does."""
+    traces = snapshot.get("device_traces", [])
+    trace = traces[device] if device < len(traces) else []
+    segments = [seg for seg in snapshot["segments"] if int(seg.get("device", 0)) == device]
+    reserved_at_end = sum(seg["total_size"] for seg in segments)
+    requested_at_end = sum(int(b.get("requested_size", b["size"])) for seg in segments for b in seg["blocks"]
+                           if b["state"] == "active_allocated")
+    sign = {"segment_alloc": 1, "segment_map": 1, "segment_free": -1, "segment_unmap": -1}
+    reserved_delta = np.array([sign.get(e["action"], 0) * e["size"] for e in trace], dtype=np.int64)
+    requested_delta = np.array([e["size"] if e["action"] == "alloc" else -e["size"] if e["action"] ==
+                                "free_completed" else 0 for e in trace], dtype=np.int64)
+    times = np.array([int(e.get("time_us", 0)) for e in trace], dtype=np.int64)
+    reserved = reserved_at_end - reserved_delta.sum() + np.cumsum(reserved_delta)
+    requested = requested_at_end - requested_delta.sum() + np.cumsum(requested_delta)
+    return times, reserved, requested
 
 
 def _alive_before(snapshot: dict, trace: list[dict], device: int) -> list[tuple[int, int, int]]:

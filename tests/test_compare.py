@@ -52,5 +52,5 @@ def test_cli_compare_writes_json_and_one_plot(tmp_path: Path, capsys) -> None:
     assert document["a"]["scenario"] == "short" and document["b"]["scenario"] == "long"
     assert document["a"]["settings"]["training.per_device_train_batch_size"]["value"] == 1  # --set applies to both
     text = svg.read_text()
-    assert "A device used: short" in text and "B device used: long" in text
+    assert "device used A: short" in text and "device used B: long" in text
     assert "B  long" in capsys.readouterr().out
