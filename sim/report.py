@@ -35,6 +35,7 @@ class Run:
     allocator: object = None  # the backend after the run (its statistics)
     event_log: AllocatorEventLog | None = None  # the caching allocator's trace entries, placed in time (if asked)
     steady: SteadyState | None = None  # the steps after the simulated ones, repeats of the last (sim/steady.py)
+    largest_free_block_before_oom_bytes: int | None = None  # the cache's largest free block at the first OOM
 
     @property
     def schedule(self) -> Schedule:
@@ -193,6 +194,7 @@ def _oom(run: Run) -> dict | None:
     trace, before = run.engine.trace, oom.event_index - 1
     live = {"allocated_bytes": int(trace.allocated_bytes[before]) if before >= 0 else 0,
             "reserved_bytes": int(trace.reserved_bytes[before]) if before >= 0 else 0,
+            "largest_free_block_bytes": run.largest_free_block_before_oom_bytes,
             "by_category": trace.category_bytes_at(before, _NOTHING) if before >= 0 else
             {c.value: 0 for c in CATEGORIES},
             "largest_tensors": largest_live_tensors(run, before)}
@@ -296,7 +298,9 @@ def format_summary(result: dict, allocator_line: str = "", host_bytes: int = 0, 
                       f"{_where(oom)}op {oom['op']}: tried to allocate {format_bytes(oom['requested_bytes'])}",
                   f"           live just before: allocated {format_bytes(live['allocated_bytes'])} ("
                   + ", ".join(f"{name} {format_bytes(value)}" for name, value in live["by_category"].items() if value)
-                  + f"), reserved {format_bytes(live['reserved_bytes'])}",
+                  + f"), reserved {format_bytes(live['reserved_bytes'])}"
+                  + ("" if live["largest_free_block_bytes"] is None else
+                     f", largest cached free block {format_bytes(live['largest_free_block_bytes'])}"),
                   f"           PyTorch would say: {oom['message']}"]
         lines += _tensor_lines("largest tensors live just before", live["largest_tensors"])
     most = result["max_memory"]

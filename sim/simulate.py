@@ -12,14 +12,14 @@ from sim.allocator import make_allocator
 from sim.allocator.base import Allocator
 from sim.allocator.event_log import AllocatorEventLog
 from sim.cost import CostModel
-from sim.engine import Engine
+from sim.engine import Engine, EngineResult
 from sim.errors import MAX_TENSOR_BYTES, ClockOverflow, ScenarioError, TensorTooLarge, WorkTooLarge
 from sim.plan import Plan
 from sim.report import Run
 from sim.resolve import resolve_plan
 from sim.scenario import Scenario
 from sim.schedule import BuiltSchedule, build_schedule
-from sim.steady import FIRST_PREFIX_STEPS, steady_state
+from sim.steady import FIRST_PREFIX_STEPS, events_of, steady_state
 
 
 @contextmanager
@@ -126,7 +126,18 @@ def run_built(scenario: Scenario, plan: Plan, built: BuiltSchedule, repeat: bool
     steady = None
     if steps_total is not None and steps_total > plan.training.steps:
         steady = steady_state(engine, result, allocator, lambda: _allocator(plan, None), steps_total)
-    return Run(scenario, plan, built, result, allocator, event_log, steady)
+    return Run(scenario, plan, built, result, allocator, event_log, steady,
+               _largest_free_block_before_oom(plan, engine, result))
+
+
+def _largest_free_block_before_oom(plan: Plan, engine: Engine, result: EngineResult) -> int | None:
+    """The largest cached free block just before the first OOM (what the cache could still serve), read by
+    replaying the events before it on a fresh allocator; None without an OOM or a cache."""
+    if result.oom is None:
+        return None
+    entered = _allocator(plan, None)
+    engine.replay(entered, events_of(result.trace, engine.schedule).head(result.oom.event_index))
+    return entered.largest_free_block_bytes()
 
 
 def _allocator(plan: Plan, event_log: AllocatorEventLog | None) -> Allocator:

@@ -52,6 +52,8 @@ def test_an_oom_reports_what_was_live_just_before_it() -> None:
     trace = run.engine.trace
     assert live["allocated_bytes"] == int(trace.allocated_bytes[before]) == sum(live["by_category"].values())
     assert live["reserved_bytes"] == int(trace.reserved_bytes[before])
+    # the cache's largest free block then: cached bytes not in use, at most all of them
+    assert 0 <= live["largest_free_block_bytes"] <= live["reserved_bytes"] - live["allocated_bytes"]
     assert [t["size_bytes"] for t in live["largest_tensors"]] == \
         sorted(_live_at(run, before).values(), reverse=True)[:LARGEST_TENSORS]
     printed = format_summary(result, allocator_summary(run))
