@@ -93,6 +93,26 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--json", dest="json_path", metavar="PATH", help="write both results and the comparison")
     cmp.add_argument("--plot", dest="plot_path", metavar="PATH",
                      help="both timelines on one normalised time axis: png, svg or pdf by the extension")
+    swp = sub.add_parser("sweep", help="run a scenario over a grid of values, a CSV row per variant")
+    swp.add_argument("scenario", help="a scenario file or shipped scenario name")
+    swp.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                     help="a key and the values to sweep (repeatable: the variants are the product)")
+    swp.add_argument("--out", required=True, metavar="PATH", help="the CSV, a row written as each variant finishes")
+    swp.add_argument("--resume", action="store_true", help="continue an interrupted sweep's CSV")
+    swp.add_argument("--workers", type=int, default=1, metavar="N", help="run N variants at once (processes)")
+    swp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a key in every variant (repeatable)")
+    swp.add_argument("--plot", dest="plot_path", metavar="PATH",
+                     help="the peak over one swept key, or a heatmap over two: png, svg or pdf")
+    fit = sub.add_parser("fit", help="the largest sequence length or micro-batch that still fits, by bisection")
+    fit.add_argument("scenario", help="a scenario file or shipped scenario name")
+    fit.add_argument("--maximize", required=True, metavar="KEY",
+                     help="training.seq_len or training.per_device_train_batch_size")
+    fit.add_argument("--multiple", type=int, default=1, metavar="N", help="search multiples of N only (default 1)")
+    fit.add_argument("--limit", type=int, default=1 << 24, metavar="N", help="search no higher than N")
+    fit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a scenario key (repeatable)")
+    fit.add_argument("--json", dest="json_path", metavar="PATH", help="write every probe and the answer as JSON")
     cat = sub.add_parser("catalog", help="list catalog models and hardware")
     cat.add_argument("kind", nargs="?", choices=["models", "hardware"], help="only the models or only the devices")
     cal = sub.add_parser("calibrate", help="measure real HF training steps (torch, CPU or CUDA) against the simulator")
@@ -172,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
             return _import_snapshot(args)
         if args.command == "compare":
             return _compare(args)
+        if args.command == "fit":
+            return _fit(args)
+        if args.command == "sweep":
+            return _sweep(args)
         return _run(args)
     except ScenarioError as exc:
         print(f"error: {_one_line(str(exc))}", file=sys.stderr)
@@ -222,6 +246,77 @@ def _run(args: argparse.Namespace) -> int:
     print(format_summary(result, allocator_summary(run), run.built.model_states.host_bytes, steady_summary(run)))
     if args.fail_on_oom and not result["fits"]:
         return EXIT_OOM
+    return EXIT_OK
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    import csv
+
+    from sim.plot import plot_format, render_sweep
+    from sim.scenario import load_scenario
+    from sim.sweep import Grid, run_sweep
+
+    grid = Grid.parse(args.grid)
+    if args.workers < 1:
+        raise ScenarioError(f"--workers: {args.workers}; at least 1")
+    _check_outputs(("--out", args.out), ("--plot", args.plot_path))
+    if args.plot_path is not None:
+        plot_format(args.plot_path)
+    path = str(catalog.scenario_path(args.scenario))
+    load_scenario(path, args.overrides)  # the base scenario's own errors before any variant runs
+    out = Path(args.out)
+    progress = _ProgressBar()
+    progress.stage(f"sweep of {len(grid.variants())} variants", len(grid.variants()))
+    try:
+        ran = run_sweep(path, args.overrides, grid, out, args.resume, args.workers, progress.advance)
+    finally:
+        progress.close()
+    with out.open(encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    refused = sum(1 for row in rows if row["error"])
+    fitting = sum(1 for row in rows if row["fits"] == "true")
+    print(f"sweep      {len(rows)} variants in {out} ({ran} run now): {fitting} fit, "
+          f"{len(rows) - fitting - refused} do not, {refused} refused")
+    if args.plot_path is not None:
+        _write_output("--plot", Path(args.plot_path), render_sweep(grid.keys, rows, plot_format(args.plot_path)))
+    return EXIT_OK
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from sim.fit import Probe, search_fit
+    from sim.report import summarize
+    from sim.scenario import load_scenario
+    from sim.simulate import run_scenario
+    from sim.units import format_bytes
+
+    _check_outputs(("--json", args.json_path))
+    path = catalog.scenario_path(args.scenario)
+    base = load_scenario(path, args.overrides)
+    section, name = args.maximize.split(".", 1) if "." in args.maximize else ("", args.maximize)
+    start = getattr(getattr(base, section, None), name, None) if section == "training" else None
+    progress = _ProgressBar()
+    progress.stage(f"fit {args.maximize}", 0)
+
+    def probe(value: int) -> Probe:
+        try:
+            result = summarize(run_scenario(load_scenario(path, [*args.overrides, f"{args.maximize}={value}"])))
+        except ScenarioError as exc:
+            raise ScenarioError(f"fit: {args.maximize}={value}: {exc}") from None
+        progress.advance()
+        return Probe(value, result["fits"], result["peak"]["total_bytes"])
+
+    try:
+        found = search_fit(args.maximize, int(start or args.multiple), probe, args.multiple, args.limit)
+    finally:
+        progress.close()
+    shown_probe = lambda p: "none within the bounds" if p is None else \
+        f"{p.value} (peak {format_bytes(p.peak_bytes)})"  # noqa: E731
+    print(f"{args.maximize}: largest that fits {shown_probe(found.largest_fitting)}; first that does not "
+          f"{shown_probe(found.first_failing)}; {len(found.probes)} simulations")
+    if args.json_path is not None:
+        _write_output("--json", Path(args.json_path), (json.dumps(asdict(found), indent=2) + "\n").encode())
     return EXIT_OK
 
 

@@ -161,6 +161,59 @@ def render_comparison(series: list[MemorySeries], fmt: str = "png") -> bytes:
     return buffer.getvalue()
 
 
+def render_sweep(keys: tuple[str, ...], rows: list[dict], fmt: str = "png") -> bytes:
+    """A sweep's summary: over one key, the device-used peak per value with the capacity and each variant's fit
+    marked; over two, a heatmap of the peak as a share of the capacity, the cells that do not fit hatched. Refused
+    variants (no peak) are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [row for row in rows if row["device_used_peak_bytes"]]
+    if len(keys) not in (1, 2):
+        raise ScenarioError(f"--plot: a sweep plot shows one or two swept keys, not {len(keys)}")
+    fig, ax = plt.subplots(figsize=(10, 5.5), dpi=100)
+    if len(keys) == 1:
+        labels = [row[keys[0]] for row in done]
+        peaks = [int(row["device_used_peak_bytes"]) / GIB for row in done]
+        ax.plot(range(len(done)), peaks, "-", color="C0", label="device-used peak")
+        for index, row in enumerate(done):
+            ax.plot([index], [peaks[index]], "o" if row["fits"] == "true" else "X",
+                    color="C2" if row["fits"] == "true" else "C3", ms=8)
+        if done:
+            ax.axhline(int(done[0]["capacity_bytes"]) / GIB, color="red", ls="--", lw=1, label="capacity")
+        ax.set_xticks(range(len(done)), labels, rotation=45 if len(done) > 8 else 0)
+        ax.set_xlabel(keys[0])
+        ax.set_ylabel("GiB")
+        ax.legend(loc="upper left", fontsize=8)
+    else:
+        columns = list(dict.fromkeys(row[keys[1]] for row in rows))
+        lines = list(dict.fromkeys(row[keys[0]] for row in rows))
+        share = np.full((len(lines), len(columns)), np.nan)
+        for row in done:
+            share[lines.index(row[keys[0]]), columns.index(row[keys[1]])] = \
+                int(row["device_used_peak_bytes"]) / int(row["capacity_bytes"])
+        image = ax.imshow(share, cmap="RdYlGn_r", vmin=0, vmax=max(1.2, np.nanmax(share) if done else 1.2),
+                          aspect="auto")
+        fig.colorbar(image, ax=ax, label="device-used peak / capacity")
+        for i, j in zip(*np.nonzero(share > 1)):
+            ax.text(j, i, "OOM", ha="center", va="center", fontsize=8)
+        for i, j in zip(*np.nonzero(share <= 1)):
+            ax.text(j, i, f"{share[i, j]:.0%}", ha="center", va="center", fontsize=8)
+        ax.set_xticks(range(len(columns)), columns)
+        ax.set_yticks(range(len(lines)), lines)
+        ax.set_xlabel(keys[1])
+        ax.set_ylabel(keys[0])
+    ax.set_title("sweep: device-used peak")
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "sim"}):
+        fig.savefig(buffer, format=fmt)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 def _sample(allocated: np.ndarray) -> np.ndarray:
     """Indices of about _MAX_POINTS events: in each window, its first and its highest-memory event."""
     count = len(allocated)

@@ -342,9 +342,9 @@ def test_set_hidden_size_zero_on_catalog_scenario(capsys):
 
 
 @pytest.mark.parametrize(
-    "argv", [[], ["run"], ["frobnicate"], ["run", "x.yaml", "--bogus"], ["catalog", "things"]],
-    ids=["no-command", "run-without-scenario", "unknown-command", "unknown-option", "catalog-bad-kind"],
-)
+    "argv", [["run"], ["frobnicate"], ["run", "x.yaml", "--bogus"], ["catalog", "things"]],
+    ids=["run-without-scenario", "unknown-command", "unknown-option", "catalog-bad-kind"],
+)  # a bare command prints the usage instead (issue #17; tests/test_cli_run.py)
 def test_usage_errors(capsys, argv):
     assert_one_line_error(*run_main(capsys, argv))
 
