@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a key in every variant (repeatable)")
     swp.add_argument("--plot", dest="plot_path", metavar="PATH",
                      help="the peak over one swept key, or a heatmap over two: png, svg or pdf")
+    adv = sub.add_parser("advise", help="try the standard remedies alone and in pairs; rank those that fit")
+    adv.add_argument("scenario", help="a scenario file or shipped scenario name")
+    adv.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a scenario key (repeatable)")
+    adv.add_argument("--json", dest="json_path", metavar="PATH", help="write every outcome as JSON")
     fit = sub.add_parser("fit", help="the largest sequence length or micro-batch that still fits, by bisection")
     fit.add_argument("scenario", help="a scenario file or shipped scenario name")
     fit.add_argument("--maximize", required=True, metavar="KEY",
@@ -196,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             return _fit(args)
         if args.command == "sweep":
             return _sweep(args)
+        if args.command == "advise":
+            return _advise(args)
         return _run(args)
     except ScenarioError as exc:
         print(f"error: {_one_line(str(exc))}", file=sys.stderr)
@@ -246,6 +253,58 @@ def _run(args: argparse.Namespace) -> int:
     print(format_summary(result, allocator_summary(run), run.built.model_states.host_bytes, steady_summary(run)))
     if args.fail_on_oom and not result["fits"]:
         return EXIT_OOM
+    return EXIT_OK
+
+
+def _advise(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from sim.advise import advise, combinations, remedies_for
+    from sim.report import summarize
+    from sim.scenario import load_scenario
+    from sim.simulate import run_scenario
+    from sim.units import format_bytes
+
+    _check_outputs(("--json", args.json_path))
+    path = catalog.scenario_path(args.scenario)
+    scenario = load_scenario(path, args.overrides)
+    base = summarize(run_scenario(scenario))
+    found = remedies_for(scenario)
+    progress = _ProgressBar()
+    progress.stage("advise", len(combinations(found)))
+
+    def simulate(overrides: tuple[str, ...]) -> dict:
+        try:
+            return summarize(run_scenario(load_scenario(path, [*args.overrides, *overrides])))
+        finally:
+            progress.advance()
+
+    try:
+        outcomes = advise(base, found, simulate)
+    finally:
+        progress.close()
+    capacity = base["hardware"]["capacity_bytes"]
+    verdict = "fits" if base["fits"] else "does not fit"
+    lines = [f"as it is   {verdict}: peak {format_bytes(base['peak']['total_bytes'])} of {format_bytes(capacity)}, "
+             f"step {base['step_time_s']:.2f} s", "", "remedies that fit, fastest first:"]
+    costs = {remedy.name: remedy.cost for remedy in found}
+    fitting = [o for o in outcomes if o.fits]
+    for outcome in fitting:
+        changed = sorted(outcome.breakdown_change.items(), key=lambda item: abs(item[1]), reverse=True)[:3]
+        lines.append(f"  {' + '.join(outcome.remedies)}: peak {format_bytes(outcome.peak_bytes)}, headroom "
+                     f"{format_bytes(outcome.headroom_bytes)}, step {outcome.step_time_s:.2f} s; allocated peak "
+                     + ", ".join(f"{name} {'+' if delta > 0 else '-'}{format_bytes(abs(delta))}"
+                                 for name, delta in changed if delta))
+        lines += [f"      cost: {costs[name]}" for name in outcome.remedies]
+    if not fitting:
+        lines.append("  none of them, alone or in pairs")
+    lines += ["", "remedies that do not fit alone:"]
+    lines += [f"  {o.remedies[0]}: peak {format_bytes(o.peak_bytes)}" + (f" (refused: {o.error})" if o.error else "")
+              for o in outcomes if not o.fits and len(o.remedies) == 1]
+    print("\n".join(lines))
+    if args.json_path is not None:
+        document = {"base": base, "outcomes": [asdict(o) for o in outcomes]}
+        _write_output("--json", Path(args.json_path), (json.dumps(document, indent=2) + "\n").encode())
     return EXIT_OK
 
 
