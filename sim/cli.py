@@ -182,8 +182,9 @@ def console(argv: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    if not (sys.argv[1:] if argv is None else argv):  # a bare `python -m sim`: the usage, as help would print it
+    if not (sys.argv[1:] if argv is None else argv):  # a bare `python -m sim`: the usage, and the one error line
         parser.print_help()
+        print("error: give a command (python -m sim COMMAND --help for its options)", file=sys.stderr)
         return EXIT_BAD_INPUT
     args = parser.parse_args(argv)
     try:

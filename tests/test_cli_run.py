@@ -137,7 +137,8 @@ def test_json_to_stdout_is_written_in_place() -> None:
 
 def test_a_bare_command_prints_the_usage(capsys) -> None:
     assert main([]) == 2
-    assert capsys.readouterr().out.startswith("usage: python -m sim")
+    out, err = capsys.readouterr()
+    assert out.startswith("usage: python -m sim") and err.count("\n") == 1 and err.startswith("error: give a command")
 
 
 def test_every_option_of_every_command_has_help() -> None:
