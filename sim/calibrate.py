@@ -49,6 +49,11 @@ class Config:
     tied: bool = False
     lora_r: int = 0
     reentrant: bool = True  # gradient_checkpointing_kwargs.use_reentrant (False: the saved-tensor-hooks path)
+    experts: int = 0  # routed experts of the MoE families (num_local_experts / num_experts); 0: dense
+    top_k: int = 2  # num_experts_per_tok
+    moe_intermediate: int = 64  # Qwen2/3-MoE: moe_intermediate_size (Mixtral's experts use `intermediate`)
+    shared_intermediate: int = 96  # Qwen2-MoE: shared_expert_intermediate_size
+    norm_topk: bool = False  # Qwen2/3-MoE: norm_topk_prob (Mixtral always renormalises)
 
     @property
     def head_dim(self) -> int:
@@ -113,10 +118,36 @@ CONFIGS: tuple[Config, ...] = (
           layers=7, gc=True, reentrant=False),
     _vary("phi3_sdpa_gc_nr", "model type + attention + non-reentrant checkpointing", model_type="phi3",
           attn="sdpa", gc=True, reentrant=False),
+    # mixture of experts (transformers 5.24's default grouped_mm experts): 4 experts, top 2
+    _vary("mixtral", "model type (MoE)", model_type="mixtral", experts=4),
+    _vary("mixtral_bf16", "model type (MoE) + dtype", model_type="mixtral", experts=4, dtype="bf16"),
+    _vary("mixtral_sdpa_gc", "model type (MoE) + attention + checkpointing", model_type="mixtral", experts=4,
+          attn="sdpa", gc=True),
+    _vary("mixtral_s128_v64", "model type (MoE) + sequence + vocabulary", model_type="mixtral", experts=4, seq=128,
+          vocab=64),
+    _vary("qwen2_moe", "model type (MoE, shared expert)", model_type="qwen2_moe", experts=4),
+    _vary("qwen2_moe_bf16_norm", "model type (MoE) + dtype + norm_topk_prob", model_type="qwen2_moe", experts=4,
+          dtype="bf16", norm_topk=True),
+    _vary("qwen3_moe", "model type (MoE, q/k norms)", model_type="qwen3_moe", experts=4),
+    _vary("qwen3_moe_gc_nr_bf16", "model type (MoE) + non-reentrant checkpointing + dtype", model_type="qwen3_moe",
+          experts=4, gc=True, reentrant=False, dtype="bf16"),
 )
 
+def moe_keys(config: Config) -> dict:
+    """The config.json keys of a MoE configuration (none for a dense one), the same for both sides."""
+    if config.model_type == "mixtral":
+        return {"num_local_experts": config.experts, "num_experts_per_tok": config.top_k}
+    if config.model_type in ("qwen2_moe", "qwen3_moe"):
+        keys = {"num_experts": config.experts, "num_experts_per_tok": config.top_k,
+                "moe_intermediate_size": config.moe_intermediate, "norm_topk_prob": config.norm_topk}
+        if config.model_type == "qwen2_moe":
+            keys["shared_expert_intermediate_size"] = config.shared_intermediate
+        return keys
+    return {}
+
+
 # Families whose config.json carries head_dim (the scenario and the HF config both get it written out).
-_EXPLICIT_HEAD_DIM = frozenset({"qwen3", "gemma", "gemma2", "gemma3_text"})
+_EXPLICIT_HEAD_DIM = frozenset({"qwen3", "gemma", "gemma2", "gemma3_text", "qwen3_moe"})
 _GELU = frozenset({"gemma", "gemma2", "gemma3_text"})  # hidden_act gelu_pytorch_tanh (the config classes' default)
 
 # The subset the `calibrate` pytest marker runs in CI: every factor at least once, a few minutes in all.
@@ -150,6 +181,7 @@ def scenario_mapping(config: Config, versions: dict[str, str]) -> dict:
         model["head_dim"] = config.head_dim
     if config.model_type in _GELU:
         model["hidden_act"] = "gelu_pytorch_tanh"
+    model.update(moe_keys(config))
     raw = {
         "name": f"calibrate {config.name}",
         "model": model,
@@ -214,15 +246,18 @@ def _build(config: Config):
     import torch
     from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GemmaConfig,
                               GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                              Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
-                              Qwen3ForCausalLM)
+                              MixtralConfig, MixtralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+                              Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
     config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM),
                              "mistral": (MistralConfig, MistralForCausalLM),
                              "qwen3": (Qwen3Config, Qwen3ForCausalLM), "gemma": (GemmaConfig, GemmaForCausalLM),
                              "gemma2": (Gemma2Config, Gemma2ForCausalLM),
                              "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM),
-                             "phi3": (Phi3Config, Phi3ForCausalLM)}[config.model_type]
+                             "phi3": (Phi3Config, Phi3ForCausalLM), "mixtral": (MixtralConfig, MixtralForCausalLM),
+                             "qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM),
+                             "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM)}[config.model_type]
     extra = {"head_dim": config.head_dim} if config.model_type in _EXPLICIT_HEAD_DIM else {}
     if config.model_type == "phi3":  # Phi3Config's pad_token_id 32000 lies outside the tiny vocabulary
         extra["pad_token_id"] = 0
@@ -230,7 +265,7 @@ def _build(config: Config):
         vocab_size=config.vocab, hidden_size=config.hidden, intermediate_size=config.intermediate,
         num_hidden_layers=config.layers, num_attention_heads=config.heads, num_key_value_heads=config.kv_heads,
         tie_word_embeddings=config.tied, max_position_embeddings=max(2 * config.seq, 128), use_cache=False,
-        **extra)
+        **extra, **moe_keys(config))
     hf_config._attn_implementation = config.attn
     torch.manual_seed(0)
     model = model_cls(hf_config)
