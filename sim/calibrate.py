@@ -49,7 +49,7 @@ class Config:
     tied: bool = False
     lora_r: int = 0
     reentrant: bool = True  # gradient_checkpointing_kwargs.use_reentrant (False: the saved-tensor-hooks path)
-    experts: int = 0  # routed experts of the MoE families (num_local_experts / num_experts); 0: dense
+    experts: int = 4  # routed experts of the MoE model types (num_local_experts / num_experts; dense ones ignore it)
     top_k: int = 2  # num_experts_per_tok
     moe_intermediate: int = 64  # Qwen2/3-MoE: moe_intermediate_size (Mixtral's experts use `intermediate`)
     shared_intermediate: int = 96  # Qwen2-MoE: shared_expert_intermediate_size
@@ -118,19 +118,20 @@ CONFIGS: tuple[Config, ...] = (
           layers=7, gc=True, reentrant=False),
     _vary("phi3_sdpa_gc_nr", "model type + attention + non-reentrant checkpointing", model_type="phi3",
           attn="sdpa", gc=True, reentrant=False),
-    # mixture of experts (transformers 5.24's default grouped_mm experts): 4 experts, top 2
-    _vary("mixtral", "model type (MoE)", model_type="mixtral", experts=4),
-    _vary("mixtral_bf16", "model type (MoE) + dtype", model_type="mixtral", experts=4, dtype="bf16"),
-    _vary("mixtral_sdpa_gc", "model type (MoE) + attention + checkpointing", model_type="mixtral", experts=4,
+    # mixture of experts (transformers 5.24's default grouped_mm experts): 4 experts, top 2; s128 v64 puts the
+    # forward and backward peaks inside a MoE block
+    _vary("mixtral", "model type (MoE)", model_type="mixtral"),
+    _vary("mixtral_bf16", "model type (MoE) + dtype", model_type="mixtral", dtype="bf16"),
+    _vary("mixtral_sdpa_gc", "model type (MoE) + attention + checkpointing", model_type="mixtral",
           attn="sdpa", gc=True),
-    _vary("mixtral_s128_v64", "model type (MoE) + sequence + vocabulary", model_type="mixtral", experts=4, seq=128,
+    _vary("mixtral_s128_v64", "model type (MoE) + sequence + vocabulary", model_type="mixtral", seq=128,
           vocab=64),
-    _vary("qwen2_moe", "model type (MoE, shared expert)", model_type="qwen2_moe", experts=4),
-    _vary("qwen2_moe_bf16_norm", "model type (MoE) + dtype + norm_topk_prob", model_type="qwen2_moe", experts=4,
+    _vary("qwen2_moe", "model type (MoE, shared expert)", model_type="qwen2_moe"),
+    _vary("qwen2_moe_bf16_norm", "model type (MoE) + dtype + norm_topk_prob", model_type="qwen2_moe",
           dtype="bf16", norm_topk=True),
-    _vary("qwen3_moe", "model type (MoE, q/k norms)", model_type="qwen3_moe", experts=4),
+    _vary("qwen3_moe", "model type (MoE, q/k norms)", model_type="qwen3_moe"),
     _vary("qwen3_moe_gc_nr_bf16", "model type (MoE) + non-reentrant checkpointing + dtype", model_type="qwen3_moe",
-          experts=4, gc=True, reentrant=False, dtype="bf16"),
+          gc=True, reentrant=False, dtype="bf16"),
 )
 
 def moe_keys(config: Config) -> dict:
@@ -153,7 +154,7 @@ _GELU = frozenset({"gemma", "gemma2", "gemma3_text"})  # hidden_act gelu_pytorch
 # The subset the `calibrate` pytest marker runs in CI: every factor at least once, a few minutes in all.
 CI_SUBSET = ("base", "seq64", "sdpa", "gc", "sdpa_gc", "batch1", "mha", "tied", "bf16", "lora", "llama", "mistral", "qwen3",
              "qwen3_s128_v64", "gemma", "gemma2", "gemma3_layers7_gc", "phi3", "phi3_sdpa_gc", "gc_nr",
-             "lora_gc_nr")
+             "lora_gc_nr", "mixtral_s128_v64", "qwen2_moe")
 
 
 def config_by_name(name: str) -> Config:
@@ -439,6 +440,8 @@ def describe(config: Config) -> str:
     parts = [config.model_type, f"s{config.seq}", f"b{config.batch}", f"L{config.layers}",
              f"kv{config.kv_heads}/{config.heads}", f"V{config.vocab}", config.attn, "gc" if config.gc else "nogc",
              config.dtype]
+    if moe_keys(config):
+        parts.append(f"E{config.experts} k{config.top_k}" + (" norm" if config.norm_topk else ""))
     if config.tied:
         parts.append("tied")
     if config.lora_r:

@@ -193,7 +193,9 @@ def moe_shape(model_type: ModelType, layers: int, intermediate_size: int, extra:
         step = extra.get("decoder_sparse_step", 1)
         if not isinstance(step, int) or isinstance(step, bool) or step < 1:
             raise ScenarioError(f"model.decoder_sparse_step: {step!r} must be a positive integer")
-        dense = set(extra.get("mlp_only_layers") or ())
+        dense = extra.get("mlp_only_layers") or []
+        if not isinstance(dense, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in dense):
+            raise ScenarioError(f"model.mlp_only_layers: {dense!r} must be a list of layer indices")
         sparse = frozenset(i for i in range(layers) if i not in dense and (i + 1) % step == 0)
     shared = extra.get("shared_expert_intermediate_size", 5632) if model_type is ModelType.QWEN2_MOE else 0
     return MoeShape(num_experts=experts, experts_per_token=top_k, expert_intermediate_size=size,
@@ -229,7 +231,8 @@ def check_moe(scenario: Scenario) -> None:
                             "modelled yet; full fine-tuning is")
     if scenario.deepspeed is not None and scenario.deepspeed.zero_optimization.stage == 3:
         # DeepSpeed ZeRO-3 gathers per module unless deepspeed.utils.set_z3_leaf_modules marks the MoE block a leaf
-        # (LLaMA-Factory and the HF integration do it for Mixtral/Qwen2-MoE); neither granularity is modelled
+        # (LLaMA-Factory src/llamafactory/model/model_utils/moe.py add_z3_leaf_module does for Mixtral/Qwen2-MoE;
+        # transformers 5.24 does not); neither granularity is modelled
         raise ScenarioError(f"deepspeed.zero_optimization.stage: 3 with model_type {kind} (ZeRO-3 leaf modules "
                             "for the MoE block) is not modelled yet; stages 0-2 are")
     torch = scenario.software.version("torch")

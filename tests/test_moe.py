@@ -42,6 +42,12 @@ def test_mixtral_parameters_count_router_and_3d_experts() -> None:
     assert model["parameters"] == model["trainable_parameters"] == 300_864
 
 
+def test_mixtral_attention_has_no_biases_whatever_the_config_says() -> None:
+    # MixtralAttention.__init__ hard-codes bias=False: attention_bias true adds nothing to the 300,864 above
+    model = summarize(run_scenario(build_scenario(moe_raw("mixtral", attention_bias=True))))["model"]
+    assert model["parameters"] == 300_864
+
+
 def test_mixtral_router_and_expert_buffers_are_sized_by_the_routed_pairs() -> None:
     sizes = buffer_sizes(moe_raw("mixtral"))
     layer = "model.layers.0.mlp"
@@ -99,6 +105,7 @@ def test_qwen2_moe_shared_expert_and_dense_layers() -> None:
      r"^model.num_experts_per_tok: 5 is more than model.num_local_experts \(4\)"),
     ("qwen3_moe", {"num_experts_per_tok": 0}, r"^model.num_experts_per_tok: 0 must be a positive integer$"),
     ("qwen2_moe", {"decoder_sparse_step": 0}, r"^model.decoder_sparse_step: 0 must be a positive integer$"),
+    ("qwen3_moe", {"mlp_only_layers": 3}, r"^model.mlp_only_layers: 3 must be a list of layer indices$"),
     ("mixtral", {"output_router_logits": True}, r"^model.output_router_logits: true \(the router aux loss\)"),
     ("mixtral", {"router_jitter_noise": 0.1}, r"^model.router_jitter_noise: 0.1 is not modelled yet"),
     ("mixtral", {"sliding_window": 4096}, r"^model.sliding_window: 4096: sliding-window attention"),

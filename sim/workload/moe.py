@@ -184,7 +184,11 @@ def _to_weight_dtype(ctx: RunContext, name: str, x: Tensor, w: Param) -> Tensor:
 
 
 class Mixtral(MoeDecoder):
-    """MixtralForCausalLM: Mistral's attention (no biases), every layer sparse, top-k weights kept in fp32."""
+    """MixtralForCausalLM: Mistral's attention, every layer sparse, top-k weights kept in fp32."""
+
+    def attention_shapes(self, m: ModelShape) -> LinearShapes:
+        """q/k/v/o without biases whatever the config says (MixtralAttention.__init__: bias=False)."""
+        return {name: (fan_in, fan_out, False) for name, (fan_in, fan_out, _) in super().attention_shapes(m).items()}
 
 
 class Qwen2Moe(MoeDecoder):
