@@ -238,9 +238,11 @@ def check_moe(scenario: Scenario) -> None:
     torch = scenario.software.version("torch")
     host = on_host(scenario)
     capability = tuple(int(part) for part in (scenario.hardware.device.compute_capability or "8.0").split("."))
-    if host and torch < (2, 9, 0) or not host and (torch < (2, 9, 0) and capability[0] != 9 or capability < (8, 0)):
+    cuda_kernel = torch >= (2, 9, 0) and capability >= (8, 0) or (2, 8, 0) <= torch and capability[0] == 9
+    if torch < (2, 9, 0) if host else not cuda_kernel:
         # integrations/moe.py _can_use_grouped_mm: no CPU kernel up to torch 2.8; on CUDA sm80+ from torch 2.9,
-        # Hopper only before; elsewhere transformers::grouped_mm_fallback runs, a per-expert mm loop
+        # Hopper only before (taken from torch 2.8; whether 2.7 has torch._grouped_mm is not checked, so it is
+        # refused); elsewhere transformers::grouped_mm_fallback runs, a per-expert mm loop
         raise ScenarioError(f"software.torch: {scenario.software.torch} on this device runs transformers' "
                             "grouped_mm fallback for the experts, which is not modelled yet (torch >= 2.9 on "
                             "compute capability >= 8.0 or a CPU host is)")
