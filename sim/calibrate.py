@@ -48,6 +48,7 @@ class Config:
     dtype: str = "fp32"
     tied: bool = False
     lora_r: int = 0
+    lora_targets: str = "all-linear"  # target_modules: "all-linear" or comma-separated module names
     reentrant: bool = True  # gradient_checkpointing_kwargs.use_reentrant (False: the saved-tensor-hooks path)
     experts: int = 4  # routed experts of the MoE model types (num_local_experts / num_experts; dense ones ignore it)
     top_k: int = 2  # num_experts_per_tok
@@ -129,10 +130,18 @@ CONFIGS: tuple[Config, ...] = (
     _vary("qwen2_moe", "model type (MoE, shared expert)", model_type="qwen2_moe"),
     _vary("qwen2_moe_bf16_norm", "model type (MoE) + dtype + norm_topk_prob", model_type="qwen2_moe",
           dtype="bf16", norm_topk=True),
+    _vary("mixtral_lora_attn", "model type (MoE) + LoRA on attention", model_type="mixtral", lora_r=8,
+          lora_targets="q_proj,k_proj,v_proj,o_proj"),
+    _vary("qwen2_moe_lora", "model type (MoE) + LoRA", model_type="qwen2_moe", lora_r=8),
     _vary("qwen3_moe", "model type (MoE, q/k norms)", model_type="qwen3_moe"),
     _vary("qwen3_moe_gc_nr_bf16", "model type (MoE) + non-reentrant checkpointing + dtype", model_type="qwen3_moe",
           gc=True, reentrant=False, dtype="bf16"),
 )
+
+def lora_targets(config: Config) -> "str | list[str]":
+    """PEFT's target_modules of a LoRA configuration, the same for both sides."""
+    return "all-linear" if config.lora_targets == "all-linear" else config.lora_targets.split(",")
+
 
 def moe_keys(config: Config) -> dict:
     """The config.json keys of a MoE configuration (none for a dense one), the same for both sides."""
@@ -199,7 +208,7 @@ def scenario_mapping(config: Config, versions: dict[str, str]) -> dict:
     }
     if config.lora_r:
         raw["lora"] = {"r": config.lora_r, "lora_alpha": 2 * config.lora_r, "lora_dropout": 0.0,
-                       "target_modules": "all-linear"}
+                       "target_modules": lora_targets(config)}
     return raw
 
 
@@ -278,7 +287,8 @@ def _build(config: Config):
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, lora_dropout=0.0,
-                                                 target_modules="all-linear", bias="none", task_type="CAUSAL_LM"))
+                                                 target_modules=lora_targets(config), bias="none",
+                                                 task_type="CAUSAL_LM"))
     model.train()
     return model
 
@@ -445,7 +455,8 @@ def describe(config: Config) -> str:
     if config.tied:
         parts.append("tied")
     if config.lora_r:
-        parts.append(f"lora{config.lora_r}")
+        parts.append(f"lora{config.lora_r}" + ("" if config.lora_targets == "all-linear" else
+                                               f"[{config.lora_targets}]"))
     if config.gc and not config.reentrant:
         parts.append("non-reentrant")
     return " ".join(parts)

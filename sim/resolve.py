@@ -226,9 +226,14 @@ def check_moe(scenario: Scenario) -> None:
         key = "sliding_window" if model.model_type is ModelType.MIXTRAL else "use_sliding_window"
         raise ScenarioError(f"model.{key}: {extra[key]!r}: sliding-window attention is not modelled yet for "
                             f"model_type {kind}")
-    if scenario.lora is not None:
-        raise ScenarioError(f"lora: LoRA on model_type {kind} (3-D expert weights, PEFT target_parameters) is not "
-                            "modelled yet; full fine-tuning is")
+    if scenario.lora is not None and scenario.lora.target_modules == "all-linear" and \
+            model.model_type in (ModelType.MIXTRAL, ModelType.QWEN3_MOE):
+        # measured with peft 0.21.2 / transformers 5.24.0: get_peft_model wraps Mixtral's and Qwen3-MoE's router and
+        # 3-D experts in lora.ParamWrapper adapters (a parametrised weight per forward), not modelled; Qwen2-MoE's
+        # all-linear targets only nn.Linear modules
+        raise ScenarioError(f"lora.target_modules: 'all-linear' on model_type {kind} also puts PEFT's ParamWrapper "
+                            "adapters on the router and the experts, which is not modelled yet; name the attention "
+                            "projections (q_proj, k_proj, v_proj, o_proj)")
     if scenario.deepspeed is not None and scenario.deepspeed.zero_optimization.stage == 3:
         # DeepSpeed ZeRO-3 gathers per module unless deepspeed.utils.set_z3_leaf_modules marks the MoE block a leaf
         # (LLaMA-Factory src/llamafactory/model/model_utils/moe.py add_z3_leaf_module does for Mixtral/Qwen2-MoE;

@@ -9,6 +9,7 @@ from sim.errors import ScenarioError
 from sim.report import summarize
 from sim.resolve import resolve_plan
 from sim.scenario import build_scenario
+from sim.schedule import build_schedule
 from sim.simulate import run_scenario
 
 # h 64, dense/expert intermediate 96, 2 layers, 4 heads of 16 (kv 2), V 1000, 4 experts, top 2
@@ -100,6 +101,23 @@ def test_qwen2_moe_shared_expert_and_dense_layers() -> None:
     assert sizes["model.layers.1.mlp.shared_expert_scale.out"] == 4_096
 
 
+def test_lora_targets_nn_linear_modules_only() -> None:
+    # Qwen2-MoE all-linear: q/k/v/o, the shared expert's gate/up/down_proj and shared_expert_gate get adapters
+    # (A r·in, B out·r, r 8). Per layer: q 8·64 + 64·8 = 1,024, k and v 8·64 + 32·8 = 768 each, o 1,024: 3,584;
+    # shared expert (i 32) gate/up 8·64 + 32·8 = 768 each, down 8·32 + 64·8 = 768, shared_expert_gate 8·64 + 1·8 =
+    # 520: 2,824. 6,408 per layer, 12,816 for two; the router and the 3-D experts stay frozen (measured: PEFT 0.21.2
+    # wraps no Qwen2-MoE parameter).
+    raw = moe_raw("qwen2_moe", shared_expert_intermediate_size=32)
+    raw["lora"] = {"r": 8, "target_modules": "all-linear"}
+    model = summarize(run_scenario(build_scenario(raw)))["model"]
+    assert model["trainable_parameters"] == 12_816
+    raw = moe_raw("mixtral")
+    raw["lora"] = {"r": 8, "target_modules": ["gate_up_proj"]}
+    with pytest.raises(ScenarioError, match=r"^lora.target_modules: 'gate_up_proj' is not a linear module of "
+                                            r"model_type mixtral"):
+        build_schedule(resolve_plan(build_scenario(raw)))
+
+
 @pytest.mark.parametrize("model_type, key, message", [
     ("mixtral", {"num_experts_per_tok": 5},
      r"^model.num_experts_per_tok: 5 is more than model.num_local_experts \(4\)"),
@@ -117,14 +135,15 @@ def test_bad_or_unmodelled_moe_keys_get_one_line(model_type: str, key: dict, mes
     assert "\n" not in str(raised.value)
 
 
-def test_zero3_lora_and_older_versions_are_refused_with_the_key() -> None:
+def test_zero3_all_linear_lora_and_older_versions_are_refused_with_the_key() -> None:
     raw = moe_raw("mixtral")
     raw["deepspeed"] = {"zero_optimization": {"stage": 3}}
     with pytest.raises(ScenarioError, match=r"^deepspeed.zero_optimization.stage: 3 with model_type mixtral"):
         resolve_plan(build_scenario(raw))
-    raw = moe_raw("qwen2_moe")
-    raw["lora"] = {"r": 8, "target_modules": ["q_proj"]}
-    with pytest.raises(ScenarioError, match=r"^lora: LoRA on model_type qwen2_moe"):
+    raw = moe_raw("qwen3_moe", head_dim=16)
+    raw["lora"] = {"r": 8, "target_modules": "all-linear"}
+    with pytest.raises(ScenarioError, match=r"^lora.target_modules: 'all-linear' on model_type qwen3_moe also puts "
+                                            r"PEFT's ParamWrapper adapters on the router and the experts"):
         resolve_plan(build_scenario(raw))
     raw = moe_raw("mixtral")
     raw["software"]["transformers"] = "5.23.0"

@@ -186,6 +186,10 @@ def _to_weight_dtype(ctx: RunContext, name: str, x: Tensor, w: Param) -> Tensor:
 class Mixtral(MoeDecoder):
     """MixtralForCausalLM: Mistral's attention, every layer sparse, top-k weights kept in fp32."""
 
+    # the router and the experts are nn.Parameters of non-Linear modules: only attention and lm_head are nn.Linear;
+    # LoRA targets the attention only (PEFT's "all-linear" also wraps the router and experts: refused, check_moe)
+    LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "lm_head")
+
     def attention_shapes(self, m: ModelShape) -> LinearShapes:
         """q/k/v/o without biases whatever the config says (MixtralAttention.__init__: bias=False)."""
         return {name: (fan_in, fan_out, False) for name, (fan_in, fan_out, _) in super().attention_shapes(m).items()}
@@ -197,6 +201,8 @@ class Qwen2Moe(MoeDecoder):
     shared_expert_gate linear; the router casts the top-k weights to the logits' dtype."""
 
     WEIGHTS_TO_LOGITS_DTYPE = True
+    # the shared expert's (and dense layers') gate/up/down_proj and the shared_expert_gate are nn.Linear
+    LINEAR_MODULES = HfDecoder.LINEAR_MODULES + ("shared_expert_gate",)
 
     def attention_shapes(self, m: ModelShape) -> LinearShapes:
         """q/k/v with config.qkv_bias, o_proj without (Qwen2MoeAttention.__init__)."""
@@ -242,3 +248,5 @@ class Qwen3Moe(MoeDecoder, Qwen3):
 
     ROUTER_FIRST = False
     WEIGHTS_TO_LOGITS_DTYPE = True
+    # LoRA on the attention only: what PEFT does to the router and the experts is not modelled (check_moe)
+    LINEAR_MODULES = Mixtral.LINEAR_MODULES
