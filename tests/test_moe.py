@@ -84,7 +84,8 @@ def test_qwen_routers_cast_the_weights_so_the_weighted_rows_stay_bf16() -> None:
 
 
 def test_qwen2_moe_shared_expert_and_dense_layers() -> None:
-    # 4 layers, decoder_sparse_step 2 → layers 1 and 3 sparse; mlp_only_layers [3] makes 3 dense: only layer 1 is sparse.
+    # 4 layers, decoder_sparse_step 2 → layers 1 and 3 sparse; mlp_only_layers [3] makes 3 dense: only layer 1 is
+    # sparse.
     raw = moe_raw("qwen2_moe", num_hidden_layers=4, decoder_sparse_step=2, mlp_only_layers=[3],
                   shared_expert_intermediate_size=32)
     run = run_scenario(build_scenario(raw))

@@ -76,7 +76,8 @@ class MoeDecoder(HfDecoder):
         gate_up = make_param(ctx, f"{prefix}.experts.gate_up_proj", e * 2 * i * h, dtype, full)
         down = make_param(ctx, f"{prefix}.experts.down_proj", e * h * i, dtype, full)
         gate = first or router()
-        return MoeBlock(gate, gate_up, down, order=[gate, gate_up, down] if self.ROUTER_FIRST else [gate_up, down, gate])
+        order = [gate, gate_up, down] if self.ROUTER_FIRST else [gate_up, down, gate]
+        return MoeBlock(gate, gate_up, down, order=order)
 
     def mlp(self, ctx: RunContext, layer: DecoderLayer, x: Tensor) -> Tensor:
         """The dense MLP, or in a sparse layer the MoE block's forward."""
