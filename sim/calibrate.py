@@ -48,7 +48,13 @@ class Config:
     dtype: str = "fp32"
     tied: bool = False
     lora_r: int = 0
+    lora_targets: str = "all-linear"  # target_modules: "all-linear" or comma-separated module names
     reentrant: bool = True  # gradient_checkpointing_kwargs.use_reentrant (False: the saved-tensor-hooks path)
+    experts: int = 4  # routed experts of the MoE model types (num_local_experts / num_experts; dense ones ignore it)
+    top_k: int = 2  # num_experts_per_tok
+    moe_intermediate: int = 64  # Qwen2/3-MoE: moe_intermediate_size (Mixtral's experts use `intermediate`)
+    shared_intermediate: int = 96  # Qwen2-MoE: shared_expert_intermediate_size
+    norm_topk: bool = False  # Qwen2/3-MoE: norm_topk_prob (Mixtral always renormalises)
 
     @property
     def head_dim(self) -> int:
@@ -113,16 +119,51 @@ CONFIGS: tuple[Config, ...] = (
           layers=7, gc=True, reentrant=False),
     _vary("phi3_sdpa_gc_nr", "model type + attention + non-reentrant checkpointing", model_type="phi3",
           attn="sdpa", gc=True, reentrant=False),
+    # mixture of experts (transformers 5.24's default grouped_mm experts): 4 experts, top 2; s128 v64 puts the
+    # forward and backward peaks inside a MoE block
+    _vary("mixtral", "model type (MoE)", model_type="mixtral"),
+    _vary("mixtral_bf16", "model type (MoE) + dtype", model_type="mixtral", dtype="bf16"),
+    _vary("mixtral_sdpa_gc", "model type (MoE) + attention + checkpointing", model_type="mixtral",
+          attn="sdpa", gc=True),
+    _vary("mixtral_s128_v64", "model type (MoE) + sequence + vocabulary", model_type="mixtral", seq=128,
+          vocab=64),
+    _vary("qwen2_moe", "model type (MoE, shared expert)", model_type="qwen2_moe"),
+    _vary("qwen2_moe_bf16_norm", "model type (MoE) + dtype + norm_topk_prob", model_type="qwen2_moe",
+          dtype="bf16", norm_topk=True),
+    _vary("mixtral_lora_attn", "model type (MoE) + LoRA on attention", model_type="mixtral", lora_r=8,
+          lora_targets="q_proj,k_proj,v_proj,o_proj"),
+    _vary("qwen2_moe_lora", "model type (MoE) + LoRA", model_type="qwen2_moe", lora_r=8),
+    _vary("qwen3_moe", "model type (MoE, q/k norms)", model_type="qwen3_moe"),
+    _vary("qwen3_moe_gc_nr_bf16", "model type (MoE) + non-reentrant checkpointing + dtype", model_type="qwen3_moe",
+          gc=True, reentrant=False, dtype="bf16"),
 )
 
+def lora_targets(config: Config) -> "str | list[str]":
+    """PEFT's target_modules of a LoRA configuration, the same for both sides."""
+    return "all-linear" if config.lora_targets == "all-linear" else config.lora_targets.split(",")
+
+
+def moe_keys(config: Config) -> dict:
+    """The config.json keys of a MoE configuration (none for a dense one), the same for both sides."""
+    if config.model_type == "mixtral":
+        return {"num_local_experts": config.experts, "num_experts_per_tok": config.top_k}
+    if config.model_type in ("qwen2_moe", "qwen3_moe"):
+        keys = {"num_experts": config.experts, "num_experts_per_tok": config.top_k,
+                "moe_intermediate_size": config.moe_intermediate, "norm_topk_prob": config.norm_topk}
+        if config.model_type == "qwen2_moe":
+            keys["shared_expert_intermediate_size"] = config.shared_intermediate
+        return keys
+    return {}
+
+
 # Families whose config.json carries head_dim (the scenario and the HF config both get it written out).
-_EXPLICIT_HEAD_DIM = frozenset({"qwen3", "gemma", "gemma2", "gemma3_text"})
+_EXPLICIT_HEAD_DIM = frozenset({"qwen3", "gemma", "gemma2", "gemma3_text", "qwen3_moe"})
 _GELU = frozenset({"gemma", "gemma2", "gemma3_text"})  # hidden_act gelu_pytorch_tanh (the config classes' default)
 
 # The subset the `calibrate` pytest marker runs in CI: every factor at least once, a few minutes in all.
 CI_SUBSET = ("base", "seq64", "sdpa", "gc", "sdpa_gc", "batch1", "mha", "tied", "bf16", "lora", "llama", "mistral", "qwen3",
              "qwen3_s128_v64", "gemma", "gemma2", "gemma3_layers7_gc", "phi3", "phi3_sdpa_gc", "gc_nr",
-             "lora_gc_nr")
+             "lora_gc_nr", "mixtral_s128_v64", "qwen2_moe")
 
 
 def config_by_name(name: str) -> Config:
@@ -150,6 +191,7 @@ def scenario_mapping(config: Config, versions: dict[str, str]) -> dict:
         model["head_dim"] = config.head_dim
     if config.model_type in _GELU:
         model["hidden_act"] = "gelu_pytorch_tanh"
+    model.update(moe_keys(config))
     raw = {
         "name": f"calibrate {config.name}",
         "model": model,
@@ -166,7 +208,7 @@ def scenario_mapping(config: Config, versions: dict[str, str]) -> dict:
     }
     if config.lora_r:
         raw["lora"] = {"r": config.lora_r, "lora_alpha": 2 * config.lora_r, "lora_dropout": 0.0,
-                       "target_modules": "all-linear"}
+                       "target_modules": lora_targets(config)}
     return raw
 
 
@@ -214,15 +256,18 @@ def _build(config: Config):
     import torch
     from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GemmaConfig,
                               GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                              Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
-                              Qwen3ForCausalLM)
+                              MixtralConfig, MixtralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+                              Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
     config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM),
                              "mistral": (MistralConfig, MistralForCausalLM),
                              "qwen3": (Qwen3Config, Qwen3ForCausalLM), "gemma": (GemmaConfig, GemmaForCausalLM),
                              "gemma2": (Gemma2Config, Gemma2ForCausalLM),
                              "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM),
-                             "phi3": (Phi3Config, Phi3ForCausalLM)}[config.model_type]
+                             "phi3": (Phi3Config, Phi3ForCausalLM), "mixtral": (MixtralConfig, MixtralForCausalLM),
+                             "qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM),
+                             "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM)}[config.model_type]
     extra = {"head_dim": config.head_dim} if config.model_type in _EXPLICIT_HEAD_DIM else {}
     if config.model_type == "phi3":  # Phi3Config's pad_token_id 32000 lies outside the tiny vocabulary
         extra["pad_token_id"] = 0
@@ -230,7 +275,7 @@ def _build(config: Config):
         vocab_size=config.vocab, hidden_size=config.hidden, intermediate_size=config.intermediate,
         num_hidden_layers=config.layers, num_attention_heads=config.heads, num_key_value_heads=config.kv_heads,
         tie_word_embeddings=config.tied, max_position_embeddings=max(2 * config.seq, 128), use_cache=False,
-        **extra)
+        **extra, **moe_keys(config))
     hf_config._attn_implementation = config.attn
     torch.manual_seed(0)
     model = model_cls(hf_config)
@@ -242,7 +287,8 @@ def _build(config: Config):
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, lora_dropout=0.0,
-                                                 target_modules="all-linear", bias="none", task_type="CAUSAL_LM"))
+                                                 target_modules=lora_targets(config), bias="none",
+                                                 task_type="CAUSAL_LM"))
     model.train()
     return model
 
@@ -404,10 +450,13 @@ def describe(config: Config) -> str:
     parts = [config.model_type, f"s{config.seq}", f"b{config.batch}", f"L{config.layers}",
              f"kv{config.kv_heads}/{config.heads}", f"V{config.vocab}", config.attn, "gc" if config.gc else "nogc",
              config.dtype]
+    if moe_keys(config):
+        parts.append(f"E{config.experts} k{config.top_k}" + (" norm" if config.norm_topk else ""))
     if config.tied:
         parts.append("tied")
     if config.lora_r:
-        parts.append(f"lora{config.lora_r}")
+        parts.append(f"lora{config.lora_r}" + ("" if config.lora_targets == "all-linear" else
+                                               f"[{config.lora_targets}]"))
     if config.gc and not config.reentrant:
         parts.append("non-reentrant")
     return " ".join(parts)

@@ -25,6 +25,20 @@ def format_version(version: Version) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class MoeShape:
+    """The mixture-of-experts keys of a config.json as the MoE config classes read them (transformers 5.24.0
+    models/mixtral/configuration_mixtral.py, qwen2_moe, qwen3_moe), defaults filled in."""
+
+    num_experts: int  # num_local_experts (Mixtral), num_experts (Qwen)
+    experts_per_token: int  # num_experts_per_tok: the router's top k
+    expert_intermediate_size: int  # intermediate_size (Mixtral), moe_intermediate_size (Qwen)
+    norm_topk_prob: bool  # the top-k weights renormalised to sum 1 (Mixtral always; Qwen by config)
+    sparse_layers: frozenset[int]  # the layers with a sparse MoE block; the others run the dense MLP
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's shared expert (0: none)
+    qkv_bias: bool = False  # Qwen2-MoE's q/k/v bias (Qwen2MoeConfig.qkv_bias, default True)
+
+
+@dataclass(frozen=True, slots=True)
 class ModelShape:
     """The shapes of a decoder-only model as its config.json gives them, with the dtype its weights load in."""
 
@@ -48,6 +62,7 @@ class ModelShape:
     sliding_layers: frozenset[int] = frozenset()  # layers of layer_types "sliding_attention" (Gemma 2/3)
     attn_logit_softcapping: float | None = None  # Gemma 2: tanh soft-capping of the attention scores
     final_logit_softcapping: float | None = None  # Gemma 2: tanh soft-capping of the logits
+    moe: MoeShape | None = None  # the routed experts of the MoE families (None: a dense model)
 
 
 @dataclass(frozen=True, slots=True)

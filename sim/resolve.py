@@ -17,6 +17,7 @@ from sim.plan import (
     LoraPlan,
     ModelShape,
     ModuleLoading,
+    MoeShape,
     NcclPlan,
     Plan,
     TrainingPlan,
@@ -109,12 +110,14 @@ def _check_non_reentrant(torch: tuple[int, int, int], zero3: bool) -> None:
 # code reads it and that the simulator models).
 _ARCHITECTURE_KEYS: dict[str, tuple[str, frozenset[ModelType]]] = {
     # transformers models/mixtral/configuration_mixtral.py: num_local_experts, num_experts_per_tok
-    "num_local_experts": ("mixture-of-experts layers (Mixtral)", frozenset()),
+    "num_local_experts": ("mixture-of-experts layers (Mixtral)", frozenset({ModelType.MIXTRAL})),
     # models/qwen2_moe/configuration_qwen2_moe.py, qwen3_moe: num_experts, moe_intermediate_size,
     # shared_expert_intermediate_size
-    "num_experts": ("mixture-of-experts layers (Qwen2-MoE, Qwen3-MoE)", frozenset()),
-    "moe_intermediate_size": ("mixture-of-experts layers (Qwen-MoE, DeepSeek)", frozenset()),
-    "shared_expert_intermediate_size": ("shared experts (Qwen2-MoE)", frozenset()),
+    "num_experts": ("mixture-of-experts layers (Qwen2-MoE, Qwen3-MoE)",
+                    frozenset({ModelType.QWEN2_MOE, ModelType.QWEN3_MOE})),
+    "moe_intermediate_size": ("mixture-of-experts layers (Qwen-MoE, DeepSeek)",
+                              frozenset({ModelType.QWEN2_MOE, ModelType.QWEN3_MOE})),
+    "shared_expert_intermediate_size": ("shared experts (Qwen2-MoE)", frozenset({ModelType.QWEN2_MOE})),
     # models/deepseek_v2/configuration_deepseek_v2.py, deepseek_v3: n_routed_experts, n_shared_experts,
     # kv_lora_rank, q_lora_rank (multi-head latent attention)
     "n_routed_experts": ("mixture-of-experts layers (DeepSeek-V2/V3)", frozenset()),
@@ -158,6 +161,98 @@ def check_model_keys(scenario: Scenario) -> None:
                             f"{scenario.software.transformers}), which refuses the config at load")
 
 
+# The MoE config classes' defaults (transformers 5.24.0 models/mixtral/configuration_mixtral.py MixtralConfig,
+# qwen2_moe/configuration_qwen2_moe.py Qwen2MoeConfig, qwen3_moe/configuration_qwen3_moe.py Qwen3MoeConfig):
+# (experts key, experts, top k, expert size key or None for intermediate_size, its default, norm_topk_prob default)
+_MOE_DEFAULTS = {
+    ModelType.MIXTRAL: ("num_local_experts", 8, 2, None, None, True),  # MixtralTopKRouter always renormalises
+    ModelType.QWEN2_MOE: ("num_experts", 60, 4, "moe_intermediate_size", 1408, False),
+    ModelType.QWEN3_MOE: ("num_experts", 128, 8, "moe_intermediate_size", 768, False),
+}
+
+
+def moe_shape(model_type: ModelType, layers: int, intermediate_size: int, extra: dict) -> MoeShape | None:
+    """The routed experts as the MoE config classes read config.json; None for a dense family. The sparse layers:
+    every layer in Mixtral; in Qwen2/3-MoE those not in mlp_only_layers with (i + 1) % decoder_sparse_step == 0
+    (Qwen2MoeDecoderLayer.__init__, Qwen3MoeDecoderLayer.__init__)."""
+    if not model_type.is_moe:
+        return None
+    experts_key, experts, top_k, size_key, size_default, norm = _MOE_DEFAULTS[model_type]
+    experts = extra.get(experts_key, experts)
+    top_k = extra.get("num_experts_per_tok", top_k)
+    size = extra.get(size_key, size_default) if size_key else intermediate_size
+    for key, value in ((experts_key, experts), ("num_experts_per_tok", top_k), (size_key, size)):
+        if key is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ScenarioError(f"model.{key}: {value!r} must be a positive integer")
+    if top_k > experts:
+        raise ScenarioError(f"model.num_experts_per_tok: {top_k} is more than model.{experts_key} ({experts}): "
+                            "torch.topk cannot pick more experts than there are")
+    if model_type is ModelType.MIXTRAL:
+        sparse = frozenset(range(layers))
+    else:
+        step = extra.get("decoder_sparse_step", 1)
+        if not isinstance(step, int) or isinstance(step, bool) or step < 1:
+            raise ScenarioError(f"model.decoder_sparse_step: {step!r} must be a positive integer")
+        dense = extra.get("mlp_only_layers") or []
+        if not isinstance(dense, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in dense):
+            raise ScenarioError(f"model.mlp_only_layers: {dense!r} must be a list of layer indices")
+        sparse = frozenset(i for i in range(layers) if i not in dense and (i + 1) % step == 0)
+    shared = extra.get("shared_expert_intermediate_size", 5632) if model_type is ModelType.QWEN2_MOE else 0
+    return MoeShape(num_experts=experts, experts_per_token=top_k, expert_intermediate_size=size,
+                    norm_topk_prob=bool(extra.get("norm_topk_prob", norm)) if model_type is not ModelType.MIXTRAL
+                    else True, sparse_layers=sparse, shared_expert_intermediate_size=shared or 0,
+                    qkv_bias=bool(extra.get("qkv_bias", True)) if model_type is ModelType.QWEN2_MOE else False)
+
+
+def check_moe(scenario: Scenario) -> None:
+    """Refuse what the MoE modelling (sim/workload/moe.py) does not cover, one line naming the key."""
+    model = scenario.model
+    if not model.model_type.is_moe:
+        return
+    extra = model.model_extra or {}
+    kind = model.model_type.value
+    moe_shape(model.model_type, model.num_hidden_layers, model.intermediate_size, extra)  # the expert keys' checks
+    if extra.get("output_router_logits"):
+        # MixtralForCausalLM.forward: the router logits of every layer kept to the loss and the load-balancing
+        # aux loss (load_balancing_loss_func) added: not modelled
+        raise ScenarioError(f"model.output_router_logits: true (the router aux loss) is not modelled yet for "
+                            f"model_type {kind}")
+    if extra.get("router_jitter_noise"):  # MixtralSparseMoeBlock.forward multiplies the input by uniform noise
+        raise ScenarioError(f"model.router_jitter_noise: {extra['router_jitter_noise']!r} is not modelled yet "
+                            "(the published Mixtral configs use 0.0)")
+    window = extra.get("use_sliding_window") if model.model_type is not ModelType.MIXTRAL else \
+        extra.get("sliding_window")
+    if window:  # Mixtral reads sliding_window itself, the Qwen MoE configs only under use_sliding_window
+        key = "sliding_window" if model.model_type is ModelType.MIXTRAL else "use_sliding_window"
+        raise ScenarioError(f"model.{key}: {extra[key]!r}: sliding-window attention is not modelled yet for "
+                            f"model_type {kind}")
+    if scenario.lora is not None and scenario.lora.target_modules == "all-linear" and \
+            model.model_type in (ModelType.MIXTRAL, ModelType.QWEN3_MOE):
+        # measured with peft 0.21.2 / transformers 5.24.0: get_peft_model wraps Mixtral's and Qwen3-MoE's router and
+        # 3-D experts in lora.ParamWrapper adapters (a parametrised weight per forward), not modelled; Qwen2-MoE's
+        # all-linear targets only nn.Linear modules
+        raise ScenarioError(f"lora.target_modules: 'all-linear' on model_type {kind} also puts PEFT's ParamWrapper "
+                            "adapters on the router and the experts, which is not modelled yet; name the attention "
+                            "projections (q_proj, k_proj, v_proj, o_proj)")
+    if scenario.deepspeed is not None and scenario.deepspeed.zero_optimization.stage == 3:
+        # DeepSpeed ZeRO-3 gathers per module unless deepspeed.utils.set_z3_leaf_modules marks the MoE block a leaf
+        # (LLaMA-Factory src/llamafactory/model/model_utils/moe.py add_z3_leaf_module does for Mixtral/Qwen2-MoE;
+        # transformers 5.24 does not); neither granularity is modelled
+        raise ScenarioError(f"deepspeed.zero_optimization.stage: 3 with model_type {kind} (ZeRO-3 leaf modules "
+                            "for the MoE block) is not modelled yet; stages 0-2 are")
+    torch = scenario.software.version("torch")
+    host = on_host(scenario)
+    capability = tuple(int(part) for part in (scenario.hardware.device.compute_capability or "8.0").split("."))
+    cuda_kernel = torch >= (2, 9, 0) and capability >= (8, 0) or (2, 8, 0) <= torch and capability[0] == 9
+    if torch < (2, 9, 0) if host else not cuda_kernel:
+        # integrations/moe.py _can_use_grouped_mm: no CPU kernel up to torch 2.8; on CUDA sm80+ from torch 2.9,
+        # Hopper only before (taken from torch 2.8; whether 2.7 has torch._grouped_mm is not checked, so it is
+        # refused); elsewhere transformers::grouped_mm_fallback runs, a per-expert mm loop
+        raise ScenarioError(f"software.torch: {scenario.software.torch} on this device runs transformers' "
+                            "grouped_mm fallback for the experts, which is not modelled yet (torch >= 2.9 on "
+                            "compute capability >= 8.0 or a CPU host is)")
+
+
 def check_attention(scenario: Scenario, shape: ModelShape) -> None:
     """Refuse the attention paths of the sliding-window families that transformers refuses or that are not
     modelled: SDPA with soft-capped scores (Gemma2PreTrainedModel._supports_sdpa = False, "sdpa does not support
@@ -195,6 +290,7 @@ _STAGE0_WRAPPERS = {
 def check_supported(scenario: Scenario) -> None:
     """Refuse, with a clear message, what is not modelled yet rather than simulate it wrongly."""
     check_model_keys(scenario)
+    check_moe(scenario)
     check_attention(scenario, model_shape(scenario, weights_dtype(scenario)))
     if scenario.deepspeed is not None:
         zero = scenario.deepspeed.zero_optimization
@@ -313,7 +409,10 @@ def model_shape(scenario: Scenario, weights: DType) -> ModelShape:
         tie_word_embeddings=_tied(m), weights_dtype=weights, attention_bias=m.attention_bias,
         mlp_bias=m.mlp_bias, attention_dropout=m.attention_dropout, no_bias=m.no_bias,
         sliding_window=sliding.pop("sliding_window", extra.get("sliding_window")),
-        use_sliding_window=bool(extra.get("use_sliding_window")), **sliding)
+        use_sliding_window=bool(extra.get("use_sliding_window")), moe=moe_shape(m.model_type,
+                                                                                  m.num_hidden_layers,
+                                                                                  m.intermediate_size, extra),
+        **sliding)
 
 
 # Config classes whose tie_word_embeddings defaults to True (transformers 5.24.0 GemmaConfig, Gemma2Config,

@@ -15,6 +15,14 @@ class ModelType(Enum):
     GEMMA2 = "gemma2"  # models/gemma2: + post-attention/pre/post-feedforward norms, soft-capping, sliding layers
     PHI3 = "phi3"  # models/phi3: fused qkv_proj and gate_up_proj
     GEMMA3_TEXT = "gemma3_text"  # models/gemma3 Gemma3ForCausalLM: + q/k norms, local and global rotary
+    MIXTRAL = "mixtral"  # models/mixtral: Mistral attention, top-k routed experts (sim/workload/moe.py)
+    QWEN2_MOE = "qwen2_moe"  # models/qwen2_moe: + a shared expert behind a sigmoid gate, dense layers by config
+    QWEN3_MOE = "qwen3_moe"  # models/qwen3_moe: Qwen3 attention (q/k norms), routed experts
+
+    @property
+    def is_moe(self) -> bool:
+        """Whether the family's layers route tokens to experts (sim/workload/moe.py)."""
+        return self in (ModelType.MIXTRAL, ModelType.QWEN2_MOE, ModelType.QWEN3_MOE)
 
 
 class DType(Enum):
@@ -26,6 +34,7 @@ class DType(Enum):
     INT64 = "int64"
     BOOL = "bool"
     FLOAT64 = "float64"
+    INT32 = "int32"  # integer bookkeeping only (grouped_mm offsets, CUDA histc input); never a weights dtype
 
     @property
     def is_floating(self) -> bool:
@@ -33,7 +42,7 @@ class DType(Enum):
 
 
 # A plain attribute on each member: the simulator reads it hundreds of thousands of times per run.
-for _member, _size in zip(DType, (4, 2, 2, 8, 1, 8), strict=True):
+for _member, _size in zip(DType, (4, 2, 2, 8, 1, 8, 4), strict=True):
     _member.size_bytes = _size
 
 

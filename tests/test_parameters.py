@@ -45,6 +45,18 @@ EXACT = {
     # Phi-3: fused qkv_proj (h → (a + 2k)·d) and gate_up_proj (h → 2i), untied, 32064 vocabulary
     "phi-3-mini-4k": 3_821_079_552,
     "phi-3-medium-4k": 13_960_238_080,
+    # MoE (3-D expert weights gate_up_proj (E, 2i, h) and down_proj (E, h, i), router gate.weight (E, h) per sparse
+    # layer): the safetensors totals, the HF pages' "Model size" (HF API safetensors.total; model.safetensors.index.json
+    # total_size / 2 in bf16: 93,405,585,408, 28,631,568,384 and 61,064,245,248 bytes); also keras-team/keras-hub's
+    # presets (mixtral_8_7b_en params 46702792704, qwen1.5_moe_2.7b_en 14315784192).
+    # Mixtral: 32·(2·4096 + attention 4096·(4096 + 2·1024 + 4096) + router 8·4096 + experts 8·3·4096·14336) + norm
+    # 4096 + 2·32000·4096 = 46,702,792,704
+    "mixtral-8x7b": 46_702_792_704,
+    # Qwen2-MoE: q/k/v biases; per layer a shared expert (3·h·5632) and its (1, h) gate besides 60 experts of 1408
+    "qwen1.5-moe-a2.7b": 14_315_784_192,
+    "qwen2-57b-a14b": 57_408_658_944,
+    # Qwen3-MoE: q_norm/k_norm (2·128 per layer), 128 experts of 768, no shared expert
+    "qwen3-30b-a3b": 30_532_122_624,
 }
 # Tied models whose safetensors also store lm_head.weight (the HF page's total counts it twice, the loaded model
 # once): (safetensors total, its vocab × hidden, the model card's rounded "Number of Parameters" in billions).

@@ -20,6 +20,7 @@ from sim.vocab import ModelType
 from sim.workload.context import RunContext
 from sim.workload.gemma import Gemma
 from sim.workload.hf_decoder import HfDecoder
+from sim.workload.moe import Mixtral, Qwen2Moe, Qwen3Moe
 from sim.workload.phi3 import Phi3
 from sim.workload.qwen1 import Qwen1
 from sim.workload.qwen3 import Qwen3
@@ -60,4 +61,7 @@ ARCHITECTURES: dict[ModelType, Architecture] = {
     ModelType.GEMMA2: Gemma(),
     ModelType.GEMMA3_TEXT: Gemma(),
     ModelType.PHI3: Phi3(),
+    ModelType.MIXTRAL: Mixtral(),
+    ModelType.QWEN2_MOE: Qwen2Moe(),
+    ModelType.QWEN3_MOE: Qwen3Moe(),
 }

@@ -67,8 +67,10 @@ _FIRST_RELEASE = {ModelType.QWEN2: (4, 37, 0), ModelType.QWEN3: (4, 51, 0)}
 # Families modelled from a later release than their first: Gemma 1 (4.38), 2 (4.42) and 3 (4.50) as 5.x runs them
 # (read at 5.24.0); their 4.x code (per-layer rotary, the normalizer tensor, the older mask paths) is not read yet.
 # Phi-3 (4.40) likewise, read at 5.24.0.
+# The MoE families as 5.24.0 runs them (3-D expert weights, grouped_mm experts by default): read at 5.24.0 only.
 _MODELLED_FROM = {ModelType.GEMMA: (5, 0, 0), ModelType.GEMMA2: (5, 0, 0), ModelType.GEMMA3_TEXT: (5, 0, 0),
-                  ModelType.PHI3: (5, 0, 0)}
+                  ModelType.PHI3: (5, 0, 0), ModelType.MIXTRAL: (5, 24, 0), ModelType.QWEN2_MOE: (5, 24, 0),
+                  ModelType.QWEN3_MOE: (5, 24, 0)}
 
 
 def behaviour_for(versions: Versions, model_type: ModelType, checkpointing: bool) -> Behaviour:
@@ -87,7 +89,8 @@ def behaviour_for(versions: Versions, model_type: ModelType, checkpointing: bool
     modelled = _MODELLED_FROM.get(model_type)
     if modelled is not None and tf < modelled:
         raise ScenarioError(f"software.transformers: model_type {model_type.value} is modelled for transformers >= "
-                            f"{format_version(modelled)} (got {format_version(tf)}; its 4.x code is not modelled yet)")
+                            f"{format_version(modelled)} (got {format_version(tf)}; its "
+                            f"{'4.x' if modelled == (5, 0, 0) else 'earlier'} code is not modelled yet)")
     # Loss: <=4.45 the model upcasts the full logits and shifts them; mistral kept that through 4.47.
     # ForCausalLMLoss (4.46+, mistral 4.48+) upcasts inside the loss; from 4.49 it pads the labels instead
     # of slicing the logits, so there is no shifted copy.

@@ -9,7 +9,7 @@ layer's attention reads, the attention and the MLP.
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 from sim.ops import Phase
 from sim.vocab import DType
@@ -36,15 +36,26 @@ class DecoderLayer:
     linears: dict[str, Linear]
     rotary_cache: list[Tensor] = field(default_factory=list)  # per-layer cos_cached/sin_cached buffers (old HF code)
     norms: dict[str, Param] = field(default_factory=dict)  # a family's other norms (Qwen3's q_norm/k_norm), by name
+    moe: "MoeParams | None" = None  # a sparse MoE block's parameters in creation order (sim/workload/moe.py)
 
     def params(self) -> list[Param]:
-        """The input norm, the linears, the post-attention norm, then the family's other norms."""
+        """The input norm, the linears, a MoE block's parameters, the post-attention norm, then the family's other
+        norms."""
         out = [self.input_norm]
         for lin in self.linears.values():
             out += lin.params()
+        if self.moe is not None:
+            out += self.moe.params()
         out.append(self.post_attention_norm)
         out += self.norms.values()
         return out
+
+
+class MoeParams(Protocol):
+    """A sparse MoE block's parameters (sim/workload/moe.py MoeBlock)."""
+
+    def params(self) -> list[Param]:
+        """Router, experts and shared expert, in the order the block's __init__ creates them."""
 
 
 @dataclass(frozen=True, slots=True)

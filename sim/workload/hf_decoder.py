@@ -14,8 +14,8 @@ from sim.vocab import AttnImplementation, DType, ModelType
 from sim.workload import primitives as P
 from sim.workload.behaviour import KvCache, Rotary, SdpaContiguous
 from sim.workload.context import RunContext
-from sim.workload.decoder import Decoder, DecoderLayer
-from sim.workload.modules import apply_linear, in_module, make_linear, make_param, maybe_saved_copy, rms_norm
+from sim.workload.decoder import Decoder, DecoderLayer, MoeParams
+from sim.workload.modules import Linear, apply_linear, in_module, make_linear, make_param, maybe_saved_copy, rms_norm
 from sim.workload.tape import Param, Tape, Tensor
 
 LinearShapes = dict[str, tuple[int, int, bool]]  # module name → (in_features, out_features, has_bias)
@@ -70,13 +70,17 @@ class HfDecoder(Decoder):
         """A layer's norms besides the input and post-attention norms: none here."""
         return {}
 
+    def moe_block(self, ctx: RunContext, prefix: str, dtype: DType, full: bool, lora: LoraPlan | None) -> MoeParams:
+        """A sparse layer's MoE block (the MoE families, sim/workload/moe.py); the dense families have none."""
+        raise NotImplementedError(f"{type(self).__name__} has no MoE block")
+
     def build_model(self, ctx: RunContext, lora: LoraPlan | None) -> CausalLM:
         """Create the parameters in module order, in the weights dtype; LoRA freezes the base and adds adapters."""
         m = ctx.model
         dtype = m.weights_dtype
         full = lora is None
         h, d = m.hidden_size, m.head_size
-        shapes = [("self_attn", self.attention_shapes(m)), ("mlp", self.mlp_shapes(m))]
+        attention, dense = self.attention_shapes(m), self.mlp_shapes(m)
         embed = maybe_saved_copy(ctx, "model.embed_tokens.weight", m.vocab_size * h, dtype, full, lora,
                                   "embed_tokens")
         layers = []
@@ -84,12 +88,15 @@ class HfDecoder(Decoder):
             prefix = f"model.layers.{index}"
             norm1 = make_param(ctx, f"{prefix}.input_layernorm.weight", h, dtype, full)
             linears = {}
-            for parent, group in shapes:
+            sparse = m.moe is not None and index in m.moe.sparse_layers
+            for parent, group in (("self_attn", attention), ("mlp", {} if sparse else dense)):
                 for name, (fan_in, fan_out, has_bias) in group.items():
                     linears[name] = make_linear(ctx, f"{prefix}.{parent}.{name}", fan_in, fan_out, has_bias, dtype,
                                                 full, lora, name)
+            moe = self.moe_block(ctx, f"{prefix}.mlp", dtype, full, lora) if sparse else None
             norm2 = make_param(ctx, f"{prefix}.post_attention_layernorm.weight", h, dtype, full)
-            layer = DecoderLayer(index, prefix, norm1, norm2, linears, norms=self.layer_norms(ctx, prefix, full))
+            layer = DecoderLayer(index, prefix, norm1, norm2, linears, norms=self.layer_norms(ctx, prefix, full),
+                                 moe=moe)
             beh = ctx.behaviour
             if beh.rotary is not Rotary.MODEL_LEVEL:  # each attention layer owns a rotary module and its inv_freq
                 inv_freq_buffer(ctx, f"{prefix}.self_attn.rotary_emb")
@@ -222,7 +229,12 @@ class HfDecoder(Decoder):
 
     def mlp(self, ctx: RunContext, layer: DecoderLayer, x: Tensor) -> Tensor:
         """down_proj(act_fn(gate_proj(x)) * up_proj(x))."""
-        tp, lin, prefix = ctx.tape, layer.linears, f"{layer.prefix}.mlp"
+        return self.gated_mlp(ctx, f"{layer.prefix}.mlp", layer.linears, x)
+
+    def gated_mlp(self, ctx: RunContext, prefix: str, lin: dict[str, Linear], x: Tensor) -> Tensor:
+        """down_proj(act_fn(gate_proj(x)) * up_proj(x)) over the linears named gate_proj/up_proj/down_proj in `lin`
+        (the layer's MLP, or Qwen2-MoE's shared expert)."""
+        tp = ctx.tape
         gate = apply_linear(ctx, lin["gate_proj"], x)
         act = self.activation(tp, f"{prefix}.act_fn", gate)
         tp.drop(gate)

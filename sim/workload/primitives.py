@@ -702,3 +702,127 @@ def _efficient_backward(tp: Tape, node: Node, grad: Tensor) -> list:
                          DType.BOOL)
     tp.drop(delta, workspace)
     return grads
+
+
+# ---- routing (mixture of experts) -----------------------------------------------------------------------------
+def sigmoid(tp: Tape, name: str, x: Tensor) -> Tensor:
+    """F.sigmoid: SigmoidBackward0 saves its result; sigmoid_backward(grad, result) allocates the grad input."""
+    tp.op(name, flops=4 * x.numel, bytes_moved=2 * x.size_bytes)
+    out = tp.empty(f"{name}.out", x.numel, x.dtype)
+    node = tp.record(name, [x], [out], _same_size_backward, numel=x.numel)
+    return tp.output(out, node)
+
+
+def untracked(tp: Tape, name: str, numel: int, dtype: DType, bytes_moved: int = 0) -> Tensor:
+    """An op on integer or no-grad tensors (sort, floor_divide, histc, cumsum, arange): its one new output."""
+    tp.op(name, bytes_moved=bytes_moved or numel * dtype.size_bytes)
+    return tp.empty(f"{name}.out", numel, dtype)
+
+
+def topk(tp: Tape, name: str, x: Tensor, rows: int, k: int) -> tuple[Tensor, Tensor]:
+    """torch.topk(x, k, dim=-1) over `rows` rows: values in x's dtype and int64 indices, (rows, k) each.
+    TopkBackward0 saves the indices (derivatives.yaml topk: value_selecting_reduction_backward); its backward
+    allocates zeros of x's size and scatters the grad into an out-of-place copy of them (two tensors of x's size,
+    the zeros freed once the scatter returns)."""
+    tp.op(name, flops=x.numel, bytes_moved=x.size_bytes + rows * k * (x.dtype.size_bytes + I64.size_bytes))
+    values = tp.empty(f"{name}.values", rows * k, x.dtype)
+    indices = tp.empty(f"{name}.indices", rows * k, I64)
+    node = tp.record(name, [x], [indices], _zeros_then_put_backward, numel=x.numel)
+    return tp.output(values, node), indices
+
+
+def _zeros_then_put_backward(tp: Tape, node: Node, grad: Tensor) -> list:
+    """grad.new_zeros(input size) then an out-of-place scatter/index_put of the grad into it (topk, index)."""
+    numel, target = node.ctx["numel"], node.inputs[0]
+    tp.op(f"{node.name}.backward.zeros", bytes_moved=numel * grad.dtype.size_bytes)
+    zeros = tp.empty(f"{node.name}.backward.zeros", numel, grad.dtype)
+    out = _grad_for(tp, f"{node.name}.backward.put", numel, grad.dtype, target)
+    tp.drop(zeros)
+    return [out]
+
+
+def sum_last(tp: Tape, name: str, x: Tensor, last: int) -> Tensor:
+    """x.sum(dim=-1, keepdim=True) (or a sum over a middle dim of size `last`): SumBackward0 saves only sizes; its
+    backward is grad.expand(input size), a view."""
+    tp.op(name, flops=x.numel, bytes_moved=x.size_bytes)
+    out = tp.empty(f"{name}.out", x.numel // last, x.dtype)
+    node = tp.record(name, [x], [], _expand_view_backward, numel=x.numel)
+    return tp.output(out, node)
+
+
+def _expand_view_backward(tp: Tape, node: Node, grad: Tensor) -> list:
+    return [tp.alias(grad, node.ctx["numel"], view=True)]
+
+
+def div_(tp: Tape, name: str, a: Tensor, b: Tensor) -> Tensor:
+    """a /= b in place with b broadcast over a's last dim. DivBackward0's formula for b reads the original self, so
+    the in-place variant saves a clone of it (VariableType's original_self, made when b requires grad) and b.
+    Backward: grad / b for a; for b -grad * ((self / b) / b) summed to b's size (observed on torch 2.13: div, neg,
+    mul, div, then the sum), each of a's size."""
+    if b.requires_grad:
+        tp.op(f"{name}.original_self", bytes_moved=2 * a.size_bytes)
+        original = tp.empty(f"{name}.original_self", a.numel, a.dtype)
+    else:
+        original = None
+    tp.op(name, flops=a.numel, bytes_moved=2 * a.size_bytes + b.size_bytes)
+    saved = [t for t in (original, b) if t is not None]
+    node = tp.record(name, [a, b], saved, _div_backward, numel=a.numel)
+    tp.drop(original)
+    return tp.output(tp.alias(a), node)
+
+
+def _div_backward(tp: Tape, node: Node, grad: Tensor) -> list:
+    a, b = node.inputs
+    numel = node.ctx["numel"]
+    grads: list = [None, None]
+    if a is not None:
+        grads[0] = _grad_for(tp, f"{node.name}.backward.self", numel, grad.dtype, a, flops=numel)
+    if b is not None:
+        ratio = _grad_for(tp, f"{node.name}.backward.self_div", numel, grad.dtype, grad, flops=numel)
+        negated = _grad_for(tp, f"{node.name}.backward.neg", numel, grad.dtype, grad, flops=numel)
+        product = _grad_for(tp, f"{node.name}.backward.mul", numel, grad.dtype, grad, flops=numel)
+        tp.drop(ratio, negated)
+        quotient = _grad_for(tp, f"{node.name}.backward.div", numel, grad.dtype, grad, flops=numel)
+        tp.drop(product)
+        tp.op(f"{node.name}.backward.sum_to", bytes_moved=quotient.size_bytes)  # summed to b's size
+        grads[1] = tp.empty(f"{node.name}.backward.sum_to.out", b.numel, grad.dtype)
+        tp.drop(quotient)
+    return grads
+
+
+def index_rows(tp: Tape, name: str, x: Tensor, index: Tensor, out_numel: int) -> Tensor:
+    """x[index] with an int64 index over the first dim: a new tensor of the gathered rows. IndexBackward0 saves the
+    index; its backward is grad.new_zeros(x's size).index_put(index, grad, accumulate=True), two x-sized tensors."""
+    tp.op(name, bytes_moved=2 * out_numel * x.dtype.size_bytes + index.size_bytes)
+    out = tp.empty(f"{name}.out", out_numel, x.dtype)
+    node = tp.record(name, [x], [index], _zeros_then_put_backward, numel=x.numel)
+    return tp.output(out, node)
+
+
+def grouped_mm(tp: Tape, name: str, x: Tensor, w: Param, offsets: Tensor, rows: int, in_features: int,
+               out_features: int) -> Tensor:
+    """F.grouped_mm(x, w.transpose(-2, -1), offs): each expert's rows of x (rows in all) times its (out, in)
+    slice of the 3-D weight, one (rows, out) output. derivatives.yaml _grouped_mm saves x when the weight needs
+    grad, the weight when x does, and offs; the backward makes a grad of the whole 3-D weight (every expert, hit or
+    not) laid out like the parameter (AccumulateGrad steals it: no clone measured on torch 2.13 CPU) and a grad of
+    x's size."""
+    w_t = weight(w)
+    flops = 2.0 * rows * in_features * out_features
+    tp.op(name, flops=flops, bytes_moved=(x.numel + w_t.numel + rows * out_features) * x.dtype.size_bytes,
+          kind=OpKind.GEMM)
+    tp.first_gemm()
+    out = tp.empty(f"{name}.out", rows * out_features, x.dtype)
+    saved = ([x] if w_t.requires_grad else []) + ([w_t] if x.requires_grad else []) + [offsets]
+    node = tp.record(name, [x, w_t], saved, _grouped_mm_backward, flops=flops)
+    return tp.output(out, node)
+
+
+def _grouped_mm_backward(tp: Tape, node: Node, grad: Tensor) -> list:
+    """The weight's grad first, then the input's (the order torch 2.13's _grouped_mm backward runs them)."""
+    x, w = node.inputs
+    flops = node.ctx["flops"]
+    grad_w = _grad_for(tp, f"{node.name}.backward.weight", w.numel, w.dtype, w, flops=flops,
+                       kind=OpKind.GEMM) if w is not None else None
+    grad_x = _grad_for(tp, f"{node.name}.backward.input", x.numel, x.dtype, x, flops=flops,
+                       kind=OpKind.GEMM) if x is not None else None
+    return [grad_x, grad_w]
