@@ -12,8 +12,9 @@ import pytest
 
 SIM = Path(__file__).resolve().parents[1] / "sim"
 SCHEMA = {"sim.scenario", "sim.catalog", "sim.resolve", "sim.simulate", "sim.report", "sim.cli", "sim.calibrate",
-          "sim.calibrate_cuda", "sim.calibrate_cuda_child",
-          "sim.plot", "sim.validate"}  # the schema and the floors above it
+          "sim.calibrate_cuda", "sim.calibrate_cuda_child", "sim.plot", "sim.validate", "sim.snapshot",
+          "sim.snapshot_import", "sim.chrome_trace", "sim.compare", "sim.fit", "sim.sweep",
+          "sim.advise"}  # the schema and the floors above it
 MODELLING = ("sim.workload", "sim.schedule", "sim.parallel")
 
 
@@ -91,6 +92,11 @@ def test_nothing_under_the_plan_reaches_the_schema(module: str) -> None:
 @pytest.mark.parametrize("module", ENGINE_ROOM)
 def test_the_engine_room_knows_no_model(module: str) -> None:
     assert [m for m in transitive_imports(module) if m.startswith(MODELLING)] == []
+
+
+def test_the_steady_state_proof_knows_only_the_engine_room() -> None:
+    # sim/steady.py runs above the engine (sim/simulate.py calls it) but reasons on ops, events and allocator states
+    assert transitive_imports("sim.steady") & (SCHEMA | set(below(*MODELLING))) == set()
 
 
 def test_the_vocabulary_is_the_ground_floor() -> None:

@@ -120,7 +120,8 @@ def test_torch_memory_viz_reads_it() -> None:
     snapshot = pickle.loads(_export(raw))
     assert "Summary of segments" in memory_viz.segsum(snapshot)
     assert "cudaMalloc" in memory_viz.trace(snapshot)
-    assert "<html>" in memory_viz.trace_plot(snapshot).lower()
+    assert "<html>" in memory_viz.trace_plot(snapshot).lower()  # the `stats`, `trace`, `trace_plot` and
+    assert "<html>" in memory_viz.segment_plot(snapshot).lower()  # `segment_plot` commands (no network needed)
 
 
 def test_cli_writes_the_snapshot_and_refuses_the_exact_backend(tmp_path: Path, capsys) -> None:
