@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     swp.add_argument("--out", required=True, metavar="PATH", help="the CSV, a row written as each variant finishes")
     swp.add_argument("--resume", action="store_true", help="continue an interrupted sweep's CSV")
     swp.add_argument("--workers", type=int, default=1, metavar="N", help="run N variants at once (processes)")
+    swp.add_argument("--executor", choices=["local", "dask"], default="local",
+                     help="local processes (default) or a dask.distributed cluster (the dask extra)")
+    swp.add_argument("--address", metavar="HOST:PORT", help="--executor dask: the scheduler's address")
     swp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a key in every variant (repeatable)")
     swp.add_argument("--plot", dest="plot_path", metavar="PATH",
@@ -319,6 +322,8 @@ def _sweep(args: argparse.Namespace) -> int:
     grid = Grid.parse(args.grid)
     if args.workers < 1:
         raise ScenarioError(f"--workers: {args.workers}; at least 1")
+    if (args.executor == "dask") != (args.address is not None):
+        raise ScenarioError("--executor dask and --address HOST:PORT go together")
     _check_outputs(("--out", args.out), ("--plot", args.plot_path))
     if args.plot_path is not None:
         plot_format(args.plot_path)
@@ -328,7 +333,7 @@ def _sweep(args: argparse.Namespace) -> int:
     progress = _ProgressBar()
     progress.stage(f"sweep of {len(grid.variants())} variants", len(grid.variants()))
     try:
-        ran = run_sweep(path, args.overrides, grid, out, args.resume, args.workers, progress.advance)
+        ran = run_sweep(path, args.overrides, grid, out, args.resume, args.workers, progress.advance, args.address)
     finally:
         progress.close()
     with out.open(encoding="utf-8") as handle:

@@ -1,6 +1,7 @@
 """`sim sweep`: one scenario over a grid of `--set` values, a CSV row per variant written as each finishes, in grid
 order, so that a sweep killed at any point and run again with `--resume` ends with the same file as one never
-interrupted (issue #16). Variants run in this process or in `workers` forked processes (multiprocessing)."""
+interrupted (issue #16). Variants run in this process, in `workers` forked processes (multiprocessing), or on a
+dask.distributed cluster (the optional `dask` extra) for sweeps larger than one machine."""
 
 import csv
 import io
@@ -93,9 +94,11 @@ def _done_rows(out: Path, header: list[str]) -> int | None:
 
 
 def run_sweep(path: str, overrides: list[str], grid: Grid, out: Path, resume: bool = False, workers: int = 1,
-              on_row: Callable[[], None] | None = None) -> int:
+              on_row: Callable[[], None] | None = None, dask_address: str | None = None) -> int:
     """Run every variant not yet in `out` and append its row as it finishes, in grid order (each row flushed to
-    disk before the next is written); the number of rows run now. `resume`: continue a CSV a kill cut short."""
+    disk before the next is written); the number of rows run now. `resume`: continue a CSV a kill cut short;
+    `dask_address`: the dask.distributed scheduler that runs the variants instead of local processes (the scenario
+    path must be readable by its workers)."""
     header = grid.header()
     variants = grid.variants()
     if out.exists() and not resume:
@@ -107,7 +110,7 @@ def run_sweep(path: str, overrides: list[str], grid: Grid, out: Path, resume: bo
     with out.open("a", encoding="utf-8") as handle:
         if done is None:
             handle.write(_row_text(header))
-        for row in _rows(jobs, workers):
+        for row in (_dask_rows(jobs, dask_address) if dask_address else _rows(jobs, workers)):
             handle.write(_row_text(row))
             handle.flush()
             os.fsync(handle.fileno())
@@ -123,3 +126,19 @@ def _rows(jobs: list[tuple], workers: int) -> Iterator[list[str]]:
         return
     with get_context("fork").Pool(processes=workers) as pool:
         yield from pool.imap(run_variant, jobs)
+
+
+def _dask_rows(jobs: list[tuple], address: str) -> Iterator[list[str]]:
+    """The rows of `jobs` in order, computed on the dask.distributed cluster at `address`."""
+    try:
+        from distributed import Client
+    except ImportError:
+        raise ScenarioError("--executor dask: dask.distributed is not installed (pip install '.[dask]')") from None
+    try:
+        client = Client(address, timeout="10s")
+    except OSError as exc:
+        raise ScenarioError(f"--address: no dask scheduler at {shown(address)}: {exc}") from None
+    with client:
+        futures = client.map(run_variant, jobs, pure=False)
+        for future in futures:
+            yield future.result()

@@ -104,3 +104,19 @@ def test_sweep_plots(tmp_path: Path) -> None:
         assert main(["sweep", scenario, *sum((["--grid", g] for g in grid), []), "--out", str(out),
                      "--plot", str(svg)]) == 0
         assert expected in svg.read_text()
+
+
+def test_a_dask_cluster_writes_the_same_csv(tmp_path: Path) -> None:
+    distributed = pytest.importorskip("distributed")
+    scenario = _scenario(tmp_path)
+    local, remote = tmp_path / "local.csv", tmp_path / "dask.csv"
+    run_sweep(scenario, [], GRID, local)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        run_sweep(scenario, [], GRID, remote, dask_address=cluster.scheduler_address)
+    assert remote.read_bytes() == local.read_bytes()
+
+
+def test_the_dask_executor_needs_an_address(tmp_path: Path, capsys) -> None:
+    scenario, out = _scenario(tmp_path), tmp_path / "s.csv"
+    assert main(["sweep", scenario, "--grid", "training.seq_len=8", "--out", str(out), "--executor", "dask"]) == 2
+    assert "go together" in capsys.readouterr().err
