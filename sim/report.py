@@ -225,7 +225,8 @@ def largest_live_tensors(run: Run, index: int, count: int = LARGEST_TENSORS) -> 
     _, from_end = np.unique(ids[::-1], return_index=True)  # each buffer's last event up to the row
     last = index - from_end
     allocations = last[trace.delta_bytes[last] > 0]
-    largest = allocations[np.argsort(-trace.delta_bytes[allocations], kind="stable")[:count]]
+    # largest first, equal sizes in the order they were allocated (not by buffer id, which numbering forms differ in)
+    largest = allocations[np.lexsort((allocations, -trace.delta_bytes[allocations]))[:count]]
     out = []
     for row in largest.tolist():
         buffer = buffers[int(trace.buffer_id[row])]
