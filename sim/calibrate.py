@@ -49,6 +49,7 @@ class Config:
     tied: bool = False
     lora_r: int = 0
     reentrant: bool = True  # gradient_checkpointing_kwargs.use_reentrant (False: the saved-tensor-hooks path)
+    window: int = 0  # config sliding_window, written into both configs where set (0: the family's default)
 
     @property
     def head_dim(self) -> int:
@@ -113,6 +114,24 @@ CONFIGS: tuple[Config, ...] = (
           layers=7, gc=True, reentrant=False),
     _vary("phi3_sdpa_gc_nr", "model type + attention + non-reentrant checkpointing", model_type="phi3",
           attn="sdpa", gc=True, reentrant=False),
+    # sliding_window 16 < seq 32: SDPA gets the sliding layers' materialised bool mask (masking_utils.sdpa_mask)
+    _vary("gemma3_sdpa_w16", "model type + attention + sliding window", model_type="gemma3_text", attn="sdpa",
+          window=16),
+    _vary("gemma3_layers7_sdpa_w16", "model type + layers + attention + window (layer 5 full: no mask)",
+          model_type="gemma3_text", layers=7, attn="sdpa", window=16),
+    _vary("gemma3_sdpa_w16_bf16", "model type + attention + window + dtype", model_type="gemma3_text", attn="sdpa",
+          dtype="bf16", window=16),
+    _vary("gemma2_w16", "model type + sliding window", model_type="gemma2", window=16),  # eager: SDPA refused
+    _vary("phi3_sdpa_w16", "model type + attention + sliding window", model_type="phi3", attn="sdpa", window=16),
+    _vary("phi3_sdpa_w16_gc_nr", "model type + attention + window + non-reentrant checkpointing",
+          model_type="phi3", attn="sdpa", gc=True, reentrant=False, window=16),
+    _vary("mistral_sdpa_w16", "model type + attention + sliding window", model_type="mistral", attn="sdpa",
+          window=16),
+    _vary("mistral_sdpa_w32_gc", "model type + attention + window (= seq) + checkpointing", model_type="mistral",
+          attn="sdpa", gc=True, window=32),
+    # s 128: each sliding layer's SDPA keeps its own (b, 1, s, s) fp32 copy of the mask, 128 KiB here
+    _vary("gemma3_s128_sdpa_w64", "model type + sequence + attention + window", model_type="gemma3_text", seq=128,
+          attn="sdpa", window=64),
 )
 
 # Families whose config.json carries head_dim (the scenario and the HF config both get it written out).
@@ -122,7 +141,7 @@ _GELU = frozenset({"gemma", "gemma2", "gemma3_text"})  # hidden_act gelu_pytorch
 # The subset the `calibrate` pytest marker runs in CI: every factor at least once, a few minutes in all.
 CI_SUBSET = ("base", "seq64", "sdpa", "gc", "sdpa_gc", "batch1", "mha", "tied", "bf16", "lora", "llama", "mistral", "qwen3",
              "qwen3_s128_v64", "gemma", "gemma2", "gemma3_layers7_gc", "phi3", "phi3_sdpa_gc", "gc_nr",
-             "lora_gc_nr")
+             "lora_gc_nr", "gemma3_layers7_sdpa_w16", "mistral_sdpa_w32_gc")
 
 
 def config_by_name(name: str) -> Config:
@@ -150,6 +169,8 @@ def scenario_mapping(config: Config, versions: dict[str, str]) -> dict:
         model["head_dim"] = config.head_dim
     if config.model_type in _GELU:
         model["hidden_act"] = "gelu_pytorch_tanh"
+    if config.window:
+        model["sliding_window"] = config.window
     raw = {
         "name": f"calibrate {config.name}",
         "model": model,
@@ -226,6 +247,8 @@ def _build(config: Config):
     extra = {"head_dim": config.head_dim} if config.model_type in _EXPLICIT_HEAD_DIM else {}
     if config.model_type == "phi3":  # Phi3Config's pad_token_id 32000 lies outside the tiny vocabulary
         extra["pad_token_id"] = 0
+    if config.window:
+        extra["sliding_window"] = config.window
     hf_config = config_cls(
         vocab_size=config.vocab, hidden_size=config.hidden, intermediate_size=config.intermediate,
         num_hidden_layers=config.layers, num_attention_heads=config.heads, num_key_value_heads=config.kv_heads,
@@ -410,6 +433,8 @@ def describe(config: Config) -> str:
         parts.append(f"lora{config.lora_r}")
     if config.gc and not config.reentrant:
         parts.append("non-reentrant")
+    if config.window:
+        parts.append(f"window{config.window}")
     return " ".join(parts)
 
 

@@ -147,8 +147,6 @@ def test_qwen3_needs_the_transformers_that_added_it_and_its_norms_are_not_linear
 @pytest.mark.parametrize("model_type, training, software, message", [
     ("gemma2", {}, "5.24.0", r"training.attn_implementation: sdpa does not support attention soft-capping "
                              r"\(model.attn_logit_softcapping 50.0\)"),
-    ("gemma3_text", {"seq_len": 4096}, "5.24.0", r"training.seq_len: 4096 reaches the sliding window \(4096\) under "
-                                                 r"sdpa"),
     ("gemma", {}, "4.57.1", r"software.transformers: model_type gemma is modelled for transformers >= 5.0.0 "
                             r"\(got 4.57.1; its 4.x code is not modelled yet\)"),
 ])

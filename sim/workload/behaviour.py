@@ -48,6 +48,7 @@ class Behaviour:
     llama_full_mask_bool: bool
     sdpa_mask_always: bool
     sdpa_sliding_window_check: bool
+    sdpa_sliding_mask_bool: bool  # 4.53+: SDPA's sliding-window mask is bool (b, 1, s, s) once s >= window
     eager_mask_via_bool: bool
     sdpa_repeats_kv: bool
     sdpa_contiguous: SdpaContiguous
@@ -126,6 +127,9 @@ def behaviour_for(versions: Versions, model_type: ModelType, checkpointing: bool
         # mistral 4.40-4.52 (and qwen2 4.46-4.47, 4.49-4.52) skip the SDPA mask only when s < sliding_window.
         sdpa_sliding_window_check=(mistral and (4, 40, 0) <= tf < (4, 53, 0))
         or (qwen2 and ((4, 46, 0) <= tf < (4, 48, 0) or (4, 49, 0) <= tf < (4, 53, 0))),
+        # masking_utils (4.53+): create_sliding_window_causal_mask hands SDPA a bool (b, 1, s, s) mask once
+        # kv_length >= sliding_window (_ignore_causal_mask_sdpa: local_attention_size), None below it
+        sdpa_sliding_mask_bool=tf >= (4, 53, 0),
         eager_mask_via_bool=tf >= (4, 53, 0),
         # repeat_kv before SDPA through 4.53; 4.54+ passes enable_gqa=True on torch >= 2.5 when there is no mask.
         sdpa_repeats_kv=tf < (4, 54, 0) or torch < (2, 5, 0),
@@ -158,8 +162,8 @@ def _qwen1(torch: tuple, peft: tuple, tf: tuple, revision: QwenRemoteCode) -> Be
         model_type=ModelType.QWEN, logits_upcast_in_model=False, loss_upcasts_logits=False, loss_shifts_logits=True,
         rotary=Rotary.MODEL_LEVEL, unused_rotary_buffers=False, llama_full_mask_buffer=False,
         llama_full_mask_bool=False, sdpa_mask_always=True, sdpa_sliding_window_check=False,
-        eager_mask_via_bool=False, sdpa_repeats_kv=False, sdpa_contiguous=SdpaContiguous.NEVER,
-        fa2_repeats_kv=False, kv_cache=KvCache.NONE, legacy_cache_output=False,
+        sdpa_sliding_mask_bool=False, eager_mask_via_bool=False, sdpa_repeats_kv=False,
+        sdpa_contiguous=SdpaContiguous.NEVER, fa2_repeats_kv=False, kv_cache=KvCache.NONE, legacy_cache_output=False,
         peft_adapters_fp32=_peft_adapters_fp32(peft), peft_lora_add_in_place=_peft_lora_add_in_place(peft),
         default_optim=Optim.ADAMW_TORCH_FUSED if tf >= (4, 53, 1) and torch >= (2, 8, 0) else Optim.ADAMW_TORCH,
         qwen_causal_mask_buffer=revision is QwenRemoteCode.OCT_2023,

@@ -20,11 +20,12 @@ from collections.abc import Sequence
 
 from sim.ops import Category
 from sim.plan import LoraPlan
-from sim.vocab import AttnImplementation, DType, ModelType
+from sim.vocab import DType, ModelType
 from sim.workload import primitives as P
 from sim.workload.context import RunContext
 from sim.workload.decoder import DecoderLayer, LayerTypeMasks, Mask
-from sim.workload.hf_decoder import CausalLM, HfDecoder, inv_freq_buffer, causal_mask, rotary_computed
+from sim.workload.hf_decoder import (CausalLM, HfDecoder, causal_mask, inv_freq_buffer, rotary_computed,
+                                    sliding_window_mask)
 from sim.workload.modules import apply_linear, in_module, make_param
 from sim.workload.tape import Param, Tape, Tensor
 
@@ -67,7 +68,7 @@ class Gemma(HfDecoder):
         dtype = embeds.dtype
         mask: Mask = causal_mask(ctx, dtype)
         if m.model_type is not ModelType.GEMMA:  # causal_mask_mapping: full, then sliding_attention
-            sliding = causal_mask(ctx, dtype) if ctx.attn is AttnImplementation.EAGER and m.sliding_layers else None
+            sliding = sliding_window_mask(ctx, dtype) if m.sliding_layers else None
             mask = LayerTypeMasks(mask, sliding)
         rotary: list[Tensor] = []
         for sliding_type in _rotary_types(ctx):
