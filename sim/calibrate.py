@@ -94,6 +94,8 @@ CONFIGS: tuple[Config, ...] = (
     # small vocabulary, longer sequence: the forward peak sits in the layers, where the q/k norms live
     _vary("qwen3_s128_v64", "model type + sequence + vocabulary", model_type="qwen3", seq=128, vocab=64),
     _vary("gemma", "model type", model_type="gemma"),
+    # frozen embeddings under checkpointing: enable_input_require_grads' hook on the (4.x: unscaled) embedding output
+    _vary("gemma_lora_gc", "model type + LoRA + checkpointing", model_type="gemma", lora_r=8, gc=True),
     _vary("gemma_sdpa_bf16", "model type + attention + dtype", model_type="gemma", attn="sdpa", dtype="bf16"),
     _vary("gemma2", "model type", model_type="gemma2"),  # soft-capping: eager (SDPA refuses it)
     _vary("gemma2_gc_bf16", "model type + checkpointing + dtype", model_type="gemma2", gc=True, dtype="bf16"),
@@ -164,6 +166,7 @@ def scenario_mapping(config: Config, versions: dict[str, str]) -> dict:
         "num_key_value_heads": config.kv_heads, "vocab_size": config.vocab,
         "max_position_embeddings": max(2 * config.seq, 128), "tie_word_embeddings": config.tied,
         "torch_dtype": {"fp32": "float32", "bf16": "bfloat16"}[config.dtype],
+        "use_cache": False,  # as the measured side's config: no DynamicCache in a 4.x training forward
     }
     if config.model_type in _EXPLICIT_HEAD_DIM:
         model["head_dim"] = config.head_dim

@@ -52,7 +52,8 @@ def resolve_plan(scenario: Scenario) -> Plan:
     versions = Versions(*(software.version(p) for p in ("torch", "transformers", "deepspeed", "peft")),
                         qwen_remote_code=software.qwen_remote_code)
     training = scenario.training
-    behaviour = behaviour_for(versions, scenario.model.model_type, training.gradient_checkpointing)
+    behaviour = behaviour_for(versions, scenario.model.model_type, training.gradient_checkpointing,
+                              use_cache=(scenario.model.model_extra or {}).get("use_cache") is not False)
     weights = weights_dtype(scenario)
     host = on_host(scenario)
     loading = module_loading(versions.torch, cuda_of_torch(scenario.software.torch))
@@ -160,21 +161,25 @@ def check_model_keys(scenario: Scenario) -> None:
 
 def check_attention(scenario: Scenario, shape: ModelShape) -> None:
     """Refuse the attention paths of the sliding-window families that transformers refuses or that are not
-    modelled: SDPA with soft-capped scores (integrations/sdpa_attention.py raises ValueError on a softcap) and Gemma 2
-    under SDPA at all (5.24.0 Gemma2PreTrainedModel._supports_sdpa = False, "sdpa does not support softcapping":
-    _sdpa_can_dispatch raises); Qwen2's sliding layers from 4.53, whose second mask is not modelled."""
+    modelled: on 5.x SDPA with soft-capped scores (integrations/sdpa_attention.py raises ValueError on a softcap) and
+    Gemma 2 under SDPA at all (Gemma2PreTrainedModel._supports_sdpa = False, "sdpa does not support softcapping":
+    _sdpa_can_dispatch raises; read at 5.24.0); Qwen2's sliding layers from 4.53, whose second mask is not modelled.
+    On 4.53 - 4.57 Gemma 2 supports sdpa and sdpa_attention_forward takes the softcap kwarg without applying it
+    (4.53.0, 4.57.1 integrations/sdpa_attention.py): plain SDPA, as modelled."""
     attn, model = scenario.training.attn_implementation, scenario.model
-    if attn is AttnImplementation.SDPA and shape.attn_logit_softcapping is not None:
+    transformers = scenario.software.version("transformers")
+    sdpa_5x = attn is AttnImplementation.SDPA and transformers >= (5, 0, 0)
+    if sdpa_5x and shape.attn_logit_softcapping is not None:
         raise ScenarioError(f"training.attn_implementation: sdpa does not support attention soft-capping "
                             f"(model.attn_logit_softcapping {shape.attn_logit_softcapping}): transformers refuses "
                             "it for this model; use eager (its default here) or flash_attention_2")
-    if attn is AttnImplementation.SDPA and model.model_type is ModelType.GEMMA2:
+    if sdpa_5x and model.model_type is ModelType.GEMMA2:
         raise ScenarioError("training.attn_implementation: sdpa is refused by transformers for model_type gemma2 "
                             "(Gemma2PreTrainedModel._supports_sdpa = False); use eager or flash_attention_2")
     extra = model.model_extra or {}
     if (model.model_type is ModelType.QWEN2 and shape.use_sliding_window and shape.sliding_window
             and attn is not AttnImplementation.FLASH_ATTENTION_2
-            and scenario.software.version("transformers") >= (4, 53, 0)
+            and transformers >= (4, 53, 0)
             and model.num_hidden_layers > extra.get("max_window_layers", 28)):
         # 4.53+ Qwen2Config.layer_types: "sliding_attention" for i >= max_window_layers (default 28), and Qwen2Model
         # builds causal_mask_mapping["sliding_attention"] beside the full mask (models/qwen2/modeling_qwen2.py)

@@ -81,3 +81,47 @@ def test_sliding_paths_that_stay_refused(model_type: str, model: dict, attn: str
         resolve_plan(build_scenario(raw))
     raw["training"]["attn_implementation"] = "flash_attention_2"  # no mask tensors at all
     assert resolve_plan(build_scenario(raw)).model.sliding_window == 8
+
+
+def _gemma_457(model_type: str, **training) -> dict:
+    """tiny_raw as a Gemma family (head_dim 16, gelu) on transformers 4.57.1, bf16."""
+    raw = tiny_raw(**training)
+    raw["model"].update(model_type=model_type, head_dim=16, hidden_act="gelu_pytorch_tanh")
+    raw["software"] = {"torch": "2.13.0", "transformers": "4.57.1", "peft": "0.17.1"}
+    return raw
+
+
+def test_gemma_on_4x_scales_by_a_normalizer_tensor_and_gemma3_by_its_buffer() -> None:
+    # 4.53 - 4.57 GemmaModel.forward: torch.tensor(hidden**0.5, dtype=bf16), a 0-dim tensor of 2 B, per forward; no
+    # embed_scale buffer. Gemma 3 registers its 0-dim embed_scale buffer (2 B in bf16) from 4.50.
+    gemma = _sizes(_gemma_457("gemma"), "normalizer") | _sizes(_gemma_457("gemma"), "embed_scale")
+    # the product and, in backward, grad · normalizer: b·s·h bf16 = 2·16·64·2 = 4096 B each
+    assert gemma == {"model.normalizer": [2], "model.normalizer.mul.out": [4096],
+                     "model.normalizer.mul.backward.out": [4096]}
+    gemma3 = _sizes(_gemma_457("gemma3_text"), "normalizer") | _sizes(_gemma_457("gemma3_text"), "embed_scale")
+    assert "model.normalizer" not in gemma3 and gemma3["model.embed_tokens.embed_scale"] == [2]
+
+
+def test_gemma2_sdpa_runs_on_4x_and_use_cache_false_drops_the_cache() -> None:
+    # 4.57.1: Gemma2 _supports_sdpa = True and sdpa_attention_forward ignores the softcap kwarg: plain SDPA
+    raw = _gemma_457("gemma2")
+    assert resolve_plan(build_scenario(raw)).model.attn_logit_softcapping == 50.0
+    # no checkpointing on 4.x: config.json's use_cache (absent: true) fills a DynamicCache, torch.cat copies of
+    # k and v per layer (4.56+): b·s·kv·d = 2·16·4·16 bf16 = 4096 B each; use_cache false in config.json: none
+    assert _sizes(raw, "cache.keys")["model.layers.0.self_attn.cache.keys.out"] == [4096]
+    raw["model"]["use_cache"] = False
+    assert _sizes(raw, "cache.") == {}
+
+
+def test_gemma3_on_4x_computes_both_rotaries_whatever_the_layers() -> None:
+    # 2 layers, pattern 6: both slide. 4.57.1 Gemma3TextModel builds and runs rotary_emb and rotary_emb_local (d/2 = 8
+    # fp32 inv_freq = 32 B each; cos/sin (1, s, d) bf16 = 16·16·2 = 512 B each, two pairs); 5.24 only the sliding
+    # layers' pair.
+    old = _sizes(_gemma_457("gemma3_text"), "rotary_emb")
+    assert old["model.rotary_emb.inv_freq"] == old["model.rotary_emb_local.inv_freq"] == [32]
+    assert old["model.rotary_emb.cos.to.out"] == old["model.rotary_emb_local.cos.to.out"] == [512]
+    raw = _gemma_457("gemma3_text")
+    raw["software"] = {"torch": "2.13.0", "transformers": "5.24.0", "peft": "0.21.2"}
+    new = _sizes(raw, "rotary")
+    assert [k for k in new if k.endswith("inv_freq")] == ["model.rotary_emb.inv_freq"]  # one module, one type
+    assert new["model.rotary_emb.sliding_attention.cos.to.out"] == [512] and "model.rotary_emb.cos.to.out" not in new
