@@ -125,3 +125,15 @@ def test_gemma3_on_4x_computes_both_rotaries_whatever_the_layers() -> None:
     new = _sizes(raw, "rotary")
     assert [k for k in new if k.endswith("inv_freq")] == ["model.rotary_emb.inv_freq"]  # one module, one type
     assert new["model.rotary_emb.sliding_attention.cos.to.out"] == [512] and "model.rotary_emb.cos.to.out" not in new
+
+
+@pytest.mark.parametrize("model_type", ["gemma", "gemma2", "gemma3_text"])
+@pytest.mark.parametrize("transformers", ["4.57.1", "5.24.0"])
+def test_gemma_checkpointed_layers_keep_their_mask_and_cos_sin(model_type: str, transformers: str) -> None:
+    # reentrant checkpointing: each layer's checkpoint keeps its mask and the cos/sin it is called with; eager
+    # masks are (b, 1, s, s) bf16 = 2·16·16·2 = 1024 B, one per layer type present
+    raw = _gemma_457(model_type, gradient_checkpointing=True, attn_implementation="eager")
+    raw["software"]["transformers"] = transformers
+    raw["training"]["gradient_checkpointing_kwargs"] = {"use_reentrant": True}
+    sizes = _sizes(raw, "causal_mask")
+    assert sizes["causal_mask"] == [1024] * (1 if model_type == "gemma" else 2)

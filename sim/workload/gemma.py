@@ -164,7 +164,7 @@ class Gemma(HfDecoder):
         sliding = index in ctx.model.sliding_layers
         chosen = (mask.sliding if sliding else mask.full) if isinstance(mask, LayerTypeMasks) else mask
         pair: Sequence[Tensor] = rotary or []
-        if rotary is not None and not ctx.behaviour.gemma3_both_rotaries:
+        if rotary is not None and _own_pair_only(ctx):
             pair = _layer_pair(ctx, index, rotary)
         return [t for t in (chosen, *pair) if t is not None]
 
@@ -226,6 +226,12 @@ def _rotary_types(ctx: RunContext) -> list[bool]:
         return [False, True]
     return [sliding for sliding in (False, True)
             if any((i in m.sliding_layers) is sliding for i in range(m.num_hidden_layers))]
+
+
+def _own_pair_only(ctx: RunContext) -> bool:
+    """Whether each layer is called with only its own layer type's cos/sin: 5.x Gemma 3 (the other Gemmas have one
+    pair for all layers, 4.x Gemma 3 hands every layer both)."""
+    return ctx.model.model_type is ModelType.GEMMA3_TEXT and not ctx.behaviour.gemma3_both_rotaries
 
 
 def _sliding_rotary_name(ctx: RunContext) -> str:
