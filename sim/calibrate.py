@@ -55,6 +55,7 @@ class Config:
     moe_intermediate: int = 64  # Qwen2/3-MoE: moe_intermediate_size (Mixtral's experts use `intermediate`)
     shared_intermediate: int = 96  # Qwen2-MoE: shared_expert_intermediate_size
     norm_topk: bool = False  # Qwen2/3-MoE: norm_topk_prob (Mixtral always renormalises)
+    window: int = 0  # config sliding_window, written into both configs where set (0: the family's default)
 
     @property
     def head_dim(self) -> int:
@@ -99,6 +100,8 @@ CONFIGS: tuple[Config, ...] = (
     # small vocabulary, longer sequence: the forward peak sits in the layers, where the q/k norms live
     _vary("qwen3_s128_v64", "model type + sequence + vocabulary", model_type="qwen3", seq=128, vocab=64),
     _vary("gemma", "model type", model_type="gemma"),
+    # frozen embeddings under checkpointing: enable_input_require_grads' hook on the (4.x: unscaled) embedding output
+    _vary("gemma_lora_gc", "model type + LoRA + checkpointing", model_type="gemma", lora_r=8, gc=True),
     _vary("gemma_sdpa_bf16", "model type + attention + dtype", model_type="gemma", attn="sdpa", dtype="bf16"),
     _vary("gemma2", "model type", model_type="gemma2"),  # soft-capping: eager (SDPA refuses it)
     _vary("gemma2_gc_bf16", "model type + checkpointing + dtype", model_type="gemma2", gc=True, dtype="bf16"),
@@ -136,6 +139,24 @@ CONFIGS: tuple[Config, ...] = (
     _vary("qwen3_moe", "model type (MoE, q/k norms)", model_type="qwen3_moe"),
     _vary("qwen3_moe_gc_nr_bf16", "model type (MoE) + non-reentrant checkpointing + dtype", model_type="qwen3_moe",
           gc=True, reentrant=False, dtype="bf16"),
+    # sliding_window 16 < seq 32: SDPA gets the sliding layers' materialised bool mask (masking_utils.sdpa_mask)
+    _vary("gemma3_sdpa_w16", "model type + attention + sliding window", model_type="gemma3_text", attn="sdpa",
+          window=16),
+    _vary("gemma3_layers7_sdpa_w16", "model type + layers + attention + window (layer 5 full: no mask)",
+          model_type="gemma3_text", layers=7, attn="sdpa", window=16),
+    _vary("gemma3_sdpa_w16_bf16", "model type + attention + window + dtype", model_type="gemma3_text", attn="sdpa",
+          dtype="bf16", window=16),
+    _vary("gemma2_w16", "model type + sliding window", model_type="gemma2", window=16),  # eager: SDPA refused
+    _vary("phi3_sdpa_w16", "model type + attention + sliding window", model_type="phi3", attn="sdpa", window=16),
+    _vary("phi3_sdpa_w16_gc_nr", "model type + attention + window + non-reentrant checkpointing",
+          model_type="phi3", attn="sdpa", gc=True, reentrant=False, window=16),
+    _vary("mistral_sdpa_w16", "model type + attention + sliding window", model_type="mistral", attn="sdpa",
+          window=16),
+    _vary("mistral_sdpa_w32_gc", "model type + attention + window (= seq) + checkpointing", model_type="mistral",
+          attn="sdpa", gc=True, window=32),
+    # s 128: each sliding layer's SDPA keeps its own (b, 1, s, s) fp32 copy of the mask, 128 KiB here
+    _vary("gemma3_s128_sdpa_w64", "model type + sequence + attention + window", model_type="gemma3_text", seq=128,
+          attn="sdpa", window=64),
 )
 
 def lora_targets(config: Config) -> "str | list[str]":
@@ -163,7 +184,7 @@ _GELU = frozenset({"gemma", "gemma2", "gemma3_text"})  # hidden_act gelu_pytorch
 # The subset the `calibrate` pytest marker runs in CI: every factor at least once, a few minutes in all.
 CI_SUBSET = ("base", "seq64", "sdpa", "gc", "sdpa_gc", "batch1", "mha", "tied", "bf16", "lora", "llama", "mistral", "qwen3",
              "qwen3_s128_v64", "gemma", "gemma2", "gemma3_layers7_gc", "phi3", "phi3_sdpa_gc", "gc_nr",
-             "lora_gc_nr", "mixtral_s128_v64", "qwen2_moe")
+             "lora_gc_nr", "mixtral_s128_v64", "qwen2_moe", "gemma3_layers7_sdpa_w16", "mistral_sdpa_w32_gc")
 
 
 def config_by_name(name: str) -> Config:
@@ -186,12 +207,15 @@ def scenario_mapping(config: Config, versions: dict[str, str]) -> dict:
         "num_key_value_heads": config.kv_heads, "vocab_size": config.vocab,
         "max_position_embeddings": max(2 * config.seq, 128), "tie_word_embeddings": config.tied,
         "torch_dtype": {"fp32": "float32", "bf16": "bfloat16"}[config.dtype],
+        "use_cache": False,  # as the measured side's config: no DynamicCache in a 4.x training forward
     }
     if config.model_type in _EXPLICIT_HEAD_DIM:
         model["head_dim"] = config.head_dim
     if config.model_type in _GELU:
         model["hidden_act"] = "gelu_pytorch_tanh"
     model.update(moe_keys(config))
+    if config.window:
+        model["sliding_window"] = config.window
     raw = {
         "name": f"calibrate {config.name}",
         "model": model,
@@ -271,6 +295,8 @@ def _build(config: Config):
     extra = {"head_dim": config.head_dim} if config.model_type in _EXPLICIT_HEAD_DIM else {}
     if config.model_type == "phi3":  # Phi3Config's pad_token_id 32000 lies outside the tiny vocabulary
         extra["pad_token_id"] = 0
+    if config.window:
+        extra["sliding_window"] = config.window
     hf_config = config_cls(
         vocab_size=config.vocab, hidden_size=config.hidden, intermediate_size=config.intermediate,
         num_hidden_layers=config.layers, num_attention_heads=config.heads, num_key_value_heads=config.kv_heads,
@@ -459,6 +485,8 @@ def describe(config: Config) -> str:
                                                f"[{config.lora_targets}]"))
     if config.gc and not config.reentrant:
         parts.append("non-reentrant")
+    if config.window:
+        parts.append(f"window{config.window}")
     return " ".join(parts)
 
 

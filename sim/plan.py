@@ -59,7 +59,7 @@ class ModelShape:
     no_bias: bool  # Qwen1: no bias except c_attn
     sliding_window: int | None  # config.json's sliding_window (None where absent)
     use_sliding_window: bool  # Qwen2's switch for it (absent: False)
-    sliding_layers: frozenset[int] = frozenset()  # layers of layer_types "sliding_attention" (Gemma 2/3)
+    sliding_layers: frozenset[int] = frozenset()  # "sliding_attention" layers (Gemma 2/3; Phi-3, Mistral: all)
     attn_logit_softcapping: float | None = None  # Gemma 2: tanh soft-capping of the attention scores
     final_logit_softcapping: float | None = None  # Gemma 2: tanh soft-capping of the logits
     moe: MoeShape | None = None  # the routed experts of the MoE families (None: a dense model)

@@ -53,7 +53,8 @@ def resolve_plan(scenario: Scenario) -> Plan:
     versions = Versions(*(software.version(p) for p in ("torch", "transformers", "deepspeed", "peft")),
                         qwen_remote_code=software.qwen_remote_code)
     training = scenario.training
-    behaviour = behaviour_for(versions, scenario.model.model_type, training.gradient_checkpointing)
+    behaviour = behaviour_for(versions, scenario.model.model_type, training.gradient_checkpointing,
+                              use_cache=(scenario.model.model_extra or {}).get("use_cache") is not False)
     weights = weights_dtype(scenario)
     host = on_host(scenario)
     loading = module_loading(versions.torch, cuda_of_torch(scenario.software.torch))
@@ -255,20 +256,31 @@ def check_moe(scenario: Scenario) -> None:
 
 def check_attention(scenario: Scenario, shape: ModelShape) -> None:
     """Refuse the attention paths of the sliding-window families that transformers refuses or that are not
-    modelled: SDPA with soft-capped scores (Gemma2PreTrainedModel._supports_sdpa = False, "sdpa does not support
-    softcapping"; integrations/sdpa_attention.py raises ValueError on a softcap), and SDPA once the sequence reaches the sliding window, where masking_utils.sdpa_mask
-    materialises the sliding layers' mask (_ignore_causal_mask_sdpa: kv_length >= local size)."""
-    attn, seq = scenario.training.attn_implementation, scenario.training.seq_len
-    if attn is not AttnImplementation.SDPA or not shape.sliding_layers and shape.attn_logit_softcapping is None:
-        return
-    if shape.attn_logit_softcapping is not None:
+    modelled: on 5.x SDPA with soft-capped scores (integrations/sdpa_attention.py raises ValueError on a softcap) and
+    Gemma 2 under SDPA at all (Gemma2PreTrainedModel._supports_sdpa = False, "sdpa does not support softcapping":
+    _sdpa_can_dispatch raises; read at 5.24.0); Qwen2's sliding layers from 4.53, whose second mask is not modelled.
+    On 4.53 - 4.57 Gemma 2 supports sdpa and sdpa_attention_forward takes the softcap kwarg without applying it
+    (4.53.0, 4.57.1 integrations/sdpa_attention.py): plain SDPA, as modelled."""
+    attn, model = scenario.training.attn_implementation, scenario.model
+    transformers = scenario.software.version("transformers")
+    sdpa_5x = attn is AttnImplementation.SDPA and transformers >= (5, 0, 0)
+    if sdpa_5x and shape.attn_logit_softcapping is not None:
         raise ScenarioError(f"training.attn_implementation: sdpa does not support attention soft-capping "
                             f"(model.attn_logit_softcapping {shape.attn_logit_softcapping}): transformers refuses "
                             "it for this model; use eager (its default here) or flash_attention_2")
-    if seq >= shape.sliding_window:
-        raise ScenarioError(f"training.seq_len: {seq} reaches the sliding window ({shape.sliding_window}) under sdpa, "
-                            "where the sliding layers get a materialised mask, which is not modelled yet (eager and "
-                            "flash_attention_2 are)")
+    if sdpa_5x and model.model_type is ModelType.GEMMA2:
+        raise ScenarioError("training.attn_implementation: sdpa is refused by transformers for model_type gemma2 "
+                            "(Gemma2PreTrainedModel._supports_sdpa = False); use eager or flash_attention_2")
+    extra = model.model_extra or {}
+    if (model.model_type is ModelType.QWEN2 and shape.use_sliding_window and shape.sliding_window
+            and attn is not AttnImplementation.FLASH_ATTENTION_2
+            and transformers >= (4, 53, 0)
+            and model.num_hidden_layers > extra.get("max_window_layers", 28)):
+        # 4.53+ Qwen2Config.layer_types: "sliding_attention" for i >= max_window_layers (default 28), and Qwen2Model
+        # builds causal_mask_mapping["sliding_attention"] beside the full mask (models/qwen2/modeling_qwen2.py)
+        raise ScenarioError(f"model.use_sliding_window: true with {model.num_hidden_layers} layers > max_window_layers "
+                            f"{extra.get('max_window_layers', 28)} gives Qwen2 a second, sliding-window mask under "
+                            f"{attn.value} on transformers >= 4.53, which is not modelled yet (flash_attention_2 is)")
 
 
 # ZeRO stage 0 in half precision: DeepSpeed's engine wraps the optimizer (engine.py _do_optimizer_sanity_check →
@@ -437,7 +449,9 @@ _GEMMA_DEFAULTS = {ModelType.GEMMA2: (50.0, 30.0, 4096, 2), ModelType.GEMMA3_TEX
 def _sliding_shape(model_type: ModelType, layers: int, extra: dict) -> dict:
     """The sliding layers (Gemma 2/3, Phi-3) and soft-capping (Gemma 2/3) as the config classes read them; nothing
     for the other families."""
-    if model_type is ModelType.PHI3:  # Phi3Model: a sliding-window mask for every layer when sliding_window is set
+    if model_type in (ModelType.PHI3, ModelType.MISTRAL):
+        # Phi3Model, MistralModel: create_sliding_window_causal_mask, one mask for every layer, when sliding_window is
+        # set (5.24.0 models/{phi3,mistral}/modeling_*.py `create_causal_mask if self.config.sliding_window is None`)
         return {"sliding_layers": frozenset(range(layers)) if extra.get("sliding_window") else frozenset()}
     if model_type not in _GEMMA_DEFAULTS:
         return {}

@@ -50,7 +50,7 @@ def test_formats_are_detected_from_their_keys():
 
 def test_llamafactory_lora_example_equals_its_scenario():
     """examples/train_lora/llama3_lora_sft.yaml (LLaMA-Factory v0.9.3, verbatim); its hub id
-    meta-llama/Meta-Llama-3-8B-Instruct has no catalog entry of its own, so the model is named with --set."""
+    meta-llama/Meta-Llama-3-8B-Instruct is an alias of llama-3-8b, which --set names here as the hand-written one."""
     from_file = load_scenario(LF / "llama3_lora_sft.yaml", ONE_A100)
     assert from_file.training.gradient_checkpointing  # LLaMA-Factory's default, not HF's (off)
     assert from_file.origins["training.gradient_checkpointing"].startswith("default of LLaMA-Factory 0.9.5")
@@ -104,8 +104,11 @@ def test_llamafactory_bad_input_is_one_line_naming_file_key_and_value(tmp_path, 
 
 def test_llamafactory_unknown_hub_id_and_missing_gpu_are_clear(tmp_path):
     path = LF / "llama3_lora_sft.yaml"
-    with pytest.raises(ScenarioError, match="Meta-Llama-3-8B-Instruct.*--set model=PATH/config.json"):
-        load_scenario(path, ["hardware.device=a100-sxm4-80gb"])
+    # meta-llama/Meta-Llama-3-8B-Instruct is an alias of llama-3-8b (sim/catalog.py: only eos_token_id differs)
+    assert load_scenario(path, ["hardware.device=a100-sxm4-80gb"]).model_name == "meta-llama/Meta-Llama-3-8B-Instruct"
+    unknown = write_yaml(tmp_path / "lf.yaml", {"model_name_or_path": "Qwen/Qwen1.5-32B-Chat", "stage": "sft"})
+    with pytest.raises(ScenarioError, match="Qwen1.5-32B-Chat.*--set model=PATH/config.json"):
+        load_scenario(unknown, ["hardware.device=a100-sxm4-80gb"])
     with pytest.raises(ScenarioError, match="a LLaMA-Factory YAML names no GPU: add --set hardware.device"):
         load_scenario(path, ["model=llama-3-8b"])
 

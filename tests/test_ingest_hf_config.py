@@ -82,3 +82,31 @@ def test_load_scenario_from_file_reads_transformers5_config(tmp_path):
     (tmp_path / "config.json").write_text(QWEN25_T5.read_text())
     path = write_yaml(tmp_path / "s.yaml", scenario_with("config.json"))
     assert load_scenario(path).model.torch_dtype is DType.BFLOAT16
+
+
+@pytest.mark.parametrize("hub_id, entry, differing", [
+    # Qwen2.5-7B-Instruct's config.json: max_position_embeddings 32768 (the base 131072), the base's shapes
+    ("Qwen/Qwen2.5-7B-Instruct", "qwen2.5-7b", {"max_position_embeddings": 32768}),
+    ("google/gemma-2-9b-it", "gemma-2-9b", {"torch_dtype": DType.BFLOAT16}),  # the base's is float32
+    ("mistralai/Mistral-7B-Instruct-v0.2", "mistral-7b", {"sliding_window": None}),  # v0.1 slides over 4096
+    ("meta-llama/llama-3.1-8b-instruct", "llama-3.1-8b", {}),  # hub ids are matched case-insensitively
+    ("Qwen/Qwen2.5-7B", "qwen2.5-7b", {}),  # a catalog entry's own hub id (its first line)
+])
+def test_instruct_hub_ids_resolve_to_the_catalog_entry_of_their_base(hub_id, entry, differing):
+    scenario = build_scenario(scenario_with(hub_id))
+    base = build_scenario(scenario_with(entry))
+    assert scenario.model_name == hub_id
+    shapes = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "kv_heads", "head_size", "vocab_size", "tie_word_embeddings")
+    assert all(getattr(scenario.model, key) == getattr(base.model, key) for key in shapes)
+    for key, value in differing.items():
+        fields = type(scenario.model).model_fields
+        got = getattr(scenario.model, key) if key in fields else (scenario.model.model_extra or {}).get(key, "absent")
+        assert got == value, key
+
+
+def test_unknown_hub_id_keeps_the_path_error(tmp_path, capsys):
+    """Qwen/Qwen1.5-32B-Chat is not aliased (its config.json was not found to compare): one line, as any path."""
+    path = write_yaml(tmp_path / "s.yaml", scenario_with("Qwen/Qwen1.5-32B-Chat"))
+    message = assert_one_line_error(*run_main(capsys, ["run", str(path)]))
+    assert message == "model: file not found: 'Qwen/Qwen1.5-32B-Chat'"

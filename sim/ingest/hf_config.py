@@ -17,12 +17,17 @@ NOT_MODELLED_CONFIG_KEYS = {
 
 
 def read_model(ref: Any, base_dir: Path) -> tuple[dict, str, str]:
-    """(config.json mapping, the name the result reports, the file it came from: '' inline) for `model:`."""
+    """(config.json mapping, the name the result reports, the file it came from: '' inline) for `model:`; a hub id
+    that is no local path resolves to its catalog entry (sim/catalog.py hub_entry)."""
     if isinstance(ref, dict):
         return ref, str(ref.get("_name_or_path", "inline")), ""
     if not isinstance(ref, str):
         raise ScenarioError(f"model: expected a catalog name, a path or a mapping (got {ref!r})")
     if ref.endswith((".json", ".yaml", ".yml")) or "/" in ref:
+        entry = None if any(p.exists() for p in (Path(ref), base_dir / ref)) else catalog.hub_entry(ref)
+        if entry is not None:  # a hub id of a catalog entry or of an instruct/chat alias of one
+            name, differing = entry
+            return {**catalog.load_entry("models", name, "model"), **differing}, ref, f"models/{name}.yaml"
         file = existing_path(ref, base_dir, "model")
         if file.is_dir():
             file = file / "config.json"

@@ -148,12 +148,9 @@ _STAGES = ("sft", "pt")
 
 
 def catalog_name_of(hub_id: str) -> str | None:
-    """The catalog entry written from this hub id's config.json (each models/*.yaml's first line names it)."""
-    for name in catalog.names("models"):
-        first = (catalog.data_dir("models") / f"{name}.yaml").read_text().split("\n", 1)[0].split()
-        if len(first) >= 3 and first[0] == "#" and first[2] == "config.json" and first[1].lower() == hub_id.lower():
-            return name
-    return None
+    """What `model:` is given for a hub id: the catalog entry written from its config.json, or the id itself where it
+    is an instruct/chat alias of one (read_model resolves it, sim/catalog.py); None for an id the catalog lacks."""
+    return catalog.own_entry(hub_id) or (hub_id if catalog.is_alias(hub_id) else None)
 
 
 def to_scenario(raw: dict, file: str, base_dir: Path) -> tuple[dict, list[IgnoredKey], dict[str, str]]:

@@ -48,6 +48,7 @@ class Behaviour:
     llama_full_mask_bool: bool
     sdpa_mask_always: bool
     sdpa_sliding_window_check: bool
+    sdpa_sliding_mask_bool: bool  # 4.53+: SDPA's sliding-window mask is bool (b, 1, s, s) once s >= window
     eager_mask_via_bool: bool
     sdpa_repeats_kv: bool
     sdpa_contiguous: SdpaContiguous
@@ -58,23 +59,29 @@ class Behaviour:
     peft_lora_add_in_place: bool  # PEFT <= 0.8: result += lora(x); result.to(x.dtype) (_peft_lora_add_in_place)
     default_optim: Optim  # TrainingArguments.optim's default in this version
     qwen_causal_mask_buffer: bool  # Qwen1's QWenModel registers a (P, P) bool registered_causal_mask buffer
+    gemma_normalizer_tensor: bool  # Gemma 1/2 4.x: a 0-dim normalizer per forward instead of an embed_scale buffer
+    gemma3_both_rotaries: bool  # Gemma 3 4.x: global and local cos/sin every forward, both handed to every layer
 
 
 # The first transformers release with each family's modelling code (models/<family>/ in the wheel). A family added
 # after 4.48 has the model-level rotary, ForCausalLMLoss and no per-family exception from its first release, so it
 # takes the shared rows below.
 _FIRST_RELEASE = {ModelType.QWEN2: (4, 37, 0), ModelType.QWEN3: (4, 51, 0)}
-# Families modelled from a later release than their first: Gemma 1 (4.38), 2 (4.42) and 3 (4.50) as 5.x runs them
-# (read at 5.24.0); their 4.x code (per-layer rotary, the normalizer tensor, the older mask paths) is not read yet.
-# Phi-3 (4.40) likewise, read at 5.24.0.
+# Families modelled from a later release than their first: Gemma 1 (4.38), 2 (4.42), 3 (4.50) and Phi-3 (4.40) from
+# 4.53, where their models build the masks through masking_utils (create_causal_mask,
+# create_sliding_window_causal_mask) as 5.x does (read at 4.53.0, 4.57.1 and 5.24.0); what 4.53 - 4.57 does
+# differently is a version row below (the Gemma normalizer tensor, use_cache's DynamicCache, sdpa for Gemma 2).
+# Before 4.53 each builds its masks in its own _update_causal_mask (4-D float masks; Gemma 2/3 slice the sliding
+# ones out of it) and Phi-3/Gemma 1 run the older rotary: not read yet.
 # The MoE families as 5.24.0 runs them (3-D expert weights, grouped_mm experts by default): read at 5.24.0 only.
-_MODELLED_FROM = {ModelType.GEMMA: (5, 0, 0), ModelType.GEMMA2: (5, 0, 0), ModelType.GEMMA3_TEXT: (5, 0, 0),
-                  ModelType.PHI3: (5, 0, 0), ModelType.MIXTRAL: (5, 24, 0), ModelType.QWEN2_MOE: (5, 24, 0),
+_MODELLED_FROM = {ModelType.GEMMA: (4, 53, 0), ModelType.GEMMA2: (4, 53, 0), ModelType.GEMMA3_TEXT: (4, 53, 0),
+                  ModelType.PHI3: (4, 53, 0), ModelType.MIXTRAL: (5, 24, 0), ModelType.QWEN2_MOE: (5, 24, 0),
                   ModelType.QWEN3_MOE: (5, 24, 0)}
 
 
-def behaviour_for(versions: Versions, model_type: ModelType, checkpointing: bool) -> Behaviour:
-    """The modelling code's choices for these versions, model type and checkpointing."""
+def behaviour_for(versions: Versions, model_type: ModelType, checkpointing: bool, use_cache: bool = True) -> Behaviour:
+    """The modelling code's choices for these versions, model type, checkpointing and config.json's use_cache (the
+    model's forward falls back to self.config.use_cache when the Trainer passes none, as 4.x's does)."""
     tf, torch, peft = versions.transformers, versions.torch, versions.peft
     if model_type is ModelType.QWEN:
         return _qwen1(torch, peft, tf, versions.qwen_remote_code)
@@ -89,8 +96,9 @@ def behaviour_for(versions: Versions, model_type: ModelType, checkpointing: bool
     modelled = _MODELLED_FROM.get(model_type)
     if modelled is not None and tf < modelled:
         raise ScenarioError(f"software.transformers: model_type {model_type.value} is modelled for transformers >= "
-                            f"{format_version(modelled)} (got {format_version(tf)}; its "
-                            f"{'4.x' if modelled == (5, 0, 0) else 'earlier'} code is not modelled yet)")
+                            f"{format_version(modelled)} (got {format_version(tf)}; "
+                            + ("before 4.53 its model builds its masks in its own _update_causal_mask, not modelled "
+                               "yet)" if modelled == (4, 53, 0) else "its earlier code is not modelled yet)"))
     # Loss: <=4.45 the model upcasts the full logits and shifts them; mistral kept that through 4.47.
     # ForCausalLMLoss (4.46+, mistral 4.48+) upcasts inside the loss; from 4.49 it pads the labels instead
     # of slicing the logits, so there is no shifted copy.
@@ -103,7 +111,8 @@ def behaviour_for(versions: Versions, model_type: ModelType, checkpointing: bool
     else:
         rotary = (Rotary.CACHED_PER_LAYER if tf < (4, 42, 0) else Rotary.COMPUTED_PER_LAYER if tf < (4, 48, 0)
                   else Rotary.MODEL_LEVEL)
-    if checkpointing or tf >= (5, 0, 0):  # HF forces use_cache=False under checkpointing; Trainer 5.x by default
+    # HF forces use_cache=False under checkpointing; the Trainer of 5.x passes it by default
+    if checkpointing or not use_cache or tf >= (5, 0, 0):
         kv_cache = KvCache.NONE
     else:
         kv_cache = KvCache.REFERENCES if tf < (4, 56, 0) else KvCache.COPIES
@@ -129,6 +138,9 @@ def behaviour_for(versions: Versions, model_type: ModelType, checkpointing: bool
         # mistral 4.40-4.52 (and qwen2 4.46-4.47, 4.49-4.52) skip the SDPA mask only when s < sliding_window.
         sdpa_sliding_window_check=(mistral and (4, 40, 0) <= tf < (4, 53, 0))
         or (qwen2 and ((4, 46, 0) <= tf < (4, 48, 0) or (4, 49, 0) <= tf < (4, 53, 0))),
+        # masking_utils (4.53+): create_sliding_window_causal_mask hands SDPA a bool (b, 1, s, s) mask once
+        # kv_length >= sliding_window (_ignore_causal_mask_sdpa: local_attention_size), None below it
+        sdpa_sliding_mask_bool=tf >= (4, 53, 0),
         eager_mask_via_bool=tf >= (4, 53, 0),
         # repeat_kv before SDPA through 4.53; 4.54+ passes enable_gqa=True on torch >= 2.5 when there is no mask.
         sdpa_repeats_kv=tf < (4, 54, 0) or torch < (2, 5, 0),
@@ -144,6 +156,15 @@ def behaviour_for(versions: Versions, model_type: ModelType, checkpointing: bool
         # TrainingArguments.optim default: adamw_torch_fused from 4.53.1 when torch >= 2.8.
         default_optim=Optim.ADAMW_TORCH_FUSED if fused_default else Optim.ADAMW_TORCH,
         qwen_causal_mask_buffer=False,
+        # GemmaModel/Gemma2Model.forward of 4.x: normalizer = torch.tensor(hidden_size**0.5, dtype=hidden_states.dtype);
+        # hidden_states = hidden_states * normalizer, after the masks and the rotary (4.53.0, 4.57.1
+        # models/gemma{,2}/modeling_gemma{,2}.py); 5.x scales inside GemmaTextScaledWordEmbedding, with an embed_scale
+        # buffer (Gemma 3 has that buffer from 4.50)
+        gemma_normalizer_tensor=model_type in (ModelType.GEMMA, ModelType.GEMMA2) and tf < (5, 0, 0),
+        # Gemma3TextModel of 4.x: rotary_emb and rotary_emb_local both built and run every forward, and each
+        # Gemma3DecoderLayer takes position_embeddings_global and position_embeddings_local (4.53.0, 4.57.1); 5.x
+        # computes one pair per layer type present and hands each layer its own
+        gemma3_both_rotaries=model_type is ModelType.GEMMA3_TEXT and tf < (5, 0, 0),
     )
 
 
@@ -161,11 +182,12 @@ def _qwen1(torch: tuple, peft: tuple, tf: tuple, revision: QwenRemoteCode) -> Be
         model_type=ModelType.QWEN, logits_upcast_in_model=False, loss_upcasts_logits=False, loss_shifts_logits=True,
         rotary=Rotary.MODEL_LEVEL, unused_rotary_buffers=False, llama_full_mask_buffer=False,
         llama_full_mask_bool=False, sdpa_mask_always=True, sdpa_sliding_window_check=False,
-        eager_mask_via_bool=False, sdpa_repeats_kv=False, sdpa_contiguous=SdpaContiguous.NEVER,
-        fa2_repeats_kv=False, kv_cache=KvCache.NONE, legacy_cache_output=False,
+        sdpa_sliding_mask_bool=False, eager_mask_via_bool=False, sdpa_repeats_kv=False,
+        sdpa_contiguous=SdpaContiguous.NEVER, fa2_repeats_kv=False, kv_cache=KvCache.NONE, legacy_cache_output=False,
         peft_adapters_fp32=_peft_adapters_fp32(peft), peft_lora_add_in_place=_peft_lora_add_in_place(peft),
         default_optim=Optim.ADAMW_TORCH_FUSED if tf >= (4, 53, 1) and torch >= (2, 8, 0) else Optim.ADAMW_TORCH,
-        qwen_causal_mask_buffer=revision is QwenRemoteCode.OCT_2023,
+        qwen_causal_mask_buffer=revision is QwenRemoteCode.OCT_2023, gemma_normalizer_tensor=False,
+        gemma3_both_rotaries=False,
     )
 
 

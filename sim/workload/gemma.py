@@ -1,8 +1,11 @@
 """Gemma, Gemma 2 and Gemma 3 text (transformers models/gemma/modeling_gemma.py, models/gemma2/modeling_gemma2.py,
-models/gemma3/modeling_gemma3.py Gemma3ForCausalLM), read at 5.24.0, on the Llama decoder:
+models/gemma3/modeling_gemma3.py Gemma3ForCausalLM), read at 5.24.0 and for 4.53 - 4.57 at 4.53.0 and 4.57.1, on the
+Llama decoder:
 
 - GemmaTextScaledWordEmbedding: embedding(ids) * embed_scale.to(weight.dtype), a 0-dim sqrt(hidden) buffer in the
-  model's dtype: a second (b, s, h) tensor in the weights dtype.
+  model's dtype: a second (b, s, h) tensor in the weights dtype. Gemma 1/2 on 4.x multiply by a 0-dim normalizer
+  tensor made per forward, after the masks and the rotary, and keep the unscaled embedding bound to the end of the
+  model's forward (Gemma 3 has the buffer from 4.50).
 - GemmaRMSNorm: output = _norm(x.float()) (pow, mean, + eps, rsqrt, x * rsqrt in fp32), then
   output * (1.0 + weight.float()) in fp32, then .type_as(x): it saves the fp32 input, the rsqrt and the fp32
   normalised tensor (Llama's saves a copy cast back to the input dtype).
@@ -20,11 +23,12 @@ from collections.abc import Sequence
 
 from sim.ops import Category
 from sim.plan import LoraPlan
-from sim.vocab import AttnImplementation, DType, ModelType
+from sim.vocab import DType, ModelType
 from sim.workload import primitives as P
 from sim.workload.context import RunContext
 from sim.workload.decoder import DecoderLayer, LayerTypeMasks, Mask
-from sim.workload.hf_decoder import CausalLM, HfDecoder, inv_freq_buffer, causal_mask, rotary_computed
+from sim.workload.hf_decoder import (CausalLM, HfDecoder, causal_mask, inv_freq_buffer, rotary_computed,
+                                    sliding_window_mask)
 from sim.workload.modules import apply_linear, in_module, make_param
 from sim.workload.tape import Param, Tape, Tensor
 
@@ -50,10 +54,11 @@ class Gemma(HfDecoder):
         """HfDecoder's parameters, the embedding's 0-dim embed_scale buffer (non-persistent, model dtype) and, for
         Gemma 3, the second rotary module's inv_freq (one per layer type)."""
         model = super().build_model(ctx, lora)
-        model.embed_scale = ctx.tape.persistent_buffer("model.embed_tokens.embed_scale", 1, ctx.model.weights_dtype,
-                                                       Category.PARAMETERS)
-        if len(_rotary_types(ctx)) == 2:  # Gemma3RotaryEmbedding: inv_freq per layer type present
-            inv_freq_buffer(ctx, "model.rotary_emb.sliding_attention")
+        if not ctx.behaviour.gemma_normalizer_tensor:
+            model.embed_scale = ctx.tape.persistent_buffer("model.embed_tokens.embed_scale", 1,
+                                                           ctx.model.weights_dtype, Category.PARAMETERS)
+        if len(_rotary_types(ctx)) == 2:  # Gemma3RotaryEmbedding: inv_freq per layer type present (4.x: always two)
+            inv_freq_buffer(ctx, _sliding_rotary_name(ctx))
         return model
 
     def forward_loss(self, ctx: RunContext, model: CausalLM, ids: Tensor, labels: Tensor,
@@ -62,22 +67,45 @@ class Gemma(HfDecoder):
         cos/sin (one pair per layer type in Gemma 3), the layers, the final norm, the LM head (soft-capped in
         Gemma 2) and the loss."""
         tp, m = ctx.tape, ctx.model
-        embeds = in_module(ctx, "model.embed_tokens", [model.embed_tokens], ids,
-                           lambda ids: self._scaled_embedding(ctx, model, ids))
+        normalizer_tensor = ctx.behaviour.gemma_normalizer_tensor
+        embedding = (lambda ids: P.embedding(tp, "model.embed_tokens", ids, model.embed_tokens, m.vocab_size,
+                                             m.hidden_size, on_host=ctx.on_host)) if normalizer_tensor else \
+            (lambda ids: self._scaled_embedding(ctx, model, ids))
+        embeds = in_module(ctx, "model.embed_tokens", [model.embed_tokens], ids, embedding)
         dtype = embeds.dtype
         mask: Mask = causal_mask(ctx, dtype)
         if m.model_type is not ModelType.GEMMA:  # causal_mask_mapping: full, then sliding_attention
-            sliding = causal_mask(ctx, dtype) if ctx.attn is AttnImplementation.EAGER and m.sliding_layers else None
+            sliding = sliding_window_mask(ctx, dtype) if m.sliding_layers else None
             mask = LayerTypeMasks(mask, sliding)
         rotary: list[Tensor] = []
         for sliding_type in _rotary_types(ctx):
-            name = "model.rotary_emb.sliding_attention" if sliding_type else "model.rotary_emb"
+            name = _sliding_rotary_name(ctx) if sliding_type else "model.rotary_emb"
             rotary += rotary_computed(ctx, name, dtype, scaled=True)
         masks = mask.tensors() if isinstance(mask, LayerTypeMasks) else [t for t in (mask,) if t is not None]
+        held: list[Tensor] = []
+        if normalizer_tensor:
+            embeds, held = self._normalized(ctx, embeds, checkpointing)
         hidden = self.run_layers(ctx, model.layers, embeds, mask, rotary, masks + rotary, checkpointing)
         normed = gemma_rms_norm(ctx, "model.norm", hidden, model.norm)
-        tp.drop(hidden, *masks, *rotary)
+        tp.drop(hidden, *masks, *rotary, *held)
         return self.loss_and_return(ctx, model.lm_head, normed, labels)
+
+    def _normalized(self, ctx: RunContext, embeds: Tensor, checkpointing: bool) -> tuple[Tensor, list[Tensor]]:
+        """Gemma 1/2 on 4.x: normalizer = torch.tensor(hidden**0.5, dtype=hidden_states.dtype), a 0-dim tensor, and
+        hidden_states = hidden_states * normalizer after the masks and the rotary; inputs_embeds and normalizer stay
+        bound until XModel.forward returns (the returned `held`). Under checkpointing with frozen embeddings,
+        enable_input_require_grads' hook makes the unscaled embedding output a leaf that requires grad, which its
+        AccumulateGrad node keeps until the graph is freed (held by the product's MulBackward0 here)."""
+        tp = ctx.tape
+        hooked = checkpointing and not embeds.requires_grad
+        if hooked:
+            embeds.requires_grad = True
+        normalizer = tp.empty("model.normalizer", 1, embeds.dtype)
+        hidden = P.mul(tp, "model.normalizer.mul", embeds, normalizer)
+        if hooked and hidden.node is not None:
+            tp.hold(embeds.storage)
+            hidden.node.saved.append(embeds.storage)
+        return hidden, [embeds, normalizer]
 
     def _scaled_embedding(self, ctx: RunContext, model: CausalLM, ids: Tensor) -> Tensor:
         """super().forward(input_ids) * self.embed_scale.to(self.weight.dtype): the buffer is already in the
@@ -110,7 +138,7 @@ class Gemma(HfDecoder):
         """Gemma 3: position_embeddings[layer_types[i]], the sliding layers' (local base) pair or the full ones'."""
         if rotary is None or ctx.model.model_type is not ModelType.GEMMA3_TEXT:
             return rotary
-        return self._layer_tensors(ctx, layer.index, None, rotary)
+        return _layer_pair(ctx, layer.index, rotary)
 
     def checkpoint_extra(self, ctx: RunContext, layer: DecoderLayer, mask: Mask, rotary: Sequence[Tensor] | None,
                          extra: list[Tensor]) -> list[Tensor]:
@@ -131,13 +159,13 @@ class Gemma(HfDecoder):
 
     def _layer_tensors(self, ctx: RunContext, index: int, mask: Mask,
                        rotary: Sequence[Tensor] | None) -> list[Tensor]:
-        """The mask and cos/sin layer `index` reads."""
+        """The mask and cos/sin layer `index` is called with: its own pair, or on 4.x Gemma 3 both
+        (Gemma3DecoderLayer.forward takes position_embeddings_global and position_embeddings_local, 4.53.0 - 4.57.1)."""
         sliding = index in ctx.model.sliding_layers
         chosen = (mask.sliding if sliding else mask.full) if isinstance(mask, LayerTypeMasks) else mask
         pair: Sequence[Tensor] = rotary or []
-        if rotary is not None and ctx.model.model_type is ModelType.GEMMA3_TEXT:
-            first = 2 * _rotary_types(ctx).index(sliding)
-            pair = rotary[first:first + 2]
+        if rotary is not None and _own_pair_only(ctx):
+            pair = _layer_pair(ctx, index, rotary)
         return [t for t in (chosen, *pair) if t is not None]
 
     def query_key(self, ctx: RunContext, layer: DecoderLayer, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -189,12 +217,32 @@ class Gemma(HfDecoder):
 def _rotary_types(ctx: RunContext) -> list[bool]:
     """The layer types (sliding or not) that get their own rotary cos/sin: Gemma 3 computes one pair per type
     present in layer_types (`for layer_type in set(config.layer_types)`, full then sliding here: the order does not
-    change the bytes); the other Gemmas one pair for all layers."""
+    change the bytes), on 4.x both rotary_emb and rotary_emb_local whatever the layers; the other Gemmas one pair for
+    all layers."""
     m = ctx.model
     if m.model_type is not ModelType.GEMMA3_TEXT:
         return [False]
+    if ctx.behaviour.gemma3_both_rotaries:
+        return [False, True]
     return [sliding for sliding in (False, True)
             if any((i in m.sliding_layers) is sliding for i in range(m.num_hidden_layers))]
+
+
+def _own_pair_only(ctx: RunContext) -> bool:
+    """Whether each layer is called with only its own layer type's cos/sin: 5.x Gemma 3 (the other Gemmas have one
+    pair for all layers, 4.x Gemma 3 hands every layer both)."""
+    return ctx.model.model_type is ModelType.GEMMA3_TEXT and not ctx.behaviour.gemma3_both_rotaries
+
+
+def _sliding_rotary_name(ctx: RunContext) -> str:
+    """The sliding layers' rotary module: rotary_emb_local on 4.x, the sliding_attention entry of 5.x's."""
+    return "model.rotary_emb_local" if ctx.behaviour.gemma3_both_rotaries else "model.rotary_emb.sliding_attention"
+
+
+def _layer_pair(ctx: RunContext, index: int, rotary: Sequence[Tensor]) -> Sequence[Tensor]:
+    """The (cos, sin) Gemma 3's layer `index` reads: the local-base pair for a sliding layer, else the global one."""
+    first = 2 * _rotary_types(ctx).index(index in ctx.model.sliding_layers)
+    return rotary[first:first + 2]
 
 
 def gemma_rms_norm(ctx: RunContext, name: str, x: Tensor, w: Param, dim: int | None = None) -> Tensor:

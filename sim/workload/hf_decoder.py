@@ -135,6 +135,8 @@ class HfDecoder(Decoder):
         hidden_dtype = embeds.dtype
         if model.mask_buffer is not None and ctx.attn is not AttnImplementation.FLASH_ATTENTION_2:
             mask = llama_full_mask(ctx, model.mask_buffer, hidden_dtype)
+        elif m.sliding_layers and ctx.behaviour.sdpa_sliding_mask_bool:  # Phi-3, Mistral: every layer slides
+            mask = sliding_window_mask(ctx, hidden_dtype)
         else:
             mask = causal_mask(ctx, hidden_dtype)
         rotary = None
@@ -187,9 +189,9 @@ class HfDecoder(Decoder):
             out = _eager(ctx, prefix, q_rot, k_rot, v, mask, groups)
         elif ctx.attn is AttnImplementation.SDPA:
             out = _sdpa(ctx, prefix, q_rot, k_rot, v, mask, groups)
-            if ctx.on_host and mask is None and self.ROTARY_OUTPUT_CONTIGUOUS:
-                # the CPU flash kernel allocates its output like q (empty_like): a q in its own (b, heads, s, d)
-                # layout gives a (b, heads, s, d) output, which transpose(1, 2).contiguous() then copies
+            if ctx.on_host and self.ROTARY_OUTPUT_CONTIGUOUS:
+                # the CPU flash kernel (with or without a mask) allocates its output like q (empty_like): a q in its
+                # own (b, heads, s, d) layout gives a (b, heads, s, d) output, which transpose(1, 2).contiguous() copies
                 copied = P.contiguous_copy(tp, f"{prefix}.transpose_contiguous", out)
                 tp.drop(out)
                 out = copied
@@ -351,8 +353,10 @@ def _eager(ctx: RunContext, prefix: str, q: Tensor, k: Tensor, v: Tensor, mask: 
 
 def _sdpa(ctx: RunContext, prefix: str, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, groups: int) -> Tensor:
     """F.scaled_dot_product_attention. Without a mask (is_causal) torch picks the flash kernel; with a
-    materialised mask it picks the memory-efficient kernel, which saves the mask too. Some versions call
-    .contiguous() on q/k/v first, which copies the transposed (b, s, heads, d) projections."""
+    materialised mask it picks the memory-efficient kernel on CUDA (the CPU flash kernel on a host), which saves the
+    mask too. Some versions call .contiguous() on q/k/v first, which copies the transposed (b, s, heads, d)
+    projections. With a mask, k and v are always repeated to every head: from 4.54 sdpa_attention_forward's
+    use_gqa_in_sdpa requires attention_mask None (5.24.0 integrations/sdpa_attention.py)."""
     tp, beh = ctx.tape, ctx.behaviour
     contiguous = beh.sdpa_contiguous is SdpaContiguous.ALWAYS or (
         beh.sdpa_contiguous is SdpaContiguous.WITH_MASK_ON_CUDA and mask is not None and not ctx.on_host)
@@ -360,7 +364,8 @@ def _sdpa(ctx: RunContext, prefix: str, q: Tensor, k: Tensor, v: Tensor, mask: T
         return _flash_kernel(ctx, prefix, q, k, v, groups, beh.sdpa_repeats_kv, "sdpa")
     m = ctx.model
     b, s, a, d = ctx.batch, ctx.seq, m.num_attention_heads, m.head_size
-    if beh.sdpa_repeats_kv and groups > 1:
+    repeats_kv = beh.sdpa_repeats_kv or mask is not None
+    if repeats_kv and groups > 1:
         k_in = P.expand_copy(tp, f"{prefix}.repeat_kv.k", k, groups)
         v_in = P.expand_copy(tp, f"{prefix}.repeat_kv.v", v, groups)
         kv_heads = a
@@ -368,7 +373,7 @@ def _sdpa(ctx: RunContext, prefix: str, q: Tensor, k: Tensor, v: Tensor, mask: T
         k_in, v_in, kv_heads = tp.alias(k), tp.alias(v), m.kv_heads
     if contiguous:  # repeat_kv output is already contiguous; the projections' transposed views are not
         q_in = P.contiguous_copy(tp, f"{prefix}.q.contiguous", q)
-        if not (beh.sdpa_repeats_kv and groups > 1):
+        if not (repeats_kv and groups > 1):
             k_c = P.contiguous_copy(tp, f"{prefix}.k.contiguous", k_in)
             v_c = P.contiguous_copy(tp, f"{prefix}.v.contiguous", v_in)
             tp.drop(k_in, v_in)
@@ -376,13 +381,27 @@ def _sdpa(ctx: RunContext, prefix: str, q: Tensor, k: Tensor, v: Tensor, mask: T
     else:
         q_in = tp.alias(q)
     flops = 2.0 * b * a * s * s * d
-    if mask is None:
+    attn_mask = additive_mask(ctx, prefix, mask, q.dtype) if mask is not None and mask.dtype is DType.BOOL else mask
+    if mask is None or ctx.on_host:
         out = P.flash_attention(tp, f"{prefix}.sdpa", q_in, k_in, v_in, b, a, kv_heads, s, d, flops,
-                                on_host=ctx.on_host)
+                                on_host=ctx.on_host, mask=attn_mask)
     else:
-        out = P.efficient_attention(tp, f"{prefix}.sdpa", q_in, k_in, v_in, mask, b, a, s, d, flops,
-                                    on_host=ctx.on_host)
+        out = P.efficient_attention(tp, f"{prefix}.sdpa", q_in, k_in, v_in, attn_mask, b, a, s, d, flops)
     tp.drop(q_in, k_in, v_in)
+    if attn_mask is not mask:
+        tp.drop(attn_mask)  # the kernel's autograd node keeps it until the layer's backward
+    return out
+
+
+def additive_mask(ctx: RunContext, prefix: str, mask: Tensor, dtype: DType) -> Tensor:
+    """SDPA's convert_boolean_attn_mask on every call: at::where(attn_mask, 0.0, scalar_tensor(-inf, q dtype)), a
+    new (b, 1, s, s) mask in q's dtype beside the two 0-dim scalars (pytorch aten/src/ATen/native/transformers/
+    attention.cpp, read for 2.13; measured on CPU: where allocates b·s·s·itemsize)."""
+    tp = ctx.tape
+    scalars = [tp.empty(f"{prefix}.sdpa.mask_{which}", 1, dtype) for which in ("neg_inf", "zero")]
+    tp.op(f"{prefix}.sdpa.mask_where", bytes_moved=mask.numel * (1 + dtype.size_bytes))
+    out = tp.empty(f"{prefix}.sdpa.mask_additive", mask.numel, dtype)
+    tp.drop(*reversed(scalars))
     return out
 
 
@@ -438,6 +457,50 @@ def causal_mask(ctx: RunContext, dtype: DType) -> Tensor | None:
     tp.op("model.causal_mask.expand_clone", bytes_moved=2 * b * s * s * dtype.size_bytes)
     mask = tp.empty("causal_mask", b * s * s, dtype, Category.ACTIVATIONS)
     tp.drop(triu)
+    return mask
+
+
+def sliding_window_mask(ctx: RunContext, dtype: DType) -> Tensor | None:
+    """create_sliding_window_causal_mask (masking_utils, 4.53+): eager gets causal_mask's float (b, 1, s, s) mask,
+    SDPA a bool one once s reaches the window (None below it: _ignore_causal_mask_sdpa skips to is_causal),
+    flash_attention_2 none."""
+    if ctx.attn is AttnImplementation.SDPA:
+        return sdpa_sliding_mask(ctx) if ctx.seq >= ctx.model.sliding_window else None
+    return causal_mask(ctx, dtype)
+
+
+def sdpa_sliding_mask(ctx: RunContext) -> Tensor:
+    """masking_utils.sdpa_mask with sliding_window_causal_mask_function and the 2-D attention_mask of ones that the
+    Trainer's batch carries, non-vmap (5.24.0 masking_utils.py): attention_mask.to(bool) (b, s); int64 aranges of
+    b, 1, s + q_offset and s + kv_offset (each arange then a new tensor for the + 0); the window and causal
+    comparisons of the (1, 1, s, 1) and (1, 1, 1, s) indices, each an (s, s) bool and-ed into the running result
+    (at most three s² alive); padding_mask[batch_idx, kv_idx] (b, 1, 1, s); and the final & (b, 1, s, s) bool, which
+    .expand(b, -1, s, s) keeps as is. Everything but the mask goes when the function returns."""
+    tp, b, s = ctx.tape, ctx.batch, ctx.seq
+    tp.op("model.sliding_mask.attention_mask.to_bool", bytes_moved=9 * b * s)
+    padding = tp.empty("sliding_mask.padding", b * s, DType.BOOL)
+    tp.op("model.sliding_mask.arange", bytes_moved=8 * (b + 1 + 4 * s))
+    aranges = [tp.empty("sliding_mask.batch_arange", b, DType.INT64),
+               tp.empty("sliding_mask.head_arange", 1, DType.INT64)]
+    for which in ("q", "kv"):
+        base = tp.empty(f"sliding_mask.{which}_arange", s, DType.INT64)
+        aranges.append(tp.empty(f"sliding_mask.{which}_arange.add_offset", s, DType.INT64))
+        tp.drop(base)
+    tp.op("model.sliding_mask.window_causal", bytes_moved=8 * s + 6 * s * s)
+    shifted = tp.empty("sliding_mask.q_minus_window", s, DType.INT64)
+    window = tp.empty("sliding_mask.window", s * s, DType.BOOL)
+    tp.drop(shifted)
+    anded = tp.empty("sliding_mask.and_window", s * s, DType.BOOL)
+    tp.drop(window)
+    causal = tp.empty("sliding_mask.causal", s * s, DType.BOOL)
+    inner = tp.empty("sliding_mask.and_causal", s * s, DType.BOOL)
+    tp.drop(causal, anded)
+    combined = tp.empty("sliding_mask.and_outer", s * s, DType.BOOL)
+    tp.drop(inner)
+    tp.op("model.sliding_mask.and_padding", bytes_moved=2 * b * s + b * s * s + s * s)
+    gathered = tp.empty("sliding_mask.padding_gather", b * s, DType.BOOL)
+    mask = tp.empty("sliding_mask", b * s * s, DType.BOOL, Category.ACTIVATIONS)
+    tp.drop(gathered, combined, *aranges, padding)
     return mask
 
 

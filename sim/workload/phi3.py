@@ -10,7 +10,7 @@
   down_proj(up_states * act(gate)): the gate and up halves are views of the one (b, s, 2i) output.
 - The residual dropouts (resid_pdrop) and the embedding dropout are 0 in the published configs and refused
   otherwise (sim/resolve.py); a config's sliding_window makes the mask a sliding-window one (create_sliding_window_
-  causal_mask), of the causal mask's size.
+  causal_mask), of the causal mask's size; under sdpa a bool one once s reaches the window (hf_decoder.py).
 """
 
 from sim.plan import ModelShape

@@ -538,15 +538,16 @@ def _embedding_backward(tp: Tape, node: Node, grad: Tensor) -> list:
 # ---- attention kernels ---------------------------------------------------------------------------------------------
 def flash_attention(tp: Tape, name: str, q: Tensor, k: Tensor, v: Tensor, batch: int, heads: int, kv_heads: int,
                     seq: int, head_dim: int, flops: float, rounded_workspace: bool = True,
-                    on_host: bool = False) -> Tensor:
+                    on_host: bool = False, mask: Tensor | None = None) -> Tensor:
     """A FlashAttention-2 kernel (flash_attn_func, or torch SDPA's flash backend): output + fp32 logsumexp
     (b, heads, seq) + rng state saved with q, k, v.  Backward (flash_api.cpp mha_bwd) allocates dq, dk, dv,
     dq_accum fp32 (b, round128(s), h, round32(d)), softmax_d fp32 (b, h, round128(s)) and, for GQA,
     dk/dv expanded to all heads before summing to the kv heads.
     On a CPU host (`on_host`) torch SDPA's flash backend is _scaled_dot_product_flash_attention_for_cpu instead:
-    see `_cpu_flash_attention`."""
+    see `_cpu_flash_attention`, which alone takes an additive `mask` (the CUDA flash kernels take none)."""
     if on_host:
-        return _cpu_flash_attention(tp, name, q, k, v, batch, heads, kv_heads, seq, head_dim, flops)
+        return _cpu_flash_attention(tp, name, q, k, v, batch, heads, kv_heads, seq, head_dim, flops, mask)
+    assert mask is None, "the CUDA flash kernels take no attn_mask"
     out_numel = batch * seq * heads * head_dim
     tp.op(name, flops=flops, bytes_moved=(q.numel + k.numel + v.numel + out_numel) * q.dtype.size_bytes,
           kind=OpKind.ATTENTION)
@@ -595,13 +596,15 @@ def _cpu_flash_splits(seq: int) -> tuple[int, int]:
 
 
 def _cpu_flash_attention(tp: Tape, name: str, q: Tensor, k: Tensor, v: Tensor, batch: int, heads: int,
-                         kv_heads: int, seq: int, head_dim: int, flops: float) -> Tensor:
+                         kv_heads: int, seq: int, head_dim: int, flops: float, mask: Tensor | None) -> Tensor:
     """_scaled_dot_product_flash_attention_for_cpu (aten/src/ATen/native/transformers/attention.cpp and
     native/cpu/FlashAttentionKernel.cpp cpu_flash_attention): output (b, s, heads, d) and an fp32 logsumexp
     (b, s, heads), both saved with q, k, v (no rng state); inside the kernel a per-thread fp32 buffer
     qSplit·kvSplit (qk) + 2·qSplit (max, sum) + qSplit·d (dst), and for bf16/fp16 a qSplit·kvSplit buffer in the
     input dtype, freed on return. GQA is native: k and v keep their kv heads. One thread (the calibration runs
-    torch.set_num_threads(1)); each further thread adds one more of each buffer."""
+    torch.set_num_threads(1)); each further thread adds one more of each buffer. An additive attn_mask is saved
+    after v (ScaledDotProductFlashAttentionForCpuBackward0 holds it: measured on CPU, torch 2.13, it goes in the
+    layer's backward); the kernel's buffers do not change with it."""
     out_numel = batch * seq * heads * head_dim
     dtype = q.dtype
     q_split, kv_split = _cpu_flash_splits(seq)
@@ -613,7 +616,8 @@ def _cpu_flash_attention(tp: Tape, name: str, q: Tensor, k: Tensor, v: Tensor, b
     if dtype is not F32:
         scratch.append(tp.empty(f"{name}.buf_reduced", q_split * kv_split, dtype))
     tp.drop(*scratch)
-    node = tp.record(name, [q, k, v], [q, k, v, out, lse], _cpu_flash_backward, batch=batch, heads=heads,
+    saved = [q, k, v, *([mask] if mask is not None else []), out, lse]
+    node = tp.record(name, [q, k, v], saved, _cpu_flash_backward, batch=batch, heads=heads,
                      kv_heads=kv_heads, seq=seq, head_dim=head_dim, flops=2.5 * flops)
     tp.drop(lse)
     return tp.output(out, node)
