@@ -79,8 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--plot", dest="plot_path", metavar="PATH",
                      help="draw the memory timeline: png, svg or pdf by the extension")
     run.add_argument("--chrome-trace", dest="chrome_trace_path", metavar="PATH",
-                     help="write a Chrome trace JSON (ops per stream, memory counters) for Perfetto / chrome://tracing; "
-                          "gzip-compressed when PATH ends in .gz")
+                     help="write a Chrome trace JSON (ops per stream, memory counters) for Perfetto or "
+                          "chrome://tracing; gzip-compressed when PATH ends in .gz")
     run.add_argument("--snapshot", dest="snapshot_path", metavar="PATH",
                      help="write a PyTorch memory snapshot pickle (pytorch.org/memory_viz); simulates every step")
     run.add_argument("--fail-on-oom", action="store_true", help="exit 1 when the job does not fit")
@@ -433,12 +433,14 @@ def _import_snapshot(args: argparse.Namespace) -> int:
     replays = [replay_trace(snapshot, conf, args.device)[0] for conf in confs]
     lines = [f"snapshot   {args.snapshot}: {summary['trace_entries']} trace entries"]
     for device, figures in summary["devices"].items():
-        lines.append(f"device {device}   {figures['segments']} segments: reserved {format_bytes(figures['reserved_bytes'])}"
-                     f", allocated {format_bytes(figures['allocated_bytes'])}, fragmentation "
+        lines.append(f"device {device}   {figures['segments']} segments: reserved "
+                     f"{format_bytes(figures['reserved_bytes'])}, allocated "
+                     f"{format_bytes(figures['allocated_bytes'])}, fragmentation "
                      f"{100 * figures['fragmentation_ratio']:.1f}% at the end")
     if summary["largest_allocations"]:
         lines += ["", "largest allocations alive at the end"]
-        lines += [f"  {format_bytes(item['size_bytes']):>12}  {item['frame']}" for item in summary["largest_allocations"]]
+        lines += [f"  {format_bytes(item['size_bytes']):>12}  {item['frame']}"
+                  for item in summary["largest_allocations"]]
     lines += ["", f"replayed (device {args.device}){'':<20}{'max allocated':>16}{'max reserved':>16}{'cudaMalloc':>12}"]
     for replay in replays:
         label = (replay.conf or "defaults") + (" (the snapshot's own)" if replay.conf == own else "")

@@ -43,7 +43,8 @@ def format_comparison(comparison: dict) -> str:
     lines = [f"A  {a['scenario']}: {verdict[a['fits']]}", f"B  {b['scenario']}: {verdict[b['fits']]}", "",
              f"{'':<44}{'A':>14}{'B':>14}{'B - A':>14}"]
     for name, row in comparison["figures"].items():
-        lines.append(f"{name.replace('_bytes', '').replace('_', ' '):<44}{format_bytes(row['a']):>14}{format_bytes(row['b']):>14}"
+        label = name.replace("_bytes", "").replace("_", " ")
+        lines.append(f"{label:<44}{format_bytes(row['a']):>14}{format_bytes(row['b']):>14}"
                      f"{_signed(row['b_minus_a']):>14}")
     lines += ["", "what makes the difference (terms of the peaks, largest first)"]
     for row in comparison["terms"]:

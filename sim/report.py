@@ -310,9 +310,9 @@ def format_summary(result: dict, allocator_line: str = "", host_bytes: int = 0, 
               f"           device used {format_bytes(most['device_used_bytes'])} (nvidia-smi: reserved + non-PyTorch "
               "memory; this one decides the OOM)"]
     top = result["allocated_peak"]
-    lines += ["", f"allocated peak {format_bytes(top['allocated_bytes'])} at {top['time_s']:.3f} s: step {top['step']}, "
-                  f"micro-batch {top['micro_batch']}, {top['phase']}, {_where(top)}op {top['op']} (what the tensors "
-                  "need: cut from here)"]
+    lines += ["", f"allocated peak {format_bytes(top['allocated_bytes'])} at {top['time_s']:.3f} s: "
+                  f"step {top['step']}, micro-batch {top['micro_batch']}, {top['phase']}, {_where(top)}op {top['op']} "
+                  "(what the tensors need: cut from here)"]
     lines += [f"  {name:<20}{format_bytes(value):>14}" for name, value in top["breakdown"].items()]
     lines += _tensor_lines("largest tensors then", top["largest_tensors"])
     lines += ["", f"peak at    {peak['time_s']:.3f} s: step {peak['step']}, micro-batch {peak['micro_batch']}, "

@@ -43,7 +43,7 @@ class _Frames:
 
     def __init__(self, run: Run) -> None:
         schedule = run.schedule
-        self._run, self._buffers = run, schedule.buffers
+        self._buffers = schedule.buffers
         self._ops, self._steps, self._micro_batches = schedule.ops, schedule.op_step, schedule.op_micro_batch
         trace = run.engine.trace
         self._event_op, self._event_buffer = trace.op_index.tolist(), trace.buffer_id.tolist()

@@ -15,8 +15,8 @@ from pathlib import Path
 from sim.errors import ScenarioError
 from sim.ingest.files import shown
 
-RESULT_COLUMNS = ("fits", "capacity_bytes", "device_used_peak_bytes", "allocated_peak_bytes", "reserved_peak_bytes", "deficit_bytes",
-                  "step_time_s", "tokens_per_s", "mfu", "oom_op", "error")
+RESULT_COLUMNS = ("fits", "capacity_bytes", "device_used_peak_bytes", "allocated_peak_bytes", "reserved_peak_bytes",
+                  "deficit_bytes", "step_time_s", "tokens_per_s", "mfu", "oom_op", "error")
 
 
 @dataclass(frozen=True, slots=True)

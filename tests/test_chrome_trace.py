@@ -9,7 +9,6 @@ from sim.cli import main
 from sim.ops import CATEGORIES, STREAMS
 from sim.scenario import build_scenario
 from sim.simulate import run_scenario
-from tests.conftest import tiny_raw
 from tests.test_zero3 import zero_raw
 
 ROOT = Path(__file__).resolve().parent.parent

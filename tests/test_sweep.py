@@ -111,7 +111,8 @@ def test_a_dask_cluster_writes_the_same_csv(tmp_path: Path) -> None:
     scenario = _scenario(tmp_path)
     local, remote = tmp_path / "local.csv", tmp_path / "dask.csv"
     run_sweep(scenario, [], GRID, local)
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                                  dashboard_address=None) as cluster:
         run_sweep(scenario, [], GRID, remote, dask_address=cluster.scheduler_address)
     assert remote.read_bytes() == local.read_bytes()
 
