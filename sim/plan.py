@@ -267,6 +267,7 @@ class Plan:
     nccl: NcclPlan
     allocator: AllocatorPlan
     runtime: DeviceRuntime
+    strategies: tuple = ()  # the scenario's what-if strategies, loaded (sim/strategies.py)
 
     @property
     def weights_dtype(self) -> DType:

@@ -27,6 +27,7 @@ from sim.plan import (
 )
 from sim.runtime import cuda_context, device_runtime, module_loading
 from sim.scenario import DeviceSpec, ModelSpec, Scenario
+from sim.strategies import SaveOnCpu, load_strategy
 from sim.versions import parse_version
 from sim.vocab import AllocatorBackend, AttnImplementation, DType, ModelType, Optim
 from sim.workload.behaviour import behaviour_for
@@ -87,7 +88,20 @@ def resolve_plan(scenario: Scenario) -> Plan:
         nccl=nccl,
         allocator=AllocatorPlan(scenario.allocator.backend, parse_alloc_conf(scenario.allocator.conf)),
         runtime=device_runtime(host, device, nccl, world, versions.torch, zero3),
+        strategies=_strategies(scenario, zero3),
     )
+
+
+def _strategies(scenario: Scenario, zero3: bool) -> tuple:
+    """The scenario's strategies loaded (sim/strategies.py); save_on_cpu under ZeRO-3 is refused: DeepSpeed frees
+    the gathered weights a node saves after each module's forward, which the pack hook's copies would change, and
+    that interplay is not modelled."""
+    loaded = tuple(load_strategy(index, item.kind, item.model_extra or {})
+                   for index, item in enumerate(scenario.strategies))
+    if zero3 and any(isinstance(strategy, SaveOnCpu) for strategy in loaded):
+        raise ScenarioError("strategies: save_on_cpu under ZeRO-3 (deepspeed.zero_optimization.stage 3) is not "
+                            "modelled yet")
+    return loaded
 
 
 def _check_non_reentrant(torch: tuple[int, int, int], zero3: bool) -> None:
@@ -329,8 +343,6 @@ def check_supported(scenario: Scenario) -> None:
         if accumulation is not None and _DEEPSPEED_DTYPES.get(str(accumulation).lower()) is not weights_dtype(scenario):
             raise ScenarioError(f"deepspeed.data_types.grad_accum_dtype: {accumulation!r} is not modelled yet "
                                 f"(gradients are accumulated in the model dtype, {weights_dtype(scenario).value})")
-    if scenario.strategies:
-        raise ScenarioError(f"strategies: unknown strategy kind {scenario.strategies[0].kind!r} (none are defined yet)")
     if scenario.allocator.backend is AllocatorBackend.EXACT and scenario.allocator.conf:
         raise ScenarioError(f"allocator.conf: only meaningful with backend caching (got {scenario.allocator.conf!r})")
 

@@ -10,9 +10,11 @@ from sim.errors import ScenarioError, WorkTooLarge
 from sim.ops import PHASES, OpKind, Phase, Schedule
 from sim.plan import Plan
 from sim.parallel.placement import ModelStates, choose_placement, module_hooks_for
+from sim.strategies import SaveOnCpu, apply_transforms
 from sim.workload import primitives as P
 from sim.workload.architecture import ARCHITECTURES, Architecture
 from sim.workload.context import RunContext
+from sim.workload.save_on_cpu import SaveOnCpu as SaveOnCpuHooks
 from sim.workload.tape import Tape
 
 
@@ -106,7 +108,7 @@ def build_schedule(plan: Plan, repeat: bool = True, max_events: int | None = Non
         tape.phase, tape.layer = Phase.OPTIMIZER, None
         states = placement.step()
         states_after_first_step = states_after_first_step or states
-    schedule = tape.schedule()
+    schedule = apply_transforms(tape.schedule(), plan.strategies)
     return BuiltSchedule(schedule, states_after_first_step, training.tokens_per_step, _model_flops(plan, schedule))
 
 
@@ -148,7 +150,10 @@ def _micro_batch(ctx: RunContext, plan: Plan, architecture: Architecture, model,
     ids = P.input_tensor(tp, "input_ids", ctx.tokens)
     labels = P.input_tensor(tp, "labels", ctx.tokens)
     mask_2d = P.input_tensor(tp, "attention_mask", ctx.tokens)
+    offload = any(isinstance(strategy, SaveOnCpu) for strategy in plan.strategies)
+    outer, tp.saved_tensors_hooks = tp.saved_tensors_hooks, SaveOnCpuHooks() if offload else tp.saved_tensors_hooks
     loss = architecture.forward_loss(ctx, model, ids, labels, plan.training.gradient_checkpointing)
+    tp.saved_tensors_hooks = outer  # `with save_on_cpu(): loss = model(**inputs).loss` (strategies: save_on_cpu)
     if plan.training.accumulation_steps > 1:  # accelerate's backward divides the loss
         scaled = P.mul_scalar(tp, "loss.div_accumulation", loss)
         tp.drop(loss)

@@ -1,0 +1,1 @@
+"""User strategies for `strategies: [{kind: "examples.<module>:<Class>"}]` (sim/strategies.py)."""

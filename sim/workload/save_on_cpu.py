@@ -1,0 +1,36 @@
+"""torch.autograd.graph.save_on_cpu around the model's forward (activation CPU offload, issue #16): its pack hook
+copies every tensor an autograd node saves into a (pinned) CPU tensor of the same size, so the node keeps no device
+memory; its unpack hook copies it back to a new device tensor before the node's backward, which the node drops once
+its backward has run (torch/autograd/graph.py save_on_cpu, pack_to_cpu / unpack_from_cpu, unchanged in essentials
+from torch 1.10 to 2.13). Every saved tensor is copied, a parameter too (Linear saves its weight for the input's
+gradient): its device copy costs a weight's size during that node's backward. Each saved tensor is its own copy, two
+nodes saving one storage make two. The host side (pinned buffers, the PCIe copies' time) is not modelled yet: the
+copies are timed as device memory traffic (issue #15's links)."""
+
+from collections.abc import Sequence
+
+from sim.ops import Category
+from sim.vocab import DType
+from sim.workload.tape import Node, Tape, Tensor
+
+
+class SaveOnCpu:
+    """The saved-tensor hooks of one save_on_cpu context, on the tape while the forward runs."""
+
+    def __init__(self) -> None:
+        self.packed: dict[int, list[tuple[str, int, DType]]] = {}  # node seq -> (name, numel, dtype) per saved tensor
+
+    def pack(self, tape: Tape, node: Node, saved: Sequence[Tensor]) -> None:
+        """pack_to_cpu: the CPU copy takes the tensor's place; the node holds no device storage."""
+        node.frame = self
+        self.packed[node.seq] = [(tensor.storage.name, tensor.numel, tensor.dtype) for tensor in saved]
+
+    def unpack(self, tape: Tape, node: Node) -> None:
+        """unpack_from_cpu: each saved tensor copied to a new device tensor, handed to the node."""
+        tensors = self.packed.pop(node.seq)
+        tape.op(f"{node.name}.unpack_from_cpu", bytes_moved=sum(numel * dtype.size_bytes for _, numel, dtype in tensors))
+        for name, numel, dtype in tensors:
+            node.saved.append(tape.empty(f"{name}.from_cpu", numel, dtype, Category.ACTIVATIONS).storage)
+
+    def unpacked(self, tape: Tape, node: Node) -> None:
+        """Nothing held beyond the node's own saved tensors, which the tape has released."""
