@@ -88,19 +88,24 @@ def resolve_plan(scenario: Scenario) -> Plan:
         nccl=nccl,
         allocator=AllocatorPlan(scenario.allocator.backend, parse_alloc_conf(scenario.allocator.conf)),
         runtime=device_runtime(host, device, nccl, world, versions.torch, zero3),
-        strategies=_strategies(scenario, zero3),
+        strategies=_strategies(scenario, zero3, host),
     )
 
 
-def _strategies(scenario: Scenario, zero3: bool) -> tuple:
-    """The scenario's strategies loaded (sim/strategies.py); save_on_cpu under ZeRO-3 is refused: DeepSpeed frees
-    the gathered weights a node saves after each module's forward, which the pack hook's copies would change, and
-    that interplay is not modelled."""
+def _strategies(scenario: Scenario, zero3: bool, host: bool) -> tuple:
+    """The scenario's strategies loaded (sim/strategies.py). save_on_cpu is refused under ZeRO-3 (DeepSpeed frees
+    the gathered weights a node saves after each module's forward, which the pack hook's copies would change: not
+    modelled) and on a plain CPU host (there `tensor.cpu()` returns the tensor itself, or a copy in the same memory
+    with pin_memory: not the device-to-host offload modelled)."""
     loaded = tuple(load_strategy(index, item.kind, item.model_extra or {})
                    for index, item in enumerate(scenario.strategies))
-    if zero3 and any(isinstance(strategy, SaveOnCpu) for strategy in loaded):
-        raise ScenarioError("strategies: save_on_cpu under ZeRO-3 (deepspeed.zero_optimization.stage 3) is not "
-                            "modelled yet")
+    if any(isinstance(strategy, SaveOnCpu) for strategy in loaded):
+        if zero3:
+            raise ScenarioError("strategies: save_on_cpu under ZeRO-3 (deepspeed.zero_optimization.stage 3) is not "
+                                "modelled yet")
+        if host:
+            raise ScenarioError("strategies: save_on_cpu on a plain CPU host is not modelled (it offloads a GPU's "
+                                "saved tensors to the host)")
     return loaded
 
 

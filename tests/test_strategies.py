@@ -70,6 +70,12 @@ def test_save_on_cpu_under_zero3_and_bad_strategies_are_refused() -> None:
     raw["strategies"] = [{"kind": "save_on_cpu"}]
     with pytest.raises(ScenarioError, match="save_on_cpu under ZeRO-3"):
         run_scenario(build_scenario(raw))
+    host = tiny_raw()  # no CUDA context and the exact allocator: a plain CPU host, as the CPU calibration runs
+    host["hardware"]["device"] = {"name": "cpu", "capacity_bytes": 2**34, "cuda_context_bytes": 0,
+                                  "peak_flops": {"fp32": 1e12}, "hbm_bytes_per_s": 1e11}
+    host["strategies"] = [{"kind": "save_on_cpu"}]
+    with pytest.raises(ScenarioError, match="save_on_cpu on a plain CPU host"):
+        run_scenario(build_scenario(host))
     for kind, message in (("frobnicate", r"strategies\[0\]\.kind: 'frobnicate' is neither"),
                           ("no.such.module:Thing", r"strategies\[0\]\.kind: cannot load"),
                           ("tests.test_strategies:NotAStrategy", "has no transform")):
