@@ -67,6 +67,11 @@ def remedies_for(scenario: Scenario) -> list[Remedy]:
     elif deepspeed is not None:
         found.append(Remedy("twice the nodes", (f"hardware.nodes={2 * hardware.nodes}",),
                             "twice the GPUs to rent, collectives across nodes"))
+    host = scenario.hardware.device.cuda_context_bytes == 0 and scenario.allocator.backend is AllocatorBackend.EXACT
+    if stage != 3 and not host and not any(item.kind == "save_on_cpu" for item in scenario.strategies):
+        found.append(Remedy("activations offloaded to the CPU (save_on_cpu)", ("strategies=[{kind: save_on_cpu}]",),
+                            "every saved tensor copied to the host and back over PCIe (not timed yet: the step "
+                            "time shown leaves it out)"))
     if scenario.lora is None:
         found.append(Remedy("LoRA instead of full fine-tuning", (f"lora={LORA}",),
                         "a different training method: adapters only"))

@@ -95,8 +95,8 @@ def resolve_plan(scenario: Scenario) -> Plan:
 def _strategies(scenario: Scenario, zero3: bool, host: bool) -> tuple:
     """The scenario's strategies loaded (sim/strategies.py). save_on_cpu is refused under ZeRO-3 (DeepSpeed frees
     the gathered weights a node saves after each module's forward, which the pack hook's copies would change: not
-    modelled) and on a plain CPU host (there `tensor.cpu()` returns the tensor itself, or a copy in the same memory
-    with pin_memory: not the device-to-host offload modelled)."""
+    modelled), on a plain CPU host (there `tensor.cpu()` returns the tensor itself, or a copy in the same memory
+    with pin_memory: not the device-to-host offload modelled) and with gradient checkpointing (below)."""
     loaded = tuple(load_strategy(index, item.kind, item.model_extra or {})
                    for index, item in enumerate(scenario.strategies))
     if any(isinstance(strategy, SaveOnCpu) for strategy in loaded):
@@ -106,6 +106,11 @@ def _strategies(scenario: Scenario, zero3: bool, host: bool) -> tuple:
         if host:
             raise ScenarioError("strategies: save_on_cpu on a plain CPU host is not modelled (it offloads a GPU's "
                                 "saved tensors to the host)")
+        if scenario.training.gradient_checkpointing:
+            # the checkpoint's saved inputs are offloaded too and its recompute runs on their unpacked copies
+            # (CheckpointFunction.backward reads ctx.saved_tensors; the non-reentrant frame saves its inputs through
+            # autograd under the outer hooks): the tape's checkpoints recompute from the originals
+            raise ScenarioError("strategies: save_on_cpu with training.gradient_checkpointing is not modelled yet")
     return loaded
 
 

@@ -31,10 +31,11 @@ def _tight(tmp_path: Path) -> Path:
 
 def test_the_remedies_that_apply() -> None:
     names = [r.name for r in remedies_for(build_scenario(tiny_raw(attn_implementation="eager")))]
-    # eager, no checkpointing, micro-batch 2, one GPU, no LoRA, exact allocator (no expandable segments to try)
+    # eager, no checkpointing, micro-batch 2, one GPU, no ZeRO-3, no LoRA, exact allocator (no expandable segments)
     assert names == ["sdpa attention", "gradient checkpointing", "half the micro-batch, twice the accumulation",
-                     "twice the GPUs", "LoRA instead of full fine-tuning"]
-    assert len(combinations(remedies_for(build_scenario(tiny_raw())))) == 4 + 6  # 4 alone, 6 pairs
+                     "twice the GPUs", "activations offloaded to the CPU (save_on_cpu)",
+                     "LoRA instead of full fine-tuning"]
+    assert len(combinations(remedies_for(build_scenario(tiny_raw())))) == 5 + 10  # 5 alone, 10 pairs
 
 
 def test_every_reported_outcome_is_what_a_run_gives(tmp_path: Path) -> None:

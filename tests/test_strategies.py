@@ -2,17 +2,21 @@
 that breaks the schedule refused with its invariant named."""
 
 import pytest
+from hypothesis import given
 
 from sim.errors import ScenarioError
 from sim.ops import Category, Op, Phase, Schedule, Stream
 from sim.report import summarize
+from sim.resolve import resolve_plan
 from sim.scenario import build_scenario
+from sim.schedule import build_schedule
 from sim.simulate import run_scenario
 from sim.strategies import check_schedule
 from sim.vocab import DType
 from sim.workload.save_on_cpu import SaveOnCpu
 from sim.workload.tape import Tape
 from tests.conftest import tiny_raw
+from tests.fuzz_cases import valid_scenarios
 from tests.test_zero3 import zero_raw
 
 
@@ -55,14 +59,13 @@ def test_save_on_cpu_keeps_no_activation_on_the_device() -> None:
     assert offloaded["allocated_bytes"] < plain["allocated_bytes"]
 
 
-def test_save_on_cpu_with_checkpointing_offloads_the_checkpoints_only() -> None:
-    # reentrant checkpointing: the checkpoint nodes save each layer's input (offloaded); the recompute runs in the
-    # backward, outside save_on_cpu, and keeps its activations on the device as without the strategy
+def test_save_on_cpu_with_checkpointing_is_refused() -> None:
+    # the checkpoints' saved inputs would be offloaded and recomputed from their unpacked copies, which the tape's
+    # checkpoints do not do yet (a caching run showed it: a recompute freeing an offloaded input twice)
     raw = tiny_raw(seq_len=256, gradient_checkpointing=True)
-    plain = _peak(raw)
     raw["strategies"] = [{"kind": "save_on_cpu"}]
-    offloaded = _peak(raw)
-    assert 0 < offloaded["breakdown"]["activations"] <= plain["breakdown"]["activations"]
+    with pytest.raises(ScenarioError, match="save_on_cpu with training.gradient_checkpointing"):
+        run_scenario(build_scenario(raw))
 
 
 def test_save_on_cpu_under_zero3_and_bad_strategies_are_refused() -> None:
@@ -133,3 +136,23 @@ def test_check_schedule_names_each_broken_invariant() -> None:
     assert "persistent" in check_schedule(Schedule(buffers, [0], [op("a", [], [0])], [0], [0]))
     assert "dependencies point back" in check_schedule(Schedule(buffers, [0], [op("a", deps=(1,))], [0], [0]))
     assert "1 ops but 2 steps" in check_schedule(Schedule(buffers, [0], [op("a")], [0, 0], [0]))
+
+
+@given(valid_scenarios())
+def test_save_on_cpu_keeps_every_schedule_sound(raw: dict) -> None:
+    # on random runs (LoRA, DDP, ZeRO-1/2, every attention and dtype), the offloaded schedule keeps its invariants
+    # and the caching allocator's compiled core, which refuses a free of a buffer it does not hold, runs it
+    raw["training"]["gradient_checkpointing"] = False
+    if raw.get("deepspeed", {}).get("zero_optimization", {}).get("stage") == 3:
+        del raw["deepspeed"]
+    raw["allocator"] = {"backend": "caching"}
+    if isinstance(raw["hardware"]["device"], dict):
+        raw["hardware"]["device"]["cuda_context_bytes"] = 10**5  # a GPU, not a plain host
+    raw["strategies"] = [{"kind": "save_on_cpu"}]
+    try:
+        scenario = build_scenario(raw)
+        plan = resolve_plan(scenario)
+    except ScenarioError:
+        return
+    assert check_schedule(build_schedule(plan).schedule.expand()) == ""
+    run_scenario(scenario)
