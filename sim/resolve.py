@@ -468,13 +468,19 @@ def _tied(model: ModelSpec) -> bool:
 _GEMMA_DEFAULTS = {ModelType.GEMMA2: (50.0, 30.0, 4096, 2), ModelType.GEMMA3_TEXT: (None, None, 4096, 6)}
 
 
+# sliding_window where config.json leaves it out: MistralConfig's default, 4096
+# (models/mistral/configuration_mistral.py, 4.34 to 5.24.0); Qwen2Config's and MixtralConfig's is None (no window)
+_DEFAULT_WINDOW = {ModelType.MISTRAL: 4096}
+
+
 def _sliding_shape(model_type: ModelType, layers: int, extra: dict) -> dict:
     """The sliding layers (Gemma 2/3, Phi-3) and soft-capping (Gemma 2/3) as the config classes read them; nothing
     for the other families."""
     if model_type in (ModelType.PHI3, ModelType.MISTRAL):
         # Phi3Model, MistralModel: create_sliding_window_causal_mask, one mask for every layer, when sliding_window is
         # set (5.24.0 models/{phi3,mistral}/modeling_*.py `create_causal_mask if self.config.sliding_window is None`)
-        return {"sliding_layers": frozenset(range(layers)) if extra.get("sliding_window") else frozenset()}
+        window = extra.get("sliding_window", _DEFAULT_WINDOW.get(model_type))
+        return {"sliding_layers": frozenset(range(layers)) if window else frozenset(), "sliding_window": window}
     if model_type not in _GEMMA_DEFAULTS:
         return {}
     attn_cap, final_cap, window, pattern = _GEMMA_DEFAULTS[model_type]

@@ -46,6 +46,17 @@ def test_mistral_sdpa_mask_once_seq_reaches_the_window() -> None:
     assert _sizes(_raw("mistral", 16, 17), "repeat_kv") == {}
 
 
+def test_a_mistral_config_without_the_key_has_mistralconfigs_window() -> None:
+    # MistralConfig's default sliding_window is 4096 (configuration_mistral.py): a config.json that leaves the key out
+    # gets the bool (2, 1, 4096, 4096) mask at 4096 tokens, 2·4096² = 33,554,432 B; `sliding_window: null` none
+    absent = _raw("mistral", 4096, 8, max_position_embeddings=4096)
+    del absent["model"]["sliding_window"]
+    assert _sizes(absent, "sliding_mask")["sliding_mask"] == [33_554_432]
+    null = _raw("mistral", 4096, 8, max_position_embeddings=4096)
+    null["model"]["sliding_window"] = None
+    assert _sizes(null, "sliding_mask") == {}
+
+
 def test_gemma3_sdpa_mask_only_in_the_sliding_layers() -> None:
     # 7 layers, sliding_window_pattern 6: layers 0-4 and 6 slide, layer 5 is full (create_causal_mask: None under
     # sdpa). fp32 here: the additive copy is 2·1·16·16·4 = 2048 B per sliding layer.
