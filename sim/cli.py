@@ -190,24 +190,11 @@ def main(argv: list[str] | None = None) -> int:
         print("error: give a command (python -m sim COMMAND --help for its options)", file=sys.stderr)
         return EXIT_BAD_INPUT
     args = parser.parse_args(argv)
+    commands = {"run": _run, "catalog": lambda a: _catalog(a.kind), "calibrate": _calibrate, "validate": _validate,
+                "import-snapshot": _import_snapshot, "compare": _compare, "fit": _fit, "sweep": _sweep,
+                "advise": _advise}
     try:
-        if args.command == "catalog":
-            return _catalog(args.kind)
-        if args.command == "calibrate":
-            return _calibrate(args)
-        if args.command == "validate":
-            return _validate(args)
-        if args.command == "import-snapshot":
-            return _import_snapshot(args)
-        if args.command == "compare":
-            return _compare(args)
-        if args.command == "fit":
-            return _fit(args)
-        if args.command == "sweep":
-            return _sweep(args)
-        if args.command == "advise":
-            return _advise(args)
-        return _run(args)
+        return commands[args.command](args)
     except ScenarioError as exc:
         print(f"error: {_one_line(str(exc))}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -88,13 +88,7 @@ def render_memory_timeline(run: Run, result: dict, fmt: str = "png") -> bytes:
     handles, labels = ax.get_legend_handles_labels()
     handles += [Patch(color=_PHASE_COLOURS[phase], label=f"{phase.value} phase") for phase in phases]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    # SVG keeps its text as text (searchable, editable) and its ids stable from run to run
-    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "sim"}):
-        fig.savefig(buffer, format=fmt)
-    plt.close(fig)
-    return buffer.getvalue()
+    return _figure_bytes(fig, fmt)
 
 
 @dataclass(frozen=True)
@@ -153,12 +147,7 @@ def render_comparison(series: list[MemorySeries], fmt: str = "png") -> bytes:
     ax.set_ylabel("GiB")
     ax.set_ylim(0, max(top, 1e-9) * 1.1)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "sim"}):
-        fig.savefig(buffer, format=fmt)
-    plt.close(fig)
-    return buffer.getvalue()
+    return _figure_bytes(fig, fmt)
 
 
 def render_sweep(keys: tuple[str, ...], rows: list[dict], fmt: str = "png") -> bytes:
@@ -206,6 +195,15 @@ def render_sweep(keys: tuple[str, ...], rows: list[dict], fmt: str = "png") -> b
         ax.set_xlabel(keys[1])
         ax.set_ylabel(keys[0])
     ax.set_title("sweep: device-used peak")
+    return _figure_bytes(fig, fmt)
+
+
+def _figure_bytes(fig, fmt: str) -> bytes:
+    """The figure laid out and saved in `fmt`, then closed. SVG keeps its text as text (searchable, editable) and
+    its ids stable from run to run."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
     buffer = io.BytesIO()
     fig.tight_layout()
     with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "sim"}):

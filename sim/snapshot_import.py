@@ -9,7 +9,6 @@ anything is built from it."""
 
 import io
 import pickle
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from sim.allocator.alloc_conf import parse_alloc_conf
 from sim.allocator.base import OutOfMemory
 from sim.allocator.caching import CachingAllocator
 from sim.errors import MAX_TENSOR_BYTES, ScenarioError
-from sim.ingest.files import shown
+from sim.ingest.files import read_regular_file, shown
 
 # Snapshots of long runs reach hundreds of MB (PyTorch keeps up to max_entries trace entries, 1,000,000 by default in
 # torch/cuda/memory.py _record_memory_history); the cap keeps a wrong file from being read for minutes.
@@ -46,16 +45,7 @@ def read_snapshot(path: Path) -> dict:
     """The snapshot dict of a pickle file: a regular file under MAX_SNAPSHOT_BYTES, builtins only, a mapping with a
     `segments` list (and `device_traces`, lists of trace entries, where the torch version recorded them)."""
     name = shown(str(path))
-    try:
-        info = path.stat()
-        if not stat.S_ISREG(info.st_mode):
-            raise ScenarioError(f"{name} is not a regular file")
-        if info.st_size > MAX_SNAPSHOT_BYTES:
-            raise ScenarioError(f"{name} is {info.st_size:,} bytes, more than the {MAX_SNAPSHOT_BYTES:,} a snapshot "
-                                "may have")
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ScenarioError(f"cannot read {name}: {exc.strerror}") from None
+    data = read_regular_file(path, MAX_SNAPSHOT_BYTES, what="a snapshot")
     try:
         snapshot = _BuiltinsOnly(io.BytesIO(data)).load()
     except pickle.UnpicklingError as exc:

@@ -40,22 +40,30 @@ def load_yaml_mapping(path: Path, key_path: str) -> dict:
     return data
 
 
-def _read_text(path: Path, key_path: str) -> str:
-    """The file's text: a regular file (not a device, pipe or directory) of at most MAX_INPUT_BYTES, UTF-8."""
+def read_regular_file(path: Path, limit_bytes: int, prefix: str = "", what: str = "an input file") -> bytes:
+    """The bytes of a regular file (not a device, pipe or directory) of at most `limit_bytes`; each refusal one line
+    starting with `prefix` (a key path and ': ', or nothing) and naming the file."""
     name = shown(str(path))
     try:
         info = path.stat()
         if not stat.S_ISREG(info.st_mode):
-            raise ScenarioError(f"{key_path}: {name} is not a regular file")
-        if info.st_size > MAX_INPUT_BYTES:
-            raise ScenarioError(f"{key_path}: {name} is {info.st_size:,} bytes, more than the "
-                                f"{MAX_INPUT_BYTES:,} an input file may have")
+            raise ScenarioError(f"{prefix}{name} is not a regular file")
+        if info.st_size > limit_bytes:
+            raise ScenarioError(f"{prefix}{name} is {info.st_size:,} bytes, more than the {limit_bytes:,} {what} "
+                                "may have")
         with path.open("rb") as handle:
-            raw = handle.read(MAX_INPUT_BYTES + 1)
+            raw = handle.read(limit_bytes + 1)
     except OSError as exc:
-        raise ScenarioError(f"{key_path}: cannot read {name}: {exc.strerror}") from None
-    if len(raw) > MAX_INPUT_BYTES:  # grew while being read
-        raise ScenarioError(f"{key_path}: {name} is more than the {MAX_INPUT_BYTES:,} bytes an input file may have")
+        raise ScenarioError(f"{prefix}cannot read {name}: {exc.strerror}") from None
+    if len(raw) > limit_bytes:  # grew while being read
+        raise ScenarioError(f"{prefix}{name} is more than the {limit_bytes:,} bytes {what} may have")
+    return raw
+
+
+def _read_text(path: Path, key_path: str) -> str:
+    """The file's text: a regular file of at most MAX_INPUT_BYTES (read_regular_file), UTF-8."""
+    name = shown(str(path))
+    raw = read_regular_file(path, MAX_INPUT_BYTES, f"{key_path}: ")
     try:
         return raw.decode("utf-8-sig")  # a leading byte-order mark, as Windows editors write it, is dropped
     except UnicodeDecodeError as exc:
