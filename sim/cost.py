@@ -27,15 +27,24 @@ _TREE_MAX_BYTES_PER_S_PER_CHANNEL = {7: (26.5e9, 18.5e9, 10.0e9), 8: (24.0e9, 23
                                      9: (38.7e9, 41.4e9, 36.0e9)}
 # treeCorrectionFactor[Simple]: the tree's bandwidth is scaled by it for messages of 64·2^k bytes, k = 0..22
 _TREE_CORRECTION = (.9, .9, .9, .9, .9, .9, .9, .8, .7, .6, .6, .5, .5, .5, .5, .6, .7, .8, .7, .7, .8, .9, .9)
+# What issuing one kernel costs the host thread in PyTorch eager mode (Python, dispatcher, launch): TODO source
+HOST_US_PER_KERNEL = 10
+# Kernel launches the CUDA driver queues before cudaLaunchKernel blocks the host: TODO source
+LAUNCH_QUEUE_DEPTH = 1024
 _KIND_CODE = {kind: code for code, kind in enumerate(OpKind)}
 _CODE_BY_ID = {id(kind): code for kind, code in _KIND_CODE.items()}  # hashing an Enum is slow
 
 
 class CostModel:
-    """Durations of ops on one device of a `gpus_per_node` × `nodes` machine, in whole µs."""
+    """Durations of ops on one device of a `gpus_per_node` × `nodes` machine, and what issuing them costs the
+    host, in whole µs. `synchronous`: the device is the host itself (a plain CPU): each op runs when issued, and
+    issuing costs nothing beyond it."""
 
     def __init__(self, device: DevicePlan, compute_dtype: DType, gpus_per_node: int = 1, nodes: int = 1,
-                 nccl_version: tuple[int, int, int] = (2, 19, 3), nccl_channels: int = 24) -> None:
+                 nccl_version: tuple[int, int, int] = (2, 19, 3), nccl_channels: int = 24,
+                 synchronous: bool = False) -> None:
+        self.synchronous = synchronous
+        self.queue_depth = 0 if synchronous else LAUNCH_QUEUE_DEPTH
         key = _FLOPS_KEY.get(compute_dtype, "fp32")
         tensor_peak = device.peak_flops.get(key) or max(device.peak_flops.values())
         self.gemm_flops_per_s = tensor_peak * device.gemm_efficiency
@@ -102,6 +111,13 @@ class CostModel:
                               np.asarray(_TREE_CORRECTION)[np.minimum(log_size, len(_TREE_CORRECTION) - 1)], 1.0)
         tree = self.tree_latency_us() + message_bytes / (self.tree_bytes_per_s * correction) * 1e6
         return np.minimum(ring, tree)
+
+    def host_us(self, ops: list[Op]) -> list[int]:
+        """What issuing each op costs the host thread: HOST_US_PER_KERNEL for an op that launches a kernel (any
+        work), nothing for bookkeeping (and nothing on a synchronous device, where the op's own time is the host's)."""
+        if self.synchronous:
+            return [0] * len(ops)
+        return [HOST_US_PER_KERNEL if (op.flops or op.bytes_moved or op.wire_bytes) else 0 for op in ops]
 
     def durations_us(self, ops: list[Op]) -> list[int]:
         """duration_us of every op, vectorised: rounded up to whole µs, at least 1 µs for any work."""

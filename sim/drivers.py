@@ -69,6 +69,40 @@ class CompiledReplay:
         return AllocatorRun(allocated, reserved, oom, 0, largest)
 
 
+class PendingReplay:
+    """malloc/free event by event where some frees leave their blocks pending on another stream
+    (AllocatorEvents.release_at): each such block is released at the start of the malloc where its stream has
+    passed it. No window is repeated: the pending blocks are state no signature holds."""
+
+    def drive(self, allocator: Allocator, events: AllocatorEvents) -> AllocatorRun:
+        """Bytes after each event, the first OOM and the largest free block at the peak."""
+        releases = events.releases()
+        malloc, free, release = allocator.malloc, allocator.free, allocator.release_pending
+        n = len(events)
+        allocated, reserved = [0] * n, [0] * n
+        oom, most, largest = None, -1, None
+        pending_stream = {}  # event index of a pending free -> the stream it waits on
+        for at in np.flatnonzero(events.release_at >= 0).tolist():
+            pending_stream[at] = (STREAMS[int(events.stream_code[at])],)
+        streams = [STREAMS[c] for c in events.stream_code.tolist()]
+        for at, (buffer_id, size) in enumerate(zip(events.signed_id.tolist(), events.size_bytes.tolist())):
+            if buffer_id >= 0:
+                for released in releases.get(at, ()):
+                    release(released)
+                try:
+                    malloc(buffer_id, size, streams[at])
+                except OutOfMemory as exc:
+                    oom = oom or OomEvent.at(events, at, exc)
+            else:
+                free(~buffer_id, pending_stream.get(at, ()))
+            allocated[at] = allocator.allocated_bytes
+            reserved[at] = now = allocator.reserved_bytes
+            if now > most:
+                most, largest = now, allocator.largest_free_block_bytes()
+        return AllocatorRun(np.asarray(allocated, dtype=np.int64), np.asarray(reserved, dtype=np.int64), oom, 0,
+                            largest)
+
+
 class StepwiseDriver:
     """malloc/free event by event, window by window (`windows`: [start, end) event ranges, one per micro-batch
     and optimizer step); with `repeat`, a window that repeats the one before is copied, not called (_StepwiseRun)."""

@@ -1,5 +1,7 @@
-"""The engine: streams run their ops in order, cross-stream dependencies delay the ops that wait on them, and the
-allocator sees every allocation (at an op's start) and free (at its end) in time order.
+"""The engine: the host issues ops in program order, streams run their kernels in order, cross-stream dependencies
+delay the ops that wait on them, and the allocator sees every allocation (when the host issues an op) and free (when
+the host is done with it) in program order, a block freed after use on another stream returning to the cache only
+once that stream has passed it.
 
 It knows ops, streams and bytes; nothing about models, frameworks, steps or micro-batches. Nothing waits for memory
 (an OOM is recorded and the run goes on), so the clock does not depend on the allocator: the engine lays out the
@@ -14,26 +16,30 @@ import numpy as np
 
 from sim.allocator.base import Allocator
 from sim.cost import CostModel
-from sim.drivers import AllocatorDriver, AllocatorRun, CompiledReplay, OomEvent, StepwiseDriver, VectorisedReplay
+from sim.drivers import AllocatorDriver, AllocatorRun, CompiledReplay, OomEvent, PendingReplay, StepwiseDriver, VectorisedReplay
 from sim.errors import MAX_CLOCK_US, ClockOverflow
 from sim.event_order import AllocatorEvents, order_events
 from sim.ops import STREAMS, Schedule, Stream
-from sim.timeline import ListTimeline, Timeline
+from sim.timeline import HostModel, ListTimeline, Timeline
 from sim.trace import Trace
 
 
 @dataclass(frozen=True, slots=True)
 class EngineResult:
-    """What a run gives: the trace, every op's times, the first OOM and how busy each stream was."""
+    """What a run gives: the trace (on the host's clock), every op's times, the first OOM and how busy each stream
+    was."""
 
     trace: Trace
-    op_start_us: list[int]  # start time of each op
-    op_end_us: list[int]  # end time of each op
+    op_start_us: list[int]  # when each op's kernel starts on its stream
+    op_end_us: list[int]  # when it ends
     end_time_us: int
     oom: OomEvent | None
     busy_us: dict[Stream, int]
     repeated_events: int = 0  # events whose allocator results were repeated from an identical earlier window
     largest_free_block_at_peak_bytes: int | None = None  # the caching allocator's largest cached free block there
+    op_issue_us: list[int] | None = None  # when the host issues each op (its allocations)
+    op_launch_us: list[int] | None = None  # when the host is done with it (its frees; its kernel launched)
+    release_at: np.ndarray | None = None  # per trace row: AllocatorEvents.release_at
 
 
 class Engine:
@@ -52,6 +58,8 @@ class Engine:
         by_position = np.zeros(len(schedule.ops), dtype=np.int64)
         by_position[distinct] = cost.durations_us([schedule.ops[i] for i in distinct.tolist()])
         self._durations = by_position[schedule.sources()]
+        by_position[distinct] = cost.host_us([schedule.ops[i] for i in distinct.tolist()])
+        self.host = HostModel(by_position[schedule.sources()], cost.queue_depth)
         total_us = float(self._durations.sum(dtype=np.float64))
         if total_us > MAX_CLOCK_US:
             raise ClockOverflow(f"the run's ops would run for {total_us / 1e6:.3e} s in all, more than the 2^62 µs "
@@ -60,8 +68,9 @@ class Engine:
     def run(self) -> EngineResult:
         """Timeline, then events in time order (persistent buffers at t=0 first), then the allocator; its event
         log, if it keeps one (every path calls it, or its core, once per event), placed in the events' times."""
-        starts, ends = self.timeline.op_times(self.schedule, self._durations)
-        events = order_events(self.schedule, starts, ends)
+        times = self.timeline.op_times(self.schedule, self._durations, self.host)
+        starts, ends = times.start_us, times.end_us
+        events = order_events(self.schedule, times)
         driven = self.replay(self.allocator, events)
         if self.allocator.event_log is not None:
             self.allocator.event_log.place_in_time(events.time_us)
@@ -75,7 +84,8 @@ class Engine:
         busy = {stream: int(busy_by_code[code]) for code, stream in enumerate(STREAMS) if (stream_code == code).any()}
         end = max(ends) if ends else 0
         return EngineResult(trace, starts, ends, end, driven.oom, busy, driven.repeated_events,
-                            driven.largest_free_block_at_peak_bytes)
+                            driven.largest_free_block_at_peak_bytes, times.issue_us, times.launch_us,
+                            events.release_at)
 
     def replay(self, allocator: Allocator, events: AllocatorEvents) -> AllocatorRun:
         """Drive `allocator` through `events` (this schedule's, or their head) along the fastest path it allows."""
@@ -87,6 +97,8 @@ class Engine:
         where each window begins to the events where it does)."""
         if allocator.can_replay_vectorised():
             return VectorisedReplay()
+        if events.has_pending_frees():
+            return PendingReplay()
         if self.compiled and allocator.can_replay_compiled():
             return CompiledReplay()
         return StepwiseDriver(events.windows(self.schedule.window_first_ops()), self.repeat)

@@ -1,8 +1,14 @@
 """The event-order rule: in which order the allocator sees a run's allocations and frees.
 
-Persistent buffers are allocated first, at t=0; each op allocates at its start and frees at its end; events are
-stably sorted by time, so at equal times they keep issue order (an op's allocations before its frees, an earlier
-op's events first).
+The caching allocator is called from the host thread, so it sees events in program order: persistent buffers first,
+at t=0, then each op's allocations when the host issues it and its frees when the host is done with it
+(sim/timeline.py), op after op. A free is immediate for the allocator's statistics, but a block freed by an op on
+another stream than the one it was allocated on (a tensor record_stream'ed there: ProcessGroupNCCL's collective
+inputs and outputs, DeepSpeed's gathered parameters) only returns to the cache once that stream has passed the
+freeing op: the caching allocator checks its events at the start of each malloc (process_events,
+c10/cuda/CUDACachingAllocator.cpp), so the block is reusable from the first malloc issued after the freeing op's
+kernel has ended. Such a free is *pending* where a malloc comes between it and that point; elsewhere it is the same
+as an immediate one.
 """
 
 from dataclasses import dataclass
@@ -12,6 +18,7 @@ from operator import attrgetter
 import numpy as np
 
 from sim.ops import STREAMS, Schedule, Stream
+from sim.timeline import OpTimes
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +30,9 @@ class AllocatorEvents:
     signed_id: np.ndarray  # buffer id for an allocation, ~id for a free
     size_bytes: np.ndarray
     stream_code: np.ndarray  # index into STREAMS
+    # per event: for a pending free (module docstring), the index of the malloc at whose start its block returns to
+    # the cache (len(self): not within the run); -1 for every other event
+    release_at: np.ndarray
 
     def __len__(self) -> int:
         """The number of events."""
@@ -31,7 +41,20 @@ class AllocatorEvents:
     def head(self, count: int) -> "AllocatorEvents":
         """The first `count` events."""
         return AllocatorEvents(self.time_us[:count], self.op_index[:count], self.signed_id[:count],
-                               self.size_bytes[:count], self.stream_code[:count])
+                               self.size_bytes[:count], self.stream_code[:count], self.release_at[:count])
+
+    def has_pending_frees(self) -> bool:
+        """Whether any free leaves its block pending past a malloc (module docstring)."""
+        return bool((self.release_at >= 0).any())
+
+    def releases(self) -> dict[int, list[int]]:
+        """Malloc event index -> the buffer ids whose pending blocks return to the cache at its start, in the order
+        they were freed."""
+        pending = np.flatnonzero(self.release_at >= 0)
+        released: dict[int, list[int]] = {}
+        for free, at in zip(pending.tolist(), self.release_at[pending].tolist()):
+            released.setdefault(at, []).append(~int(self.signed_id[free]))
+        return released
 
     def windows(self, first_ops: np.ndarray) -> list[tuple[int, int]]:
         """[start, end) event ranges of the op windows that begin at `first_ops` (ascending op indices; the
@@ -47,10 +70,10 @@ class AllocatorEvents:
         return list(zip(bounds, bounds[1:]))
 
 
-def order_events(schedule: Schedule, starts_us: list[int], ends_us: list[int]) -> AllocatorEvents:
-    """Every allocation and free of the schedule in the order the allocator sees it (module docstring), given
-    each op's start and end. The ids of each distinct op are flattened once and gathered for every op that repeats
-    it, then moved where the schedule gives a repetition fresh ids."""
+def order_events(schedule: Schedule, times: OpTimes) -> AllocatorEvents:
+    """Every allocation and free of the schedule in the order the allocator sees it (module docstring), given every
+    op's times. The ids of each distinct op are flattened once and gathered for every op that repeats it, then
+    moved where the schedule gives a repetition fresh ids."""
     ops, persistent, sources = schedule.ops, schedule.persistent, schedule.sources()
     distinct = schedule.distinct_ops()
     distinct_ops = [ops[p] for p in distinct.tolist()]
@@ -71,18 +94,40 @@ def order_events(schedule: Schedule, starts_us: list[int], ends_us: list[int]) -
     raw = flat[gather] if total else np.zeros(0, dtype=np.int64)
     is_free = flat_free[gather] if total else np.zeros(0, dtype=bool)
     _move_replica_ids(schedule, raw, op_index, is_free)
-    times = np.where(is_free, np.asarray(ends_us, dtype=np.int64)[op_index],
-                     np.asarray(starts_us, dtype=np.int64)[op_index]) if total else np.zeros(0, dtype=np.int64)
+    event_times = np.where(is_free, np.asarray(times.launch_us, dtype=np.int64)[op_index],
+                           np.asarray(times.issue_us, dtype=np.int64)[op_index]) if total else \
+        np.zeros(0, dtype=np.int64)
     n_persistent = len(persistent)
-    times = np.concatenate([np.zeros(n_persistent, dtype=np.int64), times])
+    event_times = np.concatenate([np.zeros(n_persistent, dtype=np.int64), event_times])
     op_index = np.concatenate([np.full(n_persistent, -1, dtype=np.int64), op_index])
     raw = np.concatenate([np.asarray(persistent, dtype=np.int64), raw])
     is_free = np.concatenate([np.zeros(n_persistent, dtype=bool), is_free])
-    order = np.argsort(times, kind="stable")
-    raw, op_index, is_free = raw[order], op_index[order], is_free[order]
     sizes = schedule.buffer_sizes()[raw]
     codes = np.append(schedule.stream_codes(), STREAMS.index(Stream.COMPUTE))[op_index]  # -1: persistent
-    return AllocatorEvents(times[order], op_index, np.where(is_free, ~raw, raw), sizes, codes)
+    ends = np.asarray(times.end_us, dtype=np.int64)
+    release_at = _pending_releases(raw, is_free, codes, event_times, ends[op_index[is_free]] if len(ends) else
+                                   np.zeros(0, dtype=np.int64), len(schedule.buffers))
+    return AllocatorEvents(event_times, op_index, np.where(is_free, ~raw, raw), sizes, codes, release_at)
+
+
+def _pending_releases(ids: np.ndarray, is_free: np.ndarray, codes: np.ndarray, times: np.ndarray,
+                      free_op_ends: np.ndarray, buffer_count: int) -> np.ndarray:
+    """release_at (AllocatorEvents) of every event: a free on another stream than its buffer's allocation is
+    pending until the first malloc issued at or after its op's end, where a malloc comes before that."""
+    release_at = np.full(len(ids), -1, dtype=np.int64)
+    allocated_on = np.zeros(max(buffer_count, 1), dtype=np.int64)
+    allocated_on[ids[~is_free]] = codes[~is_free]  # a buffer allocated again is allocated on the same stream
+    frees = np.flatnonzero(is_free)
+    cross = allocated_on[ids[frees]] != codes[frees]
+    if not cross.any():
+        return release_at
+    frees, ready_us = frees[cross], free_op_ends[cross]
+    mallocs = np.flatnonzero(~is_free)
+    next_malloc = np.searchsorted(mallocs, frees, side="right")  # the first malloc after each free
+    released = np.maximum(next_malloc, np.searchsorted(times[mallocs], ready_us, side="left"))
+    pending = released > next_malloc
+    release_at[frees[pending]] = np.append(mallocs, len(ids))[released[pending]]
+    return release_at
 
 
 def _move_replica_ids(schedule: Schedule, ids: np.ndarray, op_index: np.ndarray, is_free: np.ndarray) -> None:

@@ -74,11 +74,11 @@ class Op:
     by every position that repeats it; Schedule.expand gives each position its own)."""
 
     __slots__ = ("name", "stream", "phase", "layer", "allocs", "frees", "flops", "bytes_moved", "deps", "wire_bytes",
-                 "kind")
+                 "kind", "host_waits")
 
     def __init__(self, name: str, stream: Stream, phase: Phase, layer: int | None, allocs: Sequence[int] = (),
                  frees: Sequence[int] = (), flops: float = 0.0, bytes_moved: int = 0, deps: tuple[int, ...] = (),
-                 wire_bytes: int = 0, kind: OpKind = OpKind.MEMORY) -> None:
+                 wire_bytes: int = 0, kind: OpKind = OpKind.MEMORY, host_waits: tuple[int, ...] = ()) -> None:
         self.name = name
         self.stream = stream
         self.phase = phase
@@ -90,6 +90,8 @@ class Op:
         self.deps = deps  # relative offsets (negative) of ops, any stream, that must finish first
         self.wire_bytes = wire_bytes  # a collective: bytes each rank sends over the links
         self.kind = kind
+        self.host_waits = host_waits  # relative offsets (negative) of ops the host waits to see finish before issuing
+        # this one (an event synchronize: DeepSpeed's fetch throttle)
 
     def __repr__(self) -> str:
         return f"Op({self.name!r}, {self.stream.value}, {self.phase.value}, layer={self.layer})"
@@ -98,7 +100,7 @@ class Op:
         """A new plain Op like this one but allocating `allocs` and freeing `frees` (tuples): how
         Schedule.expand gives a repeated op its own object and final buffer ids."""
         return Op(self.name, self.stream, self.phase, self.layer, tuple(allocs), tuple(frees), self.flops,
-                  self.bytes_moved, self.deps, self.wire_bytes, self.kind)
+                  self.bytes_moved, self.deps, self.wire_bytes, self.kind, self.host_waits)
 
 
 class BufferTable:

@@ -117,7 +117,7 @@ def run_built(scenario: Scenario, plan: Plan, built: BuiltSchedule, repeat: bool
                             f"any device could address; they are sized by {_shapes(scenario)}")
     allocator = _allocator(plan, event_log)
     cost = CostModel(plan.device, plan.compute_dtype, plan.world.gpus_per_node, plan.world.nodes, plan.nccl.version,
-                     plan.nccl.channels)
+                     plan.nccl.channels, synchronous=plan.on_host)
     try:
         engine = Engine(built.schedule, allocator, cost, repeat)
     except ClockOverflow as exc:
@@ -136,7 +136,7 @@ def _largest_free_block_before_oom(plan: Plan, engine: Engine, result: EngineRes
     if result.oom is None:
         return None
     entered = _allocator(plan, None)
-    engine.replay(entered, events_of(result.trace, engine.schedule).head(result.oom.event_index))
+    engine.replay(entered, events_of(result, engine.schedule).head(result.oom.event_index))
     return entered.largest_free_block_bytes()
 
 

@@ -28,7 +28,6 @@ from sim.allocator.base import Allocator
 from sim.engine import Engine, EngineResult
 from sim.event_order import AllocatorEvents
 from sim.ops import Schedule
-from sim.trace import Trace
 
 FIRST_PREFIX_STEPS = 3  # steps 1 and 2 compared: step 0 differs (lazily made optimizer states, first cudaMallocs)
 
@@ -56,11 +55,13 @@ class StepBounds:
     before_events: int  # where the step before the first of the two begins (its events), for naming
 
 
-def events_of(trace: Trace, schedule: Schedule) -> AllocatorEvents:
+def events_of(result: EngineResult, schedule: Schedule) -> AllocatorEvents:
     """The allocator events a run's trace records, as the engine ordered them."""
+    trace = result.trace
     signed = np.where(trace.delta_bytes < 0, ~trace.buffer_id, trace.buffer_id)
     codes = np.append(schedule.stream_codes(), 0)[trace.op_index]  # persistent buffers (op -1): compute, code 0
-    return AllocatorEvents(trace.time_us, trace.op_index, signed, np.abs(trace.delta_bytes), codes)
+    release_at = result.release_at if result.release_at is not None else np.full(len(trace), -1, dtype=np.int64)
+    return AllocatorEvents(trace.time_us, trace.op_index, signed, np.abs(trace.delta_bytes), codes, release_at)
 
 
 def last_two_steps(schedule: Schedule, events: AllocatorEvents) -> StepBounds | None:
@@ -157,7 +158,7 @@ def steady_state(engine: Engine, result: EngineResult, allocator: Allocator, new
     add. `allocator` ran the prefix; `new_allocator` makes a fresh one of its kind (to replay the events before the
     last step and read the state that step began from)."""
     schedule = engine.schedule
-    events = events_of(result.trace, schedule)
+    events = events_of(result, schedule)
     bounds = last_two_steps(schedule, events)
     if bounds is None or not allocator.can_repeat():
         return None

@@ -2,6 +2,7 @@
 allocator, written down whole; tests/test_allocator_protocol.py checks they use nothing else and that every
 backend has all of it."""
 
+from collections.abc import Iterable
 from typing import Protocol
 
 import numpy as np
@@ -31,8 +32,13 @@ class Allocator(Protocol):
         """Allocate; raises OutOfMemory when the device cannot hold it (the allocation then still happens,
         over capacity, so the simulation can show the whole demand)."""
 
-    def free(self, buffer_id: int) -> None:
-        """Release a live buffer's block."""
+    def free(self, buffer_id: int, pending_on: Iterable[Stream] = ()) -> None:
+        """Release a live buffer's block; `pending_on`: streams it was used on besides its allocation stream
+        (record_stream), whose events must complete (`release_pending`) before the block is reused."""
+
+    def release_pending(self, buffer_id: int) -> None:
+        """The streams a freed buffer was pending on have passed its free: its block may be reused from the next
+        malloc."""
 
     def largest_free_block_bytes(self) -> int | None:
         """The largest cached free block (0: none cached); None for an allocator that caches nothing."""

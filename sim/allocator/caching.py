@@ -160,7 +160,7 @@ class CachingAllocator:
                  "num_device_free", "num_sync_all_streams", "oversize_allocations", "oversize_segments", "ooms",
                  "retries_before_first_oom", "unlimited", "_forcing", "_max_split", "_non_split_rounding",
                  "_expandable", "_rp2", "_gc_active", "_slow_search", "_gc_calls", "_live", "_pools", "_streams",
-                 "_segments", "_expandable_segments", "_events", "_ready", "_next_va", "_last_stream", "_last_pools",
+                 "_segments", "_expandable_segments", "_events", "_ready", "_pending", "_next_va", "_last_stream", "_last_pools",
                  "_oom", "event_log")
 
     def __init__(
@@ -231,6 +231,7 @@ class CachingAllocator:
         self._expandable_segments: list[_Segment] = []
         self._events: dict[Hashable, list[_Block]] = {}  # record_stream events not yet known complete
         self._ready: list[_Block] = []  # events completed (stream passed), processed at the next malloc
+        self._pending: dict[int, _Block] = {}  # freed buffer -> its block while record_stream events are pending
         self._next_va = _VA_BASE
         self._last_stream: Hashable = None
         self._last_pools: tuple[_Pool, _Pool] | None = None
@@ -480,10 +481,26 @@ class CachingAllocator:
                 if s != own:
                     block.events += 1
                     self._events.setdefault(s, []).append(block)
-        if not block.events:
+        if block.events:
+            self._pending[buffer_id] = block
+        else:
             self._free_block(block)
         if self.event_log is not None:
             self.event_log.end_event()
+
+    def release_pending(self, buffer_id: int) -> None:
+        """Every stream the freed `buffer_id` was record_stream'ed on has passed its free (its events complete):
+        the block returns to the cache at the next malloc (process_events), as in PyTorch. Nothing if it already
+        has (an OOM retry synchronises every pending event)."""
+        block = self._pending.pop(buffer_id, None)
+        if block is None:
+            return
+        for waiting in self._events.values():
+            while block in waiting:
+                waiting.remove(block)
+                self._ready.append(block)
+        for stream in [s for s, waiting in self._events.items() if not waiting]:
+            del self._events[stream]
 
     def stream_passed(self, stream: Hashable) -> None:
         """Every event recorded on `stream` so far has completed; the blocks become free at the next malloc
@@ -491,6 +508,8 @@ class CachingAllocator:
         waiting = self._events.pop(stream, None)
         if waiting:
             self._ready.extend(waiting)
+            for buffer_id in [b for b, block in self._pending.items() if block in waiting]:
+                del self._pending[buffer_id]
 
     def empty_cache(self) -> None:
         """torch.cuda.empty_cache(): wait for all pending events, return every fully free segment / page."""
@@ -927,6 +946,7 @@ class CachingAllocator:
     def _synchronize_and_free_events(self) -> None:
         self.num_sync_all_streams += 1
         self._process_events()
+        self._pending.clear()
         events, self._events = self._events, {}
         for lst in events.values():
             for b in lst:

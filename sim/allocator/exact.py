@@ -1,5 +1,7 @@
 """The exact backend: memory is the sum of live tensor bytes; reserved equals allocated."""
 
+from collections.abc import Iterable
+
 import numpy as np
 
 from sim.allocator.base import OutOfMemory
@@ -29,8 +31,9 @@ class ExactAllocator:
         if self.allocated_bytes > self.capacity_bytes:
             raise self._oom(size_bytes, self.allocated_bytes - size_bytes)
 
-    def free(self, buffer_id: int) -> None:
-        """Stop counting a live buffer."""
+    def free(self, buffer_id: int, pending_on: Iterable[Stream] = ()) -> None:
+        """Stop counting a live buffer (at once: nothing is cached, so a block pending on other streams is simply
+        not counted, as PyTorch's statistics do not count it)."""
         self.allocated_bytes -= self._sizes.pop(buffer_id)
         self.reserved_bytes = self.allocated_bytes
 
@@ -85,6 +88,9 @@ class ExactAllocator:
         raise NotImplementedError("the exact allocator has no compiled core; use replay_vectorised")
 
     # ---- repeated windows
+
+    def release_pending(self, buffer_id: int) -> None:
+        """Nothing: a free is complete at once here (see free)."""
 
     def can_repeat(self) -> bool:
         """Always: the live buffers' sizes are the whole state, and `state_signature` holds them."""
