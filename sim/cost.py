@@ -27,9 +27,16 @@ _TREE_MAX_BYTES_PER_S_PER_CHANNEL = {7: (26.5e9, 18.5e9, 10.0e9), 8: (24.0e9, 23
                                      9: (38.7e9, 41.4e9, 36.0e9)}
 # treeCorrectionFactor[Simple]: the tree's bandwidth is scaled by it for messages of 64·2^k bytes, k = 0..22
 _TREE_CORRECTION = (.9, .9, .9, .9, .9, .9, .9, .8, .7, .6, .6, .5, .5, .5, .5, .6, .7, .8, .7, .7, .8, .9, .9)
-# What issuing one kernel costs the host thread in PyTorch eager mode (Python, dispatcher, launch): TODO source
-HOST_US_PER_KERNEL = 10
-# Kernel launches the CUDA driver queues before cudaLaunchKernel blocks the host: TODO source
+# What issuing one op costs the host thread in PyTorch eager mode: Python, the dispatcher and autograd's bookkeeping,
+# 2 µs (median of bench/bench_host_overhead.py on this project's 2-core machine, torch 2.13: 1.7-4.7 µs by op), plus
+# cudaLaunchKernel, 5 µs (measured 4-5 µs a launch while the launch queue has room: stackoverflow.com/q/53970187,
+# forums.developer.nvidia.com/t/68937; NVIDIA documents no figure).
+HOST_DISPATCH_US = 2
+CUDA_LAUNCH_US = 5
+HOST_US_PER_KERNEL = HOST_DISPATCH_US + CUDA_LAUNCH_US
+# Kernel launches queued before cudaLaunchKernel blocks the host until one drains: about 1000 observed
+# (stackoverflow.com/q/53970187, forums.developer.nvidia.com/t/68937); NVIDIA documents none. Modelled as the ops
+# issued past the last one finished.
 LAUNCH_QUEUE_DEPTH = 1024
 _KIND_CODE = {kind: code for code, kind in enumerate(OpKind)}
 _CODE_BY_ID = {id(kind): code for kind, code in _KIND_CODE.items()}  # hashing an Enum is slow

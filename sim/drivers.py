@@ -69,43 +69,11 @@ class CompiledReplay:
         return AllocatorRun(allocated, reserved, oom, 0, largest)
 
 
-class PendingReplay:
-    """malloc/free event by event where some frees leave their blocks pending on another stream
-    (AllocatorEvents.release_at): each such block is released at the start of the malloc where its stream has
-    passed it. No window is repeated: the pending blocks are state no signature holds."""
-
-    def drive(self, allocator: Allocator, events: AllocatorEvents) -> AllocatorRun:
-        """Bytes after each event, the first OOM and the largest free block at the peak."""
-        releases = events.releases()
-        malloc, free, release = allocator.malloc, allocator.free, allocator.release_pending
-        n = len(events)
-        allocated, reserved = [0] * n, [0] * n
-        oom, most, largest = None, -1, None
-        pending_stream = {}  # event index of a pending free -> the stream it waits on
-        for at in np.flatnonzero(events.release_at >= 0).tolist():
-            pending_stream[at] = (STREAMS[int(events.stream_code[at])],)
-        streams = [STREAMS[c] for c in events.stream_code.tolist()]
-        for at, (buffer_id, size) in enumerate(zip(events.signed_id.tolist(), events.size_bytes.tolist())):
-            if buffer_id >= 0:
-                for released in releases.get(at, ()):
-                    release(released)
-                try:
-                    malloc(buffer_id, size, streams[at])
-                except OutOfMemory as exc:
-                    oom = oom or OomEvent.at(events, at, exc)
-            else:
-                free(~buffer_id, pending_stream.get(at, ()))
-            allocated[at] = allocator.allocated_bytes
-            reserved[at] = now = allocator.reserved_bytes
-            if now > most:
-                most, largest = now, allocator.largest_free_block_bytes()
-        return AllocatorRun(np.asarray(allocated, dtype=np.int64), np.asarray(reserved, dtype=np.int64), oom, 0,
-                            largest)
-
-
 class StepwiseDriver:
     """malloc/free event by event, window by window (`windows`: [start, end) event ranges, one per micro-batch
-    and optimizer step); with `repeat`, a window that repeats the one before is copied, not called (_StepwiseRun)."""
+    and optimizer step); with `repeat`, a window that repeats the one before is copied, not called (_StepwiseRun).
+    A pending free (AllocatorEvents.release_at) is freed pending on the stream it waits on, and its block released
+    at the start of the malloc where that stream has passed it."""
 
     def __init__(self, windows: list[tuple[int, int]], repeat: bool) -> None:
         """`windows` cover every event in order; `repeat=False` calls the allocator for every event (checking)."""
@@ -128,6 +96,7 @@ class _StepwiseRun:
         """Pairs every allocation with its free once, so windows can name buffers by position."""
         self.allocator, self.events, self.windows, self.repeat = allocator, events, windows, repeat
         self.n = n = len(events)
+        self.releases = events.releases()
         signed = events.signed_id
         ids = np.where(signed < 0, ~signed, signed)
         # A buffer id can be allocated and freed many times (repeated micro-batches reuse ids): pair each
@@ -171,20 +140,25 @@ class _StepwiseRun:
 
     def _step(self, start: int, end: int, allocated: list[int], reserved: list[int]) -> OomEvent | None:
         """Call malloc/free for events [start, end), recording the bytes after each; the window's first OOM."""
-        events, allocator = self.events, self.allocator
+        events, allocator, releases = self.events, self.allocator, self.releases
         malloc, free = allocator.malloc, allocator.free
         signed = events.signed_id[start:end].tolist()
         sizes = events.size_bytes[start:end].tolist()
         streams = [STREAMS[c] for c in events.stream_code[start:end].tolist()]
+        pending = (events.release_at[start:end] >= 0).tolist()
         oom = None
         most = self.most_reserved
         at = start
-        for buffer_id, size, stream in zip(signed, sizes, streams):
+        for buffer_id, size, stream, waits in zip(signed, sizes, streams, pending):
             if buffer_id >= 0:
+                for released in releases.get(at, ()):
+                    allocator.release_pending(released)
                 try:
                     malloc(buffer_id, size, stream)
                 except OutOfMemory as exc:
                     oom = oom or OomEvent.at(events, at, exc)
+            elif waits:
+                free(~buffer_id, (stream,))
             else:
                 free(~buffer_id)
             allocated[at] = allocator.allocated_bytes
@@ -214,19 +188,30 @@ class _StepwiseRun:
 
     def _same_window(self, reference: tuple, start: int, end: int, signature: tuple) -> bool:
         """Whether [start, end) issues the reference window's events at the same relative positions (sizes,
-        streams, allocations vs frees, and which buffer each free releases) from an identical state."""
+        streams, allocations vs frees, which buffer each free releases, and where each pending one returns within
+        the window, each inside it) from an identical state."""
         ref_start, ref_end, ref_signature, _, _ = reference
         if end - start != ref_end - ref_start or signature != ref_signature:
             return False
         events = self.events
         here, there = slice(start, end), slice(ref_start, ref_end)
         if not (np.array_equal(events.size_bytes[here], events.size_bytes[there])
-                and np.array_equal(events.stream_code[here], events.stream_code[there])):
+                and np.array_equal(events.stream_code[here], events.stream_code[there])
+                and self._releases_within(start, end) is not None
+                and np.array_equal(self._releases_within(start, end), self._releases_within(ref_start, ref_end))):
             return False
         signed_here, signed_there = events.signed_id[here], events.signed_id[there]
         if not np.array_equal(signed_here < 0, signed_there < 0):
             return False
         return np.array_equal(self._free_names(signed_here, start), self._free_names(signed_there, ref_start))
+
+    def _releases_within(self, start: int, end: int) -> np.ndarray | None:
+        """Per event of [start, end): where its pending block returns, relative to the window (-1: not pending);
+        None if one returns after the window, which would leave the allocator a state no signature holds."""
+        release_at = self.events.release_at[start:end]
+        if (release_at >= end).any():
+            return None
+        return np.where(release_at >= 0, release_at - start, -1)
 
     def _free_names(self, signed: np.ndarray, start: int) -> np.ndarray:
         """Per free in a window: the freed buffer's allocation position relative to the window when it was

@@ -16,11 +16,12 @@ import numpy as np
 
 from sim.allocator.base import Allocator
 from sim.cost import CostModel
-from sim.drivers import AllocatorDriver, AllocatorRun, CompiledReplay, OomEvent, PendingReplay, StepwiseDriver, VectorisedReplay
+from sim.drivers import AllocatorDriver, AllocatorRun, CompiledReplay, OomEvent, StepwiseDriver, VectorisedReplay
 from sim.errors import MAX_CLOCK_US, ClockOverflow
 from sim.event_order import AllocatorEvents, order_events
 from sim.ops import STREAMS, Schedule, Stream
-from sim.timeline import HostModel, ListTimeline, Timeline
+from sim.des import SimpyTimeline, links_overlap
+from sim.timeline import HostModel, ListTimeline, OpTimes, Timeline
 from sim.trace import Trace
 
 
@@ -30,36 +31,42 @@ class EngineResult:
     was."""
 
     trace: Trace
+    op_issue_us: list[int]  # when the host issues each op (its allocations)
+    op_launch_us: list[int]  # when the host is done with it (its frees; its kernel launched)
     op_start_us: list[int]  # when each op's kernel starts on its stream
     op_end_us: list[int]  # when it ends
     end_time_us: int
     oom: OomEvent | None
     busy_us: dict[Stream, int]
+    release_at: np.ndarray  # per trace row: AllocatorEvents.release_at
+    stream_code: np.ndarray  # per trace row: AllocatorEvents.stream_code
+    shared_link: bool = False  # collectives overlapped on the link: the simpy timeline laid the run out
     repeated_events: int = 0  # events whose allocator results were repeated from an identical earlier window
     largest_free_block_at_peak_bytes: int | None = None  # the caching allocator's largest cached free block there
-    op_issue_us: list[int] | None = None  # when the host issues each op (its allocations)
-    op_launch_us: list[int] | None = None  # when the host is done with it (its frees; its kernel launched)
-    release_at: np.ndarray | None = None  # per trace row: AllocatorEvents.release_at
 
 
 class Engine:
     """One rank's schedule run against one allocator: timeline, event order, allocator driver, trace."""
 
     def __init__(self, schedule: Schedule, allocator: Allocator, cost: CostModel, repeat: bool = True,
-                 compiled: bool = True, timeline: Timeline | None = None) -> None:
+                 compiled: bool = True, timeline: Timeline | None = None, host: HostModel | None = None) -> None:
         """`repeat=False`: call the allocator for every event even where a window repeats; `compiled=False`: run
         the caching allocator's Python model even where its compiled core applies (both for checking);
-        `timeline`: what lays out op times (default ListTimeline)."""
+        `timeline`: what lays out op times (default: the recurrence, ListTimeline, unless collectives overlap
+        there, when they share the link: the simpy timeline, sim/des.py); `host`: the host's costs and queue depth
+        (default: the cost model's)."""
         self.schedule = schedule
         self.repeat, self.compiled = repeat, compiled
         self.allocator = allocator
-        self.timeline = timeline if timeline is not None else ListTimeline()
+        self.timeline = timeline
         distinct = schedule.distinct_ops()
         by_position = np.zeros(len(schedule.ops), dtype=np.int64)
         by_position[distinct] = cost.durations_us([schedule.ops[i] for i in distinct.tolist()])
         self._durations = by_position[schedule.sources()]
-        by_position[distinct] = cost.host_us([schedule.ops[i] for i in distinct.tolist()])
-        self.host = HostModel(by_position[schedule.sources()], cost.queue_depth)
+        if host is None:
+            by_position[distinct] = cost.host_us([schedule.ops[i] for i in distinct.tolist()])
+            host = HostModel(by_position[schedule.sources()], cost.queue_depth)
+        self.host = host
         total_us = float(self._durations.sum(dtype=np.float64))
         if total_us > MAX_CLOCK_US:
             raise ClockOverflow(f"the run's ops would run for {total_us / 1e6:.3e} s in all, more than the 2^62 µs "
@@ -68,7 +75,7 @@ class Engine:
     def run(self) -> EngineResult:
         """Timeline, then events in time order (persistent buffers at t=0 first), then the allocator; its event
         log, if it keeps one (every path calls it, or its core, once per event), placed in the events' times."""
-        times = self.timeline.op_times(self.schedule, self._durations, self.host)
+        times, shared = self._times()
         starts, ends = times.start_us, times.end_us
         events = order_events(self.schedule, times)
         driven = self.replay(self.allocator, events)
@@ -80,12 +87,23 @@ class Engine:
         trace = Trace(events.time_us, events.op_index, ids, np.where(is_free, -events.size_bytes, events.size_bytes),
                       categories[ids], driven.allocated_bytes, driven.reserved_bytes)
         stream_code = self.schedule.stream_codes()
-        busy_by_code = np.bincount(stream_code, weights=self._durations, minlength=len(STREAMS))
+        ran_us = np.asarray(ends, dtype=np.int64) - np.asarray(starts, dtype=np.int64)  # a shared link stretches
+        busy_by_code = np.bincount(stream_code, weights=ran_us, minlength=len(STREAMS))
         busy = {stream: int(busy_by_code[code]) for code, stream in enumerate(STREAMS) if (stream_code == code).any()}
         end = max(ends) if ends else 0
-        return EngineResult(trace, starts, ends, end, driven.oom, busy, driven.repeated_events,
-                            driven.largest_free_block_at_peak_bytes, times.issue_us, times.launch_us,
-                            events.release_at)
+        return EngineResult(trace, times.issue_us, times.launch_us, starts, ends, end, driven.oom, busy,
+                            events.release_at, events.stream_code, shared, driven.repeated_events,
+                            driven.largest_free_block_at_peak_bytes)
+
+    def _times(self) -> tuple[OpTimes, bool]:
+        """Every op's times, and whether collectives share the link in them: the given timeline's, else the
+        recurrence's where no two collectives overlap in it (sharing would change nothing), else simpy's."""
+        if self.timeline is not None:
+            return self.timeline.op_times(self.schedule, self._durations, self.host), False
+        times = ListTimeline().op_times(self.schedule, self._durations, self.host)
+        if not links_overlap(self.schedule, times):
+            return times, False
+        return SimpyTimeline().op_times(self.schedule, self._durations, self.host), True
 
     def replay(self, allocator: Allocator, events: AllocatorEvents) -> AllocatorRun:
         """Drive `allocator` through `events` (this schedule's, or their head) along the fastest path it allows."""
@@ -97,8 +115,6 @@ class Engine:
         where each window begins to the events where it does)."""
         if allocator.can_replay_vectorised():
             return VectorisedReplay()
-        if events.has_pending_frees():
-            return PendingReplay()
-        if self.compiled and allocator.can_replay_compiled():
+        if self.compiled and allocator.can_replay_compiled() and not events.has_pending_frees():
             return CompiledReplay()
         return StepwiseDriver(events.windows(self.schedule.window_first_ops()), self.repeat)

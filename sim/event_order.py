@@ -2,13 +2,13 @@
 
 The caching allocator is called from the host thread, so it sees events in program order: persistent buffers first,
 at t=0, then each op's allocations when the host issues it and its frees when the host is done with it
-(sim/timeline.py), op after op. A free is immediate for the allocator's statistics, but a block freed by an op on
-another stream than the one it was allocated on (a tensor record_stream'ed there: ProcessGroupNCCL's collective
-inputs and outputs, DeepSpeed's gathered parameters) only returns to the cache once that stream has passed the
-freeing op: the caching allocator checks its events at the start of each malloc (process_events,
-c10/cuda/CUDACachingAllocator.cpp), so the block is reusable from the first malloc issued after the freeing op's
-kernel has ended. Such a free is *pending* where a malloc comes between it and that point; elsewhere it is the same
-as an immediate one.
+(sim/timeline.py), op after op. A free is immediate for the allocator's statistics, but the block of a tensor
+record_stream'ed on another stream than its own (DeepSpeed's gathered parameters and the gradients it copies on its
+reduce stream) only returns to the cache once that stream has passed the free: free() records an event there
+(insert_events) and the allocator checks its events at the start of each malloc (process_events,
+c10/cuda/CUDACachingAllocator.cpp), so the block is reusable from the first malloc issued after the latest op on
+that stream at the free has ended. Such a free is *pending* where a malloc comes between it and that point;
+elsewhere it is the same as an immediate one.
 """
 
 from dataclasses import dataclass
@@ -29,7 +29,7 @@ class AllocatorEvents:
     op_index: np.ndarray  # -1: a persistent buffer, allocated before the first op
     signed_id: np.ndarray  # buffer id for an allocation, ~id for a free
     size_bytes: np.ndarray
-    stream_code: np.ndarray  # index into STREAMS
+    stream_code: np.ndarray  # index into STREAMS: a malloc's stream; a free's op's, or the one a pending free waits on
     # per event: for a pending free (module docstring), the index of the malloc at whose start its block returns to
     # the cache (len(self): not within the run); -1 for every other event
     release_at: np.ndarray
@@ -104,29 +104,44 @@ def order_events(schedule: Schedule, times: OpTimes) -> AllocatorEvents:
     is_free = np.concatenate([np.zeros(n_persistent, dtype=bool), is_free])
     sizes = schedule.buffer_sizes()[raw]
     codes = np.append(schedule.stream_codes(), STREAMS.index(Stream.COMPUTE))[op_index]  # -1: persistent
-    ends = np.asarray(times.end_us, dtype=np.int64)
-    release_at = _pending_releases(raw, is_free, codes, event_times, ends[op_index[is_free]] if len(ends) else
-                                   np.zeros(0, dtype=np.int64), len(schedule.buffers))
+    release_at = _pending_releases(schedule, raw, is_free, codes, op_index, event_times,
+                                   np.asarray(times.end_us, dtype=np.int64))
     return AllocatorEvents(event_times, op_index, np.where(is_free, ~raw, raw), sizes, codes, release_at)
 
 
-def _pending_releases(ids: np.ndarray, is_free: np.ndarray, codes: np.ndarray, times: np.ndarray,
-                      free_op_ends: np.ndarray, buffer_count: int) -> np.ndarray:
-    """release_at (AllocatorEvents) of every event: a free on another stream than its buffer's allocation is
-    pending until the first malloc issued at or after its op's end, where a malloc comes before that."""
+def _pending_releases(schedule: Schedule, ids: np.ndarray, is_free: np.ndarray, codes: np.ndarray,
+                      op_index: np.ndarray, times: np.ndarray, ends_us: np.ndarray) -> np.ndarray:
+    """release_at (AllocatorEvents) of every event, setting each pending free's stream code to the first stream it
+    waits on: a free of a buffer record_stream'ed on streams other than its
+    allocation stream waits for each of them to pass the latest op issued on it by then (the event
+    CUDACachingAllocator's insert_events records there), and is pending where a malloc is issued before all have."""
     release_at = np.full(len(ids), -1, dtype=np.int64)
-    allocated_on = np.zeros(max(buffer_count, 1), dtype=np.int64)
-    allocated_on[ids[~is_free]] = codes[~is_free]  # a buffer allocated again is allocated on the same stream
+    recorded = schedule.buffer_recorded_masks()
     frees = np.flatnonzero(is_free)
-    cross = allocated_on[ids[frees]] != codes[frees]
-    if not cross.any():
+    if not len(frees) or not recorded.any():
         return release_at
-    frees, ready_us = frees[cross], free_op_ends[cross]
+    allocated_on = np.zeros(len(recorded), dtype=np.int64)
+    allocated_on[ids[~is_free]] = codes[~is_free]  # a buffer allocated again is allocated on the same stream
+    waits_on = recorded[ids[frees]] & ~(1 << allocated_on[ids[frees]])
+    frees, waits_on = frees[waits_on != 0], waits_on[waits_on != 0]
+    if not len(frees):
+        return release_at
+    op_codes = schedule.stream_codes()
+    positions = np.arange(len(op_codes), dtype=np.int64)
+    ready_us = np.full(len(frees), -1, dtype=np.int64)
+    for code in range(len(STREAMS)):
+        on_stream = (waits_on >> code) & 1 == 1
+        if on_stream.any():
+            latest = np.maximum.accumulate(np.where(op_codes == code, positions, -1))[op_index[frees[on_stream]]]
+            passed = np.where(latest >= 0, ends_us[np.maximum(latest, 0)], -1)
+            ready_us[on_stream] = np.maximum(ready_us[on_stream], passed)
     mallocs = np.flatnonzero(~is_free)
     next_malloc = np.searchsorted(mallocs, frees, side="right")  # the first malloc after each free
     released = np.maximum(next_malloc, np.searchsorted(times[mallocs], ready_us, side="left"))
     pending = released > next_malloc
     release_at[frees[pending]] = np.append(mallocs, len(ids))[released[pending]]
+    lowest = waits_on & -waits_on  # a pending free's event names the first stream it waits on
+    codes[frees[pending]] = np.log2(lowest[pending]).astype(np.int64)
     return release_at
 
 

@@ -107,8 +107,11 @@ class BufferTable:
     """Buffers by id, stored as columns: a run has hundreds of thousands, and repeated micro-batches share
     their names, sizes and categories (`source[id]` is the row a buffer's facts are in)."""
 
-    def __init__(self, names: list[str], sizes: list[int], categories: list[int], source: list[int]) -> None:
+    def __init__(self, names: list[str], sizes: list[int], categories: list[int], source: list[int],
+                 recorded: list[int] | None = None) -> None:
+        """`recorded`: per row, the streams (bit STREAMS.index) the tensor was record_stream'ed on (None: none)."""
         self._names, self._sizes, self._categories, self._source = names, sizes, categories, source
+        self._recorded = recorded if recorded is not None else [0] * len(names)
 
     def __len__(self) -> int:
         return len(self._source)
@@ -127,6 +130,10 @@ class BufferTable:
     def category_indices(self) -> np.ndarray:
         """Index into CATEGORIES of every buffer id."""
         return np.asarray(self._categories, dtype=np.int8)[np.asarray(self._source, dtype=np.int64)]
+
+    def recorded_masks(self) -> np.ndarray:
+        """Streams (bit STREAMS.index) every buffer id was record_stream'ed on."""
+        return np.asarray(self._recorded, dtype=np.int64)[np.asarray(self._source, dtype=np.int64)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,6 +277,12 @@ class Schedule:
         if isinstance(self.buffers, BufferTable):
             return self.buffers.sizes()
         return np.asarray([b.size_bytes for b in self.buffers], dtype=np.int64)
+
+    def buffer_recorded_masks(self) -> np.ndarray:
+        """The streams (bit STREAMS.index) each buffer id was record_stream'ed on (int64; 0: none)."""
+        if isinstance(self.buffers, BufferTable):
+            return self.buffers.recorded_masks()
+        return np.zeros(len(self.buffers), dtype=np.int64)
 
     def buffer_categories(self) -> np.ndarray:
         """Index into CATEGORIES by buffer id (int8)."""

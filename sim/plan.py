@@ -91,6 +91,7 @@ class TrainingPlan:
     weight_decay: float
     max_grad_norm: float
     steps: int
+    loss_check_syncs: bool = True  # logging_nan_inf_filter: the host waits for every micro-batch's loss
 
     @property
     def tokens_per_step(self) -> int:

@@ -269,6 +269,7 @@ class Training(Frozen):
     optim: Optim | None = None  # None: the TrainingArguments default of the transformers version
     weight_decay: Real = Field(default=0.0, ge=0.0)
     max_grad_norm: Real = Field(default=1.0, ge=0.0)
+    logging_nan_inf_filter: bool = True  # TrainingArguments default: the Trainer checks each micro-batch's loss
 
     @model_validator(mode="after")
     def _one_precision(self) -> "Training":

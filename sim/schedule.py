@@ -166,6 +166,13 @@ def _micro_batch(ctx: RunContext, plan: Plan, architecture: Architecture, model,
     tp.layer = None
     tp.op("training_step.end")
     tp.drop(loss, ids, labels, mask_2d)
+    if plan.training.loss_check_syncs:
+        # Trainer._inner_training_loop, logging_nan_inf_filter (default True): `torch.isnan(tr_loss_step) or
+        # torch.isinf(tr_loss_step)` takes bool() of a CUDA tensor, a copy to the host that waits for the compute
+        # stream, every micro-batch. (Its one-element results, 512 B blocks freed at once, are not modelled.)
+        tp.op("trainer.loss_isnan", bytes_moved=loss.dtype.size_bytes + 1)
+        tp.host_sync()
+        tp.op("trainer.loss_isnan.item")
 
 
 # hf_decoder._eager's two attention matmuls (and their backward ops): GEMM-kind ops that belong to the attention term

@@ -136,7 +136,7 @@ def _largest_free_block_before_oom(plan: Plan, engine: Engine, result: EngineRes
     if result.oom is None:
         return None
     entered = _allocator(plan, None)
-    engine.replay(entered, events_of(result, engine.schedule).head(result.oom.event_index))
+    engine.replay(entered, events_of(result).head(result.oom.event_index))
     return entered.largest_free_block_bytes()
 
 

@@ -55,13 +55,12 @@ class StepBounds:
     before_events: int  # where the step before the first of the two begins (its events), for naming
 
 
-def events_of(result: EngineResult, schedule: Schedule) -> AllocatorEvents:
+def events_of(result: EngineResult) -> AllocatorEvents:
     """The allocator events a run's trace records, as the engine ordered them."""
     trace = result.trace
     signed = np.where(trace.delta_bytes < 0, ~trace.buffer_id, trace.buffer_id)
-    codes = np.append(schedule.stream_codes(), 0)[trace.op_index]  # persistent buffers (op -1): compute, code 0
-    release_at = result.release_at if result.release_at is not None else np.full(len(trace), -1, dtype=np.int64)
-    return AllocatorEvents(trace.time_us, trace.op_index, signed, np.abs(trace.delta_bytes), codes, release_at)
+    return AllocatorEvents(trace.time_us, trace.op_index, signed, np.abs(trace.delta_bytes), result.stream_code,
+                           result.release_at)
 
 
 def last_two_steps(schedule: Schedule, events: AllocatorEvents) -> StepBounds | None:
@@ -158,7 +157,7 @@ def steady_state(engine: Engine, result: EngineResult, allocator: Allocator, new
     add. `allocator` ran the prefix; `new_allocator` makes a fresh one of its kind (to replay the events before the
     last step and read the state that step began from)."""
     schedule = engine.schedule
-    events = events_of(result, schedule)
+    events = events_of(result)
     bounds = last_two_steps(schedule, events)
     if bounds is None or not allocator.can_repeat():
         return None

@@ -284,7 +284,7 @@ def _canonical_ops(schedule: Schedule) -> list[tuple]:
             count += 1
         frees = tuple(latest[b] for b in op.frees)
         canonical.append((op.name, op.stream, op.phase, op.layer, op.deps, op.flops, op.bytes_moved, op.wire_bytes,
-                          op.kind, tuple(allocs), frees))
+                          op.kind, op.host_waits, tuple(allocs), frees))
     return canonical
 
 

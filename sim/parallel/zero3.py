@@ -18,6 +18,13 @@ from sim.vocab import DType
 from sim.workload.tape import Node, Param, Tape, Tensor
 
 
+# partitioned_param_coordinator.py __max_ongoing_fetch_events = 2 (DeepSpeed 0.6.2 to 0.19.5; stage3.py in 0.6.0): in
+# fetch_sub_module, before waiting for an in-flight parameter, the host drops the fetch events already complete and,
+# if more than 2 remain, synchronizes the oldest; after the wait it records a new event on the allgather stream.
+# Events complete in order, so before the k-th event the host waits for event k-3 to complete (no wait if it has).
+FETCH_EVENTS_BEFORE_SYNC = 2
+
+
 @dataclass(slots=True, eq=False)
 class _Zp:
     """ZeRO-3 state of one parameter."""
@@ -30,6 +37,7 @@ class _Zp:
     ready_op: int | None = None  # side op after which `gathered` holds the data
     fetched_for_step: int = -(10**10)  # __most_recent_step_id_param_fetched_for
     handle: "_Coalesced | None" = None  # the coalesced gather it came with, until its first fetch or release
+    in_flight: bool = False  # in __inflight_param_registry: gathered, not yet waited for by a fetch
 
     @property
     def not_available(self) -> bool:
@@ -73,6 +81,9 @@ class Zero3:
     _engine_buffers: list[Tensor] = field(default_factory=list)  # allocated by finish_engine_init
     _trace_uses: dict[str, list[int]] = field(default_factory=dict)  # per param: trace positions of its modules
     _trace_numel_before: list[int] = field(default_factory=lambda: [0])  # per trace position: numel before it
+    _latest_allgather_op: int | None = None  # the latest op issued on the allgather stream
+    # the allgather-stream ops at which fetch_sub_module recorded its latest events (__ongoing_fetch_events)
+    _fetch_events: deque = field(default_factory=lambda: deque(maxlen=FETCH_EVENTS_BEFORE_SYNC + 1))
 
     @property
     def offload_param(self) -> bool:
@@ -172,10 +183,15 @@ class Zero3:
             self._all_gather(missing)
         for p in params:
             zp = self.states[p.name]
+            if zp.in_flight and len(self._fetch_events) > FETCH_EVENTS_BEFORE_SYNC:
+                self.tape.host_wait_for(self._fetch_events[0])  # the oldest of the last three: event k-3
             if zp.handle is not None:
                 self._wait(zp.handle)
             if zp.ready_op is not None:
                 self.tape.wait_for(zp.ready_op)
+            if zp.in_flight:
+                zp.in_flight = False
+                self._fetch_events.append(self._latest_allgather_op)
             self._pop_handle(zp)
         if self.trace_complete:
             self._prefetch(params)
@@ -215,6 +231,7 @@ class Zero3:
         label = params[0].name if len(params) == 1 else f"{params[0].name}+{len(params) - 1}"
         gather = tp.side_op(f"zero3.allgather[{label}]", Stream.ALLGATHER, bytes_moved=2 * total * P * size,
                             wire_bytes=wire, kind=OpKind.ALL_GATHER)
+        self._latest_allgather_op = gather
         if self.offload_param:  # ds_tensor.to(device): the host partitions come to the GPU first, then are freed
             staged = tp.empty_in(gather, "zero3.partition_to_device", total, self.dtype, Category.COMMUNICATION)
             tp.release_in(gather, staged.storage)
@@ -230,6 +247,7 @@ class Zero3:
                 self.states[p.name].handle = handle
         for p in params:
             self.available_numel += p.tensor.numel
+            self.states[p.name].in_flight = True
 
     def release(self, module: str) -> None:
         """release_sub_module: partition the module's params unless persistent, prefetched past, or used again
@@ -262,6 +280,7 @@ class Zero3:
         numel = sum(p.tensor.numel for p in handle.params)
         wait = tp.side_op(f"zero3.allgather_wait[{handle.label}]", Stream.ALLGATHER,
                           bytes_moved=2 * numel * self.dtype.size_bytes, deps=(handle.gather_op,))
+        self._latest_allgather_op = wait
         for p in handle.params:
             zp = self.states[p.name]
             zp.gathered = tp.empty_in(wait, f"{p.name}.gathered", p.tensor.numel, self.dtype, Category.PARAMETERS)
@@ -285,8 +304,10 @@ class Zero3:
         self._pop_handle(zp)
         if zp.gathered is None:
             return
-        self.tape.drop(zp.gathered)  # param.data = empty (record_stream on the compute stream)
-        zp.gathered, zp.ready_op = None, None
+        # free_param (partition_parameters.py): param.data.record_stream(current stream), then param.data = empty
+        self.tape.record_stream(zp.gathered.storage, Stream.COMPUTE)
+        self.tape.drop(zp.gathered)
+        zp.gathered, zp.ready_op, zp.in_flight = None, None, False
         self.available_numel -= zp.param.tensor.numel
 
     def end_of_forward_backward(self) -> None:
@@ -306,6 +327,7 @@ class Zero3:
         for zp in self.states.values():
             zp.fetched_for_step = -(10**10)
             zp.ready_op = None  # gathers of kept params completed before their use in this micro-batch
+            zp.in_flight = False
 
     def release_and_reset_all(self) -> None:
         """stage3 step(): every non-persistent parameter back to its partition."""
@@ -324,6 +346,8 @@ class Zero3:
             self._reduce_ipg()
         if self.ipg_buffer is not None and self.ipg_numel + numel <= self.config.reduce_bucket_size:
             copy = tp.side_op(f"zero3.ipg_copy[{param.name}]", Stream.REDUCE, bytes_moved=2 * grad.size_bytes)
+            # stage3.py __add_grad_to_ipg_bucket: param.grad.record_stream(current stream: the reduce stream)
+            tp.record_stream(grad.storage, Stream.REDUCE)
             tp.release_in(copy, grad.storage)
             self.ipg.append((param, numel, None))
         else:
@@ -357,7 +381,8 @@ class Zero3:
         for tensor in made:
             tp.release_in(reduce, tensor.storage)
         for _, _, own_grad in self.ipg:
-            if own_grad is not None:
+            if own_grad is not None:  # __reduce_and_partition_ipg_grads: param.grad.record_stream(reduce stream)
+                tp.record_stream(own_grad.storage, Stream.REDUCE)
                 tp.release_in(reduce, own_grad.storage)
         self.outstanding_reduces.append(reduce)
         self.ipg, self.ipg_numel = [], 0

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from sim.errors import MAX_TENSOR_BYTES, TensorTooLarge, WorkTooLarge
-from sim.ops import CATEGORIES, BufferTable, Category, Op, OpKind, Phase, ReplicaSpan, Schedule, Stream
+from sim.ops import CATEGORIES, STREAMS, BufferTable, Category, Op, OpKind, Phase, ReplicaSpan, Schedule, Stream
 from sim.vocab import DType
 
 
@@ -30,6 +30,7 @@ class Storage:
     persistent: bool = False  # never freed: parameters, optimizer states, model buffers
     lazy: bool = False  # persistent but first allocated by an op (optimizer state at the first step)
     row: int = 0  # position in Tape.storages (the BufferTable row of its facts)
+    recorded: int = 0  # streams (bit STREAMS.index) record_stream'ed on: freed, its block waits for them
 
 
 @dataclass(slots=True, eq=False)
@@ -98,8 +99,9 @@ class _OpDraft(Op):
     __slots__ = ("step", "micro_batch")
 
     def __init__(self, name: str, stream: Stream, phase: Phase, layer: int | None, step: int, micro_batch: int,
-                 flops: float, bytes_moved: int, deps: tuple[int, ...], wire_bytes: int, kind: OpKind) -> None:
-        Op.__init__(self, name, stream, phase, layer, [], [], flops, bytes_moved, deps, wire_bytes, kind)
+                 flops: float, bytes_moved: int, deps: tuple[int, ...], wire_bytes: int, kind: OpKind,
+                 host_waits: tuple[int, ...]) -> None:
+        Op.__init__(self, name, stream, phase, layer, [], [], flops, bytes_moved, deps, wire_bytes, kind, host_waits)
         self.step = step
         self.micro_batch = micro_batch
 
@@ -148,6 +150,7 @@ class Tape:
         self._final_of: list[int] = []  # per entry of _ops: the position of its (first) op in the schedule
         self._final_total = 0
         self._waits: list[int] = []  # side ops the next compute op waits for
+        self._host_waits: list[int] = []  # ops (final positions) the host waits to see end before the next op
         self.grad_hook: Callable[[Param, Tensor], None] | None = None  # ZeRO takes param grads over
         self.post_grad_hook: Callable[[Param], None] | None = None  # runs after AccumulateGrad (DDP's reducer)
         self.blas_workspace_bytes = 0  # cuBLAS workspace made at a thread's first GEMM on the stream (0: none)
@@ -270,7 +273,7 @@ class Tape:
             raise WorkTooLarge(f"the run's first micro-batch alone records more than {self.op_limit:,} ops")
         self._compute = len(ops)
         ops.append(_OpDraft(name, Stream.COMPUTE, self.phase, self.layer, self.step, self.micro_batch, flops,
-                            bytes_moved, deps, wire_bytes, kind))
+                            bytes_moved, deps, wire_bytes, kind, self._take_host_waits(own)))
         self._final_of.append(own)
         self._final_total = own + 1
 
@@ -295,10 +298,32 @@ class Tape:
         final, own = self._final_of, self._final_total
         after = (final[self._compute] - own,) if self._compute is not None else ()
         self._ops.append(_OpDraft(name, stream, self.phase, self.layer, self.step, self.micro_batch, 0.0,
-                                  bytes_moved, after + tuple([final[d] - own for d in deps]), wire_bytes, kind))
+                                  bytes_moved, after + tuple([final[d] - own for d in deps]), wire_bytes, kind,
+                                  self._take_host_waits(own)))
         self._final_of.append(own)
         self._final_total = own + 1
         return len(self._ops) - 1
+
+    @staticmethod
+    def record_stream(storage: Storage, stream: Stream) -> None:
+        """tensor.record_stream(stream): once freed, the block is reused only after `stream` has passed the free
+        (ignored for the stream it was allocated on, as the caching allocator ignores it)."""
+        storage.recorded |= 1 << STREAMS.index(stream)
+
+    def host_wait_for(self, op_index: int) -> None:
+        """The host waits until op `op_index` has ended before it issues the next op (an event synchronize)."""
+        self._host_waits.append(self._final_of[op_index])
+
+    def host_sync(self) -> None:
+        """The host waits until the current compute op has ended before it issues the next op (`.item()` or
+        `bool()` of a tensor that op computed: a copy to the host on the compute stream, then a stream
+        synchronize)."""
+        self.host_wait_for(self._compute)
+
+    def _take_host_waits(self, own: int) -> tuple[int, ...]:
+        """The pending host waits, relative to the op at final position `own` that takes them."""
+        waits, self._host_waits = tuple(sorted({w - own for w in self._host_waits})), []
+        return waits
 
     def wait_for(self, op_index: int) -> None:
         """The next compute op waits until side op `op_index` has finished (wait_stream / event wait)."""
@@ -476,6 +501,8 @@ class Tape:
         micro-batches) frees, on entry, buffers that its previous instance left alive under the same names:
         it is repeated with fresh ids, the entry frees pointing at the previous instance's buffers.
         """
+        if self._host_waits or not self._host_waits_repeat(start, end):
+            return False
         if self._template is None or self._template[0] != (start, end):  # the same template repeats many times
             drafts = self._ops[start:end]
             if not all(isinstance(d, _OpDraft) for d in drafts):
@@ -544,6 +571,29 @@ class Tape:
                 return False
         return True
 
+    def _host_waits_repeat(self, start: int, end: int) -> bool:
+        """Whether the template ops[start:end], repeated from here, makes the host wait for the same ops it waited
+        for: every host wait reaching before the template lands, from here, on an op of the same name and stream."""
+        first, here = self._final_of[start], self._final_total
+        for draft, own in zip(self._ops[start:end], self._final_of[start:end]):
+            for d in draft.host_waits:
+                if own + d < first:
+                    there, now = self._resolved_draft(own + d), self._resolved_draft(here + own - first + d)
+                    if there is None or now is None or (there.name, there.stream) != (now.name, now.stream):
+                        return False
+        return True
+
+    def _resolved_draft(self, final: int) -> "_OpDraft | None":
+        """The op at position `final` of the schedule, through repetitions to the draft they repeat (None: before
+        the first op)."""
+        if final < 0:
+            return None
+        index = bisect_right(self._final_of, final) - 1
+        entry = self._ops[index]
+        if isinstance(entry, _OpDraft):
+            return entry
+        return self._ops[entry.start + final - self._final_of[index]]
+
     def _draft_at(self, final: int) -> "_OpDraft | None":
         """The op built at position `final` of the schedule, or None where a repetition stands there."""
         index = bisect_right(self._final_of, final) - 1
@@ -575,7 +625,8 @@ class Tape:
         index_of = {id(c): i for i, c in enumerate(CATEGORIES)}  # hashing an Enum is slow
         storages = self.storages
         buffers = BufferTable([s.name for s in storages], [s.size_bytes for s in storages],
-                              [index_of[id(s.category)] for s in storages], [s.row for s in self._buffer_source])
+                              [index_of[id(s.category)] for s in storages], [s.row for s in self._buffer_source],
+                              [s.recorded for s in storages])
         persistent = [i for i, s in enumerate(self._buffer_source) if s.persistent and not s.lazy]
         ops: list[Op] = []
         sources: list[int] = []

@@ -1,0 +1,158 @@
+"""The timeline as a discrete-event simulation in simpy: one process for the host thread, one per CUDA stream, and the
+GPU's links to its peers as a shared resource. The semantics are sim/timeline.py's; what this adds is the link:
+collectives running at once on different streams (ZeRO-3's all-gather of the next layers while the reduce-scatter
+of the last ones runs) share the link's bandwidth, each at 1/k of it while k run (processor sharing), where the
+recurrence gives each the whole link. Where no two collectives overlap, both give the same times (checked by
+tests/test_des.py), and the engine takes the recurrence (sim/engine.py).
+
+Processes:
+- host: issues ops in program order; before op i it waits for the ops in `op.host_waits` and for op
+  i-1-queue_depth to end, then spends host_us[i] and launches the kernel;
+- one per stream: runs its ops in order, each once launched and once every op it depends on has ended;
+- the link (SharedLink): advances every transfer on it at 1/k of the rate while k are on it.
+A transfer that ends between whole µs ends at the next whole µs (the clock's unit).
+"""
+
+import math
+
+import numpy as np
+import simpy
+
+from sim.ops import STREAMS, OpKind, Schedule
+from sim.timeline import HostModel, OpTimes
+
+COLLECTIVES = (OpKind.ALL_GATHER, OpKind.REDUCE_SCATTER, OpKind.ALL_REDUCE)
+_DONE_US = 1e-6  # work left below this is float rounding: the transfer is done
+
+
+def uses_link(op) -> bool:
+    """Whether an op moves its bytes over the GPU's links to its peers (a collective with bytes on the wire)."""
+    return op.kind in COLLECTIVES and op.wire_bytes > 0
+
+
+class SharedLink:
+    """A link shared by the transfers on it: each of k transfers progresses at 1/k of the link's rate (processor
+    sharing), so a transfer of `work_us` alone takes work_us, and two that start together end together at 2·work_us.
+    `busy_us`: how long at least one transfer was on it."""
+
+    def __init__(self, env: simpy.Environment) -> None:
+        self.env = env
+        self._active: dict[int, list] = {}  # transfer -> [work left at the full rate (µs), its completion event]
+        self._updated_at = 0.0
+        self._generation = 0  # completions scheduled before the latest change are stale
+        self._next = 0
+        self.busy_us = 0.0
+
+    def transfer(self, work_us: float) -> simpy.Event:
+        """Start a transfer now; the event succeeds when it has moved all its work."""
+        done = self.env.event()
+        self._advance()
+        self._active[self._next] = [float(work_us), done]
+        self._next += 1
+        self._schedule()
+        return done
+
+    def _advance(self) -> None:
+        """Take the time since the last change off every transfer's work, at 1/k each."""
+        now = self.env.now
+        elapsed = now - self._updated_at
+        if self._active and elapsed > 0:
+            share = elapsed / len(self._active)
+            for entry in self._active.values():
+                entry[0] -= share
+            self.busy_us += elapsed
+        self._updated_at = now
+
+    def _schedule(self) -> None:
+        """A wake-up when the transfer with the least work left would end at the present sharing."""
+        self._generation += 1
+        if not self._active:
+            return
+        least = min(entry[0] for entry in self._active.values())
+        wake = self.env.timeout(max(least, 0.0) * len(self._active))
+        generation = self._generation
+        wake.callbacks.append(lambda _event: self._complete(generation))
+
+    def _complete(self, generation: int) -> None:
+        """End the transfers whose work is done, unless a later change has rescheduled the wake-up."""
+        if generation != self._generation:
+            return
+        self._advance()
+        for key in [key for key, entry in self._active.items() if entry[0] <= _DONE_US]:
+            self._active.pop(key)[1].succeed()
+        self._schedule()
+
+
+class SimpyTimeline:
+    """sim/timeline.py's Timeline as simpy processes, with collectives sharing the link (module docstring).
+    `link_busy_us` holds the link's busy time after `op_times`."""
+
+    def __init__(self) -> None:
+        self.link_busy_us = 0
+
+    def op_times(self, schedule: Schedule, durations_us: np.ndarray, host: HostModel) -> OpTimes:
+        """Every op's times (see Timeline.op_times), collectives sharing the link."""
+        ops = schedule.ops
+        count = len(ops)
+        env = simpy.Environment()
+        link = SharedLink(env)
+        done = [env.event() for _ in range(count)]
+        launched = [env.event() for _ in range(count)]
+        issues, launches, starts, ends = [0] * count, [0] * count, [0] * count, [0] * count
+        durations, host_us, depth = durations_us.tolist(), host.host_us.tolist(), host.queue_depth
+
+        def waiting_on(events: list[simpy.Event]):
+            """Wait until every one of `events` has happened (at once if they all have)."""
+            pending = [event for event in events if not event.processed]
+            if pending:
+                yield simpy.AllOf(env, pending)
+
+        def host_thread():
+            for index, op in enumerate(ops):
+                waits = [done[index + d] for d in op.host_waits]
+                if depth is not None and index > depth:
+                    waits.append(done[index - 1 - depth])
+                yield from waiting_on(waits)
+                issues[index] = int(env.now)
+                if host_us[index]:
+                    yield env.timeout(host_us[index])
+                launches[index] = int(env.now)
+                launched[index].succeed()
+
+        def stream(indices: list[int]):
+            for index in indices:
+                op = ops[index]
+                yield from waiting_on([launched[index], *(done[index + d] for d in op.deps)])
+                starts[index] = int(env.now)
+                if uses_link(op) and durations[index]:
+                    yield link.transfer(durations[index])
+                    late = math.ceil(env.now - _DONE_US) - env.now  # to the next whole µs
+                    if late > 0:
+                        yield env.timeout(late)
+                elif durations[index]:
+                    yield env.timeout(durations[index])
+                ends[index] = int(round(env.now))
+                done[index].succeed()
+
+        codes = schedule.stream_codes()
+        env.process(host_thread())
+        for code in range(len(STREAMS)):
+            indices = np.flatnonzero(codes == code).tolist()
+            if indices:
+                env.process(stream(indices))
+        env.run()
+        self.link_busy_us = int(round(link.busy_us))
+        return OpTimes(issues, launches, starts, ends)
+
+
+def links_overlap(schedule: Schedule, times: OpTimes) -> bool:
+    """Whether two transfers on the link overlap in `times` (laid out with each having the whole link): only then
+    does sharing the link change anything, so only then is the simpy timeline needed."""
+    on_link = [i for i, op in enumerate(schedule.ops) if uses_link(op)]
+    spans = sorted((times.start_us[i], times.end_us[i]) for i in on_link if times.end_us[i] > times.start_us[i])
+    latest_end = -1
+    for start, end in spans:
+        if start < latest_end:
+            return True
+        latest_end = max(latest_end, end)
+    return False
