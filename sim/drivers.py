@@ -177,10 +177,17 @@ class _StepwiseRun:
 
     def _owner_keys(self, start: int, end: int) -> dict[int, int]:
         """How a live buffer is named relative to the window [start, end): by the position of its free inside
-        the window (>= 0), else by itself (~id: it outlives the window untouched)."""
+        the window (>= 0), else by itself (~id: it outlives the window untouched); a pending one by the position
+        of its release inside the window, past the window's length (else by itself)."""
         live, allocations = self._live_allocations(start)
         frees = self.partner[allocations].tolist()
-        return {b: (free - start if free < end else ~b) for b, free in zip(live, frees)}
+        keys = {b: (free - start if free < end else ~b) for b, free in zip(live, frees)}
+        pending = self.allocator.pending_buffer_ids()
+        if pending:  # the latest event of a pending buffer before the window is its free
+            index = np.searchsorted(self._key, np.asarray(pending, dtype=np.int64) * (self.n + 1) + start) - 1
+            released = self.events.release_at[self._position[index]].tolist()
+            keys.update({b: (end - start + at - start if at < end else ~b) for b, at in zip(pending, released)})
+        return keys
 
     def _signature(self, start: int, end: int) -> tuple:
         """The allocator's state on entering [start, end), live buffers named relative to the window."""
@@ -189,7 +196,7 @@ class _StepwiseRun:
     def _same_window(self, reference: tuple, start: int, end: int, signature: tuple) -> bool:
         """Whether [start, end) issues the reference window's events at the same relative positions (sizes,
         streams, allocations vs frees, which buffer each free releases, and where each pending one returns within
-        the window, each inside it) from an identical state."""
+        the window) from an identical state."""
         ref_start, ref_end, ref_signature, _, _ = reference
         if end - start != ref_end - ref_start or signature != ref_signature:
             return False
@@ -197,7 +204,6 @@ class _StepwiseRun:
         here, there = slice(start, end), slice(ref_start, ref_end)
         if not (np.array_equal(events.size_bytes[here], events.size_bytes[there])
                 and np.array_equal(events.stream_code[here], events.stream_code[there])
-                and self._releases_within(start, end) is not None
                 and np.array_equal(self._releases_within(start, end), self._releases_within(ref_start, ref_end))):
             return False
         signed_here, signed_there = events.signed_id[here], events.signed_id[there]
@@ -205,13 +211,12 @@ class _StepwiseRun:
             return False
         return np.array_equal(self._free_names(signed_here, start), self._free_names(signed_there, ref_start))
 
-    def _releases_within(self, start: int, end: int) -> np.ndarray | None:
-        """Per event of [start, end): where its pending block returns, relative to the window (-1: not pending);
-        None if one returns after the window, which would leave the allocator a state no signature holds."""
+    def _releases_within(self, start: int, end: int) -> np.ndarray:
+        """Per event of [start, end): where its pending block returns, relative to the window, the window's end
+        standing for any later point (-1: not pending). Blocks still pending at the end are renamed with the
+        window (_rename_live) and named by their release in the next window's signature."""
         release_at = self.events.release_at[start:end]
-        if (release_at >= end).any():
-            return None
-        return np.where(release_at >= 0, release_at - start, -1)
+        return np.where(release_at >= 0, np.minimum(release_at, end) - start, -1)
 
     def _free_names(self, signed: np.ndarray, start: int) -> np.ndarray:
         """Per free in a window: the freed buffer's allocation position relative to the window when it was
@@ -223,9 +228,16 @@ class _StepwiseRun:
     def _rename_live(self, start: int, length: int) -> None:
         """Skipping [start, start + length): buffers the window before it (the reference or a repetition of it, of
         the same length) allocated and left alive become the ones allocated at the same relative positions of the
-        skipped window; buffers older than that outlive both windows unchanged (the signature checked that)."""
+        skipped window, and those it freed pending the ones freed there; buffers older than that outlive both
+        windows unchanged (the signature checked that)."""
         signed = self.events.signed_id
         live, allocations = self._live_allocations(start)
         renames = {b: int(signed[p + length]) for b, p in zip(live, allocations.tolist())
                    if start - length <= p < start}
         self.allocator.rename_live(renames)
+        pending = self.allocator.pending_buffer_ids()
+        if pending:  # blocks freed in the window before, pending: those freed at the same places of the skipped one
+            index = np.searchsorted(self._key, np.asarray(pending, dtype=np.int64) * (self.n + 1) + start) - 1
+            frees = self._position[index].tolist()
+            self.allocator.rename_pending({b: ~int(signed[p + length]) for b, p in zip(pending, frees)
+                                           if start - length <= p < start})

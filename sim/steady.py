@@ -3,12 +3,14 @@ before it left them, every later step repeats it exactly, so a run of N steps is
 the rest are counted as repeats (issue #19).
 
 The argument, checked on the simulated prefix whose last two steps are k-1 and k:
-1. step k issues the same ops as step k-1 (names, streams, durations), each exactly Δ µs later, and none of them
-   waits for an op before step k-1: the list scheduler then lays step k+1 out Δ after step k (max-plus algebra:
+1. step k issues the same ops as step k-1 (names, streams, durations), each exactly Δ µs later (on the host and
+   on the device), and so does every step back to step j, the oldest that step k's ops or host wait for (the launch
+   queue can reach several steps back): the recurrence then lays step k+1 out Δ after step k (max-plus algebra:
    the same ops waiting on the same relative ends);
 2. the allocator events of steps k-1 and k are each contiguous and the same at the same relative positions (sizes,
-   streams, allocation or free, and which earlier allocation each free releases: one of the same step, one of the
-   step before, or the same long-lived buffer), so by 1. step k+1's events are step k's again;
+   streams, allocation or free, which earlier allocation each free releases: one of the same step, one of the
+   step before, or the same long-lived buffer; and where each pending free's block returns, those of step k
+   returning in step k+1 where step k-1's return in step k), so by 1. step k+1's events are step k's again;
 3. the allocator's state when step k begins and when it ends are the same up to buffer names and synthetic
    addresses (Allocator.state_signature; buffers allocated in the step before named by their position in it):
    the allocator, a deterministic function of its state and events, then answers step k+1 as it answered step k,
@@ -16,7 +18,8 @@ The argument, checked on the simulated prefix whose last two steps are k-1 and k
 The schedule builder (sim/schedule.py) runs the same code for every step after the first, from the state the step
 before left, which is what makes the later steps' ops the same as step k's; tests/test_steady.py checks the
 shortcut against the full simulation on every shipped scenario. An allocator whose signature does not capture its
-state (expandable segments, garbage collection, pending record_stream events, an event log) never takes it.
+state (expandable segments, garbage collection, an event log) never takes it; blocks pending on record_stream events
+at a step's edges are in the signature, named by their buffers.
 """
 
 from collections.abc import Callable
@@ -81,25 +84,35 @@ def last_two_steps(schedule: Schedule, events: AllocatorEvents) -> StepBounds | 
                       int(event_first[0]))
 
 
-def same_timeline(schedule: Schedule, starts_us: list[int], ends_us: list[int], bounds: StepBounds) -> int | None:
-    """Δ where the last step runs the ops of the step before, each Δ later, waiting on nothing older than that
-    step (point 1 of the module docstring); None otherwise."""
-    (a, b), (c, d) = bounds.ops
-    if b - a != d - c:
-        return None
+def same_timeline(schedule: Schedule, times: tuple[list[int], ...], queue_depth: int | None,
+                  bounds: StepBounds) -> int | None:
+    """Δ where the last step runs the ops of the step before, each Δ later (host issue and launch, kernel start
+    and end: `times`), and so does every step back to the oldest one it or its host waits on (dependencies, host
+    waits, the launch queue), which is not step 0 (point 1 of the module docstring); None otherwise."""
+    (_, _), (c, d) = bounds.ops
     ops = schedule.ops
-    if any(ops[a + i].name != ops[c + i].name for i in range(b - a)):
+    earliest = min((i + dep for i in range(c, d) for dep in (*ops[i].deps, *ops[i].host_waits)), default=c)
+    if queue_depth is not None:  # the launch queue: op i is issued once op i-1-depth has ended
+        earliest = min(earliest, c - 1 - queue_depth)
+    steps = np.asarray(schedule.op_step, dtype=np.int64)
+    oldest = min(int(steps[max(earliest, 0)]), int(steps[-1]) - 1)  # at least the step before the last
+    if earliest < 0 or oldest < 1:
         return None
+    first = np.searchsorted(steps, np.arange(oldest, steps[-1] + 2))  # each step's first op, and the end
     codes = schedule.stream_codes()
-    if not np.array_equal(codes[a:b], codes[c:d]):
-        return None
-    earliest = min((i + dep for i in range(c, d) for dep in ops[i].deps), default=c)
-    if earliest < a:
-        return None
-    starts, ends = np.asarray(starts_us[a:d], dtype=np.int64), np.asarray(ends_us[a:d], dtype=np.int64)
-    period = int(starts[c - a] - starts[0])
-    if not (np.all(starts[c - a:] - starts[:b - a] == period) and np.all(ends[c - a:] - ends[:b - a] == period)):
-        return None
+    period = None
+    for a, b, c, d in zip(first[:-2], first[1:-1], first[1:-1], first[2:]):  # each step against the one before
+        if b - a != d - c or any(ops[a + i].name != ops[c + i].name for i in range(b - a)) or \
+                not np.array_equal(codes[a:b], codes[c:d]):
+            return None
+        shift = int(times[0][c] - times[0][a])
+        if period is not None and shift != period:
+            return None
+        period = shift
+        for column in times:
+            values = np.asarray(column[a:d], dtype=np.int64)
+            if not np.all(values[c - a:] - values[:b - a] == period):
+                return None
     return period
 
 
@@ -113,8 +126,14 @@ def same_events(events: AllocatorEvents, bounds: StepBounds) -> bool:
             and np.array_equal(events.signed_id[a:b] < 0, events.signed_id[c:d] < 0)):
         return False
     partner = _allocation_of_frees(events)
-    return np.array_equal(_free_names(events, partner, bounds.before_events, a, b),
-                          _free_names(events, partner, a, c, d))
+    if not np.array_equal(_free_names(events, partner, bounds.before_events, a, b),
+                          _free_names(events, partner, a, c, d)):
+        return False
+    # pending frees return at the same places: those of step k-1 returning in step k match those of step k
+    # returning in step k+1, past the prefix (release_at == len(events)), by point 1
+    earlier, later = events.release_at[a:b], events.release_at[c:d]
+    expected = np.where(earlier < c, earlier + (c - a), len(events))
+    return np.array_equal(np.where(earlier >= 0, expected, -1), later)
 
 
 def _allocation_of_frees(events: AllocatorEvents) -> np.ndarray:
@@ -141,12 +160,12 @@ def _free_names(events: AllocatorEvents, partner: np.ndarray, before: int, start
 
 
 def owner_keys(allocator: Allocator, events: AllocatorEvents, start: int, end: int) -> dict[int, int]:
-    """The allocator's live buffers after events [0, end) named for state_signature: by the position of their
-    allocation in the window [start, end) (>= 0), else by themselves (~id: older than the window)."""
+    """The allocator's live and pending buffers after events [0, end) named for state_signature: by the position
+    of their allocation in the window [start, end) (>= 0), else by themselves (~id: older than the window)."""
     signed = events.signed_id[start:end]
     allocations = np.flatnonzero(signed >= 0)
     offset = dict(zip(signed[allocations].tolist(), allocations.tolist()))  # the latest allocation of each id wins
-    return {b: offset.get(b, ~b) for b in allocator.live_buffer_ids()}
+    return {b: offset.get(b, ~b) for b in (*allocator.live_buffer_ids(), *allocator.pending_buffer_ids())}
 
 
 def steady_state(engine: Engine, result: EngineResult, allocator: Allocator, new_allocator: Callable[[], Allocator],
@@ -161,7 +180,8 @@ def steady_state(engine: Engine, result: EngineResult, allocator: Allocator, new
     bounds = last_two_steps(schedule, events)
     if bounds is None or not allocator.can_repeat():
         return None
-    period_us = same_timeline(schedule, result.op_start_us, result.op_end_us, bounds)
+    times = (result.op_issue_us, result.op_launch_us, result.op_start_us, result.op_end_us)
+    period_us = same_timeline(schedule, times, engine.host.queue_depth, bounds)
     if period_us is None or not same_events(events, bounds):
         return None
     (before, start), (_, end) = bounds.events

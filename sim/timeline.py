@@ -29,11 +29,6 @@ class HostModel:
     host_us: np.ndarray  # int64 per op: Python, dispatch and launch time on the host thread
     queue_depth: int | None  # ops that may be issued and unfinished before the host blocks (None: unbounded)
 
-    @classmethod
-    def lockstep(cls, count: int) -> "HostModel":
-        """A host that costs nothing and never waits: kernels are launched as soon as the program reaches them."""
-        return cls(np.zeros(count, dtype=np.int64), None)
-
 
 @dataclass(frozen=True, slots=True)
 class OpTimes:

@@ -17,7 +17,7 @@ from sim.resolve import resolve_plan
 from sim.scenario import build_scenario
 from sim.schedule import build_schedule
 from sim.timeline import ListTimeline
-from tests.conftest import tiny_raw
+from tests.conftest import synchronous_host, tiny_raw
 
 SIM = Path(__file__).resolve().parent.parent / "sim"
 ENGINE_MODULES = ["engine.py", "timeline.py", "event_order.py", "drivers.py", "steady.py"]
@@ -87,7 +87,7 @@ def test_exact_stepwise_with_repeated_windows_is_its_vectorised_replay() -> None
     raw["simulation"]["steps"] = 2
     schedule = build_schedule(resolve_plan(build_scenario(raw))).schedule
     durations = np.ones(len(schedule.ops), dtype=np.int64)
-    events = order_events(schedule, *ListTimeline().op_times(schedule, durations))
+    events = order_events(schedule, ListTimeline().op_times(schedule, durations, synchronous_host(schedule)))
     vectorised, stepwise = ExactAllocator(10**6), ExactAllocator(10**6)
     fast = VectorisedReplay().drive(vectorised, events)
     slow = StepwiseDriver(events.windows(schedule.window_first_ops()), True).drive(stepwise, events)

@@ -19,7 +19,7 @@ from sim.scenario import build_scenario, load_scenario
 from sim.schedule import build_schedule
 from sim.simulate import run_built
 from sim.vocab import DType
-from tests.conftest import tiny_raw
+from tests.conftest import synchronous_host, tiny_raw
 from tests.golden_record import ROOT, case_paths
 from tests.test_properties import scenarios
 from tests.test_engine import DEVICE
@@ -89,24 +89,25 @@ def test_expanding_a_hand_built_moved_span() -> None:
 
     compact_run, expanded_run = _run_exact(compact), _run_exact(expanded)
     _assert_same_engine_result(compact_run, expanded_run)
-    # Every op takes 2 µs. prologue [0, 2), x [2, 4) on compute; y on the reduce stream waits for x: [4, 6); the
-    # repeated x runs [4, 6) on compute, its y [6, 8) after it, the epilogue [6, 8). At t=4 x's free comes before
-    # the repeated x's allocations (issue order).
+    # Every op takes 2 µs and 7 µs of host time (cost.HOST_US_PER_KERNEL): op i is issued at 7i and launched at
+    # 7i + 7, allocating at issue and freeing at launch, in program order. (Kernels: prologue 7-9, x 14-16, y on
+    # the reduce stream 21-23, the repeated x 28-30, its y 35-37, the epilogue 42-44.)
     t = compact_run.trace
     assert list(zip(t.time_us.tolist(), t.op_index.tolist(), t.buffer_id.tolist(), t.delta_bytes.tolist(),
                     t.allocated_bytes.tolist())) == [
         (0, -1, 0, 100, 100),  # the weight, before the first op
         (0, 0, 1, 8, 108),     # prologue
-        (2, 1, 2, 8, 116),     # x allocates the span's own 2 and 3
-        (2, 1, 3, 4, 120),
-        (4, 1, 1, -8, 112),    # x frees what the prologue left alive
-        (4, 3, 4, 8, 120),     # the repeated x: 2, 3 moved to 4, 5
-        (4, 3, 5, 4, 124),
-        (6, 2, 3, -4, 120),    # y frees 3
-        (6, 3, 2, -8, 112),    # the repeated x frees 1 -> entry 2: what x left alive
-        (8, 4, 5, -4, 108),    # the repeated y frees 3 moved to 5
-        (8, 5, 4, -8, 100),    # the epilogue frees 4: only the weight is left
+        (7, 1, 2, 8, 116),     # x allocates the span's own 2 and 3
+        (7, 1, 3, 4, 120),
+        (14, 1, 1, -8, 112),   # x frees what the prologue left alive
+        (21, 2, 3, -4, 108),   # y frees 3
+        (21, 3, 4, 8, 116),    # the repeated x: 2, 3 moved to 4, 5
+        (21, 3, 5, 4, 120),
+        (28, 3, 2, -8, 112),   # the repeated x frees 1 -> entry 2: what x left alive
+        (35, 4, 5, -4, 108),   # the repeated y frees 3 moved to 5
+        (42, 5, 4, -8, 100),   # the epilogue frees 4: only the weight is left
     ]
+    assert compact_run.op_start_us == [7, 14, 21, 28, 35, 42] and compact_run.end_time_us == 44
     # the comparison sees the moves: the same ops without them give another trace
     unmoved = Schedule(compact.buffers, [0], [op.with_buffers(op.allocs, op.frees) for op in compact.ops],
                        compact.op_step, compact.op_micro_batch)
@@ -257,7 +258,8 @@ def test_stepwise_repeated_windows_give_both_forms_the_same_run(capacity_bytes: 
                                    device.capacity_bytes - device.cuda_context_bytes, device.capacity_bytes,
                                    plan.versions.torch)
         cost = CostModel(device, DType.BFLOAT16, plan.world.gpus_per_node, plan.world.nodes)
-        results.append((Engine(form, allocator, cost, compiled=False).run(), allocator))
+        # a host that waits for each op: no block is pending across windows, so windows repeat
+        results.append((Engine(form, allocator, cost, compiled=False, host=synchronous_host(form)).run(), allocator))
     (compact, compact_allocator), (expanded, expanded_allocator) = results
     assert compact.repeated_events > 0
     _assert_same_engine_result(compact, expanded)

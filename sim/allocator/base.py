@@ -73,12 +73,18 @@ class Allocator(Protocol):
     def live_buffer_ids(self) -> list[int]:
         """The buffers allocated and not yet freed."""
 
+    def pending_buffer_ids(self) -> list[int]:
+        """The freed buffers whose blocks still wait for other streams (release_pending)."""
+
     def state_signature(self, owner_keys: dict[int, int]) -> tuple:
-        """The state with each live buffer named by `owner_keys[buffer]`: two states with equal signatures answer
-        the same calls the same way."""
+        """The state with each live and pending buffer named by `owner_keys[buffer]`: two states with equal
+        signatures answer the same calls the same way."""
 
     def rename_live(self, renames: dict[int, int]) -> None:
         """Give live buffers new ids (old -> new), as if the new ones had been allocated instead."""
+
+    def rename_pending(self, renames: dict[int, int]) -> None:
+        """Give pending blocks new freed-buffer ids (old -> new), as if those buffers had been freed instead."""
 
     def counters(self) -> tuple:
         """A reading of the allocator's running counts (retries, cudaMalloc calls, OOMs, ...)."""

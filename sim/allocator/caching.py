@@ -248,31 +248,44 @@ class CachingAllocator:
     def can_repeat(self) -> bool:
         """Whether `state_signature` captures everything later mallocs and frees depend on (not with expandable
         segments or garbage collection, whose page maps and ages it leaves out, nor with record_stream events
-        pending, nor with an event log, which skipped calls would leave incomplete)."""
-        return not (self._slow_search or self._events or self._ready or self.event_log is not None)
+        completed but not yet processed, nor with an event log, which skipped calls would leave incomplete).
+        Blocks pending on record_stream events are in the signature, named by their freed buffer's key."""
+        return not (self._slow_search or self._ready or self.event_log is not None
+                    or len(self._pending) != sum(map(len, self._events.values())))
 
     def live_buffer_ids(self) -> list[int]:
         """The buffers holding a block now."""
         return list(self._live)
 
+    def pending_buffer_ids(self) -> list[int]:
+        """The freed buffers whose blocks wait for record_stream events (release_pending)."""
+        return list(self._pending)
+
     def state_signature(self, owner_keys: dict[int, int]) -> tuple:
         """The state up to synthetic addresses and buffer names: every block in address order with its size,
-        requested size, whether it starts a segment, its pool, and its owner's key (None: free). Decisions depend
+        requested size, whether it starts a segment, its pool, its owner's key (None: free) and, for a block
+        pending on record_stream events (each on one stream), its freed buffer's key. Decisions depend
         on addresses only through their order (best fit ties, and new segments always lie above the old ones),
         so two states with equal signatures answer the same calls the same way."""
         owner = {id(block): owner_keys[buffer_id] for buffer_id, block in self._live.items()}
-        blocks = list(self._live.values())
+        pending = {id(block): owner_keys[buffer_id] for buffer_id, block in self._pending.items()}
+        blocks = [*self._live.values(), *self._pending.values()]
         for pool in self._all_pools():
             blocks.extend(pool.map.values())
         blocks.sort(key=lambda b: b.addr)
-        return self.unlimited, tuple((b.size, b.req if b.allocated else 0, b.addr == b.seg.addr, b.pool.sidx,
-                                      b.pool.small, owner.get(id(b))) for b in blocks)
+        return self.unlimited, tuple((b.size, b.req if b.allocated or id(b) in pending else 0, b.addr == b.seg.addr,
+                                      b.pool.sidx, b.pool.small, owner.get(id(b)), pending.get(id(b)))
+                                     for b in blocks)
 
     def rename_live(self, renames: dict[int, int]) -> None:
         """Give live blocks new buffer ids (old -> new), as if the buffers they hold had been allocated instead."""
         live = self._live
         moved = [(renames[b], live.pop(b)) for b in list(live) if b in renames]
         live.update(moved)
+
+    def rename_pending(self, renames: dict[int, int]) -> None:
+        """Give pending blocks new freed-buffer ids (old -> new), as if those buffers had been freed instead."""
+        self._pending = {renames.get(b, b): block for b, block in self._pending.items()}
 
     def counters(self) -> tuple:
         """A reading of the running counts a repeated window adds to (retries, cudaMalloc/cudaFree calls, synthetic

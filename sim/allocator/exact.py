@@ -89,6 +89,13 @@ class ExactAllocator:
 
     # ---- repeated windows
 
+    def pending_buffer_ids(self) -> list[int]:
+        """None: a free is complete at once here."""
+        return []
+
+    def rename_pending(self, renames: dict[int, int]) -> None:
+        """Nothing: no block is ever pending here."""
+
     def release_pending(self, buffer_id: int) -> None:
         """Nothing: a free is complete at once here (see free)."""
 

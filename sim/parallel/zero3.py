@@ -81,9 +81,14 @@ class Zero3:
     _engine_buffers: list[Tensor] = field(default_factory=list)  # allocated by finish_engine_init
     _trace_uses: dict[str, list[int]] = field(default_factory=dict)  # per param: trace positions of its modules
     _trace_numel_before: list[int] = field(default_factory=lambda: [0])  # per trace position: numel before it
-    _latest_allgather_op: int | None = None  # the latest op issued on the allgather stream
-    # the allgather-stream ops at which fetch_sub_module recorded its latest events (__ongoing_fetch_events)
+    # schedule positions (Tape.track_positions keeps them right when micro-batches repeat): the latest op issued on
+    # the allgather stream, and those at which fetch_sub_module recorded its latest events (__ongoing_fetch_events)
+    _latest_allgather_op: deque = field(default_factory=lambda: deque(maxlen=1))
     _fetch_events: deque = field(default_factory=lambda: deque(maxlen=FETCH_EVENTS_BEFORE_SYNC + 1))
+
+    def __post_init__(self) -> None:
+        self.tape.track_positions(self._latest_allgather_op)
+        self.tape.track_positions(self._fetch_events)
 
     @property
     def offload_param(self) -> bool:
@@ -184,14 +189,14 @@ class Zero3:
         for p in params:
             zp = self.states[p.name]
             if zp.in_flight and len(self._fetch_events) > FETCH_EVENTS_BEFORE_SYNC:
-                self.tape.host_wait_for(self._fetch_events[0])  # the oldest of the last three: event k-3
+                self.tape.host_wait_for_position(self._fetch_events[0])  # the oldest of the last three: event k-3
             if zp.handle is not None:
                 self._wait(zp.handle)
             if zp.ready_op is not None:
                 self.tape.wait_for(zp.ready_op)
             if zp.in_flight:
                 zp.in_flight = False
-                self._fetch_events.append(self._latest_allgather_op)
+                self._fetch_events.append(self._latest_allgather_op[0])
             self._pop_handle(zp)
         if self.trace_complete:
             self._prefetch(params)
@@ -231,7 +236,7 @@ class Zero3:
         label = params[0].name if len(params) == 1 else f"{params[0].name}+{len(params) - 1}"
         gather = tp.side_op(f"zero3.allgather[{label}]", Stream.ALLGATHER, bytes_moved=2 * total * P * size,
                             wire_bytes=wire, kind=OpKind.ALL_GATHER)
-        self._latest_allgather_op = gather
+        self._latest_allgather_op.append(tp.final_position(gather))
         if self.offload_param:  # ds_tensor.to(device): the host partitions come to the GPU first, then are freed
             staged = tp.empty_in(gather, "zero3.partition_to_device", total, self.dtype, Category.COMMUNICATION)
             tp.release_in(gather, staged.storage)
@@ -280,7 +285,7 @@ class Zero3:
         numel = sum(p.tensor.numel for p in handle.params)
         wait = tp.side_op(f"zero3.allgather_wait[{handle.label}]", Stream.ALLGATHER,
                           bytes_moved=2 * numel * self.dtype.size_bytes, deps=(handle.gather_op,))
-        self._latest_allgather_op = wait
+        self._latest_allgather_op.append(tp.final_position(wait))
         for p in handle.params:
             zp = self.states[p.name]
             zp.gathered = tp.empty_in(wait, f"{p.name}.gathered", p.tensor.numel, self.dtype, Category.PARAMETERS)

@@ -9,6 +9,7 @@ AccumulateGrad do.
 """
 
 from bisect import bisect_right
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -151,6 +152,7 @@ class Tape:
         self._final_total = 0
         self._waits: list[int] = []  # side ops the next compute op waits for
         self._host_waits: list[int] = []  # ops (final positions) the host waits to see end before the next op
+        self._tracked: list[deque] = []  # callers' schedule positions, moved to each repetition (track_positions)
         self.grad_hook: Callable[[Param, Tensor], None] | None = None  # ZeRO takes param grads over
         self.post_grad_hook: Callable[[Param], None] | None = None  # runs after AccumulateGrad (DDP's reducer)
         self.blas_workspace_bytes = 0  # cuBLAS workspace made at a thread's first GEMM on the stream (0: none)
@@ -310,9 +312,23 @@ class Tape:
         (ignored for the stream it was allocated on, as the caching allocator ignores it)."""
         storage.recorded |= 1 << STREAMS.index(stream)
 
+    def final_position(self, op_index: int) -> int:
+        """Where op `op_index` stands in the schedule (repetitions counted)."""
+        return self._final_of[op_index]
+
+    def track_positions(self, positions: deque) -> None:
+        """Keep schedule positions a caller holds on to pointing at the latest instance of their ops: when a
+        micro-batch is repeated, those in the instance before it move to the repetition (as pending waits do)."""
+        self._tracked.append(positions)
+
+    def host_wait_for_position(self, position: int) -> None:
+        """The host waits until the op at schedule position `position` has ended before it issues the next op (an
+        event synchronize)."""
+        self._host_waits.append(position)
+
     def host_wait_for(self, op_index: int) -> None:
         """The host waits until op `op_index` has ended before it issues the next op (an event synchronize)."""
-        self._host_waits.append(self._final_of[op_index])
+        self.host_wait_for_position(self._final_of[op_index])
 
     def host_sync(self) -> None:
         """The host waits until the current compute op has ended before it issues the next op (`.item()` or
@@ -522,6 +538,10 @@ class Tape:
         self._final_of.append(self._final_total)
         self._final_total += count
         self._waits = [w + count if w >= previous_first else w for w in self._waits]
+        for positions in self._tracked:
+            moved = [p + count if p >= previous_first else p for p in positions]
+            positions.clear()
+            positions.extend(moved)
         self._compute = None  # the next op starts a new compute op before anything is freed
 
     def _replicate_periodic(self, start: int, end: int, allocated: set, freed: set, step: int,
