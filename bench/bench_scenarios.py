@@ -3,7 +3,9 @@
 Usage: python bench/bench_scenarios.py [SCENARIO ...] [--repeat N] [--cold N]
 Reports the best and median of N in-process runs and the median of N cold `python -m sim run` (imports included),
 then the steady-state shortcut (sim/steady.py) on the headline: 2 against 100 steps (issue #19: 100 steps must cost
-less than 3x two), and 8 steps with the shortcut against all 8 simulated.
+less than 3x two), and 8 steps with the shortcut against all 8 simulated; then the headline's engine with each
+timeline (issue #15): the recurrence (the fast path), the simpy engine (the general path: collectives share the
+link) and the one the engine picks.
 The caching allocator's compiled core (`pip install .` or `python setup.py build_ext --inplace`) is used where it
 is built; the first line says which. Virtual machines drift in speed by a factor of two or more within minutes, so
 it also prints the time of a fixed pure-Python loop before and after: compare runs across machines or moments in
@@ -51,8 +53,36 @@ def main() -> None:
         print(f"{Path(path).name:<40}{result['events']:>9}{min(times):>9.3f}{statistics.median(times):>10.3f}"
               f"{statistics.median(colds):>12.3f}")
     steps_figures(args.repeat)
+    timeline_figures(args.repeat)
     plot_figures()
     print(f"reference loop: {reference_loop_s():.3f} s")
+
+
+def timeline_figures(repeat: int) -> None:
+    """Best time of the headline's engine (timeline, event order, allocator) with each timeline, the schedule built
+    once."""
+    from sim.cost import CostModel
+    from sim.des import SimpyTimeline
+    from sim.engine import Engine
+    from sim.resolve import resolve_plan
+    from sim.schedule import build_schedule
+    from sim.simulate import _allocator
+    from sim.timeline import ListTimeline
+
+    plan = resolve_plan(load_scenario(ROOT / "scenarios" / "qwen32b_8xa800.yaml"))
+    schedule = build_schedule(plan).schedule
+    cost = CostModel(plan.device, plan.compute_dtype, plan.world.gpus_per_node, plan.world.nodes, plan.nccl.version,
+                     plan.nccl.channels)
+    print(f"{'headline engine, timeline':<40}{'shared link':>12}{'best s':>9}")
+    for name, make in (("recurrence (fast path)", ListTimeline), ("simpy (general path)", SimpyTimeline),
+                       ("picked by the engine", lambda: None)):
+        times = []
+        for _ in range(repeat):
+            engine = Engine(schedule, _allocator(plan, None), cost, timeline=make())
+            start = time.perf_counter()
+            result = engine.run()
+            times.append(time.perf_counter() - start)
+        print(f"{name:<40}{str(result.shared_link):>12}{min(times):>9.3f}")
 
 
 def plot_figures() -> None:

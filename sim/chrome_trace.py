@@ -1,5 +1,6 @@
 """A run as a Chrome trace (the Trace Event Format that Perfetto and chrome://tracing open): one slice per op on
-its stream's track, and counter tracks of allocated bytes by category and of reserved bytes, in simulated µs."""
+its stream's track, one per op the host spends time issuing on a host track, and counter tracks of allocated bytes
+by category and of reserved bytes (on the host's clock, when the allocator sees each event), in simulated µs."""
 
 import gzip
 import json
@@ -10,6 +11,7 @@ from sim.ops import CATEGORIES, STREAMS
 from sim.report import Run
 
 _PID = 0  # one simulated rank: one process
+_HOST_TID = len(STREAMS)  # the host thread's track, after the streams'
 
 
 def chrome_trace(run: Run) -> dict:
@@ -21,12 +23,17 @@ def chrome_trace(run: Run) -> dict:
     used = sorted(set(codes.tolist()))
     events += [{"name": "thread_name", "ph": "M", "pid": _PID, "tid": code, "args": {"name": STREAMS[code].value}}
                for code in used]
+    events.append({"name": "thread_name", "ph": "M", "pid": _PID, "tid": _HOST_TID, "args": {"name": "host"}})
     starts, ends = engine.op_start_us, engine.op_end_us
+    issues, launches = engine.op_issue_us, engine.op_launch_us
     steps, micro_batches = schedule.op_step, schedule.op_micro_batch
     for index, op in enumerate(schedule.ops):
+        where = {"step": steps[index], "micro_batch": micro_batches[index], "layer": op.layer}
         events.append({"name": op.name, "cat": op.phase.value, "ph": "X", "ts": starts[index],
-                       "dur": ends[index] - starts[index], "pid": _PID, "tid": int(codes[index]),
-                       "args": {"step": steps[index], "micro_batch": micro_batches[index], "layer": op.layer}})
+                       "dur": ends[index] - starts[index], "pid": _PID, "tid": int(codes[index]), "args": where})
+        if launches[index] > issues[index]:  # the host issuing it: how far ahead of its kernel it runs
+            events.append({"name": op.name, "cat": "host", "ph": "X", "ts": issues[index],
+                           "dur": launches[index] - issues[index], "pid": _PID, "tid": _HOST_TID, "args": where})
     if len(trace):
         deltas = np.zeros((len(CATEGORIES), len(trace)), dtype=np.int64)
         deltas[trace.category.astype(np.int64), np.arange(len(trace))] = trace.allocated_delta()

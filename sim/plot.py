@@ -226,8 +226,9 @@ def _sample(allocated: np.ndarray) -> np.ndarray:
 
 
 def _stream_lanes(ax, run: Run) -> None:
-    """One lane per stream used: the share of time its ops run, per pixel-wide bin (a stream's ops never
-    overlap, so the running busy time is a cumulative sum over its ops in order)."""
+    """One lane per stream used: the share of time its kernels run on the device, per pixel-wide bin (a stream's
+    ops never overlap, so the running busy time is a cumulative sum over its ops in order). Memory and phases are
+    on the host's clock: where the host runs ahead, the lanes lag behind them."""
     starts, ends = np.asarray(run.engine.op_start_us), np.asarray(run.engine.op_end_us)
     codes = run.schedule.stream_codes()
     used = [s for code, s in enumerate(STREAMS) if (codes == code).any()]
@@ -249,11 +250,11 @@ def _stream_lanes(ax, run: Run) -> None:
 
 def _phase_bands(ax, run: Run) -> list[Phase]:
     """A band per run of ops of one phase, drawn per phase in one call (a checkpointed backward alternates phases
-    thousands of times); the phases drawn, for the legend."""
+    thousands of times), on the host's clock as the memory is; the phases drawn, for the legend."""
     codes = run.schedule.phase_codes()
     if not len(codes):
         return []
-    starts = np.asarray(run.engine.op_start_us, dtype=np.int64)
+    starts = np.asarray(run.engine.op_issue_us, dtype=np.int64)
     change = np.flatnonzero(np.append(True, codes[1:] != codes[:-1]))
     begin = starts[change]
     end = np.append(begin[1:], run.engine.end_time_us)
@@ -268,12 +269,12 @@ def _phase_bands(ax, run: Run) -> list[Phase]:
 
 
 def _step_ticks(ax, run: Run) -> None:
-    """A solid line where each step begins and a dotted one where each later micro-batch does (at most 200 of
-    those: beyond, only the steps)."""
+    """A solid line where the host begins each step and a dotted one where it begins each later micro-batch (at
+    most 200 of those: beyond, only the steps)."""
     steps, micro_batches = np.asarray(run.schedule.op_step), np.asarray(run.schedule.op_micro_batch)
     if not len(steps):
         return
-    starts = np.asarray(run.engine.op_start_us) / 1e6
+    starts = np.asarray(run.engine.op_issue_us) / 1e6
     step_first = np.flatnonzero(np.append(True, steps[1:] != steps[:-1]))
     micro_first = np.flatnonzero(np.append(False, (micro_batches[1:] != micro_batches[:-1]) &
                                            (steps[1:] == steps[:-1]) & (micro_batches[1:] > micro_batches[:-1])))

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sim.allocator.event_log import AllocatorEventLog
+from sim.des import uses_link
 from sim.engine import EngineResult
 from sim.ingest.provenance import lookup
 from sim.ops import CATEGORIES, PHASES, STREAMS, Phase, Schedule
@@ -102,6 +103,7 @@ def summarize(run: Run) -> dict:
         "tokens_per_s": tokens_all / step_time_s if step_time_s else 0.0,
         "mfu": (run.built.model_flops_per_step / step_time_s / peak_flops) if step_time_s else 0.0,
         "stream_busy_share": stream_busy_share(run),
+        "host": host_fields(run),
         "non_pytorch": {"cuda_context_bytes": run.non_pytorch_bytes - run.nccl_bytes, "nccl_bytes": run.nccl_bytes,
                         "nccl_communicators": run.plan.nccl.communicators},
         "allocator": _allocator_fields(run),
@@ -163,11 +165,43 @@ def stream_busy_share(run: Run) -> dict[str, float]:
     return {s.value: float(busy[i]) / span if span else 0.0 for i, s in enumerate(STREAMS) if i in used}
 
 
+def host_fields(run: Run) -> dict:
+    """The host thread in the last step: how far its issue runs ahead of each op's kernel (start minus issue, µs:
+    the most and the median), the share of the step it spends issuing, the share the GPU's link to its peers
+    carries collectives, and which timeline laid the run out (sim/engine.py)."""
+    schedule, engine = run.schedule, run.engine
+    if not schedule.ops:
+        return {"lead_max_us": 0, "lead_median_us": 0, "busy_share": 0.0, "link_busy_share": 0.0,
+                "timeline": "recurrence"}
+    steps = np.asarray(schedule.op_step)
+    first = int(np.searchsorted(steps, steps[-1]))
+    starts, ends = np.asarray(engine.op_start_us[first:]), np.asarray(engine.op_end_us[first:])
+    issues, launches = np.asarray(engine.op_issue_us[first:]), np.asarray(engine.op_launch_us[first:])
+    span = engine.end_time_us - int(starts.min(initial=engine.end_time_us))
+    lead = starts - issues
+    on_link = np.flatnonzero([uses_link(op) for op in schedule.ops[first:]])
+    return {"lead_max_us": int(lead.max()), "lead_median_us": int(np.median(lead)),
+            "busy_share": float((launches - issues).sum()) / span if span else 0.0,
+            "link_busy_share": _covered_us(starts[on_link], ends[on_link]) / span if span else 0.0,
+            "timeline": "simpy (collectives share the link)" if engine.shared_link else "recurrence"}
+
+
+def _covered_us(starts: np.ndarray, ends: np.ndarray) -> int:
+    """How long at least one of the intervals [start, end) covers."""
+    covered, reach = 0, None
+    for start, end in sorted(zip(starts.tolist(), ends.tolist())):
+        if reach is None or start > reach:
+            covered, reach = covered + end - start, end
+        elif end > reach:
+            covered, reach = covered + end - reach, end
+    return covered
+
+
 def _phase_peaks(run: Run) -> dict:
     trace = run.engine.trace
     phase_of_op = np.append(run.schedule.phase_codes(), -1)
     event_phase = phase_of_op[trace.op_index]  # op_index -1 picks -1: allocations before the first op
-    starts = np.asarray(run.engine.op_start_us)
+    starts = np.asarray(run.engine.op_issue_us)  # the trace is on the host's clock
     out = {}
     for group, phases in PHASE_GROUPS.items():
         codes = [PHASES.index(p) for p in phases]
@@ -340,6 +374,7 @@ def format_summary(result: dict, allocator_line: str = "", host_bytes: int = 0, 
     if allocator_line:
         lines.append(allocator_line)
     busy = ", ".join(f"{stream} {100 * share:.0f}%" for stream, share in result["stream_busy_share"].items())
+    host_side = result["host"]
     host = "; host-side work of the offload (CPU Adam, copies) not timed" if host_bytes else ""
     lines += ["", "assumed (each setting that decided the result: value, where it came from)"]
     lines += [f"  {path} = {_shown(entry['value'])}  ({entry['from']})" for path, entry in result["settings"].items()]
@@ -351,7 +386,10 @@ def format_summary(result: dict, allocator_line: str = "", host_bytes: int = 0, 
         lines += [f"  {', '.join(paths)} ({why})" for why, paths in by_reason.items()]
     lines += ["", f"step time  {result['step_time_s']:.3f} s, {result['tokens_per_s']:.0f} tokens/s, "
                   f"MFU {100 * result['mfu']:.1f}% (roofline at measured efficiencies, NCCL cost model{host})",
-              f"busy       {busy} of the step",
+              f"busy       {busy} of the step; link {100 * host_side['link_busy_share']:.0f}%",
+              f"host       issuing {100 * host_side['busy_share']:.0f}% of the step, up to "
+              f"{host_side['lead_max_us'] / 1e3:.1f} ms ahead of the kernels (median "
+              f"{host_side['lead_median_us'] / 1e3:.1f} ms); timeline: {host_side['timeline']}",
               f"events     {result['events']}"]
     if steady_line:
         lines.append(steady_line)

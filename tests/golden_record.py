@@ -3,7 +3,8 @@ offload, LoRA, checkpointing, each allocator and alloc-conf path, each architect
 of the engine room can show it changes no result.
 
 Per case it keeps the result JSON and the printed summary whole, and a sha256 per column of everything too large to
-commit: the trace, the ops' start and end times, the streams' busy time and the allocator's end state (its
+commit: the trace, the ops' host issue and launch times and kernel start and end times, where pending frees
+return, the streams' busy time and the allocator's end state (its
 statistics and segments, block addresses included). `tests/test_golden.py` compares a fresh run with
 tests/golden/expected/; `python tests/golden_record.py --write` rewrites them (only for a change that is meant to
 change results, and said so in its commit).
@@ -49,8 +50,11 @@ def record(path: Path) -> dict:
     engine, trace = run.engine, run.engine.trace
     digests = {f"trace.{name}": _digest(getattr(trace, name)) for name in
                ("time_us", "op_index", "buffer_id", "delta_bytes", "category", "allocated_bytes", "reserved_bytes")}
+    digests["op_issue_us"] = _digest(engine.op_issue_us)
+    digests["op_launch_us"] = _digest(engine.op_launch_us)
     digests["op_start_us"] = _digest(engine.op_start_us)
     digests["op_end_us"] = _digest(engine.op_end_us)
+    digests["release_at"] = _digest(engine.release_at)
     digests["busy_us"] = _digest({stream.value: us for stream, us in engine.busy_us.items()})
     allocator = run.allocator
     if isinstance(allocator, CachingAllocator):

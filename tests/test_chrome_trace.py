@@ -17,13 +17,22 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_every_op_is_a_slice_on_its_stream_and_the_counters_end_at_the_run_s_bytes() -> None:
     run = run_scenario(build_scenario(zero_raw()))
     events = chrome_trace(run)["traceEvents"]
-    slices = [e for e in events if e["ph"] == "X"]
+    slices = [e for e in events if e["ph"] == "X" and e["cat"] != "host"]
     assert len(slices) == len(run.schedule.ops)
     codes = run.schedule.stream_codes().tolist()
     assert [e["tid"] for e in slices] == codes and all(e["dur"] >= 0 for e in slices)
     assert [e["ts"] for e in slices] == run.engine.op_start_us
     threads = {e["tid"]: e["args"]["name"] for e in events if e["name"] == "thread_name"}
-    assert threads == {code: STREAMS[code].value for code in set(codes)} and len(threads) > 1  # ZeRO-3: 3 streams
+    host = len(STREAMS)
+    assert threads == {**{code: STREAMS[code].value for code in set(codes)}, host: "host"}
+    assert len(threads) == 4  # ZeRO-3: 3 streams and the host
+    # the host's slices: each op it spends time on, from its issue to its launch, in program order
+    issued = [e for e in events if e["ph"] == "X" and e["cat"] == "host"]
+    engine = run.engine
+    spent = [i for i in range(len(codes)) if engine.op_launch_us[i] > engine.op_issue_us[i]]
+    assert [(e["ts"], e["dur"]) for e in issued] == [
+        (engine.op_issue_us[i], engine.op_launch_us[i] - engine.op_issue_us[i]) for i in spent] and spent
+    assert all(e["tid"] == host for e in issued)
     allocated = [e for e in events if e["name"] == "allocated bytes"]
     reserved = [e for e in events if e["name"] == "reserved bytes"]
     times = [e["ts"] for e in allocated]

@@ -11,7 +11,7 @@ from sim.cost import CostModel
 from sim.des import SharedLink, SimpyTimeline, links_overlap
 from sim.engine import Engine
 from sim.event_order import order_events
-from sim.ops import Buffer, Category, Op, OpKind, Phase, Schedule, Stream
+from sim.ops import CATEGORIES, Buffer, BufferTable, Category, Op, OpKind, Phase, Schedule, Stream
 from sim.resolve import device_plan
 from sim.scenario import DeviceSpec
 from sim.timeline import HostModel, ListTimeline
@@ -21,7 +21,7 @@ import simpy
 
 # 1 FLOP/s per µs: with bf16 peak 1e6 FLOP/s an op of F flops takes F µs (tests/test_engine.py's toy device)
 DEVICE = device_plan(DeviceSpec(name="toy", capacity_bytes=1 << 40, peak_flops={"bf16": 1e6}, hbm_bytes_per_s=1e12))
-STREAMS = list(Stream)
+STREAMS = list(Stream)  # the codes BufferTable's recorded bits use (sim.ops.STREAMS)
 
 
 def op(name: str, allocs=(), frees=(), deps=(), stream=Stream.COMPUTE, kind=OpKind.MEMORY, wire=0,
@@ -32,6 +32,14 @@ def op(name: str, allocs=(), frees=(), deps=(), stream=Stream.COMPUTE, kind=OpKi
 
 def buffers(*sizes: int) -> list[Buffer]:
     return [Buffer(i, f"b{i}", size, Category.TEMPORARIES) for i, size in enumerate(sizes)]
+
+
+def recorded_buffers(sizes: list[int], recorded: dict[int, Stream]) -> BufferTable:
+    """Buffers of these sizes, buffer i record_stream'ed on recorded[i] (as Tape.record_stream marks them)."""
+    count = len(sizes)
+    return BufferTable([f"b{i}" for i in range(count)], list(sizes), [CATEGORIES.index(Category.TEMPORARIES)] * count,
+                       list(range(count)), [1 << STREAMS.index(recorded[i]) if i in recorded else 0
+                                            for i in range(count)])
 
 
 def host(host_us: list[int], depth: int | None = None) -> HostModel:
@@ -175,12 +183,13 @@ def test_a_host_wait_binds_like_the_fetch_throttle() -> None:
     assert ListTimeline().op_times(free, np.array([10] * 4), host([1] * 4)).issue_us == [0, 1, 2, 3]
 
 
-def _record_stream_run():
-    """g gathers a 20 MiB buffer on the allgather stream (10 µs); compute op u uses and frees it (20 µs); a1 and
-    a2 each allocate and free 20 MiB on the allgather stream; 1 µs of host time per op. A 20 MiB request takes a
-    whole 20 MiB segment of the large pool (CUDACachingAllocator.cpp: sizes over 10 MiB round to 2 MiB)."""
+def _record_stream_run(recorded: bool = True):
+    """g gathers a 20 MiB buffer on the allgather stream (10 µs), record_stream'ed on the compute stream (as
+    DeepSpeed's free_param does); compute op u uses and frees it (20 µs); a1 and a2 each allocate and free 20 MiB on
+    the allgather stream; 1 µs of host time per op. A 20 MiB request takes a whole 20 MiB segment of the large pool
+    (CUDACachingAllocator.cpp: sizes over 10 MiB round to 2 MiB)."""
     mib = 1 << 20
-    schedule = Schedule(buffers(20 * mib, 20 * mib, 20 * mib), [], [
+    schedule = Schedule(recorded_buffers([20 * mib] * 3, {0: Stream.COMPUTE} if recorded else {}), [], [
         op("g", [0], stream=Stream.ALLGATHER, flops=10),
         op("u", frees=[0], deps=[-1], flops=20),
         op("a1", [1], [1], stream=Stream.ALLGATHER),
@@ -206,12 +215,21 @@ def test_a_record_stream_block_returns_once_its_stream_has_passed_the_free() -> 
     assert t.reserved_bytes.tolist() == [20 * mib, 20 * mib, 40 * mib, 40 * mib, 40 * mib, 40 * mib]
 
 
+def test_a_free_on_another_stream_without_record_stream_is_immediate() -> None:
+    # The same run without the record_stream: the allocator knows nothing of the compute stream's use, so the block
+    # is back at once and a1 reuses it (what a program that forgets record_stream gets: one segment, a race).
+    mib = 1 << 20
+    result = _record_stream_run(recorded=False)
+    assert result.release_at.tolist() == [-1] * 6
+    assert result.trace.reserved_bytes.tolist() == [20 * mib] * 6
+
+
 def test_a_block_whose_stream_passed_before_the_next_malloc_is_not_pending() -> None:
     # The same without a1: the next malloc (a's) is issued after u has ended (a waits for u on the host), so the
     # block has returned by then and the free is as good as immediate: nothing is pending, the compiled core
     # applies, and a reuses g's segment.
     mib = 1 << 20
-    schedule = Schedule(buffers(20 * mib, 20 * mib), [], [
+    schedule = Schedule(recorded_buffers([20 * mib] * 2, {0: Stream.COMPUTE}), [], [
         op("g", [0], stream=Stream.ALLGATHER, flops=10),
         op("u", frees=[0], deps=[-1], flops=20),
         op("a", [1], [1], stream=Stream.ALLGATHER, host_waits=[-1]),

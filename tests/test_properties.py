@@ -178,6 +178,8 @@ def test_repeating_micro_batches_changes_nothing(raw: dict, zero_stage: int | No
                                                   "overlap_comm": overlap}}
         if offload:
             raw["deepspeed"]["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    if zero_stage == 3:  # non-reentrant checkpointing (5.x's default) under ZeRO-3 is refused (sim/resolve.py)
+        raw["training"]["gradient_checkpointing_kwargs"] = {"use_reentrant": True}
     scenario = build_scenario(raw)
     repeated = json.dumps(summarize(run_scenario(scenario)), sort_keys=True)
     plan = resolve_plan(scenario)

@@ -88,13 +88,16 @@ class RecordedProgress:
 
 
 def test_progress_counts_every_micro_batch_and_the_engine() -> None:
-    # 3 micro-batches x 3 prefix steps, then the engine: 10 units, all reported; 12 steps take the shortcut
+    # 3 micro-batches x 3 prefix steps, then the engine: 10 units, all reported; the tiny model's steps are shorter
+    # than the launch queue, so 3 steps prove nothing (tests/test_steady.py) and the prefix doubles: 3 x 6 + 1 = 19
+    # units; then 12 steps take the shortcut
     raw = tiny_raw(gradient_accumulation_steps=3)
     raw["simulation"] = {"steps": 12}
     progress = RecordedProgress()
     run = run_scenario(build_scenario(raw), progress=progress)
-    assert run.steady is not None
-    assert progress.stages == [("building 3 of 12 steps", 10)] and progress.advanced == [10]
+    assert run.steady is not None and run.steady.first_repeat == 6
+    assert progress.stages == [("building 3 of 12 steps", 10), ("building 6 of 12 steps", 19)]
+    assert progress.advanced == [10, 19]
 
 
 class FakeStderr(io.StringIO):
