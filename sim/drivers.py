@@ -59,12 +59,13 @@ class VectorisedReplay:
 
 
 class CompiledReplay:
-    """The caching allocator's algorithm in its compiled core, in one call (allocator.can_replay_compiled)."""
+    """The caching allocator's algorithm in its compiled core, in one call (allocator.can_replay_compiled), pending
+    frees included (released where StepwiseDriver releases them)."""
 
     def drive(self, allocator: Allocator, events: AllocatorEvents) -> AllocatorRun:
         """The whole run through allocator.replay_compiled."""
         allocated, reserved, first_oom, largest = allocator.replay_compiled(events.signed_id, events.size_bytes,
-                                                                            events.stream_code)
+                                                                            events.stream_code, events.release_at)
         oom = None if first_oom is None else OomEvent.at(events, *first_oom)
         return AllocatorRun(allocated, reserved, oom, 0, largest)
 

@@ -111,10 +111,10 @@ class Engine:
 
     def _driver(self, allocator: Allocator, events: AllocatorEvents) -> AllocatorDriver:
         """The fastest path the allocator declares it can take: a vectorised pass, its compiled core (unless
-        `compiled=False`), else event by event in the schedule's repetition windows (mapped here from the ops
-        where each window begins to the events where it does)."""
+        `compiled=False`; pending frees included), else event by event in the schedule's repetition windows
+        (mapped here from the ops where each window begins to the events where it does)."""
         if allocator.can_replay_vectorised():
             return VectorisedReplay()
-        if self.compiled and allocator.can_replay_compiled() and not events.has_pending_frees():
+        if self.compiled and allocator.can_replay_compiled():
             return CompiledReplay()
         return StepwiseDriver(events.windows(self.schedule.window_first_ops()), self.repeat)

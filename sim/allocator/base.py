@@ -58,9 +58,11 @@ class Allocator(Protocol):
         """Whether `replay_compiled` applies now (a compiled core that runs this allocator's algorithm exists for
         its configuration, and nothing has happened yet)."""
 
-    def replay_compiled(self, signed_ids: np.ndarray, sizes_bytes: np.ndarray, stream_codes: np.ndarray
+    def replay_compiled(self, signed_ids: np.ndarray, sizes_bytes: np.ndarray, stream_codes: np.ndarray,
+                        release_at: np.ndarray | None = None
                         ) -> tuple[np.ndarray, np.ndarray, tuple[int, OutOfMemory] | None, int | None]:
-        """Apply a whole run of events (malloc on STREAMS[code] or ~id free) through the compiled core: allocated
+        """Apply a whole run of events (malloc on STREAMS[code] or ~id free; a free pending where `release_at`
+        says, AllocatorEvents.release_at) through the compiled core: allocated
         and reserved bytes after each event, the first OOM with its event index (None: none), and the largest
         free block at the first event with the most reserved (None without events); the allocator then holds the
         state the events leave, as if malloc and free had been called for each."""

@@ -313,26 +313,33 @@ class CachingAllocator:
                                   "or malloc/free")
 
     def can_replay_compiled(self) -> bool:
-        """Whether `replay_compiled` applies: the core is built, nothing has happened yet, and the configuration
-        needs none of the paths the core leaves out (expandable segments, garbage collection, record_stream)."""
+        """Whether `replay_compiled` applies: the core is built, nothing has happened yet (no record_stream events
+        outstanding either), and the configuration needs none of the paths the core leaves out (expandable
+        segments, garbage collection)."""
         return (_sim_caching is not None and not self._slow_search and self.num_device_alloc == 0
                 and self.num_sync_all_streams == 0
                 and not self._live and not self._events and not self._ready and tuple(self._streams) == STREAMS)
 
-    def replay_compiled(self, signed_ids: np.ndarray, sizes_bytes: np.ndarray, stream_codes: np.ndarray
+    def replay_compiled(self, signed_ids: np.ndarray, sizes_bytes: np.ndarray, stream_codes: np.ndarray,
+                        release_at: np.ndarray | None = None
                         ) -> tuple[np.ndarray, np.ndarray, tuple[int, OutOfMemory] | None, int | None]:
         """Every event of a run (signed id >= 0: malloc of that buffer on STREAMS[code], ~id: its free) through
         the compiled core, which runs this class's algorithm for the configurations `can_replay_compiled`
-        accepts. Returns the allocated and reserved bytes after each event, the first OOM (its event index and
-        the error malloc would raise; None: none), and the largest free block at the first event with the most
-        reserved (None without events, as the stepwise driver gives); the allocator then holds the state the
-        events leave, and its event log the entries they make, as if malloc and free had been called for each."""
+        accepts. `release_at` (AllocatorEvents.release_at; default: no free pending): a free with a release point
+        is free(id, pending_on=(STREAMS[code],)), and release_pending(id) comes right before the malloc at that
+        point, as sim/drivers.py's StepwiseDriver calls them. Returns the allocated and reserved bytes after each
+        event, the first OOM (its event index and the error malloc would raise; None: none), and the largest free
+        block at the first event with the most reserved (None without events, as the stepwise driver gives); the
+        allocator then holds the state the events leave (pending blocks included), and its event log the entries
+        they make, as if malloc and free had been called for each."""
         n = len(signed_ids)
         allocated, reserved = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
+        release_at = np.full(n, -1, dtype=np.int64) if release_at is None else release_at
         log = self.event_log
         state, oom, largest, entries = _sim_caching.replay(
             np.ascontiguousarray(signed_ids, dtype=np.int64), np.ascontiguousarray(sizes_bytes, dtype=np.int64),
-            np.ascontiguousarray(stream_codes, dtype=np.int64), allocated, reserved, len(STREAMS),
+            np.ascontiguousarray(stream_codes, dtype=np.int64), np.ascontiguousarray(release_at, dtype=np.int64),
+            allocated, reserved, len(STREAMS),
             self.capacity_bytes, min(self._max_split, _INT64_MAX), self.conf.max_split_size_bytes is not None,
             self._non_split_rounding, list(self.conf.roundup_power2_divisions), log is not None,
             0 if log is None else log.events, self.device_total_bytes - self.non_pytorch_bytes)
@@ -347,17 +354,28 @@ class CachingAllocator:
         self.ooms.append(OomRecord(requested, alloc_size, allocated_then, reserved_then, message))
         return allocated, reserved, (at, OutOfMemory(requested, message)), largest
 
-    def _adopt(self, segments: list[tuple], blocks: list[tuple], stats: dict[str, int]) -> None:
+    def _adopt(self, segments: list[tuple], blocks: list[tuple], stats: dict[str, int],
+               pending: list[tuple[int, int, int]]) -> None:
         """Take over the compiled core's final state: segments (address, size, pool code = stream code * 2 +
-        small), blocks (address, size, requested, segment row, buffer id or -1 when free) and statistics."""
+        small), blocks (address, size, requested, segment row, buffer id or -1 when free or pending), statistics,
+        and the pending blocks (block row, stream code waited on, buffer id or -1 where a later pending free of
+        the same id replaced it in _pending) in the order _events holds them."""
         pools = [pool for stream in STREAMS for pool in self._pools[stream]]
         made = [_Segment(addr, size, pools[code], False, 0) for addr, size, code in segments]
         self._segments = {seg.addr: seg for seg in made}
         runs: list[list[tuple[_Block, int]]] = [[] for _ in made]
+        by_row: list[_Block] = []
         for addr, size, req, row, owner in blocks:
             block = _Block(addr, size, made[row].pool, made[row])
             block.req = req
             runs[row].append((block, owner))
+            by_row.append(block)
+        for block_row, code, buffer_id in pending:  # a pending block holds one record_stream event
+            block = by_row[block_row]
+            block.events = 1
+            self._events.setdefault(STREAMS[code], []).append(block)
+            if buffer_id >= 0:
+                self._pending[buffer_id] = block
         for run in runs:
             run.sort(key=lambda item: item[0].addr)
             for (block, _), (after, _) in zip(run, run[1:]):
@@ -366,7 +384,7 @@ class CachingAllocator:
                 if owner >= 0:
                     block.allocated = True
                     self._live[owner] = block
-                else:
+                elif not block.events:
                     self._pool_insert(block.pool, block)
         retries = stats.pop("retries_before_first_oom")
         self.retries_before_first_oom = None if retries < 0 else retries

@@ -1,12 +1,16 @@
 /* _sim_caching: sim/allocator/caching.py's CachingAllocator, compiled, for one whole run of malloc/free events.
  *
  * Only the configuration the Python model runs without its slow paths: no expandable segments, no garbage
- * collection (no memory fraction), no record_stream events, and a fresh allocator. The Python model is the
- * specification; this is the same algorithm statement by statement (PyTorch's c10/cuda/CUDACachingAllocator.cpp:
- * round_size, pools per stream, best fit by (size, address), the max_split_size rules, should_split, merging
- * with free neighbours, the cudaMalloc-failure path and the simulator's over-commit after the first OOM).
+ * collection (no memory fraction), and a fresh allocator. record_stream frees (sim/event_order.py's pending frees)
+ * run as sim/drivers.py's PendingReplay calls the model: free(id, pending_on=(stream,)), then release_pending(id)
+ * right before the malloc at the free's release point, whose process_events returns the block to its pool (or
+ * earlier, where the cudaMalloc-failure path synchronises every stream). The Python model is the specification;
+ * this is the same algorithm statement by statement (PyTorch's c10/cuda/CUDACachingAllocator.cpp: round_size, pools
+ * per stream, best fit by (size, address), the max_split_size rules, should_split, merging with free neighbours,
+ * the cudaMalloc-failure path and the simulator's over-commit after the first OOM).
  * CachingAllocator.replay_compiled drives it and adopts the final state into the Python model;
- * tests/test_compiled_caching.py checks event by event that both give the same results.
+ * tests/test_compiled_caching.py and tests/test_compiled_pending.py check event by event that both give the same
+ * results.
  * When asked, it also writes the model's event log (sim/allocator/event_log.py: PyTorch's trace entries, where
  * CUDACachingAllocator.cpp calls record_trace) into growing columns, each entry with the index of its event.
  */
@@ -36,6 +40,11 @@ typedef struct {
     int64_t addr, size, req;
     int32_t prev, next, seg, pool; /* -1: none */
     int8_t allocated;
+    /* a block freed while a record_stream event is outstanding (the model's _Block.events == 1): the stream it
+     * waits on, its buffer, and its neighbours in the list of such blocks in free order (-1: none) */
+    int8_t pending, wait;
+    int64_t pending_id;
+    int32_t pprev, pnext;
 } Block;
 
 typedef struct {
@@ -81,6 +90,13 @@ typedef struct {
     int64_t peak_allocated, peak_reserved, peak_active, num_alloc_retries, num_ooms, num_device_alloc;
     int64_t num_device_free, num_sync_all_streams, oversize_allocations, oversize_segments, next_va;
     int64_t retries_before_first_oom;
+    /* pending blocks: the list in free order (head, tail), buffer id -> its latest pending block (the model's
+     * _pending, by id), and per stream how many wait on it and when it last became waited on (the model's _events
+     * keeps its streams in that order; synchronisation frees stream by stream) */
+    int32_t pending_head, pending_tail;
+    int32_t *pending_of;
+    int64_t *waiting, *waited_since;
+    int64_t waits;
     int unlimited, forcing;
     /* the first OOM: event index, caller's size, allocation size, allocated and reserved then */
     int64_t oom_event, oom_requested, oom_alloc_size, oom_allocated, oom_reserved;
@@ -157,6 +173,10 @@ static int32_t new_block(State *s, int64_t addr, int64_t size, int32_t pool, int
     block->seg = seg;
     block->pool = pool;
     block->allocated = 0;
+    block->pending = 0;
+    block->wait = -1;
+    block->pending_id = -1;
+    block->pprev = block->pnext = -1;
     return b;
 }
 
@@ -322,10 +342,54 @@ static int release_available_cached_blocks(State *s, int32_t pool, int64_t size)
     return 1;
 }
 
-/* _release_cached_blocks: empty_cache (synchronises all streams; no events are pending here); the large pools of
- * every stream first, then the small ones, each in (size, address) order, as PyTorch's release_blocks */
-static void release_cached_blocks(State *s) {
+static int free_block(State *s, int32_t b);
+
+/* unlink pending block b from the pending list and from its stream's count (the model's release_pending: a stream
+ * left with no pending block is dropped from _events) */
+static void unlink_pending(State *s, int32_t b) {
+    Block *block = &s->blocks[b];
+    if (block->pprev >= 0)
+        s->blocks[block->pprev].pnext = block->pnext;
+    else
+        s->pending_head = block->pnext;
+    if (block->pnext >= 0)
+        s->blocks[block->pnext].pprev = block->pprev;
+    else
+        s->pending_tail = block->pprev;
+    block->pprev = block->pnext = -1;
+    block->pending = 0;
+    s->waiting[block->wait]--;
+    s->pending_of[block->pending_id] = -1; /* b is the id's latest pending block, or a synchronisation frees both */
+}
+
+/* _synchronize_and_free_events: every pending block back to its pool, the streams in the order the model's
+ * _events holds them (when each last became waited on), each stream's blocks in free order */
+static int synchronize_and_free_events(State *s) {
     s->num_sync_all_streams++;
+    for (;;) {
+        int stream = -1;
+        for (int k = 0; k < s->n_pools / 2; k++)
+            if (s->waiting[k] > 0 && (stream < 0 || s->waited_since[k] < s->waited_since[stream]))
+                stream = k;
+        if (stream < 0)
+            return 0;
+        for (int32_t b = s->pending_head; b >= 0;) {
+            int32_t next = s->blocks[b].pnext;
+            if (s->blocks[b].wait == stream) {
+                unlink_pending(s, b);
+                if (free_block(s, b) < 0)
+                    return -1;
+            }
+            b = next;
+        }
+    }
+}
+
+/* _release_cached_blocks: empty_cache (synchronises all streams, freeing the pending blocks); the large pools of
+ * every stream first, then the small ones, each in (size, address) order, as PyTorch's release_blocks */
+static int release_cached_blocks(State *s) {
+    if (synchronize_and_free_events(s) < 0)
+        return -1;
     for (int k = 0; k < s->n_pools; k++) {
         int pool = k < s->n_pools / 2 ? 2 * k : 2 * (k - s->n_pools / 2) + 1;
         Pool *p = &s->pools[pool];
@@ -338,6 +402,7 @@ static void release_cached_blocks(State *s) {
                 i++;
         }
     }
+    return 0;
 }
 
 /* _alloc_new: the path after the cache missed; -2 on error */
@@ -347,7 +412,8 @@ static int32_t alloc_new(State *s, int32_t pool, int64_t size, int64_t orig_size
     if (b == -1 && release_available_cached_blocks(s, pool, size))
         b = alloc_block(s, pool, alloc_size, 0);
     if (b == -1) {
-        release_cached_blocks(s);
+        if (release_cached_blocks(s) < 0)
+            return -2;
         b = alloc_block(s, pool, alloc_size, 1);
     }
     if (b == -1) {
@@ -480,7 +546,7 @@ static int free_block(State *s, int32_t b) {
     int32_t neighbours[2] = {block->prev, block->next};
     for (int i = 0; i < 2; i++) {
         int32_t n = neighbours[i];
-        if (n >= 0 && !s->blocks[n].allocated) {
+        if (n >= 0 && !s->blocks[n].allocated && !s->blocks[n].pending) {
             net_blocks--;
             net_size -= absorb(s, b, n);
         }
@@ -500,7 +566,9 @@ static int free_block(State *s, int32_t b) {
     return 0;
 }
 
-static int do_free(State *s, int64_t buffer_id) {
+/* free: a block freed on another stream than its own with a release point (record_stream) stays pending, out of
+ * its pool, until that point or a synchronisation; any other goes back to its pool now */
+static int do_free(State *s, int64_t buffer_id, int64_t stream, int pending) {
     int32_t b = s->live[buffer_id];
     if (b < 0) {
         PyObject *key = PyLong_FromLongLong(buffer_id);
@@ -520,7 +588,35 @@ static int do_free(State *s, int64_t buffer_id) {
     s->allocation--;
     if (bsize >= s->max_split)
         s->oversize_allocations--;
-    return free_block(s, b);
+    if (!pending || stream == block->pool / 2) /* the model's free ignores the allocation stream itself */
+        return free_block(s, b);
+    block->pending = 1;
+    block->wait = (int8_t)stream;
+    block->pending_id = buffer_id;
+    block->pprev = s->pending_tail;
+    if (s->pending_tail >= 0)
+        s->blocks[s->pending_tail].pnext = b;
+    else
+        s->pending_head = b;
+    s->pending_tail = b;
+    if (s->waiting[stream]++ == 0)
+        s->waited_since[stream] = s->waits++;
+    s->pending_of[buffer_id] = b; /* an earlier pending block of this id stays pending until a synchronisation */
+    return 0;
+}
+
+/* release_pending then process_events at the start of a malloc: the latest pending block of each buffer released
+ * here, in the order they were freed (none where a synchronisation freed it already) */
+static int release_pending(State *s, const int64_t *ids, Py_ssize_t count) {
+    for (Py_ssize_t k = 0; k < count; k++) {
+        int32_t b = s->pending_of[ids[k]];
+        if (b < 0)
+            continue;
+        unlink_pending(s, b);
+        if (free_block(s, b) < 0)
+            return -1;
+    }
+    return 0;
 }
 
 static int64_t largest_free_block(const State *s) {
@@ -559,6 +655,9 @@ static void free_state(State *s) {
             free(s->pools[i].keys);
     free(s->pools);
     free(s->live);
+    free(s->pending_of);
+    free(s->waiting);
+    free(s->waited_since);
 }
 
 static int get_int64_buffer(PyObject *obj, Py_buffer *view, Py_ssize_t n, int writable, const char *name) {
@@ -573,12 +672,15 @@ static int get_int64_buffer(PyObject *obj, Py_buffer *view, Py_ssize_t n, int wr
 }
 
 /* The final state: ((addr, size, pool) per live segment), ((addr, size, req, segment row, buffer id or -1) per
- * block), and the statistics by name. */
+ * block: a live block has its buffer, a free or pending one -1), the statistics by name, and the pending blocks
+ * ((block row, stream code waited on, buffer id or -1 where a later pending free of the id took its place) in the
+ * order the model's _events holds them: by stream as synchronisation frees them, each in free order). */
 static PyObject *export_state(State *s) {
     int32_t *row = malloc((size_t)(s->n_segs ? s->n_segs : 1) * sizeof(int32_t));
     int32_t *owner = malloc((size_t)(s->n_blocks ? s->n_blocks : 1) * sizeof(int32_t));
-    PyObject *segments = PyList_New(0), *blocks = PyList_New(0), *result = NULL;
-    if (!row || !owner || !segments || !blocks) {
+    int32_t *block_row = malloc((size_t)(s->n_blocks ? s->n_blocks : 1) * sizeof(int32_t));
+    PyObject *segments = PyList_New(0), *blocks = PyList_New(0), *pending = NULL, *result = NULL;
+    if (!row || !owner || !block_row || !segments || !blocks) {
         PyErr_NoMemory();
         goto done;
     }
@@ -600,10 +702,11 @@ static PyObject *export_state(State *s) {
     for (Py_ssize_t id = 0; id < s->n_ids; id++)
         if (s->live[id] >= 0)
             owner[s->live[id]] = (int32_t)id;
-    for (int32_t b = 0; b < s->n_blocks; b++) {
+    for (int32_t b = 0, r = 0; b < s->n_blocks; b++) {
         const Block *block = &s->blocks[b];
         if (block->seg < 0)
             continue;
+        block_row[b] = r++;
         PyObject *item = Py_BuildValue("(LLLii)", (long long)block->addr, (long long)block->size,
                                        (long long)block->req, row[block->seg], owner[b]);
         if (!item || PyList_Append(blocks, item) < 0) {
@@ -612,8 +715,33 @@ static PyObject *export_state(State *s) {
         }
         Py_DECREF(item);
     }
+    pending = PyList_New(0);
+    if (!pending)
+        goto done;
+    for (int64_t after = -1;;) { /* the waited-on streams in the order they became so */
+        int stream = -1;
+        for (int k = 0; k < s->n_pools / 2; k++)
+            if (s->waiting[k] > 0 && s->waited_since[k] > after &&
+                (stream < 0 || s->waited_since[k] < s->waited_since[stream]))
+                stream = k;
+        if (stream < 0)
+            break;
+        after = s->waited_since[stream];
+        for (int32_t b = s->pending_head; b >= 0; b = s->blocks[b].pnext) {
+            const Block *block = &s->blocks[b];
+            if (block->wait != stream)
+                continue;
+            long long id = s->pending_of[block->pending_id] == b ? (long long)block->pending_id : -1LL;
+            PyObject *item = Py_BuildValue("(iiL)", block_row[b], (int)block->wait, id);
+            if (!item || PyList_Append(pending, item) < 0) {
+                Py_XDECREF(item);
+                goto done;
+            }
+            Py_DECREF(item);
+        }
+    }
     result = Py_BuildValue(
-        "(OO{sLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsi})", segments, blocks,
+        "(OO{sLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsi}O)", segments, blocks,
         "allocated_bytes", (long long)s->allocated, "reserved_bytes", (long long)s->reserved,
         "active_bytes", (long long)s->active, "requested_bytes", (long long)s->requested,
         "inactive_split_bytes", (long long)s->inactive_split_bytes, "inactive_split", (long long)s->inactive_split,
@@ -624,31 +752,35 @@ static PyObject *export_state(State *s) {
         "num_sync_all_streams", (long long)s->num_sync_all_streams,
         "oversize_allocations", (long long)s->oversize_allocations,
         "oversize_segments", (long long)s->oversize_segments, "_next_va", (long long)s->next_va,
-        "retries_before_first_oom", (long long)s->retries_before_first_oom, "unlimited", s->unlimited);
+        "retries_before_first_oom", (long long)s->retries_before_first_oom, "unlimited", s->unlimited, pending);
 done:
     free(row);
     free(owner);
+    free(block_row);
     Py_XDECREF(segments);
     Py_XDECREF(blocks);
+    Py_XDECREF(pending);
     return result;
 }
 
 static const char replay_doc[] =
-    "replay(signed_ids, sizes, stream_codes, allocated_out, reserved_out, n_streams, capacity, max_split, "
-    "max_split_set, non_split_rounding, divisions, log, first_event, device_free_base)\n"
+    "replay(signed_ids, sizes, stream_codes, release_at, allocated_out, reserved_out, n_streams, capacity, "
+    "max_split, max_split_set, non_split_rounding, divisions, log, first_event, device_free_base)\n"
     "Run every event on a fresh allocator (signed id >= 0: malloc of that buffer, ~id: its free) and write the "
-    "allocated and reserved bytes after each. Returns (state, first OOM (event, requested, alloc size, allocated, "
+    "allocated and reserved bytes after each. release_at (sim/event_order.py's AllocatorEvents.release_at): for a "
+    "free on another stream than its buffer's allocation, the malloc at whose start its block returns to the cache "
+    "(at or past the end: never), else -1. Returns (state, first OOM (event, requested, alloc size, allocated, "
     "reserved) or None, largest free block at the first event with the most reserved, event log or None). With "
     "`log`, the event log: the columns (action, address, size, stream, event index) as bytes (int8, int64, int64, "
     "int8, int64), event i of this run numbered first_event + i.";
 
 static PyObject *replay(PyObject *self, PyObject *args) {
-    PyObject *signed_obj, *sizes_obj, *streams_obj, *allocated_obj, *reserved_obj, *divisions_obj;
+    PyObject *signed_obj, *sizes_obj, *streams_obj, *release_obj, *allocated_obj, *reserved_obj, *divisions_obj;
     long long capacity, max_split, non_split_rounding, first_event, device_free_base;
     int n_streams, max_split_set, want_log;
-    if (!PyArg_ParseTuple(args, "OOOOOiLLpLOpLL", &signed_obj, &sizes_obj, &streams_obj, &allocated_obj,
-                          &reserved_obj, &n_streams, &capacity, &max_split, &max_split_set, &non_split_rounding,
-                          &divisions_obj, &want_log, &first_event, &device_free_base))
+    if (!PyArg_ParseTuple(args, "OOOOOOiLLpLOpLL", &signed_obj, &sizes_obj, &streams_obj, &release_obj,
+                          &allocated_obj, &reserved_obj, &n_streams, &capacity, &max_split, &max_split_set,
+                          &non_split_rounding, &divisions_obj, &want_log, &first_event, &device_free_base))
         return NULL;
     PyObject *divisions = PySequence_Fast(divisions_obj, "divisions must be a sequence");
     if (!divisions)
@@ -682,46 +814,89 @@ static PyObject *replay(PyObject *self, PyObject *args) {
     s.oom_event = -1;
     s.n_pools = 2 * n_streams;
 
-    Py_buffer views[5];
+    s.pending_head = s.pending_tail = -1;
+
+    Py_buffer views[6];
     int got = 0;
     PyObject *result = NULL;
+    /* the pending frees' buffer ids grouped by release point, each group in free order */
+    Py_ssize_t *first_release = NULL;
+    int64_t *released_ids = NULL;
     Py_ssize_t n = PyObject_Length(signed_obj);
     if (n < 0)
         return NULL;
-    PyObject *objects[5] = {signed_obj, sizes_obj, streams_obj, allocated_obj, reserved_obj};
-    const char *names[5] = {"signed_ids", "sizes", "stream_codes", "allocated_out", "reserved_out"};
-    for (; got < 5; got++)
-        if (get_int64_buffer(objects[got], &views[got], n, got >= 3, names[got]) < 0)
+    PyObject *objects[6] = {signed_obj, sizes_obj, streams_obj, release_obj, allocated_obj, reserved_obj};
+    const char *names[6] = {"signed_ids", "sizes", "stream_codes", "release_at", "allocated_out", "reserved_out"};
+    for (; got < 6; got++)
+        if (get_int64_buffer(objects[got], &views[got], n, got >= 4, names[got]) < 0)
             goto done;
     const int64_t *signed_ids = views[0].buf, *sizes = views[1].buf, *streams = views[2].buf;
-    int64_t *allocated_out = views[3].buf, *reserved_out = views[4].buf;
+    const int64_t *release_at = views[3].buf;
+    int64_t *allocated_out = views[4].buf, *reserved_out = views[5].buf;
 
     int64_t max_id = -1;
+    first_release = calloc((size_t)n + 2, sizeof(Py_ssize_t));
+    if (!first_release) {
+        PyErr_NoMemory();
+        goto done;
+    }
     for (Py_ssize_t i = 0; i < n; i++) {
         int64_t id = signed_ids[i] >= 0 ? signed_ids[i] : ~signed_ids[i];
         if (id > max_id)
             max_id = id;
-        if (signed_ids[i] >= 0 && (streams[i] < 0 || streams[i] >= n_streams)) {
+        int pending = release_at[i] >= 0;
+        if ((signed_ids[i] >= 0 || pending) && (streams[i] < 0 || streams[i] >= n_streams)) {
             PyErr_Format(PyExc_ValueError, "event %zd: stream code %lld out of range", i, (long long)streams[i]);
             goto done;
         }
+        if (release_at[i] != -1 && (signed_ids[i] >= 0 || release_at[i] <= i)) {
+            PyErr_Format(PyExc_ValueError, "event %zd: release point %lld is not a later event of a free", i,
+                         (long long)release_at[i]);
+            goto done;
+        }
+        if (pending) /* a release point at or past the end (a run's head keeps its events' points) is never */
+            first_release[(release_at[i] < n ? release_at[i] : n) + 1]++;
     }
+    for (Py_ssize_t i = 0; i <= n; i++) /* first_release[m]: where release point m's ids begin */
+        first_release[i + 1] += first_release[i];
+    released_ids = malloc((size_t)(first_release[n + 1] ? first_release[n + 1] : 1) * sizeof(int64_t));
+    if (!released_ids) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) /* in free order; first_release[m] moves to the end of group m */
+        if (release_at[i] >= 0)
+            released_ids[first_release[release_at[i] < n ? release_at[i] : n]++] = ~signed_ids[i];
+    for (Py_ssize_t i = n; i > 0; i--) /* back to each group's start */
+        first_release[i] = first_release[i - 1];
+    first_release[0] = 0;
+
     s.n_ids = (Py_ssize_t)(max_id + 1);
     s.live = malloc((size_t)(s.n_ids ? s.n_ids : 1) * sizeof(int32_t));
+    s.pending_of = malloc((size_t)(s.n_ids ? s.n_ids : 1) * sizeof(int32_t));
     s.pools = calloc((size_t)s.n_pools, sizeof(Pool));
-    if (!s.live || !s.pools) {
+    s.waiting = calloc((size_t)n_streams, sizeof(int64_t));
+    s.waited_since = malloc((size_t)n_streams * sizeof(int64_t));
+    if (!s.live || !s.pending_of || !s.pools || !s.waiting || !s.waited_since) {
         PyErr_NoMemory();
         goto done;
     }
     for (Py_ssize_t id = 0; id < s.n_ids; id++)
-        s.live[id] = -1;
+        s.live[id] = s.pending_of[id] = -1;
+    for (int k = 0; k < n_streams; k++)
+        s.waited_since[k] = -1;
 
     int64_t most_reserved = -1, largest_at_peak = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         int64_t id = signed_ids[i];
         s.event = first_event + i;
-        if ((id >= 0 ? do_malloc(&s, id, sizes[i], streams[i], i) : do_free(&s, ~id)) < 0)
+        if (id >= 0) {
+            if (release_pending(&s, released_ids + first_release[i], first_release[i + 1] - first_release[i]) < 0 ||
+                do_malloc(&s, id, sizes[i], streams[i], i) < 0)
+                goto done;
+        } else if (do_free(&s, ~id, streams[i], release_at[i] >= 0) < 0) {
             goto done;
+        }
         allocated_out[i] = s.allocated;
         reserved_out[i] = s.reserved;
         if (s.reserved > most_reserved) {
@@ -755,6 +930,8 @@ done:
         PyBuffer_Release(&views[i]);
     free_state(&s);
     free_log(&log);
+    free(first_release);
+    free(released_ids);
     return result;
 }
 
