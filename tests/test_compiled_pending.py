@@ -1,5 +1,6 @@
 """Pending (record_stream) frees in the caching allocator's compiled core (sim/allocator/caching_core.c) against
-the Python model driven by StepwiseDriver (sim/drivers.py) in one window, event by event, end state and event log included.
+the Python model driven by StepwiseDriver (sim/drivers.py) in one window, event by event, end state and event log
+included.
 
 Skipped where the core is not built (`pip install .` builds it; sim then runs the Python model everywhere)."""
 
@@ -86,7 +87,8 @@ def test_compiled_pending_frees_run_as_pending_replay(events: AllocatorEvents, c
     logs = [AllocatorEventLog() for _ in range(2)]
     python, compiled = (CachingAllocator(capacity_mib * MiB, parse_alloc_conf(conf), event_log=log) for log in logs)
     assert compiled.can_replay_compiled()
-    assert run_result(CompiledReplay().drive(compiled, events)) == run_result(StepwiseDriver([(0, len(events))], False).drive(python, events))
+    stepwise = StepwiseDriver([(0, len(events))], False)
+    assert run_result(CompiledReplay().drive(compiled, events)) == run_result(stepwise.drive(python, events))
     assert_same_allocators(compiled, python)
     assert_same_log(*logs)
     # the adopted pending blocks go on in Python as the model's own: release some, allocate (a release point, and

@@ -160,8 +160,8 @@ class CachingAllocator:
                  "num_device_free", "num_sync_all_streams", "oversize_allocations", "oversize_segments", "ooms",
                  "retries_before_first_oom", "unlimited", "_forcing", "_max_split", "_non_split_rounding",
                  "_expandable", "_rp2", "_gc_active", "_slow_search", "_gc_calls", "_live", "_pools", "_streams",
-                 "_segments", "_expandable_segments", "_events", "_ready", "_pending", "_next_va", "_last_stream", "_last_pools",
-                 "_oom", "event_log")
+                 "_segments", "_expandable_segments", "_events", "_ready", "_pending", "_next_va", "_last_stream",
+                 "_last_pools", "_oom", "event_log")
 
     def __init__(
         self,

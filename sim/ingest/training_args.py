@@ -38,7 +38,8 @@ TRAINING_ARGS: dict[str, KeyRule] = {
         "warmup_ratio", "adam_beta1", "adam_beta2", "adam_epsilon", "seed", "data_seed", "do_train", "do_eval",
         "do_predict")},
     **{key: neutral(_LOG) for key in (
-        "logging_strategy", "logging_steps", "logging_first_step", "log_on_each_node", "include_num_input_tokens_seen", "include_tokens_per_second", "log_level", "log_level_replica",
+        "logging_strategy", "logging_steps", "logging_first_step", "log_on_each_node", "include_num_input_tokens_seen",
+        "include_tokens_per_second", "log_level", "log_level_replica",
         "logging_dir", "disable_tqdm", "report_to", "run_name", "project", "trackio_space_id", "trackio_bucket_id",
         "trackio_static_space_id", "skip_memory_metrics", "push_to_hub", "hub_token", "hub_private_repo",
         "hub_model_id", "hub_strategy", "hub_always_push", "hub_revision", "push_to_hub_model_id",
