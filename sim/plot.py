@@ -78,7 +78,8 @@ def render_memory_timeline(run: Run, result: dict, fmt: str = "png") -> bytes:
                     textcoords="offset points", xytext=(8, -16), fontsize=8, color="darkred")
     if lanes is not None:
         _stream_lanes(lanes, run)
-    (lanes if lanes is not None else ax).set_xlabel("simulated time (s)")
+    (lanes if lanes is not None else ax).set_xlabel(
+        "simulated time (s): memory and phases as the host issues them, kernels as the GPU runs them")
     ax.set_ylabel("GiB")
     steady = run.steady
     ax.set_title(result["scenario"] if steady is None else
@@ -226,25 +227,26 @@ def _sample(allocated: np.ndarray) -> np.ndarray:
 
 
 def _stream_lanes(ax, run: Run) -> None:
-    """One lane per stream used: the share of time its kernels run on the device, per pixel-wide bin (a stream's
-    ops never overlap, so the running busy time is a cumulative sum over its ops in order). Memory and phases are
-    on the host's clock: where the host runs ahead, the lanes lag behind them."""
+    """One lane for the host thread (the share of time it spends issuing ops) and one per stream used (the share of
+    time its kernels run on the device), per pixel-wide bin: a lane's spans never overlap, so its running busy time
+    is a cumulative sum over them in order. Memory and phases are on the host's clock: where the host runs ahead,
+    the stream lanes lag behind them."""
     starts, ends = np.asarray(run.engine.op_start_us), np.asarray(run.engine.op_end_us)
     codes = run.schedule.stream_codes()
-    used = [s for code, s in enumerate(STREAMS) if (codes == code).any()]
+    lanes = [("host", np.asarray(run.engine.op_issue_us), np.asarray(run.engine.op_launch_us))]
+    lanes += [(s.value, starts[codes == code], ends[codes == code]) for code, s in enumerate(STREAMS)
+              if (codes == code).any()]
     edges = np.linspace(0, max(run.engine.end_time_us, 1), _LANE_BINS + 1)
-    for row, stream in enumerate(used):
-        mine = codes == STREAMS.index(stream)
-        begin, finish = starts[mine], ends[mine]
+    for row, (_, begin, finish) in enumerate(lanes):
         done = np.concatenate([[0], np.cumsum(finish - begin)])
-        index = np.searchsorted(finish, edges, side="right")  # ops finished by each edge
+        index = np.searchsorted(finish, edges, side="right")  # spans finished by each edge
         running = np.where(index < len(begin), np.clip(edges - begin[np.minimum(index, len(begin) - 1)], 0, None), 0)
         busy = done[index] + running
         share = np.diff(busy) / np.diff(edges)
-        base = len(used) - 1 - row
+        base = len(lanes) - 1 - row
         ax.fill_between(edges[:-1] / 1e6, base - 0.4, base - 0.4 + 0.8 * share, step="post", color=f"C{row}", lw=0)
-    ax.set_yticks([len(used) - 1 - row for row in range(len(used))], [s.value for s in used])
-    ax.set_ylim(-0.6, len(used) - 0.4)
+    ax.set_yticks([len(lanes) - 1 - row for row in range(len(lanes))], [name for name, _, _ in lanes])
+    ax.set_ylim(-0.6, len(lanes) - 0.4)
     ax.set_ylabel("busy")
 
 
