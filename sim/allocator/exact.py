@@ -82,7 +82,8 @@ class ExactAllocator:
         """Never: there is no compiled core for live bytes (replay_vectorised is the fast path)."""
         return False
 
-    def replay_compiled(self, signed_ids: np.ndarray, sizes_bytes: np.ndarray, stream_codes: np.ndarray
+    def replay_compiled(self, signed_ids: np.ndarray, sizes_bytes: np.ndarray, stream_codes: np.ndarray,
+                        release_at: np.ndarray | None = None
                         ) -> tuple[np.ndarray, np.ndarray, tuple[int, OutOfMemory] | None, int | None]:
         """Refused: there is no compiled core for live bytes (can_replay_compiled is False)."""
         raise NotImplementedError("the exact allocator has no compiled core; use replay_vectorised")
