@@ -10,7 +10,12 @@ Processes:
   i-1-queue_depth to end, then spends host_us[i] and launches the kernel;
 - one per stream: runs its ops in order, each once launched and once every op it depends on has ended;
 - the link (SharedLink): advances every transfer on it at 1/k of the rate while k are on it.
-A transfer that ends between whole µs ends at the next whole µs (the clock's unit).
+Only the link needs the simulated clock: every other time is a max of known times plus a duration, final as soon as
+its inputs are known. So the host and the streams compute ahead of the clock and wait (simpy events) only for a time
+not yet known, and a stream goes to the clock only to put a transfer on the link at its start: every time a
+process learns is at or after the clock's reading, so transfers join the link in time order. This is the recurrence
+wherever no transfers overlap, with simpy events only where processes wait. A transfer that ends between whole µs
+ends at the next whole µs (the clock's unit).
 """
 
 import math
@@ -23,6 +28,7 @@ from sim.timeline import HostModel, OpTimes
 
 COLLECTIVES = (OpKind.ALL_GATHER, OpKind.REDUCE_SCATTER, OpKind.ALL_REDUCE)
 _DONE_US = 1e-6  # work left below this is float rounding: the transfer is done
+_LAUNCH, _END = 0, 1  # the two columns of op times processes wait on
 
 
 def uses_link(op) -> bool:
@@ -96,43 +102,69 @@ class SimpyTimeline:
         count = len(ops)
         env = simpy.Environment()
         link = SharedLink(env)
-        done = [env.event() for _ in range(count)]
-        launched = [env.event() for _ in range(count)]
-        issues, launches, starts, ends = [0] * count, [0] * count, [0] * count, [0] * count
+        issues, starts = [0] * count, [0] * count
+        launches: list[int | None] = [None] * count
+        ends: list[int | None] = [None] * count
+        columns = (launches, ends)
+        waiters: dict[tuple[int, int], simpy.Event] = {}  # (column, op) -> the event a process waits on
         durations, host_us, depth = durations_us.tolist(), host.host_us.tolist(), host.queue_depth
 
-        def waiting_on(events: list[simpy.Event]):
-            """Wait until every one of `events` has happened (at once if they all have)."""
-            pending = [event for event in events if not event.processed]
-            if pending:
-                yield simpy.AllOf(env, pending)
+        def known(column: int, index: int):
+            """The value (a launch or an end) once it is known, waiting for it if it is not yet."""
+            if columns[column][index] is None:
+                key = (column, index)
+                if key not in waiters:
+                    waiters[key] = env.event()
+                yield waiters[key]
+            return columns[column][index]
+
+        def record(column: int, index: int, value: int) -> None:
+            columns[column][index] = value
+            waiter = waiters.pop((column, index), None)
+            if waiter is not None:
+                waiter.succeed()
 
         def host_thread():
+            at = 0
             for index, op in enumerate(ops):
-                waits = [done[index + d] for d in op.host_waits]
+                waits = [index + d for d in op.host_waits]
                 if depth is not None and index > depth:
-                    waits.append(done[index - 1 - depth])
-                yield from waiting_on(waits)
-                issues[index] = int(env.now)
-                if host_us[index]:
-                    yield env.timeout(host_us[index])
-                launches[index] = int(env.now)
-                launched[index].succeed()
+                    waits.append(index - 1 - depth)
+                for other in waits:
+                    end = ends[other]
+                    if end is None:
+                        end = yield from known(_END, other)
+                    at = max(at, end)
+                issues[index] = at
+                at += host_us[index]
+                record(_LAUNCH, index, at)
 
         def stream(indices: list[int]):
+            ready = 0
             for index in indices:
                 op = ops[index]
-                yield from waiting_on([launched[index], *(done[index + d] for d in op.deps)])
-                starts[index] = int(env.now)
-                if uses_link(op) and durations[index]:
+                start = launches[index]
+                if start is None:
+                    start = yield from known(_LAUNCH, index)
+                start = max(start, ready)
+                for d in op.deps:
+                    end = ends[index + d]
+                    if end is None:
+                        end = yield from known(_END, index + d)
+                    start = max(start, end)
+                starts[index] = start
+                if uses_link(op) and durations[index]:  # the link is shared in simulated time: go there
+                    assert start >= env.now, "a process learnt a time before the clock's reading"
+                    if start > env.now:
+                        yield env.timeout(start - env.now)
                     yield link.transfer(durations[index])
                     late = math.ceil(env.now - _DONE_US) - env.now  # to the next whole µs
                     if late > 0:
                         yield env.timeout(late)
-                elif durations[index]:
-                    yield env.timeout(durations[index])
-                ends[index] = int(round(env.now))
-                done[index].succeed()
+                    ready = int(round(env.now))
+                else:
+                    ready = start + durations[index]
+                record(_END, index, ready)
 
         codes = schedule.stream_codes()
         env.process(host_thread())
