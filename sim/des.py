@@ -90,11 +90,7 @@ class SharedLink:
 
 
 class SimpyTimeline:
-    """sim/timeline.py's Timeline as simpy processes, with collectives sharing the link (module docstring).
-    `link_busy_us` holds the link's busy time after `op_times`."""
-
-    def __init__(self) -> None:
-        self.link_busy_us = 0
+    """sim/timeline.py's Timeline as simpy processes, with collectives sharing the link (module docstring)."""
 
     def op_times(self, schedule: Schedule, durations_us: np.ndarray, host: HostModel) -> OpTimes:
         """Every op's times (see Timeline.op_times), collectives sharing the link."""
@@ -173,7 +169,6 @@ class SimpyTimeline:
             if indices:
                 env.process(stream(indices))
         env.run()
-        self.link_busy_us = int(round(link.busy_us))
         return OpTimes(issues, launches, starts, ends)
 
 

@@ -176,6 +176,13 @@ class _StepwiseRun:
         index = np.searchsorted(self._key, np.asarray(live, dtype=np.int64) * (self.n + 1) + at) - 1
         return live, self._position[index]
 
+    def _pending_frees(self, at: int) -> tuple[list[int], np.ndarray]:
+        """The allocator's pending buffers before event `at`, and the position of the free each is pending from
+        (a pending buffer's latest event is its free)."""
+        pending = self.allocator.pending_buffer_ids()
+        index = np.searchsorted(self._key, np.asarray(pending, dtype=np.int64) * (self.n + 1) + at) - 1
+        return pending, self._position[index]
+
     def _owner_keys(self, start: int, end: int) -> dict[int, int]:
         """How a live buffer is named relative to the window [start, end): by the position of its free inside
         the window (>= 0), else by itself (~id: it outlives the window untouched); a pending one by the position
@@ -183,11 +190,9 @@ class _StepwiseRun:
         live, allocations = self._live_allocations(start)
         frees = self.partner[allocations].tolist()
         keys = {b: (free - start if free < end else ~b) for b, free in zip(live, frees)}
-        pending = self.allocator.pending_buffer_ids()
-        if pending:  # the latest event of a pending buffer before the window is its free
-            index = np.searchsorted(self._key, np.asarray(pending, dtype=np.int64) * (self.n + 1) + start) - 1
-            released = self.events.release_at[self._position[index]].tolist()
-            keys.update({b: (end - start + at - start if at < end else ~b) for b, at in zip(pending, released)})
+        pending, freed = self._pending_frees(start)
+        released = self.events.release_at[freed].tolist()
+        keys.update({b: (end - start + at - start if at < end else ~b) for b, at in zip(pending, released)})
         return keys
 
     def _signature(self, start: int, end: int) -> tuple:
@@ -236,9 +241,6 @@ class _StepwiseRun:
         renames = {b: int(signed[p + length]) for b, p in zip(live, allocations.tolist())
                    if start - length <= p < start}
         self.allocator.rename_live(renames)
-        pending = self.allocator.pending_buffer_ids()
-        if pending:  # blocks freed in the window before, pending: those freed at the same places of the skipped one
-            index = np.searchsorted(self._key, np.asarray(pending, dtype=np.int64) * (self.n + 1) + start) - 1
-            frees = self._position[index].tolist()
-            self.allocator.rename_pending({b: ~int(signed[p + length]) for b, p in zip(pending, frees)
-                                           if start - length <= p < start})
+        pending, freed = self._pending_frees(start)  # those the window before freed: those freed there now
+        self.allocator.rename_pending({b: ~int(signed[p + length]) for b, p in zip(pending, freed.tolist())
+                                       if start - length <= p < start})

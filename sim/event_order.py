@@ -108,9 +108,9 @@ def order_events(schedule: Schedule, times: OpTimes) -> AllocatorEvents:
 def _pending_releases(schedule: Schedule, ids: np.ndarray, is_free: np.ndarray, codes: np.ndarray,
                       op_index: np.ndarray, times: np.ndarray, ends_us: np.ndarray) -> np.ndarray:
     """release_at (AllocatorEvents) of every event, setting each pending free's stream code to the first stream it
-    waits on: a free of a buffer record_stream'ed on streams other than its
-    allocation stream waits for each of them to pass the latest op issued on it by then (the event
-    CUDACachingAllocator's insert_events records there), and is pending where a malloc is issued before all have."""
+    waits on: a free of a buffer record_stream'ed on streams other than its allocation stream waits for each of them
+    to pass the latest op issued on it by then (the event CUDACachingAllocator's insert_events records there), and
+    is pending where a malloc is issued before all have."""
     release_at = np.full(len(ids), -1, dtype=np.int64)
     recorded = schedule.buffer_recorded_masks()
     frees = np.flatnonzero(is_free)

@@ -101,17 +101,17 @@ def same_timeline(schedule: Schedule, times: tuple[list[int], ...], queue_depth:
     first = np.searchsorted(steps, np.arange(oldest, steps[-1] + 2))  # each step's first op, and the end
     codes = schedule.stream_codes()
     period = None
-    for a, b, c, d in zip(first[:-2], first[1:-1], first[1:-1], first[2:]):  # each step against the one before
-        if b - a != d - c or any(ops[a + i].name != ops[c + i].name for i in range(b - a)) or \
-                not np.array_equal(codes[a:b], codes[c:d]):
+    for a, b, d in zip(first[:-2], first[1:-1], first[2:]):  # each step [b, d) against the one before, [a, b)
+        if b - a != d - b or any(ops[a + i].name != ops[b + i].name for i in range(b - a)) or \
+                not np.array_equal(codes[a:b], codes[b:d]):
             return None
-        shift = int(times[0][c] - times[0][a])
+        shift = int(times[0][b] - times[0][a])
         if period is not None and shift != period:
             return None
         period = shift
         for column in times:
             values = np.asarray(column[a:d], dtype=np.int64)
-            if not np.all(values[c - a:] - values[:b - a] == period):
+            if not np.all(values[b - a:] - values[:b - a] == period):
                 return None
     return period
 

@@ -124,8 +124,8 @@ def _template_entry(schedule: Schedule, source: int, count: int, codes: list[int
     last = {codes[source + i]: i for i in range(count)}
     last[HOST] = count - 1
     waits = {i + d for i in range(count) for d in (*ops[source + i].deps, *ops[source + i].host_waits)}
-    if depth is not None:
-        waits |= {i - 1 - depth for i in range(count)}
+    if depth is not None:  # only the first depth + 1 ops reach before the span
+        waits |= {i - 1 - depth for i in range(min(count, depth + 1))}
     outside = sorted(w for w in waits if w < 0)
     return outside, sorted(last.items())
 

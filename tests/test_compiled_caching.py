@@ -72,6 +72,18 @@ def compiled_run(allocator: CachingAllocator, events: list[tuple[int, int, int]]
     return allocated.tolist(), reserved.tolist(), first_oom, largest
 
 
+def malloc_then_empty_cache(allocator: CachingAllocator, requests) -> list[int]:
+    """malloc each (buffer id, size, stream) of `requests`, then torch.cuda.empty_cache(); the ids that raised OOM."""
+    raised = []
+    for buffer_id, size, stream in requests:
+        try:
+            allocator.malloc(buffer_id, size, stream)
+        except OutOfMemory:
+            raised.append(buffer_id)
+    allocator.empty_cache()
+    return raised
+
+
 def assert_same_log(a: AllocatorEventLog, b: AllocatorEventLog) -> None:
     """Every column of the two logs, entry for entry, and the events they count."""
     columns_a, columns_b = a.columns(), b.columns()
@@ -121,13 +133,9 @@ def test_compiled_core_runs_the_python_model(events, conf: str, capacity_mib: in
     for allocator in (python, compiled):
         for buffer_id in sorted(allocator.live_buffer_ids()):
             allocator.free(buffer_id)
-        for buffer_id, size, stream in ((10**6, 30 * MiB, STREAMS[0]), (10**6 + 1, 1000, STREAMS[1])):
-            try:
-                allocator.malloc(buffer_id, size, stream)
-            except OutOfMemory:
-                raised.append((allocator is compiled, buffer_id))
-        allocator.empty_cache()
-    assert [b for c, b in raised if c] == [b for c, b in raised if not c]
+        raised.append(malloc_then_empty_cache(allocator, ((10**6, 30 * MiB, STREAMS[0]),
+                                                          (10**6 + 1, 1000, STREAMS[1]))))
+    assert raised[0] == raised[1]
     assert_same_state(compiled, python)
     assert_same_log(*logs)
 

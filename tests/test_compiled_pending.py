@@ -11,13 +11,12 @@ from hypothesis import strategies as st
 
 from sim.allocator import caching
 from sim.allocator.alloc_conf import parse_alloc_conf
-from sim.allocator.base import OutOfMemory
 from sim.allocator.caching import CachingAllocator
 from sim.allocator.event_log import AllocatorEventLog
 from sim.drivers import CompiledReplay, StepwiseDriver
 from sim.event_order import AllocatorEvents
 from sim.ops import STREAMS
-from tests.test_compiled_caching import CONFS, SIZES, assert_same_log, assert_same_state
+from tests.test_compiled_caching import CONFS, SIZES, assert_same_log, assert_same_state, malloc_then_empty_cache
 
 pytestmark = pytest.mark.skipif(caching._sim_caching is None, reason="the compiled core is not built")
 
@@ -95,15 +94,11 @@ def test_compiled_pending_frees_run_as_pending_replay(events: AllocatorEvents, c
     # a request large enough to take the OOM retry path, which synchronises the rest), then empty the cache
     raised = []
     for allocator in (python, compiled):
-        for buffer_id in sorted(allocator._pending)[::2]:
+        for buffer_id in sorted(allocator.pending_buffer_ids())[::2]:
             allocator.release_pending(buffer_id)
-        for buffer_id, size, stream in ((10**6, 1000, STREAMS[2]), (10**6 + 1, 2 * capacity_mib * MiB, STREAMS[0])):
-            try:
-                allocator.malloc(buffer_id, size, stream)
-            except OutOfMemory:
-                raised.append((allocator is compiled, buffer_id))
-        allocator.empty_cache()
-    assert [b for c, b in raised if c] == [b for c, b in raised if not c]
+        raised.append(malloc_then_empty_cache(
+            allocator, ((10**6, 1000, STREAMS[2]), (10**6 + 1, 2 * capacity_mib * MiB, STREAMS[0]))))
+    assert raised[0] == raised[1]
     assert_same_allocators(compiled, python)
     assert_same_log(*logs)
 
