@@ -2,7 +2,9 @@
 unit that runs them and bytes at the achievable HBM bandwidth. Collectives: NCCL's own cost model
 (NVIDIA/nccl src/graph/tuning.cc): a base latency, a per-step latency for each ring step, and the bytes
 each rank sends at the measured bus bandwidth of the slowest link the algorithm crosses; an all-reduce runs as a
-ring or a tree, whichever NCCL's model finds faster. The achievable fractions
+ring or a tree, whichever NCCL's model finds faster. Copies between pinned host memory and the device: their bytes at
+the per-direction PCIe bandwidth. The host CPU's work (Stream.CPU): its bytes at the rank's share of the host's
+DRAM bandwidth (the node's ranks step at once, each on its own cores). The achievable fractions
 are measured figures in the hardware YAML (DeviceEfficiency); 1.0 gives the bare datasheet roofline."""
 
 from operator import attrgetter
@@ -10,7 +12,7 @@ from operator import attrgetter
 import numpy as np
 
 from sim.errors import MAX_CLOCK_US, ClockOverflow
-from sim.ops import Op, OpKind
+from sim.ops import Op, OpKind, Stream
 from sim.plan import DevicePlan
 from sim.vocab import DType
 
@@ -59,6 +61,9 @@ class CostModel:
         # elementwise kernels run on the CUDA cores: the fp32 (non-tensor) peak where the device lists one
         self.vector_flops_per_s = device.peak_flops.get("fp32") or max(device.peak_flops.values())
         self.hbm_bytes_per_s = device.hbm_bytes_per_s * device.hbm_efficiency
+        # PCIe figures are bidirectional aggregates like NVLink's: one direction carries half (A100/H100 datasheets)
+        self.pcie_bytes_per_s = device.host_link_bytes_per_s / 2 * device.pcie_efficiency
+        self.host_memory_bytes_per_s = device.host_memory_bytes_per_s * device.host_memory_efficiency / gpus_per_node
         self.ranks, self.nodes = gpus_per_node * nodes, nodes
         # NVLink figures are bidirectional aggregates: one direction carries half (NVIDIA A100/H100 datasheets).
         # NIC figures are per GPU and direction (one NIC per GPU); NCCL spreads its channels over all the node's
@@ -120,11 +125,14 @@ class CostModel:
         return np.minimum(ring, tree)
 
     def host_us(self, ops: list[Op]) -> list[int]:
-        """What issuing each op costs the host thread: HOST_US_PER_KERNEL for an op that launches a kernel (any
-        work), nothing for bookkeeping (and nothing on a synchronous device, where the op's own time is the host's)."""
+        """What issuing each op costs the host thread: HOST_US_PER_KERNEL for an op that launches a kernel or a copy
+        (any work on a CUDA stream), nothing for bookkeeping or for the host CPU's own work (its duration is the
+        host's time), and nothing on a synchronous device, where the op's own time is the host's."""
         if self.synchronous:
             return [0] * len(ops)
-        return [HOST_US_PER_KERNEL if (op.flops or op.bytes_moved or op.wire_bytes) else 0 for op in ops]
+        cpu = Stream.CPU
+        return [HOST_US_PER_KERNEL if (op.flops or op.bytes_moved or op.wire_bytes) and op.stream is not cpu else 0
+                for op in ops]
 
     def durations_us(self, ops: list[Op]) -> list[int]:
         """duration_us of every op, vectorised: rounded up to whole µs, at least 1 µs for any work."""
@@ -138,6 +146,10 @@ class CostModel:
         rate[kind == _KIND_CODE[OpKind.GEMM]] = self.gemm_flops_per_s
         rate[kind == _KIND_CODE[OpKind.ATTENTION]] = self.attention_flops_per_s
         seconds = np.maximum(flops / rate, moved / self.hbm_bytes_per_s)
+        pcie = (kind == _KIND_CODE[OpKind.HOST_TO_DEVICE]) | (kind == _KIND_CODE[OpKind.DEVICE_TO_HOST])
+        seconds[pcie] = moved[pcie] / self.pcie_bytes_per_s
+        host = kind == _KIND_CODE[OpKind.HOST_MEMORY]
+        seconds[host] = moved[host] / self.host_memory_bytes_per_s
         latency_s = np.zeros(count)
         for ring_only in (OpKind.ALL_GATHER, OpKind.REDUCE_SCATTER):  # NCCL runs these as a ring
             latency_s[kind == _KIND_CODE[ring_only]] = self.collective_latency_us(ring_only) / 1e6

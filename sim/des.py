@@ -1,15 +1,17 @@
-"""The timeline as a discrete-event simulation in simpy: one process for the host thread, one per CUDA stream, and the
-GPU's links to its peers as a shared resource. The semantics are sim/timeline.py's; what this adds is the link:
-collectives running at once on different streams (ZeRO-3's all-gather of the next layers while the reduce-scatter
-of the last ones runs) share the link's bandwidth, each at 1/k of it while k run (processor sharing), where the
-recurrence gives each the whole link. Where no two collectives overlap, both give the same times (checked by
-tests/test_des.py), and the engine takes the recurrence (sim/engine.py).
+"""The timeline as a discrete-event simulation in simpy: one process for the host thread, one per CUDA stream (and
+one for the host CPU's own work, Stream.CPU), and the GPU's links as shared resources: to its peers (NVLink and the
+network, the collectives') and to the host (PCIe, one link per direction: its copy engines run both at once). The
+semantics are sim/timeline.py's; what this adds is the links: transfers running at once on different streams
+(ZeRO-3's all-gather of the next layers while the reduce-scatter of the last ones runs; gradients copied to the host
+while offloaded parameters come in) share their link's bandwidth, each at 1/k of it while k run (processor sharing),
+where the recurrence gives each the whole link. Where no two transfers on one link overlap, both give the same times
+(checked by tests/test_des.py), and the engine takes the recurrence (sim/engine.py).
 
 Processes:
 - host: issues ops in program order; before op i it waits for the ops in `op.host_waits` and for op
   i-1-queue_depth to end, then spends host_us[i] and launches the kernel;
 - one per stream: runs its ops in order, each once launched and once every op it depends on has ended;
-- the link (SharedLink): advances every transfer on it at 1/k of the rate while k are on it.
+- each link (SharedLink): advances every transfer on it at 1/k of the rate while k are on it.
 Only the link needs the simulated clock: every other time is a max of known times plus a duration, final as soon as
 its inputs are known. So the host and the streams compute ahead of the clock and wait (simpy events) only for a time
 not yet known, and a stream goes to the clock only to put a transfer on the link at its start: every time a
@@ -19,6 +21,7 @@ ends at the next whole µs (the clock's unit).
 """
 
 import math
+from enum import Enum
 
 import numpy as np
 import simpy
@@ -31,9 +34,24 @@ _DONE_US = 1e-6  # work left below this is float rounding: the transfer is done
 _LAUNCH, _END = 0, 1  # the two columns of op times processes wait on
 
 
-def uses_link(op) -> bool:
-    """Whether an op moves its bytes over the GPU's links to its peers (a collective with bytes on the wire)."""
-    return op.kind in COLLECTIVES and op.wire_bytes > 0
+class Link(Enum):
+    """The GPU's links that transfers share: to its peers (NVLink inside the node, the network across), and PCIe to
+    the host in each direction."""
+
+    PEERS = "peers"
+    HOST_TO_DEVICE = "host_to_device"
+    DEVICE_TO_HOST = "device_to_host"
+
+
+_PCIE = {OpKind.HOST_TO_DEVICE: Link.HOST_TO_DEVICE, OpKind.DEVICE_TO_HOST: Link.DEVICE_TO_HOST}
+
+
+def link_of(op) -> Link | None:
+    """The link an op moves its bytes over: a collective with bytes on the wire, its peers'; a host copy, PCIe's
+    in its direction; else none."""
+    if op.kind in COLLECTIVES:
+        return Link.PEERS if op.wire_bytes > 0 else None
+    return _PCIE.get(op.kind) if op.bytes_moved > 0 else None
 
 
 class SharedLink:
@@ -90,14 +108,14 @@ class SharedLink:
 
 
 class SimpyTimeline:
-    """sim/timeline.py's Timeline as simpy processes, with collectives sharing the link (module docstring)."""
+    """sim/timeline.py's Timeline as simpy processes, with transfers sharing their links (module docstring)."""
 
     def op_times(self, schedule: Schedule, durations_us: np.ndarray, host: HostModel) -> OpTimes:
-        """Every op's times (see Timeline.op_times), collectives sharing the link."""
+        """Every op's times (see Timeline.op_times), transfers sharing their links."""
         ops = schedule.ops
         count = len(ops)
         env = simpy.Environment()
-        link = SharedLink(env)
+        links = {link: SharedLink(env) for link in Link}
         issues, starts = [0] * count, [0] * count
         launches: list[int | None] = [None] * count
         ends: list[int | None] = [None] * count
@@ -149,11 +167,12 @@ class SimpyTimeline:
                         end = yield from known(_END, index + d)
                     start = max(start, end)
                 starts[index] = start
-                if uses_link(op) and durations[index]:  # the link is shared in simulated time: go there
+                link = link_of(op)
+                if link is not None and durations[index]:  # the link is shared in simulated time: go there
                     assert start >= env.now, "a process learnt a time before the clock's reading"
                     if start > env.now:
                         yield env.timeout(start - env.now)
-                    yield link.transfer(durations[index])
+                    yield links[link].transfer(durations[index])
                     late = math.ceil(env.now - _DONE_US) - env.now  # to the next whole µs
                     if late > 0:
                         yield env.timeout(late)
@@ -173,13 +192,17 @@ class SimpyTimeline:
 
 
 def links_overlap(schedule: Schedule, times: OpTimes) -> bool:
-    """Whether two transfers on the link overlap in `times` (laid out with each having the whole link): only then
-    does sharing the link change anything, so only then is the simpy timeline needed."""
-    on_link = [i for i, op in enumerate(schedule.ops) if uses_link(op)]
-    spans = sorted((times.start_us[i], times.end_us[i]) for i in on_link if times.end_us[i] > times.start_us[i])
-    latest_end = -1
-    for start, end in spans:
-        if start < latest_end:
-            return True
-        latest_end = max(latest_end, end)
+    """Whether two transfers on one link overlap in `times` (laid out with each having the whole link): only then
+    does sharing a link change anything, so only then is the simpy timeline needed."""
+    spans: dict[Link, list[tuple[int, int]]] = {}
+    for i, op in enumerate(schedule.ops):
+        link = link_of(op)
+        if link is not None and times.end_us[i] > times.start_us[i]:
+            spans.setdefault(link, []).append((times.start_us[i], times.end_us[i]))
+    for on_link in spans.values():
+        latest_end = -1
+        for start, end in sorted(on_link):
+            if start < latest_end:
+                return True
+            latest_end = max(latest_end, end)
     return False

@@ -40,7 +40,7 @@ class EngineResult:
     busy_us: dict[Stream, int]
     release_at: np.ndarray  # per trace row: AllocatorEvents.release_at
     stream_code: np.ndarray  # per trace row: AllocatorEvents.stream_code
-    shared_link: bool = False  # collectives overlapped on the link: the simpy timeline laid the run out
+    shared_link: bool = False  # transfers overlapped on a link: the simpy timeline laid the run out
     repeated_events: int = 0  # events whose allocator results were repeated from an identical earlier window
     largest_free_block_at_peak_bytes: int | None = None  # the caching allocator's largest cached free block there
 
@@ -96,8 +96,9 @@ class Engine:
                             driven.largest_free_block_at_peak_bytes)
 
     def _times(self) -> tuple[OpTimes, bool]:
-        """Every op's times, and whether collectives share the link in them: the given timeline's, else the
-        recurrence's where no two collectives overlap in it (sharing would change nothing), else simpy's."""
+        """Every op's times, and whether transfers share a link in them: the given timeline's, else the
+        recurrence's where no two transfers on one link overlap in it (sharing would change nothing), else
+        simpy's."""
         if self.timeline is not None:
             return self.timeline.op_times(self.schedule, self._durations, self.host), False
         times = ListTimeline().op_times(self.schedule, self._durations, self.host)

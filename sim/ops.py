@@ -36,11 +36,13 @@ PHASES = tuple(Phase)  # a phase's code is its index here
 
 
 class Stream(Enum):
-    """Simulated CUDA streams; each runs its ops in order."""
+    """Simulated CUDA streams, each running its ops in order, and CPU: the host CPU's own work (DeepSpeedCPUAdam, a
+    cast into a pinned buffer), run in order by the host process's threads; it allocates no device memory."""
 
     COMPUTE = "compute"
     ALLGATHER = "allgather"
     REDUCE = "reduce"
+    CPU = "cpu"
 
 
 STREAMS = tuple(Stream)  # a stream's code is its index here
@@ -48,7 +50,8 @@ STREAMS = tuple(Stream)  # a stream's code is its index here
 
 class OpKind(Enum):
     """What bounds an op's duration (sim/cost.py): tensor-core GEMMs, fused attention kernels, memory-bound
-    kernels (elementwise, reductions, copies: CUDA cores and HBM), and the three NCCL collectives."""
+    kernels (elementwise, reductions, copies: CUDA cores and HBM), the three NCCL collectives, copies between pinned
+    host memory and the device over PCIe (each direction its own link), and the host CPU's memory-bound work."""
 
     GEMM = "gemm"
     ATTENTION = "attention"
@@ -56,7 +59,9 @@ class OpKind(Enum):
     ALL_GATHER = "all_gather"
     REDUCE_SCATTER = "reduce_scatter"
     ALL_REDUCE = "all_reduce"
-
+    HOST_TO_DEVICE = "host_to_device"
+    DEVICE_TO_HOST = "device_to_host"
+    HOST_MEMORY = "host_memory"
 
 
 class Buffer(NamedTuple):

@@ -137,11 +137,15 @@ class DevicePlan:
     inter_node_bytes_per_s: float
     intra_node_latency_us: float
     inter_node_latency_us: float
+    host_link_bytes_per_s: float  # PCIe, both directions together
+    host_memory_bytes_per_s: float  # the host's DRAM, all sockets, shared by the node's GPUs
     gemm_efficiency: float
     attention_efficiency: float
     hbm_efficiency: float
     nvlink_efficiency: float
     network_efficiency: float
+    pcie_efficiency: float
+    host_memory_efficiency: float
 
     @property
     def cuda_context_bytes(self) -> int:

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sim.allocator.event_log import AllocatorEventLog
-from sim.des import uses_link
+from sim.des import Link, link_of
 from sim.engine import EngineResult
 from sim.ingest.provenance import lookup
 from sim.ops import CATEGORIES, PHASES, STREAMS, Phase, Schedule
@@ -168,10 +168,12 @@ def stream_busy_share(run: Run) -> dict[str, float]:
 def host_fields(run: Run) -> dict:
     """The host thread in the last step: how far its issue runs ahead of each op's kernel (start minus issue, µs:
     the most and the median), the share of the step it spends issuing, the share the GPU's link to its peers
-    carries collectives, and which timeline laid the run out (sim/engine.py)."""
+    carries collectives, the share each direction of PCIe carries copies to or from the host, and which timeline
+    laid the run out (sim/engine.py)."""
     schedule, engine = run.schedule, run.engine
     if not schedule.ops:
         return {"lead_max_us": 0, "lead_median_us": 0, "busy_share": 0.0, "link_busy_share": 0.0,
+                "pcie_busy_share": {Link.HOST_TO_DEVICE.value: 0.0, Link.DEVICE_TO_HOST.value: 0.0},
                 "timeline": "recurrence"}
     steps = np.asarray(schedule.op_step)
     first = int(np.searchsorted(steps, steps[-1]))
@@ -179,11 +181,26 @@ def host_fields(run: Run) -> dict:
     issues, launches = np.asarray(engine.op_issue_us[first:]), np.asarray(engine.op_launch_us[first:])
     span = engine.end_time_us - int(starts.min(initial=engine.end_time_us))
     lead = starts - issues
-    on_link = np.flatnonzero([uses_link(op) for op in schedule.ops[first:]])
+    links = np.asarray([list(Link).index(link) if link is not None else -1
+                        for link in map(link_of, schedule.ops[first:])], dtype=np.int64)
+
+    def busy_share(link: Link) -> float:
+        on_link = np.flatnonzero(links == list(Link).index(link))
+        return _covered_us(starts[on_link], ends[on_link]) / span if span else 0.0
+
     return {"lead_max_us": int(lead.max()), "lead_median_us": int(np.median(lead)),
             "busy_share": float((launches - issues).sum()) / span if span else 0.0,
-            "link_busy_share": _covered_us(starts[on_link], ends[on_link]) / span if span else 0.0,
-            "timeline": "simpy (collectives share the link)" if engine.shared_link else "recurrence"}
+            "link_busy_share": busy_share(Link.PEERS),
+            "pcie_busy_share": {link.value: busy_share(link) for link in (Link.HOST_TO_DEVICE, Link.DEVICE_TO_HOST)},
+            "timeline": "simpy (transfers share a link)" if engine.shared_link else "recurrence"}
+
+
+def _pcie_shown(shares: dict) -> str:
+    """PCIe's busy shares for the summary, where any copy used it."""
+    if not any(shares.values()):
+        return ""
+    return (f", PCIe to device {100 * shares[Link.HOST_TO_DEVICE.value]:.0f}%, "
+            f"to host {100 * shares[Link.DEVICE_TO_HOST.value]:.0f}%")
 
 
 def _covered_us(starts: np.ndarray, ends: np.ndarray) -> int:
@@ -386,7 +403,8 @@ def format_summary(result: dict, allocator_line: str = "", host_bytes: int = 0, 
         lines += [f"  {', '.join(paths)} ({why})" for why, paths in by_reason.items()]
     lines += ["", f"step time  {result['step_time_s']:.3f} s, {result['tokens_per_s']:.0f} tokens/s, "
                   f"MFU {100 * result['mfu']:.1f}% (roofline at measured efficiencies, NCCL cost model{host})",
-              f"busy       {busy} of the step; link {100 * host_side['link_busy_share']:.0f}%",
+              f"busy       {busy} of the step; link {100 * host_side['link_busy_share']:.0f}%"
+              + _pcie_shown(host_side["pcie_busy_share"]),
               f"host       issuing {100 * host_side['busy_share']:.0f}% of the step, up to "
               f"{host_side['lead_max_us'] / 1e3:.1f} ms ahead of the kernels (median "
               f"{host_side['lead_median_us'] / 1e3:.1f} ms); timeline: {host_side['timeline']}",

@@ -513,9 +513,10 @@ def device_plan(device: DeviceSpec, loading: ModuleLoading = ModuleLoading.LAZY)
         peak_flops=dict(device.peak_flops),
         hbm_bytes_per_s=device.hbm_bytes_per_s, intra_node_bytes_per_s=device.intra_node_bytes_per_s,
         inter_node_bytes_per_s=device.inter_node_bytes_per_s, intra_node_latency_us=device.intra_node_latency_us,
-        inter_node_latency_us=device.inter_node_latency_us, gemm_efficiency=eff.gemm,
+        inter_node_latency_us=device.inter_node_latency_us, host_link_bytes_per_s=device.host_link_bytes_per_s,
+        host_memory_bytes_per_s=device.host_memory_bytes_per_s, gemm_efficiency=eff.gemm,
         attention_efficiency=eff.attention, hbm_efficiency=eff.hbm, nvlink_efficiency=eff.nvlink,
-        network_efficiency=eff.network)
+        network_efficiency=eff.network, pcie_efficiency=eff.pcie, host_memory_efficiency=eff.host_memory)
 
 
 def _lora(scenario: Scenario, weights: DType, adapters_fp32: bool) -> LoraPlan | None:

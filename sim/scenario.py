@@ -175,13 +175,16 @@ class DeviceEfficiency(Frozen):
     """Achievable fractions of the datasheet peaks, as measured (hardware/*.yaml cites each); 1.0 everywhere is
     the bare roofline. gemm: large bf16/fp16 matmuls; attention: fused (flash) attention kernels; hbm: streaming
     kernels; nvlink: NCCL bus bandwidth inside a node over the per-direction NVLink figure; network: the same
-    across nodes over the per-GPU NIC figure."""
+    across nodes over the per-GPU NIC figure; pcie: pinned host-device copies over the per-direction PCIe figure;
+    host_memory: the host's streaming bandwidth over its DRAM figure."""
 
     gemm: Fraction = 1.0
     attention: Fraction = 1.0
     hbm: Fraction = 1.0
     nvlink: Fraction = 1.0
     network: Fraction = 1.0
+    pcie: Fraction = 1.0
+    host_memory: Fraction = 1.0
 
 
 class DeviceSpec(Frozen):
@@ -204,6 +207,12 @@ class DeviceSpec(Frozen):
     inter_node_bytes_per_s: BytesPerS = 1e10
     intra_node_latency_us: LatencyUs = 0.0
     inter_node_latency_us: LatencyUs = 0.0
+    # the GPU's PCIe link to the host, both directions together as datasheets quote it (one direction carries half);
+    # default PCIe Gen4 x16, 64 GB/s (NVIDIA A100 datasheet)
+    host_link_bytes_per_s: BytesPerS = 64e9
+    # the host's DRAM bandwidth, all sockets, shared by the node's GPUs' host work (CPU Adam); default the DGX A100's
+    # 2 AMD EPYC 7742, 8 channels of DDR4-3200 each: 2 x 204.8 GB/s (AMD EPYC 7742 product page, DGX A100 datasheet)
+    host_memory_bytes_per_s: BytesPerS = 409.6e9
     efficiency: DeviceEfficiency = DeviceEfficiency()
 
 

@@ -16,7 +16,7 @@ optimizer side moves to the host (Zero12's docstring).
 """
 
 from sim.ops import Category, OpKind, Stream
-from sim.parallel.zero_step import grad_norms, inner_adam_step
+from sim.parallel.zero_step import CPU_ADAM_BYTES_PER_ELEMENT, grad_norms, inner_adam_step
 from sim.parallel.partition import flat_partition_numel
 from sim.plan import ZeroPlan
 from sim.vocab import DType
@@ -297,29 +297,38 @@ class Zero12:
 
     def _grads_to_host(self, reduce: int | None) -> int | None:
         """copy_grads_in_partition with offload, for the bucket's gradients in this rank's partition, on the
-        reduction stream after `reduce` (with overlap_comm; else on the compute stream). Before the boundary:
-        accumulate through the staging buffer (no new GPU memory). At it, per gradient: its fp64 slice norm (kept
-        until the step), _has_inf_or_nan on the whole gradient (x.float(), isnan, isinf, logical_or, .float(): 4 +
-        1 + 1 + 1 + 4 bytes per element alive together), and the fp32 slice copied to the host. Returns the last
-        reduction-stream op (the one the compute stream waits for)."""
+        reduction stream after `reduce` (with overlap_comm; else on the compute stream). Before the boundary,
+        async_accumulate_grad_in_cpu_via_gpu through the staging buffer (no new GPU memory): from the second
+        micro-batch the host's sum comes over PCIe and is added on the GPU, then the sum goes back to the host. At
+        the boundary, per gradient: its fp64 slice norm (kept until the step), _has_inf_or_nan on the whole gradient
+        (x.float(), isnan, isinf, logical_or, .float(): 4 + 1 + 1 + 1 + 4 bytes per element alive together), and
+        the slice cast to fp32 on the GPU and copied to the host (non_blocking). Returns the last reduction-stream op
+        (the one the compute stream waits for)."""
         tp = self.tape
         mine = [(param, self.in_partition[param.name]) for param, _ in self.bucket
                 if param is not None and param.name in self.in_partition]
         last = reduce
 
-        def step(name: str, bytes_moved: int, sizes: list[tuple[str, int, DType]], keep: bool = False) -> None:
+        def step(name: str, bytes_moved: int, sizes: list[tuple[str, int, DType]], keep: bool = False,
+                 kind: OpKind = OpKind.MEMORY) -> list[Tensor]:
+            """One op with the tensors it makes: kept as gradients (`keep`), else returned, for the caller to drop."""
             nonlocal last
             if reduce is None:
-                tp.op(name, bytes_moved=bytes_moved)
+                tp.op(name, bytes_moved=bytes_moved, kind=kind)
                 made = [tp.empty(label, numel, dtype) for label, numel, dtype in sizes]
             else:
-                last = tp.side_op(name, Stream.REDUCE, bytes_moved=bytes_moved, deps=(last,))
+                last = tp.side_op(name, Stream.REDUCE, bytes_moved=bytes_moved, deps=(last,), kind=kind)
                 made = [tp.empty_in(last, label, numel, dtype, Category.TEMPORARIES) for label, numel, dtype in sizes]
             if keep:
                 for tensor in made:
                     tensor.storage.category = Category.GRADIENTS
                 self.norms.extend(made)
-            elif reduce is None:
+                return []
+            return made
+
+        def drop(made: list[Tensor]) -> None:
+            """Free tensors made by `step` when its latest op is done."""
+            if reduce is None:
                 tp.drop(*made)
             else:
                 for tensor in made:
@@ -328,19 +337,24 @@ class Zero12:
         if not self.boundary:
             if mine:
                 moved = sum(param.tensor.numel for param, _ in mine) * self.dtype.size_bytes
-                step("zero.offload.accumulate_grad_in_cpu_via_gpu", 4 * moved, [])
+                if tp.micro_batch > 0:  # micro_step_id > 0: accumulate_gradients
+                    step("zero.offload.accumulated_grad_to_gpu", moved, [], kind=OpKind.HOST_TO_DEVICE)
+                    step("zero.offload.accumulate_grad", 3 * moved, [])
+                step("zero.offload.copy_gradients_to_cpu", moved, [], kind=OpKind.DEVICE_TO_HOST)
             return last
         for param, inside in mine:
             whole = param.tensor.numel
-            step(f"zero.offload.norm[{param.name}]", 10 * inside,
-                 [("zero.offload.grad_fp64_slice", inside, DType.FLOAT64)])
+            drop(step(f"zero.offload.norm[{param.name}]", 10 * inside,
+                      [("zero.offload.grad_fp64_slice", inside, DType.FLOAT64)]))
             step(f"zero.offload.norm_result[{param.name}]", 8, [("zero.offload.norm_for_param_grads", 1,
                                                                    DType.FLOAT64)], keep=True)
-            step(f"zero.offload.has_inf_or_nan[{param.name}]", 13 * whole,
-                 [("zero.offload.inf_nan_check", whole, dtype)
-                  for dtype in (DType.FLOAT32, DType.BOOL, DType.BOOL, DType.BOOL, DType.FLOAT32)])
-            step(f"zero.offload.copy_grad_to_fp32_host[{param.name}]", 10 * inside,
-                 [("zero.offload.grad_fp32_slice", inside, DType.FLOAT32)])
+            drop(step(f"zero.offload.has_inf_or_nan[{param.name}]", 13 * whole,
+                      [("zero.offload.inf_nan_check", whole, dtype)
+                       for dtype in (DType.FLOAT32, DType.BOOL, DType.BOOL, DType.BOOL, DType.FLOAT32)]))
+            fp32 = step(f"zero.offload.grad_to_fp32[{param.name}]", 6 * inside,
+                        [("zero.offload.grad_fp32_slice", inside, DType.FLOAT32)])
+            step(f"zero.offload.copy_grad_to_host[{param.name}]", 4 * inside, [], kind=OpKind.DEVICE_TO_HOST)
+            drop(fp32)
         return last
 
     def end_of_backward(self, params: list[Param]) -> None:
@@ -367,21 +381,27 @@ class Zero12:
 
     def step(self) -> None:
         """Without offload: flatten this rank's gradient partition (16-bit) and cast it to fp32, step, copy back
-        to bf16. With offload: DeepSpeedCPUAdam on the host; the fp32 partition comes back through a blocking copy
-        that casts on the host (0.14.0) or, from 0.14.1, as a GPU fp32 copy cast on the device. Then the bf16
-        partitions are all-gathered into the flat model in place."""
+        to bf16. With offload: the host waits for the GPU (the epilogue's synchronize with overlap_comm, the norms'
+        .item()), runs DeepSpeedCPUAdam, and the fp32 partition comes back through a blocking copy that casts on
+        the host (0.14.0) or, from 0.14.1, as a GPU fp32 copy cast on the device. Then the bf16 partitions are
+        all-gathered into the flat model in place."""
         tp, numel = self.tape, self.partition
         if self.offload:
-            tp.op("zero.step.cpu_adam")  # on the host: its duration is not modelled
+            # complete_grad_norm_calculation_for_cpu_offload: .item() of each norm, a copy to the host and a sync
+            tp.op("zero.step.grad_norm_item", bytes_moved=8 * len(self.norms), kind=OpKind.DEVICE_TO_HOST)
+            tp.host_sync()
+            tp.host_work("zero.step.cpu_adam", CPU_ADAM_BYTES_PER_ELEMENT * numel)
             tp.drop(*self.norms)
             self.norms = []
             if self.version >= (0, 14, 1):  # fp32_partition.to(device) before the copy (DeepSpeed #5301)
-                tp.op("zero.step.fp32_partition_to_gpu", bytes_moved=4 * numel)
+                tp.op("zero.step.fp32_partition_to_gpu", bytes_moved=4 * numel, kind=OpKind.HOST_TO_DEVICE)
                 fp32 = tp.empty("zero.step.fp32_partition", numel, DType.FLOAT32, Category.OPTIMIZER_STATES)
                 tp.op("zero.step.copy_to_bf16", bytes_moved=6 * numel)
                 tp.drop(fp32)
-            else:
-                tp.op("zero.step.copy_to_bf16", bytes_moved=2 * numel)
+            else:  # copy_ of a host fp32 tensor into a device bf16 one: cast on the host, then a blocking copy
+                tp.host_work("zero.step.fp32_to_bf16_on_host", 6 * numel)
+                tp.op("zero.step.copy_to_bf16", bytes_moved=2 * numel, kind=OpKind.HOST_TO_DEVICE)
+                tp.host_sync()
         else:
             grad_norms(tp, "zero", list(self.in_partition.values()))
             tp.op("zero.step.flatten_partition_grads", bytes_moved=4 * numel * self.dtype.size_bytes)

@@ -11,7 +11,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from sim.ops import Category, OpKind, Stream
-from sim.parallel.zero_step import grad_norms, inner_adam_step
+from sim.parallel.zero_step import CPU_ADAM_BYTES_PER_ELEMENT, grad_norms, inner_adam_step
 from sim.parallel.partition import padded_partition_numel
 from sim.plan import ZeroPlan
 from sim.vocab import DType
@@ -234,11 +234,15 @@ class Zero3:
         total = sum(self.states[p.name].partition_numel for p in params)
         wire = (P - 1) * total * size  # ring all-gather: each rank sends and receives (P-1)/P of the result
         label = params[0].name if len(params) == 1 else f"{params[0].name}+{len(params) - 1}"
+        staged = None
+        if self.offload_param:  # ds_tensor.to(device, non_blocking): the host partitions come over PCIe first
+            to_device = tp.side_op(f"zero3.partition_to_device[{label}]", Stream.ALLGATHER, bytes_moved=total * size,
+                                   kind=OpKind.HOST_TO_DEVICE)
+            staged = tp.empty_in(to_device, "zero3.partition_to_device", total, self.dtype, Category.COMMUNICATION)
         gather = tp.side_op(f"zero3.allgather[{label}]", Stream.ALLGATHER, bytes_moved=2 * total * P * size,
                             wire_bytes=wire, kind=OpKind.ALL_GATHER)
         self._latest_allgather_op.append(tp.final_position(gather))
-        if self.offload_param:  # ds_tensor.to(device): the host partitions come to the GPU first, then are freed
-            staged = tp.empty_in(gather, "zero3.partition_to_device", total, self.dtype, Category.COMMUNICATION)
+        if staged is not None:  # freed once the gather has used it
             tp.release_in(gather, staged.storage)
         if len(params) == 1:
             zp = self.states[params[0].name]
@@ -389,8 +393,22 @@ class Zero3:
             if own_grad is not None:  # __reduce_and_partition_ipg_grads: param.grad.record_stream(reduce stream)
                 tp.record_stream(own_grad.storage, Stream.REDUCE)
                 tp.release_in(reduce, own_grad.storage)
+        if self.offload_optimizer:
+            reduce = self._grads_to_host(reduce, sum(padded_partition_numel(n, P) for n in numels))
         self.outstanding_reduces.append(reduce)
         self.ipg, self.ipg_numel = [], 0
+
+    def _grads_to_host(self, reduce: int, numel: int) -> int:
+        """partition_grads with offload_optimizer, on the reduce stream after `reduce`: the rank's gradient
+        partitions go to their host buffers (the first micro-step's copy_, non_blocking; later ones add on the GPU
+        and copy back), and the host buffer comes back to the GPU (grad_buffer.to(device)), each over PCIe. Returns
+        the last op. Not modelled: the boundary's fp32 copy to the optimizer's host gradients
+        (_offload_grad_partition_at_boundary)."""
+        tp, moved = self.tape, numel * self.dtype.size_bytes
+        to_host = tp.side_op("zero3.grad_partitions_to_host", Stream.REDUCE, bytes_moved=moved, deps=(reduce,),
+                             kind=OpKind.DEVICE_TO_HOST)
+        return tp.side_op("zero3.grad_buffer_to_device", Stream.REDUCE, bytes_moved=moved, deps=(to_host,),
+                          kind=OpKind.HOST_TO_DEVICE)
 
     def end_of_backward(self) -> None:
         """independent_gradient_partition_epilogue: flush the last bucket and synchronise the reduce stream."""
@@ -470,9 +488,19 @@ class Zero3Optimizer:
 
     def step(self) -> None:
         tp, zero = self.zero.tape, self.zero
-        if zero.offload_optimizer:  # CPU Adam on the host, then the bf16 partitions are copied back
+        if zero.offload_optimizer:
+            # the host waits for the GPU (the gradients on the host), then per sub-group: DeepSpeedCPUAdam, and
+            # _reassign_or_swap_out_partitioned_parameters's copy_ of the fp32 master into the bf16 partition: cast on
+            # the host, then (partitions on the GPU) a blocking copy over PCIe
+            tp.op("zero3.step.synchronize")
+            tp.host_sync()
             for index, numel in enumerate(self.groups):
-                tp.op(f"zero3.step.group{index}.copy_to_device", bytes_moved=2 * numel * zero.dtype.size_bytes)
+                tp.host_work(f"zero3.step.group{index}.cpu_adam", CPU_ADAM_BYTES_PER_ELEMENT * numel)
+                tp.host_work(f"zero3.step.group{index}.fp32_to_bf16_on_host", (4 + zero.dtype.size_bytes) * numel)
+                if not zero.offload_param:
+                    tp.op(f"zero3.step.group{index}.copy_to_device", bytes_moved=numel * zero.dtype.size_bytes,
+                          kind=OpKind.HOST_TO_DEVICE)
+                    tp.host_sync()
             return
         grad_norms(tp, "zero3", [zero.states[p.name].partition_numel for p in self.trainable])
         for index, numel in enumerate(self.groups):

@@ -4,6 +4,10 @@ step on an fp32 partition."""
 from sim.vocab import DType
 from sim.workload.tape import Tape, Tensor
 
+# DeepSpeedCPUAdam's step streams 28 B of host memory per element: it loads the fp32 grad, exp_avg, exp_avg_sq and
+# param and stores param, exp_avg and exp_avg_sq (deepspeedai/DeepSpeed csrc/includes/cpu_adam.h, Step_AVX)
+CPU_ADAM_BYTES_PER_ELEMENT = 7 * 4
+
 
 def grad_norms(tp: Tape, prefix: str, numels: list[int]) -> None:
     """get_grad_norm_direct at the step (stage3.py and stage_1_and_2.py): each gradient partition is copied to

@@ -4,12 +4,12 @@ memory; its unpack hook copies it back to a new device tensor before the node's 
 its backward has run (torch/autograd/graph.py save_on_cpu, pack_to_cpu / unpack_from_cpu, unchanged in essentials
 from torch 1.10 to 2.13). Every saved tensor is copied, a parameter too (Linear saves its weight for the input's
 gradient): its device copy costs a weight's size during that node's backward. Each saved tensor is its own copy, two
-nodes saving one storage make two. The host side (pinned buffers, the PCIe copies' time) is not modelled yet: the
-copies are timed as device memory traffic (issue #15's links)."""
+nodes saving one storage make two. The copies cross PCIe: pack's copy_ into a pinned tensor is blocking (the host
+waits for it), unpack's .to(device, non_blocking=True) is not. The pinned host buffers are not counted."""
 
 from collections.abc import Sequence
 
-from sim.ops import Category
+from sim.ops import Category, OpKind
 from sim.vocab import DType
 from sim.workload.tape import Node, Tape, Tensor
 
@@ -24,11 +24,15 @@ class SaveOnCpu:
         """pack_to_cpu: the CPU copy takes the tensor's place; the node holds no device storage."""
         node.frame = self
         self.packed[node.seq] = [(tensor.storage.name, tensor.numel, tensor.dtype) for tensor in saved]
+        tape.op(f"{node.name}.pack_to_cpu", bytes_moved=sum(tensor.numel * tensor.dtype.size_bytes for tensor in saved),
+                kind=OpKind.DEVICE_TO_HOST)
+        tape.host_sync()
 
     def unpack(self, tape: Tape, node: Node) -> None:
         """unpack_from_cpu: each saved tensor copied to a new device tensor, handed to the node."""
         tensors = self.packed.pop(node.seq)
-        tape.op(f"{node.name}.unpack_from_cpu", bytes_moved=sum(numel * dtype.size_bytes for _, numel, dtype in tensors))
+        tape.op(f"{node.name}.unpack_from_cpu", bytes_moved=sum(numel * dtype.size_bytes for _, numel, dtype in tensors),
+                kind=OpKind.HOST_TO_DEVICE)
         for name, numel, dtype in tensors:
             node.saved.append(tape.empty(f"{name}.from_cpu", numel, dtype, Category.ACTIVATIONS).storage)
 

@@ -306,6 +306,21 @@ class Tape:
         self._final_total = own + 1
         return len(self._ops) - 1
 
+    def host_work(self, name: str, bytes_moved: int, reads: tuple[int, ...] = ()) -> int:
+        """The host CPU's own memory-bound work (DeepSpeedCPUAdam, a cast into a pinned buffer), called
+        synchronously: it starts once the ops in `reads` (whose results it reads on the host) have ended and the
+        host has issued everything before it, and the host issues nothing else until it is done. It allocates no
+        device memory. Returns its index."""
+        final, own = self._final_of, self._final_total
+        self._ops.append(_OpDraft(name, Stream.CPU, self.phase, self.layer, self.step, self.micro_batch, 0.0,
+                                  bytes_moved, tuple([final[d] - own for d in reads]), 0, OpKind.HOST_MEMORY,
+                                  self._take_host_waits(own)))
+        self._final_of.append(own)
+        self._final_total = own + 1
+        index = len(self._ops) - 1
+        self.host_wait_for(index)
+        return index
+
     @staticmethod
     def record_stream(storage: Storage, stream: Stream) -> None:
         """tensor.record_stream(stream): once freed, the block is reused only after `stream` has passed the free
