@@ -59,8 +59,8 @@ def remedies_for(scenario: Scenario) -> list[Remedy]:
     if stage is not None and stage >= 1:
         found.append(Remedy("optimizer states offloaded to the CPU",
                             ("deepspeed.zero_optimization.offload_optimizer.device=cpu",),
-                            "Adam on the host, PCIe traffic every step (the host's work is not timed yet: the "
-                            "step time shown leaves it out)"))
+                            "Adam on the host's CPU while the GPU waits, PCIe traffic every step (both in the step "
+                            "time shown)"))
     if hardware.gpus_per_node < 8:
         found.append(Remedy("twice the GPUs", (f"hardware.gpus_per_node={2 * hardware.gpus_per_node}",),
                             "twice the GPUs to rent"))
@@ -70,8 +70,8 @@ def remedies_for(scenario: Scenario) -> list[Remedy]:
     host = scenario.hardware.device.cuda_context_bytes == 0 and scenario.allocator.backend is AllocatorBackend.EXACT
     if stage != 3 and not host and not any(item.kind == "save_on_cpu" for item in scenario.strategies):
         found.append(Remedy("activations offloaded to the CPU (save_on_cpu)", ("strategies=[{kind: save_on_cpu}]",),
-                            "every saved tensor copied to the host and back over PCIe (not timed yet: the step "
-                            "time shown leaves it out)"))
+                            "every saved tensor copied to the host (the host waits for each copy) and back over "
+                            "PCIe (in the step time shown)"))
     if scenario.lora is None:
         found.append(Remedy("LoRA instead of full fine-tuning", (f"lora={LORA}",),
                         "a different training method: adapters only"))

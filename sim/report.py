@@ -392,7 +392,6 @@ def format_summary(result: dict, allocator_line: str = "", host_bytes: int = 0, 
         lines.append(allocator_line)
     busy = ", ".join(f"{stream} {100 * share:.0f}%" for stream, share in result["stream_busy_share"].items())
     host_side = result["host"]
-    host = "; host-side work of the offload (CPU Adam, copies) not timed" if host_bytes else ""
     lines += ["", "assumed (each setting that decided the result: value, where it came from)"]
     lines += [f"  {path} = {_shown(entry['value'])}  ({entry['from']})" for path, entry in result["settings"].items()]
     by_reason: dict[str, list[str]] = {}
@@ -402,7 +401,7 @@ def format_summary(result: dict, allocator_line: str = "", host_bytes: int = 0, 
         lines.append("accepted, no memory effect:")
         lines += [f"  {', '.join(paths)} ({why})" for why, paths in by_reason.items()]
     lines += ["", f"step time  {result['step_time_s']:.3f} s, {result['tokens_per_s']:.0f} tokens/s, "
-                  f"MFU {100 * result['mfu']:.1f}% (roofline at measured efficiencies, NCCL cost model{host})",
+                  f"MFU {100 * result['mfu']:.1f}% (roofline at measured efficiencies, NCCL cost model)",
               f"busy       {busy} of the step; link {100 * host_side['link_busy_share']:.0f}%"
               + _pcie_shown(host_side["pcie_busy_share"]),
               f"host       issuing {100 * host_side['busy_share']:.0f}% of the step, up to "

@@ -1,6 +1,8 @@
 """The discrete-event engine (sim/des.py) against the recurrence (sim/timeline.py), and whole-log tests of what time
 decides: the host running ahead, the launch queue, host waits (DeepSpeed's fetch throttle), two collectives sharing
-the link, and a record_stream'ed block that is reused only once its stream has passed its free."""
+the link to the peers, two copies sharing PCIe, the host CPU's own work (blocking the host when called
+synchronously, overlapping the GPU when not), and a record_stream'ed block that is reused only once its stream has
+passed its free."""
 
 import numpy as np
 from hypothesis import given, settings
@@ -8,7 +10,7 @@ from hypothesis import strategies as st
 
 from sim.allocator import CachingAllocator, ExactAllocator
 from sim.cost import CostModel
-from sim.des import SharedLink, SimpyTimeline, links_overlap
+from sim.des import Link, SharedLink, SimpyTimeline, link_of, links_overlap
 from sim.engine import Engine
 from sim.event_order import order_events
 from sim.ops import CATEGORIES, Buffer, BufferTable, Category, Op, OpKind, Phase, Schedule, Stream
@@ -25,8 +27,8 @@ STREAMS = list(Stream)  # the codes BufferTable's recorded bits use (sim.ops.STR
 
 
 def op(name: str, allocs=(), frees=(), deps=(), stream=Stream.COMPUTE, kind=OpKind.MEMORY, wire=0,
-       host_waits=(), flops=0.0) -> Op:
-    return Op(name, stream, Phase.FORWARD, None, tuple(allocs), tuple(frees), flops, 0, tuple(deps), wire, kind,
+       host_waits=(), flops=0.0, moved=0) -> Op:
+    return Op(name, stream, Phase.FORWARD, None, tuple(allocs), tuple(frees), flops, moved, tuple(deps), wire, kind,
               tuple(host_waits))
 
 
@@ -56,16 +58,16 @@ def both(schedule: Schedule, durations: list[int], host_model: HostModel):
 
 @st.composite
 def random_runs(draw):
-    """A random schedule on the three streams (collectives among its ops), durations, host costs and queue depth."""
+    """A random schedule on the streams (collectives and host copies among its ops), durations, host costs and queue
+    depth."""
     count = draw(st.integers(1, 30))
     ops = []
     for index in range(count):
         deps = draw(st.lists(st.integers(1, index), max_size=2, unique=True)) if index else []
         waits = draw(st.lists(st.integers(1, index), max_size=1, unique=True)) if index else []
-        collective = draw(st.booleans())
-        ops.append(op(f"o{index}", deps=[-d for d in deps], stream=draw(st.sampled_from(STREAMS)),
-                      kind=OpKind.ALL_GATHER if collective else OpKind.MEMORY, wire=8 if collective else 0,
-                      host_waits=[-w for w in waits]))
+        kind = draw(st.sampled_from([OpKind.MEMORY, OpKind.ALL_GATHER, OpKind.HOST_TO_DEVICE, OpKind.DEVICE_TO_HOST]))
+        ops.append(op(f"o{index}", deps=[-d for d in deps], stream=draw(st.sampled_from(STREAMS)), kind=kind,
+                      wire=8 if kind is OpKind.ALL_GATHER else 0, moved=8, host_waits=[-w for w in waits]))
     durations = draw(st.lists(st.integers(0, 20), min_size=count, max_size=count))
     host_us = draw(st.lists(st.integers(0, 6), min_size=count, max_size=count))
     depth = draw(st.one_of(st.none(), st.integers(0, 4)))
@@ -74,7 +76,7 @@ def random_runs(draw):
 
 @settings(max_examples=300, deadline=None)
 @given(random_runs())
-def test_simpy_is_the_recurrence_where_no_collectives_overlap(case) -> None:
+def test_simpy_is_the_recurrence_where_no_transfers_on_one_link_overlap(case) -> None:
     schedule, durations, host_model = case
     recurrence, simulated = both(schedule, durations, host_model)
     if not links_overlap(schedule, recurrence):
@@ -111,6 +113,74 @@ def test_two_transfers_share_the_link_at_half_speed() -> None:
     assert (recurrence.start_us, recurrence.end_us) == ([0, 0], [10, 10])
     assert links_overlap(schedule, recurrence)
     assert (simulated.start_us, simulated.end_us) == ([0, 0], [20, 20])
+
+
+def test_two_copies_to_the_device_share_pcie_at_half_speed() -> None:
+    # Two 10 µs host-to-device copies on two streams, launched together: PCIe's host-to-device direction carries
+    # both at half the rate: both end at 20. Alone (the recurrence), each would end at 10.
+    schedule = Schedule(buffers(1, 1), [], [
+        op("param_in", stream=Stream.ALLGATHER, kind=OpKind.HOST_TO_DEVICE, moved=8),
+        op("activation_in", kind=OpKind.HOST_TO_DEVICE, moved=8)])
+    recurrence, simulated = both(schedule, [10, 10], host([0, 0]))
+    assert recurrence.end_us == [10, 10] and links_overlap(schedule, recurrence)
+    assert (simulated.start_us, simulated.end_us) == ([0, 0], [20, 20])
+
+
+def test_copies_in_opposite_directions_and_a_collective_each_have_their_own_link() -> None:
+    # A copy to the device, one to the host and an all-gather, all at once: three links (PCIe's two directions run
+    # on their own copy engines), so nothing is shared and simpy gives the recurrence's times.
+    schedule = Schedule(buffers(1, 1, 1), [], [
+        op("in", kind=OpKind.HOST_TO_DEVICE, moved=8),
+        op("out", stream=Stream.REDUCE, kind=OpKind.DEVICE_TO_HOST, moved=8),
+        op("gather", stream=Stream.ALLGATHER, kind=OpKind.ALL_GATHER, wire=8)])
+    assert [link_of(o) for o in schedule.ops] == [Link.HOST_TO_DEVICE, Link.DEVICE_TO_HOST, Link.PEERS]
+    recurrence, simulated = both(schedule, [10, 10, 10], host([0, 0, 0]))
+    assert not links_overlap(schedule, recurrence)
+    assert simulated == recurrence and simulated.end_us == [10, 10, 10]
+
+
+def test_synchronous_host_work_blocks_the_host() -> None:
+    # DeepSpeedCPUAdam as DeepSpeed calls it (Tape.host_work): the host waits for the backward's last kernel
+    # (30 µs), runs Adam on its CPU (50 µs), and only then issues the next forward: issued at 30 + 50 = 80, and its
+    # 4 MiB activation is allocated then. The GPU idles 30-80.
+    mib = 1 << 20
+    schedule = Schedule(buffers(mib, 4 * mib), [], [
+        op("backward", [0], [0], flops=30),
+        op("cpu_adam", stream=Stream.CPU, kind=OpKind.HOST_MEMORY, host_waits=[-1]),
+        op("forward", [1], [1], flops=10, host_waits=[-1])])
+    durations = [30, 50, 10]
+    recurrence, simulated = both(schedule, durations, host([0, 0, 0]))
+    assert recurrence == simulated
+    assert (recurrence.issue_us, recurrence.start_us, recurrence.end_us) == ([0, 30, 80], [0, 30, 80], [30, 80, 90])
+    result = Engine(schedule, ExactAllocator(1 << 40), CostModel(DEVICE, DType.BFLOAT16), host=host([0, 0, 0]),
+                    timeline=_Fixed(durations)).run()
+    assert result.trace.time_us.tolist() == [0, 0, 80, 80]  # backward's buffer at 0, the forward's at 80
+    assert result.trace.delta_bytes.tolist() == [mib, -mib, 4 * mib, -4 * mib]
+
+
+def test_host_work_the_host_does_not_wait_for_overlaps_the_next_forward() -> None:
+    # The CPU optimizer overlapping the next forward (ZeRO-Offload's delayed parameter update; DeepSpeed's
+    # ZenFlow with overlap_step): the host issues Adam (50 µs on its CPU) and goes on issuing the forward's kernels
+    # (1 µs each), which run on the GPU meanwhile: 10 µs each, ending at 11, 21, 31. The next parameter update's
+    # copy to the device needs Adam's result: it starts at 50.
+    schedule = Schedule(buffers(1, 1, 1, 1, 1), [], [
+        op("cpu_adam", stream=Stream.CPU, kind=OpKind.HOST_MEMORY),
+        op("forward.0", flops=10), op("forward.1", flops=10), op("forward.2", flops=10),
+        op("params_in", kind=OpKind.HOST_TO_DEVICE, moved=8, deps=[-4])])
+    recurrence, simulated = both(schedule, [50, 10, 10, 10, 5], host([0, 1, 1, 1, 1]))
+    assert recurrence == simulated
+    assert recurrence.issue_us == [0, 0, 1, 2, 3]
+    assert recurrence.end_us == [50, 11, 21, 31, 55]
+
+
+class _Fixed:
+    """A timeline that gives the recurrence's times for fixed durations (whatever the cost model says)."""
+
+    def __init__(self, durations: list[int]) -> None:
+        self.durations = np.asarray(durations, dtype=np.int64)
+
+    def op_times(self, schedule: Schedule, durations_us: np.ndarray, host_model: HostModel):
+        return ListTimeline().op_times(schedule, self.durations, host_model)
 
 
 def test_a_transfer_joining_later_shares_only_while_both_run() -> None:

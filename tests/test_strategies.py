@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 
 from sim.errors import ScenarioError
-from sim.ops import Category, Op, Phase, Schedule, Stream
+from sim.ops import Category, Op, OpKind, Phase, Schedule, Stream
 from sim.report import summarize
 from sim.resolve import resolve_plan
 from sim.scenario import build_scenario
@@ -44,6 +44,13 @@ def test_save_on_cpu_by_hand() -> None:
                                                                      ("w.from_cpu", 400, Category.ACTIVATIONS)]
     assert set(unpack.frees) >= set(unpack.allocs)  # dropped once the node's backward has run
     assert check_schedule(schedule.expand()) == ""
+    # pack's copy_ into a pinned tensor crosses PCIe (600 B) and blocks the host: the op after it waits for it;
+    # unpack's copy back is non_blocking
+    names = [op.name for op in schedule.ops]
+    pack = names.index("linear.pack_to_cpu")
+    assert (schedule.ops[pack].kind, schedule.ops[pack].bytes_moved) == (OpKind.DEVICE_TO_HOST, 600)
+    assert schedule.ops[pack + 1].host_waits == (-1,)
+    assert unpack.kind is OpKind.HOST_TO_DEVICE and not unpack.host_waits
 
 
 def _peak(raw: dict) -> dict:

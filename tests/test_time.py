@@ -118,6 +118,40 @@ def test_kernels_run_at_their_units_achievable_rates() -> None:
     assert cost.durations_us([gemm, attention, copy]) == [1000, 1000, 1000]
 
 
+def test_host_copies_run_at_pcie_and_host_work_at_the_ranks_share_of_host_memory() -> None:
+    # A100 on a DGX A100 host: PCIe Gen4 x16 64 GB/s both ways, 32 GB/s a direction at the measured 0.821: a copy of
+    # 0.821 × 32e9 × 1e-3 bytes takes 1000 µs either way. The host's 409.6 GB/s of DRAM is shared by 8 ranks:
+    # 51.2 GB/s each, so DeepSpeedCPUAdam's 28 B per element over 51.2e9 × 1e-3 / 28 elements takes 1000 µs. The
+    # host issues neither a kernel nor a launch for its own work (0 µs), but 7 µs for a copy.
+    a100 = build_scenario(small_zero3("a100-sxm4-80gb")).hardware.device
+    cost = CostModel(device_plan(a100), DType.BFLOAT16, gpus_per_node=8)
+    moved = int(0.821 * 32e9 * 1e-3)
+    to_device = Op("in", Stream.COMPUTE, Phase.OPTIMIZER, None, bytes_moved=moved, kind=OpKind.HOST_TO_DEVICE)
+    to_host = Op("out", Stream.REDUCE, Phase.BACKWARD, None, bytes_moved=moved, kind=OpKind.DEVICE_TO_HOST)
+    adam = Op("cpu_adam", Stream.CPU, Phase.OPTIMIZER, None, bytes_moved=int(51.2e9 * 1e-3), kind=OpKind.HOST_MEMORY)
+    assert cost.durations_us([to_device, to_host, adam]) == [1000, 1000, 1000]
+    assert cost.host_us([to_device, to_host, adam]) == [7, 7, 0]
+
+
+def test_offloaded_adam_blocks_the_host_and_the_gpu_waits() -> None:
+    # ZeRO-2 with offload_optimizer: the host waits for the GPU, runs DeepSpeedCPUAdam on the rank's partition, and
+    # issues nothing else until it is done: the next op is issued at Adam's end, and no GPU kernel runs meanwhile.
+    raw = small_zero3("a100-sxm4-80gb")
+    raw["deepspeed"] = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    run = run_scenario(build_scenario(raw))
+    ops, engine = run.schedule.ops, run.engine
+    adams = [i for i, o in enumerate(ops) if o.name == "zero.step.cpu_adam"]
+    assert adams and all(ops[i].stream is Stream.CPU for i in adams)
+    for i in adams:
+        assert engine.op_end_us[i] - engine.op_start_us[i] > 0
+        assert engine.op_issue_us[i + 1] >= engine.op_end_us[i]
+        gpu = [j for j, o in enumerate(ops) if o.stream is not Stream.CPU]
+        assert not any(engine.op_start_us[j] < engine.op_end_us[i] and engine.op_end_us[j] > engine.op_start_us[i]
+                       and engine.op_end_us[j] > engine.op_start_us[j] for j in gpu)
+    copies = {o.kind for o in ops if o.kind in (OpKind.HOST_TO_DEVICE, OpKind.DEVICE_TO_HOST)}
+    assert copies == {OpKind.HOST_TO_DEVICE, OpKind.DEVICE_TO_HOST}
+
+
 def small_zero3(device: str, nodes: int = 1) -> dict:
     raw = tiny_raw(seq_len=256, gradient_accumulation_steps=2)
     raw["model"].update({"hidden_size": 1024, "intermediate_size": 2816, "num_attention_heads": 16,

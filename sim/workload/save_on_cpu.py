@@ -9,7 +9,7 @@ waits for it), unpack's .to(device, non_blocking=True) is not. The pinned host b
 
 from collections.abc import Sequence
 
-from sim.ops import Category, OpKind
+from sim.ops import Category, OpKind, Stream
 from sim.vocab import DType
 from sim.workload.tape import Node, Tape, Tensor
 
@@ -24,9 +24,11 @@ class SaveOnCpu:
         """pack_to_cpu: the CPU copy takes the tensor's place; the node holds no device storage."""
         node.frame = self
         self.packed[node.seq] = [(tensor.storage.name, tensor.numel, tensor.dtype) for tensor in saved]
-        tape.op(f"{node.name}.pack_to_cpu", bytes_moved=sum(tensor.numel * tensor.dtype.size_bytes for tensor in saved),
-                kind=OpKind.DEVICE_TO_HOST)
-        tape.host_sync()
+        # the copy after the node's kernel, on its stream; the node's op stays the current one (what it allocates
+        # and frees is its own)
+        copy = tape.side_op(f"{node.name}.pack_to_cpu", Stream.COMPUTE, kind=OpKind.DEVICE_TO_HOST,
+                            bytes_moved=sum(tensor.numel * tensor.dtype.size_bytes for tensor in saved))
+        tape.host_wait_for(copy)
 
     def unpack(self, tape: Tape, node: Node) -> None:
         """unpack_from_cpu: each saved tensor copied to a new device tensor, handed to the node."""
