@@ -1,12 +1,14 @@
 """A run as a Chrome trace (the Trace Event Format that Perfetto and chrome://tracing open): one slice per op on
-its stream's track, one per op the host spends time issuing on a host track, and counter tracks of allocated bytes
-by category and of reserved bytes (on the host's clock, when the allocator sees each event), in simulated µs."""
+its stream's track, one per op the host spends time issuing on a host track, counter tracks of allocated bytes by
+category and of reserved bytes (on the host's clock, when the allocator sees each event), of allocated bytes on the
+device's clock (sim/clocks.py) and of the ops in flight at each issue (the host's run-ahead), in simulated µs."""
 
 import gzip
 import json
 
 import numpy as np
 
+from sim.clocks import device_clock_memory, ops_in_flight
 from sim.ops import CATEGORIES, STREAMS
 from sim.report import Run
 
@@ -47,8 +49,21 @@ def chrome_trace(run: Run) -> dict:
                            "args": dict(zip(names, by_category[:, i].tolist()))})
             events.append({"name": "reserved bytes", "ph": "C", "ts": t, "pid": _PID,
                            "args": {"reserved": int(trace.reserved_bytes[i])}})
+    on_device = device_clock_memory(engine)
+    events += _counter("allocated bytes (device clock)", "allocated", on_device.time_us, on_device.allocated_bytes)
+    events += _counter("host ops in flight", "ops", np.asarray(engine.op_issue_us, dtype=np.int64),
+                       ops_in_flight(engine))
     return {"traceEvents": events, "displayTimeUnit": "ms",
             "otherData": {"scenario": run.scenario.name, "clock": "simulated µs from the run's start"}}
+
+
+def _counter(name: str, key: str, times: np.ndarray, values: np.ndarray) -> list[dict]:
+    """'C' events of one counter track: the last value at each distinct time."""
+    if not len(times):
+        return []
+    last = np.flatnonzero(np.append(times[1:] != times[:-1], True))
+    return [{"name": name, "ph": "C", "ts": int(times[i]), "pid": _PID, "args": {key: int(values[i])}}
+            for i in last.tolist()]
 
 
 def chrome_trace_bytes(run: Run, gzipped: bool = False) -> bytes:

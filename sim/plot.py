@@ -1,12 +1,13 @@
-"""Memory over time as a stacked area chart by category, with the reserved, device-used and capacity lines, phase
-bands, step ticks, the peak and the first OOM, and below it one lane per stream showing when its ops run (where there
-is more than one). matplotlib is imported lazily (only `--plot` needs it)."""
+"""Memory over time as a stacked area chart by category, with the reserved, device-used and capacity lines, the
+allocated bytes on the device's clock (sim/clocks.py), phase bands, step ticks, the peak and the first OOM, and below
+it one lane per stream showing when its ops run (where there is more than one). matplotlib is imported lazily (only `--plot` needs it)."""
 
 import io
 from dataclasses import dataclass
 
 import numpy as np
 
+from sim.clocks import device_clock_memory
 from sim.errors import ScenarioError
 from sim.ingest.files import shown
 from sim.ops import CATEGORIES, PHASES, STREAMS, Phase
@@ -61,6 +62,10 @@ def render_memory_timeline(run: Run, result: dict, fmt: str = "png") -> bytes:
     if run.non_pytorch_bytes:
         ax.plot(seconds, (trace.reserved_bytes[keep] + run.non_pytorch_bytes) / GIB, color="black", lw=0.8,
                 drawstyle="steps-post", label="device used (reserved + non-PyTorch)")
+    on_device = device_clock_memory(run.engine)
+    shown_device = _sample(on_device.allocated_bytes)
+    ax.plot(on_device.time_us[shown_device] / 1e6, on_device.allocated_bytes[shown_device] / GIB, color="navy",
+            lw=0.6, ls=":", alpha=0.6, drawstyle="steps-post", label="allocated, device clock (as kernels hold it)")
     capacity = result["hardware"]["capacity_bytes"] / GIB
     ax.axhline(capacity, color="red", ls="--", lw=1, label=f"capacity {capacity:.1f} GiB")
     peak = result["peak"]
@@ -79,7 +84,8 @@ def render_memory_timeline(run: Run, result: dict, fmt: str = "png") -> bytes:
     if lanes is not None:
         _stream_lanes(lanes, run)
     (lanes if lanes is not None else ax).set_xlabel(
-        "simulated time (s): memory and phases as the host issues them, kernels as the GPU runs them")
+        "simulated time (s): memory and phases as the host issues them (dotted: as the GPU's kernels hold it), "
+        "kernels as the GPU runs them")
     ax.set_ylabel("GiB")
     steady = run.steady
     ax.set_title(result["scenario"] if steady is None else

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sim.allocator.event_log import AllocatorEventLog
+from sim.clocks import device_clock_memory, ops_in_flight
 from sim.des import Link, link_of
 from sim.engine import EngineResult
 from sim.ingest.provenance import lookup
@@ -92,6 +93,7 @@ def summarize(run: Run) -> dict:
         "phase_peaks": _phase_peaks(run),
         "breakdown_at_peak": trace.category_bytes_at(peak_index, _NOTHING),
         "allocated_peak": _allocated_peak(run),
+        "device_clock": _device_clock(run),
         "headroom_bytes": capacity - peak_total,
         "model_states_bytes": {"parameters": states.parameters_bytes, "gradients": states.gradients_bytes,
                                "optimizer_states": states.optimizer_states_bytes},
@@ -167,12 +169,13 @@ def stream_busy_share(run: Run) -> dict[str, float]:
 
 def host_fields(run: Run) -> dict:
     """The host thread in the last step: how far its issue runs ahead of each op's kernel (start minus issue, µs:
-    the most and the median), the share of the step it spends issuing, the share the GPU's link to its peers
+    the most and the median), the most ops in flight at an issue (sim/clocks.py), the share of the step it spends issuing, the share the GPU's link to its peers
     carries collectives, the share each direction of PCIe carries copies to or from the host, and which timeline
     laid the run out (sim/engine.py)."""
     schedule, engine = run.schedule, run.engine
     if not schedule.ops:
-        return {"lead_max_us": 0, "lead_median_us": 0, "busy_share": 0.0, "link_busy_share": 0.0,
+        return {"lead_max_us": 0, "lead_median_us": 0, "run_ahead_max_ops": 0, "busy_share": 0.0,
+                "link_busy_share": 0.0,
                 "pcie_busy_share": {Link.HOST_TO_DEVICE.value: 0.0, Link.DEVICE_TO_HOST.value: 0.0},
                 "timeline": "recurrence"}
     steps = np.asarray(schedule.op_step)
@@ -189,6 +192,7 @@ def host_fields(run: Run) -> dict:
         return _covered_us(starts[on_link], ends[on_link]) / span if span else 0.0
 
     return {"lead_max_us": int(lead.max()), "lead_median_us": int(np.median(lead)),
+            "run_ahead_max_ops": int(ops_in_flight(engine)[first:].max()),
             "busy_share": float((launches - issues).sum()) / span if span else 0.0,
             "link_busy_share": busy_share(Link.PEERS),
             "pcie_busy_share": {link.value: busy_share(link) for link in (Link.HOST_TO_DEVICE, Link.DEVICE_TO_HOST)},
@@ -201,6 +205,13 @@ def _pcie_shown(shares: dict) -> str:
         return ""
     return (f", PCIe to device {100 * shares[Link.HOST_TO_DEVICE.value]:.0f}%, "
             f"to host {100 * shares[Link.DEVICE_TO_HOST.value]:.0f}%")
+
+
+def _device_clock(run: Run) -> dict:
+    """The most allocated on the device's clock (sim/clocks.py: what the kernels hold, allocations from their
+    kernel's start, frees from the end of the freeing op's kernel) and when it is first reached."""
+    peak_bytes, at_us = device_clock_memory(run.engine).peak()
+    return {"allocated_peak_bytes": peak_bytes, "time_s": us_to_seconds(at_us)}
 
 
 def _covered_us(starts: np.ndarray, ends: np.ndarray) -> int:
@@ -405,7 +416,8 @@ def format_summary(result: dict, allocator_line: str = "", host_bytes: int = 0, 
               f"busy       {busy} of the step; link {100 * host_side['link_busy_share']:.0f}%"
               + _pcie_shown(host_side["pcie_busy_share"]),
               f"host       issuing {100 * host_side['busy_share']:.0f}% of the step, up to "
-              f"{host_side['lead_max_us'] / 1e3:.1f} ms ahead of the kernels (median "
+              f"{host_side['lead_max_us'] / 1e3:.1f} ms and {host_side['run_ahead_max_ops']} ops ahead of the "
+              f"kernels (median "
               f"{host_side['lead_median_us'] / 1e3:.1f} ms); timeline: {host_side['timeline']}",
               f"events     {result['events']}"]
     if steady_line:

@@ -15,7 +15,8 @@ SCENARIOS = sorted((ROOT / "scenarios").glob("*.yaml"))
 RESULT_KEYS = {"schema_version", "scenario", "model", "hardware", "fits", "peak", "phase_peaks", "breakdown_at_peak",
                "model_states_bytes", "fragmentation", "oom", "deficit_bytes", "step_time_s", "tokens_per_s", "mfu",
                "events", "stream_busy_share", "non_pytorch", "allocator", "max_memory", "settings",
-               "ignored_keys", "allocated_peak", "headroom_bytes", "host"}  # schema 1 plus additive keys (docs/scenarios.md)
+               "ignored_keys", "allocated_peak", "headroom_bytes", "host",
+               "device_clock"}  # schema 1 plus additive keys (docs/scenarios.md)
 PEAK_KEYS = {"total_bytes", "reserved_bytes", "allocated_bytes", "non_pytorch_bytes", "time_s", "step",
              "micro_batch", "phase", "layer", "op"}
 SMALL = ["--set", "model.num_hidden_layers=2", "--set", "training.gradient_accumulation_steps=2"]
