@@ -145,14 +145,22 @@ def test_zero2_cpu_offload_boundary_transients() -> None:
 
 
 def test_zero12_offload_step_copy_back_by_deepspeed_version() -> None:
-    # 0.14.0 casts the fp32 partition on the host (blocking copy); from 0.14.1 it goes to the GPU in fp32 first.
+    # 0.14.0 casts the fp32 partition on the host (blocking copy); from 0.14.1 it goes to the GPU in fp32 first;
+    # from 0.17.0 (DeepSpeed #7309) it is cast on the host into a pinned bf16 buffer (2 B per partition element of
+    # host memory) and copied without blocking.
     def temporaries(version: str) -> list[int]:
         run = run_scenario(build_scenario(offload_raw(2, deepspeed=version)))
         return [b.size_bytes for b in run.schedule.buffers if b.name == "zero.step.fp32_partition"]
 
+    def host_bytes(version: str) -> int:
+        return run_scenario(build_scenario(offload_raw(2, deepspeed=version))).built.model_states.host_bytes
+
     total = sum(numels(offload_raw(2)))
+    partition = math.ceil(total / 4) * 4 // 2
     assert temporaries("0.14.0") == []
-    assert set(temporaries("0.14.1")) == {4 * (math.ceil(total / 4) * 4 // 2)}
+    assert set(temporaries("0.14.1")) == {4 * partition}
+    assert temporaries("0.17.0") == []
+    assert host_bytes("0.17.0") - host_bytes("0.16.9") == 2 * partition
 
 
 @given(st.sampled_from([1, 2]), st.integers(2, 4))

@@ -162,13 +162,15 @@ class Zero12:
 
     def host_bytes(self, accumulation: int) -> int:
         """Host memory with offload: fp32 master, its fp32 gradient and two Adam moments per partition element,
-        the host staging buffer of the largest parameter, and with accumulation a bf16 copy of every parameter in
-        the partition (accumulated_grads_in_cpu holds whole parameters)."""
+        the host staging buffer of the largest parameter, with accumulation a bf16 copy of every parameter in the
+        partition (accumulated_grads_in_cpu holds whole parameters), and from DeepSpeed 0.17.0 a 16-bit copy of the
+        partition (param_buffer_of_bit16_for_cpu_offload_groups, DeepSpeed #7309)."""
         if not self.offload:
             return 0
         size = self.dtype.size_bytes
         whole = sum(self.numel[name] for name in self.in_partition) if accumulation > 1 else 0
-        return 16 * self.partition + size * self.largest + size * whole
+        bit16 = size * self.partition if self.version >= (0, 17, 0) else 0
+        return 16 * self.partition + size * self.largest + size * whole + bit16
 
     def begin_backward(self) -> None:
         """optimizer.backward: a fresh IPG bucket list every backward (twice reduce_bucket_size with overlap_comm),
@@ -383,7 +385,8 @@ class Zero12:
         """Without offload: flatten this rank's gradient partition (16-bit) and cast it to fp32, step, copy back
         to bf16. With offload: the host waits for the GPU (the epilogue's synchronize with overlap_comm, the norms'
         .item()), runs DeepSpeedCPUAdam, and the fp32 partition comes back through a blocking copy that casts on
-        the host (0.14.0) or, from 0.14.1, as a GPU fp32 copy cast on the device. Then the bf16 partitions are
+        the host (0.14.0), from 0.14.1 as a GPU fp32 copy cast on the device, from 0.17.0 cast on the host into a
+        pinned 16-bit buffer and copied without blocking (DeepSpeed #7309). Then the bf16 partitions are
         all-gathered into the flat model in place."""
         tp, numel = self.tape, self.partition
         if self.offload:
@@ -393,14 +396,19 @@ class Zero12:
             tp.host_work("zero.step.cpu_adam", CPU_ADAM_BYTES_PER_ELEMENT * numel)
             tp.drop(*self.norms)
             self.norms = []
-            if self.version >= (0, 14, 1):  # fp32_partition.to(device) before the copy (DeepSpeed #5301)
+            if self.version >= (0, 17, 0):  # bit16_partition_buffer.copy_(fp32), then a non_blocking copy
+                tp.host_work("zero.step.fp32_to_bf16_on_host", (4 + self.dtype.size_bytes) * numel)
+                tp.op("zero.step.copy_to_bf16", bytes_moved=self.dtype.size_bytes * numel,
+                      kind=OpKind.HOST_TO_DEVICE)
+            elif self.version >= (0, 14, 1):  # fp32_partition.to(device) before the copy (DeepSpeed #5301)
                 tp.op("zero.step.fp32_partition_to_gpu", bytes_moved=4 * numel, kind=OpKind.HOST_TO_DEVICE)
                 fp32 = tp.empty("zero.step.fp32_partition", numel, DType.FLOAT32, Category.OPTIMIZER_STATES)
                 tp.op("zero.step.copy_to_bf16", bytes_moved=6 * numel)
                 tp.drop(fp32)
             else:  # copy_ of a host fp32 tensor into a device bf16 one: cast on the host, then a blocking copy
-                tp.host_work("zero.step.fp32_to_bf16_on_host", 6 * numel)
-                tp.op("zero.step.copy_to_bf16", bytes_moved=2 * numel, kind=OpKind.HOST_TO_DEVICE)
+                tp.host_work("zero.step.fp32_to_bf16_on_host", (4 + self.dtype.size_bytes) * numel)
+                tp.op("zero.step.copy_to_bf16", bytes_moved=self.dtype.size_bytes * numel,
+                      kind=OpKind.HOST_TO_DEVICE)
                 tp.host_sync()
         else:
             grad_norms(tp, "zero", list(self.in_partition.values()))
