@@ -99,7 +99,8 @@ def order_events(schedule: Schedule, times: OpTimes) -> AllocatorEvents:
     raw = np.concatenate([np.asarray(persistent, dtype=np.int64), raw])
     is_free = np.concatenate([np.zeros(n_persistent, dtype=bool), is_free])
     sizes = schedule.buffer_sizes()[raw]
-    codes = np.append(schedule.stream_codes(), STREAMS.index(Stream.COMPUTE))[op_index]  # -1: persistent
+    # a malloc's pool: the stream its op allocates on (a collective's caller's, not ProcessGroupNCCL's)
+    codes = np.append(schedule.alloc_stream_codes(), STREAMS.index(Stream.COMPUTE))[op_index]  # -1: persistent
     release_at = _pending_releases(schedule, raw, is_free, codes, op_index, event_times,
                                    np.asarray(times.end_us, dtype=np.int64))
     return AllocatorEvents(event_times, op_index, np.where(is_free, ~raw, raw), sizes, codes, release_at)

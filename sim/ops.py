@@ -37,12 +37,18 @@ PHASES = tuple(Phase)  # a phase's code is its index here
 
 class Stream(Enum):
     """Simulated CUDA streams, each running its ops in order, and CPU: the host CPU's own work (DeepSpeedCPUAdam, a
-    cast into a pinned buffer), run in order by the host process's threads; it allocates no device memory."""
+    cast into a pinned buffer), run in order by the host process's threads; it allocates no device memory.
+    NCCL_WORLD and NCCL_DP are ProcessGroupNCCL's internal streams (one per process group and device, every
+    collective of the group in issue order, each after the work its caller's stream had at the call): the default
+    group's (DeepSpeed ZeRO-3's parameter all-gathers, zero.Init's dist.get_world_group(); DDP's all-reduces) and the
+    clone of it DeepSpeed's optimizers reduce over (groups._clone_world_group: a second communicator)."""
 
     COMPUTE = "compute"
     ALLGATHER = "allgather"
     REDUCE = "reduce"
     CPU = "cpu"
+    NCCL_WORLD = "nccl_world"
+    NCCL_DP = "nccl_dp"
 
 
 STREAMS = tuple(Stream)  # a stream's code is its index here
@@ -79,11 +85,12 @@ class Op:
     by every position that repeats it; Schedule.expand gives each position its own)."""
 
     __slots__ = ("name", "stream", "phase", "layer", "allocs", "frees", "flops", "bytes_moved", "deps", "wire_bytes",
-                 "kind", "host_waits")
+                 "kind", "host_waits", "alloc_stream")
 
     def __init__(self, name: str, stream: Stream, phase: Phase, layer: int | None, allocs: Sequence[int] = (),
                  frees: Sequence[int] = (), flops: float = 0.0, bytes_moved: int = 0, deps: tuple[int, ...] = (),
-                 wire_bytes: int = 0, kind: OpKind = OpKind.MEMORY, host_waits: tuple[int, ...] = ()) -> None:
+                 wire_bytes: int = 0, kind: OpKind = OpKind.MEMORY, host_waits: tuple[int, ...] = (),
+                 alloc_stream: Stream | None = None) -> None:
         self.name = name
         self.stream = stream
         self.phase = phase
@@ -97,6 +104,9 @@ class Op:
         self.kind = kind
         self.host_waits = host_waits  # relative offsets (negative) of ops the host waits to see finish before issuing
         # this one (an event synchronize: DeepSpeed's fetch throttle)
+        # the stream whose pool its allocations come from where that is not the one it runs on (None: its own): a
+        # collective runs on ProcessGroupNCCL's stream, its caller allocated its buffers on the current stream
+        self.alloc_stream = alloc_stream
 
     def __repr__(self) -> str:
         return f"Op({self.name!r}, {self.stream.value}, {self.phase.value}, layer={self.layer})"
@@ -105,7 +115,7 @@ class Op:
         """A new plain Op like this one but allocating `allocs` and freeing `frees` (tuples): how
         Schedule.expand gives a repeated op its own object and final buffer ids."""
         return Op(self.name, self.stream, self.phase, self.layer, tuple(allocs), tuple(frees), self.flops,
-                  self.bytes_moved, self.deps, self.wire_bytes, self.kind, self.host_waits)
+                  self.bytes_moved, self.deps, self.wire_bytes, self.kind, self.host_waits, self.alloc_stream)
 
 
 class BufferTable:
@@ -261,6 +271,16 @@ class Schedule:
     def stream_codes(self) -> np.ndarray:
         """Every op's stream as its index in STREAMS (computed once)."""
         return self._enum_codes("stream", STREAMS)
+
+    def alloc_stream_codes(self) -> np.ndarray:
+        """Every op's allocation stream (its alloc_stream, else its own) as its index in STREAMS (computed once)."""
+        if "alloc_stream" not in self._columns:
+            by_position = self.stream_codes().copy()
+            for position in self.distinct_ops().tolist():
+                if self.ops[position].alloc_stream is not None:
+                    by_position[position] = STREAMS.index(self.ops[position].alloc_stream)
+            self._columns["alloc_stream"] = by_position[self.sources()]
+        return self._columns["alloc_stream"]
 
     def phase_codes(self) -> np.ndarray:
         """Every op's phase as its index in PHASES (computed once)."""

@@ -65,7 +65,7 @@ def render_memory_timeline(run: Run, result: dict, fmt: str = "png") -> bytes:
     on_device = device_clock_memory(run.engine)
     shown_device = _sample(on_device.allocated_bytes)
     ax.plot(on_device.time_us[shown_device] / 1e6, on_device.allocated_bytes[shown_device] / GIB, color="navy",
-            lw=0.6, ls=":", alpha=0.6, drawstyle="steps-post", label="allocated, device clock (as kernels hold it)")
+            lw=0.4, ls=":", alpha=0.5, drawstyle="steps-post", label="allocated, device clock (as kernels hold it)")
     capacity = result["hardware"]["capacity_bytes"] / GIB
     ax.axhline(capacity, color="red", ls="--", lw=1, label=f"capacity {capacity:.1f} GiB")
     peak = result["peak"]

@@ -72,6 +72,9 @@ def build_schedule(plan: Plan, repeat: bool = True, max_events: int | None = Non
     tape = Tape()
     if max_events is not None:
         tape.op_limit = int(max_events * _OPS_PER_BUDGET_EVENT)
+    # ProcessGroupNCCL recordStream's collective tensors on its stream before torch 2.8, which stashes them on the
+    # Work object instead (pytorch/pytorch #150398, in 2.8)
+    tape.nccl_records_streams = plan.versions.torch < (2, 8)
     workspaces = plan.runtime.workspaces
     tape.blas_workspace_bytes = workspaces.cublas_bytes
     tape.lt_workspace_bytes, tape.lt_workspace_persistent = workspaces.cublaslt_bytes, workspaces.cublaslt_persistent

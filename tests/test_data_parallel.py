@@ -335,7 +335,8 @@ def test_zero1_with_overlap_comm_reduces_in_the_hooks_at_the_boundary() -> None:
         reduces = [i for i, (name, _, _) in enumerate(ops) if name.startswith("zero.reduce[")]
         copies = [name for name, _, _ in ops if name.startswith("zero.copy_grad_to_ipg[")]
         assert {ops[i][2] for i in reduces} == {2}  # only the boundary micro-batch reduces
-        assert {ops[i][1] for i in reduces} == {"reduce" if overlap else "compute"}
+        # with overlap_comm issued from the reduction stream, run on the data-parallel group's NCCL stream
+        assert {ops[i][1] for i in reduces} == {"nccl_dp" if overlap else "compute"}
         if overlap:  # the epilogue reduces only the bucket left at the end of backward
             assert sum(i > epilogue for i in reduces) == 1 and copies[0] == "zero.copy_grad_to_ipg[model.norm.weight]"
         else:

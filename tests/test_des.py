@@ -285,6 +285,38 @@ def test_a_record_stream_block_returns_once_its_stream_has_passed_the_free() -> 
     assert t.reserved_bytes.tolist() == [20 * mib, 20 * mib, 40 * mib, 40 * mib, 40 * mib, 40 * mib]
 
 
+def _gather_prefetch_run(recorded_on: Stream):
+    """g1 gathers b0 (20 MiB) on the default group's NCCL stream (allocated from the allgather stream's pool; 10 µs,
+    1-11); g2, the next layer's prefetch, is queued behind it there (20 µs, 11-31); the layer uses b0 (5 µs, 11-16)
+    and DeepSpeed frees it at use's launch (3); g3 waits (host) for use, so it is issued at 16 and allocates b2
+    (20 MiB) from the allgather stream's pool too; b1 is g2's output."""
+    mib = 1 << 20
+    gather = dict(stream=Stream.NCCL_WORLD, kind=OpKind.ALL_GATHER, wire=8)
+    ops = [op("g1", [0], **gather), op("g2", [1], **gather), op("use", frees=[0], deps=[-2]),
+           op("g3", [2], [2], host_waits=[-1], **gather)]
+    for gathered in (ops[0], ops[1], ops[3]):
+        gathered.alloc_stream = Stream.ALLGATHER
+    schedule = Schedule(recorded_buffers([20 * mib] * 3, {0: recorded_on}), [], ops)
+    return Engine(schedule, CachingAllocator(1 << 40), CostModel(DEVICE, DType.BFLOAT16), host=host([1] * 4),
+                  timeline=_Fixed([10, 20, 5, 1])).run()
+
+
+def test_a_gathered_block_waits_for_the_nccl_stream_to_pass_its_free() -> None:
+    # torch before 2.8: ProcessGroupNCCL recordStream's the gather's output on its stream. At the free (t=3) the
+    # latest op issued there is the prefetch g2, which ends at 31: b0's block is pending until then, so g3's
+    # malloc at 16 cannot reuse it and takes a third segment. Recorded on the compute stream only (torch 2.8's
+    # stash, DeepSpeed's own record_stream), the block is back once `use` has ended (16): g3 reuses it.
+    mib = 1 << 20
+    nccl = _gather_prefetch_run(Stream.NCCL_WORLD)
+    assert nccl.op_issue_us == [0, 1, 2, 16] and nccl.op_end_us == [11, 31, 16, 32]
+    assert nccl.trace.time_us.tolist() == [0, 1, 3, 16, 17]  # g1, g2 mallocs; b0's free; b2's malloc and free
+    assert nccl.release_at.tolist() == [-1, -1, 5, -1, -1]  # not back within the run
+    assert nccl.trace.reserved_bytes.tolist()[-1] == 60 * mib
+    compute = _gather_prefetch_run(Stream.COMPUTE)
+    assert compute.release_at.tolist() == [-1] * 5  # passed by the next malloc: not pending
+    assert compute.trace.reserved_bytes.tolist()[-1] == 40 * mib
+
+
 def test_a_free_on_another_stream_without_record_stream_is_immediate() -> None:
     # The same run without the record_stream: the allocator knows nothing of the compute stream's use, so the block
     # is back at once and a1 reuses it (what a program that forgets record_stream gets: one segment, a race).

@@ -58,15 +58,17 @@ class Ddp:
 
     def on_grad_ready(self, param: Param) -> None:
         """The autograd hook after AccumulateGrad: copy the grad into its bucket view; a full bucket is allreduced
-        (ring: 2·(P-1)/P of its bytes on the wire) on the NCCL stream."""
+        (ring: 2·(P-1)/P of its bytes on the wire) on the default group's NCCL stream, after the work the autograd
+        thread's stream has queued."""
         if not self.sync:
             return
         index = self.bucket_of[param.name]
         self.pending[index] -= 1
         if self.pending[index] == 0:
             size = sum(p.tensor.size_bytes for p in self.buckets[index])
-            op = self.tape.side_op(f"ddp.allreduce[bucket {index}]", Stream.REDUCE, bytes_moved=2 * size,
-                                   wire_bytes=2 * (self.world - 1) * size // self.world, kind=OpKind.ALL_REDUCE)
+            op = self.tape.side_op(f"ddp.allreduce[bucket {index}]", Stream.COMPUTE, bytes_moved=2 * size,
+                                   wire_bytes=2 * (self.world - 1) * size // self.world, kind=OpKind.ALL_REDUCE,
+                                   runs_on=Stream.NCCL_WORLD)
             self.allreduces.append(op)
 
     def finalize(self) -> None:
@@ -182,6 +184,7 @@ class Zero12:
         tp.op("zero.allocate_ipg_buffers")
         self.ipg = [tp.empty(f"zero.ipg_buffer[{i}]", self.config.reduce_bucket_size, self.dtype,
                              Category.COMMUNICATION) for i in range(2 if self.overlap else 1)]
+        tp.record_on_nccl(Stream.NCCL_DP, *[buffer.storage for buffer in self.ipg])  # reduced in place
 
     def on_grad(self, param: Param, grad: Tensor) -> None:
         """ZeRO-2's reduce_ready_partitions_and_remove_grads (ZeRO-1 keeps param.grad; see Tape)."""
@@ -253,10 +256,13 @@ class Zero12:
             buffers = ([("zero.allreduce_bucket_flat", self.dtype)] if len(group) > 1 else []) + (
                 [("zero.allreduce_bucket_comm", comm)] if comm is not self.dtype else [])
             moved = 2 * numel * size * (len(buffers) + 1)
-            if self.overlap:  # on the reduction stream, waited for before the IPG buffer is reused
+            if self.overlap:  # from the reduction stream onto the NCCL stream of DeepSpeed's data-parallel group,
+                # waited for before the IPG buffer is reused
                 last = tp.side_op(label, Stream.REDUCE, bytes_moved=moved, wire_bytes=wire, kind=OpKind.ALL_REDUCE,
-                                  deps=(last,) if last is not None else ())
-                for tensor in [tp.empty_in(last, name, numel, dtype, Category.COMMUNICATION) for name, dtype in buffers]:
+                                  deps=(last,) if last is not None else (), runs_on=Stream.NCCL_DP)
+                made = [tp.empty_in(last, name, numel, dtype, Category.COMMUNICATION) for name, dtype in buffers]
+                tp.record_on_nccl(Stream.NCCL_DP, *[tensor.storage for tensor in made[-1:]])  # what it reduces
+                for tensor in made:
                     tp.release_in(last, tensor.storage)
             else:
                 tp.op(label, bytes_moved=moved, kind=OpKind.ALL_REDUCE, wire_bytes=wire)
@@ -423,6 +429,7 @@ class Zero12:
             tp.drop(grad32)
         size = self.dtype.size_bytes
         gather = tp.side_op("zero.all_gather_dp_groups", Stream.ALLGATHER, bytes_moved=2 * numel * self.world * size,
-                            wire_bytes=(self.world - 1) * numel * size, kind=OpKind.ALL_GATHER)
+                            wire_bytes=(self.world - 1) * numel * size, kind=OpKind.ALL_GATHER,
+                            runs_on=Stream.NCCL_DP)
         tp.wait_for(gather)
         tp.op("zero.step.end")

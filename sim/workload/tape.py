@@ -101,8 +101,9 @@ class _OpDraft(Op):
 
     def __init__(self, name: str, stream: Stream, phase: Phase, layer: int | None, step: int, micro_batch: int,
                  flops: float, bytes_moved: int, deps: tuple[int, ...], wire_bytes: int, kind: OpKind,
-                 host_waits: tuple[int, ...]) -> None:
-        Op.__init__(self, name, stream, phase, layer, [], [], flops, bytes_moved, deps, wire_bytes, kind, host_waits)
+                 host_waits: tuple[int, ...], alloc_stream: Stream | None = None) -> None:
+        Op.__init__(self, name, stream, phase, layer, [], [], flops, bytes_moved, deps, wire_bytes, kind, host_waits,
+                    alloc_stream)
         self.step = step
         self.micro_batch = micro_batch
 
@@ -163,6 +164,7 @@ class Tape:
         self.saved_tensors_hooks: SavedTensorsHooks | None = None  # the innermost active saved_tensors_hooks
         self.journal: dict[Storage, int] | None = None  # while set: holders gained (+) or lost (-) per storage
         self.op_limit = 1 << 62  # more recorded ops than this: WorkTooLarge (sim/schedule.py sets it)
+        self.nccl_records_streams = False  # record_on_nccl records (torch before 2.8; sim/schedule.py sets it)
 
     # ---- storages ---------------------------------------------------------------------------------------
     def new_storage(self, name: str, size_bytes: int, category: Category, persistent: bool = False) -> Storage:
@@ -293,15 +295,16 @@ class Tape:
         op.flops, op.bytes_moved = 0.0, 0
 
     def side_op(self, name: str, stream: Stream, bytes_moved: int = 0, wire_bytes: int = 0,
-                deps: tuple[int, ...] = (), kind: OpKind = OpKind.MEMORY) -> int:
+                deps: tuple[int, ...] = (), kind: OpKind = OpKind.MEMORY, runs_on: Stream | None = None) -> int:
         """An op on another stream (a collective). Returns its index for `empty_in`, `release_in`, `wait_for`.
         It is issued after the current compute op, which it waits for as CUDA stream semantics imply
-        (wait_stream before the collective), plus any `deps`."""
+        (wait_stream before the collective), plus any `deps`. `runs_on`: the stream it runs on where that is not
+        the caller's `stream` (a collective on ProcessGroupNCCL's stream; its buffers come from `stream`'s pool)."""
         final, own = self._final_of, self._final_total
         after = (final[self._compute] - own,) if self._compute is not None else ()
-        self._ops.append(_OpDraft(name, stream, self.phase, self.layer, self.step, self.micro_batch, 0.0,
+        self._ops.append(_OpDraft(name, runs_on or stream, self.phase, self.layer, self.step, self.micro_batch, 0.0,
                                   bytes_moved, after + tuple([final[d] - own for d in deps]), wire_bytes, kind,
-                                  self._take_host_waits(own)))
+                                  self._take_host_waits(own), stream if runs_on is not None else None))
         self._final_of.append(own)
         self._final_total = own + 1
         return len(self._ops) - 1
@@ -320,6 +323,14 @@ class Tape:
         index = len(self._ops) - 1
         self.host_wait_for(index)
         return index
+
+    def record_on_nccl(self, stream: Stream, *storages: Storage) -> None:
+        """ProcessGroupNCCL's recordStream of a collective's inputs and outputs on its internal `stream`, which
+        torch before 2.8 makes (unless TORCH_NCCL_AVOID_RECORD_STREAMS); from 2.8 it keeps them on the Work object
+        until wait() instead, which changes nothing the caller's own references do not (`nccl_records_streams`)."""
+        if self.nccl_records_streams:
+            for storage in storages:
+                self.record_stream(storage, stream)
 
     @staticmethod
     def record_stream(storage: Storage, stream: Stream) -> None:
