@@ -1,6 +1,7 @@
 """Memory over time as a stacked area chart by category, with the reserved, device-used and capacity lines, the
 allocated bytes on the device's clock (sim/clocks.py), phase bands, step ticks, the peak and the first OOM, and below
-it one lane per stream showing when its ops run (where there is more than one). matplotlib is imported lazily (only `--plot` needs it)."""
+it one lane per stream showing when its ops run (where there is more than one). matplotlib is imported lazily (only
+`--plot` needs it)."""
 
 import io
 from dataclasses import dataclass

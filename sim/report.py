@@ -169,9 +169,9 @@ def stream_busy_share(run: Run) -> dict[str, float]:
 
 def host_fields(run: Run) -> dict:
     """The host thread in the last step: how far its issue runs ahead of each op's kernel (start minus issue, µs:
-    the most and the median), the most ops in flight at an issue (sim/clocks.py), the share of the step it spends issuing, the share the GPU's link to its peers
-    carries collectives, the share each direction of PCIe carries copies to or from the host, and which timeline
-    laid the run out (sim/engine.py)."""
+    the most and the median), the most ops in flight at an issue (sim/clocks.py), the share of the step it spends
+    issuing, the share the GPU's link to its peers carries collectives, the share each direction of PCIe carries
+    copies to or from the host, and which timeline laid the run out (sim/engine.py)."""
     schedule, engine = run.schedule, run.engine
     if not schedule.ops:
         return {"lead_max_us": 0, "lead_median_us": 0, "run_ahead_max_ops": 0, "busy_share": 0.0,

@@ -33,8 +33,8 @@ class SaveOnCpu:
     def unpack(self, tape: Tape, node: Node) -> None:
         """unpack_from_cpu: each saved tensor copied to a new device tensor, handed to the node."""
         tensors = self.packed.pop(node.seq)
-        tape.op(f"{node.name}.unpack_from_cpu", bytes_moved=sum(numel * dtype.size_bytes for _, numel, dtype in tensors),
-                kind=OpKind.HOST_TO_DEVICE)
+        moved = sum(numel * dtype.size_bytes for _, numel, dtype in tensors)
+        tape.op(f"{node.name}.unpack_from_cpu", bytes_moved=moved, kind=OpKind.HOST_TO_DEVICE)
         for name, numel, dtype in tensors:
             node.saved.append(tape.empty(f"{name}.from_cpu", numel, dtype, Category.ACTIVATIONS).storage)
 
