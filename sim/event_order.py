@@ -29,7 +29,9 @@ class AllocatorEvents:
     op_index: np.ndarray  # -1: a persistent buffer, allocated before the first op
     signed_id: np.ndarray  # buffer id for an allocation, ~id for a free
     size_bytes: np.ndarray
-    stream_code: np.ndarray  # index into STREAMS: a malloc's stream; a free's op's, or the one a pending free waits on
+    # index into STREAMS: a malloc's and a free's op's allocation stream (Op.alloc_stream, else its own), or the one a
+    # pending free waits on
+    stream_code: np.ndarray
     # per event: for a pending free (module docstring), the index of the malloc at whose start its block returns to
     # the cache (len(self): not within the run); -1 for every other event
     release_at: np.ndarray

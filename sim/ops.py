@@ -39,9 +39,12 @@ class Stream(Enum):
     """Simulated CUDA streams, each running its ops in order, and CPU: the host CPU's own work (DeepSpeedCPUAdam, a
     cast into a pinned buffer), run in order by the host process's threads; it allocates no device memory.
     NCCL_WORLD and NCCL_DP are ProcessGroupNCCL's internal streams (one per process group and device, every
-    collective of the group in issue order, each after the work its caller's stream had at the call): the default
-    group's (DeepSpeed ZeRO-3's parameter all-gathers, zero.Init's dist.get_world_group(); DDP's all-reduces) and the
-    clone of it DeepSpeed's optimizers reduce over (groups._clone_world_group: a second communicator)."""
+    collective of the group in issue order): the default group's (DeepSpeed ZeRO-3's parameter all-gathers, zero.Init's
+    dist.get_world_group(); DDP's all-reduces) and the clone of it DeepSpeed's optimizers use
+    (groups._clone_world_group: a second communicator; ZeRO-1/2's all-reduces with overlap_comm and the step's
+    all-gather). A collective there waits for the ops whose results it reads and the compute op before it, not for
+    the rest of its caller's stream's earlier work (a simplification). A synchronous collective the caller's stream
+    waits for is laid out on that stream instead (ZeRO-3's reduce-scatter)."""
 
     COMPUTE = "compute"
     ALLGATHER = "allgather"

@@ -5,8 +5,9 @@ A built-in strategy changes how the modelling code runs (a flag the workload rea
 is a pure transform of the built schedule: `transform(schedule)` takes the expanded Schedule (every op its own,
 final buffer ids) and returns one, whose invariants are checked before the engine sees it (`check_schedule`):
 every buffer is allocated and freed in turn, starting with an allocation, persistent ones never by an op;
-dependencies point back to existing ops (so they are acyclic); streams are the simulator's; per-op step and
-micro-batch columns match the ops. examples/free_logits_early.py is a user strategy with its test."""
+dependencies point back to existing ops (so they are acyclic); streams are the simulator's, the host CPU's work
+allocates no device memory and a collective on ProcessGroupNCCL's stream names the stream it allocates on; per-op
+step and micro-batch columns match the ops. examples/free_logits_early.py is a user strategy with its test."""
 
 import importlib
 from collections.abc import Mapping
@@ -16,7 +17,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from sim.errors import ScenarioError
-from sim.ops import STREAMS, Schedule
+from sim.ops import STREAMS, Schedule, Stream
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +88,10 @@ def check_schedule(schedule: Schedule) -> str:
     for index, op in enumerate(ops):
         if op.stream not in STREAMS:
             return f"op {index} ({op.name}) runs on an unknown stream {op.stream!r}"
+        if op.stream is Stream.CPU and op.allocs:
+            return f"op {index} ({op.name}) runs on the host CPU but allocates device memory"
+        if op.stream in (Stream.NCCL_WORLD, Stream.NCCL_DP) and op.allocs and op.alloc_stream is None:
+            return f"op {index} ({op.name}) allocates on ProcessGroupNCCL's stream: name the caller's (alloc_stream)"
         if any(d >= 0 or index + d < 0 for d in op.deps):
             return f"op {index} ({op.name}) depends on {op.deps}: dependencies point back to earlier ops"
         for buffer_id in op.allocs:

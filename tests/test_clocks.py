@@ -68,13 +68,17 @@ def test_an_op_that_ends_at_its_own_issue_is_not_in_flight() -> None:
 
 
 def test_the_result_and_the_chrome_trace_carry_both_clocks() -> None:
+    # The tiny model on one A100 (its kernels take a few µs, the host issues each in 7: it hardly runs ahead): the
+    # same tensors are alive at the peak on both clocks; the result's run-ahead is the most ops in flight at an
+    # issue in the last step.
     raw = tiny_raw()
     result_run = run_scenario(build_scenario(raw))
     result = summarize(result_run)
     peak_bytes, at_us = device_clock_memory(result_run.engine).peak()
     assert result["device_clock"] == {"allocated_peak_bytes": peak_bytes, "time_s": at_us / 1e6}
-    assert 0 < peak_bytes <= result["max_memory"]["allocated_bytes"] * 2
-    in_flight = ops_in_flight(result_run.engine)
-    assert result["host"]["run_ahead_max_ops"] <= int(in_flight.max())
+    assert peak_bytes == result["max_memory"]["allocated_bytes"]
+    steps = np.asarray(result_run.schedule.op_step)
+    last_step = int(np.searchsorted(steps, steps[-1]))
+    assert result["host"]["run_ahead_max_ops"] == int(ops_in_flight(result_run.engine)[last_step:].max())
     counters = {event["name"] for event in chrome_trace(result_run)["traceEvents"] if event["ph"] == "C"}
     assert {"allocated bytes (device clock)", "host ops in flight"} <= counters

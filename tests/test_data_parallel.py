@@ -342,3 +342,21 @@ def test_zero1_with_overlap_comm_reduces_in_the_hooks_at_the_boundary() -> None:
         else:
             assert min(reduces) > epilogue
             assert copies[0] == "zero.copy_grad_to_ipg[model.layers.0.input_layernorm.weight]"
+
+
+def test_zero2_offload_accumulation_goes_through_the_host_by_deepspeed_version() -> None:
+    # async_accumulate_grad_in_cpu_via_gpu with 3 micro-batches, per bucket with gradients in rank 0's partition:
+    # from the second micro-batch the host's sum comes to the GPU and is added there (the boundary's too); the
+    # gradient goes back to the host before the boundary in 0.14, only in the first micro-batch from 0.15.2 (#6550).
+    def ops_by_micro_batch(version: str) -> dict[str, list[int]]:
+        schedule = run_scenario(build_scenario(offload_raw(2, accumulation=3, deepspeed=version))).schedule
+        found: dict[str, list[int]] = {}
+        for op, step, micro in zip(schedule.ops, schedule.op_step, schedule.op_micro_batch):
+            if step == 0 and op.name in ("zero.offload.accumulated_grad_to_gpu", "zero.offload.copy_gradients_to_cpu"):
+                found.setdefault(op.name, []).append(micro)
+        return {name: sorted(set(micros)) for name, micros in found.items()}
+
+    assert ops_by_micro_batch("0.14.0") == {"zero.offload.copy_gradients_to_cpu": [0, 1],
+                                            "zero.offload.accumulated_grad_to_gpu": [1, 2]}
+    assert ops_by_micro_batch("0.15.2") == {"zero.offload.copy_gradients_to_cpu": [0],
+                                            "zero.offload.accumulated_grad_to_gpu": [1, 2]}

@@ -188,6 +188,11 @@ CONFIGS = {
     "zero3_no_overlap": _with(zero_raw(2, overlap_comm=False), gpus=2, accumulation=3),
     "lora": _with(tiny_raw(), accumulation=3, lora=LORA),
     "checkpointing": _with(tiny_raw(gradient_checkpointing=True), gpus=2),
+    # the host's own work and host waits (CPU Adam), PCIe copies, collectives on ProcessGroupNCCL's streams
+    "zero2_offload": _with(zero_raw(2, stage=2, offload_optimizer={"device": "cpu"}), gpus=2, accumulation=3),
+    "zero3_offload": _with(zero_raw(2, offload_optimizer={"device": "cpu"}, offload_param={"device": "cpu"}),
+                           gpus=2, accumulation=3),
+    "save_on_cpu": _with(tiny_raw(), accumulation=3, strategies=[{"kind": "save_on_cpu"}]),
 }
 
 
@@ -275,6 +280,7 @@ def _canonical_ops(schedule: Schedule) -> list[tuple]:
     names the allocation it frees (persistent buffers: ("persistent", i)), each with its size and category. The
     op-by-op build gives every micro-batch fresh ids; the repeated one reuses or moves them."""
     sizes, categories = schedule.buffer_sizes(), schedule.buffer_categories()
+    recorded = schedule.buffer_recorded_masks()
     latest = {b: ("persistent", i) for i, b in enumerate(schedule.persistent)}
     count = 0
     canonical = []
@@ -282,15 +288,16 @@ def _canonical_ops(schedule: Schedule) -> list[tuple]:
         allocs = []
         for b in op.allocs:
             latest[b] = count
-            allocs.append((count, int(sizes[b]), int(categories[b])))
+            allocs.append((count, int(sizes[b]), int(categories[b]), int(recorded[b])))
             count += 1
         frees = tuple(latest[b] for b in op.frees)
-        canonical.append((op.name, op.stream, op.phase, op.layer, op.deps, op.flops, op.bytes_moved, op.wire_bytes,
-                          op.kind, op.host_waits, tuple(allocs), frees))
+        canonical.append((op.name, op.stream, op.alloc_stream, op.phase, op.layer, op.deps, op.flops, op.bytes_moved,
+                          op.wire_bytes, op.kind, op.host_waits, tuple(allocs), frees))
     return canonical
 
 
-@pytest.mark.parametrize("name", ["single_caching_accumulation_4", "ddp", "zero3", "zero3_no_overlap"])
+@pytest.mark.parametrize("name", ["single_caching_accumulation_4", "ddp", "zero3", "zero3_no_overlap", "zero2_offload",
+                                  "zero3_offload", "save_on_cpu"])
 def test_expanding_gives_what_building_op_by_op_gives(name: str) -> None:
     plan = resolve_plan(build_scenario(CONFIGS[name]))
     repeated, built = build_schedule(plan).schedule, build_schedule(plan, repeat=False).schedule

@@ -143,6 +143,10 @@ def test_check_schedule_names_each_broken_invariant() -> None:
     assert "persistent" in check_schedule(Schedule(buffers, [0], [op("a", [], [0])], [0], [0]))
     assert "dependencies point back" in check_schedule(Schedule(buffers, [0], [op("a", deps=(1,))], [0], [0]))
     assert "1 ops but 2 steps" in check_schedule(Schedule(buffers, [0], [op("a")], [0, 0], [0]))
+    assert "host CPU but allocates" in check_schedule(Schedule(buffers, [0], [op("a", [1], stream=Stream.CPU)], [0],
+                                                               [0]))
+    assert "ProcessGroupNCCL's stream" in check_schedule(
+        Schedule(buffers, [0], [op("a", [1], stream=Stream.NCCL_WORLD)], [0], [0]))
 
 
 @given(valid_scenarios())

@@ -413,29 +413,27 @@ def test_coalesced_flat_buffer_lives_until_its_last_parameter_is_fetched() -> No
     assert not any(n.startswith("model.layers.0.self_attn.v_proj") for n in between)  # freed at v's fetch
 
 
-def test_collectives_run_on_the_process_groups_nccl_streams_and_record_there_before_torch_2_8() -> None:
-    # The gathers run on the default group's NCCL stream and the reduce-scatters on the data-parallel group's, their
-    # buffers allocated from DeepSpeed's allgather and reduce streams' pools. Before torch 2.8 ProcessGroupNCCL
-    # recordStream's what a collective reads and writes on its stream: a parameter gathered alone, the flat buffer
-    # of a coalesced gather (not the copies its wait() makes) and every reduce-scatter buffer carry that stream's
-    # bit; from 2.8 (stashed on the Work object) none does.
-    def recorded(torch: str) -> dict:
+def test_gathers_run_on_the_default_groups_nccl_stream_and_record_there_before_torch_2_8() -> None:
+    # The gathers run on the default group's NCCL stream, their buffers allocated from DeepSpeed's allgather stream's
+    # pool; the reduce-scatters, synchronous, on DeepSpeed's reduce stream. Before torch 2.8 ProcessGroupNCCL
+    # recordStream's what an asynchronous collective writes: a parameter gathered alone and the flat buffer of a
+    # coalesced gather (not the copies its wait() makes) carry that stream's bit; from 2.8 (stashed on the Work
+    # object) none does. Nothing of the synchronous reduce-scatter is recorded there (from 2.2, #111431).
+    def recorded(torch: str) -> tuple[set, set]:
         raw = zero_raw()
         raw["software"] = {"torch": torch}
         schedule = run_scenario(build_scenario(raw)).schedule
         gathers = [op for op in schedule.ops if op.name.startswith("zero3.allgather[")]
         reduces = [op for op in schedule.ops if op.name.startswith("zero3.reduce_scatter[")]
         assert {(op.stream, op.alloc_stream) for op in gathers} == {(Stream.NCCL_WORLD, Stream.ALLGATHER)}
-        assert {(op.stream, op.alloc_stream) for op in reduces} == {(Stream.NCCL_DP, Stream.REDUCE)}
-        made_by_gathers = {b for op in gathers for b in op.allocs}
+        assert {(op.stream, op.alloc_stream) for op in reduces} == {(Stream.REDUCE, None)}
         masks = schedule.buffer_recorded_masks()
-        return {"gathered": {int(masks[b]) for b in made_by_gathers},
-                "reduce_scatter_flat": {int(mask) for buffer, mask in zip(schedule.buffers, masks)
-                                        if buffer.name == "zero3.reduce_scatter_flat"}}
+        return ({int(masks[b]) for op in gathers for b in op.allocs},
+                {int(masks[b]) for op in reduces for b in op.allocs})
 
-    world, dp = 1 << STREAMS.index(Stream.NCCL_WORLD), 1 << STREAMS.index(Stream.NCCL_DP)
-    before = recorded("2.2.2")
-    assert before["gathered"] and all(mask & world for mask in before["gathered"])
-    assert before["reduce_scatter_flat"] and all(mask & dp for mask in before["reduce_scatter_flat"])
-    after = recorded("2.8.0")
-    assert not any(mask & (world | dp) for masks in after.values() for mask in masks)
+    world = 1 << STREAMS.index(Stream.NCCL_WORLD)
+    gathered, reduced = recorded("2.2.2")
+    assert gathered and all(mask & world for mask in gathered)
+    assert not any(mask & world for mask in reduced)
+    gathered, reduced = recorded("2.8.0")
+    assert not any(mask & world for mask in gathered | reduced)

@@ -305,10 +305,11 @@ class Zero12:
 
     def _grads_to_host(self, reduce: int | None) -> int | None:
         """copy_grads_in_partition with offload, for the bucket's gradients in this rank's partition, on the
-        reduction stream after `reduce` (with overlap_comm; else on the compute stream). Before the boundary,
+        reduction stream after `reduce` (with overlap_comm; else on the compute stream). With accumulation,
         async_accumulate_grad_in_cpu_via_gpu through the staging buffer (no new GPU memory): from the second
-        micro-batch the host's sum comes over PCIe and is added on the GPU, then the sum goes back to the host. At
-        the boundary, per gradient: its fp64 slice norm (kept until the step), _has_inf_or_nan on the whole gradient
+        micro-batch the host's sum comes over PCIe and is added on the GPU; the gradient goes back to the host before
+        the boundary (0.14), from 0.15.2 in the first micro-batch only (DeepSpeed #6550). At the boundary, per
+        gradient: its fp64 slice norm (kept until the step), _has_inf_or_nan on the whole gradient
         (x.float(), isnan, isinf, logical_or, .float(): 4 + 1 + 1 + 1 + 4 bytes per element alive together), and
         the slice cast to fp32 on the GPU and copied to the host (non_blocking). Returns the last reduction-stream op
         (the one the compute stream waits for)."""
@@ -342,13 +343,15 @@ class Zero12:
                 for tensor in made:
                     tp.release_in(last, tensor.storage)
 
-        if not self.boundary:
-            if mine:
-                moved = sum(param.tensor.numel for param, _ in mine) * self.dtype.size_bytes
-                if tp.micro_batch > 0:  # micro_step_id > 0: accumulate_gradients
-                    step("zero.offload.accumulated_grad_to_gpu", moved, [], kind=OpKind.HOST_TO_DEVICE)
-                    step("zero.offload.accumulate_grad", 3 * moved, [])
+        if mine and (not self.boundary or tp.micro_batch > 0):  # gradient_accumulation_steps > 1
+            moved = sum(param.tensor.numel for param, _ in mine) * self.dtype.size_bytes
+            if tp.micro_batch > 0:  # micro_step_id > 0: accumulate_gradients
+                step("zero.offload.accumulated_grad_to_gpu", moved, [], kind=OpKind.HOST_TO_DEVICE)
+                step("zero.offload.accumulate_grad", 3 * moved, [])
+            # copy_gradients_to_cpu: before the boundary (0.14); from 0.15.2 only in the first micro-step (#6550)
+            if (not self.boundary) if self.version < (0, 15, 2) else tp.micro_batch == 0:
                 step("zero.offload.copy_gradients_to_cpu", moved, [], kind=OpKind.DEVICE_TO_HOST)
+        if not self.boundary:
             return last
         for param, inside in mine:
             whole = param.tensor.numel

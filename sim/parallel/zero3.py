@@ -77,7 +77,6 @@ class Zero3:
     ipg: list[tuple[Param, int]] = field(default_factory=list)  # params in the bucket and their numel
     ipg_numel: int = 0
     ipg_buffer: Tensor | None = None
-    last_ipg_copy: int | None = None  # the bucket's latest copy-in op (a tape index): its reduce waits for it
     outstanding_reduces: deque = field(default_factory=deque)
     _engine_buffers: list[Tensor] = field(default_factory=list)  # allocated by finish_engine_init
     _trace_uses: dict[str, list[int]] = field(default_factory=dict)  # per param: trace positions of its modules
@@ -240,13 +239,15 @@ class Zero3:
             to_device = tp.side_op(f"zero3.partition_to_device[{label}]", Stream.ALLGATHER, bytes_moved=total * size,
                                    kind=OpKind.HOST_TO_DEVICE)
             staged = tp.empty_in(to_device, "zero3.partition_to_device", total, self.dtype, Category.COMMUNICATION)
-        # on the default group's NCCL stream (zero.Init's dist.get_world_group()), after the copy in
+        # asynchronous, on the default group's NCCL stream (zero.Init's dist.get_world_group()), after the copy in
         gather = tp.side_op(f"zero3.allgather[{label}]", Stream.ALLGATHER, bytes_moved=2 * total * P * size,
                             wire_bytes=wire, kind=OpKind.ALL_GATHER, runs_on=Stream.NCCL_WORLD,
                             deps=(to_device,) if staged is not None else ())
         self._latest_allgather_op.append(tp.final_position(gather))
-        if staged is not None:  # the gather's input, freed once the gather has been issued
-            tp.record_on_nccl(Stream.NCCL_WORLD, staged.storage)
+        if staged is not None:  # the gather's input, DeepSpeed's last reference dropped once the gather is issued:
+            # ProcessGroupNCCL keeps it until the gather has run (recordStream before torch 2.8, the Work's stash
+            # from 2.8, released at wait(), taken here as the gather's end)
+            tp.record_stream(staged.storage, Stream.NCCL_WORLD)
             tp.release_in(gather, staged.storage)
         if len(params) == 1:
             zp = self.states[params[0].name]
@@ -365,7 +366,6 @@ class Zero3:
             tp.record_stream(grad.storage, Stream.REDUCE)
             tp.release_in(copy, grad.storage)
             self.ipg.append((param, numel, None))
-            self.last_ipg_copy = copy
         else:
             self.ipg.append((param, numel, grad))
         self.ipg_numel += numel
@@ -383,23 +383,17 @@ class Zero3:
         numels = [n for _, n, _ in self.ipg]
         padded = sum(padded_partition_numel(n, P) * P for n in numels)
         deps = (self.outstanding_reduces.popleft(),) if len(self.outstanding_reduces) >= 2 else ()
-        if self.last_ipg_copy is not None:  # the bucket's last copy in, on the reduce stream
-            deps += (self.last_ipg_copy,)
-            self.last_ipg_copy = None
         size = comm.size_bytes
-        # on the NCCL stream of DeepSpeed's data-parallel group (groups._clone_world_group)
+        # _torch_reduce_scatter_fn calls reduce_scatter_tensor synchronously (async_op=False): the reduce stream waits
+        # for it, and torch records nothing on ProcessGroupNCCL's stream for it (from 2.2, #111431; from 2.8 it runs
+        # on the reduce stream itself), so it is laid out on the reduce stream
         reduce = tp.side_op(f"zero3.reduce_scatter[{self.ipg[0][0].name}+{len(self.ipg) - 1}]", Stream.REDUCE,
                             bytes_moved=3 * padded * size, wire_bytes=(P - 1) * padded // P * size, deps=deps,
-                            kind=OpKind.REDUCE_SCATTER, runs_on=Stream.NCCL_DP)
+                            kind=OpKind.REDUCE_SCATTER)
         made = [tp.empty_in(reduce, "zero3.grad_to_communication_dtype", n, comm, Category.COMMUNICATION)
                 for n in numels] if cast else []
-        if len(numels) > 1 or numels[0] % P:  # the collective's input and output: a flat buffer
+        if len(numels) > 1 or numels[0] % P:
             made.append(tp.empty_in(reduce, "zero3.reduce_scatter_flat", padded, comm, Category.COMMUNICATION))
-            tp.record_on_nccl(Stream.NCCL_DP, made[-1].storage)
-        elif cast:  # one gradient reduced in place: its cast
-            tp.record_on_nccl(Stream.NCCL_DP, made[0].storage)
-        elif self.ipg[0][2] is not None:  # or the gradient itself
-            tp.record_on_nccl(Stream.NCCL_DP, self.ipg[0][2].storage)
         if cast:
             made.extend(tp.empty_in(reduce, "zero3.grad_partition_to_dtype", padded_partition_numel(n, P), self.dtype,
                                     Category.COMMUNICATION) for n in numels)
