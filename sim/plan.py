@@ -107,6 +107,7 @@ class Versions:
     transformers: Version
     deepspeed: Version
     peft: Version
+    bitsandbytes: Version
     qwen_remote_code: QwenRemoteCode
 
 

@@ -51,7 +51,8 @@ def resolve_plan(scenario: Scenario) -> Plan:
     """The scenario resolved once; raises ScenarioError for what is not modelled."""
     check_supported(scenario)
     software = scenario.software
-    versions = Versions(*(software.version(p) for p in ("torch", "transformers", "deepspeed", "peft")),
+    packages = ("torch", "transformers", "deepspeed", "peft", "bitsandbytes")
+    versions = Versions(*(software.version(p) for p in packages),
                         qwen_remote_code=software.qwen_remote_code)
     training = scenario.training
     behaviour = behaviour_for(versions, scenario.model.model_type, training.gradient_checkpointing,
@@ -324,9 +325,27 @@ _STAGE0_WRAPPERS = {
 }
 
 
+def check_optimizer(scenario: Scenario) -> None:
+    """bitsandbytes' 8-bit AdamW as HF's Trainer makes it: on a CUDA device, without DeepSpeed (ZeRO would wrap it:
+    not modelled), `adamw_8bit` only where transformers has that name (an alias from 4.30)."""
+    optim = scenario.training.optim
+    if optim not in (Optim.ADAMW_BNB_8BIT, Optim.ADAMW_8BIT):
+        return
+    shown = f"training.optim: {optim.value!r}"
+    transformers = scenario.software.transformers
+    if optim is Optim.ADAMW_8BIT and scenario.software.version("transformers") < (4, 30, 0):
+        raise ScenarioError(f"{shown}: no optimizer of transformers {transformers} (an alias of adamw_bnb_8bit from "
+                            "4.30)")
+    if scenario.deepspeed is not None:
+        raise ScenarioError(f"{shown} with deepspeed is not modelled yet (DeepSpeed's ZeRO optimizers wrap it)")
+    if on_host(scenario):
+        raise ScenarioError(f"{shown} on a plain host: bitsandbytes' 8-bit optimizers run on CUDA devices")
+
+
 def check_supported(scenario: Scenario) -> None:
     """Refuse, with a clear message, what is not modelled yet rather than simulate it wrongly."""
     check_model_keys(scenario)
+    check_optimizer(scenario)
     check_moe(scenario)
     check_attention(scenario, model_shape(scenario, weights_dtype(scenario)))
     if scenario.deepspeed is not None:

@@ -31,6 +31,7 @@ from sim.ingest.training_args import (
 )
 from sim.vocab import AllocatorBackend, AttnImplementation, DType, ModelType, Optim, QwenRemoteCode
 from sim.versions import (
+    NEWEST_BITSANDBYTES,
     NEWEST_DEEPSPEED,
     NEWEST_PEFT,
     NEWEST_TORCH,
@@ -248,12 +249,13 @@ class Software(Frozen):
     transformers: str = NEWEST_TRANSFORMERS
     deepspeed: str = NEWEST_DEEPSPEED
     peft: str = NEWEST_PEFT
+    bitsandbytes: str = NEWEST_BITSANDBYTES
     qwen_remote_code: QwenRemoteCode = QwenRemoteCode.FINAL  # model_type qwen only
 
     @model_validator(mode="after")
     def _known_releases(self) -> "Software":
         """Each version a release the simulator knows (sim/versions.py), never silently another."""
-        for package in ("torch", "transformers", "deepspeed", "peft"):
+        for package in ("torch", "transformers", "deepspeed", "peft", "bitsandbytes"):
             known_release(package, getattr(self, package), f"software.{package}")
         return self
 

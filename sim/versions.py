@@ -9,6 +9,7 @@ NEWEST_TORCH = "2.13.0"
 NEWEST_TRANSFORMERS = "5.24.0"
 NEWEST_DEEPSPEED = "0.19.6"
 NEWEST_PEFT = "0.21.2"
+NEWEST_BITSANDBYTES = "0.50.2"
 
 # The release series known, each with its last release up to the NEWEST_* above: PyPI's release history
 # (`pip index versions <package>`, read 2026-12-07; transformers from 4.0, torch from 1.13 as the index lists it).
@@ -24,6 +25,8 @@ _RELEASES = {
                  "0.17.6 0.18.9 0.19.6",
     "peft": "0.1.0 0.2.0 0.3.0 0.4.0 0.5.0 0.6.2 0.7.1 0.8.2 0.9.0 0.10.0 0.11.1 0.12.0 0.13.2 0.14.0 0.15.2 0.16.0 "
             "0.17.1 0.18.1 0.19.1 0.20.0 0.21.2",
+    # from 0.41, the first with the paged optimizers transformers' bitsandbytes names need (read 2026-12-08)
+    "bitsandbytes": "0.41.3 0.42.0 0.43.3 0.44.1 0.45.5 0.46.1 0.47.0 0.48.2 0.49.2 0.50.2",
 }
 
 _VERSION = re.compile(r"^\s*v?(\d+)(?:\.(\d+))?(?:\.(\d+))?([.+\-a-zA-Z0-9]*)\s*$")

@@ -35,6 +35,7 @@ class DType(Enum):
     BOOL = "bool"
     FLOAT64 = "float64"
     INT32 = "int32"  # integer bookkeeping only (grouped_mm offsets, CUDA histc input); never a weights dtype
+    UINT8 = "uint8"  # quantised optimizer states (bitsandbytes); never a weights dtype
 
     @property
     def is_floating(self) -> bool:
@@ -42,7 +43,7 @@ class DType(Enum):
 
 
 # A plain attribute on each member: the simulator reads it hundreds of thousands of times per run.
-for _member, _size in zip(DType, (4, 2, 2, 8, 1, 8, 4), strict=True):
+for _member, _size in zip(DType, (4, 2, 2, 8, 1, 8, 4, 1), strict=True):
     _member.size_bytes = _size
 
 
@@ -58,6 +59,8 @@ class Optim(Enum):
     ADAMW_TORCH = "adamw_torch"  # torch.optim.AdamW, default implementation (foreach on CUDA)
     ADAMW_TORCH_FUSED = "adamw_torch_fused"
     ADAMW_TORCH_FOREACH = "adamw_torch_foreach"  # not an HF name; forces foreach
+    ADAMW_BNB_8BIT = "adamw_bnb_8bit"  # bitsandbytes' 8-bit AdamW (sim/workload/optimizer.py)
+    ADAMW_8BIT = "adamw_8bit"  # the same, transformers' alias from 4.30 (training_args.py)
     SGD = "sgd"
 
 

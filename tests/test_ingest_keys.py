@@ -116,7 +116,7 @@ def test_not_modelled_key_at_its_default_is_accepted():
     ("training", "torch_empty_cache_steps", 4),
     ("training", "full_determinism", True),
     ("training", "ddp_bucket_cap_mb", 100),
-    ("training", "optim", "adamw_bnb_8bit"),
+    ("training", "optim", "paged_adamw_8bit"),
     ("lora", "use_dora", True),
     ("lora", "init_lora_weights", "pissa"),
 ])

@@ -3,10 +3,10 @@ JSON, a catalog entry), `--set`, "auto" filled by HF's Trainer, or a tool's defa
 
 from typing import Any
 
-from sim.versions import NEWEST_DEEPSPEED, NEWEST_PEFT, NEWEST_TORCH, NEWEST_TRANSFORMERS
+from sim.versions import NEWEST_BITSANDBYTES, NEWEST_DEEPSPEED, NEWEST_PEFT, NEWEST_TORCH, NEWEST_TRANSFORMERS
 
 _NEWEST = {"torch": NEWEST_TORCH, "transformers": NEWEST_TRANSFORMERS, "deepspeed": NEWEST_DEEPSPEED,
-           "peft": NEWEST_PEFT}
+           "peft": NEWEST_PEFT, "bitsandbytes": NEWEST_BITSANDBYTES}
 
 # Each deciding setting: (the package whose default applies where the scenario has none, what that default is)
 DECIDING: dict[str, tuple[str, str]] = {
@@ -35,15 +35,21 @@ DEEPSPEED_DECIDING: dict[str, tuple[str, str]] = {
         "stage3_param_persistence_threshold", "stage3_max_live_parameters", "stage3_max_reuse_distance",
         "sub_group_size", "offload_optimizer.device", "offload_param.device")},
 }
+BITSANDBYTES_OPTIMS = ("adamw_bnb_8bit", "adamw_8bit")  # the bitsandbytes optimizers modelled (sim/vocab.py Optim)
+BITSANDBYTES_DECIDING = {"software.bitsandbytes": ("", "the newest the simulator knows")}
 LORA_DECIDING: dict[str, tuple[str, str]] = {
     f"lora.{key}": ("peft", "LoraConfig") for key in ("r", "lora_alpha", "target_modules", "modules_to_save")}
 
 
 def deciding_paths(data: dict) -> dict[str, tuple[str, str]]:
-    """The deciding settings of this scenario: DeepSpeed's and LoRA's only where it has them."""
+    """The deciding settings of this scenario: DeepSpeed's and LoRA's only where it has them, bitsandbytes' only
+    with one of its optimizers."""
     paths = dict(DECIDING)
     if isinstance(data.get("deepspeed"), dict):
         paths |= DEEPSPEED_DECIDING
+    training = data.get("training") if isinstance(data.get("training"), dict) else {}
+    if str(training.get("optim", "")) in BITSANDBYTES_OPTIMS:
+        paths |= BITSANDBYTES_DECIDING
     if isinstance(data.get("lora"), dict):
         paths |= LORA_DECIDING
     return paths

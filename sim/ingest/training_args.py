@@ -109,7 +109,7 @@ TRAINING_ARGS: dict[str, KeyRule] = {
 # Trainer accepts, each with other optimizer states or steps than the modelled ones (sim/vocab.py Optim)
 HF_OPTIMIZERS = (
     "adamw_hf", "adamw_torch_xla", "adamw_torch_npu_fused", "adamw_apex_fused", "adafactor", "adamw_anyprecision",
-    "adamw_torch_4bit", "adamw_torch_8bit", "ademamix", "adagrad", "adamw_bnb_8bit", "adamw_8bit", "ademamix_8bit",
+    "adamw_torch_4bit", "adamw_torch_8bit", "ademamix", "adagrad", "ademamix_8bit",
     "lion_8bit", "lion_32bit", "paged_adamw_32bit", "paged_adamw_8bit", "paged_ademamix_32bit",
     "paged_ademamix_8bit", "paged_lion_32bit", "paged_lion_8bit", "rmsprop", "rmsprop_bnb", "rmsprop_bnb_8bit",
     "rmsprop_bnb_32bit", "galore_adamw", "galore_adamw_8bit", "galore_adafactor", "galore_adamw_layerwise",

@@ -10,7 +10,8 @@ from sim.parallel.data_parallel import Ddp, Zero12
 from sim.parallel.zero3 import Zero3, Zero3Optimizer
 from sim.plan import Plan
 from sim.workload.context import RunContext
-from sim.workload.optimizer import Optimizer, adamw_foreach_denom_list, zero_grad
+from sim.workload.optimizer import (Optimizer, adamw_foreach_denom_list, bnb_block_elements, bnb_embeddings_in_fp32,
+                                    zero_grad)
 from sim.workload.tape import Param, Tape
 
 
@@ -81,7 +82,9 @@ class LocalPlacement:
         training = plan.training
         self.clip = training.max_grad_norm > 0
         self.optimizer = Optimizer(training.optim, trainable, plan.on_host, training.weight_decay,
-                                   adamw_foreach_denom_list(plan.versions.torch))
+                                   adamw_foreach_denom_list(plan.versions.torch),
+                                   bnb_block_elements(plan.versions.bitsandbytes),
+                                   bnb_embeddings_in_fp32(plan.versions.transformers))
 
     def before_micro_batch(self, last: bool) -> None:
         pass

@@ -1,5 +1,5 @@
-"""The optimizer step as HF Trainer runs it: gradient clipping, torch AdamW (for-loop, foreach, fused) or SGD,
-with states created lazily at the first step, then zero_grad(set_to_none=True)."""
+"""The optimizer step as HF Trainer runs it: gradient clipping, torch AdamW (for-loop, foreach, fused),
+bitsandbytes' 8-bit AdamW or SGD, with states created lazily at the first step, then zero_grad(set_to_none=True)."""
 
 from enum import Enum
 
@@ -12,10 +12,34 @@ from sim.workload.tape import Param, Tape, Tensor
 FOREACH_CHUNK_ELEMENTS = 65536
 
 
+# bitsandbytes Optimizer2State (bitsandbytes/optim/optimizer.py): parameters of fewer elements than min_8bit_size
+# keep two fp32 states; larger ones two uint8 states, each with an fp32 absmax per block of BNB_BLOCK_ELEMENTS
+# (2048 up to 0.43.3, 256 from 0.44.0: bitsandbytes PR #1365), and two 256-entry fp32 quantisation maps shared by
+# the optimizer ("dynamic" and "udynamic", moved to the device once)
+BNB_MIN_8BIT_ELEMENTS = 4096
+BNB_QMAP_ENTRIES = 256
+_EMBEDDING_WEIGHTS = ("embed_tokens.weight", "embed_tokens.modules_to_save.default.weight", "wte.weight",
+                      "wte.modules_to_save.default.weight")
+
+
+def bnb_block_elements(bitsandbytes: tuple[int, int, int]) -> int:
+    """The blocksize of bitsandbytes' blockwise 8-bit optimizer states in this version."""
+    return 2048 if bitsandbytes < (0, 44, 0) else 256
+
+
+def bnb_embeddings_in_fp32(transformers: tuple[int, int, int]) -> bool:
+    """Whether HF's Trainer gives nn.Embedding weights 32-bit states (GlobalOptimManager.register_module_override):
+    up to 4.29 (adamw_bnb_8bit was bitsandbytes' Adam8bit, the class name the Trainer checked) and from 4.52
+    (transformers PR #37331 checks for bitsandbytes with optim_bits 8); 4.30-4.51 used AdamW(optim_bits=8), which the
+    old check missed (PR #23217)."""
+    return transformers < (4, 30, 0) or transformers >= (4, 52, 0)
+
+
 class AdamImpl(Enum):
     FOR_LOOP = "for-loop"
     FOREACH = "foreach"
     FUSED = "fused"
+    BNB_8BIT = "bitsandbytes-8bit"
 
 
 def adam_impl(optim: Optim, on_host: bool) -> AdamImpl:
@@ -25,6 +49,8 @@ def adam_impl(optim: Optim, on_host: bool) -> AdamImpl:
         return AdamImpl.FUSED
     if optim is Optim.ADAMW_TORCH_FOREACH:
         return AdamImpl.FOREACH
+    if optim in (Optim.ADAMW_BNB_8BIT, Optim.ADAMW_8BIT):
+        return AdamImpl.BNB_8BIT
     return AdamImpl.FOR_LOOP if on_host else AdamImpl.FOREACH
 
 
@@ -51,10 +77,16 @@ class Optimizer:
     """Holds the lazily created state of one rank's optimizer over its trainable parameters."""
 
     def __init__(self, optim: Optim, params: list[Param], on_host: bool, weight_decay: float,
-                 foreach_denom_list: bool = False) -> None:
-        """`foreach_denom_list`: foreach AdamW makes `denom` as a second list (adamw_foreach_denom_list)."""
+                 foreach_denom_list: bool = False, bnb_block_elements: int = 256,
+                 bnb_embeddings_in_fp32: bool = False) -> None:
+        """`foreach_denom_list`: foreach AdamW makes `denom` as a second list (adamw_foreach_denom_list);
+        `bnb_block_elements`, `bnb_embeddings_in_fp32`: bitsandbytes' blocksize and the Trainer's embedding
+        override at the scenario's versions (bnb_block_elements, bnb_embeddings_in_fp32)."""
         self.optim = optim
         self.foreach_denom_list = foreach_denom_list
+        self.bnb_block_elements = bnb_block_elements
+        self.bnb_embeddings_in_fp32 = bnb_embeddings_in_fp32
+        self.bnb_qmaps: list[Tensor] = []
         self.groups = param_groups(params)
         self.impl = adam_impl(optim, on_host)
         self.on_host = on_host
@@ -101,8 +133,48 @@ class Optimizer:
             live = [p for p in group if p.grad is not None]
             if self.optim is Optim.SGD:
                 self._sgd(tp, index, live)
+            elif self.impl is AdamImpl.BNB_8BIT:
+                self._bnb_adamw(tp, index, live)
             else:
                 self._adamw(tp, index, live)
+
+    def _bnb_adamw(self, tp: Tape, index: int, params: list[Param]) -> None:
+        """bitsandbytes AdamW(optim_bits=8), Optimizer8bit.step: per parameter, init_state at its first step, then
+        one fused update kernel (optimizer_update_8bit_blockwise, or optimizer_update_32bit for a 32-bit one) that
+        reads param, grad and both states and writes param and states, with no temporaries."""
+        for p in params:
+            numel, size = p.tensor.numel, p.tensor.dtype.size_bytes
+            state = self.state.get(p.name)
+            if state is None:
+                state = self._bnb_init_state(tp, index, p)
+            eight_bit = state[0].dtype is DType.UINT8
+            state_bytes = 1 if eight_bit else 4
+            tp.op(f"{p.name}.bnb_adamw.update_{8 if eight_bit else 32}bit", flops=12.0 * numel,
+                  bytes_moved=numel * (3 * size + 4 * state_bytes))
+
+    def _bnb_init_state(self, tp: Tape, index: int, p: Param) -> list[Tensor]:
+        """Optimizer2State.init_state: fp32 zeros of the parameter's shape for state1 and state2 below
+        BNB_MIN_8BIT_ELEMENTS or for an embedding weight the Trainer overrides to 32 bits; otherwise uint8 states and
+        an fp32 absmax per block each, and (at the first such parameter) the two quantisation maps on the device."""
+        numel = p.tensor.numel
+        tp.op(f"optimizer.group{index}.{p.name}.init_state")
+        fp32 = numel < BNB_MIN_8BIT_ELEMENTS or (self.bnb_embeddings_in_fp32 and p.name.endswith(_EMBEDDING_WEIGHTS))
+        if fp32:
+            state = [tp.persistent_buffer(f"{p.name}.{name}", numel, DType.FLOAT32, Category.OPTIMIZER_STATES)
+                     for name in ("state1", "state2")]
+        else:
+            if not self.bnb_qmaps:
+                self.bnb_qmaps = [tp.persistent_buffer(f"bnb.qmap.{name}", BNB_QMAP_ENTRIES, DType.FLOAT32,
+                                                       Category.OPTIMIZER_STATES) for name in ("dynamic", "udynamic")]
+                tp.allocate_existing(*self.bnb_qmaps)
+            blocks = -(-numel // self.bnb_block_elements)
+            state = [tp.persistent_buffer(f"{p.name}.{name}", numel, DType.UINT8, Category.OPTIMIZER_STATES)
+                     for name in ("state1", "state2")]
+            state += [tp.persistent_buffer(f"{p.name}.{name}", blocks, DType.FLOAT32, Category.OPTIMIZER_STATES)
+                      for name in ("absmax1", "absmax2")]
+        tp.allocate_existing(*state)
+        self.state[p.name] = state
+        return state
 
     def _init_state(self, tp: Tape, index: int, params: list[Param]) -> None:
         """_init_group: exp_avg and exp_avg_sq = zeros_like(param); the step count is a host scalar unless fused."""
@@ -173,7 +245,7 @@ class Optimizer:
             tp.op(f"{name}.foreach_add_", bytes_moved=3 * total)
 
     def state_bytes(self) -> int:
-        return sum(t.size_bytes for tensors in self.state.values() for t in tensors)
+        return sum(t.size_bytes for tensors in (*self.state.values(), self.bnb_qmaps) for t in tensors)
 
 
 def zero_grad(tp: Tape, params: list[Param]) -> None:
