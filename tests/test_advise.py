@@ -31,11 +31,12 @@ def _tight(tmp_path: Path) -> Path:
 
 def test_the_remedies_that_apply() -> None:
     names = [r.name for r in remedies_for(build_scenario(tiny_raw(attn_implementation="eager")))]
-    # eager, no checkpointing, micro-batch 2, one GPU, no ZeRO-3, no LoRA, exact allocator (no expandable segments)
+    # eager, no checkpointing, micro-batch 2, one GPU, no ZeRO-3, torch's AdamW without DeepSpeed, no LoRA, exact
+    # allocator (no expandable segments)
     assert names == ["sdpa attention", "gradient checkpointing", "half the micro-batch, twice the accumulation",
-                     "twice the GPUs", "activations offloaded to the CPU (save_on_cpu)",
+                     "twice the GPUs", "activations offloaded to the CPU (save_on_cpu)", "8-bit AdamW (bitsandbytes)",
                      "LoRA instead of full fine-tuning"]
-    assert len(combinations(remedies_for(build_scenario(tiny_raw())))) == 5 + 10  # 5 alone, 10 pairs
+    assert len(combinations(remedies_for(build_scenario(tiny_raw())))) == 6 + 15  # 6 alone, 15 pairs
 
 
 def test_every_reported_outcome_is_what_a_run_gives(tmp_path: Path) -> None:
