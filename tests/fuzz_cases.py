@@ -109,6 +109,9 @@ def valid_scenarios(draw) -> dict:
         raw["deepspeed"] = {"zero_optimization": {"stage": draw(st.sampled_from([1, 2, 3])),
                                                   "reduce_bucket_size": draw(st.sampled_from([10**4, 5 * 10**8]))}}
         raw["software"]["deepspeed"] = draw(st.sampled_from(_releases("deepspeed", (0, 10))))
+    elif isinstance(device, str) and draw(st.integers(0, 3)) == 0:  # bitsandbytes: on CUDA, without DeepSpeed
+        raw["training"]["optim"] = "adamw_bnb_8bit"
+        raw["software"]["bitsandbytes"] = draw(st.sampled_from(_releases("bitsandbytes", (0, 41))))
     return raw
 
 
