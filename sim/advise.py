@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sim.scenario import Scenario
-from sim.vocab import AllocatorBackend, AttnImplementation, Optim
+from sim.vocab import BITSANDBYTES_OPTIMS, AllocatorBackend, AttnImplementation
 
 LORA = "{r: 16, lora_alpha: 32, target_modules: all-linear}"  # PEFT's usual adapter on every linear layer
 
@@ -72,7 +72,7 @@ def remedies_for(scenario: Scenario) -> list[Remedy]:
         found.append(Remedy("activations offloaded to the CPU (save_on_cpu)", ("strategies=[{kind: save_on_cpu}]",),
                             "every saved tensor copied to the host (the host waits for each copy) and back over "
                             "PCIe (in the step time shown)"))
-    if deepspeed is None and not host and training.optim not in (Optim.ADAMW_BNB_8BIT, Optim.ADAMW_8BIT):
+    if deepspeed is None and not host and training.optim not in BITSANDBYTES_OPTIMS:
         found.append(Remedy("8-bit AdamW (bitsandbytes)", ("training.optim=adamw_bnb_8bit",),
                             "Adam's moments quantised to 1 byte per element in blocks (bitsandbytes installed)"))
     if scenario.lora is None:

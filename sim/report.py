@@ -184,11 +184,10 @@ def host_fields(run: Run) -> dict:
     issues, launches = np.asarray(engine.op_issue_us[first:]), np.asarray(engine.op_launch_us[first:])
     span = engine.end_time_us - int(starts.min(initial=engine.end_time_us))
     lead = starts - issues
-    links = np.asarray([list(Link).index(link) if link is not None else -1
-                        for link in map(link_of, schedule.ops[first:])], dtype=np.int64)
+    links = [link_of(op) for op in schedule.ops[first:]]
 
     def busy_share(link: Link) -> float:
-        on_link = np.flatnonzero(links == list(Link).index(link))
+        on_link = np.flatnonzero([each is link for each in links])
         return _covered_us(starts[on_link], ends[on_link]) / span if span else 0.0
 
     return {"lead_max_us": int(lead.max()), "lead_median_us": int(np.median(lead)),

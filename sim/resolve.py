@@ -29,7 +29,7 @@ from sim.runtime import cuda_context, device_runtime, module_loading
 from sim.scenario import DeviceSpec, ModelSpec, Scenario
 from sim.strategies import SaveOnCpu, load_strategy
 from sim.versions import parse_version
-from sim.vocab import AllocatorBackend, AttnImplementation, DType, ModelType, Optim
+from sim.vocab import BITSANDBYTES_OPTIMS, AllocatorBackend, AttnImplementation, DType, ModelType, Optim
 from sim.workload.behaviour import behaviour_for
 
 # deepspeed/runtime/config.py DtypeEnum: the names data_types.grad_accum_dtype accepts
@@ -329,7 +329,7 @@ def check_optimizer(scenario: Scenario) -> None:
     """bitsandbytes' 8-bit AdamW as HF's Trainer makes it: on a CUDA device, without DeepSpeed (ZeRO would wrap it:
     not modelled), `adamw_8bit` only where transformers has that name (an alias from 4.30)."""
     optim = scenario.training.optim
-    if optim not in (Optim.ADAMW_BNB_8BIT, Optim.ADAMW_8BIT):
+    if optim not in BITSANDBYTES_OPTIMS:
         return
     shown = f"training.optim: {optim.value!r}"
     transformers = scenario.software.transformers

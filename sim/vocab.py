@@ -64,6 +64,9 @@ class Optim(Enum):
     SGD = "sgd"
 
 
+BITSANDBYTES_OPTIMS = frozenset({Optim.ADAMW_BNB_8BIT, Optim.ADAMW_8BIT})  # bitsandbytes' 8-bit AdamW, by either name
+
+
 class QwenRemoteCode(Enum):
     """Revisions of Qwen1's remote code (modeling_qwen.py on the Hugging Face hub) that differ in device memory;
     named by the month they were current (docs/scenarios.md)."""

@@ -4,6 +4,7 @@ JSON, a catalog entry), `--set`, "auto" filled by HF's Trainer, or a tool's defa
 from typing import Any
 
 from sim.versions import NEWEST_BITSANDBYTES, NEWEST_DEEPSPEED, NEWEST_PEFT, NEWEST_TORCH, NEWEST_TRANSFORMERS
+from sim.vocab import BITSANDBYTES_OPTIMS
 
 _NEWEST = {"torch": NEWEST_TORCH, "transformers": NEWEST_TRANSFORMERS, "deepspeed": NEWEST_DEEPSPEED,
            "peft": NEWEST_PEFT, "bitsandbytes": NEWEST_BITSANDBYTES}
@@ -35,7 +36,6 @@ DEEPSPEED_DECIDING: dict[str, tuple[str, str]] = {
         "stage3_param_persistence_threshold", "stage3_max_live_parameters", "stage3_max_reuse_distance",
         "sub_group_size", "offload_optimizer.device", "offload_param.device")},
 }
-BITSANDBYTES_OPTIMS = ("adamw_bnb_8bit", "adamw_8bit")  # the bitsandbytes optimizers modelled (sim/vocab.py Optim)
 BITSANDBYTES_DECIDING = {"software.bitsandbytes": ("", "the newest the simulator knows")}
 LORA_DECIDING: dict[str, tuple[str, str]] = {
     f"lora.{key}": ("peft", "LoraConfig") for key in ("r", "lora_alpha", "target_modules", "modules_to_save")}
@@ -48,7 +48,7 @@ def deciding_paths(data: dict) -> dict[str, tuple[str, str]]:
     if isinstance(data.get("deepspeed"), dict):
         paths |= DEEPSPEED_DECIDING
     training = data.get("training") if isinstance(data.get("training"), dict) else {}
-    if str(training.get("optim", "")) in BITSANDBYTES_OPTIMS:
+    if str(training.get("optim")) in {optim.value for optim in BITSANDBYTES_OPTIMS}:  # any raw value, unvalidated
         paths |= BITSANDBYTES_DECIDING
     if isinstance(data.get("lora"), dict):
         paths |= LORA_DECIDING

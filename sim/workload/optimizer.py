@@ -4,7 +4,7 @@ bitsandbytes' 8-bit AdamW or SGD, with states created lazily at the first step, 
 from enum import Enum
 
 from sim.ops import Category
-from sim.vocab import DType, Optim
+from sim.vocab import BITSANDBYTES_OPTIMS, DType, Optim
 from sim.workload.tape import Param, Tape, Tensor
 
 
@@ -49,7 +49,7 @@ def adam_impl(optim: Optim, on_host: bool) -> AdamImpl:
         return AdamImpl.FUSED
     if optim is Optim.ADAMW_TORCH_FOREACH:
         return AdamImpl.FOREACH
-    if optim in (Optim.ADAMW_BNB_8BIT, Optim.ADAMW_8BIT):
+    if optim in BITSANDBYTES_OPTIMS:
         return AdamImpl.BNB_8BIT
     return AdamImpl.FOR_LOOP if on_host else AdamImpl.FOREACH
 

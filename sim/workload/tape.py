@@ -272,14 +272,11 @@ class Tape:
         deps = ()
         if self._waits:
             deps, self._waits = tuple([w - own for w in self._waits]), []
-        ops = self._ops
-        if len(ops) >= self.op_limit:
+        if len(self._ops) >= self.op_limit:
             raise WorkTooLarge(f"the run's first micro-batch alone records more than {self.op_limit:,} ops")
-        self._compute = len(ops)
-        ops.append(_OpDraft(name, Stream.COMPUTE, self.phase, self.layer, self.step, self.micro_batch, flops,
-                            bytes_moved, deps, wire_bytes, kind, self._take_host_waits(own)))
-        self._final_of.append(own)
-        self._final_total = own + 1
+        self._compute = self._append(_OpDraft(name, Stream.COMPUTE, self.phase, self.layer, self.step,
+                                              self.micro_batch, flops, bytes_moved, deps, wire_bytes, kind,
+                                              self._take_host_waits(own)))
 
     def current_allocs(self) -> list[int]:
         """The buffer ids the current compute op allocates."""
@@ -302,27 +299,27 @@ class Tape:
         the caller's `stream` (a collective on ProcessGroupNCCL's stream; its buffers come from `stream`'s pool)."""
         final, own = self._final_of, self._final_total
         after = (final[self._compute] - own,) if self._compute is not None else ()
-        self._ops.append(_OpDraft(name, runs_on or stream, self.phase, self.layer, self.step, self.micro_batch, 0.0,
-                                  bytes_moved, after + tuple([final[d] - own for d in deps]), wire_bytes, kind,
-                                  self._take_host_waits(own), stream if runs_on is not None else None))
-        self._final_of.append(own)
-        self._final_total = own + 1
-        return len(self._ops) - 1
+        return self._append(_OpDraft(name, runs_on or stream, self.phase, self.layer, self.step, self.micro_batch,
+                                     0.0, bytes_moved, after + tuple([final[d] - own for d in deps]), wire_bytes,
+                                     kind, self._take_host_waits(own), stream if runs_on is not None else None))
 
-    def host_work(self, name: str, bytes_moved: int, reads: tuple[int, ...] = ()) -> int:
+    def host_work(self, name: str, bytes_moved: int) -> int:
         """The host CPU's own memory-bound work (DeepSpeedCPUAdam, a cast into a pinned buffer), called
-        synchronously: it starts once the ops in `reads` (whose results it reads on the host) have ended and the
-        host has issued everything before it, and the host issues nothing else until it is done. It allocates no
-        device memory. Returns its index."""
-        final, own = self._final_of, self._final_total
-        self._ops.append(_OpDraft(name, Stream.CPU, self.phase, self.layer, self.step, self.micro_batch, 0.0,
-                                  bytes_moved, tuple([final[d] - own for d in reads]), 0, OpKind.HOST_MEMORY,
-                                  self._take_host_waits(own)))
-        self._final_of.append(own)
-        self._final_total = own + 1
-        index = len(self._ops) - 1
+        synchronously: it starts once the host has issued everything before it (and waited where the caller made it
+        wait), and the host issues nothing else until it is done. It allocates no device memory. Returns its
+        index."""
+        index = self._append(_OpDraft(name, Stream.CPU, self.phase, self.layer, self.step, self.micro_batch, 0.0,
+                                      bytes_moved, (), 0, OpKind.HOST_MEMORY,
+                                      self._take_host_waits(self._final_total)))
         self.host_wait_for(index)
         return index
+
+    def _append(self, draft: "_OpDraft") -> int:
+        """Record one new op at the next schedule position; its index among the tape's entries."""
+        self._ops.append(draft)
+        self._final_of.append(self._final_total)
+        self._final_total += 1
+        return len(self._ops) - 1
 
     def record_on_nccl(self, stream: Stream, *storages: Storage) -> None:
         """ProcessGroupNCCL's recordStream of a collective's inputs and outputs on its internal `stream`, which
